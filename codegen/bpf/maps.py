@@ -1,0 +1,284 @@
+"""BPF maps: create, look up, update, delete, iterate, pin; per-CPU values summed; ring buffers.
+
+Keys and values are bytes of the map's key and value size. Per-CPU maps take and give one value
+per possible CPU; `sum_percpu` adds them up as counters are read.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+import struct
+from collections.abc import Iterator
+
+from .isa import MapType
+from .syscall import BpfError, Command, bpf, close, pointer, possible_cpus
+
+BPF_F_NO_PREALLOC = 1 << 0
+BPF_ANY, BPF_NOEXIST, BPF_EXIST = 0, 1, 2
+_PERCPU = {MapType.PERCPU_ARRAY, MapType.PERCPU_HASH}
+
+
+class _MapCreateAttr(ctypes.Structure):
+    _fields_ = [
+        ("map_type", ctypes.c_uint32),
+        ("key_size", ctypes.c_uint32),
+        ("value_size", ctypes.c_uint32),
+        ("max_entries", ctypes.c_uint32),
+        ("map_flags", ctypes.c_uint32),
+        ("inner_map_fd", ctypes.c_uint32),
+        ("numa_node", ctypes.c_uint32),
+        ("map_name", ctypes.c_char * 16),
+        ("map_ifindex", ctypes.c_uint32),
+        ("btf_fd", ctypes.c_uint32),
+        ("btf_key_type_id", ctypes.c_uint32),
+        ("btf_value_type_id", ctypes.c_uint32),
+        ("btf_vmlinux_value_type_id", ctypes.c_uint32),
+        ("map_extra", ctypes.c_uint64),
+    ]
+
+
+class _MapElemAttr(ctypes.Structure):
+    _fields_ = [
+        ("map_fd", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+        ("key", ctypes.c_uint64),
+        ("value", ctypes.c_uint64),  # or next_key
+        ("flags", ctypes.c_uint64),
+    ]
+
+
+class _ObjAttr(ctypes.Structure):
+    _fields_ = [
+        ("pathname", ctypes.c_uint64),
+        ("bpf_fd", ctypes.c_uint32),
+        ("file_flags", ctypes.c_uint32),
+        ("path_fd", ctypes.c_int32),
+    ]
+
+
+class _InfoAttr(ctypes.Structure):
+    _fields_ = [("bpf_fd", ctypes.c_uint32), ("info_len", ctypes.c_uint32), ("info", ctypes.c_uint64)]
+
+
+class _MapInfo(ctypes.Structure):
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("key_size", ctypes.c_uint32),
+        ("value_size", ctypes.c_uint32),
+        ("max_entries", ctypes.c_uint32),
+        ("map_flags", ctypes.c_uint32),
+        ("name", ctypes.c_char * 16),
+    ]
+
+
+class Map:
+    def __init__(
+        self,
+        map_type: MapType,
+        key_size: int,
+        value_size: int,
+        max_entries: int,
+        *,
+        name: str = "",
+        flags: int = 0,
+        fd: int | None = None,
+    ):
+        self.map_type = MapType(map_type)
+        self.key_size = key_size
+        self.value_size = value_size
+        self.max_entries = max_entries
+        self.name = name
+        if fd is not None:
+            self.fd = fd
+            return
+        if self.map_type == MapType.LPM_TRIE:
+            flags |= BPF_F_NO_PREALLOC  # the kernel requires it for LPM tries
+        attr = _MapCreateAttr(
+            map_type=self.map_type,
+            key_size=key_size,
+            value_size=value_size,
+            max_entries=max_entries,
+            map_flags=flags,
+            map_name=name[:15].encode(),
+        )
+        self.fd = bpf(Command.MAP_CREATE, attr, f"creating {self.map_type.name} map {name!r}")
+
+    @property
+    def percpu(self) -> bool:
+        return self.map_type in _PERCPU
+
+    @property
+    def stride(self) -> int:
+        """Bytes per value as the kernel copies it out (per-CPU values are padded to 8)."""
+        if self.percpu:
+            return (self.value_size + 7) // 8 * 8 * possible_cpus()
+        return self.value_size
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> Map:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _key(self, key: bytes | int) -> ctypes.Array:
+        if isinstance(key, int):
+            key = key.to_bytes(self.key_size, "little")
+        if len(key) != self.key_size:
+            raise ValueError(f"map {self.name!r} keys are {self.key_size} bytes, not {len(key)}")
+        return ctypes.create_string_buffer(key, self.key_size)
+
+    def lookup(self, key: bytes | int) -> bytes | None:
+        """The value (all CPUs' values, concatenated, for a per-CPU map) or None if absent."""
+        key_buffer = self._key(key)
+        value = ctypes.create_string_buffer(self.stride)
+        attr = _MapElemAttr(map_fd=self.fd, key=pointer(key_buffer), value=pointer(value))
+        try:
+            bpf(Command.MAP_LOOKUP_ELEM, attr, f"looking up in map {self.name!r}")
+        except BpfError as error:
+            if error.errno == errno.ENOENT:
+                return None
+            raise
+        return value.raw
+
+    def update(self, key: bytes | int, value: bytes, flags: int = BPF_ANY) -> None:
+        if self.percpu and len(value) == self.value_size:
+            padded = value.ljust((self.value_size + 7) // 8 * 8, b"\0")
+            value = padded * possible_cpus()  # the same value on every CPU
+        if len(value) != self.stride:
+            raise ValueError(f"map {self.name!r} values are {self.stride} bytes, not {len(value)}")
+        key_buffer = self._key(key)
+        value_buffer = ctypes.create_string_buffer(value, len(value))
+        attr = _MapElemAttr(
+            map_fd=self.fd, key=pointer(key_buffer), value=pointer(value_buffer), flags=flags
+        )
+        bpf(Command.MAP_UPDATE_ELEM, attr, f"updating map {self.name!r}")
+
+    def delete(self, key: bytes | int) -> bool:
+        attr = _MapElemAttr(map_fd=self.fd, key=pointer(self._key(key)))
+        try:
+            bpf(Command.MAP_DELETE_ELEM, attr, f"deleting from map {self.name!r}")
+        except BpfError as error:
+            if error.errno == errno.ENOENT:
+                return False
+            raise
+        return True
+
+    def keys(self) -> Iterator[bytes]:
+        key_buffer: ctypes.Array | None = None
+        next_key = ctypes.create_string_buffer(self.key_size)
+        while True:
+            attr = _MapElemAttr(
+                map_fd=self.fd, key=pointer(key_buffer), value=pointer(next_key)
+            )
+            try:
+                bpf(Command.MAP_GET_NEXT_KEY, attr, f"iterating map {self.name!r}")
+            except BpfError as error:
+                if error.errno == errno.ENOENT:
+                    return
+                raise
+            yield next_key.raw
+            key_buffer = ctypes.create_string_buffer(next_key.raw, self.key_size)
+
+    def items(self) -> Iterator[tuple[bytes, bytes]]:
+        for key in self.keys():
+            value = self.lookup(key)
+            if value is not None:
+                yield key, value
+
+    def percpu_values(self, raw: bytes) -> list[bytes]:
+        step = (self.value_size + 7) // 8 * 8
+        return [raw[i : i + self.value_size] for i in range(0, len(raw), step)]
+
+    def pin(self, path: str) -> None:
+        pin(self.fd, path)
+
+    @classmethod
+    def from_pin(cls, path: str) -> Map:
+        fd = get_pinned(path)
+        info = _MapInfo()
+        attr = _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info))
+        bpf(Command.OBJ_GET_INFO_BY_FD, attr, f"reading map info of {path}")
+        return cls(
+            MapType(info.type),
+            info.key_size,
+            info.value_size,
+            info.max_entries,
+            name=info.name.decode(),
+            fd=fd,
+        )
+
+
+def sum_percpu(values: list[bytes], fmt: str = "<QQ") -> tuple[int, ...]:
+    """Add up per-CPU values field by field (counters are read this way)."""
+    total = [0] * len(struct.unpack(fmt, values[0]))
+    for value in values:
+        for index, field in enumerate(struct.unpack(fmt, value)):
+            total[index] += field
+    return tuple(total)
+
+
+def pin(fd: int, path: str) -> None:
+    """Pin a map, program or link in bpffs (the directory must exist)."""
+    name = ctypes.create_string_buffer(path.encode())
+    bpf(Command.OBJ_PIN, _ObjAttr(pathname=pointer(name), bpf_fd=fd), f"pinning {path}")
+
+
+def get_pinned(path: str) -> int:
+    name = ctypes.create_string_buffer(path.encode())
+    return bpf(Command.OBJ_GET, _ObjAttr(pathname=pointer(name)), f"opening pinned {path}")
+
+
+def unpin(path: str) -> None:
+    os.unlink(path)
+
+
+class RingBuffer(Map):
+    """A BPF_MAP_TYPE_RINGBUF and a consumer of its records (Documentation/bpf/ringbuf.rst)."""
+
+    _BUSY = 1 << 31
+    _DISCARD = 1 << 30
+    _HEADER = 8
+
+    def __init__(self, size: int, *, name: str = ""):
+        page = mmap.PAGESIZE
+        if size < page or size & (size - 1):
+            raise ValueError(f"ring buffer size must be a power of two >= {page}, not {size}")
+        super().__init__(MapType.RINGBUF, 0, 0, size, name=name)
+        self._consumer = mmap.mmap(self.fd, page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        # The producer page and the data, mapped twice in a row so records can wrap.
+        self._producer = mmap.mmap(
+            self.fd, page + 2 * size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page
+        )
+        self._page = page
+
+    def records(self) -> list[bytes]:
+        """Every record committed so far and not yet consumed."""
+        out = []
+        consumer = struct.unpack_from("<Q", self._consumer, 0)[0]
+        producer = struct.unpack_from("<Q", self._producer, 0)[0]
+        mask = self.max_entries - 1
+        while consumer < producer:
+            at = self._page + (consumer & mask)
+            header = struct.unpack_from("<I", self._producer, at)[0]
+            if header & self._BUSY:
+                break
+            length = header & ~(self._BUSY | self._DISCARD)
+            if not header & self._DISCARD:
+                out.append(bytes(self._producer[at + self._HEADER : at + self._HEADER + length]))
+            consumer += (length + self._HEADER + 7) // 8 * 8
+            struct.pack_into("<Q", self._consumer, 0, consumer)
+        return out
+
+    def close(self) -> None:
+        self._consumer.close()
+        self._producer.close()
+        super().close()
