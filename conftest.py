@@ -16,7 +16,11 @@ from harness.environment import PROBES, require_privileged
 
 # Fixed seed and a modest number of examples in CI; more locally; many more on demand.
 settings.register_profile(
-    "ci", derandomize=True, max_examples=100, deadline=None, print_blob=True,
+    "ci",
+    derandomize=True,
+    max_examples=100,
+    deadline=None,
+    print_blob=True,
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.register_profile("dev", max_examples=100, deadline=None)

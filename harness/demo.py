@@ -16,7 +16,7 @@ from codegen.bpf.disasm import listing
 from codegen.bpf.isa import R0, R1, R2, R3, R10, AluOp, JmpOp, MapType, Size, TcAction
 from codegen.bpf.loader import load
 from codegen.bpf.maps import Map, sum_percpu
-from codegen.bpf.testrun import test_run
+from codegen.bpf.testrun import prog_test_run
 
 ETH_P_IP = 0x0800
 IPPROTO_UDP = 17
@@ -92,15 +92,23 @@ def demo_packets() -> list[tuple[str, bytes]]:
     base = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
     src, dst = "198.18.0.1", "198.18.0.2"
     return [
-        ("UDP 198.18.0.1:4000 -> 198.18.0.2:53 (DNS)",
-         bytes(base / IP(src=src, dst=dst) / UDP(sport=4000, dport=53) / Raw(b"q"))),
-        ("UDP 198.18.0.1:4000 -> 198.18.0.2:123 (NTP)",
-         bytes(base / IP(src=src, dst=dst) / UDP(sport=4000, dport=123))),
-        ("TCP 198.18.0.1:4000 -> 198.18.0.2:53",
-         bytes(base / IP(src=src, dst=dst) / TCP(sport=4000, dport=53, flags="S"))),
+        (
+            "UDP 198.18.0.1:4000 -> 198.18.0.2:53 (DNS)",
+            bytes(base / IP(src=src, dst=dst) / UDP(sport=4000, dport=53) / Raw(b"q")),
+        ),
+        (
+            "UDP 198.18.0.1:4000 -> 198.18.0.2:123 (NTP)",
+            bytes(base / IP(src=src, dst=dst) / UDP(sport=4000, dport=123)),
+        ),
+        (
+            "TCP 198.18.0.1:4000 -> 198.18.0.2:53",
+            bytes(base / IP(src=src, dst=dst) / TCP(sport=4000, dport=53, flags="S")),
+        ),
         ("ICMP echo 198.18.0.1 -> 198.18.0.2", bytes(base / IP(src=src, dst=dst) / ICMP())),
-        ("UDP to port 53 cut short inside the UDP header (36 bytes)",
-         bytes(base / IP(src=src, dst=dst) / UDP(sport=4000, dport=53))[:36]),
+        (
+            "UDP to port 53 cut short inside the UDP header (36 bytes)",
+            bytes(base / IP(src=src, dst=dst) / UDP(sport=4000, dport=53))[:36],
+        ),
     ]
 
 
@@ -121,7 +129,7 @@ def run_demo(say: Callable[[str], None] = print) -> int:
             expected = ["drop", "pass", "pass", "pass", "pass"]
             failures = 0
             for (description, frame), want in zip(demo_packets(), expected, strict=True):
-                result = test_run(loaded.fd, frame)
+                result = prog_test_run(loaded.fd, frame)
                 verdict = {TcAction.OK: "pass", TcAction.SHOT: "drop"}.get(
                     result.retval, str(result.retval)
                 )
@@ -137,5 +145,3 @@ def run_demo(say: Callable[[str], None] = print) -> int:
     if not counted_right:
         say("counters disagree with the verdicts")
     return 0 if failures == 0 and counted_right else 1
-
-

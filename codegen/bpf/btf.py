@@ -76,7 +76,16 @@ class Btf:
             raise BtfError(f"kernel function {name!r} is not in the kernel's BTF") from None
 
     def enum(self, name: str) -> dict[str, int]:
-        entry = self.find(name, KIND_ENUM)
+        """Members of the enum `name`, or of the (often anonymous) enum that has member `name`."""
+        found = self._by_name.get((name, KIND_ENUM))
+        if found:
+            return self._members(found[0])
+        for entry in self.types:
+            if entry.kind == KIND_ENUM and name in self._members(entry):
+                return self._members(entry)
+        raise BtfError(f"enum {name!r} is not in the kernel's BTF")
+
+    def _members(self, entry: BtfType) -> dict[str, int]:
         values = {}
         for index in range(entry.vlen):
             name_off, value = struct.unpack_from("<Ii", self._types_data, entry.offset + 8 * index)

@@ -64,9 +64,7 @@ class VerifierStats:
 
     @classmethod
     def from_log(cls, log: str) -> VerifierStats | None:
-        processed = re.search(
-            r"processed (\d+) insns .*?total_states (\d+) peak_states (\d+)", log
-        )
+        processed = re.search(r"processed (\d+) insns .*?total_states (\d+) peak_states (\d+)", log)
         if processed is None:
             return None
         time = re.search(r"verification time (\d+) usec", log)
@@ -146,10 +144,12 @@ def load(
     prog_type: ProgType = ProgType.SCHED_CLS,
     maps: Mapping[str, object] | None = None,
     license: str = "GPL",
+    log_level: int = LOG_LEVEL_STATS,
 ) -> LoadedProgram:
     """Assemble (if needed), link and load a program; raise VerifierError if it is refused.
 
     `maps` maps the names used in `ld_map_fd`/`ld_map_value` to objects with an `fd` (or fds).
+    A `log_level` above statistics keeps the verifier's whole log of an accepted program.
     """
     if not _NAME_RE.match(name):
         raise ValueError(f"program name {name!r} must be 1-15 characters of [A-Za-z0-9_]")
@@ -180,7 +180,7 @@ def load(
             return -(error.errno or 1), text, attr.log_true_size
         return fd, log.value.decode(errors="replace"), attr.log_true_size
 
-    fd, text, _ = attempt(LOG_LEVEL_STATS, 4096)
+    fd, text, _ = attempt(log_level, 4096 if log_level == LOG_LEVEL_STATS else 1 << 24)
     if fd >= 0:
         return LoadedProgram(fd, name, prog_type, assembly, VerifierStats.from_log(text), text, fds)
     failure = -fd

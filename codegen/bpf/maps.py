@@ -60,7 +60,11 @@ class _ObjAttr(ctypes.Structure):
 
 
 class _InfoAttr(ctypes.Structure):
-    _fields_ = [("bpf_fd", ctypes.c_uint32), ("info_len", ctypes.c_uint32), ("info", ctypes.c_uint64)]
+    _fields_ = [
+        ("bpf_fd", ctypes.c_uint32),
+        ("info_len", ctypes.c_uint32),
+        ("info", ctypes.c_uint64),
+    ]
 
 
 class _MapInfo(ctypes.Structure):
@@ -163,7 +167,8 @@ class Map:
         bpf(Command.MAP_UPDATE_ELEM, attr, f"updating map {self.name!r}")
 
     def delete(self, key: bytes | int) -> bool:
-        attr = _MapElemAttr(map_fd=self.fd, key=pointer(self._key(key)))
+        key_buffer = self._key(key)  # kept alive across the call: attr holds only its address
+        attr = _MapElemAttr(map_fd=self.fd, key=pointer(key_buffer))
         try:
             bpf(Command.MAP_DELETE_ELEM, attr, f"deleting from map {self.name!r}")
         except BpfError as error:
@@ -176,9 +181,7 @@ class Map:
         key_buffer: ctypes.Array | None = None
         next_key = ctypes.create_string_buffer(self.key_size)
         while True:
-            attr = _MapElemAttr(
-                map_fd=self.fd, key=pointer(key_buffer), value=pointer(next_key)
-            )
+            attr = _MapElemAttr(map_fd=self.fd, key=pointer(key_buffer), value=pointer(next_key))
             try:
                 bpf(Command.MAP_GET_NEXT_KEY, attr, f"iterating map {self.name!r}")
             except BpfError as error:

@@ -61,7 +61,9 @@ def error_for(code: int, what: str) -> BpfError:
     if code == errno.EPERM:
         return BpfPermissionError(code, f"{what} {_PERMISSION_HINT}")
     if code == errno.ENOSYS:
-        return BpfFeatureError(code, f"{what} failed: this kernel has no bpf(2) (CONFIG_BPF_SYSCALL)")
+        return BpfFeatureError(
+            code, f"{what} failed: this kernel has no bpf(2) (CONFIG_BPF_SYSCALL)"
+        )
     return BpfError(code, f"{what} failed: {os.strerror(code)}")
 
 

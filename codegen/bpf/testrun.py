@@ -8,9 +8,10 @@ ingress_ifindex, ifindex, cb, tstamp, wire_len, gso_segs, gso_size, hwtstamp); t
 from __future__ import annotations
 
 import ctypes
+import errno
 from dataclasses import dataclass
 
-from .syscall import Command, bpf, pointer
+from .syscall import BpfError, Command, bpf, pointer
 
 
 class SkBuff(ctypes.Structure):
@@ -86,7 +87,7 @@ class RunResult:
     duration_ns: int  # mean per run, as the kernel measures it
 
 
-def test_run(
+def prog_test_run(
     prog_fd: int,
     data: bytes,
     *,
@@ -116,7 +117,17 @@ def test_run(
         attr.ctx_in = ctypes.addressof(context)
         attr.ctx_size_out = ctypes.sizeof(SkBuff)
         attr.ctx_out = ctypes.addressof(ctx_out)
-    bpf(Command.PROG_TEST_RUN, attr, "running the program with BPF_PROG_TEST_RUN")
+    try:
+        bpf(Command.PROG_TEST_RUN, attr, "running the program with BPF_PROG_TEST_RUN")
+    except BpfError as error:
+        if error.errno != errno.EINVAL:
+            raise
+        raise BpfError(
+            error.errno,
+            "BPF_PROG_TEST_RUN refused the input: it needs a frame of at least 14 bytes (with "
+            "a whole IP header when the EtherType is IPv4), a context whose fields outside its "
+            "allowlist are 0, and an ifindex that exists in the calling thread's namespace",
+        ) from None
     retval = attr.retval - (1 << 32) if attr.retval & 0x8000_0000 else attr.retval
     return RunResult(
         retval,

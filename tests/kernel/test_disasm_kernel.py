@@ -79,7 +79,9 @@ PROGRAM = [
 
 def test_disassembly_matches_verifier_log():
     with load(PROGRAM, name="disasm", log_level=LOG_LEVEL_2) as program:
-        kernel = {int(slot): (int(code, 16), text) for slot, code, text in _LINE.findall(program.log)}
+        kernel = {
+            int(slot): (int(code, 16), text) for slot, code, text in _LINE.findall(program.log)
+        }
     insns = program.assembly.insns
     checked = 0
     for insn, slot in zip(insns, program.assembly.slots, strict=True):

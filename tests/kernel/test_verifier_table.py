@@ -7,10 +7,9 @@ import pytest
 
 from codegen.bpf import insn as I
 from codegen.bpf.asm import Label, Subprogram
-from codegen.bpf.isa import R0, R1, R2, R3, R6, R10, AluOp, JmpOp, Size
+from codegen.bpf.isa import R0, R1, R2, R3, R6, R10, AluOp, JmpOp, MapType, Size
 from codegen.bpf.loader import VerifierError, load
 from codegen.bpf.maps import Map
-from codegen.bpf.isa import MapType
 
 pytestmark = pytest.mark.privileged
 
@@ -33,8 +32,12 @@ CASES = [
     ("return 0", [I.mov64(R0, 0), I.exit_()], ACCEPT, None),
     ("r0 never set", [I.exit_()], REJECT, "R0 !read_ok"),
     ("uninitialised register", [I.mov64(R0, R2), I.exit_()], REJECT, "R2 !read_ok"),
-    ("write to frame pointer", [I.mov64(R10, 0), I.mov64(R0, 0), I.exit_()], REJECT,
-     "frame pointer is read only"),
+    (
+        "write to frame pointer",
+        [I.mov64(R10, 0), I.mov64(R0, 0), I.exit_()],
+        REJECT,
+        "frame pointer is read only",
+    ),
     ("bounded packet read", BOUNDED_READ, ACCEPT, None),
     (
         "unbounded packet read",
@@ -44,14 +47,22 @@ CASES = [
     ),
     # Programs loaded with CAP_BPF may read stack they never wrote (env->allow_uninit_stack).
     ("stack read before write", [I.ldx(Size.DW, R0, R10, -8), I.exit_()], ACCEPT, None),
-    ("stack out of bounds", [I.st(Size.DW, R10, -520, 0), I.mov64(R0, 0), I.exit_()], REJECT,
-     "invalid write to stack"),
+    (
+        "stack out of bounds",
+        [I.st(Size.DW, R10, -520, 0), I.mov64(R0, 0), I.exit_()],
+        REJECT,
+        "invalid write to stack",
+    ),
     ("infinite loop", [Label("top"), I.ja("top")], REJECT, "infinite loop"),
     ("fall off the end", [I.mov64(R0, 0)], REJECT, "last insn is not an exit or jmp"),
     ("unknown helper", [I.call(9999), I.exit_()], REJECT, "invalid func"),
     ("helper with bad args", [I.call("map_lookup_elem"), I.exit_()], REJECT, "R1 type=ctx"),
-    ("ctx write to len", [I.st(Size.W, R1, 0, 1), I.mov64(R0, 0), I.exit_()], REJECT,
-     "invalid bpf_context access"),
+    (
+        "ctx write to len",
+        [I.st(Size.W, R1, 0, 1), I.mov64(R0, 0), I.exit_()],
+        REJECT,
+        "invalid bpf_context access",
+    ),
     ("ctx write to mark", [I.st(Size.W, R1, 8, 1), I.mov64(R0, 0), I.exit_()], ACCEPT, None),
     (
         "bpf-to-bpf call",
@@ -61,8 +72,7 @@ CASES = [
     ),
     (
         "subprogram reads caller's r6",
-        [I.mov64(R6, 1), I.call_local("f"), I.exit_(),
-         Subprogram("f"), I.mov64(R0, R6), I.exit_()],
+        [I.mov64(R6, 1), I.call_local("f"), I.exit_(), Subprogram("f"), I.mov64(R0, R6), I.exit_()],
         REJECT,
         "R6 !read_ok",
     ),
@@ -110,14 +120,16 @@ CASES = [
 def maps():
     # Lookups in an array with a constant in-range key are known non-null on recent kernels;
     # a hash map lookup may always fail.
-    with Map(MapType.ARRAY, 4, 8, 1, name="vt_array") as array, Map(
-        MapType.HASH, 4, 8, 16, name="vt_hash"
-    ) as table:
+    with (
+        Map(MapType.ARRAY, 4, 8, 1, name="vt_array") as array,
+        Map(MapType.HASH, 4, 8, 16, name="vt_hash") as table,
+    ):
         yield {"array": array, "hash": table}
 
 
-@pytest.mark.parametrize(("name", "program", "verdict", "message"), CASES,
-                         ids=[case[0] for case in CASES])
+@pytest.mark.parametrize(
+    ("name", "program", "verdict", "message"), CASES, ids=[case[0] for case in CASES]
+)
 def test_verifier(name, program, verdict, message, maps):
     annotated = [
         item.annotate(f"case {name!r} instruction {index}") if isinstance(item, I.Insn) else item
@@ -154,8 +166,12 @@ def test_rejection_names_the_annotated_instruction():
 
 
 def test_slots_count_ld_imm64_twice():
-    program = [I.ld_imm64(R1, 1), I.mov64(R0, 0), I.ldx(Size.W, R0, R3, 0).annotate("here"),
-               I.exit_()]
+    program = [
+        I.ld_imm64(R1, 1),
+        I.mov64(R0, 0),
+        I.ldx(Size.W, R0, R3, 0).annotate("here"),
+        I.exit_(),
+    ]
     with pytest.raises(VerifierError) as caught:
         load(program, name="vt")
     assert caught.value.slot == 3

@@ -19,7 +19,19 @@ from codegen.bpf.asm import Label, Subprogram, assemble
 from codegen.bpf.disasm import disassemble
 from codegen.bpf.insn import decode
 from codegen.bpf.isa import (
-    R0, R1, R2, R3, R4, R5, R6, R9, R10, AluOp, AtomicOp, JmpOp, Size,
+    R0,
+    R1,
+    R2,
+    R3,
+    R4,
+    R5,
+    R6,
+    R9,
+    R10,
+    AluOp,
+    AtomicOp,
+    JmpOp,
+    Size,
 )
 from harness.environment import llvm_mc
 
@@ -199,22 +211,29 @@ def _llvm(source: str, tmp_path: Path) -> tuple[bytes, list[str]]:
     assert mc is not None
     listing = subprocess.run(
         [mc, "-triple", "bpfel", "-mcpu=v4", "-show-encoding"],
-        input=source, capture_output=True, text=True, check=True, timeout=60,
+        input=source,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
     ).stdout
     texts = [
-        m.group(1).strip()
-        for m in re.finditer(r"^\t(.+?)\s+# encoding:", listing, re.MULTILINE)
+        m.group(1).strip() for m in re.finditer(r"^\t(.+?)\s+# encoding:", listing, re.MULTILINE)
     ]
     obj = tmp_path / "oracle.o"
     subprocess.run(
         [mc, "-triple", "bpfel", "-mcpu=v4", "-filetype=obj", "-o", str(obj)],
-        input=source, text=True, check=True, timeout=60,
+        input=source,
+        text=True,
+        check=True,
+        timeout=60,
     )
     objcopy = Path(mc).with_name(Path(mc).name.replace("llvm-mc", "llvm-objcopy"))
     text = tmp_path / "oracle.bin"
     subprocess.run(
         [str(objcopy), "-O", "binary", "--only-section=.text", str(obj), str(text)],
-        check=True, timeout=60,
+        check=True,
+        timeout=60,
     )
     return text.read_bytes(), texts
 
