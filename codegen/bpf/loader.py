@@ -21,6 +21,7 @@ from .syscall import BpfError, Command, bpf, close, error_for, pointer
 
 LOG_LEVEL_VERBOSE = 1
 LOG_LEVEL_STATS = 4
+FAILURE_LOG_SIZE = 1 << 20  # first try; grown to what the kernel says it needs
 _NAME_RE = re.compile(r"^[A-Za-z0-9_]{1,15}$")
 
 
@@ -187,7 +188,7 @@ def load(
     if failure not in (errno.EACCES, errno.EINVAL, errno.E2BIG, errno.ENOSPC):
         raise error_for(failure, f"loading program {name!r}")
     # Refused: ask again for the whole log, growing the buffer until it fits.
-    size = 1 << 20
+    size = FAILURE_LOG_SIZE
     while True:
         fd, text, true_size = attempt(LOG_LEVEL_VERBOSE | LOG_LEVEL_STATS, size)
         if fd >= 0:  # accepted on the second try: should not happen, but do not leak it

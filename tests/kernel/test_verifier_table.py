@@ -176,3 +176,16 @@ def test_slots_count_ld_imm64_twice():
         load(program, name="vt")
     assert caught.value.slot == 3
     assert caught.value.annotation == "here"
+
+
+def test_log_buffer_grows_until_the_whole_log_fits(monkeypatch):
+    from codegen.bpf import loader
+
+    program = [I.mov64(R0, 0), *[I.alu64(AluOp.ADD, R0, 1)] * 200, I.mov64(R0, R2), I.exit_()]
+    monkeypatch.setattr(loader, "FAILURE_LOG_SIZE", 64)
+    with pytest.raises(VerifierError) as caught:
+        load(program, name="vt")
+    assert caught.value.log.startswith("func#0") or caught.value.log.startswith("0:")
+    assert "R2 !read_ok" in caught.value.log
+    assert caught.value.slot == 201
+    assert len(caught.value.log) > 64 * 20
