@@ -1098,8 +1098,6 @@ class _Parser:
             if raw.startswith("*"):
                 self._table(line)
                 return
-            if raw.strip() == "":
-                return
             if raw == "COMMIT" or raw.startswith(":"):
                 raise line.error(f"'{raw.split()[0]}' outside a table: '*filter' expected", 1)
             raise line.error("rule outside a table: '*filter' expected first", 1)
