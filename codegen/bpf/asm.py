@@ -168,16 +168,73 @@ def assemble(items: Iterable[Item]) -> Assembly:
                         raise AssemblyError(f"jump offset {delta} does not fit", index, insn)
                     insn = insn.resolved(imm=delta)
                 else:
-                    if not -(1 << 15) <= delta < (1 << 15):
+                    if not -(1 << 15) <= delta < (1 << 15) and _is_ja(insn):
+                        # An unconditional jump too far for 16 bits becomes gotol (cpu v4),
+                        # which takes the same single slot, so no other offset moves.
+                        insn = insn.resolved(code=Class.JMP32 | JmpOp.JA, off=0, imm=delta)
+                    elif not -(1 << 15) <= delta < (1 << 15):
                         raise AssemblyError(
                             f"jump offset {delta} does not fit in 16 bits (use gotol)",
                             index,
                             insn,
                         )
-                    insn = insn.resolved(off=delta)
+                    else:
+                        insn = insn.resolved(off=delta)
         resolved.append(insn)
     return Assembly(tuple(resolved), tuple(slots), functions)
 
 
+def _is_ja(insn: Insn) -> bool:
+    return insn.cls == Class.JMP and insn.op == JmpOp.JA
+
+
 def _is_gotol(insn: Insn) -> bool:
     return insn.cls == Class.JMP32 and insn.op == JmpOp.JA
+
+
+def remove_unreachable(items: Iterable[Item]) -> list[Item]:
+    """Drop instructions no path reaches, and subprograms nothing calls: the verifier refuses
+    both, and generators produce them naturally (a rule after an unconditional verdict, a match
+    that can never hold). Labels stay; jumps that reach code keep reaching it."""
+    items = list(items)
+    positions = [i for i, item in enumerate(items) if isinstance(item, Insn)]
+    order = {item_index: n for n, item_index in enumerate(positions)}
+    label_at: dict[str, int] = {}
+    pending: list[str] = []
+    for index, item in enumerate(items):
+        if isinstance(item, Label):
+            pending.append(item.name)
+        elif pending:
+            for name in pending:
+                label_at[name] = order[index]
+            pending.clear()
+    insns = [items[i] for i in positions]
+    reachable = [False] * len(insns)
+    work = [0] if insns else []
+    while work:
+        n = work.pop()
+        if n >= len(insns) or reachable[n]:
+            continue
+        reachable[n] = True
+        insn = insns[n]
+        ends = insn.cls in (Class.JMP, Class.JMP32) and insn.op == JmpOp.EXIT
+        if insn.target is not None and insn.target in label_at:
+            work.append(label_at[insn.target])
+        unconditional = insn.is_jump and insn.op == JmpOp.JA
+        if not ends and not unconditional:
+            work.append(n + 1)
+    kept: list[Item] = []
+    for index, item in enumerate(items):
+        if isinstance(item, Insn):
+            if reachable[order[index]]:
+                kept.append(item)
+        elif isinstance(item, Subprogram):
+            start = label_at.get(item.name)
+            if start is not None and reachable[start]:
+                kept.append(item)
+            else:
+                # Skip the marker; its code is unreachable too, so nothing of it is kept.
+                continue
+        else:
+            kept.append(item)
+    return kept

@@ -74,7 +74,7 @@ ERRORS = [
     ),
     (
         "offset out of range",
-        [I.ja("far"), *[I.mov64(R0, 0)] * 40000, Label("far"), I.exit_()],
+        [I.jmp(JmpOp.JEQ, R0, 0, "far"), *[I.mov64(R0, 0)] * 40000, Label("far"), I.exit_()],
         "does not fit in 16 bits (use gotol)",
     ),
     ("empty program", [], "the program has no instructions"),
@@ -88,6 +88,13 @@ def test_assembly_errors(name, items, message):
     with pytest.raises(AssemblyError) as caught:
         assemble(items)
     assert message in str(caught.value)
+
+
+def test_far_unconditional_jump_becomes_gotol():
+    assembly = assemble([I.ja("far"), *[I.mov64(R0, 0)] * 40000, Label("far"), I.exit_()])
+    assert assembly.insns[0] == I.gotol(40000)
+    near = assemble([I.ja("near"), I.mov64(R0, 0), Label("near"), I.exit_()])
+    assert near.insns[0] == I.ja(1)
 
 
 def test_gotol_reaches_past_16_bits():

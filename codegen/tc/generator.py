@@ -1,0 +1,598 @@
+"""Rule set -> TC programs.
+
+Three program shapes, all SCHED_CLS in direct-action mode:
+- `ingress`: parse, then classify: a destination in the namespace's local addresses (map
+  `local_addresses`, or multicast) goes through INPUT; otherwise `bpf_fib_lookup` decides, and a
+  forwardable packet (SUCCESS or NO_NEIGH, TTL > 1, addressed to us at layer 2) goes through
+  FORWARD with the lookup's egress ifindex as out-interface. Everything else is what the kernel
+  drops or does not filter: it passes untouched and is counted as "not handled".
+- `egress`: OUTPUT, for packets generated here (skb ingress_ifindex 0); forwarded ones pass.
+- `chain`: one built-in chain on its own, for BPF_PROG_TEST_RUN: in-interface from the
+  context's ingress_ifindex, out-interface from cb[0]; the deciding counter slot comes back in
+  cb[1].
+
+Chains: built-in chains are inline in the entry function; every user chain reachable from it is
+one BPF-to-BPF subprogram, called from each `-j`/`-g` rule. A subprogram returns CONTINUE (it
+returned or fell off its end), ACCEPT or DROP, which gives jump and goto their iptables meaning
+with no stack of our own: a jump continues after the rule on CONTINUE; a goto passes its callee's
+answer up, so a RETURN after a goto resumes in the chain that jumped to the goto's chain. The
+cost is the call depth: 8 frames in all, one for the entry and one for the counter update, so
+user chains may nest 6 deep.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from codegen.bpf import insn as I
+from codegen.bpf.asm import Item, Label, Subprogram, remove_unreachable
+from codegen.bpf.isa import (
+    R0,
+    R1,
+    R2,
+    R3,
+    R4,
+    R6,
+    R7,
+    R10,
+    AluOp,
+    FibResult,
+    JmpOp,
+    Size,
+    TcAction,
+)
+from codegen.bpf.testrun import SKB_OFFSETS
+from codegen.rules.iptables_save import write_rule
+from codegen.rules.model import Accept, Chain, Drop, Goto, Jump, Return, Rule, Ruleset
+from codegen.rules.names import BUILTIN_CHAINS
+
+from . import matches
+from .layout import (
+    ACCEPT,
+    CONTINUE,
+    DROP,
+    FACTS,
+    FACTS_OFFSET,
+    FIB_PARAMS_OFFSET,
+    NOT_HANDLED,
+    SCRATCH_OFFSET,
+    CounterLayout,
+    Facts,
+    Field,
+)
+
+Hook = Literal["ingress", "egress", "chain"]
+MAX_USER_CHAIN_DEPTH = 6
+COUNTERS_MAP, LOCAL_MAP = "counters", "local_addresses"
+ETH_HLEN, ETH_P_IP_BE = 14, 0x0008
+PACKET_HOST, PACKET_OTHERHOST = 0, 3
+AF_INET = 2
+HEADERS = ETH_HLEN + 60 + 20  # the most any match looks at: Ethernet, IPv4 with options, TCP
+_CAN_HOTDROP = (matches.TcpMatch, matches.UdpMatch, matches.IcmpMatch, matches.Multiport)
+
+
+class CompileError(ValueError):
+    """A rule set these generators cannot turn into a program; names the rule."""
+
+
+@dataclass(frozen=True)
+class RuleNote:
+    """The annotation every instruction of a rule carries: the rule's text and where it is."""
+
+    chain: str
+    index: int
+    text: str
+    source: str | None = None
+
+    def __str__(self) -> str:
+        where = f" ({self.source})" if self.source else ""
+        return f"{self.text}{where}"
+
+
+@dataclass
+class CompiledProgram:
+    name: str
+    hook: Hook
+    chains: tuple[str, ...]  # built-in chains the program runs
+    items: list[Item]
+    layout: CounterLayout
+    maps: tuple[str, ...]
+    notes: list[RuleNote] = field(default_factory=list)
+
+
+def compile_program(
+    ruleset: Ruleset,
+    hook: Hook,
+    *,
+    interfaces: Mapping[str, int],
+    chain: str | None = None,
+    fastpath: bool = False,
+) -> CompiledProgram:
+    """Generate the program for `hook` (for `chain`, name the built-in chain to run)."""
+    if hook == "chain":
+        if chain not in BUILTIN_CHAINS:
+            raise CompileError(f"only a built-in chain can run on its own, not {chain!r}")
+        builtins: tuple[str, ...] = (chain,)
+    else:
+        builtins = ("INPUT", "FORWARD") if hook == "ingress" else ("OUTPUT",)
+    emitter = _Emitter(ruleset, CounterLayout.of(ruleset), interfaces, hook, fastpath)
+    items = remove_unreachable(emitter.entry(builtins))
+    maps = (COUNTERS_MAP, LOCAL_MAP) if hook == "ingress" else (COUNTERS_MAP,)
+    name = {"ingress": "bpflab_ingress", "egress": "bpflab_egress"}.get(hook, f"bpflab_{chain}")
+    return CompiledProgram(name[:15], hook, builtins, items, emitter.layout, maps, emitter.notes)
+
+
+def user_chains_called(ruleset: Ruleset, roots: tuple[str, ...]) -> list[str]:
+    """User chains reachable from `roots`, in rule-set order, checking the nesting depth."""
+    depth: dict[str, int] = {}
+
+    def visit(name: str, level: int, path: tuple[str, ...]) -> None:
+        for rule in ruleset.chains[name].rules:
+            if isinstance(rule.target, Jump | Goto):
+                callee = rule.target.chain
+                if level + 1 > MAX_USER_CHAIN_DEPTH:
+                    chain_path = " -> ".join((*path, callee))
+                    raise CompileError(
+                        f"{_where(rule)}user chains nest {level + 1} deep ({chain_path}); BPF "
+                        f"allows {MAX_USER_CHAIN_DEPTH} (8 call frames, less entry and counter "
+                        "update)"
+                    )
+                if depth.get(callee, -1) < level + 1:
+                    depth[callee] = level + 1
+                    visit(callee, level + 1, (*path, callee))
+
+    for root in roots:
+        visit(root, 0, (root,))
+    return [name for name in ruleset.chains if name in depth]
+
+
+def _where(rule: Rule) -> str:
+    return f"{rule.source}: " if rule.source is not None else ""
+
+
+class _Emitter:
+    def __init__(
+        self,
+        ruleset: Ruleset,
+        layout: CounterLayout,
+        interfaces: Mapping[str, int],
+        hook: Hook,
+        fastpath: bool,
+    ):
+        self.ruleset = ruleset
+        self.layout = layout
+        self.interfaces = interfaces
+        self.hook = hook
+        self.fastpath = fastpath
+        self.notes: list[RuleNote] = []
+        self._labels = itertools.count()
+
+    def label(self, hint: str) -> str:
+        return f"{hint}_{next(self._labels)}"
+
+    # The entry function ---------------------------------------------------------------------
+
+    def entry(self, builtins: tuple[str, ...]) -> list[Item]:
+        code: list[Item] = [I.mov64(R6, R1)]
+        if self.hook == "egress":
+            # Forwarded packets left their FORWARD verdict on ingress; OUTPUT is for ours.
+            code += [
+                I.ldx(Size.W, R1, R6, SKB_OFFSETS["ingress_ifindex"]),
+                I.jmp(JmpOp.JEQ, R1, 0, "local_output"),
+                I.mov64(R0, TcAction.OK),
+                I.exit_(),
+                Label("local_output"),
+            ]
+        code += self.parse()
+        if self.hook == "ingress":
+            code += self.ingress(builtins)
+        else:
+            code += self.builtin_chain(builtins[0], "accept")
+        code += self.tails()
+        for name in user_chains_called(self.ruleset, builtins):
+            code += self.user_chain(self.ruleset.chains[name])
+        code += self.count_subprogram()
+        return code
+
+    def parse(self) -> list[Item]:
+        """Fill the packet facts, or go to `not_handled` for anything the kernel would drop
+        before netfilter sees it (ip_rcv_core's checks) or that is not IPv4."""
+        nh = "not_handled"
+        facts_store = [I.st(Size.DW, R10, FACTS_OFFSET + 8 * i, 0) for i in range(Facts.SIZE // 8)]
+        code: list[Item] = [
+            *facts_store,
+            I.mov64(FACTS, R10),
+            I.alu64(AluOp.ADD, FACTS, FACTS_OFFSET),
+            # Make the headers linear if they are not (large or non-linear skbs).
+            I.ldx(Size.W, R2, R6, SKB_OFFSETS["len"]),
+            I.jmp(JmpOp.JLE, R2, HEADERS, "pull_length_known"),
+            I.mov64(R2, HEADERS),
+            Label("pull_length_known"),
+            I.ldx(Size.W, R3, R6, SKB_OFFSETS["data"]),
+            I.ldx(Size.W, R4, R6, SKB_OFFSETS["data_end"]),
+            I.alu64(AluOp.ADD, R3, R2),
+            I.jmp(JmpOp.JLE, R3, R4, "linear"),
+            I.mov64(R1, R6),
+            I.call("skb_pull_data"),
+            Label("linear"),
+            I.ldx(Size.W, R2, R6, SKB_OFFSETS["data"]),
+            I.ldx(Size.W, R3, R6, SKB_OFFSETS["data_end"]),
+            I.mov64(R1, R2),
+            I.alu64(AluOp.ADD, R1, ETH_HLEN + 20),
+            I.jmp(JmpOp.JGT, R1, R3, nh),
+            I.ldx(Size.H, R1, R2, 12),
+            I.jmp32(JmpOp.JNE, R1, ETH_P_IP_BE, nh),
+            I.ldx(Size.B, R4, R2, ETH_HLEN),
+            I.mov32(R1, R4),
+            I.alu32(AluOp.RSH, R1, 4),
+            I.jmp32(JmpOp.JNE, R1, 4, nh),
+            I.alu32(AluOp.AND, R4, 0x0F),
+            I.jmp32(JmpOp.JLT, R4, 5, nh),
+            I.alu32(AluOp.LSH, R4, 2),  # header length in bytes, 20..60
+            I.ldx(Size.H, R1, R2, ETH_HLEN + 2),
+            I.to_be(R1, 16),  # total length
+            I.jmp32(JmpOp.JLT, R1, R4, nh),
+            I.stx(Size.H, FACTS, Facts.TOT_LEN.offset, R1),
+            I.alu32(AluOp.ADD, R1, ETH_HLEN),
+            I.ldx(Size.W, R0, R6, SKB_OFFSETS["len"]),
+            I.jmp32(JmpOp.JGT, R1, R0, nh),  # claims more than arrived: ip_rcv drops it
+            I.alu32(AluOp.SUB, R1, ETH_HLEN),
+            I.alu32(AluOp.SUB, R1, R4),
+            I.stx(Size.H, FACTS, Facts.L4_LEN.offset, R1),
+            *_copy_be(R2, ETH_HLEN + 6, Size.H, Facts.FRAGMENT, mask=0x1FFF),
+            *_copy_be(R2, ETH_HLEN + 1, Size.B, Facts.TOS),
+            *_copy_be(R2, ETH_HLEN + 8, Size.B, Facts.TTL),
+            *_copy_be(R2, ETH_HLEN + 9, Size.B, Facts.PROTOCOL),
+            *_copy_be(R2, ETH_HLEN + 12, Size.W, Facts.SADDR),
+            *_copy_be(R2, ETH_HLEN + 16, Size.W, Facts.DADDR),
+            I.ldx(Size.W, R1, R6, SKB_OFFSETS["mark"]),
+            I.stx(Size.W, FACTS, Facts.MARK.offset, R1),
+            I.ldx(Size.W, R1, R6, SKB_OFFSETS["pkt_type"]),
+            I.stx(Size.B, FACTS, Facts.PKT_TYPE.offset, R1),
+        ]
+        if self.hook == "ingress":
+            # ip_rcv drops frames for another host before any hook.
+            code.append(I.jmp32(JmpOp.JEQ, R1, PACKET_OTHERHOST, nh))
+        # The transport header, for first fragments only, as far as it is there.
+        code += [
+            I.ldx(Size.H, R1, FACTS, Facts.FRAGMENT.offset),
+            I.jmp32(JmpOp.JNE, R1, 0, "parsed"),
+            I.mov64(R7, R2),
+            I.alu64(AluOp.ADD, R7, ETH_HLEN),
+            I.alu64(AluOp.ADD, R7, R4),
+            I.ldx(Size.H, R4, FACTS, Facts.L4_LEN.offset),
+        ]
+        for needed, loads in (
+            (2, [(0, Size.B, Facts.ICMP_TYPE), (1, Size.B, Facts.ICMP_CODE)]),
+            (4, [(0, Size.H, Facts.SPORT), (2, Size.H, Facts.DPORT)]),
+            (14, [(13, Size.B, Facts.TCP_FLAGS)]),
+        ):
+            code += [
+                I.jmp32(JmpOp.JLT, R4, needed, "parsed"),
+                I.mov64(R1, R7),
+                I.alu64(AluOp.ADD, R1, needed),
+                I.jmp(JmpOp.JGT, R1, R3, "parsed"),
+            ]
+            for offset, size, fact in loads:
+                code += _copy_be(R7, offset, size, fact)
+        code.append(Label("parsed"))
+        interfaces = {
+            "ingress": (SKB_OFFSETS["ifindex"], None),
+            "egress": (None, SKB_OFFSETS["ifindex"]),
+            "chain": (SKB_OFFSETS["ingress_ifindex"], SKB_OFFSETS["cb"]),
+        }[self.hook]
+        for offset, fact in zip(interfaces, (Facts.IN_IFINDEX, Facts.OUT_IFINDEX), strict=True):
+            if offset is not None:
+                code += [I.ldx(Size.W, R1, R6, offset), I.stx(Size.W, FACTS, fact.offset, R1)]
+        return code
+
+    def ingress(self, builtins: tuple[str, ...]) -> list[Item]:
+        params = FIB_PARAMS_OFFSET
+        code: list[Item] = [
+            # Local destination: INPUT.
+            I.ldx(Size.W, R1, FACTS, Facts.DADDR.offset),
+            I.stx(Size.W, R10, SCRATCH_OFFSET, R1),
+            I.ld_map_fd(R1, LOCAL_MAP),
+            I.mov64(R2, R10),
+            I.alu64(AluOp.ADD, R2, SCRATCH_OFFSET),
+            I.call("map_lookup_elem"),
+            I.jmp(JmpOp.JNE, R0, 0, "input"),
+            I.ldx(Size.W, R1, FACTS, Facts.DADDR.offset),
+            I.alu32(AluOp.RSH, R1, 28),
+            I.jmp32(JmpOp.JEQ, R1, 0xE, "input"),  # multicast is delivered locally
+            # Otherwise ask the FIB whether the kernel would forward it.
+            *[I.st(Size.DW, R10, params + 8 * i, 0) for i in range(8)],
+            I.st(Size.B, R10, params, AF_INET),
+            I.ldx(Size.B, R1, FACTS, Facts.TOS.offset),
+            I.stx(Size.B, R10, params + 12, R1),
+            I.ldx(Size.W, R1, FACTS, Facts.IN_IFINDEX.offset),
+            I.stx(Size.W, R10, params + 8, R1),
+            I.ldx(Size.W, R1, FACTS, Facts.SADDR.offset),
+            I.to_be(R1, 32),
+            I.stx(Size.W, R10, params + 16, R1),
+            I.ldx(Size.W, R1, FACTS, Facts.DADDR.offset),
+            I.to_be(R1, 32),
+            I.stx(Size.W, R10, params + 32, R1),
+            I.mov64(R1, R6),
+            I.mov64(R2, R10),
+            I.alu64(AluOp.ADD, R2, params),
+            I.mov64(R3, 64),
+            I.mov64(R4, 0),
+            I.call("fib_lookup"),
+            I.mov64(R7, R0),  # kept for the fast path: only SUCCESS has the MACs
+            I.jmp(JmpOp.JEQ, R0, FibResult.SUCCESS, "forwardable"),
+            I.jmp(JmpOp.JNE, R0, FibResult.NO_NEIGH, "not_handled"),
+            Label("forwardable"),
+            # ip_forward drops these before the FORWARD hook.
+            I.ldx(Size.B, R1, FACTS, Facts.PKT_TYPE.offset),
+            I.jmp32(JmpOp.JNE, R1, PACKET_HOST, "not_handled"),
+            I.ldx(Size.B, R1, FACTS, Facts.TTL.offset),
+            I.jmp32(JmpOp.JLE, R1, 1, "not_handled"),
+            I.ldx(Size.W, R1, R10, params + 8),
+            I.stx(Size.W, FACTS, Facts.OUT_IFINDEX.offset, R1),
+        ]
+        forward_accept = "forward_accept" if self.fastpath else "accept"
+        code += self.builtin_chain("FORWARD", forward_accept)
+        code += [Label("input"), *self.builtin_chain("INPUT", "accept")]
+        return code
+
+    def tails(self) -> list[Item]:
+        """The ends every verdict jumps to."""
+        code: list[Item] = []
+        report = self.hook == "chain"
+        for label, action in (("accept", TcAction.OK), ("drop", TcAction.SHOT)):
+            code += [Label(label), *self._report(report), I.mov64(R0, action), I.exit_()]
+        slot = self.layout.slot(NOT_HANDLED)
+        code += [
+            Label("not_handled"),
+            I.st(Size.W, FACTS, Facts.DECIDED.offset, slot),
+            I.mov64(R1, slot),
+            I.ldx(Size.W, R2, R6, SKB_OFFSETS["len"]),
+            I.call_local("count"),
+            *self._report(report),
+            I.mov64(R0, TcAction.OK),
+            I.exit_(),
+        ]
+        if self.hook == "ingress" and self.fastpath:
+            code += self.fast_forward()
+        return code
+
+    def _report(self, enabled: bool) -> list[Item]:
+        if not enabled:
+            return []
+        return [
+            I.ldx(Size.W, R1, FACTS, Facts.DECIDED.offset),
+            I.stx(Size.W, R6, SKB_OFFSETS["cb"] + 4, R1),
+        ]
+
+    def fast_forward(self) -> list[Item]:
+        """ACCEPT in FORWARD with a complete lookup: forward here, as ip_forward would: TTL
+        decremented with the checksum fixed up (ip_decrease_ttl), MACs from the lookup."""
+        params = FIB_PARAMS_OFFSET
+        return [
+            Label("forward_accept"),
+            I.jmp(JmpOp.JNE, R7, FibResult.SUCCESS, "accept"),  # no neighbour yet: the kernel
+            I.ldx(Size.W, R2, R6, SKB_OFFSETS["data"]),
+            I.ldx(Size.W, R3, R6, SKB_OFFSETS["data_end"]),
+            I.mov64(R1, R2),
+            I.alu64(AluOp.ADD, R1, ETH_HLEN + 20),
+            I.jmp(JmpOp.JGT, R1, R3, "accept"),
+            I.ldx(Size.H, R1, R2, ETH_HLEN + 10),
+            I.alu32(AluOp.ADD, R1, 0x0001),  # htons(0x0100) on a little-endian load
+            I.jmp32(JmpOp.JLT, R1, 0xFFFF, "checksum_done"),
+            I.alu32(AluOp.ADD, R1, 1),
+            Label("checksum_done"),
+            I.stx(Size.H, R2, ETH_HLEN + 10, R1),
+            I.ldx(Size.B, R1, R2, ETH_HLEN + 8),
+            I.alu32(AluOp.SUB, R1, 1),
+            I.stx(Size.B, R2, ETH_HLEN + 8, R1),
+            I.ldx(Size.W, R1, R10, params + 58),  # dmac
+            I.stx(Size.W, R2, 0, R1),
+            I.ldx(Size.H, R1, R10, params + 62),
+            I.stx(Size.H, R2, 4, R1),
+            I.ldx(Size.W, R1, R10, params + 52),  # smac
+            I.stx(Size.W, R2, 6, R1),
+            I.ldx(Size.H, R1, R10, params + 56),
+            I.stx(Size.H, R2, 10, R1),
+            I.ldx(Size.W, R1, R10, params + 8),
+            I.mov64(R2, 0),
+            I.call("redirect"),
+            I.exit_(),
+        ]
+
+    # Chains ---------------------------------------------------------------------------------
+
+    def builtin_chain(self, name: str, accept: str) -> list[Item]:
+        chain = self.ruleset.chains[name]
+        policy = f"policy_{name}"
+        code = self.rules(chain, _InlineTargets(accept, policy))
+        slot = self.layout.slot((name, "policy"))
+        verdict = accept if chain.policy == "ACCEPT" else "drop"
+        return [
+            *code,
+            Label(policy),
+            I.mov64(R1, slot),
+            I.ldx(Size.H, R2, FACTS, Facts.TOT_LEN.offset),
+            I.call_local("count"),
+            I.st(Size.W, FACTS, Facts.DECIDED.offset, slot),
+            I.ja(verdict),
+        ]
+
+    def user_chain(self, chain: Chain) -> list[Item]:
+        return [
+            Subprogram(_function(chain.name)),
+            I.mov64(FACTS, R1),
+            *self.rules(chain, _FunctionTargets()),
+            I.mov64(R0, CONTINUE),
+            I.exit_(),
+        ]
+
+    def rules(self, chain: Chain, targets: _Targets) -> list[Item]:
+        code: list[Item] = []
+        for index, rule in enumerate(chain.rules, start=1):
+            note = RuleNote(
+                chain.name,
+                index,
+                write_rule(chain.name, rule),
+                str(rule.source) if rule.source else None,
+            )
+            self.notes.append(note)
+            code += [
+                item.annotate(note) if isinstance(item, I.Insn) else item
+                for item in self.rule(chain, index, rule, targets)
+            ]
+        return code
+
+    def rule(self, chain: Chain, index: int, rule: Rule, targets: _Targets) -> list[Item]:
+        slot = self.layout.slot((chain.name, index))
+        miss = self.label("next")
+        hotdrop = self.label("hotdrop")
+        context = matches.Context(miss, hotdrop, self.label, self.interfaces)
+        try:
+            code = matches.emit(rule.matches, context)
+        except matches.UnsupportedMatch as error:
+            raise CompileError(f"{_where(rule)}{error}") from None
+        code += [
+            I.mov64(R1, slot),
+            I.ldx(Size.H, R2, FACTS, Facts.TOT_LEN.offset),
+            I.call_local("count"),
+        ]
+        decided = I.st(Size.W, FACTS, Facts.DECIDED.offset, slot)
+        target = rule.target
+        falls_through = False
+        if isinstance(target, Accept):
+            code += [decided, *targets.accept()]
+        elif isinstance(target, Drop):
+            code += [decided, *targets.drop()]
+        elif isinstance(target, Return):
+            code += targets.return_()
+        elif isinstance(target, Jump):
+            code += [I.mov64(R1, FACTS), I.call_local(_function(target.chain))]
+            code += targets.after_jump(miss, self.label)
+        elif isinstance(target, Goto):
+            code += [I.mov64(R1, FACTS), I.call_local(_function(target.chain))]
+            code += targets.after_goto(self.label)
+        else:
+            falls_through = True  # no target: the rule only counts
+        if any(isinstance(m, _CAN_HOTDROP) for m in rule.matches):
+            if falls_through:
+                code.append(I.ja(miss))
+            code += [Label(hotdrop), decided, *targets.drop()]
+        return [*code, Label(miss)]
+
+    # Counters -------------------------------------------------------------------------------
+
+    def count_subprogram(self) -> list[Item]:
+        """count(r1 = slot, r2 = bytes): add one packet and its bytes to a per-CPU slot. No
+        atomics: the slot is this CPU's and TC programs do not nest on one CPU."""
+        return [
+            Subprogram("count"),
+            I.stx(Size.W, R10, -4, R1),
+            I.mov64(R6, R2),
+            I.ld_map_fd(R1, COUNTERS_MAP),
+            I.mov64(R2, R10),
+            I.alu64(AluOp.ADD, R2, -4),
+            I.call("map_lookup_elem"),
+            I.jmp(JmpOp.JEQ, R0, 0, "count_done"),
+            I.ldx(Size.DW, R1, R0, 0),
+            I.alu64(AluOp.ADD, R1, 1),
+            I.stx(Size.DW, R0, 0, R1),
+            I.ldx(Size.DW, R1, R0, 8),
+            I.alu64(AluOp.ADD, R1, R6),
+            I.stx(Size.DW, R0, 8, R1),
+            Label("count_done"),
+            I.mov64(R0, 0),
+            I.exit_(),
+        ]
+
+
+def _function(chain: str) -> str:
+    return f"chain:{chain}"
+
+
+def _copy_be(base, offset: int, size: Size, fact: Field, mask: int | None = None) -> list[Item]:
+    """Load a network-order packet field, convert it to host order, store it as a fact."""
+    code: list[Item] = [I.ldx(size, R1, base, offset)]
+    if size != Size.B:
+        code.append(I.to_be(R1, size.bytes * 8))
+    if mask is not None:
+        code.append(I.alu32(AluOp.AND, R1, mask))
+    return [*code, I.stx(fact.size, FACTS, fact.offset, R1)]
+
+
+class _Targets:
+    def accept(self) -> list[Item]:
+        raise NotImplementedError
+
+    def drop(self) -> list[Item]:
+        raise NotImplementedError
+
+    def return_(self) -> list[Item]:
+        raise NotImplementedError
+
+    def after_jump(self, next_rule: str, new_label) -> list[Item]:
+        raise NotImplementedError
+
+    def after_goto(self, new_label) -> list[Item]:
+        raise NotImplementedError
+
+
+@dataclass
+class _InlineTargets(_Targets):
+    """Targets in a built-in chain, inline in the entry function: verdicts jump to the tails;
+    only unconditional jumps go far, as they alone can become gotol."""
+
+    accept_label: str
+    policy_label: str
+
+    def accept(self) -> list[Item]:
+        return [I.ja(self.accept_label)]
+
+    def drop(self) -> list[Item]:
+        return [I.ja("drop")]
+
+    def return_(self) -> list[Item]:
+        return [I.ja(self.policy_label)]  # RETURN in a built-in chain: its policy
+
+    def _verdict(self, new_label) -> list[Item]:
+        dropped = new_label("dropped")
+        return [
+            I.jmp(JmpOp.JNE, R0, ACCEPT, dropped),
+            I.ja(self.accept_label),
+            Label(dropped),
+            I.ja("drop"),
+        ]
+
+    def after_jump(self, next_rule: str, new_label) -> list[Item]:
+        return [I.jmp(JmpOp.JEQ, R0, CONTINUE, next_rule), *self._verdict(new_label)]
+
+    def after_goto(self, new_label) -> list[Item]:
+        decided = new_label("decided")
+        return [
+            I.jmp(JmpOp.JNE, R0, CONTINUE, decided),
+            I.ja(self.policy_label),
+            Label(decided),
+            *self._verdict(new_label),
+        ]
+
+
+class _FunctionTargets(_Targets):
+    """Targets in a user chain's subprogram: answers returned to the caller."""
+
+    def accept(self) -> list[Item]:
+        return [I.mov64(R0, ACCEPT), I.exit_()]
+
+    def drop(self) -> list[Item]:
+        return [I.mov64(R0, DROP), I.exit_()]
+
+    def return_(self) -> list[Item]:
+        return [I.mov64(R0, CONTINUE), I.exit_()]
+
+    def after_jump(self, next_rule: str, new_label) -> list[Item]:
+        return [I.jmp(JmpOp.JEQ, R0, CONTINUE, next_rule), I.exit_()]
+
+    def after_goto(self, new_label) -> list[Item]:
+        return [I.exit_()]  # whatever the callee answered is ours

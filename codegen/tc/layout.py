@@ -1,0 +1,86 @@
+"""Where generated programs keep things: the packet facts on the stack and the counter slots.
+
+Packet facts are parsed once per packet into a small struct on the entry function's stack. Every
+chain, inline or a subprogram, reads them through one register (`FACTS`, r9) that points there:
+subprograms get the pointer as their argument, since BPF-to-BPF calls share no registers.
+Multi-byte fields are kept in host order so that ranges compare with plain unsigned jumps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from codegen.bpf.isa import R9, Size
+from codegen.rules.model import Ruleset
+from codegen.rules.names import BUILTIN_CHAINS
+
+FACTS = R9
+
+
+@dataclass(frozen=True)
+class Field:
+    offset: int
+    size: Size
+
+
+class Facts:
+    """Offsets from the facts pointer. The struct is zeroed before it is filled."""
+
+    SADDR = Field(0, Size.W)
+    DADDR = Field(4, Size.W)
+    IN_IFINDEX = Field(8, Size.W)
+    OUT_IFINDEX = Field(12, Size.W)
+    MARK = Field(16, Size.W)
+    DECIDED = Field(20, Size.W)  # counter slot of the rule (or policy) that gave the verdict
+    TOT_LEN = Field(24, Size.H)
+    FRAGMENT = Field(26, Size.H)  # fragment offset in 8-byte units; non-zero: not the first
+    L4_LEN = Field(28, Size.H)  # bytes after the IP header, within the IP total length
+    SPORT = Field(30, Size.H)  # first two bytes of the transport header (ports)
+    DPORT = Field(32, Size.H)
+    PROTOCOL = Field(34, Size.B)
+    TTL = Field(35, Size.B)
+    PKT_TYPE = Field(36, Size.B)
+    TCP_FLAGS = Field(37, Size.B)
+    ICMP_TYPE = Field(38, Size.B)
+    ICMP_CODE = Field(39, Size.B)
+    TOS = Field(40, Size.B)
+    SIZE = 48
+
+
+# Frame of the entry function: facts, then the bpf_fib_lookup parameters, then scratch.
+FACTS_OFFSET = -Facts.SIZE
+FIB_PARAMS_OFFSET = FACTS_OFFSET - 64
+SCRATCH_OFFSET = FIB_PARAMS_OFFSET - 8
+
+# Chain functions return one of these in r0.
+CONTINUE, ACCEPT, DROP = 0, 1, 2
+
+Position = tuple[str, int | str]  # (chain, 1-based rule index) or (built-in chain, "policy")
+NOT_HANDLED: Position = ("", "not handled")
+
+
+@dataclass(frozen=True)
+class CounterLayout:
+    """One per-CPU counter slot {packets, bytes} for every rule, every built-in chain's policy,
+    and one for packets the programs do not handle (not IPv4, or dropped by the kernel before
+    netfilter would see them)."""
+
+    positions: tuple[Position, ...]
+
+    @classmethod
+    def of(cls, ruleset: Ruleset) -> CounterLayout:
+        positions: list[Position] = []
+        for chain in ruleset.chains.values():
+            positions.extend((chain.name, index) for index in range(1, len(chain.rules) + 1))
+        positions.extend((name, "policy") for name in BUILTIN_CHAINS)
+        positions.append(NOT_HANDLED)
+        return cls(tuple(positions))
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_slots", {p: i for i, p in enumerate(self.positions)})
+
+    def slot(self, position: Position) -> int:
+        return self._slots[position]  # type: ignore[attr-defined]
+
+    def __len__(self) -> int:
+        return len(self.positions)
