@@ -8,8 +8,8 @@ Three program shapes, all SCHED_CLS in direct-action mode:
   drops or does not filter: it passes untouched and is counted as "not handled".
 - `egress`: OUTPUT, for packets generated here (skb ingress_ifindex 0); forwarded ones pass.
 - `chain`: one built-in chain on its own, for BPF_PROG_TEST_RUN: in-interface from the
-  context's ingress_ifindex, out-interface from cb[0]; the deciding counter slot comes back in
-  cb[1].
+  context's ingress_ifindex, out-interface from cb[0], packet type from cb[2]; the deciding
+  counter slot comes back in cb[1].
 
 Chains: built-in chains are inline in the entry function; every user chain reachable from it is
 one BPF-to-BPF subprogram, called from each `-j`/`-g` rule. A subprogram returns CONTINUE (it
@@ -250,7 +250,14 @@ class _Emitter:
             *_copy_be(R2, ETH_HLEN + 16, Size.W, Facts.DADDR),
             I.ldx(Size.W, R1, R6, SKB_OFFSETS["mark"]),
             I.stx(Size.W, FACTS, Facts.MARK.offset, R1),
-            I.ldx(Size.W, R1, R6, SKB_OFFSETS["pkt_type"]),
+            # Test-run cannot make every packet type (its device is lo, whose broadcast address
+            # is all zeros): the chain program takes the type from cb[2] instead.
+            I.ldx(
+                Size.W,
+                R1,
+                R6,
+                SKB_OFFSETS["cb"] + 8 if self.hook == "chain" else SKB_OFFSETS["pkt_type"],
+            ),
             I.stx(Size.B, FACTS, Facts.PKT_TYPE.offset, R1),
         ]
         if self.hook == "ingress":
