@@ -12,7 +12,7 @@ from harness.runner import ChainRunner, frame_for
 
 pytestmark = pytest.mark.privileged
 
-A, B, C = "198.18.0.1", "198.18.0.2", "198.19.7.7"
+A, B, C, D = "198.18.0.1", "198.18.0.2", "198.19.7.7", "198.18.5.0"
 
 EVERY_MATCH = """*filter
 :INPUT DROP [0:0]
@@ -32,7 +32,8 @@ EVERY_MATCH = """*filter
 -A INPUT -p icmp -m ttl ! --ttl-eq 64 -j RETURN
 -A INPUT -m pkttype --pkt-type broadcast -j DROP
 -A INPUT -m mark --mark 0x10/0xf0 -j ACCEPT
--A INPUT -m iprange --src-range 198.18.0.1-198.18.0.9 ! --dst-range 198.18.0.100-198.18.0.200 -p icmp
+-A INPUT -p icmp -m iprange --src-range 198.18.0.1-198.18.0.9 \
+! --dst-range 198.18.0.100-198.18.0.200
 -A INPUT -f -j ACCEPT
 -A INPUT -i eth+ -p icmp -j ACCEPT
 -A FORWARD -i eth0 -o eth1 -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -j ACCEPT
@@ -55,12 +56,12 @@ COMMIT
 
 PACKETS = [
     ("INPUT", None, None, IP(src=A, dst=B) / TCP(dport=22)),
-    ("INPUT", None, None, IP(src="198.18.5.0", dst=B) / TCP(dport=22)),
-    ("INPUT", None, None, IP(src="198.18.5.0", dst=B) / TCP(sport=99, dport=23)),
-    ("INPUT", None, None, IP(src="198.18.5.0", dst=B) / TCP(sport=5000, dport=8000)),
-    ("INPUT", None, None, IP(src="198.18.5.0", dst=B, ttl=7) / TCP(sport=5000, dport=1, flags="SA")),
-    ("INPUT", None, None, IP(src="198.18.5.0", dst=B, ttl=8) / TCP(sport=5000, dport=9999, flags="SA")),
-    ("INPUT", None, None, IP(src="198.18.5.0", dst=B, ttl=200) / TCP(sport=5000, dport=1, flags="SA")),
+    ("INPUT", None, None, IP(src=D, dst=B) / TCP(dport=22)),
+    ("INPUT", None, None, IP(src=D, dst=B) / TCP(sport=99, dport=23)),
+    ("INPUT", None, None, IP(src=D, dst=B) / TCP(sport=5000, dport=8000)),
+    ("INPUT", None, None, IP(src=D, dst=B, ttl=7) / TCP(sport=5000, dport=1, flags="SA")),
+    ("INPUT", None, None, IP(src=D, dst=B, ttl=8) / TCP(sport=5000, dport=9999, flags="SA")),
+    ("INPUT", None, None, IP(src=D, dst=B, ttl=200) / TCP(sport=5000, dport=1, flags="SA")),
     ("INPUT", None, None, IP(src=A, dst=B) / TCP(sport=80, dport=23)),
     ("INPUT", None, None, IP(src=A, dst=B) / TCP(sport=5000, dport=8080)),
     ("INPUT", None, None, IP(src=A, dst=B) / TCP(sport=5000, dport=9000, flags="SA")),
@@ -161,7 +162,7 @@ def test_goto_and_return_resume_where_iptables_does(port):
 
 def test_counters_accumulate_over_packets(every_match):
     ruleset, runner = every_match
-    packet = bytes(IP(src="198.18.5.0", dst=B) / TCP(dport=22))  # jumps to tcpchk
+    packet = bytes(IP(src=D, dst=B) / TCP(dport=22))  # jumps to tcpchk
     before = runner.counters.read()[("tcpchk", 1)]
     for _ in range(5):
         runner.run(frame_for(packet), "INPUT")
