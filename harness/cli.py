@@ -6,8 +6,10 @@ Exit codes: 0 ok, 1 a check failed, 2 bad input or environment.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from codegen.bpf.syscall import BpfError, BpfFeatureError, BpfPermissionError
 
@@ -20,11 +22,226 @@ class UsageError(Exception):
     """Bad input or environment: printed as one sentence, exit code 2."""
 
 
+class CheckFailed(Exception):
+    """A check that ran and failed (a verifier rejection, a mismatch): exit code 1."""
+
+
+def _read_rules(path: str) -> tuple[str, str]:
+    if path == "-":
+        return sys.stdin.read(), "<stdin>"
+    try:
+        return Path(path).read_text(), path
+    except OSError as error:
+        raise UsageError(f"cannot read {path}: {error.strerror}") from None
+
+
+def _parse_rules(path: str):
+    from codegen.rules import parse
+
+    text, name = _read_rules(path)
+    ruleset = parse(text, name)
+    ruleset.validate()
+    return ruleset
+
+
+def _require(probe: Callable[[], str | None]) -> None:
+    reason = probe()
+    if reason is not None:
+        raise UsageError(reason)
+
+
+# Commands -----------------------------------------------------------------------------------
+
+
 def _demo(args: argparse.Namespace) -> int:
     _require(environment.missing_bpf)
     from .demo import run_demo
 
     return run_demo()
+
+
+def _check(args: argparse.Namespace) -> int:
+    from codegen.rules import write
+
+    print(write(_parse_rules(args.rules)), end="")
+    return EXIT_OK
+
+
+def _compile(args: argparse.Namespace) -> int:
+    from codegen.bpf.asm import assemble
+    from codegen.bpf.disasm import listing
+    from codegen.tc.generator import compile_program
+
+    from .runner import standin_interfaces
+
+    ruleset = _parse_rules(args.rules)
+    compiled = compile_program(
+        ruleset, args.hook, interfaces=standin_interfaces(ruleset), fastpath=args.fastpath
+    )
+    assembly = assemble(compiled.items)
+    print(listing(list(assembly.insns)))
+    per_rule: dict[object, int] = {}
+    for insn in assembly.insns:
+        if insn.annotation is not None:
+            per_rule[insn.annotation] = per_rule.get(insn.annotation, 0) + insn.slots
+    print(
+        f"\n; {compiled.name}: {assembly.slot_count} instructions, "
+        f"{len(per_rule)} rules compiled, chains {', '.join(compiled.chains)}"
+    )
+    return EXIT_OK
+
+
+def _verify(args: argparse.Namespace) -> int:
+    _require(environment.missing_bpf)
+    from codegen.bpf.isa import MapType
+    from codegen.bpf.loader import load
+    from codegen.bpf.maps import Map
+    from codegen.tc.generator import COUNTERS_MAP, LOCAL_MAP, compile_program
+    from codegen.tc.layout import CounterLayout
+
+    from .runner import CounterMap, standin_interfaces
+
+    ruleset = _parse_rules(args.rules)
+    interfaces = standin_interfaces(ruleset)
+    with (
+        CounterMap(CounterLayout.of(ruleset)) as counters,
+        Map(MapType.HASH, 4, 1, 16, name=LOCAL_MAP) as local,
+    ):
+        for hook in ("ingress", "egress"):
+            compiled = compile_program(ruleset, hook, interfaces=interfaces, fastpath=args.fastpath)
+            with load(
+                compiled.items, name=compiled.name, maps={COUNTERS_MAP: counters, LOCAL_MAP: local}
+            ) as loaded:
+                stats = loaded.stats
+                assert stats is not None
+                print(
+                    f"{hook:8} {compiled.name}: accepted; {loaded.insn_count} instructions, "
+                    f"{stats.insns_processed} processed, {stats.states_total} states "
+                    f"(peak {stats.states_peak}), {stats.verification_usec} us"
+                )
+    return EXIT_OK
+
+
+def _run(args: argparse.Namespace) -> int:
+    _require(environment.missing_bpf)
+    from .packets import SpecError, parse_packet
+    from .runner import ChainRunner
+
+    ruleset = _parse_rules(args.rules)
+    frames: list[bytes] = []
+    for number, spec in enumerate(args.packet or [], start=1):
+        try:
+            frames.append(bytes(parse_packet(spec)))
+        except SpecError as error:
+            raise UsageError(f"--packet {number}: {error}") from None
+    if args.pcap:
+        from scapy.utils import rdpcap
+
+        try:
+            frames += [bytes(packet) for packet in rdpcap(args.pcap)]
+        except (OSError, ValueError) as error:
+            raise UsageError(f"cannot read {args.pcap}: {error}") from None
+    if not frames:
+        raise UsageError("give packets with --packet SPEC or --pcap FILE")
+    devices = [name for name in (args.in_iface, args.out_iface) if name]
+    with ChainRunner(ruleset, devices) as runner:
+        for number, frame in enumerate(frames, start=1):
+            outcome = runner.run(frame, args.chain, args.in_iface, args.out_iface)
+            chain, index = outcome.deciding
+            result = {
+                "packet": number,
+                "verdict": "ACCEPT" if outcome.verdict == "PASS" else outcome.verdict,
+                "chain": chain or None,
+                "rule": index if isinstance(index, int) else None,
+            }
+            if outcome.verdict == "PASS":
+                result["handled"] = False
+            if args.json:
+                print(json.dumps(result))
+            else:
+                where = (
+                    "not handled (not IPv4 or malformed)"
+                    if outcome.verdict == "PASS"
+                    else (f"{chain} policy" if index == "policy" else f"{chain} rule {index}")
+                )
+                print(f"packet {number}: {result['verdict']:6} by {where}")
+        totals = runner.counters.read()
+    counters: dict[str, dict] = {}
+    for name, chain in ruleset.chains.items():
+        counters[name] = {
+            "policy": list(totals[(name, "policy")]) if chain.builtin else None,
+            "rules": [list(totals[(name, i)]) for i in range(1, len(chain.rules) + 1)],
+        }
+    if args.json:
+        print(json.dumps({"counters": counters}))
+    else:
+        for name, values in counters.items():
+            policy = (
+                f" policy {values['policy'][0]}p/{values['policy'][1]}b" if values["policy"] else ""
+            )
+            rules = " ".join(f"{p}p/{b}b" for p, b in values["rules"])
+            print(f"{name}:{policy} rules [{rules}]")
+    return EXIT_OK
+
+
+def _apply(args: argparse.Namespace) -> int:
+    _require(environment.missing_bpffs)
+    from . import lifecycle
+
+    text, name = _read_rules(args.rules)
+    applied = lifecycle.apply(
+        text, name, args.netns, devices=args.dev or None, fastpath=args.fastpath
+    )
+    verb = "replaced" if applied.replaced else "attached"
+    for hook, program in applied.programs.items():
+        stats = program.stats
+        processed = f", {stats.insns_processed} processed" if stats else ""
+        print(f"{hook}: {program.insn_count} instructions{processed}")
+    carried = (
+        f"; counters of {applied.carried} unchanged rules carried over"
+        if (applied.replaced)
+        else ""
+    )
+    print(f"{verb} on {', '.join(applied.devices)} in namespace {args.netns}{carried}")
+    return EXIT_OK
+
+
+def _list(args: argparse.Namespace) -> int:
+    from . import lifecycle
+    from .listing import list_table
+
+    ruleset, _ = lifecycle.current(args.netns)
+    print(list_table(ruleset, verbose=args.verbose), end="")
+    return EXIT_OK
+
+
+def _save(args: argparse.Namespace) -> int:
+    from . import lifecycle
+
+    print(lifecycle.save(args.netns, args.counters), end="")
+    return EXIT_OK
+
+
+def _flush(args: argparse.Namespace) -> int:
+    _require(environment.missing_bpffs)
+    from . import lifecycle
+
+    removed = lifecycle.flush(args.netns)
+    print(f"flushed namespace {args.netns}: removed {len(removed)} pins")
+    return EXIT_OK
+
+
+def _import(args: argparse.Namespace) -> int:
+    _require(environment.missing_netns)
+    from codegen.rules import write
+    from codegen.rules.ipt_blob import read_table
+    from netns.namespace import Namespace
+
+    namespace = Namespace.existing(args.netns)
+    with namespace.enter():
+        ruleset = read_table()
+    print(write(ruleset, counters=args.counters), end="")
+    return EXIT_OK
 
 
 def _cleanup(args: argparse.Namespace) -> int:
@@ -49,10 +266,7 @@ def _doctor(args: argparse.Namespace) -> int:
     return EXIT_OK if failures == 0 else EXIT_BAD_INPUT
 
 
-def _require(probe: Callable[[], str | None]) -> None:
-    reason = probe()
-    if reason is not None:
-        raise UsageError(reason)
+# Parser -------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,39 +277,116 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = commands.add_parser(
-        "demo", help="assemble, verify and test-run a small filter and print its verdicts"
-    )
-    demo.set_defaults(run=_demo)
+    def command(name: str, run: Callable[[argparse.Namespace], int], help: str):
+        sub = commands.add_parser(name, help=help, description=help)
+        sub.set_defaults(run=run)
+        return sub
 
-    cleanup = commands.add_parser(
-        "cleanup", help="remove namespaces and pins left by bpflab runs that died"
+    def rules_argument(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("rules", metavar="RULES", help="iptables-save text ('-' for stdin)")
+
+    command("demo", _demo, "assemble, verify and test-run a small filter and print its verdicts")
+
+    sub = command("check", _check, "parse and validate RULES and print their canonical form")
+    rules_argument(sub)
+
+    sub = command("compile", _compile, "print the annotated disassembly of a generated program")
+    rules_argument(sub)
+    sub.add_argument("--hook", choices=["ingress", "egress"], default="ingress")
+    sub.add_argument("--fastpath", action="store_true", help="forward ACCEPTed FORWARD traffic")
+
+    sub = command("verify", _verify, "load both programs into the verifier and print its stats")
+    rules_argument(sub)
+    sub.add_argument("--fastpath", action="store_true")
+
+    sub = command("run", _run, "run one chain's program on packets with BPF_PROG_TEST_RUN")
+    rules_argument(sub)
+    sub.add_argument("--chain", required=True, choices=["INPUT", "FORWARD", "OUTPUT"])
+    sub.add_argument(
+        "--packet",
+        action="append",
+        metavar="SPEC",
+        help="a frame in scapy syntax, e.g. 'Ether()/IP(dst=\"198.18.0.2\")/TCP()'",
     )
-    cleanup.add_argument(
+    sub.add_argument("--pcap", metavar="FILE", help="frames from a capture")
+    sub.add_argument("--in", dest="in_iface", metavar="IF")
+    sub.add_argument("--out", dest="out_iface", metavar="IF")
+    sub.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    sub = command("apply", _apply, "compile, verify and attach RULES in a network namespace")
+    rules_argument(sub)
+    sub.add_argument("--netns", required=True, metavar="NS")
+    sub.add_argument(
+        "--dev",
+        action="append",
+        metavar="IF",
+        help="device to attach to (repeatable; default: all but lo)",
+    )
+    sub.add_argument(
+        "--fastpath",
+        action="store_true",
+        help="forward ACCEPTed FORWARD traffic in the program (bpf_redirect)",
+    )
+
+    sub = command("list", _list, "list the applied rules and counters, like iptables -L -n -x")
+    sub.add_argument("--netns", required=True, metavar="NS")
+    sub.add_argument("-v", "--verbose", action="store_true", help="with packet and byte counts")
+
+    sub = command("save", _save, "print the applied rules as iptables-save text")
+    sub.add_argument("--netns", required=True, metavar="NS")
+    sub.add_argument("-c", "--counters", action="store_true", help="with [packets:bytes]")
+
+    sub = command("flush", _flush, "detach the programs of a namespace and remove their state")
+    sub.add_argument("--netns", required=True, metavar="NS")
+
+    sub = command("import", _import, "print a namespace's live iptables filter table (blob read)")
+    sub.add_argument("--netns", required=True, metavar="NS")
+    sub.add_argument("-c", "--counters", action="store_true")
+
+    sub = command("cleanup", _cleanup, "remove namespaces and pins left by bpflab runs that died")
+    sub.add_argument(
         "--orphans",
         action="store_true",
         help="also remove bl* namespaces that have no owner record",
     )
-    cleanup.set_defaults(run=_cleanup)
 
-    doctor = commands.add_parser("doctor", help="check what this machine can do")
-    doctor.set_defaults(run=_doctor)
+    command("doctor", _doctor, "check what this machine can do")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from codegen.bpf.asm import AssemblyError
+    from codegen.bpf.loader import VerifierError
+    from codegen.rules.model import RuleError
+    from codegen.tc.generator import CompileError
+    from netns.namespace import NamespaceError
+
+    from .lifecycle import LifecycleError
+
     try:
         return args.run(args)
-    except UsageError as error:
+    except RuleError as error:
+        print(str(error), file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except (UsageError, CompileError, NamespaceError, LifecycleError) as error:
         print(f"bpflab: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except VerifierError as error:
+        print(f"bpflab: error: {error}", file=sys.stderr)
+        return EXIT_CHECK_FAILED
+    except AssemblyError as error:
+        print(f"bpflab: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except CheckFailed as error:
+        print(f"bpflab: {error}", file=sys.stderr)
+        return EXIT_CHECK_FAILED
     except (BpfPermissionError, BpfFeatureError) as error:
         print(f"bpflab: error: {error.strerror}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except BpfError as error:
         print(f"bpflab: error: {error.strerror}", file=sys.stderr)
-        return EXIT_CHECK_FAILED
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("bpflab: interrupted", file=sys.stderr)
         return 130

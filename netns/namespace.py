@@ -188,6 +188,19 @@ class Namespace:
     def __repr__(self) -> str:
         return f"Namespace({self.name!r})"
 
+    @classmethod
+    def existing(cls, name: str) -> Namespace:
+        """A namespace created elsewhere (`ip netns add NAME`): usable like ours, but never
+        entered as a `with` block, so never removed by us."""
+        namespace = cls.__new__(cls)
+        namespace.name = name
+        namespace.path = NETNS_DIR / name
+        namespace.state_file = STATE_DIR / name
+        namespace.pin_dir = PIN_ROOT / name
+        if "/" in name or name in ("", ".", "..") or not namespace.path.exists():
+            raise NamespaceError(f"network namespace {name!r} does not exist (see `ip netns list`)")
+        return namespace
+
     def __enter__(self) -> Namespace:
         try:
             STATE_DIR.mkdir(parents=True, exist_ok=True)

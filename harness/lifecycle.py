@@ -1,0 +1,314 @@
+"""apply, list, save and flush: a rule set's programs attached in a network namespace.
+
+State lives where separate processes can find it:
+- bpffs, `/sys/fs/bpf/bpflab/NS/`: the counters and local-address maps, both programs, and one
+  tcx link per device and direction (a pinned link stays attached when we exit);
+- `/run/bpflab/rulesets/NS.json`: the rule set text, the devices and the counter layout, which
+  bpffs cannot hold and `list`/`save` need to put names on counters.
+
+An apply compiles and verifies everything before it touches what is running; it then swaps each
+device's programs with a link update (atomic per hook) and rolls the links back if any step
+fails. Counters of rules that did not change are carried over by rule text.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import socket
+import struct
+from collections import Counter
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+from codegen.bpf.isa import MapType
+from codegen.bpf.links import TcAttachment, attach_tc
+from codegen.bpf.loader import LoadedProgram, load
+from codegen.bpf.maps import Map, get_pinned, pin
+from codegen.bpf.syscall import BpfError, close
+from codegen.rules import parse, write
+from codegen.rules.iptables_save import write_rule
+from codegen.rules.model import Ruleset
+from codegen.tc.generator import COUNTERS_MAP, LOCAL_MAP, compile_program
+from codegen.tc.layout import CounterLayout, Position
+from netns.namespace import PIN_ROOT, Namespace
+
+from .runner import CounterMap
+
+STATE_ROOT = Path("/run/bpflab/rulesets")
+LOCAL_MAP_SIZE = 1024
+
+
+class LifecycleError(Exception):
+    """A lifecycle step that cannot be done, in one sentence."""
+
+
+@dataclass
+class Applied:
+    """What one apply did, for the CLI to report."""
+
+    devices: list[str]
+    replaced: bool
+    programs: dict[str, LoadedProgram]
+    carried: int  # rules whose counters were carried over
+
+
+def _pin_dir(netns: str) -> Path:
+    return PIN_ROOT / netns
+
+
+def _state_file(netns: str) -> Path:
+    return STATE_ROOT / f"{netns}.json"
+
+
+def read_state(netns: str) -> dict | None:
+    try:
+        return json.loads(_state_file(netns).read_text())
+    except FileNotFoundError:
+        return None
+
+
+def _devices(namespace: Namespace, wanted: list[str] | None) -> dict[str, int]:
+    with namespace.ipr() as ipr:
+        present = {link.get_attr("IFLA_IFNAME"): link["index"] for link in ipr.get_links()}
+    if wanted:
+        missing = [name for name in wanted if name not in present]
+        if missing:
+            raise LifecycleError(
+                f"no device {', '.join(missing)} in namespace {namespace.name} "
+                f"(it has {', '.join(sorted(present))})"
+            )
+        return {name: present[name] for name in wanted}
+    return {name: index for name, index in present.items() if name != "lo"}
+
+
+def local_addresses(namespace: Namespace) -> set[int]:
+    """Addresses the kernel delivers locally (its local table, roughly): every IPv4 address in
+    the namespace, each subnet's broadcast address, and the limited broadcast."""
+    found = {int(ipaddress.IPv4Address("255.255.255.255"))}
+    with namespace.ipr() as ipr:
+        for message in ipr.get_addr(family=socket.AF_INET):
+            for attribute in ("IFA_LOCAL", "IFA_ADDRESS", "IFA_BROADCAST"):
+                value = message.get_attr(attribute)
+                if value:
+                    found.add(int(ipaddress.IPv4Address(value)))
+    return found
+
+
+def _identities(ruleset: Ruleset, layout: CounterLayout) -> dict[tuple, Position]:
+    """Rule identity for carrying counters over: chain, rule text and which repeat of it."""
+    seen: Counter[tuple[str, str]] = Counter()
+    identities: dict[tuple, Position] = {}
+    for position in layout.positions:
+        chain, index = position
+        if isinstance(index, int):
+            text = write_rule(chain, ruleset.chains[chain].rules[index - 1])
+            seen[(chain, text)] += 1
+            identities[(chain, text, seen[(chain, text)])] = position
+        else:
+            identities[position] = position
+    return identities
+
+
+def apply(
+    rules_text: str,
+    filename: str,
+    netns: str,
+    *,
+    devices: list[str] | None = None,
+    fastpath: bool = False,
+) -> Applied:
+    """Compile, verify and attach `rules_text` to the devices of `netns`; see the module doc."""
+    ruleset = parse(rules_text, filename)
+    ruleset.validate()
+    namespace = Namespace.existing(netns)
+    targets = _devices(namespace, devices)
+    previous = read_state(netns)
+    pins = _pin_dir(netns)
+    layout = CounterLayout.of(ruleset)
+    with ExitStack() as cleanup:
+        counters = cleanup.enter_context(CounterMap(layout))
+        local = cleanup.enter_context(Map(MapType.HASH, 4, 1, LOCAL_MAP_SIZE, name=LOCAL_MAP))
+        for address in sorted(local_addresses(namespace))[:LOCAL_MAP_SIZE]:
+            local.update(struct.pack("<I", address), b"\1")
+        interfaces = _all_interfaces(namespace)
+        programs: dict[str, LoadedProgram] = {}
+        for hook in ("ingress", "egress"):
+            compiled = compile_program(ruleset, hook, interfaces=interfaces, fastpath=fastpath)
+            programs[hook] = cleanup.enter_context(
+                load(
+                    compiled.items,
+                    name=compiled.name,
+                    maps={COUNTERS_MAP: counters, LOCAL_MAP: local},
+                )
+            )
+        carried = 0
+        if previous is not None:
+            carried = _carry_counters(previous, ruleset, layout, counters)
+        _attach_all(namespace, targets, programs)
+        # Attached: from here on the new objects replace the pinned ones.
+        pins.mkdir(parents=True, exist_ok=True)
+        for name, fd in (
+            ("counters", counters.fd),
+            ("local", local.fd),
+            ("prog_ingress", programs["ingress"].fd),
+            ("prog_egress", programs["egress"].fd),
+        ):
+            _replace_pin(pins / name, fd)
+        _write_state(netns, rules_text, filename, targets, fastpath, layout)
+        return Applied(sorted(targets), previous is not None, programs, carried)
+
+
+def _all_interfaces(namespace: Namespace) -> dict[str, int]:
+    with namespace.ipr() as ipr:
+        return {link.get_attr("IFLA_IFNAME"): link["index"] for link in ipr.get_links()}
+
+
+def _carry_counters(
+    previous: dict, ruleset: Ruleset, layout: CounterLayout, counters: CounterMap
+) -> int:
+    pins = _pin_dir(previous["netns"])
+    try:
+        old_map = Map.from_pin(str(pins / "counters"))
+    except BpfError:
+        return 0
+    with old_map:
+        old_ruleset = parse(previous["rules"], previous["file"])
+        old_layout = CounterLayout.of(old_ruleset)
+        old = CounterMap(old_layout, fd=os.dup(old_map.fd))
+        with old:
+            values = old.read()
+    old_ids = _identities(old_ruleset, old_layout)
+    new_ids = _identities(ruleset, layout)
+    carried = {
+        new_ids[key]: values[position]
+        for key, position in old_ids.items()
+        if key in new_ids and position in values
+    }
+    counters.write(carried)
+    return sum(1 for position in carried if isinstance(position[1], int))
+
+
+def _attach_all(
+    namespace: Namespace,
+    targets: dict[str, int],
+    programs: dict[str, LoadedProgram],
+) -> None:
+    """Attach or swap every device's two programs; on any failure, undo what was done."""
+    pins = _pin_dir(namespace.name)
+    done: list[tuple[TcAttachment, int | None, Path]] = []  # attachment, old program, pin
+    try:
+        with namespace.enter():
+            for device, ifindex in sorted(targets.items()):
+                for direction in ("ingress", "egress"):
+                    program = programs[direction]
+                    link_pin = pins / f"link_{device}_{direction}"
+                    if link_pin.exists():
+                        link = TcAttachment(ifindex, direction, "tcx", get_pinned(str(link_pin)))
+                        old = get_pinned(str(pins / f"prog_{direction}"))
+                        link.replace(program.fd, program.name)
+                        done.append((link, old, link_pin))
+                    else:
+                        link = attach_tc(program.fd, ifindex, direction, mode="tcx")
+                        pins.mkdir(parents=True, exist_ok=True)
+                        pin(link.link_fd, str(link_pin))
+                        done.append((link, None, link_pin))
+    except BaseException:
+        for link, old, link_pin in reversed(done):
+            try:
+                if old is None:
+                    link.detach()
+                    link_pin.unlink(missing_ok=True)
+                else:
+                    link.replace(old)
+            except BpfError:
+                pass
+        raise
+    finally:
+        for link, old, _ in done:
+            link.close()
+            if old is not None:
+                close(old)
+
+
+def _replace_pin(path: Path, fd: int) -> None:
+    temporary = path.with_name(f"new_{path.name}")  # bpffs refuses names with dots
+    temporary.unlink(missing_ok=True)
+    pin(fd, str(temporary))
+    os.replace(temporary, path)
+
+
+def _write_state(
+    netns: str,
+    rules_text: str,
+    filename: str,
+    targets: dict[str, int],
+    fastpath: bool,
+    layout: CounterLayout,
+) -> None:
+    STATE_ROOT.mkdir(parents=True, exist_ok=True)
+    state = {
+        "netns": netns,
+        "rules": rules_text,
+        "file": filename,
+        "devices": sorted(targets),
+        "fastpath": fastpath,
+    }
+    temporary = _state_file(netns).with_suffix(".tmp")
+    temporary.write_text(json.dumps(state, indent=1))
+    os.replace(temporary, _state_file(netns))
+
+
+def current(netns: str) -> tuple[Ruleset, dict[Position, tuple[int, int]]]:
+    """The applied rule set of `netns` with its live counters folded in."""
+    state = read_state(netns)
+    if state is None:
+        raise LifecycleError(f"no rule set is applied in namespace {netns}")
+    ruleset = parse(state["rules"], state["file"])
+    layout = CounterLayout.of(ruleset)
+    try:
+        fd = get_pinned(str(_pin_dir(netns) / "counters"))
+    except BpfError as error:
+        raise LifecycleError(f"the counters of namespace {netns} are gone: {error}") from None
+    with CounterMap(layout, fd=fd) as counters:
+        values = counters.read()
+    for position, (packets, bytes_) in values.items():
+        chain, index = position
+        if chain not in ruleset.chains:
+            continue
+        target = ruleset.chains[chain]
+        if index == "policy":
+            target.packets, target.bytes = packets, bytes_
+        else:
+            rule = target.rules[index - 1]
+            rule.packets, rule.bytes = packets, bytes_
+    return ruleset, values
+
+
+def save(netns: str, counters: bool) -> str:
+    ruleset, _ = current(netns)
+    return write(ruleset, counters=counters)
+
+
+def flush(netns: str) -> list[str]:
+    """Detach every program of `netns` and remove its pins and state; returns what was removed."""
+    pins = _pin_dir(netns)
+    removed: list[str] = []
+    if pins.is_dir():
+        for entry in sorted(pins.iterdir()):
+            if entry.name.startswith("link_"):
+                try:
+                    fd = get_pinned(str(entry))
+                except BpfError:
+                    fd = -1
+                if fd >= 0:
+                    TcAttachment(0, "ingress", "tcx", fd).detach()
+            entry.unlink()
+            removed.append(entry.name)
+        pins.rmdir()
+    _state_file(netns).unlink(missing_ok=True)
+    if not removed and read_state(netns) is None:
+        raise LifecycleError(f"nothing is applied in namespace {netns}")
+    return removed
