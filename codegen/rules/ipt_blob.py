@@ -30,6 +30,7 @@ import os
 import socket
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from codegen.rules.model import (
     Accept,
@@ -392,14 +393,21 @@ MATCH_STRUCTS: dict[tuple[str, int], type[ctypes.Structure]] = {
     ("comment", 0): XtCommentInfo,
 }
 _SUPPORTED_MATCHES = ", ".join(f"{name} (revision {rev})" for name, rev in MATCH_STRUCTS)
-_PKT_TYPE_NAMES = {number: name for name, number in PKT_TYPES.items()}
-_MULTIPORT_FLAGS = {
+PacketType = Literal["unicast", "broadcast", "multicast", "otherhost"]
+_PKT_TYPE_NAMES: dict[int, PacketType] = {
+    0: "unicast",
+    1: "broadcast",
+    2: "multicast",
+    3: "otherhost",
+}
+assert {name: number for number, name in _PKT_TYPE_NAMES.items()} == PKT_TYPES
+_MULTIPORT_FLAGS: dict[Literal["src", "dst", "any"], int] = {
     "src": XT_MULTIPORT_SOURCE,
     "dst": XT_MULTIPORT_DESTINATION,
     "any": XT_MULTIPORT_EITHER,
 }
 _MULTIPORT_DIRECTIONS = {flag: direction for direction, flag in _MULTIPORT_FLAGS.items()}
-_TTL_MODES = {
+_TTL_MODES: dict[tuple[Literal["eq", "lt", "gt"], bool], int] = {
     ("eq", False): IPT_TTL_EQ,
     ("eq", True): IPT_TTL_NE,
     ("lt", False): IPT_TTL_LT,
@@ -577,16 +585,30 @@ def _entry(ip: IptIp, matches: bytes, target: bytes, counters: tuple[int, int]) 
 
 
 @dataclass(slots=True)
-class _Layout:
-    """Where every chain and rule lands: libiptc's first compile pass."""
+class _PlacedRule:
+    rule: Rule
+    ip: IptIp  # without the goto flag, which needs the layout
+    matches: bytes
+    offset: int = 0
 
-    chains: list[Chain]
-    head: dict[str, int]  # user chain -> offset of its ERROR entry
-    rules: dict[int, int]  # id(rule) -> offset
-    foot: dict[str, int]  # chain -> offset of its policy or RETURN entry
-    sizes: dict[int, int]  # id(rule) -> size
-    size: int
-    num_entries: int
+    @property
+    def size(self) -> int:
+        return ENTRY_SIZE + len(self.matches) + STANDARD_TARGET_SIZE
+
+
+@dataclass(slots=True)
+class _PlacedChain:
+    chain: Chain
+    rules: list[_PlacedRule]
+    head: int = 0  # offset of a user chain's ERROR entry
+    foot: int = 0  # offset of the policy (built-in) or RETURN (user) entry
+
+    @property
+    def entry(self) -> int:
+        """Where the hook or a jump enters: the first rule, or the foot when there is none."""
+        if not self.chain.builtin:
+            return self.head + CHAIN_START_SIZE
+        return self.rules[0].offset if self.rules else self.foot
 
 
 def _ordered_chains(ruleset: Ruleset) -> list[Chain]:
@@ -596,72 +618,63 @@ def _ordered_chains(ruleset: Ruleset) -> list[Chain]:
     return builtins + users
 
 
-def _rule_size(rule: Rule) -> int:
-    size = ENTRY_SIZE + STANDARD_TARGET_SIZE
-    for match in rule.matches:
-        if not isinstance(match, Address | Interface | Protocol | Fragment):
-            name, _, data = _encode_match_data(match)
-            size += MATCH_HEADER_SIZE + xt_align(ctypes.sizeof(data))
-    return size
-
-
-def _layout(ruleset: Ruleset) -> _Layout:
-    chains = _ordered_chains(ruleset)
-    layout = _Layout(chains, {}, {}, {}, {}, 0, 0)
+def _layout(ruleset: Ruleset) -> tuple[list[_PlacedChain], int, int]:
+    """Every chain and rule with its offset (libiptc's first compile pass), the size of the
+    entries and their number."""
+    placed: list[_PlacedChain] = []
     offset = count = 0
-    for chain in chains:
+    for chain in _ordered_chains(ruleset):
+        rules: list[_PlacedRule] = []
+        for rule in chain.rules:
+            ip, extensions = _encode_ip(rule)
+            matches = b"".join(
+                _extension(name, revision, bytes(data))
+                for name, revision, data in map(_encode_match_data, extensions)
+            )
+            rules.append(_PlacedRule(rule, ip, matches))
+        item = _PlacedChain(chain, rules)
         if not chain.builtin:
-            layout.head[chain.name] = offset
+            item.head = offset
             offset += CHAIN_START_SIZE
             count += 1
-        for rule in chain.rules:
-            layout.rules[id(rule)] = offset
-            layout.sizes[id(rule)] = _rule_size(rule)
-            offset += layout.sizes[id(rule)]
+        for placed_rule in rules:
+            placed_rule.offset = offset
+            offset += placed_rule.size
             count += 1
-        layout.foot[chain.name] = offset
+        item.foot = offset
         offset += CHAIN_FOOT_SIZE
         count += 1
-    layout.size = offset + CHAIN_ERROR_SIZE
-    layout.num_entries = count + 1
-    return layout
+        placed.append(item)
+    return placed, offset + CHAIN_ERROR_SIZE, count + 1
 
 
-def _verdict(rule: Rule, offset: int, size: int, layout: _Layout) -> tuple[int, int]:
-    """(verdict, extra ipt_ip flags) of the rule's standard target."""
-    target = rule.target
+def _verdict(placed: _PlacedRule, entries: dict[str, int]) -> tuple[int, int]:
+    """(verdict, extra ipt_ip flags) of a rule's standard target."""
+    target = placed.rule.target
     if target is None:
         # libiptc's IPTCC_R_FALLTHROUGH: continue with the next entry.
-        return offset + size, 0
+        return placed.offset + placed.size, 0
     if isinstance(target, Accept):
         return VERDICT_ACCEPT, 0
     if isinstance(target, Drop):
         return VERDICT_DROP, 0
     if isinstance(target, Return):
         return XT_RETURN, 0
-    destination = layout.head[target.chain] + CHAIN_START_SIZE
-    return destination, IPT_F_GOTO if isinstance(target, Goto) else 0
+    return entries[target.chain], IPT_F_GOTO if isinstance(target, Goto) else 0
 
 
-def _encode_rule(rule: Rule, offset: int, size: int, layout: _Layout) -> bytes:
-    ip, extensions = _encode_ip(rule)
-    matches = b"".join(
-        _extension(name, revision, bytes(data))
-        for name, revision, data in map(_encode_match_data, extensions)
-    )
-    verdict, flags = _verdict(rule, offset, size, layout)
-    ip.flags |= flags
-    return _entry(ip, matches, _standard_target(verdict), (rule.packets, rule.bytes))
-
-
-def _encode_entries(ruleset: Ruleset, layout: _Layout) -> bytes:
+def _encode_entries(placed: list[_PlacedChain]) -> bytes:
+    entries = {item.chain.name: item.entry for item in placed}
     parts: list[bytes] = []
-    for chain in layout.chains:
+    for item in placed:
+        chain = item.chain
         if not chain.builtin:
             parts.append(_entry(IptIp(), b"", _error_target(chain.name), (0, 0)))
-        for rule in chain.rules:
-            offset, size = layout.rules[id(rule)], layout.sizes[id(rule)]
-            parts.append(_encode_rule(rule, offset, size, layout))
+        for rule in item.rules:
+            verdict, flags = _verdict(rule, entries)
+            rule.ip.flags |= flags
+            counters = (rule.rule.packets, rule.rule.bytes)
+            parts.append(_entry(rule.ip, rule.matches, _standard_target(verdict), counters))
         if chain.builtin:
             verdict = VERDICT_ACCEPT if chain.policy == "ACCEPT" else VERDICT_DROP
             foot = (chain.packets, chain.bytes)
@@ -669,9 +682,7 @@ def _encode_entries(ruleset: Ruleset, layout: _Layout) -> bytes:
             verdict, foot = XT_RETURN, (0, 0)
         parts.append(_entry(IptIp(), b"", _standard_target(verdict), foot))
     parts.append(_entry(IptIp(), b"", _error_target(ERROR_TARGET), (0, 0)))
-    entries = b"".join(parts)
-    assert len(entries) == layout.size
-    return entries
+    return b"".join(parts)
 
 
 def encode_counters(ruleset: Ruleset) -> list[tuple[int, int]]:
@@ -687,33 +698,25 @@ def encode_counters(ruleset: Ruleset) -> list[tuple[int, int]]:
     return counters
 
 
-def _replace_header(layout: _Layout, num_counters: int, counters_address: int) -> IptReplace:
-    header = IptReplace(name=TABLE_NAME.encode(), valid_hooks=FILTER_VALID_HOOKS)
-    header.num_entries = layout.num_entries
-    header.size = layout.size
-    for hook, name in HOOKS:
-        chain = next(c for c in layout.chains if c.name == name)
-        # The hook enters at the chain's first rule, or at its policy when it has none.
-        header.hook_entry[hook] = (
-            layout.rules[id(chain.rules[0])] if chain.rules else layout.foot[name]
-        )
-        header.underflow[hook] = layout.foot[name]
-    header.num_counters = num_counters
-    header.counters = counters_address
-    return header
-
-
-def encode_table(ruleset: Ruleset, num_counters: int = 0, counters_address: int = 0) -> bytes:
+def encode_table(ruleset: Ruleset) -> bytes:
     """The struct ipt_replace (header then entries) for `ruleset`, byte for byte what
     `iptables-legacy-restore -c` hands the kernel, except `num_counters` and the `counters`
-    pointer, which only the kernel call needs (write_table fills them in).
+    pointer (zero here), which only the kernel call needs.
 
     Raises RuleError (from the model's `validate`) for a rule set iptables would refuse and
     BlobError for one the kernel's fields cannot hold."""
     validate(ruleset)
-    layout = _layout(ruleset)
-    header = _replace_header(layout, num_counters, counters_address)
-    return bytes(header) + _encode_entries(ruleset, layout)
+    placed, size, num_entries = _layout(ruleset)
+    header = IptReplace(name=TABLE_NAME.encode(), valid_hooks=FILTER_VALID_HOOKS)
+    header.num_entries = num_entries
+    header.size = size
+    by_name = {item.chain.name: item for item in placed}
+    for hook, name in HOOKS:
+        header.hook_entry[hook] = by_name[name].entry
+        header.underflow[hook] = by_name[name].foot
+    entries = _encode_entries(placed)
+    assert len(entries) == size
+    return bytes(header) + entries
 
 
 # ---------------------------------------------------------------------------------------------
@@ -815,11 +818,23 @@ def _field_bytes(struct: ctypes.Structure, name: str) -> bytes:
     return bytes(struct)[descriptor.offset : descriptor.offset + descriptor.size]
 
 
-def _interface(direction: str, name: bytes, mask: bytes, negated: bool) -> Interface | None:
+_ADDRESS_FIELDS: tuple[tuple[Literal["src", "dst"], str, str, int], ...] = (
+    ("src", "src", "smsk", IPT_INV_SRCIP),
+    ("dst", "dst", "dmsk", IPT_INV_DSTIP),
+)
+_INTERFACE_FIELDS: tuple[tuple[Literal["in", "out"], str, int], ...] = (
+    ("in", "iniface", IPT_INV_VIA_IN),
+    ("out", "outiface", IPT_INV_VIA_OUT),
+)
+
+
+def _interface(
+    direction: Literal["in", "out"], name: bytes, mask: bytes, negated: bool
+) -> Interface | None:
     if mask[0] == 0:
         # An empty mask matches every device: only its negation is worth keeping (it never
         # matches), which the parser writes as `! -i +`.
-        return Interface(direction, "+", True) if negated else None  # type: ignore[arg-type]
+        return Interface(direction, "+", True) if negated else None
     # iptables-save's print_iface: the name under the mask, and `+` when the mask stops
     # before the name's NUL.
     text = bytearray()
@@ -831,7 +846,7 @@ def _interface(direction: str, name: bytes, mask: bytes, negated: bool) -> Inter
             if name[index - 1]:
                 text.extend(b"+")
             break
-    return Interface(direction, text.decode("utf-8", "surrogateescape"), negated)  # type: ignore[arg-type]
+    return Interface(direction, text.decode("utf-8", "surrogateescape"), negated)
 
 
 def _decode_ip(entry: _Entry) -> list[Match]:
@@ -844,21 +859,14 @@ def _decode_ip(entry: _Entry) -> list[Match]:
         raise BlobError("the TOS inversion flag is set, which iptables never does", entry.offset)
     inv = ip.invflags
     matches: list[Match] = []
-    for direction, address, mask, flag in (
-        ("src", ip.src, ip.smsk, IPT_INV_SRCIP),
-        ("dst", ip.dst, ip.dmsk, IPT_INV_DSTIP),
-    ):
-        mask_value = int.from_bytes(bytes(mask), "big")
-        if mask_value or inv & flag:
-            address_value = int.from_bytes(bytes(address), "big")
-            matches.append(Address(direction, address_value, mask_value, bool(inv & flag)))  # type: ignore[arg-type]
-    for direction, field, flag in (
-        ("in", "iniface", IPT_INV_VIA_IN),
-        ("out", "outiface", IPT_INV_VIA_OUT),
-    ):
+    for side, address_field, mask_field, flag in _ADDRESS_FIELDS:
+        mask = int.from_bytes(_field_bytes(ip, mask_field), "big")
+        if mask or inv & flag:
+            address = int.from_bytes(_field_bytes(ip, address_field), "big")
+            matches.append(Address(side, address, mask, bool(inv & flag)))
+    for direction, field, flag in _INTERFACE_FIELDS:
         name = _field_bytes(ip, field)
-        mask = _field_bytes(ip, f"{field}_mask")
-        interface = _interface(direction, name, mask, bool(inv & flag))
+        interface = _interface(direction, name, _field_bytes(ip, f"{field}_mask"), bool(inv & flag))
         if interface is not None:
             matches.append(interface)
     if ip.proto or inv & IPT_INV_PROTO:
@@ -933,7 +941,7 @@ def _decode_match(extension: _Extension, entry: int) -> Match:
         found = _TTL_OPS.get(info.mode)
         if found is None:
             raise BlobError(f"ttl match: unknown mode {info.mode}", entry)
-        return Ttl(found[0], info.ttl, found[1])  # type: ignore[arg-type]
+        return Ttl(found[0], info.ttl, found[1])
     if isinstance(info, XtPkttypeInfo):
         name = _PKT_TYPE_NAMES.get(info.pkttype)
         if name is None:
@@ -942,7 +950,7 @@ def _decode_match(extension: _Extension, entry: int) -> Match:
                 " unicast, broadcast, multicast, otherhost",
                 entry,
             )
-        return PktType(name, bool(info.invert))  # type: ignore[arg-type]
+        return PktType(name, bool(info.invert))
     if isinstance(info, XtMarkMtinfo1):
         return Mark(info.mark, info.mask, bool(info.invert))
     assert isinstance(info, XtCommentInfo)
@@ -965,17 +973,17 @@ def _decode_multiport(info: XtMultiportV1, entry: int) -> Multiport:
         else:
             ports.append((info.ports[slot], info.ports[slot]))
             slot += 1
-    return Multiport(direction, tuple(ports), bool(info.invert))  # type: ignore[arg-type]
+    return Multiport(direction, tuple(ports), bool(info.invert))
 
 
-def _decode_target(entry: _Entry, chain_starts: dict[int, str], where: str) -> Target | None:
+def _decode_target(entry: _Entry, chain_starts: dict[int, str]) -> Target | None:
     target = entry.target
     if target.name == ERROR_TARGET:
-        raise BlobError(f"{where}: an ERROR entry in the middle of a chain", entry.offset)
+        raise BlobError("an ERROR entry in the middle of a chain", entry.offset)
     verdict = _verdict_of(entry)
     if verdict is None:
         raise BlobError(
-            f"{where}: target '{target.name}' is not supported"
+            f"target '{target.name}' is not supported"
             " (supported: ACCEPT, DROP, RETURN, jumps and gotos to user chains)",
             entry.offset,
         )
@@ -984,16 +992,16 @@ def _decode_target(entry: _Entry, chain_starts: dict[int, str], where: str) -> T
         found = _VERDICTS.get(verdict)
         if found is None:
             name = "QUEUE" if verdict == VERDICT_QUEUE else f"verdict {verdict}"
-            raise BlobError(f"{where}: {name} is not supported", entry.offset)
+            raise BlobError(f"{name} is not supported", entry.offset)
         if goto:
-            raise BlobError(f"{where}: goto flag on a {type(found).__name__} verdict", entry.offset)
+            raise BlobError(f"goto flag on a {type(found).__name__} verdict", entry.offset)
         return found
     if verdict == entry.end and not goto:
         return None
     chain = chain_starts.get(verdict)
     if chain is None:
         raise BlobError(
-            f"{where}: jumps to offset {verdict}, which is not the start of a user chain",
+            f"jumps to offset {verdict}, which is not the start of a user chain",
             entry.offset,
         )
     return Goto(chain) if goto else Jump(chain)
@@ -1049,12 +1057,14 @@ def decode_entries(
     # First pass: user chains, so that jumps forward and backward resolve alike.
     chain_starts: dict[int, str] = {}
     user_names: list[tuple[int, str]] = []
+    seen_names: set[str] = set()
     for entry in parsed[:-1]:
         if entry.target.name == ERROR_TARGET:
             name = _error_name(entry)
-            if name in BUILTIN_CHAINS or any(name == other for _, other in user_names):
+            if name in BUILTIN_CHAINS or name in seen_names:
                 raise BlobError(f"chain name '{name}' appears twice", entry.offset)
             user_names.append((entry.offset, name))
+            seen_names.add(name)
             chain_starts[entry.end] = name
 
     ruleset = Ruleset()
@@ -1093,10 +1103,13 @@ def decode_entries(
                 )
             current = None
             continue
-        where = f"chain {current.name} rule {len(current.rules) + 1}"
-        matches = _decode_ip(entry)
-        matches.extend(_decode_match(match, entry.offset) for match in entry.matches)
-        target = _decode_target(entry, chain_starts, where)
+        try:
+            matches = _decode_ip(entry)
+            matches.extend(_decode_match(match, entry.offset) for match in entry.matches)
+            target = _decode_target(entry, chain_starts)
+        except BlobError as error:
+            where = f"chain {current.name} rule {len(current.rules) + 1}"
+            raise BlobError(f"{where}: {error.message}", entry.offset) from None
         counters = entry.entry.counters
         current.rules.append(Rule(tuple(matches), target, counters.pcnt, counters.bcnt))
     if current is not None:
@@ -1237,7 +1250,8 @@ def write_table(ruleset: Ruleset, sock: socket.socket | None = None) -> None:
     `ruleset`, then set every rule's and policy's counters from the model, as
     `iptables-legacy-restore -c` does. Raises RuleError for a rule set iptables would refuse,
     BlobError when the kernel refuses."""
-    layout_check = encode_table(ruleset)  # validates before touching the kernel
+    # Encode first: a rule set we refuse never reaches the kernel.
+    blob = bytearray(encode_table(ruleset))
     own = sock is None
     sock = _open_socket() if sock is None else sock
     try:
@@ -1245,9 +1259,10 @@ def write_table(ruleset: Ruleset, sock: socket.socket | None = None) -> None:
         # The kernel hands back the old table's counters here; libiptc uses them to carry
         # counters over, we only need room for them.
         old_counters = (XtCounters * max(old.num_entries, 1))()
-        blob = encode_table(ruleset, old.num_entries, ctypes.addressof(old_counters))
-        assert len(blob) == len(layout_check)
-        buffer = ctypes.create_string_buffer(blob, len(blob))
+        header = IptReplace.from_buffer(blob)
+        header.num_counters = old.num_entries
+        header.counters = ctypes.addressof(old_counters)
+        buffer = (ctypes.c_char * len(blob)).from_buffer(blob)
         if _setsockopt(sock.fileno(), SOL_IP, IPT_SO_SET_REPLACE, buffer, len(blob)) != 0:
             raise kernel_error(
                 "replacing the filter table (IPT_SO_SET_REPLACE)", ctypes.get_errno()
@@ -1256,8 +1271,10 @@ def write_table(ruleset: Ruleset, sock: socket.socket | None = None) -> None:
         info = XtCountersInfo(name=TABLE_NAME.encode(), num_counters=len(counters))
         values = (XtCounters * len(counters))(*counters)
         payload = bytes(info) + bytes(values)
-        buffer = ctypes.create_string_buffer(payload, len(payload))
-        if _setsockopt(sock.fileno(), SOL_IP, IPT_SO_SET_ADD_COUNTERS, buffer, len(payload)):
+        counters_buffer = ctypes.create_string_buffer(payload, len(payload))
+        if _setsockopt(
+            sock.fileno(), SOL_IP, IPT_SO_SET_ADD_COUNTERS, counters_buffer, len(payload)
+        ):
             raise kernel_error(
                 "setting the filter table's counters (IPT_SO_SET_ADD_COUNTERS)", ctypes.get_errno()
             )
