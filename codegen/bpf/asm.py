@@ -28,7 +28,12 @@ class Label:
 
 @dataclass(frozen=True)
 class Subprogram(Label):
-    pass
+    """Starts a function. A global one is verified once, on its own, for any caller; it takes
+    arguments described for the verifier ("ctx", "scalar", or a pointer to that many bytes)
+    and returns a scalar. A static one (the default) is verified at every call."""
+
+    linkage: str = "static"
+    arguments: tuple[str | int, ...] = ()
 
 
 Item = Insn | Label
@@ -53,6 +58,8 @@ class Function:
     name: str
     start: int  # first slot
     end: int  # one past the last slot
+    linkage: str = "static"
+    arguments: tuple[str | int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -112,6 +119,7 @@ def assemble(items: Iterable[Item]) -> Assembly:
     slots: list[int] = []
     labels: dict[str, int] = {}
     starts: list[tuple[str, int]] = [("main", 0)]
+    markers: dict[str, Subprogram] = {}
     slot = 0
     for item in items:
         if isinstance(item, Label):
@@ -119,6 +127,7 @@ def assemble(items: Iterable[Item]) -> Assembly:
                 raise AssemblyError(f"label {item.name!r} is defined twice")
             labels[item.name] = slot
             if isinstance(item, Subprogram):
+                markers[item.name] = item
                 if slot == 0:
                     starts[0] = (item.name, 0)
                 else:
@@ -136,7 +145,14 @@ def assemble(items: Iterable[Item]) -> Assembly:
             raise AssemblyError(f"subprogram {name!r} has no instructions")
     bounds = [s for _, s in starts] + [slot]
     functions = tuple(
-        Function(name, start, bounds[i + 1]) for i, (name, start) in enumerate(starts)
+        Function(
+            name,
+            start,
+            bounds[i + 1],
+            markers[name].linkage if name in markers else "static",
+            markers[name].arguments if name in markers else ("ctx",),
+        )
+        for i, (name, start) in enumerate(starts)
     )
     subprogram_starts = {start for _, start in starts}
 

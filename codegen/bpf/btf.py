@@ -102,3 +102,111 @@ def vmlinux() -> Btf:
         raise BtfError(
             f"{VMLINUX} is missing: the kernel was built without CONFIG_DEBUG_INFO_BTF"
         ) from None
+
+
+# Building BTF for our own programs -----------------------------------------------------------
+#
+# Global functions (verified once, on their own, whatever calls them) need the program to carry
+# BTF: a FUNC and FUNC_PROTO for every function, and func_info mapping each function's first
+# instruction to its FUNC. Arguments are described just enough for the verifier: the context,
+# a scalar, or a pointer to a block of memory of known size.
+
+KIND_PTR, KIND_STRUCT, KIND_FUNC_PROTO = 2, 4, 13
+LINKAGE_STATIC, LINKAGE_GLOBAL = 0, 1
+Argument = str | int  # "ctx", "scalar", or the size in bytes of the memory a pointer points to
+
+
+class BtfBuilder:
+    def __init__(self) -> None:
+        self._types: list[bytes] = []
+        self._strings = bytearray(b"\0")
+        self._string_offsets: dict[str, int] = {"": 0}
+        self._cache: dict[tuple, int] = {}
+        self.int_id = self._add(
+            ("int",), self._type("int", 1, 0, 4, struct.pack("<I", 32 | 1 << 24))
+        )
+
+    def _string(self, text: str) -> int:
+        if text not in self._string_offsets:
+            self._string_offsets[text] = len(self._strings)
+            self._strings += text.encode() + b"\0"
+        return self._string_offsets[text]
+
+    def _type(
+        self,
+        name: str,
+        kind: int,
+        vlen: int,
+        size_or_type: int,
+        extra: bytes = b"",
+        kind_flag: int = 0,
+    ) -> bytes:
+        info = (kind_flag << 31) | (kind << 24) | vlen
+        return struct.pack("<III", self._string(name), info, size_or_type) + extra
+
+    def _add(self, key: tuple, encoded: bytes) -> int:
+        if key not in self._cache:
+            self._types.append(encoded)
+            self._cache[key] = len(self._types)
+        return self._cache[key]
+
+    def _argument_type(self, argument: Argument) -> int:
+        if argument == "scalar":
+            return self.int_id
+        if argument == "ctx":
+            target = self._add(("ctx",), self._type("__sk_buff", KIND_STRUCT, 0, 192))
+        else:
+            size = int(argument)
+            target = self._add(("mem", size), self._type(f"block{size}", KIND_STRUCT, 0, size))
+        return self._add(("ptr", target), self._type("", KIND_PTR, 0, target))
+
+    def function(self, name: str, arguments: tuple[Argument, ...], linkage: int) -> int:
+        params = b"".join(
+            struct.pack("<II", self._string(f"arg{i}"), self._argument_type(argument))
+            for i, argument in enumerate(arguments)
+        )
+        proto = self._add(
+            ("proto", arguments),
+            self._type("", KIND_FUNC_PROTO, len(arguments), self.int_id, params),
+        )
+        # A FUNC's vlen holds its linkage.
+        return self._add(("func", name), self._type(name, KIND_FUNC, linkage, proto))
+
+    def encode(self) -> bytes:
+        types = b"".join(self._types)
+        header = struct.pack(
+            "<HBBIIIII", _MAGIC, 1, 0, 24, 0, len(types), len(types), len(self._strings)
+        )
+        return header + types + bytes(self._strings)
+
+
+def load_btf(blob: bytes) -> int:
+    """BPF_BTF_LOAD: the fd of our BTF, or BtfError with the kernel's complaint."""
+    import ctypes
+
+    from .syscall import BpfError, Command, bpf, pointer
+
+    class _Attr(ctypes.Structure):
+        _fields_ = [
+            ("btf", ctypes.c_uint64),
+            ("btf_log_buf", ctypes.c_uint64),
+            ("btf_size", ctypes.c_uint32),
+            ("btf_log_size", ctypes.c_uint32),
+            ("btf_log_level", ctypes.c_uint32),
+            ("btf_log_true_size", ctypes.c_uint32),
+        ]
+
+    data = ctypes.create_string_buffer(blob, len(blob))
+    log = ctypes.create_string_buffer(1 << 16)
+    attr = _Attr(
+        btf=pointer(data),
+        btf_log_buf=pointer(log),
+        btf_size=len(blob),
+        btf_log_size=len(log),
+        btf_log_level=1,
+    )
+    try:
+        return bpf(Command.BTF_LOAD, attr, "loading the program's BTF")
+    except BpfError as error:
+        message = log.value.decode(errors="replace").strip().splitlines()
+        raise BtfError(f"the kernel refused our BTF: {message[-1] if message else error}") from None

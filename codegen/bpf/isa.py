@@ -160,6 +160,7 @@ class Command(IntEnum):
     PROG_TEST_RUN = 10
     PROG_GET_FD_BY_ID = 13
     OBJ_GET_INFO_BY_FD = 15
+    BTF_LOAD = 18
     LINK_CREATE = 28
     LINK_UPDATE = 29
     LINK_DETACH = 34

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import re
+import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -161,6 +162,7 @@ def load(
     code = b"".join(insn.encode() for insn in assembly.link(fds, kfunc_id))
     buffer = ctypes.create_string_buffer(code, len(code))
     licence = ctypes.create_string_buffer(license.encode())
+    btf_fd, func_info = _function_info(assembly)
 
     def attempt(level: int, log_size: int) -> tuple[int, str, int]:
         log = ctypes.create_string_buffer(log_size)
@@ -174,6 +176,11 @@ def load(
             log_buf=pointer(log),
             prog_name=name.encode(),
         )
+        if btf_fd >= 0:
+            attr.prog_btf_fd = btf_fd
+            attr.func_info_rec_size = 8
+            attr.func_info = pointer(func_info)
+            attr.func_info_cnt = len(assembly.functions)
         try:
             fd = bpf(Command.PROG_LOAD, attr, f"loading program {name!r}")
         except BpfError as error:
@@ -181,11 +188,47 @@ def load(
             return -(error.errno or 1), text, attr.log_true_size
         return fd, log.value.decode(errors="replace"), attr.log_true_size
 
-    fd, text, _ = attempt(log_level, 4096 if log_level == LOG_LEVEL_STATS else 1 << 24)
-    if fd >= 0:
-        return LoadedProgram(fd, name, prog_type, assembly, VerifierStats.from_log(text), text, fds)
-    failure = -fd
-    if failure not in (errno.EACCES, errno.EINVAL, errno.E2BIG, errno.ENOSPC):
+    try:
+        size = 1 << 16 if log_level == LOG_LEVEL_STATS else 1 << 24
+        fd, text, true_size = attempt(log_level, size)
+        if fd == -errno.ENOSPC:
+            # Accepted, but the log did not fit (a long program logs a line per function).
+            fd, text, _ = attempt(log_level, max(true_size + 1, size * 4))
+        if fd >= 0:
+            stats = VerifierStats.from_log(text)
+            return LoadedProgram(fd, name, prog_type, assembly, stats, text, fds)
+        _raise_refusal(-fd, name, assembly, attempt)
+    finally:
+        close(btf_fd)
+    raise AssertionError("unreachable")
+
+
+def _function_info(assembly: Assembly) -> tuple[int, ctypes.Array | None]:
+    """BTF and func_info for programs with global functions; (-1, None) for the others."""
+    if all(function.linkage == "static" for function in assembly.functions[1:]):
+        return -1, None
+    builder = btf_module.BtfBuilder()
+    records = b""
+    for index, function in enumerate(assembly.functions):
+        linkage = (
+            btf_module.LINKAGE_GLOBAL
+            if index == 0 or function.linkage == "global"
+            else (btf_module.LINKAGE_STATIC)
+        )
+        type_id = builder.function(_btf_name(function.name), function.arguments, linkage)
+        records += struct.pack("<II", function.start, type_id)
+    fd = btf_module.load_btf(builder.encode())
+    return fd, ctypes.create_string_buffer(records, len(records))
+
+
+def _btf_name(name: str) -> str:
+    """Function names as BTF accepts them (C identifiers)."""
+    cleaned = re.sub(r"[^A-Za-z0-9_]", "_", name)
+    return cleaned if cleaned[:1].isalpha() or cleaned[:1] == "_" else f"f_{cleaned}"
+
+
+def _raise_refusal(failure: int, name: str, assembly: Assembly, attempt) -> None:
+    if failure not in (errno.EACCES, errno.EINVAL, errno.E2BIG, errno.ENOSPC, errno.EFAULT):
         raise error_for(failure, f"loading program {name!r}")
     # Refused: ask again for the whole log, growing the buffer until it fits.
     size = FAILURE_LOG_SIZE

@@ -11,13 +11,16 @@ Three program shapes, all SCHED_CLS in direct-action mode:
   context's ingress_ifindex, out-interface from cb[0], packet type from cb[2]; the deciding
   counter slot comes back in cb[1].
 
-Chains: built-in chains are inline in the entry function; every user chain reachable from it is
-one BPF-to-BPF subprogram, called from each `-j`/`-g` rule. A subprogram returns CONTINUE (it
-returned or fell off its end), ACCEPT or DROP, which gives jump and goto their iptables meaning
-with no stack of our own: a jump continues after the rule on CONTINUE; a goto passes its callee's
-answer up, so a RETURN after a goto resumes in the chain that jumped to the goto's chain. The
-cost is the call depth: 8 frames in all, one for the entry and one for the counter update, so
-user chains may nest 6 deep.
+Chains: a built-in chain of up to CHUNK_RULES rules is inline in the entry function; a longer
+one is cut into chunk functions the entry calls in turn. Every user chain reachable from the
+hook is a global BPF-to-BPF function (chunked in the same way if long), called from each `-j` and
+`-g` rule. Global functions are verified once each, on their own, so verification grows with the
+rule count rather than with the number of paths, and no function's pending branches approach the
+verifier's limit of 8,192. A chain function answers CONTINUE (it returned or fell off its end),
+ACCEPT or DROP; that gives jump and goto their iptables meaning without a stack of our own: a
+jump continues after its rule on CONTINUE; a goto passes its callee's answer up, so a RETURN
+after a goto resumes in the chain that jumped to the goto's chain. The cost is call depth: BPF
+allows 8 frames, which `user_chains_called` checks (nesting of about 6 user chains).
 """
 
 from __future__ import annotations
@@ -65,7 +68,12 @@ from .layout import (
 )
 
 Hook = Literal["ingress", "egress", "chain"]
-MAX_USER_CHAIN_DEPTH = 6
+MAX_FRAMES = 8  # MAX_CALL_FRAMES in the kernel
+# Rules per function: a function's pending branch states stay far below the verifier's 8,192
+# (BPF_COMPLEXITY_LIMIT_JMP_SEQ) whatever the rules hold, and each chunk, being a global
+# function, is verified once on its own.
+CHUNK_RULES = 256
+RETURNED = 3  # a chunk's answer when its chain returns (RETURN, or a goto that came back)
 COUNTERS_MAP, LOCAL_MAP = "counters", "local_addresses"
 ETH_HLEN, ETH_P_IP_BE = 14, 0x0008
 PACKET_HOST, PACKET_OTHERHOST = 0, 3
@@ -125,28 +133,38 @@ def compile_program(
     return CompiledProgram(name[:15], hook, builtins, items, emitter.layout, maps, emitter.notes)
 
 
-def user_chains_called(ruleset: Ruleset, roots: tuple[str, ...]) -> list[str]:
-    """User chains reachable from `roots`, in rule-set order, checking the nesting depth."""
-    depth: dict[str, int] = {}
+def _chunks(chain: Chain) -> int:
+    return max(1, -(-len(chain.rules) // CHUNK_RULES))
 
-    def visit(name: str, level: int, path: tuple[str, ...]) -> None:
-        for rule in ruleset.chains[name].rules:
+
+def user_chains_called(ruleset: Ruleset, roots: tuple[str, ...]) -> list[str]:
+    """User chains reachable from `roots`, in rule-set order, checking that the deepest path of
+    calls fits in BPF's 8 call frames: the entry function, a chunk function for a built-in
+    chain too long to be inline, one function per user chain (two if it is chunked), and the
+    counter update at the end."""
+    reached: set[str] = set()
+
+    def frames(name: str, path: tuple[str, ...]) -> int:
+        chain = ruleset.chains[name]
+        own = 1 if _chunks(chain) == 1 else 2
+        deepest = 1  # the counter update
+        for rule in chain.rules:
             if isinstance(rule.target, Jump | Goto):
                 callee = rule.target.chain
-                if level + 1 > MAX_USER_CHAIN_DEPTH:
-                    chain_path = " -> ".join((*path, callee))
+                reached.add(callee)
+                needed = frames(callee, (*path, callee))
+                if needed + own > MAX_FRAMES:
                     raise CompileError(
-                        f"{_where(rule)}user chains nest {level + 1} deep ({chain_path}); BPF "
-                        f"allows {MAX_USER_CHAIN_DEPTH} (8 call frames, less entry and counter "
-                        "update)"
+                        f"{_where(rule)}the chain path {' -> '.join((*path, callee))} needs "
+                        f"more than the {MAX_FRAMES} nested calls BPF allows; flatten the chains "
+                        "or shorten them"
                     )
-                if depth.get(callee, -1) < level + 1:
-                    depth[callee] = level + 1
-                    visit(callee, level + 1, (*path, callee))
+                deepest = max(deepest, needed)
+        return own + deepest
 
     for root in roots:
-        visit(root, 0, (root,))
-    return [name for name in ruleset.chains if name in depth]
+        frames(root, (root,))
+    return [name for name in ruleset.chains if name in reached]
 
 
 def _where(rule: Rule) -> str:
@@ -168,6 +186,7 @@ class _Emitter:
         self.hook = hook
         self.fastpath = fastpath
         self.notes: list[RuleNote] = []
+        self.pending: list[list[Item]] = []  # chunk functions, placed after the chains
         self._labels = itertools.count()
 
     def label(self, hint: str) -> str:
@@ -186,14 +205,18 @@ class _Emitter:
                 I.exit_(),
                 Label("local_output"),
             ]
-        code += self.parse()
+        # The tails come right after the parser, before the chains: conditional jumps (16-bit
+        # offsets) to `not_handled` stay short however many rules follow, and verdicts reach
+        # the tails with unconditional jumps, which may be far.
+        code += [*self.parse(), I.ja("classify"), *self.tails(), Label("classify")]
         if self.hook == "ingress":
             code += self.ingress(builtins)
         else:
             code += self.builtin_chain(builtins[0], "accept")
-        code += self.tails()
         for name in user_chains_called(self.ruleset, builtins):
             code += self.user_chain(self.ruleset.chains[name])
+        for function in self.pending:
+            code += function
         code += self.count_subprogram()
         return code
 
@@ -306,10 +329,14 @@ class _Emitter:
             I.mov64(R2, R10),
             I.alu64(AluOp.ADD, R2, SCRATCH_OFFSET),
             I.call("map_lookup_elem"),
-            I.jmp(JmpOp.JNE, R0, 0, "input"),
+            I.jmp(JmpOp.JEQ, R0, 0, "not_local"),
+            I.ja("input"),  # far: past FORWARD
+            Label("not_local"),
             I.ldx(Size.W, R1, FACTS, Facts.DADDR.offset),
             I.alu32(AluOp.RSH, R1, 28),
-            I.jmp32(JmpOp.JEQ, R1, 0xE, "input"),  # multicast is delivered locally
+            I.jmp32(JmpOp.JNE, R1, 0xE, "unicast"),
+            I.ja("input"),  # multicast is delivered locally
+            Label("unicast"),
             # Otherwise ask the FIB whether the kernel would forward it.
             *[I.st(Size.DW, R10, params + 8 * i, 0) for i in range(8)],
             I.st(Size.B, R10, params, AF_INET),
@@ -415,7 +442,19 @@ class _Emitter:
     def builtin_chain(self, name: str, accept: str) -> list[Item]:
         chain = self.ruleset.chains[name]
         policy = f"policy_{name}"
-        code = self.rules(chain, _InlineTargets(accept, policy))
+        if _chunks(chain) == 1:
+            code = self.rules(chain, _InlineTargets(accept, policy), 1, len(chain.rules))
+        else:
+            code = []
+            for function in self.chunk_functions(chain):
+                after = self.label("after_chunk")
+                code += [
+                    I.mov64(R1, FACTS),
+                    I.call_local(function),
+                    I.jmp(JmpOp.JEQ, R0, CONTINUE, after),
+                    *_InlineTargets(accept, policy).dispatch(self.label, returned=True),
+                    Label(after),
+                ]
         slot = self.layout.slot((name, "policy"))
         verdict = accept if chain.policy == "ACCEPT" else "drop"
         return [
@@ -428,18 +467,54 @@ class _Emitter:
             I.ja(verdict),
         ]
 
-    def user_chain(self, chain: Chain) -> list[Item]:
-        return [
-            Subprogram(_function(chain.name)),
-            I.mov64(FACTS, R1),
-            *self.rules(chain, _FunctionTargets()),
-            I.mov64(R0, CONTINUE),
-            I.exit_(),
-        ]
+    def chunk_functions(self, chain: Chain) -> list[str]:
+        """Queue the global functions that hold a long chain's rules, CHUNK_RULES each; they
+        answer CONTINUE at their end, RETURNED when the chain returns, or a verdict."""
+        names = []
+        for number in range(_chunks(chain)):
+            first = number * CHUNK_RULES + 1
+            last = min(len(chain.rules), first + CHUNK_RULES - 1)
+            name = f"{_function(chain.name)}:{number}"
+            self.pending.append(
+                [
+                    *_global_prologue(name),
+                    *self.rules(chain, _FunctionTargets(RETURNED), first, last),
+                    I.mov64(R0, CONTINUE),
+                    I.exit_(),
+                ]
+            )
+            names.append(name)
+        return names
 
-    def rules(self, chain: Chain, targets: _Targets) -> list[Item]:
+    def user_chain(self, chain: Chain) -> list[Item]:
+        """A user chain's entry, a global function answering CONTINUE (it returned or fell off
+        its end), ACCEPT or DROP."""
+        name = _function(chain.name)
+        if _chunks(chain) == 1:
+            return [
+                *_global_prologue(name),
+                *self.rules(chain, _FunctionTargets(CONTINUE), 1, len(chain.rules)),
+                I.mov64(R0, CONTINUE),
+                I.exit_(),
+            ]
+        code: list[Item] = list(_global_prologue(name))
+        returned = self.label("returned")
+        for function in self.chunk_functions(chain):
+            after = self.label("after_chunk")
+            code += [
+                I.mov64(R1, FACTS),
+                I.call_local(function),
+                I.jmp(JmpOp.JEQ, R0, CONTINUE, after),
+                I.jmp(JmpOp.JEQ, R0, RETURNED, returned),
+                I.exit_(),
+                Label(after),
+            ]
+        return [*code, Label(returned), I.mov64(R0, CONTINUE), I.exit_()]
+
+    def rules(self, chain: Chain, targets: _Targets, first: int, last: int) -> list[Item]:
         code: list[Item] = []
-        for index, rule in enumerate(chain.rules, start=1):
+        for index in range(first, last + 1):
+            rule = chain.rules[index - 1]
             note = RuleNote(
                 chain.name,
                 index,
@@ -564,9 +639,16 @@ class _InlineTargets(_Targets):
     def return_(self) -> list[Item]:
         return [I.ja(self.policy_label)]  # RETURN in a built-in chain: its policy
 
-    def _verdict(self, new_label) -> list[Item]:
+    def dispatch(self, new_label, *, returned: bool = False) -> list[Item]:
+        """After a call that did not answer CONTINUE: a verdict, or (from a chunk of this very
+        chain) RETURNED, which means the policy."""
+        code: list[Item] = []
+        if returned:
+            other = new_label("not_returned")
+            code += [I.jmp(JmpOp.JNE, R0, RETURNED, other), I.ja(self.policy_label), Label(other)]
         dropped = new_label("dropped")
         return [
+            *code,
             I.jmp(JmpOp.JNE, R0, ACCEPT, dropped),
             I.ja(self.accept_label),
             Label(dropped),
@@ -574,7 +656,7 @@ class _InlineTargets(_Targets):
         ]
 
     def after_jump(self, next_rule: str, new_label) -> list[Item]:
-        return [I.jmp(JmpOp.JEQ, R0, CONTINUE, next_rule), *self._verdict(new_label)]
+        return [I.jmp(JmpOp.JEQ, R0, CONTINUE, next_rule), *self.dispatch(new_label)]
 
     def after_goto(self, new_label) -> list[Item]:
         decided = new_label("decided")
@@ -582,12 +664,16 @@ class _InlineTargets(_Targets):
             I.jmp(JmpOp.JNE, R0, CONTINUE, decided),
             I.ja(self.policy_label),
             Label(decided),
-            *self._verdict(new_label),
+            *self.dispatch(new_label),
         ]
 
 
+@dataclass
 class _FunctionTargets(_Targets):
-    """Targets in a user chain's subprogram: answers returned to the caller."""
+    """Targets in a function: answers returned to the caller. `returned` is the answer for
+    RETURN: CONTINUE from a whole user chain, RETURNED from a chunk of a longer chain."""
+
+    returned: int
 
     def accept(self) -> list[Item]:
         return [I.mov64(R0, ACCEPT), I.exit_()]
@@ -596,10 +682,31 @@ class _FunctionTargets(_Targets):
         return [I.mov64(R0, DROP), I.exit_()]
 
     def return_(self) -> list[Item]:
-        return [I.mov64(R0, CONTINUE), I.exit_()]
+        return [I.mov64(R0, self.returned), I.exit_()]
 
     def after_jump(self, next_rule: str, new_label) -> list[Item]:
         return [I.jmp(JmpOp.JEQ, R0, CONTINUE, next_rule), I.exit_()]
 
     def after_goto(self, new_label) -> list[Item]:
-        return [I.exit_()]  # whatever the callee answered is ours
+        # The callee's verdict is ours; if it came back, our chain returns.
+        came_back = new_label("came_back")
+        return [
+            I.jmp(JmpOp.JEQ, R0, CONTINUE, came_back),
+            I.exit_(),
+            Label(came_back),
+            *self.return_(),
+        ]
+
+
+def _global_prologue(name: str) -> list[Item]:
+    """Start of a global function taking the facts pointer, which the verifier must see
+    checked for NULL before use."""
+    not_null = f"{name}:facts"
+    return [
+        Subprogram(name, "global", (Facts.SIZE,)),
+        I.jmp(JmpOp.JNE, R1, 0, not_null),
+        I.mov64(R0, CONTINUE),
+        I.exit_(),
+        Label(not_null),
+        I.mov64(FACTS, R1),
+    ]
