@@ -107,6 +107,7 @@ LOCAL_ADDRESSES: dict[str, frozenset[IPv4Address]] = {
     "OUTPUT": frozenset(),
 }
 
+IPPROTO_ICMP = 1
 IPPROTO_RAW = 255
 MTU = 1500  # veth default; larger packets would be fragmented or refused on the way
 PROBE_ETHERTYPE = 0x88B5  # IEEE 802 local experimental: no protocol handler, no netfilter
@@ -221,6 +222,9 @@ def prepare(packet: bytes, chain: str) -> bytes:
             "IP options other than NOP (1) and EOL (0) may be refused or rewritten by the "
             f"kernel before netfilter: {options.hex()}"
         )
+    if b"\0\1" in options:
+        # ip_options_compile overwrites everything after the first EOL with EOL.
+        raise PacketRefused(f"IP options with a NOP after EOL are rewritten: {options.hex()}")
     source = IPv4Address(packet[12:16])
     destination = IPv4Address(packet[16:20])
     _check_source(source, chain)
@@ -600,6 +604,22 @@ class NetfilterOracle:
         self._router_probes = keep(_capture(router.router.client_side, PROBE_ETHERTYPE))
         self._router_probe_sender = keep(_sender(router.router.server_side))
         self._server_capture = keep(_capture(router.server, ETH_P_ALL))
+        with host.host.namespace.enter():
+            # A seq_file keeps the namespace it was opened in: reread it from offset 0.
+            self._host_snmp = os.open("/proc/thread-self/net/snmp", os.O_RDONLY | os.O_CLOEXEC)
+        stack.callback(os.close, self._host_snmp)
+
+    def _local_deliveries(self) -> int:
+        """The host's Ip InDelivers: packets handed to a protocol or raw socket after INPUT."""
+        os.lseek(self._host_snmp, 0, os.SEEK_SET)
+        data = b""
+        for _ in range(64):
+            chunk = os.read(self._host_snmp, 65536)
+            if not chunk:
+                break
+            data += chunk
+        names, values = (line.split()[1:] for line in data.decode().splitlines()[:2])
+        return int(dict(zip(names, values, strict=True))["InDelivers"])
 
     def _raw_receiver(self, protocol: int) -> socket.socket:
         sock = self._raw_receivers.get(protocol)
@@ -713,11 +733,27 @@ class NetfilterOracle:
         frame = _ethernet(_destination_mac(destination, host.mac), _mac(client.mac), ETH_P_IP)
         probe = self._probe()
         probe_frame = _ethernet(_mac(host.mac), _mac(client.mac), PROBE_ETHERTYPE) + probe
+        before = self._local_deliveries()
         with _pinned():
             self._host_client_sender.send(frame + packet)
             self._host_client_sender.send(probe_frame)
             _until_probe(self._host_probes, probe, self.timeout)
-        return any(received == packet for received in _drain(receiver))
+        seen = any(received == packet for received in _drain(receiver))
+        delivered = self._local_deliveries() - before
+        # Two signals after LOCAL_IN: the raw socket, and the Ip InDelivers counter. Raw ICMP
+        # sockets never see ICMP shorter than its 8-byte header (icmp_filter): only the counter
+        # can tell for those.
+        hidden = packet[9] == IPPROTO_ICMP and len(packet) - (packet[0] & 0x0F) * 4 < 8
+        if (
+            delivered not in (0, 1)
+            or (seen and not delivered)
+            or (delivered and not seen and not hidden)
+        ):
+            raise ObservationError(
+                f"INPUT verdict signals disagree: the raw socket {'saw' if seen else 'missed'} "
+                f"the packet, Ip InDelivers moved by {delivered}\n  {describe_packet(packet)}"
+            )
+        return bool(delivered)
 
     def _forward(self, packet: bytes) -> bool:
         client, router, server = self.router.client, self.router.router, self.router.server
