@@ -1,0 +1,99 @@
+"""Rule-set sizes the verifier accepts, and the layout that gets them there: chains cut into
+global functions of CHUNK_RULES rules. The README's limit (about 20,000 rules of this shape, the
+verifier's million processed instructions) is measured by `bpflab bench`, not asserted here."""
+
+from __future__ import annotations
+
+import pytest
+from scapy.layers.inet import IP, TCP
+
+from codegen.rules import parse
+from codegen.tc.generator import CHUNK_RULES, CompileError, compile_program
+from harness.runner import ChainRunner, frame_for, standin_interfaces
+
+pytestmark = pytest.mark.privileged
+
+
+def _address(i: int) -> str:
+    return f"198.18.{i // 250}.{i % 250 + 1}"
+
+
+def many_rules(count: int, chain: str = "INPUT") -> str:
+    lines = ["*filter", ":INPUT DROP [0:0]", ":FORWARD DROP [0:0]", ":OUTPUT ACCEPT [0:0]"]
+    lines += [
+        f"-A {chain} -s {_address(i)}/32 -p tcp -m tcp --dport {1000 + i} -j ACCEPT"
+        for i in range(count)
+    ]
+    return "\n".join([*lines, "COMMIT", ""])
+
+
+@pytest.mark.parametrize("count", [1, 100, 1000, 5000])
+def test_rule_sets_load_and_decide(count):
+    ruleset = parse(many_rules(count), f"{count}.rules")
+    with ChainRunner(ruleset) as runner:
+        for index in sorted({0, count // 2, count - 1}):
+            packet = bytes(IP(src=_address(index), dst="198.18.0.2") / TCP(dport=1000 + index))
+            outcome = runner.run(frame_for(packet), "INPUT")
+            assert (outcome.verdict, outcome.deciding) == ("ACCEPT", ("INPUT", index + 1))
+        stranger = bytes(IP(src="198.19.0.1", dst="198.18.0.2") / TCP(dport=1000))
+        assert runner.run(frame_for(stranger), "INPUT").deciding == ("INPUT", "policy")
+        stats = runner.program("INPUT").stats
+        assert stats is not None and stats.insns_processed < 1_000_000
+
+
+@pytest.mark.parametrize("hook", ["ingress", "egress"])
+def test_hook_programs_load_with_5000_rules(hook):
+    from codegen.bpf.isa import MapType
+    from codegen.bpf.loader import load
+    from codegen.bpf.maps import Map
+    from codegen.tc.generator import COUNTERS_MAP, LOCAL_MAP
+    from codegen.tc.layout import CounterLayout
+    from harness.runner import CounterMap
+
+    ruleset = parse(many_rules(5000, "INPUT" if hook == "ingress" else "OUTPUT"), "big.rules")
+    compiled = compile_program(ruleset, hook, interfaces=standin_interfaces(ruleset))
+    with (
+        CounterMap(CounterLayout.of(ruleset)) as counters,
+        Map(MapType.HASH, 4, 1, 4, name=LOCAL_MAP) as local,
+    ):
+        with load(
+            compiled.items, name=compiled.name, maps={COUNTERS_MAP: counters, LOCAL_MAP: local}
+        ) as loaded:
+            assert loaded.insn_count > 5000 * 10
+
+
+def test_long_user_chain_is_chunked_and_keeps_order():
+    count = 2 * CHUNK_RULES + 10
+    lines = [
+        "*filter",
+        ":INPUT DROP [0:0]",
+        ":FORWARD DROP [0:0]",
+        ":OUTPUT ACCEPT [0:0]",
+        ":long - [0:0]",
+        "-A INPUT -p tcp -j long",
+        "-A INPUT -p tcp -j ACCEPT",
+    ]
+    lines += [f"-A long -p tcp -m tcp --dport {i} -j RETURN" for i in range(1, count)]
+    lines += ["-A long -p tcp -m tcp --dport 9999 -j DROP", "COMMIT", ""]
+    ruleset = parse("\n".join(lines), "long.rules")
+    with ChainRunner(ruleset) as runner:
+        near_end = bytes(IP(src="198.18.0.1", dst="198.18.0.2") / TCP(dport=count - 1))
+        outcome = runner.run(frame_for(near_end), "INPUT")
+        assert outcome.deciding == ("INPUT", 2)  # RETURN from chunk 3 came back to INPUT
+        assert outcome.counters[("long", count - 1)] == (1, len(near_end))
+        last = bytes(IP(src="198.18.0.1", dst="198.18.0.2") / TCP(dport=9999))
+        assert runner.run(frame_for(last), "INPUT").deciding == ("long", count)
+
+
+def test_nesting_beyond_the_call_frames_is_refused_naming_the_rule():
+    depth = 8
+    lines = ["*filter", ":INPUT ACCEPT [0:0]", ":FORWARD ACCEPT [0:0]", ":OUTPUT ACCEPT [0:0]"]
+    lines += [f":c{i} - [0:0]" for i in range(depth)]
+    lines.append("-A INPUT -j c0")
+    lines += [f"-A c{i} -j c{i + 1}" for i in range(depth - 1)]
+    ruleset = parse("\n".join([*lines, "COMMIT", ""]), "deep.rules")
+    with pytest.raises(CompileError) as caught:
+        compile_program(ruleset, "ingress", interfaces={})
+    message = str(caught.value)
+    assert message.startswith("deep.rules:")
+    assert "INPUT -> c0 -> c1" in message and "8 nested calls" in message
