@@ -423,10 +423,15 @@ class _Emitter:
             I.ldx(Size.B, R1, R2, ETH_HLEN + 8),
             I.alu32(AluOp.SUB, R1, 1),
             I.stx(Size.B, R2, ETH_HLEN + 8, R1),
-            I.ldx(Size.W, R1, R10, params + 58),  # dmac
-            I.stx(Size.W, R2, 0, R1),
-            I.ldx(Size.H, R1, R10, params + 62),
-            I.stx(Size.H, R2, 4, R1),
+            # dmac sits at offset 58: copied in halves, as stack access must be aligned.
+            *[
+                insn
+                for half in range(3)
+                for insn in (
+                    I.ldx(Size.H, R1, R10, params + 58 + 2 * half),
+                    I.stx(Size.H, R2, 2 * half, R1),
+                )
+            ],
             I.ldx(Size.W, R1, R10, params + 52),  # smac
             I.stx(Size.W, R2, 6, R1),
             I.ldx(Size.H, R1, R10, params + 56),

@@ -1,0 +1,279 @@
+"""Generated programs attached in throwaway namespaces: INPUT and OUTPUT on a host, FORWARD on a
+router through the kernel and through the program's own fast path, counters read back, an
+atomic swap under a stream of packets, and failed updates that leave the old rules running."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+from scapy.layers.inet import IP, UDP
+from scapy.layers.l2 import Ether
+
+from codegen.bpf.maps import Map
+from codegen.rules import evaluate, parse
+from codegen.tc import generator
+from codegen.tc.generator import CompileError
+from harness import lifecycle
+from netns import HostTopology, RouterTopology
+
+pytestmark = [pytest.mark.netns, pytest.mark.privileged]
+
+PAYLOAD = b"probe-0123456789"
+UDP_IP_LENGTH = 20 + 8 + len(PAYLOAD)
+
+
+def rules(*lines: str, policies: str = "ACCEPT ACCEPT ACCEPT") -> str:
+    inp, fwd, out = policies.split()
+    return "\n".join(
+        [
+            "*filter",
+            f":INPUT {inp} [0:0]",
+            f":FORWARD {fwd} [0:0]",
+            f":OUTPUT {out} [0:0]",
+            *lines,
+            "COMMIT",
+            "",
+        ]
+    )
+
+
+def udp_exchange(sender, receiver, ports, *, count=1, source_port=0) -> dict[int, int]:
+    """Send `count` datagrams to each port from `sender` to `receiver`; how many arrived."""
+    receivers = {}
+    for port in ports:
+        sock = receiver.namespace.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind((str(receiver.ipv4.ip), port))
+        sock.settimeout(0.3)
+        receivers[port] = sock
+    out = sender.namespace.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    if source_port:
+        out.bind((str(sender.ipv4.ip), source_port))
+    arrived = dict.fromkeys(ports, 0)
+    try:
+        for port in ports:
+            for _ in range(count):
+                out.sendto(PAYLOAD, (str(receiver.ipv4.ip), port))
+        for port, sock in receivers.items():
+            for _ in range(count):
+                try:
+                    sock.recv(2048)
+                except TimeoutError:
+                    break
+                arrived[port] += 1
+    finally:
+        out.close()
+        for sock in receivers.values():
+            sock.close()
+    return arrived
+
+
+@pytest.fixture
+def host():
+    with HostTopology(ipv6=False) as topology:
+        yield topology
+        if lifecycle.read_state(topology.host.namespace.name) is not None:
+            lifecycle.flush(topology.host.namespace.name)
+
+
+@pytest.fixture
+def router():
+    with RouterTopology(ipv6=False) as topology:
+        yield topology
+        if lifecycle.read_state(topology.router.namespace.name) is not None:
+            lifecycle.flush(topology.router.namespace.name)
+
+
+def test_input_and_output_on_a_host(host):
+    ns = host.host.namespace.name
+    text = rules(
+        "-A INPUT -p udp -m udp --dport 5001 -j ACCEPT",
+        "-A INPUT -p udp -m udp --dport 5002 -j DROP",
+        "-A OUTPUT -p udp -m udp --dport 6002 -j DROP",
+    )
+    lifecycle.apply(text, "host.rules", ns)
+    assert udp_exchange(host.client, host.host, [5001, 5002, 5003], count=3) == {
+        5001: 3,
+        5002: 0,
+        5003: 3,
+    }
+    assert udp_exchange(host.host, host.client, [6001, 6002], count=2) == {6001: 2, 6002: 0}
+    _, counters = lifecycle.current(ns)
+    assert counters[("INPUT", 1)] == (3, 3 * UDP_IP_LENGTH)
+    assert counters[("INPUT", 2)] == (3, 3 * UDP_IP_LENGTH)
+    assert counters[("INPUT", "policy")] == (3, 3 * UDP_IP_LENGTH)
+    assert counters[("OUTPUT", 1)] == (2, 2 * UDP_IP_LENGTH)
+    assert counters[("OUTPUT", "policy")] == (2, 2 * UDP_IP_LENGTH)
+
+
+def _expected_counters(text: str, chain: str, packets: list[bytes], ins: str, outs: str | None):
+    ruleset = parse(text, "expected.rules")
+    total: dict = {}
+    for packet in packets:
+        for position, (p, b) in evaluate(ruleset, packet, chain, ins, outs).counters.items():
+            total[position] = (
+                total.get(position, (0, 0))[0] + p,
+                total.get(position, (0, 0))[1] + b,
+            )
+    return total
+
+
+def capture(endpoint, seconds: float = 0.5) -> list[Ether]:
+    """Frames arriving at `endpoint` during the next `seconds` (a bounded AF_PACKET read)."""
+    sock = endpoint.namespace.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0800))
+    sock.bind((endpoint.ifname, 0))
+    sock.settimeout(0.05)
+    frames, deadline = [], time.monotonic() + seconds
+    try:
+        while time.monotonic() < deadline:
+            try:
+                data, address = sock.recvfrom(4096)
+            except TimeoutError:
+                continue
+            if address[2] != socket.PACKET_OUTGOING:
+                frames.append(Ether(data))
+    finally:
+        sock.close()
+    return frames
+
+
+def _forward(router, ports: list[int], count: int = 2) -> tuple[dict[int, int], list[Ether]]:
+    frames: list[Ether] = []
+    watcher = threading.Thread(target=lambda: frames.extend(capture(router.server, 1.0)))
+    watcher.start()
+    time.sleep(0.1)
+    arrived = udp_exchange(router.client, router.server, ports, count=count)
+    watcher.join()
+    return arrived, [f for f in frames if UDP in f and f[UDP].dport in ports]
+
+
+@pytest.mark.parametrize("fastpath", [False, True], ids=["kernel-path", "fast-path"])
+def test_forward_through_a_router(router, fastpath):
+    ns = router.router.namespace.name
+    text = rules(
+        "-A FORWARD -i eth0 -o eth1 -p udp -m udp --dport 7001 -j ACCEPT",
+        "-A FORWARD -p udp -m udp --dport 7002 -j DROP",
+        policies="ACCEPT ACCEPT ACCEPT",
+    )
+    lifecycle.apply(text, "router.rules", ns, fastpath=fastpath)
+    arrived, frames = _forward(router, [7001, 7002, 7003])
+    assert arrived == {7001: 2, 7002: 0, 7003: 2}
+    for frame in frames:
+        assert frame[IP].ttl == 63  # decremented once, by the kernel or by the program
+        assert frame.src == router.router.server_side.mac
+        assert frame.dst == router.server.mac
+        assert IP(bytes(frame[IP])).chksum == frame[IP].chksum  # checksum still right
+    _, counters = lifecycle.current(ns)
+    packet = bytes(
+        IP(src=str(router.client.ipv4.ip), dst=str(router.server.ipv4.ip), ttl=64)
+        / UDP(sport=1, dport=7001)
+        / PAYLOAD
+    )
+    assert counters[("FORWARD", 1)] == (2, 2 * len(packet))
+    assert counters[("FORWARD", 2)] == (2, 2 * len(packet))
+    assert counters[("FORWARD", "policy")] == (2, 2 * len(packet))
+
+
+def test_fast_path_forwards_when_the_kernel_would_not(router):
+    """netfilter's own FORWARD chain drops everything in the router: only packets the program
+    redirects itself can reach the server. (Turning forwarding off with the sysctl would not do:
+    bpf_fib_lookup answers FWD_DISABLED for a device that does not forward.)"""
+    namespace = router.router.namespace
+    namespace.run(["iptables-legacy", "-P", "FORWARD", "DROP"])
+    text = rules("-A FORWARD -p udp -m udp --dport 7001 -j ACCEPT", policies="ACCEPT DROP ACCEPT")
+    lifecycle.apply(text, "router.rules", namespace.name, fastpath=False)
+    assert _forward(router, [7001])[0] == {7001: 0}  # the kernel path is blocked
+    lifecycle.apply(text, "router.rules", namespace.name, fastpath=True)
+    arrived, frames = _forward(router, [7001, 7002])
+    assert arrived == {7001: 2, 7002: 0}
+    assert frames and all(frame[IP].ttl == 63 for frame in frames)
+    kernel = namespace.run(["iptables-legacy", "-L", "FORWARD", "-v", "-n", "-x"]).stdout
+    assert "policy DROP 2 packets" in kernel  # only the two kernel-path attempts reached it
+
+
+def test_atomic_swap_under_a_stream(host):
+    """Every packet gets one rule set's verdict or the other's, none is lost otherwise, and the
+    two rule sets' counters add up to what was sent."""
+    ns = host.host.namespace.name
+    accept = rules("-A INPUT -p udp -m udp --dport 5100 -j ACCEPT")
+    drop = rules("-A INPUT -p udp -m udp --dport 5100 -j DROP")
+    lifecycle.apply(accept, "accept.rules", ns)
+    old_counters = Map.from_pin(str(lifecycle.PIN_ROOT / ns / "counters"))
+    receiver = host.host.namespace.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    receiver.bind((str(host.host.ipv4.ip), 5100))
+    receiver.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+    sender = host.client.namespace.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sent = 0
+    deadline = time.monotonic() + 10
+
+    def stream() -> None:
+        nonlocal sent
+        while sent < 3000 and time.monotonic() < deadline:
+            sender.sendto(PAYLOAD, (str(host.host.ipv4.ip), 5100))
+            sent += 1
+            if sent % 100 == 0:
+                time.sleep(0.005)
+
+    thread = threading.Thread(target=stream)
+    thread.start()
+    time.sleep(0.05)
+    lifecycle.apply(drop, "drop.rules", ns)  # mid-stream
+    thread.join()
+    received = 0
+    receiver.settimeout(0.3)
+    try:
+        while True:
+            receiver.recv(2048)
+            received += 1
+    except TimeoutError:
+        pass
+    receiver.close()
+    sender.close()
+    from codegen.tc.layout import CounterLayout
+    from harness.runner import CounterMap
+
+    with CounterMap(CounterLayout.of(parse(accept)), fd=old_counters.fd) as first:
+        accepted = first.read()[("INPUT", 1)][0]
+    _, counters = lifecycle.current(ns)
+    dropped = counters[("INPUT", 1)][0]
+    assert sent == 3000
+    assert 0 < accepted < sent and dropped > 0  # the swap happened mid-stream
+    assert received == accepted
+    assert accepted + dropped == sent
+
+
+def test_failed_updates_leave_the_old_rules_and_counters(host, monkeypatch):
+    ns = host.host.namespace.name
+    text = rules("-A INPUT -p udp -m udp --dport 5200 -j DROP")
+    lifecycle.apply(text, "first.rules", ns)
+    assert udp_exchange(host.client, host.host, [5200, 5201]) == {5200: 0, 5201: 1}
+    before = lifecycle.current(ns)[1]
+
+    deep = ["*filter", ":INPUT ACCEPT [0:0]", ":FORWARD ACCEPT [0:0]", ":OUTPUT ACCEPT [0:0]"]
+    deep += [f":c{i} - [0:0]" for i in range(9)] + ["-A INPUT -j c0"]
+    deep += [f"-A c{i} -j c{i + 1}" for i in range(8)] + ["COMMIT", ""]
+    with pytest.raises(CompileError):
+        lifecycle.apply("\n".join(deep), "deep.rules", ns)
+
+    real = generator.compile_program
+
+    def broken(*args, **kwargs):
+        from codegen.bpf import insn as I
+        from codegen.bpf.isa import R0, R2, Size
+
+        compiled = real(*args, **kwargs)
+        compiled.items[:0] = [
+            I.ldx(Size.W, R0, R2, 0).annotate("an instruction the verifier refuses")
+        ]
+        return compiled
+
+    monkeypatch.setattr(lifecycle, "compile_program", broken)
+    from codegen.bpf.loader import VerifierError
+
+    with pytest.raises(VerifierError, match="the verifier refuses"):
+        lifecycle.apply(rules(), "broken.rules", ns)
+    assert lifecycle.current(ns)[1] == before
+    assert udp_exchange(host.client, host.host, [5200, 5201]) == {5200: 0, 5201: 1}
+    assert lifecycle.read_state(ns)["file"] == "first.rules"
