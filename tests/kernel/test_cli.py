@@ -1,0 +1,149 @@
+"""`bpflab` as a user meets it: exit codes, one-sentence errors with FILE:LINE:COL, and the output
+of check, compile, verify and run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.privileged
+
+RULES = """*filter
+:INPUT DROP [0:0]
+:FORWARD ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:web - [0:0]
+-A INPUT -p tcp -m tcp --dport 22 -j ACCEPT
+-A INPUT -s 198.18.0.0/24 -p udp -m udp --dport 53 -j web
+-A web -m length --length 0:40 -j RETURN
+-A web -j ACCEPT
+COMMIT
+"""
+
+
+def bpflab(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "harness.cli", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.fixture
+def rules_file(tmp_path):
+    path = tmp_path / "firewall.rules"
+    path.write_text(RULES)
+    return path
+
+
+def test_check_prints_the_canonical_form(rules_file):
+    result = bpflab("check", str(rules_file))
+    assert result.returncode == 0, result.stderr
+    assert "-A INPUT -s 198.18.0.0/24 -p udp -m udp --dport 53 -j web" in result.stdout
+
+
+BAD = [
+    ("*filter\n-A INPUT -j REJECT\nCOMMIT\n", "2:13: error: target 'REJECT' is not supported"),
+    ("*filter\n-A INPUT -p tcp --dport 99999 -j ACCEPT\nCOMMIT\n", "2:"),
+    ("*nat\nCOMMIT\n", "1:1: error:"),
+    ("*filter\n-A INPUT -j nowhere\nCOMMIT\n", "2:"),
+]
+
+
+@pytest.mark.parametrize(("text", "where"), BAD)
+def test_bad_rules_exit_2_naming_the_place(tmp_path, text, where):
+    path = tmp_path / "bad.rules"
+    path.write_text(text)
+    for command in ("check", "compile", "verify", "run"):
+        extra = ["--chain", "INPUT", "--packet", "Ether()/IP()"] if command == "run" else []
+        result = bpflab(command, str(path), *extra)
+        assert result.returncode == 2, (command, result.stderr)
+        assert result.stderr.startswith(f"{path}:{where}"), result.stderr
+        assert "Traceback" not in result.stderr
+        assert result.stdout == ""
+
+
+def test_missing_file_is_one_sentence():
+    result = bpflab("check", "/nonexistent/rules")
+    assert result.returncode == 2
+    assert (
+        result.stderr
+        == "bpflab: error: cannot read /nonexistent/rules: No such file or directory\n"
+    )
+
+
+def test_compile_annotates_each_rule(rules_file):
+    result = bpflab("compile", str(rules_file))
+    assert result.returncode == 0, result.stderr
+    assert "; -A INPUT -p tcp -m tcp --dport 22 -j ACCEPT" in result.stdout
+    assert "; -A web -m length --length 0:40 -j RETURN" in result.stdout
+    assert "call bpf_fib_lookup#69" in result.stdout
+    assert "instructions, 4 rules compiled, chains INPUT, FORWARD" in result.stdout
+
+
+def test_verify_prints_statistics(rules_file):
+    result = bpflab("verify", str(rules_file), "--fastpath")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("ingress  bpflab_ingress: accepted;")
+    assert lines[1].startswith("egress   bpflab_egress: accepted;")
+    assert "processed" in lines[0] and "states" in lines[0]
+
+
+def test_run_prints_one_json_object_per_packet_then_counters(rules_file):
+    result = bpflab(
+        "run",
+        str(rules_file),
+        "--chain",
+        "INPUT",
+        "--json",
+        "--in",
+        "eth0",
+        "--packet",
+        'Ether()/IP(src="198.18.0.1", dst="198.18.0.2")/TCP(dport=22, flags="S")',
+        "--packet",
+        'Ether()/IP(src="198.18.0.1", dst="198.18.0.2")/UDP(dport=53)/Raw(b"x"*40)',
+        "--packet",
+        'Ether()/IP(src="198.18.0.1", dst="198.18.0.2")/UDP(dport=53)',
+        "--packet",
+        'Ether()/IP(src="198.18.9.1", dst="198.18.0.2")/UDP(dport=9)',
+    )
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert lines[:4] == [
+        {"packet": 1, "verdict": "ACCEPT", "chain": "INPUT", "rule": 1},
+        {"packet": 2, "verdict": "ACCEPT", "chain": "web", "rule": 2},
+        {"packet": 3, "verdict": "DROP", "chain": "INPUT", "rule": None},
+        {"packet": 4, "verdict": "DROP", "chain": "INPUT", "rule": None},
+    ]
+    counters = lines[4]["counters"]
+    assert counters["INPUT"] == {
+        "policy": [2, 56],
+        "rules": [
+            [1, 40],
+            [2, 96],
+        ],
+    }
+    assert counters["web"] == {"policy": None, "rules": [[1, 28], [1, 68]]}
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        '__import__("os").system("true")',
+        "IP(dst=open('/etc/passwd').read())",
+        "IP()/Nope()",
+        "IP(",
+        "IP(ttl=x)",
+    ],
+)
+def test_run_refuses_unsafe_or_bad_packet_specs(rules_file, spec):
+    result = bpflab("run", str(rules_file), "--chain", "INPUT", "--packet", spec)
+    assert result.returncode == 2
+    assert result.stderr.startswith("bpflab: error: --packet 1: column ")
+    assert "Traceback" not in result.stderr
