@@ -75,9 +75,13 @@ def _compile(args: argparse.Namespace) -> int:
     from .runner import standin_interfaces
 
     ruleset = _parse_rules(args.rules)
-    compiled = compile_program(
-        ruleset, args.hook, interfaces=standin_interfaces(ruleset), fastpath=args.fastpath
-    )
+    interfaces = standin_interfaces(ruleset)
+    if args.backend == "c":
+        from codegen.c import c_source
+
+        print(c_source(ruleset, args.hook, interfaces=interfaces, fastpath=args.fastpath), end="")
+        return EXIT_OK
+    compiled = compile_program(ruleset, args.hook, interfaces=interfaces, fastpath=args.fastpath)
     assembly = assemble(compiled.items)
     print(listing(list(assembly.insns)))
     per_rule: dict[object, int] = {}
@@ -93,12 +97,14 @@ def _compile(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     _require(environment.missing_bpf)
+    if args.backend == "c":
+        _require(environment.missing_bcc)
     from codegen.bpf.isa import MapType
-    from codegen.bpf.loader import load
     from codegen.bpf.maps import Map
-    from codegen.tc.generator import COUNTERS_MAP, LOCAL_MAP, compile_program
+    from codegen.tc.generator import COUNTERS_MAP, LOCAL_MAP
     from codegen.tc.layout import CounterLayout
 
+    from .backends import load_program
     from .runner import CounterMap, standin_interfaces
 
     ruleset = _parse_rules(args.rules)
@@ -108,17 +114,28 @@ def _verify(args: argparse.Namespace) -> int:
         Map(MapType.HASH, 4, 1, 16, name=LOCAL_MAP) as local,
     ):
         for hook in ("ingress", "egress"):
-            compiled = compile_program(ruleset, hook, interfaces=interfaces, fastpath=args.fastpath)
-            with load(
-                compiled.items, name=compiled.name, maps={COUNTERS_MAP: counters, LOCAL_MAP: local}
-            ) as loaded:
-                stats = loaded.stats
-                assert stats is not None
-                print(
-                    f"{hook:8} {compiled.name}: accepted; {loaded.insn_count} instructions, "
+            program = load_program(
+                ruleset,
+                hook,
+                interfaces=interfaces,
+                maps={COUNTERS_MAP: counters, LOCAL_MAP: local},
+                fastpath=args.fastpath,
+                backend=args.backend,
+            )
+            try:
+                stats = program.stats
+                figures = (
                     f"{stats.insns_processed} processed, {stats.states_total} states "
                     f"(peak {stats.states_peak}), {stats.verification_usec} us"
+                    if stats is not None
+                    else "no verifier statistics"
                 )
+                print(
+                    f"{hook:8} {program.name}: accepted; {program.insn_count} instructions, "
+                    f"{figures}"
+                )
+            finally:
+                program.close()
     return EXIT_OK
 
 
@@ -144,7 +161,9 @@ def _run(args: argparse.Namespace) -> int:
     if not frames:
         raise UsageError("give packets with --packet SPEC or --pcap FILE")
     devices = [name for name in (args.in_iface, args.out_iface) if name]
-    with ChainRunner(ruleset, devices) as runner:
+    if args.backend == "c":
+        _require(environment.missing_bcc)
+    with ChainRunner(ruleset, devices, backend=args.backend) as runner:
         for number, frame in enumerate(frames, start=1):
             outcome = runner.run(frame, args.chain, args.in_iface, args.out_iface)
             chain, index = outcome.deciding
@@ -189,8 +208,15 @@ def _apply(args: argparse.Namespace) -> int:
     from . import lifecycle
 
     text, name = _read_rules(args.rules)
+    if args.backend == "c":
+        _require(environment.missing_bcc)
     applied = lifecycle.apply(
-        text, name, args.netns, devices=args.dev or None, fastpath=args.fastpath
+        text,
+        name,
+        args.netns,
+        devices=args.dev or None,
+        fastpath=args.fastpath,
+        backend=args.backend,
     )
     verb = "replaced" if applied.replaced else "attached"
     for hook, program in applied.programs.items():
@@ -285,6 +311,14 @@ def build_parser() -> argparse.ArgumentParser:
     def rules_argument(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("rules", metavar="RULES", help="iptables-save text ('-' for stdin)")
 
+    def backend_argument(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument(
+            "--backend",
+            choices=["bytecode", "c"],
+            default="bytecode",
+            help="generate eBPF instructions directly (default) or C compiled by bcc",
+        )
+
     command("demo", _demo, "assemble, verify and test-run a small filter and print its verdicts")
 
     sub = command("check", _check, "parse and validate RULES and print their canonical form")
@@ -292,15 +326,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = command("compile", _compile, "print the annotated disassembly of a generated program")
     rules_argument(sub)
+    backend_argument(sub)
     sub.add_argument("--hook", choices=["ingress", "egress"], default="ingress")
     sub.add_argument("--fastpath", action="store_true", help="forward ACCEPTed FORWARD traffic")
 
     sub = command("verify", _verify, "load both programs into the verifier and print its stats")
     rules_argument(sub)
+    backend_argument(sub)
     sub.add_argument("--fastpath", action="store_true")
 
     sub = command("run", _run, "run one chain's program on packets with BPF_PROG_TEST_RUN")
     rules_argument(sub)
+    backend_argument(sub)
     sub.add_argument("--chain", required=True, choices=["INPUT", "FORWARD", "OUTPUT"])
     sub.add_argument(
         "--packet",
@@ -315,6 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = command("apply", _apply, "compile, verify and attach RULES in a network namespace")
     rules_argument(sub)
+    backend_argument(sub)
     sub.add_argument("--netns", required=True, metavar="NS")
     sub.add_argument(
         "--dev",

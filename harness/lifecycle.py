@@ -19,22 +19,22 @@ import os
 import socket
 import struct
 from collections import Counter
-from contextlib import ExitStack
+from contextlib import ExitStack, closing
 from dataclasses import dataclass
 from pathlib import Path
 
 from codegen.bpf.isa import MapType
 from codegen.bpf.links import TcAttachment, attach_tc
-from codegen.bpf.loader import LoadedProgram, load
 from codegen.bpf.maps import Map, get_pinned, pin
 from codegen.bpf.syscall import BpfError, close
 from codegen.rules import parse, write
 from codegen.rules.iptables_save import write_rule
 from codegen.rules.model import Ruleset
-from codegen.tc.generator import COUNTERS_MAP, LOCAL_MAP, compile_program
+from codegen.tc.generator import COUNTERS_MAP, LOCAL_MAP
 from codegen.tc.layout import CounterLayout, Position
 from netns.namespace import PIN_ROOT, Namespace
 
+from .backends import Backend, Program, load_program
 from .runner import CounterMap
 
 STATE_ROOT = Path("/run/bpflab/rulesets")
@@ -51,7 +51,7 @@ class Applied:
 
     devices: list[str]
     replaced: bool
-    programs: dict[str, LoadedProgram]
+    programs: dict[str, Program]
     carried: int  # rules whose counters were carried over
 
 
@@ -119,6 +119,7 @@ def apply(
     *,
     devices: list[str] | None = None,
     fastpath: bool = False,
+    backend: Backend = "bytecode",
 ) -> Applied:
     """Compile, verify and attach `rules_text` to the devices of `netns`; see the module doc."""
     ruleset = parse(rules_text, filename)
@@ -134,14 +135,18 @@ def apply(
         for address in sorted(local_addresses(namespace))[:LOCAL_MAP_SIZE]:
             local.update(struct.pack("<I", address), b"\1")
         interfaces = _all_interfaces(namespace)
-        programs: dict[str, LoadedProgram] = {}
+        programs: dict[str, Program] = {}
         for hook in ("ingress", "egress"):
-            compiled = compile_program(ruleset, hook, interfaces=interfaces, fastpath=fastpath)
             programs[hook] = cleanup.enter_context(
-                load(
-                    compiled.items,
-                    name=compiled.name,
-                    maps={COUNTERS_MAP: counters, LOCAL_MAP: local},
+                closing(
+                    load_program(
+                        ruleset,
+                        hook,
+                        interfaces=interfaces,
+                        maps={COUNTERS_MAP: counters, LOCAL_MAP: local},
+                        fastpath=fastpath,
+                        backend=backend,
+                    )
                 )
             )
         carried = 0
@@ -194,7 +199,7 @@ def _carry_counters(
 def _attach_all(
     namespace: Namespace,
     targets: dict[str, int],
-    programs: dict[str, LoadedProgram],
+    programs: dict[str, Program],
 ) -> None:
     """Attach or swap every device's two programs; on any failure, undo what was done."""
     pins = _pin_dir(namespace.name)

@@ -12,13 +12,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from codegen.bpf.isa import MapType, TcAction
-from codegen.bpf.loader import LoadedProgram, load
 from codegen.bpf.maps import Map, sum_percpu
 from codegen.bpf.testrun import SkBuff, prog_test_run
 from codegen.rules.model import Interface, Ruleset
 from codegen.rules.names import PKT_TYPE_ALIASES, PKT_TYPES
-from codegen.tc.generator import COUNTERS_MAP, compile_program
+from codegen.tc.generator import COUNTERS_MAP
 from codegen.tc.layout import NOT_HANDLED, CounterLayout, Position
+
+from .backends import Backend, Program, load_program
 
 FIRST_STANDIN_IFINDEX = 1000
 DEFAULT_DEVICES = ("eth0", "eth1", "eth2")
@@ -79,20 +80,25 @@ class CounterMap(Map):
 class ChainRunner:
     """Chain programs for a rule set, loaded once, run on as many packets as wanted."""
 
-    def __init__(self, ruleset: Ruleset, devices: Iterable[str] = ()):
+    def __init__(
+        self, ruleset: Ruleset, devices: Iterable[str] = (), *, backend: Backend = "bytecode"
+    ):
         self.ruleset = ruleset
+        self.backend = backend
         self.interfaces = standin_interfaces(ruleset, devices)
         self.layout = CounterLayout.of(ruleset)
         self.counters = CounterMap(self.layout)
-        self._programs: dict[str, LoadedProgram] = {}
+        self._programs: dict[str, Program] = {}
 
-    def program(self, chain: str) -> LoadedProgram:
+    def program(self, chain: str) -> Program:
         if chain not in self._programs:
-            compiled = compile_program(
-                self.ruleset, "chain", interfaces=self.interfaces, chain=chain
-            )
-            self._programs[chain] = load(
-                compiled.items, name=compiled.name, maps={COUNTERS_MAP: self.counters}
+            self._programs[chain] = load_program(
+                self.ruleset,
+                "chain",
+                interfaces=self.interfaces,
+                maps={COUNTERS_MAP: self.counters},
+                chain=chain,
+                backend=self.backend,
             )
         return self._programs[chain]
 

@@ -16,7 +16,7 @@ from codegen.bpf.maps import Map
 from codegen.rules import evaluate, parse
 from codegen.tc import generator
 from codegen.tc.generator import CompileError
-from harness import lifecycle
+from harness import backends, lifecycle
 from netns import HostTopology, RouterTopology
 
 pytestmark = [pytest.mark.netns, pytest.mark.privileged]
@@ -269,7 +269,7 @@ def test_failed_updates_leave_the_old_rules_and_counters(host, monkeypatch):
         ]
         return compiled
 
-    monkeypatch.setattr(lifecycle, "compile_program", broken)
+    monkeypatch.setattr(backends, "compile_program", broken)
     from codegen.bpf.loader import VerifierError
 
     with pytest.raises(VerifierError, match="the verifier refuses"):
