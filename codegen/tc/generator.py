@@ -365,6 +365,9 @@ class _Emitter:
             I.jmp32(JmpOp.JNE, R1, PACKET_HOST, "not_handled"),
             I.ldx(Size.B, R1, FACTS, Facts.TTL.offset),
             I.jmp32(JmpOp.JLE, R1, 1, "not_handled"),
+            # ip_forward decrements the TTL before the FORWARD hook: FORWARD matches see that.
+            I.alu32(AluOp.SUB, R1, 1),
+            I.stx(Size.B, FACTS, Facts.TTL.offset, R1),
             I.ldx(Size.W, R1, R10, params + 8),
             I.stx(Size.W, FACTS, Facts.OUT_IFINDEX.offset, R1),
         ]
