@@ -155,11 +155,13 @@ def test_forward_through_a_router(router, fastpath):
     text = rules(
         "-A FORWARD -i eth0 -o eth1 -p udp -m udp --dport 7001 -j ACCEPT",
         "-A FORWARD -p udp -m udp --dport 7002 -j DROP",
+        # Sent with TTL 64: FORWARD sees 63, as ip_forward decrements first.
+        "-A FORWARD -p udp -m udp --dport 7004 -m ttl --ttl-eq 63 -j DROP",
         policies="ACCEPT ACCEPT ACCEPT",
     )
     lifecycle.apply(text, "router.rules", ns, fastpath=fastpath)
-    arrived, frames = _forward(router, [7001, 7002, 7003])
-    assert arrived == {7001: 2, 7002: 0, 7003: 2}
+    arrived, frames = _forward(router, [7001, 7002, 7003, 7004])
+    assert arrived == {7001: 2, 7002: 0, 7003: 2, 7004: 0}
     for frame in frames:
         assert frame[IP].ttl == 63  # decremented once, by the kernel or by the program
         assert frame.src == router.router.server_side.mac
@@ -173,6 +175,7 @@ def test_forward_through_a_router(router, fastpath):
     )
     assert counters[("FORWARD", 1)] == (2, 2 * len(packet))
     assert counters[("FORWARD", 2)] == (2, 2 * len(packet))
+    assert counters[("FORWARD", 3)] == (2, 2 * len(packet))
     assert counters[("FORWARD", "policy")] == (2, 2 * len(packet))
 
 
