@@ -16,6 +16,7 @@ from codegen.bpf.syscall import BpfError, BpfFeatureError, BpfPermissionError
 from . import environment
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 class UsageError(Exception):
@@ -54,10 +55,40 @@ def _require(probe: Callable[[], str | None]) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    _require(environment.missing_bpf)
-    from .demo import run_demo
+    _require(environment.missing_bpffs)
+    _require(environment.missing_netns)
+    if args.toolchain:
+        from .demo import run_demo
 
-    return run_demo()
+        return run_demo()
+    scripts = sorted(EXAMPLES.glob("*.toml"))
+    if not scripts:
+        raise UsageError(f"no example scripts in {EXAMPLES}")
+    return _replay_all([str(path) for path in scripts], "bytecode")
+
+
+def _replay(args: argparse.Namespace) -> int:
+    _require(environment.missing_bpffs)
+    _require(environment.missing_netns)
+    if args.backend == "c":
+        _require(environment.missing_bcc)
+    return _replay_all(args.scripts, args.backend)
+
+
+def _replay_all(paths: list[str], backend: str) -> int:
+    from .replay import ReplayError, replay
+    from .scripts import load_script
+
+    scripts = [load_script(path) for path in paths]  # every script checked before any runs
+    failed = 0
+    for number, script in enumerate(scripts):
+        try:
+            report = replay(script, backend=backend)
+        except ReplayError as error:
+            raise UsageError(f"{script.path}: {error}") from None
+        print(("\n" if number else "") + report.render())
+        failed += not report.ok
+    return EXIT_CHECK_FAILED if failed else EXIT_OK
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -319,7 +350,16 @@ def build_parser() -> argparse.ArgumentParser:
             help="generate eBPF instructions directly (default) or C compiled by bcc",
         )
 
-    command("demo", _demo, "assemble, verify and test-run a small filter and print its verdicts")
+    sub = command("demo", _demo, "replay the example packet scripts and print their tables")
+    sub.add_argument(
+        "--toolchain",
+        action="store_true",
+        help="instead: assemble, verify and test-run a small hand-written filter",
+    )
+
+    sub = command("replay", _replay, "run packet scripts: topology, rules, packets, checks")
+    sub.add_argument("scripts", nargs="+", metavar="SCRIPT", help="packet scripts (TOML)")
+    backend_argument(sub)
 
     sub = command("check", _check, "parse and validate RULES and print their canonical form")
     rules_argument(sub)
@@ -401,10 +441,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from netns.namespace import NamespaceError
 
     from .lifecycle import LifecycleError
+    from .scripts import ScriptError
 
     try:
         return args.run(args)
-    except RuleError as error:
+    except (RuleError, ScriptError) as error:
         print(str(error), file=sys.stderr)
         return EXIT_BAD_INPUT
     except (UsageError, CompileError, NamespaceError, LifecycleError) as error:

@@ -1,0 +1,259 @@
+"""Run a packet script: build its topology, apply its rules with our programs, send its packets,
+and compare what happened with what it expects (or with what netfilter does in a twin)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from scapy.layers.inet import IP
+from scapy.layers.l2 import Ether
+from scapy.packet import Packet
+from scapy.utils import rdpcap
+
+from codegen.rules.model import Accept, Drop
+from codegen.tc.layout import Position
+
+from . import lifecycle
+from .backends import Backend
+from .packets import parse_packet
+from .scripts import PacketEntry, Script
+from .traffic import Lab, field_diff, same_packet
+
+
+class ReplayError(Exception):
+    """The script cannot be run as written (e.g. netfilter cannot judge one of its packets)."""
+
+
+@dataclass
+class PacketResult:
+    entry: PacketEntry
+    summary: str
+    expected: str  # "pass" or "drop"
+    arrived: int
+    sent: int
+    deciding: str
+    problem: str = ""  # empty when all is as expected
+
+    @property
+    def ok(self) -> bool:
+        return not self.problem
+
+    @property
+    def got(self) -> str:
+        if self.arrived == self.sent:
+            return "pass"
+        return "drop" if self.arrived == 0 else f"{self.arrived}/{self.sent} passed"
+
+
+@dataclass
+class CounterResult:
+    key: str
+    expected: tuple[int | None, int | None]
+    got: tuple[int, int]
+
+    @property
+    def ok(self) -> bool:
+        pairs = zip(self.expected, self.got, strict=True)
+        return all(want is None or want == have for want, have in pairs)
+
+
+@dataclass
+class Report:
+    script: Script
+    backend: str
+    packets: list[PacketResult] = field(default_factory=list)
+    counters: list[CounterResult] = field(default_factory=list)
+    artefacts: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return all(p.ok for p in self.packets) and all(c.ok for c in self.counters)
+
+    def render(self) -> str:
+        title = self.script.description or self.script.path.name
+        lines = [
+            f"{self.script.path}: {title} ({self.script.topology} topology, "
+            f"{self.backend} backend{', fast path' if self.script.fastpath else ''})"
+        ]
+        header = f"{'#':>3}  {'packet':44} {'expected':9} {'got':12} {'decided by':16} result"
+        lines += [header, "-" * len(header)]
+        for result in self.packets:
+            mark = "ok" if result.ok else "MISMATCH"
+            lines.append(
+                f"{result.entry.number:>3}  {result.summary[:44]:44} {result.expected:9} "
+                f"{result.got:12} {result.deciding:16} {mark}"
+            )
+            if result.problem:
+                lines += ["       " + line for line in result.problem.splitlines()]
+        if self.counters:
+            lines.append("counters:")
+            for counter in self.counters:
+                want = "/".join("*" if v is None else str(v) for v in counter.expected)
+                have = "/".join(str(v) for v in counter.got)
+                mark = "ok" if counter.ok else "MISMATCH"
+                lines.append(f"  {counter.key:20} expected {want:12} got {have:12} {mark}")
+        if self.artefacts:
+            lines.append(f"captures of every lab interface: {self.artefacts}")
+        verdict = "all as expected" if self.ok else "MISMATCHES"
+        lines.append(
+            f"{len(self.packets)} packet entries, {len(self.counters)} counters: {verdict}"
+        )
+        return "\n".join(lines)
+
+
+def _packets(lab: Lab, entry: PacketEntry) -> list[Packet]:
+    if entry.spec is not None:
+        base = [parse_packet(entry.spec)]
+    else:
+        assert entry.pcap is not None
+        base = [packet[IP] if IP in packet else packet for packet in rdpcap(str(entry.pcap))]
+        if not base:
+            raise ReplayError(f"packets entry {entry.number}: {entry.pcap} holds no packets")
+    frames = []
+    for packet in base:
+        packet = packet.copy()
+        if IP in packet and not entry.keep_addresses:
+            # Addresses come from the topology; checksums and lengths are computed anew.
+            for name in ("src", "dst", "chksum", "len"):
+                packet[IP].fields.pop(name, None)
+            transport = packet[IP].payload
+            if hasattr(transport, "chksum"):
+                transport.fields.pop("chksum", None)
+        if Ether in packet and not entry.keep_addresses:
+            packet[Ether].fields.pop("src", None)
+            packet[Ether].fields.pop("dst", None)
+        frames.append(
+            lab.frame(entry.source, entry.destination, packet, keep_addresses=entry.keep_addresses)
+        )
+    return frames
+
+
+def _deciding(script: Script, moved: dict[Position, tuple[int, int]]) -> str:
+    """The rule (or policy) that gave the verdict: the one terminal position that moved."""
+    for (chain, index), _ in sorted(moved.items(), key=lambda item: str(item[0])):
+        if index == "policy":
+            return f"{chain}:policy"
+        if not chain:
+            continue
+        rule = script.ruleset.chains[chain].rules[index - 1]
+        if isinstance(rule.target, Accept | Drop):
+            return f"{chain}:{index}"
+    return "not handled" if ("", "not handled") in moved else "-"
+
+
+def replay(script: Script, *, backend: Backend = "bytecode") -> Report:
+    report = Report(script, backend)
+    with Lab(script.topology) as lab:
+        namespace = lab.holder_namespace.name
+        lifecycle.apply(
+            script.rules_text,
+            script.rules_name,
+            namespace,
+            fastpath=script.fastpath,
+            backend=backend,
+        )
+        oracle = None
+        try:
+            for entry in script.packets:
+                for frame in _packets(lab, entry):
+                    expected = entry.expect
+                    if expected == "netfilter":
+                        if oracle is None:
+                            oracle = _oracle(script)
+                        expected = _netfilter_verdict(oracle, frame, entry)
+                    report.packets.append(_send(lab, script, entry, frame, expected, namespace))
+            _, counters = lifecycle.current(namespace)
+            for expectation in script.counters:
+                got = counters.get((expectation.chain, expectation.index), (0, 0))
+                report.counters.append(
+                    CounterResult(
+                        f"{expectation.chain}:{expectation.index}",
+                        (expectation.packets, expectation.bytes),
+                        got,
+                    )
+                )
+            if not report.ok:
+                report.artefacts = str(lab.write_artefacts(script.path.stem))
+        finally:
+            if oracle is not None:
+                oracle.__exit__(None, None, None)
+            lifecycle.flush(namespace)
+    return report
+
+
+def _send(
+    lab: Lab, script: Script, entry: PacketEntry, frame: Packet, expected: str, namespace: str
+) -> PacketResult:
+    before = lifecycle.current(namespace)[1]
+    with lab.receiver(entry.destination, entry.source, frame[IP].proto) as receiver:
+        for _ in range(entry.count):
+            lab.send(entry.source, entry.destination, frame)
+        arrived = receiver.collect(same_packet(frame), entry.count, lab.timeout)
+        seen = receiver.seen
+    after = lifecycle.current(namespace)[1]
+    moved = {
+        position: (
+            after[position][0] - before.get(position, (0, 0))[0],
+            after[position][1] - before.get(position, (0, 0))[1],
+        )
+        for position in after
+        if after[position] != before.get(position)
+    }
+    summary = entry.description or frame[IP].payload.summary() or frame.summary()
+    result = PacketResult(
+        entry,
+        f"{entry.source}->{entry.destination} {summary}",
+        expected,
+        len(arrived),
+        entry.count,
+        _deciding(script, moved),
+    )
+    want = entry.count if expected == "pass" else 0
+    if len(arrived) != want:
+        closest = arrived[0] if arrived else next((p for p in seen if IP in p), None)
+        reference = frame[IP] if closest is not None and Ether not in closest else frame
+        result.problem = (
+            f"{entry.count} sent, {len(arrived)} arrived, expected {want}\n"
+            + field_diff(reference, closest)
+        )
+    elif arrived and entry.chain == "FORWARD":
+        result.problem = _forwarding_problem(lab, entry, frame, arrived[0])
+    return result
+
+
+def _forwarding_problem(lab: Lab, entry: PacketEntry, sent: Packet, got: Packet) -> str:
+    """A forwarded frame must arrive with its TTL decremented and its MACs rewritten."""
+    router = lab.node("router", entry.destination)
+    destination = lab.node(entry.destination, "router")
+    problems = []
+    if got[IP].ttl != sent[IP].ttl - 1:
+        problems.append(f"TTL {got[IP].ttl}, expected {sent[IP].ttl - 1}")
+    if got[Ether].src != router.mac or got[Ether].dst != destination.mac:
+        problems.append(
+            f"MACs {got[Ether].src} -> {got[Ether].dst}, expected {router.mac} -> {destination.mac}"
+        )
+    if IP(bytes(got[IP])).chksum != got[IP].chksum:
+        problems.append("IP header checksum is wrong")
+    return "forwarded frame: " + "; ".join(problems) if problems else ""
+
+
+def _oracle(script: Script):
+    from .netfilter import NetfilterOracle
+
+    oracle = NetfilterOracle()
+    oracle.__enter__()
+    oracle.load(script.ruleset)
+    return oracle
+
+
+def _netfilter_verdict(oracle, frame: Packet, entry: PacketEntry) -> str:
+    from .netfilter import OracleError
+
+    try:
+        observation = oracle.run(bytes(frame[IP]), entry.chain)
+    except OracleError as error:
+        raise ReplayError(
+            f"packets entry {entry.number} (line {entry.line}): netfilter cannot "
+            f"judge this packet: {error}"
+        ) from None
+    return "pass" if observation.verdict == "ACCEPT" else "drop"

@@ -1,0 +1,295 @@
+"""Packet scripts: a rule set, a topology, packets and what should become of them (TOML).
+
+The format is documented in docs/packet-scripts.md. Reading checks everything a run would trip
+over (unknown keys, impossible paths, packet specs that do not parse, counters of rules that do
+not exist), so that a bad script fails at once with `FILE:LINE: error: MESSAGE`.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from codegen.rules import parse
+from codegen.rules.model import RuleError, Ruleset
+
+from .packets import SpecError, parse_packet
+
+TOPOLOGIES = {"host": ("client", "host"), "router": ("client", "router", "server")}
+RULE_HOLDER = {"host": "host", "router": "router"}
+EXPECTATIONS = ("pass", "drop", "netfilter")
+TOP_KEYS = {"description", "topology", "fastpath", "rules", "rules_file", "packets", "counters"}
+PACKET_KEYS = {"from", "to", "packet", "pcap", "keep_addresses", "expect", "count", "description"}
+MAX_COUNT = 1000  # packets per entry: every traffic loop is bounded
+
+
+class ScriptError(ValueError):
+    """A script that cannot run; `str()` is `FILE:LINE: error: MESSAGE`."""
+
+    def __init__(self, path: str, line: int, message: str):
+        self.path, self.line, self.message = path, line, message
+        super().__init__(f"{path}:{line}: error: {message}")
+
+
+@dataclass
+class PacketEntry:
+    number: int  # 1-based position among [[packets]]
+    line: int
+    source: str
+    destination: str
+    expect: str
+    count: int = 1
+    spec: str | None = None
+    pcap: Path | None = None
+    keep_addresses: bool = False
+    description: str = ""
+
+    @property
+    def chain(self) -> str:
+        """The chain of the rule holder (host or router) this packet goes through."""
+        holder = {"host", "router"}
+        if self.destination in holder:
+            return "INPUT"
+        if self.source in holder:
+            return "OUTPUT"
+        return "FORWARD"
+
+
+@dataclass
+class CounterExpectation:
+    line: int
+    chain: str
+    index: int | str  # 1-based rule number, or "policy"
+    packets: int | None = None
+    bytes: int | None = None
+
+
+@dataclass
+class Script:
+    path: Path
+    description: str
+    topology: str
+    fastpath: bool
+    rules_text: str
+    rules_name: str
+    ruleset: Ruleset
+    packets: list[PacketEntry]
+    counters: list[CounterExpectation] = field(default_factory=list)
+
+    @property
+    def holder(self) -> str:
+        return RULE_HOLDER[self.topology]
+
+
+class _Lines:
+    """Line numbers for keys: tomllib gives values, not positions."""
+
+    def __init__(self, text: str):
+        self.lines = text.splitlines()
+        self.packet_starts = [
+            i + 1 for i, line in enumerate(self.lines) if line.strip().startswith("[[packets]]")
+        ]
+
+    def key(self, key: str, start: int = 1, end: int | None = None) -> int:
+        pattern = re.compile(rf'^\s*"?{re.escape(key)}"?\s*=')
+        for number in range(start, (end or len(self.lines)) + 1):
+            if pattern.match(self.lines[number - 1]):
+                return number
+        return start
+
+    def packet(self, index: int) -> tuple[int, int]:
+        start = self.packet_starts[index] if index < len(self.packet_starts) else 1
+        following = [s for s in self.packet_starts if s > start] + [len(self.lines) + 1]
+        return start, following[0] - 1
+
+
+def load_script(path: str | Path) -> Script:
+    path = Path(path)
+    name = str(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ScriptError(name, 0, f"cannot read the script: {error.strerror}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        line = getattr(error, "lineno", None) or _line_of(str(error))
+        raise ScriptError(name, line, f"not valid TOML: {str(error).split(' (at')[0]}") from None
+    lines = _Lines(text)
+
+    def fail(key: str, message: str, start: int = 1, end: int | None = None) -> ScriptError:
+        return ScriptError(name, lines.key(key, start, end), message)
+
+    unknown = sorted(set(data) - TOP_KEYS)
+    if unknown:
+        raise fail(unknown[0], f"unknown key {unknown[0]!r} (known: {', '.join(sorted(TOP_KEYS))})")
+    topology = data.get("topology", "host")
+    if topology not in TOPOLOGIES:
+        raise fail("topology", f"topology must be 'host' or 'router', not {topology!r}")
+    fastpath = data.get("fastpath", False)
+    if not isinstance(fastpath, bool):
+        raise fail("fastpath", "fastpath must be true or false")
+    if fastpath and topology != "router":
+        raise fail("fastpath", "fastpath only applies to the router topology")
+    rules_text, rules_name = _rules(data, path, fail)
+    try:
+        ruleset = parse(rules_text, rules_name)
+        ruleset.validate()
+    except RuleError as error:
+        if "rules" in data and error.source is not None:
+            # Point into the script: the rules start on the line after `rules = """`.
+            line = _rules_first_line(lines) + error.source.line - 1
+            raise ScriptError(name, line, error.message) from None
+        raise ScriptError(name, lines.key("rules_file"), str(error).splitlines()[0]) from None
+    raw_packets = data.get("packets")
+    if not isinstance(raw_packets, list) or not raw_packets:
+        raise fail("packets", "the script needs at least one [[packets]] table")
+    packets = [
+        _packet(entry, index, topology, path, lines, name)
+        for index, entry in enumerate(raw_packets)
+    ]
+    counters = _counters(data.get("counters", {}), ruleset, lines, name)
+    return Script(
+        path,
+        str(data.get("description", "")),
+        topology,
+        fastpath,
+        rules_text,
+        rules_name,
+        ruleset,
+        packets,
+        counters,
+    )
+
+
+def _rules_first_line(lines: _Lines) -> int:
+    """The script line holding the first line of `rules`: TOML drops a newline right after the
+    opening quotes, so the text starts on the next line unless it starts on the same one."""
+    line = lines.key("rules")
+    opening = lines.lines[line - 1]
+    for quotes in ('"""', "'''"):
+        if quotes in opening:
+            return line if opening.split(quotes, 1)[1].strip() else line + 1
+    return line
+
+
+def _line_of(message: str) -> int:
+    found = re.search(r"line (\d+)", message)
+    return int(found.group(1)) if found else 1
+
+
+def _rules(data: dict, path: Path, fail) -> tuple[str, str]:
+    if ("rules" in data) == ("rules_file" in data):
+        raise fail("rules", "give exactly one of `rules` (text) or `rules_file` (a path)")
+    if "rules" in data:
+        if not isinstance(data["rules"], str):
+            raise fail("rules", "rules must be iptables-save text in a string")
+        return data["rules"], str(path)
+    target = path.parent / str(data["rules_file"])
+    try:
+        return target.read_text(), str(target)
+    except OSError as error:
+        raise fail("rules_file", f"cannot read {target}: {error.strerror}") from None
+
+
+def _packet(entry: object, index: int, topology: str, path: Path, lines: _Lines, name: str):
+    start, end = lines.packet(index)
+
+    def fail(key: str, message: str) -> ScriptError:
+        return ScriptError(name, lines.key(key, start, end) if key else start, message)
+
+    if not isinstance(entry, dict):
+        raise fail("", "each [[packets]] entry must be a table")
+    unknown = sorted(set(entry) - PACKET_KEYS)
+    if unknown:
+        raise fail(
+            unknown[0],
+            f"unknown key {unknown[0]!r} in [[packets]] (known: {', '.join(sorted(PACKET_KEYS))})",
+        )
+    nodes = TOPOLOGIES[topology]
+    source, destination = entry.get("from"), entry.get("to")
+    for key, value in (("from", source), ("to", destination)):
+        if value not in nodes:
+            raise fail(
+                key,
+                f"`{key}` must be one of {', '.join(nodes)} in the {topology} "
+                f"topology, not {value!r}",
+            )
+    if source == destination:
+        raise fail("to", "a packet must go to another node")
+    holder = RULE_HOLDER[topology]
+    if holder not in (source, destination) and topology == "host":
+        raise fail("to", "in the host topology, packets go between client and host")
+    expect = entry.get("expect")
+    if expect not in EXPECTATIONS:
+        raise fail("expect", f"expect must be one of {', '.join(EXPECTATIONS)}, not {expect!r}")
+    count = entry.get("count", 1)
+    if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= MAX_COUNT:
+        raise fail("count", f"count must be a whole number from 1 to {MAX_COUNT}")
+    if ("packet" in entry) == ("pcap" in entry):
+        raise fail("packet", "give exactly one of `packet` (a scapy spec) or `pcap` (a file)")
+    result = PacketEntry(
+        index + 1,
+        start,
+        source,
+        destination,
+        expect,
+        count,
+        keep_addresses=bool(entry.get("keep_addresses", False)),
+        description=str(entry.get("description", "")),
+    )
+    if "packet" in entry:
+        try:
+            parse_packet(str(entry["packet"]))
+        except SpecError as error:
+            raise fail("packet", f"packet: {error}") from None
+        result.spec = str(entry["packet"])
+    else:
+        result.pcap = path.parent / str(entry["pcap"])
+        if not result.pcap.is_file():
+            raise fail("pcap", f"no capture file {result.pcap}")
+    if expect == "netfilter" and (topology, result.chain) == ("router", "INPUT"):
+        raise fail(
+            "expect",
+            "netfilter expectations cover client<->host, host->client and "
+            "traffic through the router, not packets to the router itself",
+        )
+    if expect == "netfilter" and (topology, result.chain) == ("router", "OUTPUT"):
+        raise fail(
+            "expect",
+            "netfilter expectations cover client<->host, host->client and "
+            "traffic through the router, not packets from the router itself",
+        )
+    return result
+
+
+def _counters(raw: object, ruleset: Ruleset, lines: _Lines, name: str):
+    if not isinstance(raw, dict):
+        raise ScriptError(name, lines.key("counters"), "[counters] must be a table")
+    expectations = []
+    for key, value in raw.items():
+        line = lines.key(key)
+        chain, _, index_text = key.partition(":")
+        if chain not in ruleset.chains:
+            raise ScriptError(name, line, f"counter {key!r}: no chain {chain!r} in the rules")
+        if index_text == "policy":
+            if not ruleset.chains[chain].builtin:
+                raise ScriptError(name, line, f"counter {key!r}: user chains have no policy")
+            index: int | str = "policy"
+        elif index_text.isdigit() and 1 <= int(index_text) <= len(ruleset.chains[chain].rules):
+            index = int(index_text)
+        else:
+            raise ScriptError(
+                name, line, f"counter {key!r}: want CHAIN:N (a rule number) or CHAIN:policy"
+            )
+        if not isinstance(value, dict) or not value or set(value) - {"packets", "bytes"}:
+            raise ScriptError(name, line, f"counter {key!r}: want {{ packets = N, bytes = N }}")
+        for field_name, number in value.items():
+            if not isinstance(number, int) or isinstance(number, bool) or number < 0:
+                raise ScriptError(name, line, f"counter {key!r}: {field_name} must be >= 0")
+        expectations.append(
+            CounterExpectation(line, chain, index, value.get("packets"), value.get("bytes"))
+        )
+    return expectations

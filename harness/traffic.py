@@ -1,0 +1,383 @@
+"""Traffic in a lab: build frames from the topology, send them, and see what arrived.
+
+scapy builds and dissects bytes only: its interface and route caches do not follow us across
+namespaces, so every socket here is opened inside the namespace it belongs to (AF_PACKET for
+frames on the wire, raw IP sockets for what a node's stack delivers or sends).
+
+A `Lab` is one topology with quiet nodes (the kernel's own replies are kept out of the way) and
+a capture on every interface, running for the lab's life. Expectations name a node:
+- `expect_received(node, match)`: the frame arrived at a plain node (client, server), or the
+  rule holder's stack (host, router) delivered it, which is after INPUT;
+- `expect_not_received(node, match)`: the same, not within the timeout.
+When one fails, every interface's capture is written as pcap under the artefacts folder and the
+message shows the closest frame field by field against what was expected.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+from scapy.layers.inet import IP
+from scapy.layers.l2 import Ether
+from scapy.packet import Packet
+from scapy.utils import wrpcap
+
+from netns import HostTopology, RouterTopology
+from netns.namespace import Namespace
+
+from .netfilter import _QUIET_RECEIVER, _quiet_host
+
+ARTEFACTS = Path(os.environ.get("BPFLAB_ARTEFACTS", "artefacts"))
+ETH_P_ALL = 0x0003
+MAX_CAPTURED = 20_000  # per interface: captures are bounded in count as well as in time
+Match = Callable[[Packet], bool]
+
+
+class ExpectationFailed(AssertionError):
+    """A packet did (or did not) arrive, against the expectation; says where the pcaps are."""
+
+
+@dataclass(frozen=True)
+class Node:
+    """A sender or receiver: a namespace, the interface it uses, its addresses."""
+
+    name: str
+    namespace: Namespace
+    ifname: str
+    mac: str
+    ipv4: str
+    holder: bool  # the node whose rules are under test (host or router)
+
+
+class Capture:
+    """Every frame seen on one interface (both directions), until stopped."""
+
+    def __init__(self, namespace: Namespace, ifname: str):
+        self.namespace, self.ifname = namespace, ifname
+        self.frames: list[tuple[float, int, bytes]] = []  # time, packet type, bytes
+        self._sock = namespace.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+        self._sock.bind((ifname, 0))
+        self._sock.settimeout(0.05)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set() and len(self.frames) < MAX_CAPTURED:
+            try:
+                data, address = self._sock.recvfrom(65535)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.frames.append((time.time(), address[2], data))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+        self._sock.close()
+
+    def write_pcap(self, path: Path) -> None:
+        packets = []
+        for stamp, _, data in self.frames:
+            packet = Ether(data)
+            packet.time = stamp
+            packets.append(packet)
+        wrpcap(str(path), packets)
+
+
+class Lab:
+    """A topology ("host" or "router") ready for traffic; a context manager."""
+
+    def __init__(self, topology: str, *, timeout: float = 0.5):
+        if topology not in ("host", "router"):
+            raise ValueError(f"topology must be 'host' or 'router', not {topology!r}")
+        self.kind = topology
+        self.timeout = timeout
+        self._stack = ExitStack()
+        self._ids = itertools.count(0x1000)
+        self.captures: list[Capture] = []
+
+    def __enter__(self) -> Lab:
+        try:
+            if self.kind == "host":
+                self.topology = self._stack.enter_context(HostTopology(ipv6=False))
+                self.holder_namespace = self.topology.host.namespace
+            else:
+                self.topology = self._stack.enter_context(RouterTopology(ipv6=False))
+                self.holder_namespace = self.topology.router.namespace
+            self._quiet()
+            for endpoint in self._endpoints():
+                capture = Capture(endpoint.namespace, endpoint.ifname)
+                self._stack.callback(capture.stop)
+                self.captures.append(capture)
+        except BaseException:
+            self._stack.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+    def _endpoints(self):
+        t = self.topology
+        if self.kind == "host":
+            return [t.client, t.host]
+        return [t.client, t.router.client_side, t.router.server_side, t.server]
+
+    def _quiet(self) -> None:
+        """Keep the kernel's own answers (RSTs, ICMP errors, echo replies) out of the traffic
+        and the counters: plain nodes never answer, the rule holder sends only what our
+        sockets send. The raw table runs before anything else in netfilter."""
+        for endpoint in self._endpoints():
+            namespace = endpoint.namespace
+            text = (
+                _quiet_host(os.geteuid())
+                if namespace is self.holder_namespace
+                else (_QUIET_RECEIVER)
+            )
+            with tempfile.NamedTemporaryFile("w", prefix="bpflab-", suffix=".rules") as rules:
+                rules.write(text)
+                rules.flush()
+                namespace.run(["iptables-legacy-restore", "-w", "10", rules.name])
+
+    # Nodes and frames ---------------------------------------------------------------------
+
+    def node(self, name: str, peer: str) -> Node:
+        """Node `name` as seen from `peer` (the router has a side facing each)."""
+        t = self.topology
+        if self.kind == "host":
+            endpoint = {"client": t.client, "host": t.host}[name]
+            return _node(name, endpoint, holder=name == "host")
+        if name == "router":
+            side = t.router.client_side if peer == "client" else t.router.server_side
+            return _node(name, side, holder=True)
+        return _node(name, {"client": t.client, "server": t.server}[name], holder=False)
+
+    def next_hop_mac(self, source: str, destination: str) -> str:
+        """The MAC a frame from `source` to `destination` is addressed to on the first link."""
+        if self.kind == "host" or "router" in (source, destination):
+            return self.node(destination, source).mac
+        return self.node("router", source).mac
+
+    def frame(
+        self,
+        source: str,
+        destination: str,
+        packet: Packet,
+        *,
+        keep_addresses=False,
+        fresh_id: bool = True,
+    ) -> Packet:
+        """`packet` completed from the topology: Ether and IP added or filled in where the
+        caller left fields unset; a fresh IP id, so that each packet can be told apart."""
+        src, dst = self.node(source, destination), self.node(destination, source)
+        if IP not in packet:
+            packet = IP() / packet
+        if Ether not in packet:
+            packet = Ether() / packet
+        ether, ip = packet[Ether], packet[IP]
+        ether.src = ether.fields.get("src", src.mac)
+        ether.dst = ether.fields.get("dst", self.next_hop_mac(source, destination))
+        if not keep_addresses or "src" not in ip.fields:
+            ip.src = ip.fields.get("src", src.ipv4) if not keep_addresses else src.ipv4
+        if not keep_addresses or "dst" not in ip.fields:
+            ip.dst = ip.fields.get("dst", dst.ipv4) if not keep_addresses else dst.ipv4
+        if fresh_id and "id" not in ip.fields:
+            ip.id = next(self._ids) & 0xFFFF
+        return Ether(bytes(packet))  # fields computed: lengths, checksums
+
+    # Sending and observing ----------------------------------------------------------------
+
+    def send(self, source: str, destination: str, frame: Packet) -> None:
+        """From a plain node, the frame goes on the wire; from the rule holder, the IP packet
+        goes through its stack (LOCAL_OUT, routing, TC egress), as locally made traffic does."""
+        node = self.node(source, destination)
+        if node.holder:
+            with _closing(
+                node.namespace.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+            ) as sock:
+                sock.sendto(bytes(frame[IP]), (frame[IP].dst, 0))
+            return
+        with _closing(node.namespace.socket(socket.AF_PACKET, socket.SOCK_RAW)) as sock:
+            sock.bind((node.ifname, 0))
+            sock.send(bytes(frame))
+
+    def receiver(self, destination: str, source: str, protocol: int) -> Receiver:
+        node = self.node(destination, source)
+        return Receiver(node, protocol)
+
+    def write_artefacts(self, label: str) -> Path:
+        folder = ARTEFACTS / _safe(label)
+        folder.mkdir(parents=True, exist_ok=True)
+        for capture in self.captures:
+            capture.write_pcap(folder / f"{capture.namespace.name}-{capture.ifname}.pcap")
+        return folder
+
+
+class Receiver:
+    """What reaches a node: frames at a plain node's interface, or IP packets the rule holder's
+    stack delivers (a raw socket for the protocol, which sees them after INPUT)."""
+
+    def __init__(self, node: Node, protocol: int):
+        self.node = node
+        if node.holder:
+            self._sock = node.namespace.socket(socket.AF_INET, socket.SOCK_RAW, protocol)
+        else:
+            self._sock = node.namespace.socket(
+                socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL)
+            )
+            self._sock.bind((node.ifname, 0))
+        self._sock.settimeout(0.05)
+        self.seen: list[Packet] = []
+
+    def collect(self, match: Match, wanted: int, timeout: float) -> list[Packet]:
+        """Packets matching `match` until `wanted` of them or `timeout` seconds."""
+        found: list[Packet] = []
+        deadline = time.monotonic() + timeout
+        while len(found) < wanted and time.monotonic() < deadline and len(self.seen) < 10_000:
+            try:
+                data, address = self._sock.recvfrom(65535)
+            except TimeoutError:
+                continue
+            if not self.node.holder and address[2] == socket.PACKET_OUTGOING:
+                continue
+            packet = IP(data) if self.node.holder else Ether(data)
+            self.seen.append(packet)
+            if match(packet):
+                found.append(packet)
+        return found
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> Receiver:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _node(name: str, endpoint, *, holder: bool) -> Node:
+    return Node(
+        name, endpoint.namespace, endpoint.ifname, endpoint.mac, str(endpoint.ipv4.ip), holder
+    )
+
+
+class _closing:
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+
+    def __enter__(self) -> socket.socket:
+        return self.sock
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+
+
+def _safe(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in label)[:100]
+
+
+def same_packet(sent: Packet) -> Match:
+    """Matches the frame or IP packet carrying the same IP source, destination, protocol and
+    id as `sent`: the packet after any forwarding."""
+    ip = sent[IP]
+    key = (ip.src, ip.dst, ip.proto, ip.id)
+
+    def match(packet: Packet) -> bool:
+        return (
+            IP in packet
+            and (packet[IP].src, packet[IP].dst, packet[IP].proto, packet[IP].id) == key
+        )
+
+    return match
+
+
+def field_diff(expected: Packet, got: Packet | None) -> str:
+    """Layer by layer, the fields that differ between what was expected and what was seen."""
+    if got is None:
+        return "  nothing comparable arrived"
+    lines = []
+    layer_e, layer_g = expected, got
+    while layer_e is not None and layer_e.name not in ("NoPayload",):
+        if layer_g is None or type(layer_g) is not type(layer_e):
+            lines.append(f"  {layer_e.name}: expected, got {getattr(layer_g, 'name', 'nothing')}")
+            break
+        for field in layer_e.fields_desc:
+            want, have = layer_e.getfieldval(field.name), layer_g.getfieldval(field.name)
+            if want != have:
+                lines.append(f"  {layer_e.name}.{field.name}: expected {want!r}, got {have!r}")
+        layer_e = layer_e.payload if layer_e.payload.name != "NoPayload" else None
+        layer_g = layer_g.payload if layer_g.payload.name != "NoPayload" else None
+    return "\n".join(lines) or "  (no field differs)"
+
+
+def expect_received(
+    lab: Lab,
+    source: str,
+    destination: str,
+    frame: Packet,
+    *,
+    count: int = 1,
+    label: str = "expectation",
+) -> list[Packet]:
+    """Send `frame` `count` times from `source` and require all to reach `destination`."""
+    arrived = _exchange(lab, source, destination, frame, count)
+    if len(arrived[0]) != count:
+        _fail(
+            lab,
+            label,
+            f"{count} sent from {source} to {destination}, {len(arrived[0])} "
+            "arrived, all were expected to",
+            frame,
+            arrived[1],
+        )
+    return arrived[0]
+
+
+def expect_not_received(
+    lab: Lab,
+    source: str,
+    destination: str,
+    frame: Packet,
+    *,
+    count: int = 1,
+    label: str = "expectation",
+) -> None:
+    arrived = _exchange(lab, source, destination, frame, count)
+    if arrived[0]:
+        _fail(
+            lab,
+            label,
+            f"{count} sent from {source} to {destination}, {len(arrived[0])} "
+            "arrived, none was expected to",
+            frame,
+            arrived[0],
+        )
+
+
+def _exchange(lab: Lab, source: str, destination: str, frame: Packet, count: int):
+    with lab.receiver(destination, source, frame[IP].proto) as receiver:
+        for _ in range(count):
+            lab.send(source, destination, frame)
+        arrived = receiver.collect(same_packet(frame), count, lab.timeout)
+        return arrived, receiver.seen
+
+
+def _fail(lab: Lab, label: str, message: str, frame: Packet, seen: list[Packet]) -> None:
+    folder = lab.write_artefacts(label)
+    expected = frame[IP] if seen and IP in seen[0] and Ether not in seen[0] else frame
+    closest = next((p for p in seen if IP in p and p[IP].proto == frame[IP].proto), None)
+    raise ExpectationFailed(
+        f"{message}\n{field_diff(expected, closest)}\ncaptures of every lab interface: {folder}"
+    )
