@@ -115,7 +115,7 @@ def load_script(path: str | Path) -> Script:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
-        line = getattr(error, "lineno", None) or _line_of(str(error))
+        line = getattr(error, "lineno", None) or _line_of(str(error), text)
         raise ScriptError(name, line, f"not valid TOML: {str(error).split(' (at')[0]}") from None
     lines = _Lines(text)
 
@@ -175,9 +175,11 @@ def _rules_first_line(lines: _Lines) -> int:
     return line
 
 
-def _line_of(message: str) -> int:
+def _line_of(message: str, text: str) -> int:
     found = re.search(r"line (\d+)", message)
-    return int(found.group(1)) if found else 1
+    if found:
+        return int(found.group(1))
+    return max(1, len(text.splitlines())) if "end of document" in message else 1
 
 
 def _rules(data: dict, path: Path, fail) -> tuple[str, str]:
@@ -256,6 +258,11 @@ def _packet(entry: object, index: int, topology: str, path: Path, lines: _Lines,
             "netfilter expectations cover client<->host, host->client and "
             "traffic through the router, not packets to the router itself",
         )
+    if expect == "netfilter" and topology == "router" and (source, destination) == (
+        "server", "client"
+    ):
+        raise fail("expect", "netfilter expectations through the router go from client to "
+                             "server (the twin's server only receives)")
     if expect == "netfilter" and (topology, result.chain) == ("router", "OUTPUT"):
         raise fail(
             "expect",

@@ -181,9 +181,10 @@ class Lab:
         """`packet` completed from the topology: Ether and IP added or filled in where the
         caller left fields unset; a fresh IP id, so that each packet can be told apart."""
         src, dst = self.node(source, destination), self.node(destination, source)
-        if IP not in packet:
+        # The spec may start at Ether, at IP or above IP (an ICMP error carries an inner IP).
+        if not isinstance(packet, Ether | IP):
             packet = IP() / packet
-        if Ether not in packet:
+        if not isinstance(packet, Ether):
             packet = Ether() / packet
         ether, ip = packet[Ether], packet[IP]
         ether.src = ether.fields.get("src", src.mac)

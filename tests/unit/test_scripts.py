@@ -1,0 +1,113 @@
+"""Packet scripts are checked before anything runs: each mistake is `FILE:LINE: error: ...`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from harness.scripts import ScriptError, load_script
+
+ROOT = Path(__file__).resolve().parents[2]
+
+GOOD = '''description = "ok"
+topology = "router"
+fastpath = true
+rules = """
+*filter
+:INPUT ACCEPT [0:0]
+:FORWARD DROP [0:0]
+:OUTPUT ACCEPT [0:0]
+-A FORWARD -p udp --dport 53 -j ACCEPT
+COMMIT
+"""
+[[packets]]
+from = "client"
+to = "server"
+packet = 'UDP(sport=4000, dport=53)/Raw(b"q")'
+expect = "pass"
+count = 3
+[counters]
+"FORWARD:1" = { packets = 3 }
+"FORWARD:policy" = { packets = 0, bytes = 0 }
+'''
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "script.toml"
+    path.write_text(text)
+    return path
+
+
+def test_a_good_script_loads(tmp_path):
+    script = load_script(write(tmp_path, GOOD))
+    assert (script.topology, script.fastpath, script.holder) == ("router", True, "router")
+    (entry,) = script.packets
+    assert (entry.source, entry.destination, entry.chain, entry.count) == (
+        "client",
+        "server",
+        "FORWARD",
+        3,
+    )
+    assert [(c.chain, c.index, c.packets, c.bytes) for c in script.counters] == [
+        ("FORWARD", 1, 3, None),
+        ("FORWARD", "policy", 0, 0),
+    ]
+
+
+def replace(old: str, new: str) -> str:
+    assert old in GOOD
+    return GOOD.replace(old, new)
+
+
+BAD = [
+    ("not toml", GOOD + "x = [\n", 21, "not valid TOML"),
+    (
+        "unknown key",
+        replace("fastpath = true", "fastpath = true\nspeed = 3"),
+        4,
+        "unknown key 'speed'",
+    ),
+    ("bad topology", replace('"router"', '"mesh"'), 2, "topology must be 'host' or 'router'"),
+    (
+        "fastpath on host",
+        replace('topology = "router"', 'topology = "host"'),
+        3,
+        "fastpath only applies to the router",
+    ),
+    ("bad rule", replace("-j ACCEPT", "-j REJECT"), 9, "target 'REJECT' is not supported"),
+    ("node not in topology", replace('to = "server"', 'to = "host"'), 14, "`to` must be one of"),
+    ("bad expect", replace('expect = "pass"', 'expect = "maybe"'), 16, "expect must be one of"),
+    ("count too big", replace("count = 3", "count = 100000"), 17, "count must be"),
+    ("bad packet spec", replace('Raw(b"q")', "Nope()"), 15, "unknown layer 'Nope'"),
+    ("counter of a missing rule", replace('"FORWARD:1"', '"FORWARD:7"'), 19, "want CHAIN:N"),
+    ("counter of a missing chain", replace('"FORWARD:1"', '"web:1"'), 19, "no chain 'web'"),
+    ("no packets", GOOD.split("[[packets]]")[0], 1, "at least one [[packets]]"),
+    (
+        "both packet and pcap",
+        replace("count = 3", 'count = 3\npcap = "x.pcap"'),
+        15,
+        "exactly one of `packet`",
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "text", "line", "message"), BAD, ids=[b[0] for b in BAD])
+def test_bad_scripts_name_file_and_line(tmp_path, name, text, line, message):
+    path = write(tmp_path, text)
+    with pytest.raises(ScriptError) as caught:
+        load_script(path)
+    assert str(caught.value).startswith(f"{path}:{line}: error: "), str(caught.value)
+    assert message in str(caught.value)
+
+
+def test_every_bundled_script_loads():
+    scripts = sorted((ROOT / "tests" / "scripts").glob("*.toml"))
+    scripts += sorted((ROOT / "examples").glob("*.toml"))
+    assert len(scripts) >= 12
+    chains = {entry.chain for path in scripts for entry in load_script(path).packets}
+    topologies = {load_script(path).topology for path in scripts}
+    fastpaths = {load_script(path).fastpath for path in scripts if "router" in path.name}
+    assert chains == {"INPUT", "FORWARD", "OUTPUT"}
+    assert topologies == {"host", "router"}
+    assert fastpaths == {True, False}
