@@ -212,6 +212,8 @@ class _Emitter:
         if self.hook == "ingress":
             code += self.ingress(builtins)
         else:
+            if self.hook == "egress":
+                code += self.whole_datagrams_only()
             code += self.builtin_chain(builtins[0], "accept")
         for name in user_chains_called(self.ruleset, builtins):
             code += self.user_chain(self.ruleset.chains[name])
@@ -373,8 +375,25 @@ class _Emitter:
         ]
         forward_accept = "forward_accept" if self.fastpath else "accept"
         code += self.builtin_chain("FORWARD", forward_accept)
-        code += [Label("input"), *self.builtin_chain("INPUT", "accept")]
+        code += [
+            Label("input"),
+            *self.whole_datagrams_only(),
+            *self.builtin_chain("INPUT", "accept"),
+        ]
         return code
+
+    def whole_datagrams_only(self) -> list[Item]:
+        """INPUT sees datagrams after reassembly (ip_local_deliver) and OUTPUT before
+        fragmentation (ip_finish_output): netfilter judges a datagram once, by its first part.
+        Here the first fragment is judged and later ones pass untouched: if the first was
+        dropped, the datagram can never be reassembled on the host, nor on the far side."""
+        whole = self.label("first_fragment")
+        return [
+            I.ldx(Size.H, R1, FACTS, Facts.FRAGMENT.offset),
+            I.jmp32(JmpOp.JEQ, R1, 0, whole),
+            I.ja("not_handled"),
+            Label(whole),
+        ]
 
     def tails(self) -> list[Item]:
         """The ends every verdict jumps to."""

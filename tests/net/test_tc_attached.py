@@ -280,3 +280,29 @@ def test_failed_updates_leave_the_old_rules_and_counters(host, monkeypatch):
     assert lifecycle.current(ns)[1] == before
     assert udp_exchange(host.client, host.host, [5200, 5201]) == {5200: 0, 5201: 1}
     assert lifecycle.read_state(ns)["file"] == "first.rules"
+
+
+def test_fragmented_datagrams_are_judged_by_their_first_fragment(host):
+    """netfilter's INPUT sees a datagram once, reassembled; here the first fragment decides and
+    later ones pass, so an accepted datagram reassembles and a dropped one never does."""
+    ns = host.host.namespace.name
+    text = rules("-A INPUT -p udp -m udp --dport 5353 -j ACCEPT", policies="DROP ACCEPT ACCEPT")
+    lifecycle.apply(text, "fragments.rules", ns)
+    big = b"z" * 4000  # over the 1500-byte MTU: three fragments
+    arrived = {}
+    for port in (5353, 5354):
+        receiver = host.host.namespace.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        receiver.bind((str(host.host.ipv4.ip), port))
+        receiver.settimeout(0.5)
+        sender = host.client.namespace.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sender.sendto(big, (str(host.host.ipv4.ip), port))
+        try:
+            arrived[port] = len(receiver.recv(65535))
+        except TimeoutError:
+            arrived[port] = 0
+        receiver.close()
+        sender.close()
+    assert arrived == {5353: len(big), 5354: 0}
+    _, counters = lifecycle.current(ns)
+    assert counters[("INPUT", 1)][0] == 1  # the first fragment of the accepted datagram
+    assert counters[("INPUT", "policy")][0] == 1
