@@ -1,0 +1,184 @@
+"""`bpflab bench`: the workload it measures, its options, and a smoke test of `--quick` that checks
+what it writes (well-formed JSON with every section, the Markdown table, PNG plots). Timing is
+measured by the bench, never asserted here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from codegen.rules import parse
+from harness import bench
+from harness.bench_rules import (
+    FRAME_BYTES,
+    MAX_RULES,
+    WorkloadError,
+    ethernet_frame,
+    ip_packet,
+    iptables_rules,
+    matched_rule,
+    nft_rules,
+    source,
+)
+from harness.environment import require_privileged
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bpflab")
+    bench.add_command(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def test_rules_are_distinct_and_parse_as_iptables_would():
+    ruleset = parse(iptables_rules(300), "bench.rules")
+    ruleset.validate()
+    rules = ruleset.chains["INPUT"].rules
+    assert len(rules) == 300
+    assert ruleset.chains["INPUT"].policy == "DROP"
+    assert len({str(source(i)) for i in range(MAX_RULES)}) == MAX_RULES
+    assert not any(str(source(i)).startswith("198.18.") for i in range(0, MAX_RULES, 97))
+
+
+def test_nft_rules_say_the_same_and_replace_in_one_file():
+    text = nft_rules(3)
+    assert "policy drop;" in text
+    assert text.count(" accept") == 3
+    assert "ip saddr 198.19.0.3 tcp dport 1002 accept" in text
+    assert nft_rules(3, replace=True).startswith("flush table ip ")
+
+
+@pytest.mark.parametrize("count", [0, MAX_RULES + 1])
+def test_rule_counts_out_of_range_are_refused(count):
+    with pytest.raises(WorkloadError):
+        iptables_rules(count)
+
+
+@pytest.mark.parametrize(
+    "position, rule, source_index", [("first", 1, 0), ("last", 50, 49), ("none", None, 50)]
+)
+def test_packets_are_64_bytes_and_aimed_at_their_rule(position, rule, source_index):
+    from ipaddress import IPv4Address
+
+    from scapy.layers.inet import IP, TCP
+
+    assert matched_rule(50, position) == rule
+    packet = ip_packet(50, position, IPv4Address("198.18.0.2"))
+    frame = ethernet_frame(
+        packet, source_mac="02:00:c6:12:00:01", destination_mac="02:00:c6:12:00:02"
+    )
+    assert len(frame) == FRAME_BYTES
+    parsed = IP(packet)
+    assert parsed.src == str(source(source_index))
+    assert parsed[TCP].dport == 1000 + source_index
+    assert parsed[TCP].flags == "R"  # a RST to a closed port draws no answer
+
+
+@pytest.mark.parametrize(
+    "argv, sizes, largest",
+    [
+        ([], bench.DEFAULT_SIZES, True),
+        (["--quick"], bench.QUICK_SIZES, False),
+        (["--sizes", "5,50"], (5, 50), False),
+        (["--sizes", "5", "--largest"], (5,), True),
+        (["--no-largest"], bench.DEFAULT_SIZES, False),
+    ],
+)
+def test_options_choose_sizes_and_the_largest_search(argv, sizes, largest):
+    settings = bench.settings_from(_parser().parse_args(["bench", *argv]))
+    assert (settings.sizes, settings.largest) == (sizes, largest)
+
+
+@pytest.mark.parametrize("text", ["0", "a,b", "", f"{MAX_RULES + 1}"])
+def test_bad_sizes_are_refused_by_the_parser(text, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _parser().parse_args(["bench", "--sizes", text])
+    assert exit_info.value.code == 2
+    assert "--sizes" in capsys.readouterr().err
+
+
+def _require_bench_tools() -> None:
+    """Skip (fail under BPFLAB_REQUIRE_PRIVILEGED=1) without trafgen, iptables, nft or
+    matplotlib: the markers cover privileges, not these."""
+    from harness.bench_traffic import missing_tools
+
+    reason = missing_tools()
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        reason = reason or "matplotlib is not installed: pip install -r requirements-bench.txt"
+    if reason is None:
+        return
+    if require_privileged():
+        pytest.fail(f"BPFLAB_REQUIRE_PRIVILEGED=1 but the bench cannot run: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.mark.privileged
+@pytest.mark.netns
+def test_quick_bench_writes_json_markdown_and_plots(tmp_path, capsys):
+    _require_bench_tools()
+    args = _parser().parse_args(["bench", "--quick", "--output", str(tmp_path)])
+    assert args.run(args) == 0
+    captured = capsys.readouterr()
+    assert "per-packet bytecode" in captured.err  # the progress display, one line per step
+
+    results = json.loads((tmp_path / bench.RESULTS_JSON).read_text())
+    assert results["schema"] == bench.SCHEMA
+    assert {"kernel", "cpu_model", "cores"} <= results["machine"].keys()
+    assert {"workload", "per_packet", "throughput", "load", "parameters"} <= results[
+        "method"
+    ].keys()
+    sizes = list(bench.QUICK_SIZES)
+    assert results["sizes"] == sizes
+    assert results["options"]["quick"] is True
+    assert results["largest"] is None
+    assert isinstance(results["floor"]["ns"], float) and results["floor"]["repeat"] >= 1000
+
+    backends = results["backends"]
+    assert backends["bytecode"]["available"] is True
+    assert set(backends) == {"bytecode", "c"}
+    assert (backends["c"]["reason"] is None) == backends["c"]["available"]
+    for count in sizes:
+        for backend in backends:
+            (entry,) = [
+                e for e in results["per_packet"] if e["rules"] == count and e["backend"] == backend
+            ]
+            assert set(entry["ns_per_packet"]) == {"first", "last", "none"}
+            if backend == "bytecode":
+                assert entry["loaded"] and entry["error"] is None
+            if entry["loaded"]:
+                assert entry["instructions"] > 0 and entry["verifier_processed"] > 0
+                for position in ("first", "last", "none"):
+                    timing = entry["timing"][position]
+                    assert len(timing["trials"]) == bench.QUICK.testrun.trials
+                    assert timing["ns"] == entry["ns_per_packet"][position]
+            else:
+                assert entry["error"] and entry["ns_per_packet"]["first"] is None
+
+    filters = ["none", "bytecode", "iptables-legacy", "nftables"]
+    assert results["filters"] == filters
+    assert sorted((e["rules"], e["packet"]) for e in results["throughput"]) == sorted(
+        (count, position) for count in sizes for position in ("first", "last")
+    )
+    for entry in results["throughput"]:
+        assert list(entry["filters"]) == filters
+        for name, figures in entry["filters"].items():
+            assert len(figures["trials"]) == bench.QUICK.throughput_trials
+            # Not a speed check: every packet matches an ACCEPT rule, so a filter that
+            # delivered nothing would be dropping what it must accept.
+            assert all(delivered > 0 for delivered in figures["trials"]), (name, entry)
+    for entry in results["load"]:
+        assert set(entry["filters"]) == {"bytecode", "iptables-legacy", "nftables"}
+        for figures in entry["filters"].values():
+            assert isinstance(figures["load_s"], float) and isinstance(figures["update_s"], float)
+
+    markdown = (tmp_path / bench.RESULTS_MARKDOWN).read_text()
+    assert "| rules |" in markdown and "## Throughput" in markdown
+    for png in ("ns_per_packet.png", "throughput.png", "load_time.png"):
+        assert (tmp_path / png).read_bytes()[:8] == PNG_SIGNATURE
+    printed = captured.out.split()
+    assert str(tmp_path / bench.RESULTS_JSON) in printed
