@@ -205,22 +205,24 @@ class Receiver:
             "--cpus", "1", "--notouch-irq", "--no-sock-mem", "--no-cpu-stats",
         ]  # fmt: skip
         sent_before = transmitted(self.client, ifname)
-        # A session of its own: trafgen forks a sender, and SIGINT to the group stops both the
-        # way Ctrl-C would.
-        process = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
+        errors = self.directory / "trafgen.err"
+        with errors.open("w") as error_file:
+            # A session of its own: trafgen forks a sender, and SIGINT to the group stops both
+            # the way Ctrl-C would.
+            process = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=error_file,
+                start_new_session=True,
+            )
         try:
             deadline = time.monotonic() + START_TIMEOUT
             while transmitted(self.client, ifname) == sent_before:
                 if process.poll() is not None or time.monotonic() > deadline:
                     raise TrafficError(
                         f"trafgen sent nothing in {START_TIMEOUT} s from namespace "
-                        f"{self.client.name}"
+                        f"{self.client.name}: {_tail(errors)}"
                     )
                 time.sleep(0.005)
             time.sleep(warmup_s)
@@ -230,7 +232,7 @@ class Receiver:
             delivered_after, sent_after = delivered(self.host), transmitted(self.client, ifname)
             elapsed = time.monotonic() - started
             if process.poll() is not None:
-                raise TrafficError("trafgen stopped before the end of the window")
+                raise TrafficError(f"trafgen stopped before the end of the window: {_tail(errors)}")
         finally:
             _stop(process)
         return Sample(
@@ -239,6 +241,7 @@ class Receiver:
 
 
 def _stop(process: subprocess.Popen) -> None:
+    """Stop the generator we started: its process group is the session it leads."""
     if process.poll() is None:
         os.killpg(process.pid, signal.SIGINT)
         try:
@@ -246,8 +249,11 @@ def _stop(process: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait(timeout=STOP_TIMEOUT)
-    if process.stderr is not None:
-        process.stderr.close()
+
+
+def _tail(path: Path) -> str:
+    lines = [line.strip() for line in path.read_text(errors="replace").splitlines()]
+    return " / ".join(line for line in lines if line)[-300:] or "no message"
 
 
 class TrafficBench:
