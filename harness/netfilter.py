@@ -8,7 +8,9 @@ verdict, seen on the far side of the chain, and every counter that moved.
 
 How a verdict is observed:
 - INPUT: a raw IP socket in the host for the packet's protocol. Raw delivery happens after
-  LOCAL_IN, so the socket sees the packet exactly when INPUT accepted it.
+  LOCAL_IN, so the socket sees the packet exactly when INPUT accepted it. The host's Ip
+  InDelivers counter (/proc/net/snmp) must agree; it alone decides for ICMP shorter than its
+  8-byte header, which raw ICMP sockets never receive.
 - FORWARD: an AF_PACKET socket on the server's interface sees the forwarded frame.
 - OUTPUT: the host sends with a raw IP_HDRINCL socket; a drop in LOCAL_OUT makes sendto fail
   with EPERM, and an accepted packet reaches the client's AF_PACKET socket. Both must agree.
@@ -41,6 +43,7 @@ import itertools
 import os
 import select
 import socket
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -390,7 +393,8 @@ def disagreement(
 
 
 def _current_cpu() -> int:
-    stat = open("/proc/thread-self/stat").read()
+    with open("/proc/thread-self/stat") as file:
+        stat = file.read()
     # The command name may contain spaces and parentheses: split after the last ')'.
     return int(stat[stat.rindex(")") + 2 :].split()[36])  # field 39 of proc(5)
 
@@ -530,6 +534,7 @@ class NetfilterOracle:
         self._stack = ExitStack()
         self._probes = itertools.count(1)
         self._raw_receivers: dict[int, socket.socket] = {}
+        self._output_mark = 0
         self.ruleset: Ruleset | None = None
         self.host: HostTopology
         self.router: RouterTopology
@@ -692,14 +697,24 @@ class NetfilterOracle:
 
     # -- traffic --------------------------------------------------------------------------
 
-    def run(self, packet: bytes, chain: str) -> Observation:
+    def run(self, packet: bytes, chain: str, *, mark: int = 0) -> Observation:
         """Inject `packet` (IPv4, from the IP header on) so that it traverses `chain` once,
         and observe the verdict and the counters that moved.
 
         The addresses must suit the chain (see `ADDRESSES`, `DESTINATIONS`, `prepare`);
         raises PacketRefused otherwise, ObservationError when the datapath misbehaves.
+        `mark` (skb->mark) can only be set for OUTPUT, where the host's socket gives it
+        (SO_MARK): INPUT and FORWARD packets come from another namespace, and crossing into
+        it clears the mark.
         """
         prepared = prepare(packet, chain)
+        if isinstance(mark, bool) or not isinstance(mark, int) or not 0 <= mark <= 0xFFFFFFFF:
+            raise ValueError(f"mark must be a 32-bit integer, not {mark!r}")
+        if mark and chain != "OUTPUT":
+            raise PacketRefused(
+                f"{chain} packets arrive from another namespace, and crossing into it clears "
+                f"skb->mark: mark {mark:#x} can only be given for OUTPUT"
+            )
         destination = IPv4Address(prepared[16:20])
         pkt_type = DESTINATIONS[chain][destination]
         namespace = self.namespace(chain)
@@ -709,7 +724,7 @@ class NetfilterOracle:
         elif chain == "FORWARD":
             accepted = self._forward(prepared)
         else:
-            accepted = self._output(prepared)
+            accepted = self._output(prepared, mark)
         in_iface, out_iface = INTERFACES[chain]
         return Observation(
             chain=chain,
@@ -719,6 +734,7 @@ class NetfilterOracle:
             in_iface=in_iface,
             out_iface=out_iface,
             pkt_type=pkt_type,
+            mark=mark,
             sent=prepared,
         )
 
@@ -776,9 +792,16 @@ class NetfilterOracle:
             frames = _until_probe(self._server_capture, second, self.timeout)
         return any(_ip_payload(frame) == forwarded for frame in frames)
 
-    def _output(self, packet: bytes) -> bool:
+    def _output(self, packet: bytes, mark: int) -> bool:
         client, host = self.host.client, self.host.host
         _drain(self._host_client_capture)
+        if mark != self._output_mark:
+            # raw_send_hdrinc gives the skb the socket's mark before LOCAL_OUT.
+            # Packed by hand: setsockopt's int form is signed and refuses marks >= 2**31.
+            self._host_raw_sender.setsockopt(
+                socket.SOL_SOCKET, socket.SO_MARK, mark.to_bytes(4, sys.byteorder)
+            )
+            self._output_mark = mark
         probe = self._probe()
         with _pinned():
             try:

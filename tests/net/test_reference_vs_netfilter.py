@@ -28,7 +28,7 @@ from harness.netfilter import (
     disagreement,
     prepare,
 )
-from tests.strategies import packets, rulesets
+from tests.strategies import Scenario, rulesets, scenarios
 
 pytestmark = [pytest.mark.netns, pytest.mark.privileged]
 
@@ -48,11 +48,11 @@ def oracle() -> Iterator[NetfilterOracle]:
 
 
 def compare(
-    oracle: NetfilterOracle, ruleset: Ruleset, text: str, packet: bytes, chain: str
+    oracle: NetfilterOracle, ruleset: Ruleset, text: str, packet: bytes, chain: str, mark: int = 0
 ) -> Observation:
     """Run `packet` through netfilter and the evaluator; fail with a side-by-side report when
     they disagree. The rule set must be loaded already."""
-    observation = oracle.run(packet, chain)
+    observation = oracle.run(packet, chain, mark=mark)
     report = disagreement(text, observation, observation.reference(ruleset))
     if report is not None:
         pytest.fail(report, pytrace=False)
@@ -63,26 +63,19 @@ def compare(
 # Random rule sets and packets
 
 
-def _chain_packets(chain: str) -> st.SearchStrategy[list[bytes]]:
-    return st.lists(packets(chain), min_size=PACKETS_PER_CHAIN, max_size=PACKETS_PER_CHAIN)
-
-
 @pytest.mark.parametrize("shard", range(SHARDS))
 def test_reference_matches_netfilter_on_random_rulesets(
     oracle: NetfilterOracle, shard: int
 ) -> None:
     cases = 0
 
-    def check(
-        ruleset: Ruleset, inputs: list[bytes], forwards: list[bytes], outputs: list[bytes]
-    ) -> None:
+    def check(scenario: Scenario) -> None:
         nonlocal cases
-        loaded = oracle.load(ruleset)
+        loaded = oracle.load(scenario.ruleset)
         text = write(loaded)
-        for chain, batch in (("INPUT", inputs), ("FORWARD", forwards), ("OUTPUT", outputs)):
-            for packet in batch:
-                compare(oracle, loaded, text, packet, chain)
-                cases += 1
+        for chain, packet, mark in scenario.cases():
+            compare(oracle, loaded, text, packet, chain, mark)
+            cases += 1
 
     # Derandomized (CI) seeds derive from the test function's name: one name per shard keeps
     # the shards from testing the same examples.
@@ -92,14 +85,7 @@ def test_reference_matches_netfilter_on_random_rulesets(
         max_examples=examples,
         deadline=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    )(
-        given(
-            rulesets(),
-            _chain_packets("INPUT"),
-            _chain_packets("FORWARD"),
-            _chain_packets("OUTPUT"),
-        )(check)
-    )
+    )(given(scenarios(packets_per_chain=PACKETS_PER_CHAIN))(check))
     run()
     assert cases >= max(MIN_CASES // SHARDS, examples * PACKETS_PER_RULESET), (
         f"only {cases} packet cases ran in shard {shard}"
@@ -107,19 +93,13 @@ def test_reference_matches_netfilter_on_random_rulesets(
 
 
 @settings(max_examples=200, deadline=None)
-@given(rulesets(), packets("INPUT"), packets("FORWARD"), packets("OUTPUT"))
-def test_strategies_make_what_iptables_and_the_oracle_accept(
-    ruleset: Ruleset, input_packet: bytes, forward_packet: bytes, output_packet: bytes
-) -> None:
+@given(st.one_of(scenarios(), st.builds(Scenario, rulesets(), st.just({}), st.just({}))))
+def test_strategies_make_what_iptables_and_the_oracle_accept(scenario: Scenario) -> None:
     # No namespace needed: the rule set survives the iptables-save text round trip unchanged
     # and every packet reaches its chain as generated (prepare only refuses, never rewrites,
     # apart from the header checksum, already right, and padding beyond the total length).
-    assert parse(write(ruleset)) == ruleset
-    for packet, chain in (
-        (input_packet, "INPUT"),
-        (forward_packet, "FORWARD"),
-        (output_packet, "OUTPUT"),
-    ):
+    assert parse(write(scenario.ruleset)) == scenario.ruleset
+    for chain, packet, _ in scenario.cases():
         total_length = int.from_bytes(packet[2:4], "big")
         assert prepare(packet, chain) == packet[:total_length]
 
@@ -142,6 +122,7 @@ class Case:
     verdict: str
     moved: tuple[Position, ...]  # each moved by one packet of the packet's total length
     policies: str = "ACCEPT ACCEPT ACCEPT"
+    mark: int = 0
 
     def text(self) -> str:
         policies = dict(zip(("INPUT", "FORWARD", "OUTPUT"), self.policies.split(), strict=True))
@@ -286,6 +267,15 @@ CASES = [
         (("OUTPUT", 1),),
     ),
     Case(
+        "the mark of a locally sent packet, masked",
+        "-A OUTPUT -m mark --mark 0x1/0x1 -j ACCEPT\n-A OUTPUT -m mark --mark 0x10/0xf0 -j DROP\n",
+        "OUTPUT",
+        bytes(_ip("OUTPUT") / UDP(dport=53)),
+        "DROP",
+        (("OUTPUT", 2),),
+        mark=0xFFFFFF1E,
+    ),
+    Case(
         "multiport ranges either way and a negated output interface",
         "-A FORWARD -p tcp -m multiport --ports 1:21,8080 -j DROP\n"
         "-A FORWARD ! -o eth1 -j DROP\n-A FORWARD -i eth0 -o eth+ -j ACCEPT\n",
@@ -301,7 +291,7 @@ CASES = [
 def test_table_case(oracle: NetfilterOracle, case: Case) -> None:
     text = case.text()
     ruleset = oracle.load(text)
-    observation = compare(oracle, ruleset, write(ruleset), case.packet, case.chain)
+    observation = compare(oracle, ruleset, write(ruleset), case.packet, case.chain, case.mark)
     total_length = int.from_bytes(observation.packet[2:4], "big")
     expected = {position: (1, total_length) for position in case.moved}
     assert (observation.verdict, observation.counters) == (case.verdict, expected)
