@@ -1,27 +1,37 @@
-"""`bpflab list`: the applied rules in the layout of `iptables -L -n -x` (`-v` adds counters).
-
-Columns are iptables' own; what iptables prints after the addresses in each match's own words
-(`tcp dpt:22`) is printed here as the rule's iptables-save options, which say the same thing.
-"""
+"""`bpflab list`: the applied rules exactly as `iptables -L -n -x` prints them (`-v` adds
+counters and devices); tests/net/test_list_format.py holds it to iptables-legacy's output."""
 
 from __future__ import annotations
 
 import ipaddress
 
-from codegen.rules.iptables_save import write_rule
 from codegen.rules.model import (
     Accept,
     Address,
+    AddressRange,
     Chain,
+    Comment,
     Drop,
     Fragment,
     Goto,
+    IcmpMatch,
     Interface,
+    IpRange,
     Jump,
+    Length,
+    Mark,
+    Match,
+    Multiport,
+    PktType,
+    PortRange,
     Protocol,
     Return,
     Rule,
     Ruleset,
+    TcpFlags,
+    TcpMatch,
+    Ttl,
+    UdpMatch,
 )
 
 
@@ -38,60 +48,94 @@ def _target(rule: Rule) -> str:
     return ""
 
 
-def _address(rule: Rule, direction: str) -> str:
+def _first(rule: Rule, kind: type, direction: str | None = None):
     for match in rule.matches:
-        if isinstance(match, Address) and match.direction == direction:
-            network = match.network
-            text = (
-                str(network)
-                if network is not None
-                else f"{ipaddress.IPv4Address(match.address)}/{ipaddress.IPv4Address(match.mask)}"
-            )
-            return ("!" if match.negated else "") + text
-    return "0.0.0.0/0"
+        if isinstance(match, kind) and getattr(match, "direction", direction) == direction:
+            return match
+    return None
 
 
-def _interface(rule: Rule, direction: str) -> str:
-    for match in rule.matches:
-        if isinstance(match, Interface) and match.direction == direction:
-            return ("!" if match.negated else "") + match.name
-    return "*"
+def _address(match: Address | None) -> str:
+    if match is None:
+        return " " + "0.0.0.0/0"
+    if match.mask == 0xFFFFFFFF:
+        mask = ""
+    elif match.network is not None:
+        mask = f"/{match.network.prefixlen}"
+    else:
+        mask = f"/{ipaddress.IPv4Address(match.mask)}"
+    return ("!" if match.negated else " ") + f"{ipaddress.IPv4Address(match.address)}{mask}"
 
 
-def _protocol(rule: Rule) -> str:
-    for match in rule.matches:
-        if isinstance(match, Protocol):
-            return ("!" if match.negated else "") + str(match.number)
-    return "0"
+def _interface(match: Interface | None) -> str:
+    if match is None:
+        return "*"
+    return ("!" if match.negated else "") + match.name
 
 
-def _option(rule: Rule) -> str:
-    for match in rule.matches:
-        if isinstance(match, Fragment):
-            return "!f" if match.negated else "-f"
-    return "--"
+def _ports(name: str, ports: PortRange) -> str:
+    if ports.is_default:
+        return ""
+    inverse = "!" if ports.negated else ""
+    if ports.first == ports.last:
+        return f" {name}:{inverse}{ports.first}"
+    return f" {name}s:{inverse}{ports.first}:{ports.last}"
 
 
-def _extras(chain: str, rule: Rule) -> str:
-    """The rule's options beyond the columns, as iptables-save writes them."""
-    words = write_rule(chain, rule).split()
-    skip = {"-A": 1, "-s": 1, "-d": 1, "-i": 1, "-o": 1, "-p": 1, "-j": 1, "-g": 1, "-f": 0}
-    out: list[str] = []
-    index = 2
-    while index < len(words):
-        word = words[index]
-        if word == "!" and index + 1 < len(words) and words[index + 1] in skip:
-            index += 1
-            continue
-        if word in skip:
-            index += 1 + skip[word]
-            continue
-        out.append(word)
-        index += 1
-    return " ".join(out)
+def _flags(flags: TcpFlags) -> str:
+    if flags.mask == 0 and not flags.negated:
+        return ""
+    return f" flags:{'!' if flags.negated else ''}0x{flags.mask:02X}/0x{flags.compare:02X}"
+
+
+def _range(side: AddressRange) -> str:
+    first, last = ipaddress.IPv4Address(side.first), ipaddress.IPv4Address(side.last)
+    return f"{' !' if side.negated else ''} {first}-{last}"
+
+
+def _match(match: Match) -> str:
+    """One match as the extension's print function writes it with -n."""
+    if isinstance(match, TcpMatch | UdpMatch):
+        name = "tcp" if isinstance(match, TcpMatch) else "udp"
+        text = f" {name}{_ports('spt', match.sport)}{_ports('dpt', match.dport)}"
+        return text + (_flags(match.flags) if isinstance(match, TcpMatch) else "")
+    if isinstance(match, IcmpMatch):
+        text = " icmp !type" if match.negated else " icmptype"
+        text += f" {match.type}"
+        if match.code_min == match.code_max:
+            text += f" code {match.code_min}"
+        elif (match.code_min, match.code_max) != (0, 0xFF):
+            text += f" codes {match.code_min}-{match.code_max}"
+        return text
+    if isinstance(match, Multiport):
+        kind = {"src": "sports", "dst": "dports", "any": "ports"}[match.direction]
+        ports = ",".join(str(a) if a == b else f"{a}:{b}" for a, b in match.ports)
+        return f" multiport {kind} {' !' if match.negated else ''}{ports}"
+    if isinstance(match, IpRange):
+        text = ""
+        if match.src is not None:
+            text += " source IP range" + _range(match.src)
+        if match.dst is not None:
+            text += " destination IP range" + _range(match.dst)
+        return text
+    if isinstance(match, Length):
+        span = str(match.min) if match.min == match.max else f"{match.min}:{match.max}"
+        return f" length {'!' if match.negated else ''}{span}"
+    if isinstance(match, Ttl):
+        operator = {"eq": "!=" if match.negated else "==", "lt": "<", "gt": ">"}[match.op]
+        return f" TTL match TTL {operator} {match.value}"
+    if isinstance(match, PktType):
+        return f" PKTTYPE {'!' if match.negated else ''}= {match.type}"
+    if isinstance(match, Mark):
+        value = f"0x{match.value:x}" + (f"/0x{match.mask:x}" if match.mask != 0xFFFFFFFF else "")
+        return f" mark match{' !' if match.negated else ''} {value}"
+    if isinstance(match, Comment):
+        return f" /* {match.text} */"
+    return ""
 
 
 def list_table(ruleset: Ruleset, *, verbose: bool) -> str:
+    """The filter table as `iptables -L -n -x` prints it (`-v`: with counters and devices)."""
     lines: list[str] = []
     for chain in ruleset.chains.values():
         lines += _chain(chain, ruleset, verbose)
@@ -111,19 +155,29 @@ def _chain(chain: Chain, ruleset: Ruleset, verbose: bool) -> list[str]:
             if isinstance(rule.target, Jump | Goto) and rule.target.chain == chain.name
         )
         head = f"Chain {chain.name} ({references} references)"
-    columns = f"{'target':10} {'prot':4} {'opt':3} "
+    # Column widths are iptables' own (print_header and print_firewall in iptables.c).
+    columns = f"{'pkts':>8} {'bytes':>10} " if verbose else ""
+    columns += f"{'target':<9}  prot opt"
     if verbose:
-        columns = f"{'pkts':>8} {'bytes':>8} " + columns + f"{'in':6} {'out':6} "
-    columns += f"{'source':20} {'destination':20}"
-    lines = [head, columns.rstrip()]
+        columns += f" {'in':<6} {'out':<6} "
+    columns += f" {'source':<19}  {'destination':<19} "
+    lines = [head, columns]
     for rule in chain.rules:
-        row = f"{_target(rule):10} {_protocol(rule):4} {_option(rule):3} "
+        row = f"{rule.packets:>8} {rule.bytes:>8} " if verbose else ""
+        protocol = _first(rule, Protocol)
+        fragment = _first(rule, Fragment)
+        row += f"{_target(rule):<9} "
+        row += "!" if protocol is not None and protocol.negated else " "
+        row += f"{(protocol.number if protocol is not None else 0):<5}"
+        row += "!" if fragment is not None and fragment.negated else "-"
+        row += ("f" if fragment is not None else "-") + " "
         if verbose:
-            row = (
-                f"{rule.packets:>8} {rule.bytes:>8} "
-                + row
-                + f"{_interface(rule, 'in'):6} {_interface(rule, 'out'):6} "
-            )
-        row += f"{_address(rule, 'src'):20} {_address(rule, 'dst'):20} {_extras(chain.name, rule)}"
-        lines.append(row.rstrip())
+            row += f" {_interface(_first(rule, Interface, 'in')):<6} "
+            row += f"{_interface(_first(rule, Interface, 'out')):<6} "
+        row += f"{_address(_first(rule, Address, 'src')):<20} "
+        row += f"{_address(_first(rule, Address, 'dst')):<20} "
+        if isinstance(rule.target, Goto):
+            row += "[goto] "
+        row += "".join(_match(match) for match in rule.matches)
+        lines.append(row)
     return lines
