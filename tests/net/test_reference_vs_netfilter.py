@@ -9,6 +9,7 @@ against netfilter as well as against the expected outcome written here.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ from harness.netfilter import (
     HOST_BROADCAST,
     NetfilterOracle,
     Observation,
+    PacketRefused,
     Position,
     disagreement,
     prepare,
@@ -267,6 +269,22 @@ CASES = [
         (("OUTPUT", 1),),
     ),
     Case(
+        "an ICMP header cut to 4 bytes is hotdropped by the icmp match",
+        "-A INPUT -p icmp\n-A INPUT -p icmp -m icmp --icmp-type any -j ACCEPT\n",
+        "INPUT",
+        bytes(_ip("INPUT", proto=1) / Raw(b"\x08\x00\x00\x00")),
+        "DROP",
+        (("INPUT", 1),),
+    ),
+    Case(
+        "an ICMP header cut to 4 bytes passes without the icmp match",
+        "-A INPUT -p icmp\n",
+        "INPUT",
+        bytes(_ip("INPUT", proto=1) / Raw(b"\x08\x00\x00\x00")),
+        "ACCEPT",
+        (("INPUT", 1), ("INPUT", "policy")),
+    ),
+    Case(
         "the mark of a locally sent packet, masked",
         "-A OUTPUT -m mark --mark 0x1/0x1 -j ACCEPT\n-A OUTPUT -m mark --mark 0x10/0xf0 -j DROP\n",
         "OUTPUT",
@@ -295,3 +313,80 @@ def test_table_case(oracle: NetfilterOracle, case: Case) -> None:
     total_length = int.from_bytes(observation.packet[2:4], "big")
     expected = {position: (1, total_length) for position in case.moved}
     assert (observation.verdict, observation.counters) == (case.verdict, expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# The oracle itself
+
+
+REFUSED = [
+    ("version 6", "INPUT", bytes(_ip("INPUT", version=6) / UDP()), "IP version 6"),
+    ("header below 20 bytes", "INPUT", bytes(_ip("INPUT", ihl=4) / UDP()), "header length 16"),
+    ("total length past the data", "FORWARD", bytes(_ip("FORWARD", len=60) / UDP()), "exceeds"),
+    ("total length inside the header", "OUTPUT", bytes(_ip("OUTPUT", len=12) / UDP()), "shorter"),
+    ("INPUT fragment", "INPUT", bytes(_ip("INPUT", flags="MF") / UDP()), "reassembles"),
+    ("FORWARD TTL 1", "FORWARD", bytes(_ip("FORWARD", ttl=1) / UDP()), "time-exceeded"),
+    ("wrong destination", "FORWARD", bytes(_ip("INPUT") / UDP()), "must go to"),
+    ("martian source", "INPUT", bytes(IP(src="198.18.0.2", dst="198.18.0.2") / UDP()), "martian"),
+    ("outside 198.18.0.0/15", "OUTPUT", bytes(IP(src="10.0.0.1", dst="198.18.0.1")), "outside"),
+    ("option rewritten", "INPUT", bytes(_ip("INPUT", options=b"\x00\x01\x01\x01")), "after EOL"),
+    ("record route", "FORWARD", bytes(_ip("FORWARD", options=b"\x07\x03\x04\x00")), "options"),
+]
+
+
+@pytest.mark.parametrize(
+    ("chain", "packet", "reason"),
+    [case[1:] for case in REFUSED],
+    ids=[case[0] for case in REFUSED],
+)
+def test_oracle_refuses_what_would_not_reach_the_chain(
+    chain: str, packet: bytes, reason: str
+) -> None:
+    with pytest.raises(PacketRefused, match=reason):
+        prepare(packet, chain)
+
+
+def test_oracle_fixes_the_header_checksum_and_trims_padding() -> None:
+    packet = bytes(_ip("FORWARD") / UDP())
+    broken = packet[:10] + b"\xde\xad" + packet[12:] + b"\0\0\0"
+    assert prepare(broken, "FORWARD") == packet
+
+
+def test_oracle_refuses_a_mark_it_cannot_give(oracle: NetfilterOracle) -> None:
+    oracle.load(
+        "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n"
+    )
+    with pytest.raises(PacketRefused, match="clears skb->mark"):
+        oracle.run(bytes(_ip("INPUT") / UDP()), "INPUT", mark=1)
+
+
+QUIET_RULES = (
+    "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n"
+    "-A INPUT\n-A FORWARD\n-A OUTPUT\nCOMMIT\n"
+)
+# Packets the receiving kernel answers on its own when nothing stops it: a SYN to a closed
+# port (RST), an echo request (echo reply), UDP to a closed port (port unreachable), an
+# unknown protocol (protocol unreachable).
+PROVOKING = [
+    TCP(sport=1024, dport=9, flags="S"),
+    ICMP(type=8),
+    UDP(sport=1024, dport=9),
+    Raw(b"\0" * 8),
+]
+
+
+@pytest.mark.parametrize("chain", ["INPUT", "FORWARD", "OUTPUT"])
+def test_oracle_counts_only_the_injected_packet(oracle: NetfilterOracle, chain: str) -> None:
+    # Every chain counts everything: an answer from any kernel, or any other stray packet,
+    # would move a counter of another chain (or move one twice).
+    oracle.load(QUIET_RULES)
+    for layer in PROVOKING:
+        fields = {"proto": 99} if isinstance(layer, Raw) else {}
+        packet = bytes(_ip(chain, **fields) / layer)
+        observation = oracle.run(packet, chain)
+        size = int.from_bytes(observation.packet[2:4], "big")
+        expected = {(chain, 1): (1, size), (chain, "policy"): (1, size)}
+        assert (observation.verdict, observation.counters) == ("ACCEPT", expected)
+        # An answer queued behind the packet would show up a moment later: read again.
+        time.sleep(0.05)
+        assert oracle.counters(chain) == expected
