@@ -428,6 +428,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="also remove bl* namespaces that have no owner record",
     )
 
+    from .bench import add_command as add_bench
+
+    add_bench(commands)
+
     command("doctor", _doctor, "check what this machine can do")
     return parser
 
