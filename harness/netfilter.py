@@ -53,7 +53,19 @@ from ipaddress import IPv4Address, IPv4Network
 from types import TracebackType
 from typing import Literal, Self
 
-from codegen.rules import Evaluation, Ruleset, evaluate, parse, write
+from codegen.rules import (
+    Evaluation,
+    Interface,
+    Match,
+    PortRange,
+    Ruleset,
+    TcpFlags,
+    TcpMatch,
+    UdpMatch,
+    evaluate,
+    parse,
+    write,
+)
 from netns import Endpoint, HostTopology, Namespace, RouterTopology
 
 Chain = Literal["INPUT", "FORWARD", "OUTPUT"]
@@ -492,12 +504,35 @@ def _ip_payload(frame: bytes) -> bytes | None:
 # The oracle
 
 
-def _zeroed(ruleset: Ruleset) -> Ruleset:
+def _blind_spot(match: Match) -> Match | None:
+    """`match` as iptables-legacy-save prints it back: it cannot show `! --dport 0:65535`,
+    `! -i +` or `--tcp-flags NONE X` (the kernel holds them, and they never match), and prints
+    them as no option at all. None for a match it does not print."""
+    if isinstance(match, Interface) and match.name == "+":
+        return None
+    if isinstance(match, TcpMatch | UdpMatch):
+        full = PortRange(0, 0xFFFF, negated=True)
+        sport = PortRange() if match.sport == full else match.sport
+        dport = PortRange() if match.dport == full else match.dport
+        if isinstance(match, UdpMatch):
+            return UdpMatch(sport, dport)
+        flags = match.flags
+        if flags.mask == 0 and not flags.negated:
+            flags = TcpFlags()
+        return TcpMatch(sport, dport, flags)
+    return match
+
+
+def _as_saved(ruleset: Ruleset) -> Ruleset:
+    """`ruleset` as iptables-legacy-save would print it after a restore and a zeroing: no
+    counters, and nothing it cannot show (`_blind_spot`)."""
     copied = copy.deepcopy(ruleset)
     for chain in copied.chains.values():
         chain.packets = chain.bytes = 0
         for rule in chain.rules:
             rule.packets = rule.bytes = 0
+            shown = (_blind_spot(match) for match in rule.matches)
+            rule.matches = tuple(match for match in shown if match is not None)
     return copied
 
 
@@ -680,13 +715,13 @@ class NetfilterOracle:
         if isinstance(ruleset, str):
             ruleset = parse(ruleset, "<NetfilterOracle.load>")
         text = write(ruleset)
-        expected = _zeroed(parse(text, "<written>"))
+        expected = _as_saved(parse(text, "<written>"))
         for namespace in (self.host.host.namespace, self.router.router.namespace):
             self._restore(namespace, text)
             self._zero(namespace)
         for chain in ("INPUT", "FORWARD"):
             kernel = self.saved(chain)
-            if kernel != expected:
+            if _as_saved(kernel) != expected:
                 raise RulesetMismatch(self.namespace(chain).name, text, write(kernel))
         self.ruleset = ruleset
         return ruleset

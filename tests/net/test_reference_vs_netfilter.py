@@ -125,6 +125,7 @@ class Case:
     moved: tuple[Position, ...]  # each moved by one packet of the packet's total length
     policies: str = "ACCEPT ACCEPT ACCEPT"
     mark: int = 0
+    bug: str | None = None  # a known bug that makes this case fail: xfail(strict) naming it
 
     def text(self) -> str:
         policies = dict(zip(("INPUT", "FORWARD", "OUTPUT"), self.policies.split(), strict=True))
@@ -285,6 +286,32 @@ CASES = [
         (("INPUT", 1), ("INPUT", "policy")),
     ),
     Case(
+        "! --dport 0:65535 never matches (iptables-save cannot show it; the kernel holds it)",
+        "-A FORWARD -p udp -m udp ! --dport 0:65535 -j DROP\n",
+        "FORWARD",
+        bytes(_ip("FORWARD") / UDP(dport=53)),
+        "ACCEPT",
+        (("FORWARD", "policy"),),
+    ),
+    Case(
+        "! -i + never matches (iptables-save cannot show it; the kernel holds it)",
+        "-A INPUT ! -i + -j DROP\n",
+        "INPUT",
+        TCP_80,
+        "ACCEPT",
+        (("INPUT", "policy"),),
+    ),
+    Case(
+        "--tcp-flags NONE FIN never matches",
+        "-A INPUT -p tcp -m tcp --tcp-flags NONE FIN -j DROP\n",
+        "INPUT",
+        TCP_80,
+        "ACCEPT",
+        (("INPUT", "policy"),),
+        bug="write() drops `--tcp-flags NONE FIN` (TcpFlags.is_default ignores `compare`), so "
+        "the kernel is loaded with a rule that matches every TCP packet",
+    ),
+    Case(
         "the mark of a locally sent packet, masked",
         "-A OUTPUT -m mark --mark 0x1/0x1 -j ACCEPT\n-A OUTPUT -m mark --mark 0x10/0xf0 -j DROP\n",
         "OUTPUT",
@@ -305,11 +332,21 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
+@pytest.mark.parametrize(
+    "case",
+    [
+        pytest.param(
+            case,
+            id=case.name,
+            marks=[pytest.mark.xfail(strict=True, reason=case.bug)] if case.bug else [],
+        )
+        for case in CASES
+    ],
+)
 def test_table_case(oracle: NetfilterOracle, case: Case) -> None:
     text = case.text()
     ruleset = oracle.load(text)
-    observation = compare(oracle, ruleset, write(ruleset), case.packet, case.chain, case.mark)
+    observation = compare(oracle, ruleset, text, case.packet, case.chain, case.mark)
     total_length = int.from_bytes(observation.packet[2:4], "big")
     expected = {position: (1, total_length) for position in case.moved}
     assert (observation.verdict, observation.counters) == (case.verdict, expected)
