@@ -33,6 +33,14 @@ Kernel facts a caller must know (the oracle refuses what would not reach the cha
   evaluate that, not what was injected.
 - The kernel drops malformed IPv4 (version, header length, total length) before netfilter; the
   oracle fixes the header checksum and refuses the rest with `PacketRefused`.
+- Only OUTPUT packets can carry a mark (the sending socket's SO_MARK): crossing from the
+  client's namespace clears skb->mark.
+- INPUT's pkt_type follows the destination (`DESTINATIONS`): the subnet or limited broadcast
+  goes to the broadcast MAC, 224.0.0.1 to its multicast MAC.
+
+`load` checks that the kernel reads back the table it was given, except for what
+iptables-legacy-save cannot print (`! --dport 0:65535`, `! -i +`, `--tcp-flags NONE X`: the
+kernel holds them, and they never match).
 """
 
 from __future__ import annotations
@@ -46,12 +54,12 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from types import TracebackType
-from typing import Literal, Self
+from typing import Literal, Protocol, Self
 
 from codegen.rules import (
     Evaluation,
@@ -68,11 +76,11 @@ from codegen.rules import (
 )
 from netns import Endpoint, HostTopology, Namespace, RouterTopology
 
-Chain = Literal["INPUT", "FORWARD", "OUTPUT"]
+ChainName = Literal["INPUT", "FORWARD", "OUTPUT"]
 Position = tuple[str, int | Literal["policy"]]
 Counters = dict[Position, tuple[int, int]]
 
-CHAINS: tuple[Chain, ...] = ("INPUT", "FORWARD", "OUTPUT")
+CHAINS: tuple[ChainName, ...] = ("INPUT", "FORWARD", "OUTPUT")
 
 # The address plan of netns.topology, checked against the built topologies on entry. Test data
 # (tests/strategies.py) is built from these without building any namespace.
@@ -131,10 +139,9 @@ ETH_P_IP = 0x0800
 ETH_P_ALL = 0x0003
 SOL_PACKET = 263
 PACKET_IGNORE_OUTGOING = 23  # <linux/if_packet.h>; Python's socket module does not name it
-PACKET_OUTGOING = 4
 # Seconds to wait for a probe. Probes arrive in microseconds; this is only reached when the
 # topology is broken, and then the oracle raises rather than guessing.
-ARRIVAL_TIMEOUT = 1.0
+ARRIVAL_TIMEOUT = 2.0
 MAX_FRAMES = 256  # every receive loop is bounded in count as well as in time
 IPTABLES_WAIT = "10"  # seconds to wait for the xtables lock, shared with parallel test workers
 COMMAND_TIMEOUT = 30.0
@@ -364,11 +371,24 @@ def describe_packet(packet: bytes) -> str:
     return f"{IP(packet)!r}\n  hex: {packet.hex()}"
 
 
+class Judgement(Protocol):
+    """What another voice says about a packet: the reference evaluator's `Evaluation`, or a
+    backend's outcome with the same fields (`hotdrop` is optional)."""
+
+    @property
+    def verdict(self) -> str: ...
+    @property
+    def deciding(self) -> Position: ...
+    @property
+    def counters(self) -> Mapping[Position, tuple[int, int]]: ...
+
+
 def disagreement(
-    ruleset_text: str, observation: Observation, evaluation: Evaluation, label: str = "evaluator"
+    ruleset_text: str, observation: Observation, evaluation: Judgement, label: str = "evaluator"
 ) -> str | None:
     """None when `evaluation` gives the verdict and the moved counters netfilter observed;
-    otherwise a report with the rule set, the packet and both sides' counters side by side."""
+    otherwise a report with the rule set, the packet, the chain's devices and both sides'
+    counters side by side (differing rows marked `!`)."""
     if evaluation.verdict == observation.verdict and evaluation.counters == observation.counters:
         return None
     positions = sorted(set(evaluation.counters) | set(observation.counters), key=_position_order)
@@ -396,7 +416,8 @@ def disagreement(
         f"rule set:\n{ruleset_text}"
         f"packet as the chain saw it:\n  {describe_packet(observation.packet)}\n"
         f"{label}: {evaluation.verdict} by {deciding}"
-        f"{' (hotdrop)' if evaluation.hotdrop else ''}\n{table}"
+        f"{' (hotdrop)' if getattr(evaluation, 'hotdrop', False) else ''}"
+        f"{f', mark {observation.mark:#x}' if observation.mark else ''}\n{table}"
     )
 
 
