@@ -289,9 +289,11 @@ def method(settings: Settings, overhead_s: float) -> dict:
             "(packets past every filter, handed to TCP, which discards a RST to a closed port "
             f"without answering). After {settings.warmup_s} s of warm-up, the delivered count "
             f"over a {settings.window_s} s window is one trial; {settings.throughput_trials} "
-            "trials per filter, the filters alternated within each trial round (order rotated "
-            "each round); medians and ratios to no filter. `offered_trials` is the client's "
-            "transmit rate over the same windows."
+            "trials per filter, the filters alternated within each round (order rotated each "
+            "round). pps: the median over rounds; ratio: the median over rounds of the filter's "
+            "rate divided by no filter's rate in the same round (the machine's speed drifts "
+            "between rounds; pairing cancels most of it); ratio_of_medians and best_pps beside "
+            "it. `offered_trials` is the client's transmit rate over the same windows."
         ),
         "load": (
             "Into a receiver holding no rules (flushed first): `lifecycle.apply` in process "

@@ -154,7 +154,11 @@ def markdown(results: dict) -> str:
         ]
 
     filters = results["filters"]
-    lines += ["## Throughput across a veth pair (Mpps delivered, ratio to no filter)", ""]
+    lines += [
+        "## Throughput across a veth pair (Mpps delivered, median over rounds; in brackets the "
+        "median ratio to no filter in the same round)",
+        "",
+    ]
     for position in ("last", "first"):
         lines += [f"Traffic matching the {POSITION_LABELS[position]}:", ""]
         rows = []
