@@ -50,6 +50,7 @@ import errno
 import itertools
 import os
 import select
+import shlex
 import socket
 import sys
 import tempfile
@@ -572,6 +573,10 @@ def _quiet_host(uid: int) -> str:
     )
 
 
+_SAVE = ["iptables-legacy-save", "-c", "-t", "filter"]
+_ZERO = ["iptables-legacy", "-w", IPTABLES_WAIT, "-t", "filter", "-Z"]
+
+
 class NetfilterOracle:
     """Twin topologies where iptables-legacy decides; a context manager.
 
@@ -581,7 +586,8 @@ class NetfilterOracle:
         observation = oracle.run(packet, "FORWARD")
         observation.verdict, observation.counters
     ```
-    Load a rule set once and run many packets against it: each run zeroes the counters first.
+    Load a rule set once and run many packets against it: every run starts from zeroed
+    counters (load leaves them zero, and each run zeroes them as it reads them).
     Not thread-safe: one oracle serves one thread.
     """
 
@@ -591,6 +597,8 @@ class NetfilterOracle:
         self._probes = itertools.count(1)
         self._raw_receivers: dict[int, socket.socket] = {}
         self._output_mark = 0
+        self._zeroed: set[str] = set()  # namespaces whose filter counters are all zero now
+        self._lock_file = ""
         self.ruleset: Ruleset | None = None
         self.host: HostTopology
         self.router: RouterTopology
@@ -599,6 +607,8 @@ class NetfilterOracle:
 
     def __enter__(self) -> Self:
         with ExitStack() as stack:
+            lock = stack.enter_context(tempfile.NamedTemporaryFile(prefix="bpflab-xtables-"))
+            self._lock_file = lock.name
             self.host = stack.enter_context(HostTopology(ipv6=False))
             self.router = stack.enter_context(RouterTopology(ipv6=False))
             self._check_plan()
@@ -706,24 +716,26 @@ class NetfilterOracle:
         with tempfile.NamedTemporaryFile("w", prefix="bpflab-", suffix=".rules") as rules:
             rules.write(text)
             rules.flush()
-            namespace.run(
-                ["iptables-legacy-restore", "-w", IPTABLES_WAIT, rules.name],
-                timeout=COMMAND_TIMEOUT,
-            )
+            self._iptables(namespace, ["iptables-legacy-restore", "-w", IPTABLES_WAIT, rules.name])
 
-    def _zero(self, namespace: Namespace) -> None:
-        namespace.run(
-            ["iptables-legacy", "-w", IPTABLES_WAIT, "-t", "filter", "-Z"],
-            timeout=COMMAND_TIMEOUT,
-        )
+    def _iptables(self, namespace: Namespace, *commands: list[str]) -> str:
+        """Run `commands` one after the other in `namespace`, in one process tree, stopping at
+        the first that fails (CommandError); their standard output."""
+        # One `ip netns exec` for the batch: starting it is most of what a run costs.
+        script = " && ".join(shlex.join(command) for command in commands)
+        # Only this oracle changes its namespaces' tables, one command at a time: a lock file
+        # of its own keeps whoever holds the machine-wide /run/xtables.lock (a big restore
+        # elsewhere) from stalling every run.
+        script = f"export XTABLES_LOCKFILE={shlex.quote(self._lock_file)} && {script}"
+        return namespace.run(["sh", "-c", script], timeout=COMMAND_TIMEOUT).stdout
+
+    def _parse_saved(self, namespace: Namespace, text: str) -> Ruleset:
+        return parse(text, f"iptables-legacy-save -c in {namespace.name}")
 
     def saved(self, chain: str) -> Ruleset:
         """The filter table `chain` runs in, with counters, as iptables-legacy-save prints it."""
         namespace = self.namespace(chain)
-        result = namespace.run(
-            ["iptables-legacy-save", "-c", "-t", "filter"], timeout=COMMAND_TIMEOUT
-        )
-        return parse(result.stdout, f"iptables-legacy-save -c in {namespace.name}")
+        return self._parse_saved(namespace, self._iptables(namespace, _SAVE))
 
     def load(self, ruleset: Ruleset | str) -> Ruleset:
         """Load a filter table (a Ruleset or iptables-save text) into the host and the router
@@ -737,18 +749,30 @@ class NetfilterOracle:
             ruleset = parse(ruleset, "<NetfilterOracle.load>")
         text = write(ruleset)
         expected = _as_saved(parse(text, "<written>"))
-        for namespace in (self.host.host.namespace, self.router.router.namespace):
-            self._restore(namespace, text)
-            self._zero(namespace)
-        for chain in ("INPUT", "FORWARD"):
-            kernel = self.saved(chain)
-            if _as_saved(kernel) != expected:
-                raise RulesetMismatch(self.namespace(chain).name, text, write(kernel))
+        self.ruleset = None
+        # Namespace.run has no stdin: iptables-legacy-restore reads the rules from a file.
+        with tempfile.NamedTemporaryFile("w", prefix="bpflab-", suffix=".rules") as rules:
+            rules.write(text)
+            rules.flush()
+            for namespace in (self.host.host.namespace, self.router.router.namespace):
+                self._zeroed.discard(namespace.name)
+                restore = ["iptables-legacy-restore", "-w", IPTABLES_WAIT, rules.name]
+                output = self._iptables(namespace, restore, _ZERO, _SAVE)
+                kernel = self._parse_saved(namespace, output)
+                if _as_saved(kernel) != expected:
+                    raise RulesetMismatch(namespace.name, text, write(kernel))
+                if moved_counters(kernel):
+                    raise ObservationError(
+                        f"counters moved in namespace {namespace.name} right after loading: "
+                        f"{moved_counters(kernel)}"
+                    )
+                self._zeroed.add(namespace.name)
         self.ruleset = ruleset
         return ruleset
 
     def counters(self, chain: str) -> Counters:
-        """The counters that moved since the last zeroing in the table `chain` runs in."""
+        """The non-zero counters of the table `chain` runs in: after a run, those that moved
+        since it ended (it leaves the counters zeroed)."""
         return moved_counters(self.saved(chain))
 
     # -- traffic --------------------------------------------------------------------------
@@ -774,18 +798,24 @@ class NetfilterOracle:
         destination = IPv4Address(prepared[16:20])
         pkt_type = DESTINATIONS[chain][destination]
         namespace = self.namespace(chain)
-        self._zero(namespace)
+        # Counters are zeroed in the same process that reads them at the end of each run (and
+        # by load): a run that failed half-way leaves them dirty, and the next zeroes first.
+        if namespace.name not in self._zeroed:
+            self._iptables(namespace, _ZERO)
+        self._zeroed.discard(namespace.name)
         if chain == "INPUT":
             accepted = self._input(prepared, destination)
         elif chain == "FORWARD":
             accepted = self._forward(prepared)
         else:
             accepted = self._output(prepared, mark)
+        table = self._parse_saved(namespace, self._iptables(namespace, _SAVE, _ZERO))
+        self._zeroed.add(namespace.name)
         in_iface, out_iface = INTERFACES[chain]
         return Observation(
             chain=chain,
             verdict="ACCEPT" if accepted else "DROP",
-            counters=self.counters(chain),
+            counters=moved_counters(table),
             packet=seen_by_chain(prepared, chain),
             in_iface=in_iface,
             out_iface=out_iface,
