@@ -306,32 +306,41 @@ def plot(results: dict, directory: Path) -> list[Path]:
     figure.savefig(paths[-1], dpi=110)
     plt.close(figure)
 
-    figure, panels = plt.subplots(1, 2, figsize=(11, 4.8), sharey=True)
+    # Top: the rates; bottom: each filter's rate over no filter's in the same round, which the
+    # machine's drift between rounds does not move.
+    figure, panels = plt.subplots(2, 2, figsize=(11, 8.5), sharex=True, sharey="row")
     highest = 0.0
-    for axes, position in zip(panels, ("last", "first"), strict=True):
-        for name in results["filters"]:
-            points = [
-                (count, entry["filters"][name]["pps"] / 1e6)
-                for count in sizes
-                if (entry := _find_throughput(results["throughput"], count, position))
-                and entry["filters"].get(name, {}).get("pps") is not None
-            ]
-            if points:
-                axes.plot(
-                    *zip(*points, strict=True),
-                    "o-",
-                    color=FILTER_COLOURS[name],
-                    label=FILTER_LABELS[name],
-                )
-                highest = max(highest, *(mpps for _, mpps in points))
-        axes.set_xscale("log")
-        axes.set_xlabel("rules")
-        axes.set_title(f"traffic matching the {POSITION_LABELS[position]}", fontsize=10)
-        axes.grid(True, which="both", alpha=0.3)
-    # Shared axis from zero: the drop a filter causes is read as a fraction of the height.
-    panels[0].set_ylim(0, highest * 1.1 or 1)
-    panels[0].set_ylabel("Mpps delivered (64-byte frames over veth, median)")
-    panels[0].legend(fontsize=8)
+    for column, position in enumerate(("last", "first")):
+        for row, (key, scale) in enumerate((("pps", 1e6), ("ratio", 0.01))):
+            axes = panels[row][column]
+            for name in results["filters"]:
+                points = [
+                    (count, entry["filters"][name][key] / scale)
+                    for count in sizes
+                    if (entry := _find_throughput(results["throughput"], count, position))
+                    and entry["filters"].get(name, {}).get(key) is not None
+                ]
+                if points:
+                    axes.plot(
+                        *zip(*points, strict=True),
+                        "o-",
+                        color=FILTER_COLOURS[name],
+                        label=FILTER_LABELS[name],
+                    )
+                    if key == "pps":
+                        highest = max(highest, *(mpps for _, mpps in points))
+            axes.set_xscale("log")
+            axes.grid(True, which="both", alpha=0.3)
+        panels[0][column].set_title(
+            f"traffic matching the {POSITION_LABELS[position]}", fontsize=10
+        )
+        panels[1][column].set_xlabel("rules")
+    # From zero: the drop a filter causes is read as a fraction of the height.
+    panels[0][0].set_ylim(0, highest * 1.1 or 1)
+    panels[1][0].set_ylim(0, 115)
+    panels[0][0].set_ylabel("Mpps delivered (64-byte frames over veth, median)")
+    panels[1][0].set_ylabel("% of no filter (same round, median)")
+    panels[0][0].legend(fontsize=8)
     figure.suptitle(f"Throughput\n{title}", fontsize=10)
     figure.tight_layout()
     paths.append(directory / PLOTS["throughput"])

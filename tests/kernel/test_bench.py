@@ -167,6 +167,7 @@ def test_quick_bench_writes_json_markdown_and_plots(tmp_path, capsys):
     for entry in results["throughput"]:
         assert list(entry["filters"]) == filters
         for name, figures in entry["filters"].items():
+            assert {"pps", "ratio", "best_pps", "offered_trials"} <= figures.keys()
             assert len(figures["trials"]) == bench.QUICK.throughput_trials
             # Not a speed check: every packet matches an ACCEPT rule, so a filter that
             # delivered nothing would be dropping what it must accept.
