@@ -182,8 +182,8 @@ class PortRange:
 
 @dataclass(frozen=True, slots=True)
 class TcpFlags:
-    """`--tcp-flags MASK COMP`: matches when `flags & mask == comp`. Mask 0 (the default) with
-    no negation matches every packet."""
+    """`--tcp-flags MASK COMP`: matches when `flags & mask == comp`. Mask and comp 0 (the
+    default) with no negation matches every packet; mask 0 with a comp matches none."""
 
     mask: int = 0
     compare: int = 0
@@ -200,7 +200,8 @@ class TcpFlags:
 
     @property
     def is_default(self) -> bool:
-        return self.mask == 0 and not self.negated
+        # `--tcp-flags NONE FIN` (mask 0, compare set) never matches: not the default.
+        return self.mask == 0 and self.compare == 0 and not self.negated
 
 
 @dataclass(frozen=True, slots=True)
