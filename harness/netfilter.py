@@ -144,7 +144,7 @@ PACKET_IGNORE_OUTGOING = 23  # <linux/if_packet.h>; Python's socket module does 
 # topology is broken, and then the oracle raises rather than guessing.
 ARRIVAL_TIMEOUT = 2.0
 MAX_FRAMES = 256  # every receive loop is bounded in count as well as in time
-IPTABLES_WAIT = "10"  # seconds to wait for the xtables lock, shared with parallel test workers
+IPTABLES_WAIT = "10"  # seconds to wait for the xtables lock (the oracle's own lock file)
 COMMAND_TIMEOUT = 30.0
 
 _MULTICAST_MAC_PREFIX = bytes.fromhex("01005e")
