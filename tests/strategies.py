@@ -325,12 +325,7 @@ def _tcp_flags(draw: st.DrawFn, aim: Aim | None) -> TcpFlags:
     flags = _aimed(draw, _FLAG_BITS, None if aim is None else aim.tcp_flags)
     # Usually a comparison the flags can meet (inside the mask); sometimes one they cannot.
     compare = flags & mask if not _one_in(draw, 4) else flags
-    negated = _negated(draw)
-    if mask == 0 and not negated:
-        # iptables-save (and write) leave out `--tcp-flags NONE X` as if it were no option,
-        # although the kernel never matches it for X != NONE: the round trip would lose it.
-        compare = 0
-    return TcpFlags(mask, compare, negated)
+    return TcpFlags(mask, compare, _negated(draw))
 
 
 def _tcp(draw: st.DrawFn, aim: Aim | None) -> TcpMatch:
