@@ -22,7 +22,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from contextlib import ExitStack
+from contextlib import ExitStack, closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -204,12 +204,12 @@ class Lab:
         goes through its stack (LOCAL_OUT, routing, TC egress), as locally made traffic does."""
         node = self.node(source, destination)
         if node.holder:
-            with _closing(
+            with closing(
                 node.namespace.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
             ) as sock:
                 sock.sendto(bytes(frame[IP]), (frame[IP].dst, 0))
             return
-        with _closing(node.namespace.socket(socket.AF_PACKET, socket.SOCK_RAW)) as sock:
+        with closing(node.namespace.socket(socket.AF_PACKET, socket.SOCK_RAW)) as sock:
             sock.bind((node.ifname, 0))
             sock.send(bytes(frame))
 
@@ -272,17 +272,6 @@ def _node(name: str, endpoint, *, holder: bool) -> Node:
     return Node(
         name, endpoint.namespace, endpoint.ifname, endpoint.mac, str(endpoint.ipv4.ip), holder
     )
-
-
-class _closing:
-    def __init__(self, sock: socket.socket):
-        self.sock = sock
-
-    def __enter__(self) -> socket.socket:
-        return self.sock
-
-    def __exit__(self, *exc: object) -> None:
-        self.sock.close()
 
 
 def _safe(label: str) -> str:
