@@ -305,10 +305,15 @@ def _cleanup(args: argparse.Namespace) -> int:
     _require(environment.missing_netns)
     from netns.reaper import reap
 
+    from .lifecycle import forget_missing
+
     removed = reap(orphans=args.orphans)
+    forgotten = [name for name in forget_missing() if name not in removed]
+    for name in forgotten:
+        print(f"forgot the rule set of vanished namespace {name}")
     for name in removed:
         print(f"removed {name}")
-    if not removed:
+    if not removed and not forgotten:
         print("nothing to clean up")
     return EXIT_OK
 

@@ -317,3 +317,16 @@ def flush(netns: str) -> list[str]:
     if not removed and read_state(netns) is None:
         raise LifecycleError(f"nothing is applied in namespace {netns}")
     return removed
+
+
+def forget_missing() -> list[str]:
+    """Remove the rule-set state of namespaces that no longer exist (their pins went with the
+    reaper); returns their names."""
+    from netns.namespace import NETNS_DIR
+
+    gone = []
+    for state in sorted(STATE_ROOT.glob("*.json")) if STATE_ROOT.is_dir() else []:
+        if not (NETNS_DIR / state.stem).exists():
+            state.unlink(missing_ok=True)
+            gone.append(state.stem)
+    return gone

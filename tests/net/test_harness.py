@@ -134,10 +134,14 @@ def test_reaper_cleans_up_after_sigkill():
         child.send_signal(signal.SIGKILL)
         child.wait(timeout=10)
     assert os.path.exists(f"/var/run/netns/{name}")  # SIGKILL left it behind
+    state = lifecycle.STATE_ROOT / f"{name}.json"  # as if it had rules applied
+    state.parent.mkdir(parents=True, exist_ok=True)
+    state.write_text("{}")
     cleaned = bpflab("cleanup")
     assert cleaned.returncode == 0
     assert f"removed {name}" in cleaned.stdout
     assert not os.path.exists(f"/var/run/netns/{name}")
+    assert not state.exists()
 
 
 def test_counters_equal_netfilters_for_the_same_traffic():
