@@ -23,16 +23,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO
 
+# Only what the parser needs is imported here: `bpflab` builds every subcommand's parser on
+# each run, and the measuring modules pull in the code generators.
 from .bench_rules import FRAME_BYTES, MAX_RULES, POSITIONS
-from .bench_testrun import (
-    BenchCheckFailed,
-    TimingSettings,
-    c_backend_problem,
-    find_largest,
-    measure_backend,
-    not_loaded,
-    time_floor,
-)
 
 DEFAULT_SIZES = (1, 10, 100, 1000, 2048, 5000)
 QUICK_SIZES = (1, 10, 100)
@@ -47,6 +40,15 @@ Progress = Callable[[str], None]
 
 class BenchError(Exception):
     """The bench cannot run here (privileges, tools), in one sentence."""
+
+
+@dataclass(frozen=True)
+class TimingSettings:
+    """BPF_PROG_TEST_RUN trials of one program on one packet."""
+
+    trials: int
+    repeat: int  # repeats per trial, unless that would exceed the budget
+    budget_s: float  # at most this long per trial: large rule sets get fewer repeats
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,7 @@ def run_bench(settings: Settings, progress: Progress = _no_progress) -> dict:
     """Measure everything `settings` asks for and return the results (see the JSON's keys)."""
     if (reason := missing_requirements()) is not None:
         raise BenchError(reason)
+    from .bench_testrun import c_backend_problem, find_largest, time_floor
     from .bench_traffic import FILTERS, TrafficBench, process_overhead
 
     clock = time.perf_counter
@@ -208,6 +211,8 @@ def _per_packet(
     clock: Callable[[], float],
     progress: Progress,
 ) -> list[dict]:
+    from .bench_testrun import measure_backend, not_loaded
+
     entries: list[dict] = []
     skip = {name: info["reason"] for name, info in backends.items() if not info["available"]}
     last_load: dict[str, tuple[int, float]] = {}
@@ -418,6 +423,7 @@ def run(args: argparse.Namespace) -> int:
     from netns.namespace import NamespaceError
 
     from .bench_report import PlotError
+    from .bench_testrun import BenchCheckFailed
     from .bench_traffic import TrafficError
 
     try:

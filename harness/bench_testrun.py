@@ -14,6 +14,7 @@ import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address
+from typing import TYPE_CHECKING
 
 from codegen.bpf.isa import Command, MapType
 from codegen.bpf.syscall import BpfError, bpf
@@ -34,6 +35,9 @@ from .bench_rules import (
 )
 from .runner import ChainRunner, CounterMap, frame_for, standin_interfaces
 
+if TYPE_CHECKING:
+    from .bench import TimingSettings
+
 # The test-run device is lo; the destination only has to be the same for every packet.
 DESTINATION = IPv4Address("198.18.0.2")
 # The verifier's budget of processed instructions (BPF_COMPLEXITY_LIMIT_INSNS).
@@ -46,13 +50,6 @@ Progress = Callable[[str], None]
 
 class BenchCheckFailed(Exception):
     """A program under measurement did not decide what the workload says it must."""
-
-
-@dataclass(frozen=True)
-class TimingSettings:
-    trials: int
-    repeat: int  # repeats per trial, unless that would exceed the budget
-    budget_s: float  # at most this long per trial: large rule sets get fewer repeats
 
 
 @dataclass(frozen=True)
