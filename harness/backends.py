@@ -8,9 +8,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Literal, Protocol
 
+from codegen.bpf.isa import MapType
 from codegen.bpf.loader import VerifierStats, load
+from codegen.bpf.maps import Map
 from codegen.rules.model import Ruleset
-from codegen.tc.generator import Hook, compile_program
+from codegen.tc import exact
+from codegen.tc.generator import EXACT_MAP, Hook, compile_program
 
 Backend = Literal["bytecode", "c"]
 BACKENDS: tuple[Backend, ...] = ("bytecode", "c")
@@ -44,7 +47,20 @@ def load_program(
         compiled = compile_program(
             ruleset, hook, interfaces=interfaces, chain=chain, fastpath=fastpath
         )
-        return load(compiled.items, name=compiled.name, maps=maps)
+        if not compiled.exact:
+            return load(compiled.items, name=compiled.name, maps=maps)
+        # Runs of exact-match rules read their own hash map: built here, owned by the program.
+        table = Map(MapType.HASH, exact.KEY.size, exact.VALUE.size, len(compiled.exact),
+                    name=EXACT_MAP)
+        try:
+            for key, value in compiled.exact.items():
+                table.update(key, value)
+            program = load(compiled.items, name=compiled.name, maps={**maps, EXACT_MAP: table})
+        except BaseException:
+            table.close()
+            raise
+        program.resources.append(table)
+        return program
     if backend == "c":
         from codegen.c import load_c_program
 

@@ -122,6 +122,7 @@ class LoadedProgram:
     stats: VerifierStats | None
     log: str = ""
     maps: dict[str, int] = field(default_factory=dict)
+    resources: list = field(default_factory=list)  # objects closed with the program (maps)
 
     @property
     def insn_count(self) -> int:
@@ -131,6 +132,9 @@ class LoadedProgram:
         if self.fd >= 0:
             close(self.fd)
             self.fd = -1
+        for resource in self.resources:
+            resource.close()
+        self.resources.clear()
 
     def __enter__(self) -> LoadedProgram:
         return self

@@ -52,7 +52,7 @@ from codegen.rules.iptables_save import write_rule
 from codegen.rules.model import Accept, Chain, Drop, Goto, Jump, Return, Rule, Ruleset
 from codegen.rules.names import BUILTIN_CHAINS
 
-from . import matches
+from . import exact, matches
 from .layout import (
     ACCEPT,
     CONTINUE,
@@ -74,7 +74,8 @@ MAX_FRAMES = 8  # MAX_CALL_FRAMES in the kernel
 # function, is verified once on its own.
 CHUNK_RULES = 256
 RETURNED = 3  # a chunk's answer when its chain returns (RETURN, or a goto that came back)
-COUNTERS_MAP, LOCAL_MAP = "counters", "local_addresses"
+INLINE_SCAN = 64  # an exact run longer than this has its fallback scan in functions of its own
+COUNTERS_MAP, LOCAL_MAP, EXACT_MAP = "counters", "local_addresses", "exact_rules"
 ETH_HLEN, ETH_P_IP_BE = 14, 0x0008
 PACKET_HOST, PACKET_OTHERHOST = 0, 3
 AF_INET = 2
@@ -109,6 +110,7 @@ class CompiledProgram:
     layout: CounterLayout
     maps: tuple[str, ...]
     notes: list[RuleNote] = field(default_factory=list)
+    exact: dict[bytes, bytes] = field(default_factory=dict)  # EXACT_MAP's entries
 
 
 def compile_program(
@@ -129,12 +131,69 @@ def compile_program(
     emitter = _Emitter(ruleset, CounterLayout.of(ruleset), interfaces, hook, fastpath)
     items = remove_unreachable(emitter.entry(builtins))
     maps = (COUNTERS_MAP, LOCAL_MAP) if hook == "ingress" else (COUNTERS_MAP,)
+    if emitter.exact:
+        maps += (EXACT_MAP,)
     name = {"ingress": "bpflab_ingress", "egress": "bpflab_egress"}.get(hook, f"bpflab_{chain}")
-    return CompiledProgram(name[:15], hook, builtins, items, emitter.layout, maps, emitter.notes)
+    return CompiledProgram(
+        name[:15], hook, builtins, items, emitter.layout, maps, emitter.notes, emitter.exact
+    )
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Rules first..last (1-based) of a chain: scanned, or an exact run (with its shape)."""
+
+    first: int
+    last: int
+    shape: exact.Shape | None = None
+
+    @property
+    def weight(self) -> int:
+        # An exact run costs its function one lookup; its scan, if long, lives elsewhere.
+        if self.shape is not None:
+            return 1 if self.last - self.first + 1 > INLINE_SCAN else self.last - self.first + 1
+        return self.last - self.first + 1
+
+
+def _pieces(chain: Chain) -> list[list[Segment]]:
+    """The chain's rules as segments, packed into functions of at most CHUNK_RULES weight."""
+    segments: list[Segment] = []
+    next_rule = 1
+    for start, end, shape in exact.runs(chain.rules):
+        if start + 1 > next_rule:
+            segments.append(Segment(next_rule, start))
+        segments.append(Segment(start + 1, end + 1, shape))
+        next_rule = end + 2
+    if next_rule <= len(chain.rules):
+        segments.append(Segment(next_rule, len(chain.rules)))
+    pieces: list[list[Segment]] = [[]]
+    room = CHUNK_RULES
+    for segment in segments:
+        while segment.shape is None and segment.weight > room:
+            if room:
+                pieces[-1].append(Segment(segment.first, segment.first + room - 1))
+                segment = Segment(segment.first + room, segment.last)
+            pieces.append([])
+            room = CHUNK_RULES
+        if segment.weight > room:
+            pieces.append([])
+            room = CHUNK_RULES
+        pieces[-1].append(segment)
+        room -= segment.weight
+    return pieces
 
 
 def _chunks(chain: Chain) -> int:
-    return max(1, -(-len(chain.rules) // CHUNK_RULES))
+    return len(_pieces(chain))
+
+
+def _scans_elsewhere(chain: Chain) -> bool:
+    """Whether an exact run's scan is in functions of its own (one more call frame)."""
+    return any(
+        segment.shape is not None and segment.last - segment.first + 1 > INLINE_SCAN
+        for piece in _pieces(chain)
+        for segment in piece
+    )
 
 
 def user_chains_called(ruleset: Ruleset, roots: tuple[str, ...]) -> list[str]:
@@ -147,7 +206,7 @@ def user_chains_called(ruleset: Ruleset, roots: tuple[str, ...]) -> list[str]:
     def frames(name: str, path: tuple[str, ...]) -> int:
         chain = ruleset.chains[name]
         own = 1 if _chunks(chain) == 1 else 2
-        deepest = 1  # the counter update
+        deepest = 2 if _scans_elsewhere(chain) else 1  # a scan function, the counter update
         for rule in chain.rules:
             if isinstance(rule.target, Jump | Goto):
                 callee = rule.target.chain
@@ -187,6 +246,8 @@ class _Emitter:
         self.fastpath = fastpath
         self.notes: list[RuleNote] = []
         self.pending: list[list[Item]] = []  # chunk functions, placed after the chains
+        self.exact: dict[bytes, bytes] = {}
+        self._runs = 0
         self._labels = itertools.count()
 
     def label(self, hint: str) -> str:
@@ -469,8 +530,9 @@ class _Emitter:
     def builtin_chain(self, name: str, accept: str) -> list[Item]:
         chain = self.ruleset.chains[name]
         policy = f"policy_{name}"
-        if _chunks(chain) == 1:
-            code = self.rules(chain, _InlineTargets(accept, policy), 1, len(chain.rules))
+        pieces = _pieces(chain)
+        if len(pieces) == 1:
+            code = self.rules(chain, _InlineTargets(accept, policy), pieces[0])
         else:
             code = []
             for function in self.chunk_functions(chain):
@@ -498,14 +560,30 @@ class _Emitter:
         """Queue the global functions that hold a long chain's rules, CHUNK_RULES each; they
         answer CONTINUE at their end, RETURNED when the chain returns, or a verdict."""
         names = []
-        for number in range(_chunks(chain)):
-            first = number * CHUNK_RULES + 1
-            last = min(len(chain.rules), first + CHUNK_RULES - 1)
+        for number, piece in enumerate(_pieces(chain)):
             name = f"{_function(chain.name)}:{number}"
             self.pending.append(
                 [
                     *_global_prologue(name),
-                    *self.rules(chain, _FunctionTargets(RETURNED), first, last),
+                    *self.rules(chain, _FunctionTargets(RETURNED), piece),
+                    I.mov64(R0, CONTINUE),
+                    I.exit_(),
+                ]
+            )
+            names.append(name)
+        return names
+
+    def scan_functions(self, chain: Chain, first: int, last: int) -> list[str]:
+        """Global functions scanning rules first..last of an exact run (all ACCEPT or DROP):
+        they answer CONTINUE when no rule matched, or the verdict."""
+        names = []
+        for start in range(first, last + 1, CHUNK_RULES):
+            end = min(last, start + CHUNK_RULES - 1)
+            name = f"{_function(chain.name)}:scan{start}"
+            self.pending.append(
+                [
+                    *_global_prologue(name),
+                    *self.rules(chain, _FunctionTargets(RETURNED), [Segment(start, end)]),
                     I.mov64(R0, CONTINUE),
                     I.exit_(),
                 ]
@@ -517,10 +595,11 @@ class _Emitter:
         """A user chain's entry, a global function answering CONTINUE (it returned or fell off
         its end), ACCEPT or DROP."""
         name = _function(chain.name)
-        if _chunks(chain) == 1:
+        pieces = _pieces(chain)
+        if len(pieces) == 1:
             return [
                 *_global_prologue(name),
-                *self.rules(chain, _FunctionTargets(CONTINUE), 1, len(chain.rules)),
+                *self.rules(chain, _FunctionTargets(CONTINUE), pieces[0]),
                 I.mov64(R0, CONTINUE),
                 I.exit_(),
             ]
@@ -538,22 +617,121 @@ class _Emitter:
             ]
         return [*code, Label(returned), I.mov64(R0, CONTINUE), I.exit_()]
 
-    def rules(self, chain: Chain, targets: _Targets, first: int, last: int) -> list[Item]:
+    def rules(self, chain: Chain, targets: _Targets, segments: list[Segment]) -> list[Item]:
+        """The code of some segments of `chain`: rules scanned one by one, or exact runs."""
         code: list[Item] = []
-        for index in range(first, last + 1):
-            rule = chain.rules[index - 1]
-            note = RuleNote(
-                chain.name,
-                index,
-                write_rule(chain.name, rule),
-                str(rule.source) if rule.source else None,
-            )
-            self.notes.append(note)
-            code += [
-                item.annotate(note) if isinstance(item, I.Insn) else item
-                for item in self.rule(chain, index, rule, targets)
-            ]
+        for segment in segments:
+            if segment.shape is not None:
+                code += self.exact_run(chain, segment, targets)
+            else:
+                for index in range(segment.first, segment.last + 1):
+                    code += self.annotated_rule(chain, index, targets)
         return code
+
+    def annotated_rule(self, chain: Chain, index: int, targets: _Targets) -> list[Item]:
+        rule = chain.rules[index - 1]
+        note = RuleNote(
+            chain.name,
+            index,
+            write_rule(chain.name, rule),
+            str(rule.source) if rule.source else None,
+        )
+        self.notes.append(note)
+        return [
+            item.annotate(note) if isinstance(item, I.Insn) else item
+            for item in self.rule(chain, index, rule, targets)
+        ]
+
+    def exact_run(self, chain: Chain, segment: Segment, targets: _Targets) -> list[Item]:
+        """A hash lookup answering for rules first..last, then their scan for the packets the
+        lookup cannot answer for (see codegen.tc.exact)."""
+        first, last, shape = segment.first, segment.last, segment.shape
+        assert shape is not None
+        run_id = self._runs
+        self._runs += 1
+        slots = [self.layout.slot((chain.name, i)) for i in range(first, last + 1)]
+        self.exact.update(exact.entries(run_id, chain.rules[first - 1 : last], slots))
+        note = RuleNote(
+            chain.name,
+            first,
+            f"rules {first} to {last} of {chain.name}: one hash "
+            f"lookup for {last - first + 1} exact-match rules",
+        )
+        in_main = isinstance(targets, _InlineTargets)
+        key = (SCRATCH_OFFSET - 24) if in_main else -24
+        saved = key - 8
+        scan, after, lookup = self.label("scan"), self.label("after_run"), self.label("lookup")
+        code: list[Item] = []
+        if shape.transport:
+            tcp = self.label("tcp_header")
+            code += [
+                # Later fragments and short headers: the tcp/udp matches' own rules apply.
+                I.ldx(Size.H, R1, FACTS, Facts.FRAGMENT.offset),
+                I.jmp32(JmpOp.JNE, R1, 0, scan),
+                I.ldx(Size.B, R1, FACTS, Facts.PROTOCOL.offset),
+                I.jmp32(JmpOp.JEQ, R1, exact.IPPROTO_TCP, tcp),
+                I.jmp32(JmpOp.JNE, R1, exact.IPPROTO_UDP, after),  # no rule here can match
+                I.ldx(Size.H, R1, FACTS, Facts.L4_LEN.offset),
+                I.jmp32(JmpOp.JLT, R1, matches.UDP_HEADER, scan),
+                I.ja(lookup),
+                Label(tcp),
+                I.ldx(Size.H, R1, FACTS, Facts.L4_LEN.offset),
+                I.jmp32(JmpOp.JLT, R1, matches.TCP_HEADER, scan),
+            ]
+        code += [Label(lookup), I.st(Size.W, R10, key, run_id)]
+        fields = (
+            (shape.source, Facts.SADDR, 4),
+            (shape.destination, Facts.DADDR, 8),
+            (shape.source_port, Facts.SPORT, 12),
+            (shape.destination_port, Facts.DPORT, 14),
+            (shape.protocol, Facts.PROTOCOL, 16),
+        )
+        for present, fact, offset in fields:
+            if present:
+                code += [
+                    I.ldx(fact.size, R1, FACTS, fact.offset),
+                    I.stx(fact.size, R10, key + offset, R1),
+                ]
+            else:
+                code.append(I.st(fact.size, R10, key + offset, 0))
+        code += [
+            I.st(Size.B, R10, key + 17, 0),
+            I.st(Size.H, R10, key + 18, 0),
+            I.ld_map_fd(R1, EXACT_MAP),
+            I.mov64(R2, R10),
+            I.alu64(AluOp.ADD, R2, key),
+            I.call("map_lookup_elem"),
+            I.jmp(JmpOp.JEQ, R0, 0, after),
+            I.ldx(Size.W, R1, R0, 0),
+            I.stx(Size.W, FACTS, Facts.DECIDED.offset, R1),
+            I.ldx(Size.W, R2, R0, 4),
+            I.stx(Size.W, R10, saved, R2),
+            I.ldx(Size.H, R2, FACTS, Facts.TOT_LEN.offset),
+            I.call_local("count"),
+            I.ldx(Size.W, R1, R10, saved),
+        ]
+        dropped = self.label("run_dropped")
+        code += [
+            I.jmp32(JmpOp.JNE, R1, exact.ACCEPT, dropped),
+            *targets.accept(),
+            Label(dropped),
+            *targets.drop(),
+        ]
+        code = [item.annotate(note) if isinstance(item, I.Insn) else item for item in code]
+        code.append(Label(scan))
+        if last - first + 1 <= INLINE_SCAN:
+            for index in range(first, last + 1):
+                code += self.annotated_rule(chain, index, targets)
+        else:
+            for function in self.scan_functions(chain, first, last):
+                scanned = self.label("scanned")
+                code += [
+                    I.mov64(R1, FACTS),
+                    I.call_local(function),
+                    *targets.after_jump(scanned, self.label),
+                    Label(scanned),
+                ]
+        return [*code, Label(after)]
 
     def rule(self, chain: Chain, index: int, rule: Rule, targets: _Targets) -> list[Item]:
         slot = self.layout.slot((chain.name, index))

@@ -44,22 +44,27 @@ def test_rule_sets_load_and_decide(count):
 @pytest.mark.parametrize("hook", ["ingress", "egress"])
 def test_hook_programs_load_with_5000_rules(hook):
     from codegen.bpf.isa import MapType
-    from codegen.bpf.loader import load
     from codegen.bpf.maps import Map
     from codegen.tc.generator import COUNTERS_MAP, LOCAL_MAP
     from codegen.tc.layout import CounterLayout
+    from harness.backends import load_program
     from harness.runner import CounterMap
 
     ruleset = parse(many_rules(5000, "INPUT" if hook == "ingress" else "OUTPUT"), "big.rules")
-    compiled = compile_program(ruleset, hook, interfaces=standin_interfaces(ruleset))
     with (
         CounterMap(CounterLayout.of(ruleset)) as counters,
         Map(MapType.HASH, 4, 1, 4, name=LOCAL_MAP) as local,
     ):
-        with load(
-            compiled.items, name=compiled.name, maps={COUNTERS_MAP: counters, LOCAL_MAP: local}
-        ) as loaded:
-            assert loaded.insn_count > 5000 * 10
+        program = load_program(
+            ruleset,
+            hook,
+            interfaces=standin_interfaces(ruleset),
+            maps={COUNTERS_MAP: counters, LOCAL_MAP: local},
+        )
+        try:
+            assert program.insn_count > 5000 * 10
+        finally:
+            program.close()
 
 
 def test_long_user_chain_is_chunked_and_keeps_order():
