@@ -11,6 +11,8 @@ from codegen.rules import evaluate, parse
 from harness.runner import ChainRunner, frame_for
 
 pytestmark = pytest.mark.privileged
+# Every test runs the programs of both code generators; the C one needs bcc.
+BACKENDS = [pytest.param("bytecode"), pytest.param("c", marks=pytest.mark.bcc)]
 
 A, B, C, D = "198.18.0.1", "198.18.0.2", "198.19.7.7", "198.18.5.0"
 
@@ -102,10 +104,15 @@ PKT_TYPES = [("INPUT", "broadcast"), ("INPUT", "multicast"), ("INPUT", "otherhos
 MARKS = [0x10, 0x1F, 0x20, 0x110]
 
 
+@pytest.fixture(scope="module", params=BACKENDS)
+def backend(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def every_match():
+def every_match(backend):
     ruleset = parse(EVERY_MATCH, "every-match.rules")
-    with ChainRunner(ruleset, devices=["eth0", "eth1", "eth2", "lo"]) as runner:
+    with ChainRunner(ruleset, devices=["eth0", "eth1", "eth2", "lo"], backend=backend) as runner:
         yield ruleset, runner
 
 
@@ -154,9 +161,9 @@ COMMIT
 
 
 @pytest.mark.parametrize("port", [1, 2, 3, 4])
-def test_goto_and_return_resume_where_iptables_does(port):
+def test_goto_and_return_resume_where_iptables_does(backend, port):
     ruleset = parse(GOTO_RETURN, "goto.rules")
-    with ChainRunner(ruleset) as runner:
+    with ChainRunner(ruleset, backend=backend) as runner:
         _check(ruleset, runner, "OUTPUT", None, "eth0", IP(src=B, dst=A) / UDP(dport=port))
 
 

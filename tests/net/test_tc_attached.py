@@ -20,6 +20,8 @@ from harness import backends, lifecycle
 from netns import HostTopology, RouterTopology
 
 pytestmark = [pytest.mark.netns, pytest.mark.privileged]
+# The programs of both code generators are attached; the C one needs bcc.
+BACKENDS = [pytest.param("bytecode"), pytest.param("c", marks=pytest.mark.bcc)]
 
 PAYLOAD = b"probe-0123456789"
 UDP_IP_LENGTH = 20 + 8 + len(PAYLOAD)
@@ -70,6 +72,11 @@ def udp_exchange(sender, receiver, ports, *, count=1, source_port=0) -> dict[int
     return arrived
 
 
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    return request.param
+
+
 @pytest.fixture
 def host():
     with HostTopology(ipv6=False) as topology:
@@ -86,14 +93,14 @@ def router():
             lifecycle.flush(topology.router.namespace.name)
 
 
-def test_input_and_output_on_a_host(host):
+def test_input_and_output_on_a_host(host, backend):
     ns = host.host.namespace.name
     text = rules(
         "-A INPUT -p udp -m udp --dport 5001 -j ACCEPT",
         "-A INPUT -p udp -m udp --dport 5002 -j DROP",
         "-A OUTPUT -p udp -m udp --dport 6002 -j DROP",
     )
-    lifecycle.apply(text, "host.rules", ns)
+    lifecycle.apply(text, "host.rules", ns, backend=backend)
     assert udp_exchange(host.client, host.host, [5001, 5002, 5003], count=3) == {
         5001: 3,
         5002: 0,
@@ -150,7 +157,7 @@ def _forward(router, ports: list[int], count: int = 2) -> tuple[dict[int, int], 
 
 
 @pytest.mark.parametrize("fastpath", [False, True], ids=["kernel-path", "fast-path"])
-def test_forward_through_a_router(router, fastpath):
+def test_forward_through_a_router(router, backend, fastpath):
     ns = router.router.namespace.name
     text = rules(
         "-A FORWARD -i eth0 -o eth1 -p udp -m udp --dport 7001 -j ACCEPT",
@@ -159,7 +166,7 @@ def test_forward_through_a_router(router, fastpath):
         "-A FORWARD -p udp -m udp --dport 7004 -m ttl --ttl-eq 63 -j DROP",
         policies="ACCEPT ACCEPT ACCEPT",
     )
-    lifecycle.apply(text, "router.rules", ns, fastpath=fastpath)
+    lifecycle.apply(text, "router.rules", ns, fastpath=fastpath, backend=backend)
     arrived, frames = _forward(router, [7001, 7002, 7003, 7004])
     assert arrived == {7001: 2, 7002: 0, 7003: 2, 7004: 0}
     for frame in frames:
@@ -179,16 +186,16 @@ def test_forward_through_a_router(router, fastpath):
     assert counters[("FORWARD", "policy")] == (2, 2 * len(packet))
 
 
-def test_fast_path_forwards_when_the_kernel_would_not(router):
+def test_fast_path_forwards_when_the_kernel_would_not(router, backend):
     """netfilter's own FORWARD chain drops everything in the router: only packets the program
     redirects itself can reach the server. (Turning forwarding off with the sysctl would not do:
     bpf_fib_lookup answers FWD_DISABLED for a device that does not forward.)"""
     namespace = router.router.namespace
     namespace.run(["iptables-legacy", "-P", "FORWARD", "DROP"])
     text = rules("-A FORWARD -p udp -m udp --dport 7001 -j ACCEPT", policies="ACCEPT DROP ACCEPT")
-    lifecycle.apply(text, "router.rules", namespace.name, fastpath=False)
+    lifecycle.apply(text, "router.rules", namespace.name, fastpath=False, backend=backend)
     assert _forward(router, [7001])[0] == {7001: 0}  # the kernel path is blocked
-    lifecycle.apply(text, "router.rules", namespace.name, fastpath=True)
+    lifecycle.apply(text, "router.rules", namespace.name, fastpath=True, backend=backend)
     arrived, frames = _forward(router, [7001, 7002])
     assert arrived == {7001: 2, 7002: 0}
     assert frames and all(frame[IP].ttl == 63 for frame in frames)
@@ -196,13 +203,13 @@ def test_fast_path_forwards_when_the_kernel_would_not(router):
     assert "policy DROP 2 packets" in kernel  # only the two kernel-path attempts reached it
 
 
-def test_atomic_swap_under_a_stream(host):
+def test_atomic_swap_under_a_stream(host, backend):
     """Every packet gets one rule set's verdict or the other's, none is lost otherwise, and the
     two rule sets' counters add up to what was sent."""
     ns = host.host.namespace.name
     accept = rules("-A INPUT -p udp -m udp --dport 5100 -j ACCEPT")
     drop = rules("-A INPUT -p udp -m udp --dport 5100 -j DROP")
-    lifecycle.apply(accept, "accept.rules", ns)
+    lifecycle.apply(accept, "accept.rules", ns, backend=backend)
     old_counters = Map.from_pin(str(lifecycle.PIN_ROOT / ns / "counters"))
     receiver = host.host.namespace.socket(socket.AF_INET, socket.SOCK_DGRAM)
     receiver.bind((str(host.host.ipv4.ip), 5100))
@@ -210,6 +217,8 @@ def test_atomic_swap_under_a_stream(host):
     sender = host.client.namespace.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sent = 0
     deadline = time.monotonic() + 10
+    # bcc compiles for a second or so: the C backend's swap needs a longer stream (4.5 s).
+    pause = {"bytecode": 0.005, "c": 0.15}[backend]
 
     def stream() -> None:
         nonlocal sent
@@ -217,12 +226,12 @@ def test_atomic_swap_under_a_stream(host):
             sender.sendto(PAYLOAD, (str(host.host.ipv4.ip), 5100))
             sent += 1
             if sent % 100 == 0:
-                time.sleep(0.005)
+                time.sleep(pause)
 
     thread = threading.Thread(target=stream)
     thread.start()
     time.sleep(0.05)
-    lifecycle.apply(drop, "drop.rules", ns)  # mid-stream
+    lifecycle.apply(drop, "drop.rules", ns, backend=backend)  # mid-stream
     thread.join()
     received = 0
     receiver.settimeout(0.3)
@@ -282,12 +291,42 @@ def test_failed_updates_leave_the_old_rules_and_counters(host, monkeypatch):
     assert lifecycle.read_state(ns)["file"] == "first.rules"
 
 
-def test_fragmented_datagrams_are_judged_by_their_first_fragment(host):
+@pytest.mark.bcc
+def test_failed_c_updates_leave_the_old_rules_and_counters(host, monkeypatch):
+    """The same with the C backend: bcc refusing the C, then the verifier refusing what bcc
+    compiled, leave the applied rules running."""
+    from codegen.bpf.loader import VerifierError
+    from codegen.c import CCompileError
+    from codegen.c import matches as c_matches
+    from codegen.rules.model import Length
+
+    ns = host.host.namespace.name
+    first = rules("-A INPUT -p udp -m udp --dport 5200 -j DROP")
+    lifecycle.apply(first, "first.rules", ns, backend="c")
+    assert udp_exchange(host.client, host.host, [5200, 5201]) == {5200: 0, 5201: 1}
+    before = lifecycle.current(ns)[1]
+    broken = rules("-A INPUT -m length --length 0:40 -j ACCEPT")
+    monkeypatch.setitem(c_matches.WRITERS, Length, lambda match, labels: ["not C;"])
+    with pytest.raises(CCompileError, match="--length 0:40"):
+        lifecycle.apply(broken, "broken.rules", ns, backend="c")
+
+    def wild_read(match, labels):
+        return [f"if (*(u32 *)(long)f->saddr == 1) goto {labels.miss};"]
+
+    monkeypatch.setitem(c_matches.WRITERS, Length, wild_read)
+    with pytest.raises(VerifierError, match="invalid mem access"):
+        lifecycle.apply(broken, "broken.rules", ns, backend="c")
+    assert lifecycle.current(ns)[1] == before
+    assert udp_exchange(host.client, host.host, [5200, 5201]) == {5200: 0, 5201: 1}
+    assert lifecycle.read_state(ns)["file"] == "first.rules"
+
+
+def test_fragmented_datagrams_are_judged_by_their_first_fragment(host, backend):
     """netfilter's INPUT sees a datagram once, reassembled; here the first fragment decides and
     later ones pass, so an accepted datagram reassembles and a dropped one never does."""
     ns = host.host.namespace.name
     text = rules("-A INPUT -p udp -m udp --dport 5353 -j ACCEPT", policies="DROP ACCEPT ACCEPT")
-    lifecycle.apply(text, "fragments.rules", ns)
+    lifecycle.apply(text, "fragments.rules", ns, backend=backend)
     big = b"z" * 4000  # over the 1500-byte MTU: three fragments
     arrived = {}
     for port in (5353, 5354):

@@ -1,0 +1,385 @@
+"""bcc as a compiler and loader: C source in, loaded programs over the caller's maps out.
+
+How the C reaches the caller's maps: bcc opens a map declared with BPF_TABLE_PINNED from its
+bpffs path while it compiles, so each compile pins the given maps in a fresh directory under
+/sys/fs/bpf/bpflab/ (`c_<pid>_<n>`, no dots: bpffs refuses them), compiles, and removes the
+pins at once; bcc holds the maps by fd from then on, and the loaded programs reference the very
+maps the caller gave (a counter the program bumps is read through the caller's Map).
+
+bcc prints clang's diagnostics and libbpf's complaints on stderr itself: file descriptor 2 is
+pointed at a temporary file around every call into bcc (process-wide, so not thread-safe), and
+what it caught becomes one sentence in the exception. Programs are loaded with bcc_func_load
+and our own log buffer, at the verifier's statistics level, as the bytecode loader does.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import errno
+import itertools
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from codegen.bpf.isa import Command, MapType, ProgType
+from codegen.bpf.loader import FAILURE_LOG_SIZE, VerifierError, VerifierStats, failing_slot
+from codegen.bpf.maps import pin
+from codegen.bpf.syscall import BpfError, bpf, close, error_for
+from codegen.rules.model import Ruleset
+
+from .source import (
+    COUNTERS_MAP,
+    LOCAL_MAP,
+    CCompileError,
+    CSource,
+    Entry,
+    RuleSpan,
+    generate,
+)
+
+PIN_ROOT = Path("/sys/fs/bpf/bpflab")
+STATS_LOG_SIZE = 1 << 16
+LOG_LEVEL_VERBOSE, LOG_LEVEL_STATS = 1, 4
+# (map type, key size, value size) each map must have for the C to read it right.
+MAP_SHAPES = {
+    COUNTERS_MAP: (MapType.PERCPU_ARRAY, 4, 16),
+    LOCAL_MAP: (MapType.HASH, 4, 1),
+}
+_compiles = itertools.count(1)
+_DIAGNOSTIC = re.compile(r"^(?P<file>[^:\s]+):(?P<line>\d+):(?P<column>\d+): error: (?P<text>.*)$")
+_LINE_INFO = re.compile(r"^; (.*) @ (?:/virtual/)?main\.c:(\d+)$", re.MULTILINE)
+
+
+class BccUnavailable(CCompileError):
+    """bcc cannot compile here: not importable, or no kernel headers for it."""
+
+
+class CVerifierError(VerifierError):
+    """The verifier refused a program bcc compiled; names the rule whose C it stopped in, when
+    the log's line information says so."""
+
+    def __init__(self, code: int, name: str, log: str, slot: int | None, rule: RuleSpan | None):
+        super().__init__(code, name, log, slot, None)
+        self.rule = rule
+        if rule is not None:
+            self.args = (code, f"{self.args[1]} (in the C of {rule})")
+
+
+@dataclass
+class CProgram:
+    """A program loaded from bcc's compile; the fd is ours to close."""
+
+    fd: int
+    name: str
+    stats: VerifierStats | None
+    compiled_insns: int  # instructions as clang emitted them, before the verifier's rewrites
+    source: CSource = field(repr=False)
+    log: str = field(default="", repr=False)
+
+    @property
+    def insn_count(self) -> int:
+        """Instructions as the kernel holds them (xlated), as `bpftool prog` counts them."""
+        xlated = _xlated_length(self.fd) if self.fd >= 0 else 0
+        return xlated // 8 if xlated else self.compiled_insns
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> CProgram:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def load_programs(
+    ruleset: Ruleset,
+    entries: Sequence[Entry],
+    *,
+    interfaces: Mapping[str, int],
+    maps: Mapping[str, object],
+    fastpath: bool = False,
+) -> list[CProgram]:
+    """Generate one C unit for `entries`, compile it once with bcc and load every entry."""
+    bcc, lib = _import_bcc()
+    needed = [COUNTERS_MAP] + ([LOCAL_MAP] if any(e.hook == "ingress" for e in entries) else [])
+    fds = {name: _map_fd(maps, name) for name in needed}
+    sizes = {name: _check_map(name, fd) for name, fd in fds.items()}
+    _remove_stale_pins()
+    pin_dir = PIN_ROOT / f"c_{os.getpid()}_{next(_compiles)}"
+    source = generate(
+        ruleset,
+        entries,
+        interfaces=interfaces,
+        fastpath=fastpath,
+        pin_dir=str(pin_dir),
+        map_entries=sizes,
+    )
+    module = _compile(bcc, source, fds, pin_dir)
+    try:
+        return _load_all(bcc, lib, module, source)
+    finally:
+        module.cleanup()
+        atexit.unregister(module.cleanup)
+
+
+_PIN_DIR = re.compile(r"^c_(\d+)_\d+$")
+
+
+def _remove_stale_pins() -> None:
+    """Pin directories left by compiles of processes that died mid-compile (each holds maps
+    alive): ours are `c_<pid>_<n>`, and only those of pids that no longer run are removed."""
+    try:
+        names = os.listdir(PIN_ROOT)
+    except FileNotFoundError:
+        return
+    for name in names:
+        found = _PIN_DIR.match(name)
+        if found is None or _running(int(found[1])):
+            continue
+        directory = PIN_ROOT / name
+        if directory.is_symlink() or not directory.is_dir():
+            continue
+        for entry in directory.iterdir():
+            if entry.name in MAP_SHAPES and not entry.is_dir():
+                entry.unlink(missing_ok=True)
+        try:
+            directory.rmdir()
+        except OSError:
+            pass  # not only ours: leave it
+
+
+def _running(pid: int) -> bool:
+    return Path(f"/proc/{pid}").exists()
+
+
+def _import_bcc():
+    try:
+        import bcc
+        from bcc.libbcc import lib
+    except ImportError:
+        raise BccUnavailable(
+            "bcc is not importable: the C backend needs the distribution's python3-bpfcc "
+            "(scripts/bootstrap installs it) and the project's .venv"
+        ) from None
+    release = os.uname().release
+    build = Path("/lib/modules") / release / "build"
+    if not build.exists() and not Path("/sys/kernel/kheaders.tar.xz").exists():
+        raise BccUnavailable(
+            f"bcc needs kernel headers and there are none for {release} at {build} "
+            "(scripts/bootstrap sets them up)"
+        )
+    return bcc, lib
+
+
+def _map_fd(maps: Mapping[str, object], name: str) -> int:
+    if name not in maps:
+        raise CCompileError(f"the C programs need the map {name!r}; got {', '.join(maps)}")
+    value = maps[name]
+    fd = getattr(value, "fd", value)
+    if not isinstance(fd, int) or fd < 0:
+        raise CCompileError(f"map {name!r} has no open file descriptor")
+    return fd
+
+
+class _MapInfo(ctypes.Structure):
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("key_size", ctypes.c_uint32),
+        ("value_size", ctypes.c_uint32),
+        ("max_entries", ctypes.c_uint32),
+        ("map_flags", ctypes.c_uint32),
+        ("name", ctypes.c_char * 16),
+    ]
+
+
+class _ProgInfo(ctypes.Structure):
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("tag", ctypes.c_uint8 * 8),
+        ("jited_prog_len", ctypes.c_uint32),
+        ("xlated_prog_len", ctypes.c_uint32),
+    ]
+
+
+class _InfoAttr(ctypes.Structure):
+    _fields_ = [
+        ("bpf_fd", ctypes.c_uint32),
+        ("info_len", ctypes.c_uint32),
+        ("info", ctypes.c_uint64),
+    ]
+
+
+def _info(fd: int, info: ctypes.Structure, what: str) -> None:
+    attr = _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info))
+    bpf(Command.OBJ_GET_INFO_BY_FD, attr, what)
+
+
+def _check_map(name: str, fd: int) -> int:
+    """The map's max_entries, after checking it has the shape the C declares."""
+    info = _MapInfo()
+    _info(fd, info, f"reading the info of map {name!r}")
+    kind, key, value = MAP_SHAPES[name]
+    if (info.type, info.key_size, info.value_size) != (kind, key, value):
+        raise CCompileError(
+            f"map {name!r} must be a {kind.name} map with {key}-byte keys and {value}-byte "
+            f"values, not type {info.type} with {info.key_size}/{info.value_size}"
+        )
+    return int(info.max_entries)
+
+
+def _xlated_length(fd: int) -> int:
+    info = _ProgInfo()
+    try:
+        _info(fd, info, "reading program info")
+    except BpfError:
+        return 0
+    return int(info.xlated_prog_len)
+
+
+@dataclass
+class _Captured:
+    text: str = ""
+
+
+@contextmanager
+def _stderr_captured() -> Iterator[_Captured]:
+    """Point fd 2 at a temporary file for the duration: bcc and clang write there directly."""
+    captured = _Captured()
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with tempfile.TemporaryFile() as sink:
+            os.dup2(sink.fileno(), 2)
+            try:
+                yield captured
+            finally:
+                os.dup2(saved, 2)
+                sink.seek(0)
+                captured.text = sink.read().decode(errors="replace")
+    finally:
+        os.close(saved)
+
+
+def _compile(bcc, source: CSource, fds: Mapping[str, int], pin_dir: Path):
+    names = ", ".join(entry.function for entry in source.entries)
+    pin_dir.mkdir(parents=True, exist_ok=False)
+    try:
+        for name, fd in fds.items():
+            pin(fd, str(pin_dir / name))
+        with _stderr_captured() as captured:
+            try:
+                module = bcc.BPF(text=source.text.encode())
+            except Exception:  # bcc raises a bare Exception; the reason is on stderr
+                module = None
+    finally:
+        for name in fds:
+            (pin_dir / name).unlink(missing_ok=True)
+        pin_dir.rmdir()
+    if module is None:
+        reason = _first_error(captured.text, source)
+        raise CCompileError(f"bcc could not compile the C of {names}: {reason}")
+    return module
+
+
+def _first_error(diagnostics: str, source: CSource) -> str:
+    for line in diagnostics.splitlines():
+        found = _DIAGNOSTIC.match(line.strip())
+        if found is None:
+            continue
+        where = Path(found["file"]).name
+        message = f"{where}:{found['line']}:{found['column']}: {found['text']}"
+        if where == "main.c":
+            rule = source.rule_at(int(found["line"]))
+            if rule is not None:
+                message += f", in the code of rule {rule}"
+        return message
+    lines = [line.strip() for line in diagnostics.splitlines() if line.strip()]
+    return lines[0] if lines else "no diagnostics"
+
+
+def _load_all(bcc, lib, module, source: CSource) -> list[CProgram]:
+    programs: list[CProgram] = []
+    try:
+        for entry in source.entries:
+            programs.append(_load(bcc, lib, module, source, entry.function))
+    except BaseException:
+        for program in programs:
+            program.close()
+        raise
+    return programs
+
+
+def _load(bcc, lib, module, source: CSource, name: str) -> CProgram:
+    function = name.encode()
+    start = lib.bpf_function_start(module.module, function)
+    size = lib.bpf_function_size(module.module, function)
+    if not start:
+        raise CCompileError(f"bcc compiled no function {name}")
+
+    def attempt(level: int, log_size: int) -> tuple[int, int, str]:
+        log = ctypes.create_string_buffer(log_size)
+        with _stderr_captured():
+            ctypes.set_errno(0)
+            fd = lib.bcc_func_load(
+                module.module,
+                ProgType.SCHED_CLS,
+                function,
+                start,
+                size,
+                lib.bpf_module_license(module.module),
+                lib.bpf_module_kern_version(module.module),
+                level,
+                log,
+                log_size,
+                None,
+                -1,
+            )
+            code = ctypes.get_errno()
+        return fd, code, log.value.decode(errors="replace")
+
+    fd, code, log = attempt(LOG_LEVEL_STATS, STATS_LOG_SIZE)
+    if fd >= 0:
+        return CProgram(fd, name, VerifierStats.from_log(log), size // 8, source, log)
+    code = code or errno.EINVAL
+    if code not in (errno.EACCES, errno.EINVAL, errno.E2BIG, errno.ENOSPC, errno.EFAULT):
+        raise error_for(code, f"loading program {name!r}")
+    # The kernel keeps the end of a log that overflows: where it stopped, and why.
+    fd, _, log = attempt(LOG_LEVEL_VERBOSE | LOG_LEVEL_STATS, FAILURE_LOG_SIZE * 4)
+    if fd >= 0:  # accepted on the second try: should not happen, but do not leak it
+        close(fd)
+        raise error_for(code, f"loading program {name!r}")
+    raise CVerifierError(code, name, log, failing_slot(log), _rule_in_log(log, source))
+
+
+def _rule_in_log(log: str, source: CSource) -> RuleSpan | None:
+    """The rule whose C the verifier stopped in. The log's line information quotes source
+    lines, but numbered in bcc's rewritten text (its map and helper rewrites add lines), so the
+    quoted text is looked up in ours; a line written more than once is told apart by the offset
+    of the nearest line that is written once."""
+    quoted = [(text.strip(), int(line)) for text, line in _LINE_INFO.findall(log)]
+    if not quoted:
+        return None
+    ours: dict[str, list[int]] = {}
+    for number, line in enumerate(source.text.splitlines(), start=1):
+        ours.setdefault(line.strip(), []).append(number)
+    text, reported = quoted[-1]
+    candidates = ours.get(text, [])
+    if not candidates:
+        return None
+    offset = 0
+    for other, line in reversed(quoted[:-1]):
+        if len(ours.get(other, [])) == 1:
+            offset = line - ours[other][0]
+            break
+    return source.rule_at(min(candidates, key=lambda number: abs(number + offset - reported)))

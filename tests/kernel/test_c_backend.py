@@ -1,0 +1,441 @@
+"""The C backend (codegen.c): its C compiles with bcc and loads for every hook, it shares the
+caller's maps, each rule's code sits under its iptables-save text, and what goes wrong comes back
+as one sentence naming the rule, with nothing of bcc's on the terminal."""
+
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+import sys
+from contextlib import ExitStack, closing
+from ipaddress import IPv4Address
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from scapy.layers.inet import IP, UDP
+
+from codegen.bpf.isa import MapType, TcAction
+from codegen.bpf.maps import Map
+from codegen.bpf.testrun import SkBuff, prog_test_run
+from codegen.c import (
+    BccUnavailable,
+    CCompileError,
+    CVerifierError,
+    Entry,
+    c_source,
+    load_c_program,
+    load_c_programs,
+)
+from codegen.c import matches as c_matches
+from codegen.c.compiler import PIN_ROOT
+from codegen.c.source import MAX_EXPANDED_RULES, comment, user_chains_reached
+from codegen.rules import parse, write
+from codegen.rules.iptables_save import write_rule
+from codegen.rules.model import Length
+from codegen.tc.generator import COUNTERS_MAP, LOCAL_MAP
+from codegen.tc.layout import CounterLayout
+from harness.backends import load_program
+from harness.lifecycle import local_addresses
+from harness.netfilter import ALL_HOSTS, HOST, with_addresses
+from harness.runner import CounterMap, frame_for, standin_interfaces
+from netns import RouterTopology
+from tests.kernel.test_tc_chains import EVERY_MATCH
+from tests.strategies import packets, rulesets
+
+pytestmark = [pytest.mark.bcc, pytest.mark.privileged]
+
+HOOKS = [
+    ("ingress", None),
+    ("egress", None),
+    ("chain", "INPUT"),
+    ("chain", "FORWARD"),
+    ("chain", "OUTPUT"),
+]
+SMALL = """*filter
+:INPUT ACCEPT [0:0]
+:FORWARD ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+-A OUTPUT -p udp -m udp --dport 7 -j DROP
+-A OUTPUT -m length --length 0:40 -j ACCEPT
+COMMIT
+"""
+
+
+@pytest.fixture(scope="module")
+def every_match():
+    ruleset = parse(EVERY_MATCH, "every-match.rules")
+    interfaces = standin_interfaces(ruleset, ["lo"])
+    with (
+        CounterMap(CounterLayout.of(ruleset)) as counters,
+        Map(MapType.HASH, 4, 1, 16, name=LOCAL_MAP) as local,
+    ):
+        yield ruleset, interfaces, {COUNTERS_MAP: counters, LOCAL_MAP: local}
+
+
+def _reached(ruleset, hook, chain):
+    roots = {"ingress": ("INPUT", "FORWARD"), "egress": ("OUTPUT",)}.get(hook, (chain,))
+    return [*roots, *user_chains_reached(ruleset, roots)]
+
+
+@pytest.mark.parametrize("fastpath", [False, True], ids=["kernel-path", "fast-path"])
+@pytest.mark.parametrize(("hook", "chain"), HOOKS, ids=[h if not c else c for h, c in HOOKS])
+def test_every_match_and_target_compiles_and_loads(every_match, hook, chain, fastpath):
+    ruleset, interfaces, maps = every_match
+    with load_c_program(
+        ruleset, hook, interfaces=interfaces, maps=maps, chain=chain, fastpath=fastpath
+    ) as program:
+        assert program.fd >= 0
+        assert program.name == (f"bpflab_{chain}" if chain else f"bpflab_{hook}")
+        assert program.stats is not None and program.stats.insns_processed > 0
+        assert program.insn_count > 0 and program.compiled_insns > 0
+
+
+@pytest.mark.parametrize(("hook", "chain"), HOOKS, ids=[h if not c else c for h, c in HOOKS])
+def test_each_rule_is_under_a_comment_with_its_text(every_match, hook, chain):
+    ruleset, interfaces, _ = every_match
+    text = c_source(ruleset, hook, interfaces=interfaces, chain=chain, fastpath=True)
+    lines = text.splitlines()
+    expected = [
+        f"// {write_rule(name, rule)}"
+        for name in _reached(ruleset, hook, chain)
+        for rule in ruleset.chains[name].rules
+    ]
+    stripped = [line.strip() for line in lines]
+    for line in expected:
+        assert stripped.count(line) == 1, line
+    # Each comment is followed by its rule's code: C, not another comment or a blank line.
+    for number, line in enumerate(stripped):
+        if line.startswith("// -A"):
+            assert stripped[number + 1] and not stripped[number + 1].startswith("//"), line
+    assert sum(line.startswith("// -A") for line in stripped) == len(expected)
+
+
+def test_the_cli_prints_the_c(tmp_path):
+    path = tmp_path / "small.rules"
+    path.write_text(SMALL)
+    result = subprocess.run(
+        [sys.executable, "-m", "harness.cli", "compile", "--backend", "c", "--hook", "egress",
+         str(path)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "// -A OUTPUT -p udp -m udp --dport 7 -j DROP" in result.stdout
+    assert "int bpflab_egress(struct __sk_buff *skb)" in result.stdout
+
+
+def test_the_programs_count_in_the_callers_map():
+    """The C program's counters are the caller's map: a packet run through it moves the slot
+    read back through the Map object that was passed in."""
+    ruleset = parse(SMALL, "small.rules")
+    layout = CounterLayout.of(ruleset)
+    packet = bytes(IP(src="198.18.0.2", dst="198.18.0.1") / UDP(dport=7))
+    with CounterMap(layout) as counters:
+        with load_c_program(
+            ruleset, "chain", interfaces={}, maps={COUNTERS_MAP: counters}, chain="OUTPUT"
+        ) as program:
+            context = SkBuff()
+            result = prog_test_run(program.fd, frame_for(packet), context=context)
+            assert result.retval == TcAction.SHOT
+            assert result.context is not None
+            assert layout.positions[result.context.cb[1]] == ("OUTPUT", 1)
+        assert counters.read()[("OUTPUT", 1)] == (1, len(packet))
+
+
+def test_one_compile_gives_several_programs(every_match):
+    ruleset, interfaces, maps = every_match
+    entries = [Entry("chain", name) for name in ("INPUT", "FORWARD", "OUTPUT")]
+    programs = load_c_programs(ruleset, entries, interfaces=interfaces, maps=maps)
+    try:
+        assert [program.name for program in programs] == [e.function for e in entries]
+        assert len({program.fd for program in programs}) == 3
+    finally:
+        for program in programs:
+            program.close()
+
+
+def test_no_pins_are_left_behind(every_match):
+    ruleset, interfaces, maps = every_match
+    load_c_program(ruleset, "ingress", interfaces=interfaces, maps=maps).close()
+    mine = [name for name in os.listdir(PIN_ROOT) if name.startswith(f"c_{os.getpid()}_")]
+    assert mine == []
+
+
+def test_pins_of_a_compile_that_died_are_removed():
+    """A process killed mid-compile leaves its pin directory (holding maps alive); the next
+    compile removes those of processes that no longer run."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = PIN_ROOT / f"c_{dead.pid}_1"
+    if Path(f"/proc/{dead.pid}").exists():
+        pytest.skip("the pid was reused at once")
+    stale.mkdir(parents=True)
+    ruleset = parse(SMALL, "small.rules")
+    with CounterMap(CounterLayout.of(ruleset)) as counters:
+        counters.pin(str(stale / COUNTERS_MAP))
+        load_c_program(ruleset, "egress", interfaces={}, maps={COUNTERS_MAP: counters}).close()
+    assert not stale.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# When things go wrong: one sentence, the rule named, nothing printed
+
+
+def test_a_compile_error_names_the_rule_and_prints_nothing(monkeypatch, capfd):
+    ruleset = parse(SMALL, "small.rules")
+    monkeypatch.setitem(c_matches.WRITERS, Length, lambda match, labels: ["not C at all;"])
+    with CounterMap(CounterLayout.of(ruleset)) as counters:
+        with pytest.raises(CCompileError) as raised:
+            load_c_program(
+                ruleset, "chain", interfaces={}, maps={COUNTERS_MAP: counters}, chain="OUTPUT"
+            )
+    message = str(raised.value)
+    assert message.startswith("bcc could not compile the C of bpflab_OUTPUT: main.c:")
+    assert "error" not in message.split(": ", 2)[1]  # clang's own "error:" tag is dropped
+    assert "-A OUTPUT -m length --length 0:40 -j ACCEPT (small.rules:6:1)" in message
+    assert "\n" not in message
+    assert raised.value.__cause__ is None and raised.value.__context__ is None  # no bcc trace
+    out, err = capfd.readouterr()
+    assert (out, err) == ("", "")
+
+
+def test_a_verifier_rejection_names_the_rule_and_prints_nothing(monkeypatch, capfd):
+    ruleset = parse(SMALL, "small.rules")
+
+    def wild_read(match, labels):  # reads memory at an address taken from the packet
+        return [f"if (*(u32 *)(long)f->saddr == 1) goto {labels.miss};"]
+
+    monkeypatch.setitem(c_matches.WRITERS, Length, wild_read)
+    with CounterMap(CounterLayout.of(ruleset)) as counters:
+        with pytest.raises(CVerifierError) as raised:
+            load_c_program(
+                ruleset, "chain", interfaces={}, maps={COUNTERS_MAP: counters}, chain="OUTPUT"
+            )
+    message = str(raised.value)
+    assert "the verifier rejected program 'bpflab_OUTPUT'" in message
+    assert "invalid mem access" in message
+    assert message.endswith("(in the C of -A OUTPUT -m length --length 0:40 -j ACCEPT "
+                            "(small.rules:6:1))")  # fmt: skip
+    assert "processed" in raised.value.log
+    assert capfd.readouterr() == ("", "")
+
+
+def test_bcc_missing_is_one_sentence(monkeypatch):
+    monkeypatch.setitem(sys.modules, "bcc", None)  # `import bcc` now raises ImportError
+    ruleset = parse(SMALL, "small.rules")
+    with pytest.raises(BccUnavailable, match=r"^bcc is not importable: .*python3-bpfcc"):
+        load_c_program(ruleset, "egress", interfaces={}, maps={COUNTERS_MAP: object()})
+
+
+def test_a_map_of_the_wrong_shape_is_refused():
+    ruleset = parse(SMALL, "small.rules")
+    with Map(MapType.ARRAY, 4, 16, 8, name="counters") as wrong:
+        with pytest.raises(CCompileError, match="must be a PERCPU_ARRAY map"):
+            load_c_program(ruleset, "egress", interfaces={}, maps={COUNTERS_MAP: wrong})
+    with pytest.raises(CCompileError, match="need the map 'counters'"):
+        load_c_program(ruleset, "egress", interfaces={}, maps={})
+
+
+@pytest.mark.parametrize(
+    ("hook", "chain", "error"),
+    [
+        ("chain", "web", "only a built-in chain can run on its own"),
+        ("chain", None, "only a built-in chain can run on its own"),
+        ("ingress", "INPUT", "takes no chain"),
+        ("sideways", None, "unknown hook"),
+    ],
+)
+def test_bad_programs_are_refused(hook, chain, error):
+    with pytest.raises(CCompileError, match=error):
+        c_source(parse(SMALL), hook, interfaces={}, chain=chain)  # type: ignore[arg-type]
+
+
+def test_chains_that_would_inline_too_much_are_refused():
+    """Ten calls to a chain that makes ten calls... six deep is a million inlined rules."""
+    lines = ["*filter", ":INPUT ACCEPT [0:0]", ":FORWARD ACCEPT [0:0]", ":OUTPUT ACCEPT [0:0]"]
+    lines += [f":c{level} - [0:0]" for level in range(6)]
+    lines += ["-A INPUT -j c0"] * 10
+    for level in range(5):
+        lines += [f"-A c{level} -j c{level + 1}"] * 10
+    lines += ["-A c5 -j ACCEPT", "COMMIT", ""]
+    ruleset = parse("\n".join(lines))
+    with pytest.raises(CCompileError, match=f"limit is {MAX_EXPANDED_RULES:,}"):
+        c_source(ruleset, "ingress", interfaces={})
+    assert "chain_" not in c_source(ruleset, "egress", interfaces={})  # OUTPUT calls none
+
+
+def test_nesting_deeper_than_bpf_calls_allow_still_loads():
+    """User chains are inlined: no BPF call frames, so no 8-frame limit (the bytecode
+    backend refuses this rule set)."""
+    lines = ["*filter", ":INPUT ACCEPT [0:0]", ":FORWARD ACCEPT [0:0]", ":OUTPUT ACCEPT [0:0]"]
+    lines += [f":c{i} - [0:0]" for i in range(12)] + ["-A OUTPUT -j c0"]
+    lines += [f"-A c{i} -j c{i + 1}" for i in range(11)] + ["-A c11 -j DROP", "COMMIT", ""]
+    ruleset = parse("\n".join(lines))
+    packet = bytes(IP(src="198.18.0.2", dst="198.18.0.1") / UDP(dport=9))
+    with CounterMap(CounterLayout.of(ruleset)) as counters:
+        with load_c_program(
+            ruleset, "chain", interfaces={}, maps={COUNTERS_MAP: counters}, chain="OUTPUT"
+        ) as program:
+            result = prog_test_run(program.fd, frame_for(packet), context=SkBuff())
+            assert result.retval == TcAction.SHOT
+        moved = counters.read()
+    assert moved[("c11", 1)] == (1, len(packet))
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("plain", "// plain"),
+        ("ends in \\", "// ends in \\ //"),
+        ("carriage\rreturn", "// carriage\\x0dreturn"),
+    ],
+)
+def test_comments_cannot_leak_into_the_code(text, shown):
+    assert comment(text) == shown
+
+
+def test_odd_comments_compile():
+    text = SMALL.replace(
+        "-A OUTPUT -m length", '-A OUTPUT -m comment --comment "*/ back\\\\" -m length'
+    )
+    ruleset = parse(text)
+    with CounterMap(CounterLayout.of(ruleset)) as counters:
+        load_c_program(ruleset, "egress", interfaces={}, maps={COUNTERS_MAP: counters}).close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The attached hooks: bytecode and C programs side by side in a router's namespace
+
+
+HOOK_RULESETS = 15
+FRAMES_PER_HOOK = 8
+
+
+@pytest.fixture(scope="module")
+def router():
+    with RouterTopology(ipv6=False) as topology:
+        yield topology
+
+
+def _mac(text: str) -> bytes:
+    return bytes.fromhex(text.replace(":", ""))
+
+
+@st.composite
+def hook_frames(draw: st.DrawFn, router) -> tuple[str, bytes, int, int]:
+    """(hook, frame, ifindex, mark): a frame arriving at the router (for INPUT: to its own,
+    a multicast or an unknown address; for FORWARD: to the server) or leaving it, sometimes
+    for another host at layer 2, sometimes malformed."""
+    client_side, server_side = router.router.client_side, router.router.server_side
+    hook = draw(st.sampled_from(("ingress", "ingress", "egress")))
+    if hook == "ingress":
+        chain = draw(st.sampled_from(("INPUT", "FORWARD")))
+        packet = draw(packets(chain))
+        if chain == "INPUT":
+            destination = draw(st.sampled_from((client_side.ipv4.ip, ALL_HOSTS, HOST)))
+            packet = with_addresses(packet, IPv4Address(packet[12:16]), destination)
+        device = client_side
+        destination_mac = draw(
+            st.sampled_from((_mac(device.mac),) * 4 + (b"\xff" * 6, bytes.fromhex("02aa00000001")))
+        )
+    else:
+        packet = draw(packets("OUTPUT"))
+        device = draw(st.sampled_from((client_side, server_side)))
+        destination_mac = bytes.fromhex("02bb00000001")
+    mangle = draw(st.sampled_from((None,) * 12 + ("version", "length", "short", "ipv6")))
+    ethertype = b"\x08\x00"
+    if mangle == "version":
+        packet = bytes([0x60 | packet[0] & 0x0F]) + packet[1:]
+    elif mangle == "length":  # claims more than arrived: ip_rcv drops it
+        packet = packet[:2] + (len(packet) + 8).to_bytes(2, "big") + packet[4:]
+    elif mangle == "short":  # shorter than its own header
+        packet = packet[:2] + (19).to_bytes(2, "big") + packet[4:]
+    elif mangle == "ipv6":  # test-run wants a whole IPv6 header's worth of bytes
+        ethertype, packet = b"\x86\xdd", packet.ljust(40, b"\0")
+    frame = destination_mac + bytes.fromhex("02cc00000001") + ethertype + packet
+    return hook, frame, device.ifindex, draw(st.sampled_from((0, 0, 1, 0x10)))
+
+
+@pytest.mark.netns
+def test_bytecode_and_c_agree_on_ingress_and_egress(router):
+    """Test-run in the router's namespace, so that bpf_fib_lookup sees its routes: the two
+    backends' ingress and egress programs give the same verdict, move the same counters and
+    leave the same bytes (the fast path rewrites TTL, checksum and MACs)."""
+    namespace = router.router.namespace
+    local = sorted(local_addresses(namespace))
+    with namespace.enter():
+        interfaces = {
+            "eth0": router.router.client_side.ifindex,
+            "eth1": router.router.server_side.ifindex,
+        }
+    ran = 0
+    covered: set[str] = set()  # chains whose counters moved, verdicts seen
+
+    @given(
+        ruleset=rulesets(),
+        fastpath=st.booleans(),
+        frames=st.lists(
+            hook_frames(router), min_size=FRAMES_PER_HOOK * 3, max_size=FRAMES_PER_HOOK * 3
+        ),
+    )
+    def agree(ruleset, fastpath, frames):
+        nonlocal ran
+        layout = CounterLayout.of(ruleset)
+        with ExitStack() as stack:
+            maps = {}
+            for backend in ("bytecode", "c"):
+                counters = stack.enter_context(CounterMap(layout))
+                addresses = stack.enter_context(Map(MapType.HASH, 4, 1, 64, name=LOCAL_MAP))
+                for address in local:
+                    addresses.update(struct.pack("<I", address), b"\1")
+                maps[backend] = {COUNTERS_MAP: counters, LOCAL_MAP: addresses}
+            programs = {
+                "bytecode": {
+                    hook: stack.enter_context(
+                        closing(
+                            load_program(ruleset, hook, interfaces=interfaces,
+                                         maps=maps["bytecode"], fastpath=fastpath)
+                        )
+                    )
+                    for hook in ("ingress", "egress")
+                },
+                "c": dict(
+                    zip(
+                        ("ingress", "egress"),
+                        [stack.enter_context(closing(program)) for program in load_c_programs(
+                            ruleset, [Entry("ingress"), Entry("egress")], interfaces=interfaces,
+                            maps=maps["c"], fastpath=fastpath)],
+                        strict=True,
+                    )
+                ),
+            }  # fmt: skip
+            for hook, frame, ifindex, mark in frames:
+                seen = {}
+                for backend in ("bytecode", "c"):
+                    counters = maps[backend][COUNTERS_MAP]
+                    before = counters.read()
+                    with namespace.enter():
+                        result = prog_test_run(
+                            programs[backend][hook].fd,
+                            frame,
+                            context=SkBuff(ifindex=ifindex, mark=mark),
+                        )
+                    after = counters.read()
+                    moved = {k: v for k, v in after.items() if before.get(k) != v}
+                    seen[backend] = (result.retval, result.data, moved)
+                    covered.update(chain or "not handled" for chain, _ in moved)
+                    covered.add(TcAction(result.retval).name)
+                assert seen["bytecode"] == seen["c"], (
+                    f"{write(ruleset)}fastpath={fastpath} {hook} ifindex={ifindex} mark={mark}\n"
+                    f"frame {frame.hex()}\nbytecode {seen['bytecode']}\nc        {seen['c']}"
+                )
+                ran += 1
+
+    # More under a bigger profile: `--hypothesis-profile=deep` runs 250 rule sets.
+    examples = max(HOOK_RULESETS, settings.default.max_examples // 20)
+    settings(max_examples=examples, deadline=None, suppress_health_check=list(HealthCheck))(agree)()
+    assert ran >= examples * FRAMES_PER_HOOK * 3
+    # Every path was taken: both classifications, OUTPUT, not handled, drops, the fast path.
+    assert {"INPUT", "FORWARD", "OUTPUT", "not handled", "OK", "SHOT", "REDIRECT"} <= covered
