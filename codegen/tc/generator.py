@@ -74,7 +74,7 @@ MAX_FRAMES = 8  # MAX_CALL_FRAMES in the kernel
 # function, is verified once on its own.
 CHUNK_RULES = 256
 RETURNED = 3  # a chunk's answer when its chain returns (RETURN, or a goto that came back)
-INLINE_SCAN = 64  # an exact run longer than this has its fallback scan in functions of its own
+INLINE_SCAN = CHUNK_RULES  # a longer exact run has its fallback scan in functions of its own
 COUNTERS_MAP, LOCAL_MAP, EXACT_MAP = "counters", "local_addresses", "exact_rules"
 ETH_HLEN, ETH_P_IP_BE = 14, 0x0008
 PACKET_HOST, PACKET_OTHERHOST = 0, 3

@@ -29,7 +29,7 @@ def run_rulesets(draw: st.DrawFn) -> str:
         ":FORWARD ACCEPT [0:0]",
         ":OUTPUT ACCEPT [0:0]",
     ]
-    length = draw(st.sampled_from([exact.MIN_RUN, 20, INLINE_SCAN + 30]))
+    length = draw(st.sampled_from([exact.MIN_RUN, exact.MIN_RUN + 20, INLINE_SCAN + 30]))
     shape = draw(st.sampled_from(["src-proto-dport", "src-dst", "proto-sport-dport"]))
     for block in range(draw(st.integers(1, 2))):
         if draw(st.booleans()):
@@ -74,18 +74,19 @@ def packets(draw: st.DrawFn) -> bytes:
 def test_runs_are_found_and_compiled_to_lookups():
     lines = ["*filter", ":INPUT DROP [0:0]", ":FORWARD ACCEPT [0:0]", ":OUTPUT ACCEPT [0:0]"]
     lines += [
-        f"-A INPUT -s 198.18.0.{i}/32 -p tcp -m tcp --dport 22 -j ACCEPT" for i in range(1, 20)
+        f"-A INPUT -s 198.18.{i // 250}.{i % 250 + 1}/32 -p tcp -m tcp --dport 22 -j ACCEPT"
+        for i in range(exact.MIN_RUN + 3)
     ]
     lines += ["-A INPUT -p tcp -m tcp --dport 23 -m ttl --ttl-lt 5 -j DROP"]
-    lines += [f"-A INPUT -s 198.18.1.{i}/32 -j DROP" for i in range(1, 3)]  # too short a run
+    lines += [f"-A INPUT -s 198.19.1.{i}/32 -j DROP" for i in range(1, 3)]  # too short a run
     ruleset = parse("\n".join([*lines, "COMMIT", ""]), "runs.rules")
     assert exact.runs(ruleset.chains["INPUT"].rules) == [
-        (0, 18, exact.Shape(True, False, True, True, False, True))
+        (0, exact.MIN_RUN + 2, exact.Shape(True, False, True, True, False, True))
     ]
     compiled = compile_program(
         ruleset, "chain", chain="INPUT", interfaces=standin_interfaces(ruleset)
     )
-    assert len(compiled.exact) == 19 and "exact_rules" in compiled.maps
+    assert len(compiled.exact) == exact.MIN_RUN + 3 and "exact_rules" in compiled.maps
 
 
 @settings(max_examples=60, deadline=None)
