@@ -437,5 +437,39 @@ def test_bytecode_and_c_agree_on_ingress_and_egress(router):
     examples = max(HOOK_RULESETS, settings.default.max_examples // 20)
     settings(max_examples=examples, deadline=None, suppress_health_check=list(HealthCheck))(agree)()
     assert ran >= examples * FRAMES_PER_HOOK * 3
-    # Every path was taken: both classifications, OUTPUT, not handled, drops, the fast path.
-    assert {"INPUT", "FORWARD", "OUTPUT", "not handled", "OK", "SHOT", "REDIRECT"} <= covered
+    # Every path was taken: both classifications, OUTPUT, not handled, passes and drops (the
+    # fast path, when drawn, too; test_the_fast_path_rewrites_alike takes it every time).
+    assert {"INPUT", "FORWARD", "OUTPUT", "not handled", "OK", "SHOT"} <= covered
+
+
+def test_the_fast_path_rewrites_alike(router):
+    """Forwarded by the programs themselves: both backends redirect to the server's side with
+    the TTL decremented, the checksum fixed up and the MACs from the lookup."""
+    text = SMALL.replace("-A OUTPUT", "-A FORWARD -p udp -j ACCEPT\n-A OUTPUT", 1)
+    ruleset = parse(text)
+    namespace = router.router.namespace
+    client_side, server_side = router.router.client_side, router.router.server_side
+    interfaces = {"eth0": client_side.ifindex, "eth1": server_side.ifindex}
+    packet = bytes(IP(src="198.18.1.1", dst="198.18.2.1", ttl=9) / UDP(dport=7) / b"fast")
+    frame = _mac(client_side.mac) + bytes.fromhex("02cc00000001") + b"\x08\x00" + packet
+    results = {}
+    for backend in ("bytecode", "c"):
+        with (
+            CounterMap(CounterLayout.of(ruleset)) as counters,
+            Map(MapType.HASH, 4, 1, 16, name=LOCAL_MAP) as addresses,
+        ):
+            maps = {COUNTERS_MAP: counters, LOCAL_MAP: addresses}
+            with load_program(
+                ruleset, "ingress", interfaces=interfaces, maps=maps, fastpath=True,
+                backend=backend,
+            ) as program, namespace.enter():  # fmt: skip
+                result = prog_test_run(
+                    program.fd, frame, context=SkBuff(ifindex=client_side.ifindex)
+                )
+            results[backend] = (result.retval, result.data, counters.read()[("FORWARD", 1)])
+    assert results["bytecode"] == results["c"]
+    retval, data, counted = results["c"]
+    assert retval == TcAction.REDIRECT and counted == (1, len(packet))
+    forwarded = IP(data[14:])
+    assert data[:12] == _mac(router.server.mac) + _mac(server_side.mac)  # next hop, our side
+    assert forwarded.ttl == 8 and IP(bytes(forwarded)).chksum == forwarded.chksum

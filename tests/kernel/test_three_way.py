@@ -6,6 +6,9 @@ Each example is a random rule set aimed at its traffic (the trick of test_tc_dif
 packets for every built-in chain. The C programs of a rule set come from one bcc compile (three
 entry functions, three loads): compiles dominate the time. Verdict, deciding rule and every moved
 counter must be equal everywhere. CI runs a fixed seed; `--hypothesis-profile=deep` runs more.
+
+Random rule sets seldom hold the long runs of exact-match rules the bytecode answers with a hash
+lookup (codegen.tc.exact): a third test builds such runs on purpose.
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from codegen.c import Entry, load_c_programs
-from codegen.rules import Evaluation, Ruleset, evaluate, write
+from codegen.rules import Evaluation, Ruleset, evaluate, parse, write
 from codegen.rules.names import BUILTIN_CHAINS
+from codegen.tc import exact
 from codegen.tc.generator import COUNTERS_MAP
 from harness.netfilter import NetfilterOracle, Observation, disagreement
 from harness.runner import ChainRunner, Outcome, frame_for
@@ -132,6 +136,147 @@ def test_evaluator_bytecode_and_c_agree():
     examples = _examples(RULESETS, 10)
     settings(max_examples=examples, deadline=None, suppress_health_check=SUPPRESSED)(three_agree)()
     assert ran >= examples * 3 * PACKETS_PER_CHAIN >= MIN_CASES, f"only {ran} cases ran"
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs of exact-match rules, which the bytecode answers with a hash lookup
+
+
+EXACT_RULESETS = 10
+EXACT_PACKETS_PER_CHAIN = 10  # 10 x 3 x 10: 300 cases
+EXACT_ADDRESSES = tuple(0xC6120000 + i for i in range(1, 6))  # 198.18.0.1-5
+EXACT_PORTS = (22, 53, 80)
+EXACT_PROTOCOLS = (6, 17, 1, 47)
+
+
+def _address(value: int) -> str:
+    return ".".join(str(value >> shift & 0xFF) for shift in (24, 16, 8, 0))
+
+
+@st.composite
+def exact_runs(draw: st.DrawFn) -> Ruleset:
+    """A run (or two) of rules of one random shape (which of source, destination, protocol,
+    ports they pin), with duplicate keys, in a built-in chain or in a user chain the built-in
+    chains jump or go to; ordinary rules around it."""
+    names = draw(st.lists(st.sampled_from(("ACCEPT", "DROP")), min_size=3, max_size=3))
+    lines = ["*filter", *(f":{c} {p} [0:0]" for c, p in zip(BUILTIN_CHAINS, names, strict=True))]
+    lines.append(":runs - [0:0]")
+
+    def run(chain: str) -> list[str]:
+        source, destination = draw(st.booleans()), draw(st.booleans())
+        transport = draw(st.booleans())
+        protocol = transport or draw(st.booleans())
+        sport, dport = transport and draw(st.booleans()), transport and draw(st.booleans())
+        rules = []
+        for _ in range(exact.MIN_RUN + draw(st.integers(0, 4))):
+            words = [f"-A {chain}"]
+            if source:
+                words.append(f"-s {_address(draw(st.sampled_from(EXACT_ADDRESSES)))}/32")
+            if destination:
+                words.append(f"-d {_address(draw(st.sampled_from(EXACT_ADDRESSES)))}/32")
+            if protocol:
+                number = draw(
+                    st.sampled_from(EXACT_PROTOCOLS[:2] if transport else EXACT_PROTOCOLS)
+                )
+                words.append(f"-p {number}")
+            if transport:
+                words.append(f"-m {'tcp' if number == 6 else 'udp'}")
+                if sport:
+                    words.append(f"--sport {draw(st.sampled_from(EXACT_PORTS))}")
+                if dport:
+                    words.append(f"--dport {draw(st.sampled_from(EXACT_PORTS))}")
+            words.append(f"-j {draw(st.sampled_from(('ACCEPT', 'DROP')))}")
+            rules.append(" ".join(words))
+        return rules
+
+    holder = draw(st.sampled_from((*BUILTIN_CHAINS, "runs")))
+    for chain in (*BUILTIN_CHAINS, "runs"):
+        if draw(st.booleans()):
+            lines.append(f"-A {chain} -p udp -m udp --sport 53 -j RETURN")
+        if chain != "runs" and draw(st.booleans()):
+            lines.append(f"-A {chain} -p tcp -{draw(st.sampled_from('jg'))} runs")
+        if chain == holder:
+            lines += run(chain)
+            if draw(st.booleans()):
+                lines += run(chain)
+        lines.append(f"-A {chain} -p tcp -m tcp --dport 80")
+    ruleset = parse("\n".join([*lines, "COMMIT", ""]), "exact-runs.rules")
+    assert any(exact.runs(chain.rules) for chain in ruleset.chains.values())
+    return ruleset
+
+
+@st.composite
+def exact_packets(draw: st.DrawFn) -> bytes:
+    """Packets between the runs' addresses and ports: whole, later fragments, fragments at
+    offset 1, truncated transport headers."""
+    protocol = draw(st.sampled_from(EXACT_PROTOCOLS))
+    ports = draw(st.sampled_from(EXACT_PORTS)).to_bytes(2, "big")
+    ports += draw(st.sampled_from(EXACT_PORTS)).to_bytes(2, "big")
+    transport = {6: ports + bytes(8) + b"\x50\x02" + bytes(6), 17: ports + b"\0\x08\0\0"}.get(
+        protocol, b"\x08\0\0\0\0\0\0\0"
+    )
+    kind = draw(st.sampled_from(("whole",) * 6 + ("later", "offset 1", "truncated")))
+    if kind == "truncated":
+        transport = transport[: draw(st.integers(0, len(transport) - 1))]
+    fragment = {"later": 3, "offset 1": 1}.get(kind, 0)
+    header = (
+        bytes([0x45, 0])
+        + (20 + len(transport)).to_bytes(2, "big")
+        + b"\0\1"
+        + fragment.to_bytes(2, "big")
+        + bytes([64, protocol, 0, 0])
+        + draw(st.sampled_from(EXACT_ADDRESSES)).to_bytes(4, "big")
+        + draw(st.sampled_from(EXACT_ADDRESSES)).to_bytes(4, "big")
+    )
+    return header + transport
+
+
+def test_exact_runs_agree_three_ways():
+    ran = 0
+    decided_in_runs = 0  # cases a rule of a run decided: the lookup answered
+
+    @given(
+        ruleset=exact_runs(),
+        traffic=st.fixed_dictionaries(
+            {
+                chain: st.lists(
+                    exact_packets(),
+                    min_size=EXACT_PACKETS_PER_CHAIN,
+                    max_size=EXACT_PACKETS_PER_CHAIN,
+                )
+                for chain in BUILTIN_CHAINS
+            }
+        ),
+    )
+    def agree(ruleset, traffic):
+        nonlocal ran, decided_in_runs
+        in_runs = {
+            (name, index + 1)
+            for name, chain in ruleset.chains.items()
+            for first, last, _ in exact.runs(chain.rules)
+            for index in range(first, last + 1)
+        }
+        devices = {"INPUT": ("eth0", None), "FORWARD": ("eth0", "eth1"), "OUTPUT": (None, "eth1")}
+        with ChainRunner(ruleset, DEVICES) as bytecode, OneCompileRunner(ruleset, DEVICES) as c:
+            for chain, batch in traffic.items():
+                in_iface, out_iface = devices[chain]
+                for packet in batch:
+                    frame = frame_for(packet)
+                    voices = {
+                        "evaluator": evaluate(ruleset, packet, chain, in_iface, out_iface),
+                        "bytecode": bytecode.run(frame, chain, in_iface, out_iface),
+                        "c": c.run(frame, chain, in_iface, out_iface),
+                    }
+                    problem = report(ruleset, f"chain {chain}\npacket {packet.hex()}", voices)
+                    if problem is not None:
+                        pytest.fail(problem, pytrace=False)
+                    ran += 1
+                    decided_in_runs += voices["evaluator"].deciding in in_runs
+
+    examples = _examples(EXACT_RULESETS, 20)
+    settings(max_examples=examples, deadline=None, suppress_health_check=SUPPRESSED)(agree)()
+    assert ran >= examples * 3 * EXACT_PACKETS_PER_CHAIN
+    assert decided_in_runs >= ran // 20, f"only {decided_in_runs} of {ran} decided in a run"
 
 
 # ---------------------------------------------------------------------------------------------
