@@ -11,6 +11,7 @@ import ctypes
 import errno
 import os
 import platform
+from functools import cache
 
 from .isa import Command
 
@@ -81,6 +82,7 @@ def close(fd: int) -> None:
         pass
 
 
+@cache
 def possible_cpus() -> int:
     """How many CPUs per-CPU maps hold a value for (the kernel's cpu_possible_mask)."""
     with open("/sys/devices/system/cpu/possible") as file:
