@@ -149,9 +149,10 @@ def apply(
                     )
                 )
             )
+        identities = _identities(ruleset, layout)
         carried = 0
         if previous is not None:
-            carried = _carry_counters(previous, ruleset, layout, counters)
+            carried = _carry_counters(previous, identities, counters)
         _attach_all(namespace, targets, programs)
         # Attached: from here on the new objects replace the pinned ones.
         pins.mkdir(parents=True, exist_ok=True)
@@ -162,7 +163,7 @@ def apply(
             ("prog_egress", programs["egress"].fd),
         ):
             _replace_pin(pins / name, fd)
-        _write_state(netns, rules_text, filename, targets, fastpath, layout)
+        _write_state(netns, rules_text, filename, targets, fastpath, layout, identities)
         return Applied(sorted(targets), previous is not None, programs, carried)
 
 
@@ -171,29 +172,29 @@ def _all_interfaces(namespace: Namespace) -> dict[str, int]:
         return {link.get_attr("IFLA_IFNAME"): link["index"] for link in ipr.get_links()}
 
 
-def _carry_counters(
-    previous: dict, ruleset: Ruleset, layout: CounterLayout, counters: CounterMap
-) -> int:
+def _carry_counters(previous: dict, identities: dict[tuple, Position], counters: CounterMap) -> int:
+    """Copy the running counters of rules that are still there (by identity) into `counters`.
+    The old layout and identities come from the state file: no need to parse the old rules."""
     pins = _pin_dir(previous["netns"])
     try:
         old_map = Map.from_pin(str(pins / "counters"))
     except BpfError:
         return 0
-    with old_map:
-        old_ruleset = parse(previous["rules"], previous["file"])
-        old_layout = CounterLayout.of(old_ruleset)
-        old = CounterMap(old_layout, fd=os.dup(old_map.fd))
-        with old:
-            values = old.read()
-    old_ids = _identities(old_ruleset, old_layout)
-    new_ids = _identities(ruleset, layout)
-    carried = {
-        new_ids[key]: values[position]
-        for key, position in old_ids.items()
-        if key in new_ids and position in values
-    }
+    old_layout = CounterLayout(tuple(_position(p) for p in previous["positions"]))
+    with old_map, CounterMap(old_layout, fd=os.dup(old_map.fd)) as old:
+        values = old.read()
+    carried = {}
+    for key, position in previous["identities"]:
+        new_position = identities.get(_position(key))
+        if new_position is not None and _position(position) in values:
+            carried[new_position] = values[_position(position)]
     counters.write(carried)
     return sum(1 for position in carried if isinstance(position[1], int))
+
+
+def _position(saved: list) -> tuple:
+    """A position or identity back from JSON, where tuples became lists."""
+    return tuple(saved)
 
 
 def _attach_all(
@@ -252,6 +253,7 @@ def _write_state(
     targets: dict[str, int],
     fastpath: bool,
     layout: CounterLayout,
+    identities: dict[tuple, Position],
 ) -> None:
     STATE_ROOT.mkdir(parents=True, exist_ok=True)
     state = {
@@ -260,6 +262,8 @@ def _write_state(
         "file": filename,
         "devices": sorted(targets),
         "fastpath": fastpath,
+        "positions": [list(position) for position in layout.positions],
+        "identities": [[list(key), list(position)] for key, position in identities.items()],
     }
     temporary = _state_file(netns).with_suffix(".tmp")
     temporary.write_text(json.dumps(state, indent=1))

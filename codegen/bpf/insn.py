@@ -82,7 +82,18 @@ class Insn:
         return self.target is not None or self.map is not None or self.kfunc is not None
 
     def annotate(self, annotation: object) -> Insn:
-        return dataclasses.replace(self, annotation=annotation)
+        # Called for every generated instruction: built directly, dataclasses.replace is slow.
+        return Insn(
+            self.code,
+            self.dst,
+            self.src,
+            self.off,
+            self.imm,
+            self.target,
+            self.map,
+            self.kfunc,
+            annotation,
+        )
 
     def resolved(self, **changes: int) -> Insn:
         """A copy with symbolic references dropped and the given fields set."""
