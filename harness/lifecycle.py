@@ -84,16 +84,18 @@ def _devices(namespace: Namespace, wanted: list[str] | None) -> dict[str, int]:
     return {name: index for name, index in present.items() if name != "lo"}
 
 
+RT_TABLE_LOCAL, RTN_LOCAL, RTN_BROADCAST = 255, 2, 3
+
+
 def local_addresses(namespace: Namespace) -> set[int]:
-    """Addresses the kernel delivers locally (its local table, roughly): every IPv4 address in
-    the namespace, each subnet's broadcast address, and the limited broadcast."""
+    """Addresses the kernel delivers locally: the /32 local and broadcast routes of the
+    namespace's local routing table (addresses, subnet broadcasts), and the limited broadcast,
+    which ip_route_input treats as broadcast without a route."""
     found = {int(ipaddress.IPv4Address("255.255.255.255"))}
     with namespace.ipr() as ipr:
-        for message in ipr.get_addr(family=socket.AF_INET):
-            for attribute in ("IFA_LOCAL", "IFA_ADDRESS", "IFA_BROADCAST"):
-                value = message.get_attr(attribute)
-                if value:
-                    found.add(int(ipaddress.IPv4Address(value)))
+        for route in ipr.get_routes(family=socket.AF_INET, table=RT_TABLE_LOCAL):
+            if route["type"] in (RTN_LOCAL, RTN_BROADCAST) and route["dst_len"] == 32:
+                found.add(int(ipaddress.IPv4Address(route.get_attr("RTA_DST"))))
     return found
 
 

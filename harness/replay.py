@@ -110,16 +110,17 @@ def _packets(lab: Lab, entry: PacketEntry) -> list[Packet]:
         if not base:
             raise ReplayError(f"packets entry {entry.number}: {entry.pcap} holds no packets")
     frames = []
+    rewrite = entry.pcap is not None and not entry.keep_addresses  # a spec's fields are kept
     for packet in base:
         packet = packet.copy()
-        if IP in packet and not entry.keep_addresses:
+        if IP in packet and rewrite:
             # Addresses come from the topology; checksums and lengths are computed anew.
             for name in ("src", "dst", "chksum", "len"):
                 packet[IP].fields.pop(name, None)
             transport = packet[IP].payload
             if hasattr(transport, "chksum"):
                 transport.fields.pop("chksum", None)
-        if Ether in packet and not entry.keep_addresses:
+        if Ether in packet and rewrite:
             packet[Ether].fields.pop("src", None)
             packet[Ether].fields.pop("dst", None)
         frames.append(

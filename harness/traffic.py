@@ -15,6 +15,7 @@ message shows the closest frame field by field against what was expected.
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import os
 import socket
@@ -36,6 +37,9 @@ from netns.namespace import Namespace
 
 from .netfilter import _QUIET_RECEIVER, _quiet_host
 
+LAB_NETWORKS = tuple(
+    ipaddress.IPv4Network(n) for n in ("198.18.0.0/24", "198.18.1.0/24", "198.18.2.0/24")
+)
 ARTEFACTS = Path(os.environ.get("BPFLAB_ARTEFACTS", "artefacts"))
 ETH_P_ALL = 0x0003
 MAX_CAPTURED = 20_000  # per interface: captures are bounded in count as well as in time
@@ -188,7 +192,9 @@ class Lab:
             packet = Ether() / packet
         ether, ip = packet[Ether], packet[IP]
         ether.src = ether.fields.get("src", src.mac)
-        ether.dst = ether.fields.get("dst", self.next_hop_mac(source, destination))
+        if "dst" not in ether.fields:
+            group = _group_mac(ip.fields.get("dst"))
+            ether.dst = group or self.next_hop_mac(source, destination)
         if not keep_addresses or "src" not in ip.fields:
             ip.src = ip.fields.get("src", src.ipv4) if not keep_addresses else src.ipv4
         if not keep_addresses or "dst" not in ip.fields:
@@ -272,6 +278,22 @@ def _node(name: str, endpoint, *, holder: bool) -> Node:
     return Node(
         name, endpoint.namespace, endpoint.ifname, endpoint.mac, str(endpoint.ipv4.ip), holder
     )
+
+
+def _group_mac(address: str | None) -> str | None:
+    """The Ethernet address a broadcast or multicast IPv4 destination goes to, as a sender's
+    stack would address it (so the receiver sees the packet type netfilter would)."""
+    if address is None:
+        return None
+    ip = ipaddress.IPv4Address(address)
+    if ip.is_multicast:
+        low = int(ip) & 0x7FFFFF  # RFC 1112: 01:00:5e and the group's low 23 bits
+        return "01:00:5e:" + ":".join(f"{(low >> s) & 0xFF:02x}" for s in (16, 8, 0))
+    if ip == ipaddress.IPv4Address("255.255.255.255") or any(
+        ip == network.broadcast_address for network in LAB_NETWORKS
+    ):
+        return "ff:ff:ff:ff:ff:ff"
+    return None
 
 
 def _safe(label: str) -> str:
