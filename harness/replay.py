@@ -106,9 +106,10 @@ def _packets(lab: Lab, entry: PacketEntry) -> list[Packet]:
         base = [parse_packet(entry.spec)]
     else:
         assert entry.pcap is not None
-        base = [packet[IP] if IP in packet else packet for packet in rdpcap(str(entry.pcap))]
+        # Only IPv4 is replayed: the rules are IPv4 rules; ARP and IPv6 frames are left out.
+        base = [packet[IP] for packet in rdpcap(str(entry.pcap)) if IP in packet]
         if not base:
-            raise ReplayError(f"packets entry {entry.number}: {entry.pcap} holds no packets")
+            raise ReplayError(f"packets entry {entry.number}: {entry.pcap} holds no IPv4 packets")
     frames = []
     rewrite = entry.pcap is not None and not entry.keep_addresses  # a spec's fields are kept
     for packet in base:
