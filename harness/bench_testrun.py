@@ -9,15 +9,15 @@ the figure is the median of the trials.
 
 from __future__ import annotations
 
-import ctypes
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from typing import TYPE_CHECKING
 
-from codegen.bpf.isa import Command, MapType
-from codegen.bpf.syscall import BpfError, bpf
+from codegen.bpf.info import program_info
+from codegen.bpf.isa import MapType
+from codegen.bpf.syscall import BpfError
 from codegen.bpf.testrun import SkBuff, prog_test_run
 from codegen.rules import parse
 from codegen.rules.names import PKT_TYPES
@@ -62,57 +62,6 @@ class Timing:
         return {"ns": self.ns, "trials": self.trials, "repeat": self.repeat}
 
 
-class _ProgInfo(ctypes.Structure):
-    """struct bpf_prog_info up to verified_insns (UAPI layout, 8-byte aligned)."""
-
-    _fields_ = [
-        ("type", ctypes.c_uint32),
-        ("id", ctypes.c_uint32),
-        ("tag", ctypes.c_uint8 * 8),
-        ("jited_prog_len", ctypes.c_uint32),
-        ("xlated_prog_len", ctypes.c_uint32),
-        ("jited_prog_insns", ctypes.c_uint64),
-        ("xlated_prog_insns", ctypes.c_uint64),
-        ("load_time", ctypes.c_uint64),
-        ("created_by_uid", ctypes.c_uint32),
-        ("nr_map_ids", ctypes.c_uint32),
-        ("map_ids", ctypes.c_uint64),
-        ("name", ctypes.c_char * 16),
-        ("ifindex", ctypes.c_uint32),
-        ("gpl_compatible", ctypes.c_uint32),
-        ("netns_dev", ctypes.c_uint64),
-        ("netns_ino", ctypes.c_uint64),
-        ("nr_jited_ksyms", ctypes.c_uint32),
-        ("nr_jited_func_lens", ctypes.c_uint32),
-        ("jited_ksyms", ctypes.c_uint64),
-        ("jited_func_lens", ctypes.c_uint64),
-        ("btf_id", ctypes.c_uint32),
-        ("func_info_rec_size", ctypes.c_uint32),
-        ("func_info", ctypes.c_uint64),
-        ("nr_func_info", ctypes.c_uint32),
-        ("nr_line_info", ctypes.c_uint32),
-        ("line_info", ctypes.c_uint64),
-        ("jited_line_info", ctypes.c_uint64),
-        ("nr_jited_line_info", ctypes.c_uint32),
-        ("line_info_rec_size", ctypes.c_uint32),
-        ("jited_line_info_rec_size", ctypes.c_uint32),
-        ("nr_prog_tags", ctypes.c_uint32),
-        ("prog_tags", ctypes.c_uint64),
-        ("run_time_ns", ctypes.c_uint64),
-        ("run_cnt", ctypes.c_uint64),
-        ("recursion_misses", ctypes.c_uint64),
-        ("verified_insns", ctypes.c_uint32),
-    ]
-
-
-class _InfoAttr(ctypes.Structure):
-    _fields_ = [
-        ("bpf_fd", ctypes.c_uint32),
-        ("info_len", ctypes.c_uint32),
-        ("info", ctypes.c_uint64),
-    ]
-
-
 @dataclass(frozen=True)
 class ProgramFacts:
     """What the kernel holds of a loaded program, whichever backend made it."""
@@ -123,9 +72,7 @@ class ProgramFacts:
 
     @classmethod
     def of(cls, fd: int) -> ProgramFacts:
-        info = _ProgInfo()
-        attr = _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info))
-        bpf(Command.OBJ_GET_INFO_BY_FD, attr, "reading a program's info")
+        info = program_info(fd)
         return cls(info.xlated_prog_len // 8, info.jited_prog_len, info.verified_insns)
 
 

@@ -13,6 +13,7 @@ import os
 import struct
 from collections.abc import Iterator
 
+from .info import map_info
 from .isa import MapType
 from .syscall import BpfError, Command, bpf, close, pointer, possible_cpus
 
@@ -56,26 +57,6 @@ class _ObjAttr(ctypes.Structure):
         ("bpf_fd", ctypes.c_uint32),
         ("file_flags", ctypes.c_uint32),
         ("path_fd", ctypes.c_int32),
-    ]
-
-
-class _InfoAttr(ctypes.Structure):
-    _fields_ = [
-        ("bpf_fd", ctypes.c_uint32),
-        ("info_len", ctypes.c_uint32),
-        ("info", ctypes.c_uint64),
-    ]
-
-
-class _MapInfo(ctypes.Structure):
-    _fields_ = [
-        ("type", ctypes.c_uint32),
-        ("id", ctypes.c_uint32),
-        ("key_size", ctypes.c_uint32),
-        ("value_size", ctypes.c_uint32),
-        ("max_entries", ctypes.c_uint32),
-        ("map_flags", ctypes.c_uint32),
-        ("name", ctypes.c_char * 16),
     ]
 
 
@@ -207,9 +188,7 @@ class Map:
     @classmethod
     def from_pin(cls, path: str) -> Map:
         fd = get_pinned(path)
-        info = _MapInfo()
-        attr = _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info))
-        bpf(Command.OBJ_GET_INFO_BY_FD, attr, f"reading map info of {path}")
+        info = map_info(fd, path)
         return cls(
             MapType(info.type),
             info.key_size,

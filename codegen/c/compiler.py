@@ -27,10 +27,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from codegen.bpf.isa import Command, MapType, ProgType
+from codegen.bpf.info import map_info, program_info
+from codegen.bpf.isa import MapType, ProgType
 from codegen.bpf.loader import FAILURE_LOG_SIZE, VerifierError, VerifierStats, failing_slot
 from codegen.bpf.maps import pin
-from codegen.bpf.syscall import BpfError, bpf, close, error_for
+from codegen.bpf.syscall import BpfError, close, error_for
 from codegen.rules.model import Ruleset
 
 from .source import (
@@ -190,45 +191,9 @@ def _map_fd(maps: Mapping[str, object], name: str) -> int:
     return fd
 
 
-class _MapInfo(ctypes.Structure):
-    _fields_ = [
-        ("type", ctypes.c_uint32),
-        ("id", ctypes.c_uint32),
-        ("key_size", ctypes.c_uint32),
-        ("value_size", ctypes.c_uint32),
-        ("max_entries", ctypes.c_uint32),
-        ("map_flags", ctypes.c_uint32),
-        ("name", ctypes.c_char * 16),
-    ]
-
-
-class _ProgInfo(ctypes.Structure):
-    _fields_ = [
-        ("type", ctypes.c_uint32),
-        ("id", ctypes.c_uint32),
-        ("tag", ctypes.c_uint8 * 8),
-        ("jited_prog_len", ctypes.c_uint32),
-        ("xlated_prog_len", ctypes.c_uint32),
-    ]
-
-
-class _InfoAttr(ctypes.Structure):
-    _fields_ = [
-        ("bpf_fd", ctypes.c_uint32),
-        ("info_len", ctypes.c_uint32),
-        ("info", ctypes.c_uint64),
-    ]
-
-
-def _info(fd: int, info: ctypes.Structure, what: str) -> None:
-    attr = _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info))
-    bpf(Command.OBJ_GET_INFO_BY_FD, attr, what)
-
-
 def _check_map(name: str, fd: int) -> int:
     """The map's max_entries, after checking it has the shape the C declares."""
-    info = _MapInfo()
-    _info(fd, info, f"reading the info of map {name!r}")
+    info = map_info(fd, f"map {name!r}")
     kind, key, value = MAP_SHAPES[name]
     if (info.type, info.key_size, info.value_size) != (kind, key, value):
         raise CCompileError(
@@ -239,9 +204,8 @@ def _check_map(name: str, fd: int) -> int:
 
 
 def _xlated_length(fd: int) -> int:
-    info = _ProgInfo()
     try:
-        _info(fd, info, "reading program info")
+        info = program_info(fd)
     except BpfError:
         return 0
     return int(info.xlated_prog_len)
