@@ -20,7 +20,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	@mountpoint -q /sys/fs/bpf || bash scripts/bootstrap
 	$(VENV)/bin/bpflab cleanup
-	$(PYTHON) -m pytest -n $(JOBS) -rs -p no:cacheprovider tests
+	$(PYTHON) -m pytest -n $(JOBS) --dist loadgroup -rs -p no:cacheprovider tests
 
 unit kernel net: $(STAMP)
 	$(PYTHON) -m pytest -rs -p no:cacheprovider tests/$@

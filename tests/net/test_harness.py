@@ -111,6 +111,7 @@ def test_replay_exit_codes(tmp_path):
     assert refused.stderr == f"{bad}:1: error: topology must be 'host' or 'router', not 'mesh'\n"
 
 
+@pytest.mark.xdist_group("reaper")  # with the reaper tests of test_netns.py, never beside them
 def test_reaper_cleans_up_after_sigkill():
     child = subprocess.Popen(
         [

@@ -299,6 +299,10 @@ def test_topology_that_fails_to_build_leaves_nothing(monkeypatch: pytest.MonkeyP
 
 # --- Reaper ----------------------------------------------------------------------------------
 
+# Reapers remove every dead owner's namespaces, other tests' included: these tests run on one
+# pytest-xdist worker (`--dist loadgroup`), one after the other.
+REAPER = pytest.mark.xdist_group("reaper")
+
 
 def dead_owner() -> dict[str, int]:
     """The state of an owner that has exited: a process this test started and waited for."""
@@ -309,6 +313,7 @@ def dead_owner() -> dict[str, int]:
     return {"pid": process.pid, "start_time": start_time}
 
 
+@REAPER
 def test_reap_removes_namespaces_of_dead_owners_only() -> None:
     with Namespace() as live, Namespace() as dead, Namespace() as reused:
         dead.state_file.write_text(json.dumps(dead_owner()))
@@ -329,6 +334,7 @@ def test_reap_removes_namespaces_of_dead_owners_only() -> None:
         assert live.name in os.listdir(NETNS_DIR) and live.state_file.exists()
 
 
+@REAPER
 def test_reap_removes_namespaces_without_state_only_when_asked(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
