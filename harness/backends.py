@@ -50,8 +50,9 @@ def load_program(
         if not compiled.exact:
             return load(compiled.items, name=compiled.name, maps=maps)
         # Runs of exact-match rules read their own hash map: built here, owned by the program.
-        table = Map(MapType.HASH, exact.KEY.size, exact.VALUE.size, len(compiled.exact),
-                    name=EXACT_MAP)
+        table = Map(
+            MapType.HASH, exact.KEY.size, exact.VALUE.size, len(compiled.exact), name=EXACT_MAP
+        )
         try:
             for key, value in compiled.exact.items():
                 table.update(key, value)

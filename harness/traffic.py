@@ -144,15 +144,15 @@ class Lab:
         sockets send. The raw table runs before anything else in netfilter."""
         for endpoint in self._endpoints():
             namespace = endpoint.namespace
-            text = (
-                _quiet_host(os.geteuid())
-                if namespace is self.holder_namespace
-                else (_QUIET_RECEIVER)
-            )
-            with tempfile.NamedTemporaryFile("w", prefix="bpflab-", suffix=".rules") as rules:
-                rules.write(text)
-                rules.flush()
-                namespace.run(["iptables-legacy-restore", "-w", "10", rules.name])
+            quiet = namespace is self.holder_namespace
+            _restore(namespace, _quiet_host(os.geteuid()) if quiet else _QUIET_RECEIVER)
+
+    def load_filter_table(self, text: str) -> None:
+        """Make this lab a netfilter twin: the filter table `text` (iptables-save text) goes
+        into the rule holder's netfilter with iptables-legacy-restore.
+
+        Raises netns.CommandError when iptables-legacy-restore refuses it."""
+        _restore(self.holder_namespace, text)
 
     # Nodes and frames ---------------------------------------------------------------------
 
@@ -213,7 +213,10 @@ class Lab:
             with closing(
                 node.namespace.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
             ) as sock:
-                sock.sendto(bytes(frame[IP]), (frame[IP].dst, 0))
+                try:
+                    sock.sendto(bytes(frame[IP]), (frame[IP].dst, 0))
+                except PermissionError:
+                    pass  # netfilter's OUTPUT dropped it (a twin lab): it is not sent
             return
         with closing(node.namespace.socket(socket.AF_PACKET, socket.SOCK_RAW)) as sock:
             sock.bind((node.ifname, 0))
@@ -272,6 +275,14 @@ class Receiver:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _restore(namespace: Namespace, text: str) -> None:
+    """iptables-legacy-restore `text` in `namespace` (Namespace.run has no stdin: a file)."""
+    with tempfile.NamedTemporaryFile("w", prefix="bpflab-", suffix=".rules") as rules:
+        rules.write(text)
+        rules.flush()
+        namespace.run(["iptables-legacy-restore", "-w", "10", rules.name])
 
 
 def _node(name: str, endpoint, *, holder: bool) -> Node:
