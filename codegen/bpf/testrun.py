@@ -59,6 +59,22 @@ class SkBuff(ctypes.Structure):
 SKB_OFFSETS = {name: getattr(SkBuff, name).offset for name, *_ in SkBuff._fields_}
 
 
+class BpfSock(ctypes.Structure):
+    """The head of struct bpf_sock (UAPI), what bpf_sk_fullsock returns a pointer to."""
+
+    _fields_ = [
+        ("bound_dev_if", ctypes.c_uint32),
+        ("family", ctypes.c_uint32),
+        ("type", ctypes.c_uint32),
+        ("protocol", ctypes.c_uint32),
+        ("mark", ctypes.c_uint32),
+        ("priority", ctypes.c_uint32),
+    ]
+
+
+BPF_SOCK_OFFSETS = {name: getattr(BpfSock, name).offset for name, *_ in BpfSock._fields_}
+
+
 class _TestRunAttr(ctypes.Structure):
     _fields_ = [
         ("prog_fd", ctypes.c_uint32),

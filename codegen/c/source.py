@@ -14,6 +14,7 @@ and each entry loads on its own. What every entry does:
 - egress: OUTPUT for packets made here (ingress_ifindex 0); forwarded ones pass untouched.
 - INPUT (on ingress) and OUTPUT (on egress) judge a fragmented datagram by its first fragment,
   as netfilter judges the whole datagram there; later fragments pass, counted as not handled.
+  On egress, packets an IPPROTO_RAW socket wrote whole are judged as they are, as OUTPUT did.
 - chain: one built-in chain for BPF_PROG_TEST_RUN: in-interface from ingress_ifindex,
   out-interface from cb[0], packet type from cb[2]; the deciding counter slot goes to cb[1].
 
@@ -41,6 +42,7 @@ so every reader of counters works with either backend.
 from __future__ import annotations
 
 import re
+import socket
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -296,6 +298,8 @@ class _Writer:
             "#define AF_INET 2",
             "#define PACKET_HOST 0",
             "#define PACKET_OTHERHOST 3",
+            f"#define RAW_SOCKET {socket.SOCK_RAW}  // sock_type SOCK_RAW",
+            f"#define RAW_PROTOCOL {socket.IPPROTO_RAW}  // IPPROTO_RAW (IP_HDRINCL)",
             f"#define HEADERS {HEADERS}  // Ethernet, IPv4 with options, TCP: all any match reads",
             f"#define NOT_HANDLED {self.layout.slot(NOT_HANDLED)}  // counter slot",
             f"#define PIN_DIR {_c_string(pin_dir)}",
@@ -404,7 +408,7 @@ class _Writer:
             body += self.ingress()
         else:
             if hook == "egress":
-                body += WHOLE_DATAGRAMS_ONLY
+                body += WHOLE_DATAGRAMS_ONLY_EGRESS
             body += self.builtin_chain(entry.builtins[0], "accept")
         tails = self.tails(entry)
         used = set(_GOTO.findall(_text(body)))
@@ -737,6 +741,22 @@ WHOLE_DATAGRAMS_ONLY = [
     "// Netfilter judges a fragmented datagram once: here by its first fragment.",
     "if (f->fragment != 0)",
     "    goto not_handled;",
+]
+
+# On egress, a packet from an IPPROTO_RAW socket (IP_HDRINCL) was written whole by its sender,
+# fragment fields and all; the kernel never fragments those (it refuses them over the MTU), so
+# OUTPUT judged it as it is, and so does this program.
+WHOLE_DATAGRAMS_ONLY_EGRESS = [
+    "// Netfilter judges a fragmented datagram once: here by its first fragment. A packet",
+    "// written whole by an IPPROTO_RAW socket was judged as it is, fragment or not.",
+    "if (f->fragment != 0) {",
+    "    struct bpf_sock *sk = skb->sk;",
+    "",
+    "    if (sk)",
+    "        sk = bpf_sk_fullsock(sk);",
+    "    if (!sk || sk->type != RAW_SOCKET || sk->protocol != RAW_PROTOCOL)",
+    "        goto not_handled;",
+    "}",
 ]
 
 FAST_FORWARD = [

@@ -26,6 +26,7 @@ allows 8 frames, which `user_chains_called` checks (nesting of about 6 user chai
 from __future__ import annotations
 
 import itertools
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
@@ -47,7 +48,7 @@ from codegen.bpf.isa import (
     Size,
     TcAction,
 )
-from codegen.bpf.testrun import SKB_OFFSETS
+from codegen.bpf.testrun import BPF_SOCK_OFFSETS, SKB_OFFSETS
 from codegen.rules.iptables_save import write_rule
 from codegen.rules.model import Accept, Chain, Drop, Goto, Jump, Return, Rule, Ruleset
 from codegen.rules.names import BUILTIN_CHAINS
@@ -274,7 +275,7 @@ class _Emitter:
             code += self.ingress(builtins)
         else:
             if self.hook == "egress":
-                code += self.whole_datagrams_only()
+                code += self.whole_datagrams_only(written_whole=True)
             code += self.builtin_chain(builtins[0], "accept")
         for name in user_chains_called(self.ruleset, builtins):
             code += self.user_chain(self.ruleset.chains[name])
@@ -443,18 +444,32 @@ class _Emitter:
         ]
         return code
 
-    def whole_datagrams_only(self) -> list[Item]:
+    def whole_datagrams_only(self, *, written_whole: bool = False) -> list[Item]:
         """INPUT sees datagrams after reassembly (ip_local_deliver) and OUTPUT before
         fragmentation (ip_finish_output): netfilter judges a datagram once, by its first part.
         Here the first fragment is judged and later ones pass untouched: if the first was
-        dropped, the datagram can never be reassembled on the host, nor on the far side."""
+        dropped, the datagram can never be reassembled on the host, nor on the far side.
+
+        `written_whole` (egress): a packet from an IPPROTO_RAW socket (IP_HDRINCL) was written
+        whole by its sender, fragment fields and all, and the kernel never fragments those
+        (it refuses them over the MTU): OUTPUT judged it as it is, so it is judged here too."""
         whole = self.label("first_fragment")
-        return [
+        code: list[Item] = [
             I.ldx(Size.H, R1, FACTS, Facts.FRAGMENT.offset),
             I.jmp32(JmpOp.JEQ, R1, 0, whole),
-            I.ja("not_handled"),
-            Label(whole),
         ]
+        if written_whole:
+            code += [
+                I.ldx(Size.DW, R1, R6, SKB_OFFSETS["sk"]),
+                I.jmp(JmpOp.JEQ, R1, 0, "not_handled"),
+                I.call("sk_fullsock"),
+                I.jmp(JmpOp.JEQ, R0, 0, "not_handled"),
+                I.ldx(Size.W, R1, R0, BPF_SOCK_OFFSETS["type"]),
+                I.jmp32(JmpOp.JNE, R1, socket.SOCK_RAW, "not_handled"),
+                I.ldx(Size.W, R1, R0, BPF_SOCK_OFFSETS["protocol"]),
+                I.jmp32(JmpOp.JEQ, R1, socket.IPPROTO_RAW, whole),
+            ]
+        return [*code, I.ja("not_handled"), Label(whole)]
 
     def tails(self) -> list[Item]:
         """The ends every verdict jumps to."""

@@ -345,3 +345,37 @@ def test_fragmented_datagrams_are_judged_by_their_first_fragment(host, backend):
     _, counters = lifecycle.current(ns)
     assert counters[("INPUT", 1)][0] == 1  # the first fragment of the accepted datagram
     assert counters[("INPUT", "policy")][0] == 1
+
+
+def test_output_judges_datagrams_the_kernel_fragments_once_and_raw_fragments_each(host, backend):
+    """OUTPUT sees a datagram before ip_finish_output fragments it: its first fragment decides
+    and the later ones follow. A fragment an IPPROTO_RAW socket writes itself is what OUTPUT
+    saw, so it is judged as it is: a later fragment matches no port and meets the policy."""
+    ns = host.host.namespace.name
+    text = rules("-A OUTPUT -p udp -m udp --dport 5353 -j ACCEPT", policies="ACCEPT ACCEPT DROP")
+    lifecycle.apply(text, "fragments.rules", ns, backend=backend)
+    receiver = host.client.namespace.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    receiver.bind((str(host.client.ipv4.ip), 5353))
+    receiver.settimeout(0.5)
+    sender = host.host.namespace.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    big = b"z" * 4000  # over the 1500-byte MTU: three fragments
+    try:
+        sender.sendto(big, (str(host.client.ipv4.ip), 5353))
+        assert len(receiver.recv(65535)) == len(big)
+    finally:
+        receiver.close()
+        sender.close()
+    _, counters = lifecycle.current(ns)
+    assert counters[("OUTPUT", 1)][0] == 1  # the first fragment only
+    later = IP(src=str(host.host.ipv4.ip), dst=str(host.client.ipv4.ip), id=0x4242, frag=64)
+    later = later / UDP(sport=1, dport=5353) / (b"y" * 16)  # a port match never sees these
+    watcher_frames: list[Ether] = []
+    watcher = threading.Thread(target=lambda: watcher_frames.extend(capture(host.client, 0.5)))
+    watcher.start()
+    time.sleep(0.1)
+    with host.host.namespace.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW) as raw:
+        raw.sendto(bytes(later), (str(host.client.ipv4.ip), 0))
+    watcher.join()
+    assert not [f for f in watcher_frames if IP in f and f[IP].id == 0x4242]
+    _, after = lifecycle.current(ns)
+    assert after[("OUTPUT", "policy")][0] == counters.get(("OUTPUT", "policy"), (0, 0))[0] + 1
