@@ -76,16 +76,13 @@ def _replay(args: argparse.Namespace) -> int:
 
 
 def _replay_all(paths: list[str], backend: str) -> int:
-    from .replay import ReplayError, replay
+    from .replay import replay
     from .scripts import load_script
 
     scripts = [load_script(path) for path in paths]  # every script checked before any runs
     failed = 0
     for number, script in enumerate(scripts):
-        try:
-            report = replay(script, backend=backend)
-        except ReplayError as error:
-            raise UsageError(f"{script.path}: {error}") from None
+        report = replay(script, backend=backend)  # a ReplayError is a ScriptError: FILE:LINE
         print(("\n" if number else "") + report.render())
         failed += not report.ok
     return EXIT_CHECK_FAILED if failed else EXIT_OK

@@ -10,11 +10,11 @@ from __future__ import annotations
 import ast
 
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption
-from scapy.layers.l2 import ARP, Dot1Q, Ether
+from scapy.layers.l2 import Dot1Q, Ether
 from scapy.packet import Packet, Padding, Raw
 
 LAYERS: dict[str, type[Packet]] = {
-    cls.__name__: cls for cls in (Ether, Dot1Q, ARP, IP, TCP, UDP, ICMP, Raw, Padding)
+    cls.__name__: cls for cls in (Ether, Dot1Q, IP, TCP, UDP, ICMP, Raw, Padding)
 }
 OPTIONS = {"IPOption": IPOption}
 

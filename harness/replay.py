@@ -20,12 +20,16 @@ from netns import CommandError
 from . import lifecycle
 from .backends import Backend
 from .packets import parse_packet
-from .scripts import PacketEntry, Script
+from .scripts import PacketEntry, Script, ScriptError, unobservable
 from .traffic import Lab, field_diff, same_packet
 
 
-class ReplayError(Exception):
-    """The script cannot be run as written (e.g. netfilter refuses its rules)."""
+class ReplayError(ScriptError):
+    """The script cannot be run as written: a packet the lab cannot watch, rules netfilter
+    refuses; `str()` is `FILE:LINE: error: MESSAGE`, the line of the packets entry."""
+
+    def __init__(self, entry: PacketEntry, message: str):
+        super().__init__(entry.path, entry.line, f"packets entry {entry.number}: {message}")
 
 
 @dataclass
@@ -113,12 +117,12 @@ def _packets(lab: Lab, entry: PacketEntry) -> list[Packet]:
         # Only IPv4 is replayed: the rules are IPv4 rules; ARP and IPv6 frames are left out.
         base = [packet[IP] for packet in rdpcap(str(entry.pcap)) if IP in packet]
         if not base:
-            raise ReplayError(f"packets entry {entry.number}: {entry.pcap} holds no IPv4 packets")
+            raise ReplayError(entry, f"{entry.pcap} holds no IPv4 packets")
     frames = []
     rewrite = entry.pcap is not None and not entry.keep_addresses  # a spec's fields are kept
     for packet in base:
         packet = packet.copy()
-        if IP in packet and rewrite:
+        if rewrite:
             # Addresses come from the topology; checksums and lengths are computed anew.
             for name in ("src", "dst", "chksum", "len"):
                 packet[IP].fields.pop(name, None)
@@ -128,10 +132,18 @@ def _packets(lab: Lab, entry: PacketEntry) -> list[Packet]:
         if Ether in packet and rewrite:
             packet[Ether].fields.pop("src", None)
             packet[Ether].fields.pop("dst", None)
-        frames.append(
-            lab.frame(entry.source, entry.destination, packet, keep_addresses=entry.keep_addresses)
+        frame = lab.frame(
+            entry.source, entry.destination, packet, keep_addresses=entry.keep_addresses
         )
+        _check_observable(frame, entry)
+        frames.append(frame)
     return frames
+
+
+def _check_observable(frame: Packet, entry: PacketEntry) -> None:
+    problem = unobservable(frame, entry.destination)  # a spec was checked when loaded; a pcap now
+    if problem:
+        raise ReplayError(entry, problem)
 
 
 def _deciding(script: Script, moved: dict[Position, tuple[int, int]]) -> str:
@@ -166,7 +178,7 @@ def replay(script: Script, *, backend: Backend = "bytecode") -> Report:
                     expected = entry.expect
                     if expected == "netfilter":
                         if twin is None:
-                            twin = twins.enter_context(_twin(script))
+                            twin = twins.enter_context(_twin(script, entry))
                         expected = _netfilter_verdict(twin, frame, entry)
                     report.packets.append(_send(lab, script, entry, frame, expected, namespace))
             _, counters = lifecycle.current(namespace)
@@ -244,7 +256,7 @@ def _forwarding_problem(lab: Lab, entry: PacketEntry, sent: Packet, got: Packet)
 
 
 @contextmanager
-def _twin(script: Script) -> Iterator[Lab]:
+def _twin(script: Script, entry: PacketEntry) -> Iterator[Lab]:
     """A second lab of the script's topology whose rule holder filters with iptables-legacy:
     the same nodes, addresses, MACs and interface names, so the same frames go through it."""
     with Lab(script.topology) as twin:
@@ -252,8 +264,9 @@ def _twin(script: Script) -> Iterator[Lab]:
             twin.load_filter_table(write(script.ruleset))
         except CommandError as error:
             raise ReplayError(
+                entry,
                 "iptables-legacy-restore refused the rules for the netfilter twin: "
-                f"{error.stderr.strip() or error}"
+                f"{error.stderr.strip() or error}",
             ) from None
         yield twin
 
@@ -267,7 +280,8 @@ def _netfilter_verdict(twin: Lab, frame: Packet, entry: PacketEntry) -> str:
         arrived = len(receiver.collect(same_packet(frame), entry.count, twin.timeout))
     if arrived not in (0, entry.count):
         raise ReplayError(
-            f"packets entry {entry.number} (line {entry.line}): netfilter passed {arrived} "
-            f"of {entry.count} copies of the same packet, so it gives no single verdict"
+            entry,
+            f"netfilter passed {arrived} of {entry.count} copies of the same packet, so it "
+            "gives no single verdict",
         )
     return "pass" if arrived else "drop"

@@ -45,6 +45,7 @@ class PacketEntry:
     pcap: Path | None = None
     keep_addresses: bool = False
     description: str = ""
+    path: str = ""  # the script, as errors name it
 
     @property
     def chain(self) -> str:
@@ -241,12 +242,16 @@ def _packet(entry: object, index: int, topology: str, path: Path, lines: _Lines,
         count,
         keep_addresses=bool(entry.get("keep_addresses", False)),
         description=str(entry.get("description", "")),
+        path=name,
     )
     if "packet" in entry:
         try:
-            parse_packet(str(entry["packet"]))
+            packet = parse_packet(str(entry["packet"]))
         except SpecError as error:
             raise fail("packet", f"packet: {error}") from None
+        problem = unobservable(packet, destination)
+        if problem:
+            raise fail("packet", f"packet: {problem}")
         result.spec = str(entry["packet"])
     else:
         result.pcap = path.parent / str(entry["pcap"])
@@ -283,3 +288,20 @@ def _counters(raw: object, ruleset: Ruleset, lines: _Lines, name: str):
             CounterExpectation(line, chain, index, value.get("packets"), value.get("bytes"))
         )
     return expectations
+
+
+def unobservable(packet, destination: str) -> str:
+    """Why the lab could not watch `packet` (a scapy packet, maybe above IP) arrive at
+    `destination`, or "": it must carry IPv4, and a packet to the rule holder needs an IP
+    protocol that a raw socket receives (not 0 nor IPPROTO_RAW)."""
+    from scapy.layers.inet import IP
+    from scapy.layers.l2 import Ether
+
+    if Ether in packet and IP not in packet:
+        return f"the packet must be IPv4 (the rules are IPv4 rules), not {packet.summary()}"
+    if IP in packet and destination in ("host", "router") and packet[IP].proto in (0, 255):
+        return (
+            f"IP protocol {packet[IP].proto} to the {destination}: no raw socket receives it, "
+            "so its delivery cannot be watched; use another protocol number"
+        )
+    return ""

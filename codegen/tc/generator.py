@@ -293,6 +293,10 @@ class _Emitter:
             *facts_store,
             I.mov64(FACTS, R10),
             I.alu64(AluOp.ADD, FACTS, FACTS_OFFSET),
+            # A VLAN tag taken off by offload (the frame data shows the inner EtherType): the
+            # IP stack sees the packet on the VLAN device, whose own programs judge it, if any.
+            I.ldx(Size.W, R1, R6, SKB_OFFSETS["vlan_present"]),
+            I.jmp(JmpOp.JNE, R1, 0, nh),
             # Make the headers linear if they are not (large or non-linear skbs).
             I.ldx(Size.W, R2, R6, SKB_OFFSETS["len"]),
             I.jmp(JmpOp.JLE, R2, HEADERS, "pull_length_known"),

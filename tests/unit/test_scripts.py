@@ -80,6 +80,20 @@ BAD = [
     ("bad expect", replace('expect = "pass"', 'expect = "maybe"'), 16, "expect must be one of"),
     ("count too big", replace("count = 3", "count = 100000"), 17, "count must be"),
     ("bad packet spec", replace('Raw(b"q")', "Nope()"), 15, "unknown layer 'Nope'"),
+    (
+        "not IPv4",
+        replace("""'UDP(sport=4000, dport=53)/Raw(b"q")'""", "'Ether(type=0x86DD)/Raw(b\"q\")'"),
+        15,
+        "the packet must be IPv4",
+    ),
+    (
+        "protocol 0 to the router",
+        replace('to = "server"', 'to = "router"').replace(
+            "UDP(sport=4000, dport=53)", "IP(proto=0)"
+        ),
+        15,
+        "IP protocol 0 to the router: no raw socket receives it",
+    ),
     ("counter of a missing rule", replace('"FORWARD:1"', '"FORWARD:7"'), 19, "want CHAIN:N"),
     ("counter of a missing chain", replace('"FORWARD:1"', '"web:1"'), 19, "no chain 'web'"),
     ("no packets", GOOD.split("[[packets]]")[0], 1, "at least one [[packets]]"),
