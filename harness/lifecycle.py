@@ -18,6 +18,7 @@ import json
 import os
 import socket
 import struct
+import sys
 from collections import Counter
 from contextlib import ExitStack, closing
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from codegen.rules import parse, write
 from codegen.rules.iptables_save import write_rule
 from codegen.rules.model import Ruleset
 from codegen.tc.generator import COUNTERS_MAP, LOCAL_MAP
-from codegen.tc.layout import CounterLayout, Position
+from codegen.tc.layout import CounterLayout, Local, Position
 from netns.namespace import PIN_ROOT, Namespace
 
 from .backends import Backend, Program, load_program
@@ -87,16 +88,40 @@ def _devices(namespace: Namespace, wanted: list[str] | None) -> dict[str, int]:
 RT_TABLE_LOCAL, RTN_LOCAL, RTN_BROADCAST = 255, 2, 3
 
 
-def local_addresses(namespace: Namespace) -> set[int]:
-    """Addresses the kernel delivers locally: the /32 local and broadcast routes of the
-    namespace's local routing table (addresses, subnet broadcasts), and the limited broadcast,
-    which ip_route_input treats as broadcast without a route."""
-    found = {int(ipaddress.IPv4Address("255.255.255.255"))}
+def local_addresses(namespace: Namespace) -> dict[int, int]:
+    """What the namespace delivers locally, as the `local_addresses` map holds it: address
+    (host order) -> Local kind. Its devices' addresses and subnet broadcasts (the /32 local and
+    broadcast routes of its local routing table), the limited broadcast (which ip_route_input
+    treats as broadcast without a route), and the multicast groups its devices joined."""
+    found = {int(ipaddress.IPv4Address("255.255.255.255")): Local.BROADCAST}
     with namespace.ipr() as ipr:
         for route in ipr.get_routes(family=socket.AF_INET, table=RT_TABLE_LOCAL):
             if route["type"] in (RTN_LOCAL, RTN_BROADCAST) and route["dst_len"] == 32:
-                found.add(int(ipaddress.IPv4Address(route.get_attr("RTA_DST"))))
+                address = int(ipaddress.IPv4Address(route.get_attr("RTA_DST")))
+                kind = Local.ADDRESS if route["type"] == RTN_LOCAL else Local.BROADCAST
+                found[address] = min(kind, found.get(address, kind))  # an address above all
+    with namespace.enter(), open("/proc/thread-self/net/igmp") as igmp:
+        groups = igmp.read()
+    for group in joined_groups(groups):
+        found.setdefault(group, Local.GROUP)
     return found
+
+
+def joined_groups(igmp: str) -> set[int]:
+    """The groups (host order) in the text of /proc/net/igmp: indented lines under each device
+    whose first field is the group, printed as the native-endian value of a __be32."""
+    groups = set()
+    for line in igmp.splitlines()[1:]:
+        if line[:1].isspace() and line.split():
+            raw = int(line.split()[0], 16).to_bytes(4, sys.byteorder)
+            groups.add(int.from_bytes(raw, "big"))
+    return groups
+
+
+def fill_local_map(local: Map, addresses: dict[int, int]) -> None:
+    """Put `addresses` (local_addresses' answer, or a stand-in) into a `local_addresses` map."""
+    for address, kind in sorted(addresses.items())[: local.max_entries]:
+        local.update(struct.pack("<I", address), bytes([kind]))
 
 
 def _identities(ruleset: Ruleset, layout: CounterLayout) -> dict[tuple, Position]:
@@ -134,8 +159,7 @@ def apply(
     with ExitStack() as cleanup:
         counters = cleanup.enter_context(CounterMap(layout))
         local = cleanup.enter_context(Map(MapType.HASH, 4, 1, LOCAL_MAP_SIZE, name=LOCAL_MAP))
-        for address in sorted(local_addresses(namespace))[:LOCAL_MAP_SIZE]:
-            local.update(struct.pack("<I", address), b"\1")
+        fill_local_map(local, local_addresses(namespace))
         interfaces = _all_interfaces(namespace)
         programs: dict[str, Program] = {}
         for hook in ("ingress", "egress"):

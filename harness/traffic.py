@@ -42,6 +42,7 @@ LAB_NETWORKS = tuple(
 )
 ARTEFACTS = Path(os.environ.get("BPFLAB_ARTEFACTS", "artefacts"))
 ETH_P_ALL = 0x0003
+DLT_EN10MB = 1  # pcap link type: Ethernet
 MAX_CAPTURED = 20_000  # per interface: captures are bounded in count as well as in time
 Match = Callable[[Packet], bool]
 
@@ -96,7 +97,7 @@ class Capture:
             packet = Ether(data)
             packet.time = stamp
             packets.append(packet)
-        wrpcap(str(path), packets)
+        wrpcap(str(path), packets, linktype=DLT_EN10MB)  # an empty capture has no frame to tell
 
 
 class Lab:

@@ -51,7 +51,7 @@ from codegen.rules.iptables_save import write_rule
 from codegen.rules.model import Accept, Chain, Drop, Goto, Jump, Return, Rule, Ruleset
 from codegen.rules.names import BUILTIN_CHAINS
 from codegen.tc.generator import CompileError
-from codegen.tc.layout import NOT_HANDLED, CounterLayout
+from codegen.tc.layout import NOT_HANDLED, CounterLayout, Local
 
 from . import matches
 
@@ -299,6 +299,9 @@ class _Writer:
             "#define PACKET_HOST 0",
             "#define PACKET_OTHERHOST 3",
             f"#define RAW_SOCKET {socket.SOCK_RAW}  // sock_type SOCK_RAW",
+            f"#define PROTO_IGMP {socket.IPPROTO_IGMP}",
+            f"#define LOCAL_ADDRESS {Local.ADDRESS}  // {LOCAL_MAP} values",
+            f"#define LOCAL_GROUP {Local.GROUP}",
             f"#define RAW_PROTOCOL {socket.IPPROTO_RAW}  // IPPROTO_RAW (IP_HDRINCL)",
             f"#define HEADERS {HEADERS}  // Ethernet, IPv4 with options, TCP: all any match reads",
             f"#define NOT_HANDLED {self.layout.slot(NOT_HANDLED)}  // counter slot",
@@ -428,6 +431,7 @@ class _Writer:
                 "struct bpf_fib_lookup fib = {};",
                 "long fib_result = -1;",
                 "u32 key;",
+                "u8 *kind;",
             ]
         if "answer = " in _text(body):
             declarations.append("int answer;")
@@ -442,9 +446,36 @@ class _Writer:
     def ingress(self) -> list[str | _Mark]:
         forward_accept = "forward_accept" if self.fastpath else "accept"
         return [
-            "// A local destination, or multicast: INPUT.",
+            "// What ip_route_input drops as martian before any hook (rp_filter, accept_local",
+            "// and route_localnet off, as in a new namespace): not handled.",
+            "if ((f->saddr >> 28) == 0xe || f->saddr == 0xffffffff)",
+            "    goto not_handled;",
+            "if ((f->daddr >> 28) == 0xe) {",
+            "    if ((f->saddr >> 24) == 127)",
+            "        goto not_handled;",
+            "    if (f->saddr == 0 && (f->daddr >> 8) != 0xe00000 &&",
+            "        f->protocol != PROTO_IGMP)",
+            "        goto not_handled;",
+            "} else if (f->daddr != 0xffffffff) {",
+            "    // ipv4_is_zeronet: 0.0.0.0 alone since Linux 5.3",
+            "    if (f->saddr == 0 || (f->saddr >> 24) == 127 ||",
+            "        f->daddr == 0 || (f->daddr >> 24) == 127)",
+            "        goto not_handled;",
+            "}",
+            "key = f->saddr;  // one of our own addresses as the source",
+            f"kind = {LOCAL_MAP}.lookup(&key);",
+            "if (kind && *kind == LOCAL_ADDRESS)",
+            "    goto not_handled;",
+            "",
+            "// A local destination (an address, a broadcast, a group joined here): INPUT.",
             "key = f->daddr;",
-            f"if ({LOCAL_MAP}.lookup(&key) || (f->daddr >> 28) == 0xe)",
+            f"kind = {LOCAL_MAP}.lookup(&key);",
+            "if ((f->daddr >> 28) == 0xe) {",
+            "    if (!kind || *kind != LOCAL_GROUP)",
+            "        goto not_handled;",
+            "    goto input;",
+            "}",
+            "if (kind)",
             "    goto input;",
             "// Otherwise the FIB says whether the kernel would forward it.",
             "fib.family = AF_INET;",

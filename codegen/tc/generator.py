@@ -66,6 +66,7 @@ from .layout import (
     CounterLayout,
     Facts,
     Field,
+    Local,
 )
 
 Hook = Literal["ingress", "egress", "chain"]
@@ -387,24 +388,83 @@ class _Emitter:
                 code += [I.ldx(Size.W, R1, R6, offset), I.stx(Size.W, FACTS, fact.offset, R1)]
         return code
 
-    def ingress(self, builtins: tuple[str, ...]) -> list[Item]:
-        params = FIB_PARAMS_OFFSET
-        code: list[Item] = [
-            # Local destination: INPUT.
-            I.ldx(Size.W, R1, FACTS, Facts.DADDR.offset),
+    def _local_kind(self, fact: Field) -> list[Item]:
+        """R0 = the `local_addresses` value of address `fact` (a Local kind), 0 if none."""
+        done = self.label("kind_known")
+        return [
+            I.ldx(Size.W, R1, FACTS, fact.offset),
             I.stx(Size.W, R10, SCRATCH_OFFSET, R1),
             I.ld_map_fd(R1, LOCAL_MAP),
             I.mov64(R2, R10),
             I.alu64(AluOp.ADD, R2, SCRATCH_OFFSET),
             I.call("map_lookup_elem"),
-            I.jmp(JmpOp.JEQ, R0, 0, "not_local"),
-            I.ja("input"),  # far: past FORWARD
-            Label("not_local"),
+            I.jmp(JmpOp.JEQ, R0, 0, done),
+            I.ldx(Size.B, R0, R0, 0),
+            Label(done),
+        ]
+
+    def martians(self) -> list[Item]:
+        """What ip_route_input drops as martian before any hook (rp_filter, accept_local and
+        route_localnet off, as in a new namespace) is not handled: a multicast or limited
+        broadcast source; an address of this namespace as source; to a unicast destination,
+        a 127.0.0.0/8 source or destination, or 0.0.0.0 as either (ipv4_is_zeronet means
+        0.0.0.0 alone since Linux 5.3); to a multicast group, a loopback source, or 0.0.0.0
+        beyond 224.0.0.0/24 but for IGMP. (Whether a group was joined: `ingress`.)"""
+        nh = "not_handled"
+        return [
+            I.ldx(Size.W, R2, FACTS, Facts.SADDR.offset),
+            I.ldx(Size.W, R3, FACTS, Facts.DADDR.offset),
+            I.mov32(R1, R2),
+            I.alu32(AluOp.RSH, R1, 28),
+            I.jmp32(JmpOp.JEQ, R1, 0xE, nh),  # multicast source
+            I.jmp32(JmpOp.JEQ, R2, -1, nh),  # limited broadcast source
+            I.mov32(R4, R2),
+            I.alu32(AluOp.RSH, R4, 24),  # R4: the source's first byte
+            I.mov32(R1, R3),
+            I.alu32(AluOp.RSH, R1, 28),
+            I.jmp32(JmpOp.JEQ, R1, 0xE, "martian_multicast"),
+            I.jmp32(JmpOp.JEQ, R3, -1, "martian_broadcast"),
+            I.jmp32(JmpOp.JEQ, R2, 0, nh),  # 0.0.0.0 source (ipv4_is_zeronet: only 0.0.0.0)
+            I.jmp32(JmpOp.JEQ, R3, 0, nh),  # 0.0.0.0 destination
+            I.jmp32(JmpOp.JEQ, R4, 127, nh),  # loopback source
+            I.mov32(R1, R3),
+            I.alu32(AluOp.RSH, R1, 24),
+            I.jmp32(JmpOp.JEQ, R1, 127, nh),  # loopback destination
+            I.ja("martian_own_source"),
+            Label("martian_broadcast"),  # to 255.255.255.255: any source but ours
+            I.jmp32(JmpOp.JEQ, R2, 0, "martians_checked"),
+            I.ja("martian_own_source"),
+            Label("martian_multicast"),
+            I.jmp32(JmpOp.JEQ, R4, 127, nh),
+            I.jmp32(JmpOp.JNE, R2, 0, "martian_own_source"),
+            I.mov32(R1, R3),
+            I.alu32(AluOp.RSH, R1, 8),
+            I.jmp32(JmpOp.JEQ, R1, 0xE00000, "martians_checked"),  # 224.0.0.0/24
+            I.ldx(Size.B, R1, FACTS, Facts.PROTOCOL.offset),
+            I.jmp32(JmpOp.JEQ, R1, socket.IPPROTO_IGMP, "martians_checked"),
+            I.ja(nh),
+            Label("martian_own_source"),
+            *self._local_kind(Facts.SADDR),
+            I.jmp32(JmpOp.JEQ, R0, Local.ADDRESS, nh),
+            Label("martians_checked"),
+        ]
+
+    def ingress(self, builtins: tuple[str, ...]) -> list[Item]:
+        params = FIB_PARAMS_OFFSET
+        code: list[Item] = [
+            *self.martians(),
+            # Local destination (an address, a broadcast, a joined group): INPUT.
+            *self._local_kind(Facts.DADDR),
+            I.mov64(R7, R0),
             I.ldx(Size.W, R1, FACTS, Facts.DADDR.offset),
             I.alu32(AluOp.RSH, R1, 28),
             I.jmp32(JmpOp.JNE, R1, 0xE, "unicast"),
-            I.ja("input"),  # multicast is delivered locally
+            I.jmp32(JmpOp.JNE, R7, Local.GROUP, "not_handled"),  # a group nobody here joined
+            I.ja("input"),
             Label("unicast"),
+            I.jmp32(JmpOp.JEQ, R7, 0, "not_local"),
+            I.ja("input"),  # far: past FORWARD
+            Label("not_local"),
             # Otherwise ask the FIB whether the kernel would forward it.
             *[I.st(Size.DW, R10, params + 8 * i, 0) for i in range(8)],
             I.st(Size.B, R10, params, AF_INET),

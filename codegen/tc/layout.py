@@ -47,6 +47,15 @@ class Facts:
     SIZE = 48
 
 
+class Local:
+    """Values of the `local_addresses` map (key: an IPv4 address, host order): what the
+    namespace's routing makes of a packet to it, taken when the rule set is applied."""
+
+    ADDRESS = 1  # an address of one of its devices (a /32 local route)
+    BROADCAST = 2  # a subnet broadcast or the limited broadcast
+    GROUP = 3  # a multicast group one of its devices joined
+
+
 # Frame of the entry function: facts, then the bpf_fib_lookup parameters, then scratch.
 FACTS_OFFSET = -Facts.SIZE
 FIB_PARAMS_OFFSET = FACTS_OFFSET - 64

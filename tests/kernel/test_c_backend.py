@@ -5,7 +5,6 @@ as one sentence naming the rule, with nothing of bcc's on the terminal."""
 from __future__ import annotations
 
 import os
-import struct
 import subprocess
 import sys
 from contextlib import ExitStack, closing
@@ -38,7 +37,7 @@ from codegen.rules.model import Length
 from codegen.tc.generator import COUNTERS_MAP, LOCAL_MAP
 from codegen.tc.layout import CounterLayout
 from harness.backends import load_program
-from harness.lifecycle import local_addresses
+from harness.lifecycle import fill_local_map, local_addresses
 from harness.netfilter import ALL_HOSTS, HOST, with_addresses
 from harness.runner import CounterMap, frame_for, standin_interfaces
 from netns import RouterTopology
@@ -323,19 +322,39 @@ def _mac(text: str) -> bytes:
     return bytes.fromhex(text.replace(":", ""))
 
 
+# Addresses ip_route_input treats apart: limited broadcast, 0.0.0.0 (0.1.2.3 is no martian
+# since Linux 5.3), loopback, groups not joined (224.0.0.1 is).
+ODD = tuple(
+    IPv4Address(address)
+    for address in (
+        "255.255.255.255",
+        "0.0.0.0",
+        "0.1.2.3",
+        "127.0.0.1",
+        "127.9.9.9",
+        "224.0.0.5",
+        "239.1.2.3",
+    )
+)
+
+
 @st.composite
 def hook_frames(draw: st.DrawFn, router) -> tuple[str, bytes, int, int]:
     """(hook, frame, ifindex, mark): a frame arriving at the router (for INPUT: to its own,
-    a multicast or an unknown address; for FORWARD: to the server) or leaving it, sometimes
-    for another host at layer 2, sometimes malformed."""
+    a multicast, a broadcast, an unknown or a martian address; for FORWARD: to the server),
+    sometimes from a martian source, or leaving it; sometimes for another host at layer 2,
+    sometimes malformed."""
     client_side, server_side = router.router.client_side, router.router.server_side
     hook = draw(st.sampled_from(("ingress", "ingress", "egress")))
     if hook == "ingress":
         chain = draw(st.sampled_from(("INPUT", "FORWARD")))
         packet = draw(packets(chain))
+        source, destination = IPv4Address(packet[12:16]), IPv4Address(packet[16:20])
         if chain == "INPUT":
-            destination = draw(st.sampled_from((client_side.ipv4.ip, ALL_HOSTS, HOST)))
-            packet = with_addresses(packet, IPv4Address(packet[12:16]), destination)
+            destination = draw(st.sampled_from((client_side.ipv4.ip, ALL_HOSTS, HOST, *ODD)))
+        if draw(st.integers(0, 3)) == 0:  # a martian source, or one of the router's own
+            source = draw(st.sampled_from((*ODD, client_side.ipv4.ip, server_side.ipv4.ip)))
+        packet = with_addresses(packet, source, destination)
         device = client_side
         destination_mac = draw(
             st.sampled_from((_mac(device.mac),) * 4 + (b"\xff" * 6, bytes.fromhex("02aa00000001")))
@@ -364,7 +383,7 @@ def test_bytecode_and_c_agree_on_ingress_and_egress(router):
     backends' ingress and egress programs give the same verdict, move the same counters and
     leave the same bytes (the fast path rewrites TTL, checksum and MACs)."""
     namespace = router.router.namespace
-    local = sorted(local_addresses(namespace))
+    local = local_addresses(namespace)
     with namespace.enter():
         interfaces = {
             "eth0": router.router.client_side.ifindex,
@@ -388,8 +407,7 @@ def test_bytecode_and_c_agree_on_ingress_and_egress(router):
             for backend in ("bytecode", "c"):
                 counters = stack.enter_context(CounterMap(layout))
                 addresses = stack.enter_context(Map(MapType.HASH, 4, 1, 64, name=LOCAL_MAP))
-                for address in local:
-                    addresses.update(struct.pack("<I", address), b"\1")
+                fill_local_map(addresses, local)
                 maps[backend] = {COUNTERS_MAP: counters, LOCAL_MAP: addresses}
             programs = {
                 "bytecode": {
