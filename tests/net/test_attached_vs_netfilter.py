@@ -1,0 +1,158 @@
+"""Attached programs against netfilter on real traffic, in every direction of the router lab.
+
+One lab runs our programs (attached with `lifecycle.apply`), its twin runs the same filter table
+in iptables-legacy; both have the same addresses, MACs and interface names. Each example draws a
+rule set aimed at its packets and one packet for each of the six directions (client <-> server
+through FORWARD, either side to the router through INPUT, the router to either side through
+OUTPUT), sends it through both labs and requires the same fate (arrived in both or in neither)
+and the same counters moved, by the same packets and bytes.
+The packets are the random ones of the netfilter differential (fragments, short transport
+headers, options, odd protocols, broadcast and multicast), moved onto the router lab's plan.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from ipaddress import IPv4Address
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from scapy.layers.inet import IP
+from scapy.layers.l2 import Ether
+
+from codegen.rules import parse, write
+from harness import lifecycle
+from harness.netfilter import (
+    ALL_HOSTS,
+    HOST,
+    HOST_BROADCAST,
+    LIMITED_BROADCAST,
+    ROUTER_CLIENT,
+    ROUTER_CLIENT_SIDE,
+    ROUTER_SERVER_SIDE,
+    SERVER,
+    moved_counters,
+    with_addresses,
+)
+from harness.traffic import Lab, same_packet
+from tests.strategies import Traffic, packets, rulesets
+
+pytestmark = [pytest.mark.netns, pytest.mark.privileged]
+
+# (source node, destination node, the chain of the router the packet goes through)
+DIRECTIONS = (
+    ("client", "server", "FORWARD"),
+    ("server", "client", "FORWARD"),
+    ("client", "router", "INPUT"),
+    ("server", "router", "INPUT"),
+    ("router", "client", "OUTPUT"),
+    ("router", "server", "OUTPUT"),
+)
+ADDRESS = {"client": ROUTER_CLIENT, "server": SERVER}
+SIDE = {"client": ROUTER_CLIENT_SIDE, "server": ROUTER_SERVER_SIDE}
+SUBNET_BROADCAST = {"client": IPv4Address("198.18.1.255"), "server": IPv4Address("198.18.2.255")}
+BACKENDS = [pytest.param("bytecode"), pytest.param("c", marks=pytest.mark.bcc)]
+
+
+def _placed(packet: bytes, source: str, destination: str, chain: str) -> bytes:
+    """`packet` (drawn for the netfilter oracle's `chain`) with the router lab's addresses."""
+    if chain == "OUTPUT":
+        return with_addresses(packet, SIDE[destination], ADDRESS[destination])
+    if chain == "FORWARD":
+        return with_addresses(packet, ADDRESS[source], ADDRESS[destination])
+    drawn = IPv4Address(packet[16:20])
+    # To the router: the address of the side it arrives on, or (from the server) the other
+    # side's, a subnet or the limited broadcast, or the all-hosts group, as drawn.
+    target = {
+        HOST: SIDE[source] if packet[4] & 1 else ROUTER_CLIENT_SIDE,
+        HOST_BROADCAST: SUBNET_BROADCAST[source],
+        LIMITED_BROADCAST: LIMITED_BROADCAST,
+        ALL_HOSTS: ALL_HOSTS,
+    }[drawn]
+    return with_addresses(packet, ADDRESS[source], target)
+
+
+@st.composite
+def router_cases(draw: st.DrawFn):
+    drawn = {chain: draw(packets(chain)) for chain in ("INPUT", "FORWARD", "OUTPUT")}
+    more = {chain: draw(packets(chain)) for chain in ("INPUT", "FORWARD", "OUTPUT")}
+    cases = []
+    for index, (source, destination, chain) in enumerate(DIRECTIONS):
+        packet = (drawn if index % 2 == 0 else more)[chain]
+        cases.append((source, destination, chain, _placed(packet, source, destination, chain)))
+    traffic = Traffic.of({chain: [drawn[chain], more[chain]] for chain in drawn})
+    ruleset = draw(rulesets(traffic=traffic))
+    fastpath = draw(st.booleans())
+    return ruleset, fastpath, cases
+
+
+@pytest.fixture(scope="module")
+def labs() -> Iterator[tuple[Lab, Lab]]:
+    with Lab("router") as ours, Lab("router") as twin:
+        yield ours, twin
+
+
+def _fate(lab: Lab, source: str, destination: str, frame) -> bool:
+    with lab.receiver(destination, source, frame[IP].proto) as receiver:
+        lab.send(source, destination, frame)
+        return bool(receiver.collect(same_packet(frame), 1, lab.timeout))
+
+
+def _netfilter_counters(twin: Lab) -> dict:
+    """The twin's filter counters that moved since the last call (which zeroes them)."""
+    saved = twin.holder_namespace.run(["iptables-legacy-save", "-c", "-t", "filter"]).stdout
+    twin.holder_namespace.run(["iptables-legacy", "-w", "10", "-t", "filter", "-Z"])
+    return moved_counters(parse(saved, "<iptables-legacy-save>"))
+
+
+def _our_counters(namespace: str, before: dict) -> tuple[dict, dict]:
+    """Our counters that moved since `before` (the "not handled" one aside), and the new
+    reading."""
+    _, now = lifecycle.current(namespace)
+    moved = {}
+    for position, (count, octets) in now.items():
+        old = before.get(position, (0, 0))
+        if (count, octets) != old and position[0]:
+            moved[position] = (count - old[0], octets - old[1])
+    return moved, now
+
+
+# A drop costs the lab's timeout in each lab: an eighth of the profile's examples (12 in CI).
+EXAMPLES = max(12, settings().max_examples // 8)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(
+    max_examples=EXAMPLES,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    deadline=None,
+)
+@given(case=router_cases())
+def test_attached_programs_do_what_netfilter_does(labs, backend, case) -> None:
+    ours, twin = labs
+    ruleset, fastpath, cases = case
+    text = write(ruleset)
+    namespace = ours.holder_namespace.name
+    lifecycle.apply(text, "<drawn>", namespace, fastpath=fastpath, backend=backend)
+    twin.load_filter_table(text)
+    _netfilter_counters(twin)
+    _, reading = _our_counters(namespace, {})
+    try:
+        for source, destination, chain, packet in cases:
+            frame = ours.frame(source, destination, Ether() / IP(packet), fresh_id=False)
+            ours_arrived = _fate(ours, source, destination, frame)
+            twin_arrived = _fate(twin, source, destination, frame)
+            moved, reading = _our_counters(namespace, reading)
+            kernel = _netfilter_counters(twin)
+            where = (
+                f"{source}->{destination} ({chain}, {backend}, fast path {fastpath})\n"
+                f"rule set:\n{text}packet: {IP(packet)!r}"
+            )
+            assert ours_arrived == twin_arrived, (
+                f"netfilter {'passed' if twin_arrived else 'dropped'} it, ours "
+                f"{'passed' if ours_arrived else 'dropped'} it: {where}"
+            )
+            assert moved == kernel, f"counters: ours {moved}, netfilter {kernel}: {where}"
+    finally:
+        lifecycle.flush(namespace)
