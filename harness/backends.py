@@ -13,7 +13,15 @@ from codegen.bpf.loader import VerifierStats, load
 from codegen.bpf.maps import Map
 from codegen.rules.model import Ruleset
 from codegen.tc import exact
-from codegen.tc.generator import EXACT_MAP, Hook, compile_program
+from codegen.tc.generator import (
+    EXACT_MAP,
+    FRAGMENT_KEY_SIZE,
+    FRAGMENT_VALUE_SIZE,
+    FRAGMENTS_MAP,
+    FRAGMENTS_TRACKED,
+    Hook,
+    compile_program,
+)
 
 Backend = Literal["bytecode", "c"]
 BACKENDS: tuple[Backend, ...] = ("bytecode", "c")
@@ -47,20 +55,34 @@ def load_program(
         compiled = compile_program(
             ruleset, hook, interfaces=interfaces, chain=chain, fastpath=fastpath
         )
-        if not compiled.exact:
-            return load(compiled.items, name=compiled.name, maps=maps)
-        # Runs of exact-match rules read their own hash map: built here, owned by the program.
-        table = Map(
-            MapType.HASH, exact.KEY.size, exact.VALUE.size, len(compiled.exact), name=EXACT_MAP
-        )
+        # Maps of the program's own, built here: the hash of exact-match runs, and on ingress
+        # the datagrams whose first fragment INPUT accepted.
+        own: dict[str, Map] = {}
         try:
-            for key, value in compiled.exact.items():
-                table.update(key, value)
-            program = load(compiled.items, name=compiled.name, maps={**maps, EXACT_MAP: table})
+            if compiled.exact:
+                own[EXACT_MAP] = table = Map(
+                    MapType.HASH,
+                    exact.KEY.size,
+                    exact.VALUE.size,
+                    len(compiled.exact),
+                    name=EXACT_MAP,
+                )
+                for key, value in compiled.exact.items():
+                    table.update(key, value)
+            if FRAGMENTS_MAP in compiled.maps and FRAGMENTS_MAP not in maps:
+                own[FRAGMENTS_MAP] = Map(
+                    MapType.LRU_HASH,
+                    FRAGMENT_KEY_SIZE,
+                    FRAGMENT_VALUE_SIZE,
+                    FRAGMENTS_TRACKED,
+                    name=FRAGMENTS_MAP,
+                )
+            program = load(compiled.items, name=compiled.name, maps={**maps, **own})
         except BaseException:
-            table.close()
+            for table in own.values():
+                table.close()
             raise
-        program.resources.append(table)
+        program.resources.extend(own.values())
         return program
     if backend == "c":
         from codegen.c import load_c_program

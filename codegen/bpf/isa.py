@@ -139,6 +139,7 @@ class MapType(IntEnum):
     PROG_ARRAY = 3
     PERCPU_HASH = 5
     PERCPU_ARRAY = 6
+    LRU_HASH = 9
     LPM_TRIE = 11
     RINGBUF = 27
 

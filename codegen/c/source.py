@@ -13,8 +13,10 @@ and each entry loads on its own. What every entry does:
   fast path an ACCEPT forwards the packet here); anything else is not handled.
 - egress: OUTPUT for packets made here (ingress_ifindex 0); forwarded ones pass untouched.
 - INPUT (on ingress) and OUTPUT (on egress) judge a fragmented datagram by its first fragment,
-  as netfilter judges the whole datagram there; later fragments pass, counted as not handled.
-  On egress, packets an IPPROTO_RAW socket wrote whole are judged as they are, as OUTPUT did.
+  as netfilter judges the whole datagram there; later fragments pass. On INPUT they add their
+  bytes to the counter that judged the first (map `fragments`), so a datagram is counted once
+  with its whole length; on OUTPUT they are not handled, and packets an IPPROTO_RAW socket
+  wrote whole are judged as they are, as OUTPUT did.
 - chain: one built-in chain for BPF_PROG_TEST_RUN: in-interface from ingress_ifindex,
   out-interface from cb[0], packet type from cb[2]; the deciding counter slot goes to cb[1].
 
@@ -57,6 +59,7 @@ from . import matches
 
 Hook = Literal["ingress", "egress", "chain"]
 COUNTERS_MAP, LOCAL_MAP = "counters", "local_addresses"
+FRAGMENTS_MAP, FRAGMENTS_TRACKED = "fragments", 4096  # the program's own: an LRU hash
 FACTS_MAP = "facts"  # the C programs' own scratch map
 # Where load_c_program pins the caller's maps for bcc to open them (a fresh directory per
 # compile); `c_source` prints this placeholder.
@@ -330,6 +333,8 @@ class _Writer:
             "    u8 icmp_type;",
             "    u8 icmp_code;",
             "    u8 tos;",
+            "    u16 id;  // the IP identification",
+            "    u8 more_fragments;  // the MF flag",
             "};",
             "// Kept in a one-slot per-CPU array rather than on the stack, and read through a",
             "// volatile pointer: every rule loads what it compares afresh, from memory whose",
@@ -353,6 +358,24 @@ class _Writer:
             code += [
                 "// The namespace's addresses (host order): their packets go through INPUT.",
                 f'BPF_TABLE_PINNED("hash", u32, u8, {LOCAL_MAP}, {local}, PIN_DIR "/{LOCAL_MAP}");',
+                "// Datagrams whose first fragment INPUT judged -> the counter slot that did.",
+                "struct fragment_key {",
+                "    u32 saddr;",
+                "    u32 daddr;",
+                "    u16 id;",
+                "    u8 protocol;",
+                "    u8 pad;",
+                "};",
+                f'BPF_TABLE("lru_hash", struct fragment_key, u32, {FRAGMENTS_MAP}, '
+                f"{FRAGMENTS_TRACKED});",
+                "",
+                "static __always_inline void add_bytes(u32 slot, u32 bytes)",
+                "{",
+                f"    struct counter *counter = {COUNTERS_MAP}.lookup(&slot);",
+                "",
+                "    if (counter)",
+                "        counter->bytes += bytes;",
+                "}",
             ]
         code += [
             "",
@@ -496,8 +519,8 @@ class _Writer:
             *self.builtin_chain("FORWARD", forward_accept),
             "",
             "input:",
-            *WHOLE_DATAGRAMS_ONLY,
-            *self.builtin_chain("INPUT", "accept"),
+            *LATER_FRAGMENTS,
+            *self.builtin_chain("INPUT", "input_accept", "input_drop"),
         ]
 
     def tails(self, entry: Entry) -> list[tuple[str, list[str]]]:
@@ -508,6 +531,10 @@ class _Writer:
             ("counted_accept", [counted, "goto accept;"]),
             ("counted_drop", [counted, "goto drop;"]),
             ("counted_forward_accept", [counted, "goto forward_accept;"]),
+            ("counted_input_accept", [counted, "goto input_accept;"]),
+            ("counted_input_drop", [counted, "goto input_drop;"]),
+            ("input_accept", [*REMEMBER_FIRST_FRAGMENT, "goto accept;"]),
+            ("input_drop", [*REMEMBER_FIRST_FRAGMENT, "goto drop;"]),
             ("accept", [*report, "return TC_ACT_OK;"]),
             ("drop", [*report, "return TC_ACT_SHOT;"]),
             (
@@ -527,14 +554,14 @@ class _Writer:
 
     # Chains -----------------------------------------------------------------------------
 
-    def builtin_chain(self, name: str, accept: str) -> list[str | _Mark]:
+    def builtin_chain(self, name: str, accept: str, drop: str = "drop") -> list[str | _Mark]:
         chain = self.ruleset.chains[name]
         policy = f"policy_{name}"
         code: list[str | _Mark] = [f"// Chain {name}, policy {chain.policy}."]
         for index, rule in enumerate(chain.rules, start=1):
-            code += self.rule(chain, index, rule, _Builtin(accept, policy))
+            code += self.rule(chain, index, rule, _Builtin(accept, policy, drop))
         slot = self.layout.slot((name, "policy"))
-        verdict = accept if chain.policy == "ACCEPT" else "drop"
+        verdict = accept if chain.policy == "ACCEPT" else drop
         if f"goto {policy};" in _text(code):
             code.append(f"{policy}:")
         else:
@@ -660,12 +687,13 @@ class _Builtin(_Targets):
 
     accept_label: str
     policy_label: str
+    drop_label: str = "drop"
 
     def accept(self) -> list[str]:
         return [f"goto counted_{self.accept_label};"]
 
     def drop(self) -> list[str]:
-        return ["goto counted_drop;"]
+        return [f"goto counted_{self.drop_label};"]
 
     def hotdrop(self) -> list[str]:
         return ["goto drop;"]
@@ -676,7 +704,7 @@ class _Builtin(_Targets):
     def _verdicts(self) -> list[str]:
         return [
             f"if (answer == ACCEPT)\n    goto {self.accept_label};",
-            "if (answer == DROP)\n    goto drop;",
+            f"if (answer == DROP)\n    goto {self.drop_label};",
         ]
 
     def jump(self, function: str) -> list[str]:
@@ -740,6 +768,8 @@ PARSE = [
     "    f->tot_len = total_length;",
     "    f->l4_len = total_length - header_length;",
     "    f->fragment = BE16(ip->frag_off) & 0x1fff;",
+    "    f->more_fragments = (BE16(ip->frag_off) >> 13) & 1;",
+    "    f->id = BE16(ip->id);",
     "    f->tos = ip->tos;",
     "    f->ttl = ip->ttl;",
     "    f->protocol = ip->protocol;",
@@ -771,6 +801,36 @@ PARSE = [
 # (ip_finish_output): netfilter judges it once, by its first part. Here the first fragment is
 # judged and later ones pass untouched (a dropped first fragment keeps the rest from ever being
 # reassembled).
+# INPUT sees a datagram after reassembly, once, with its whole length, whatever the verdict:
+# the first fragment is judged here and the rule (or policy) that did is remembered; a later
+# fragment adds its payload's bytes to that counter and passes.
+FRAGMENT_KEY = (
+    "struct fragment_key key = { .saddr = f->saddr, .daddr = f->daddr, .id = f->id, "
+    ".protocol = f->protocol, .pad = 0 };"
+)
+REMEMBER_FIRST_FRAGMENT = [
+    "if (f->more_fragments) {  // a first fragment: later ones count with its rule",
+    f"    {FRAGMENT_KEY}",
+    "    u32 slot = f->decided;",
+    "",
+    f"    {FRAGMENTS_MAP}.update(&key, &slot);",
+    "}",
+]
+LATER_FRAGMENTS = [
+    "// Netfilter's INPUT sees a fragmented datagram once, reassembled, with its whole length.",
+    "if (f->fragment != 0) {",
+    f"    {FRAGMENT_KEY}",
+    f"    u32 *slot = {FRAGMENTS_MAP}.lookup(&key);",
+    "",
+    "    if (!slot)",
+    "        goto not_handled;  // its first fragment was not seen",
+    "    add_bytes(*slot, f->l4_len);",
+    "    if (!f->more_fragments)",
+    f"        {FRAGMENTS_MAP}.delete(&key);",
+    "    return TC_ACT_OK;",
+    "}",
+]
+
 WHOLE_DATAGRAMS_ONLY = [
     "// Netfilter judges a fragmented datagram once: here by its first fragment.",
     "if (f->fragment != 0)",

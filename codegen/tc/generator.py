@@ -1,11 +1,14 @@
 """Rule set -> TC programs.
 
 Three program shapes, all SCHED_CLS in direct-action mode:
-- `ingress`: parse, then classify: a destination in the namespace's local addresses (map
-  `local_addresses`, or multicast) goes through INPUT; otherwise `bpf_fib_lookup` decides, and a
-  forwardable packet (SUCCESS or NO_NEIGH, TTL > 1, addressed to us at layer 2) goes through
-  FORWARD with the lookup's egress ifindex as out-interface. Everything else is what the kernel
-  drops or does not filter: it passes untouched and is counted as "not handled".
+- `ingress`: parse, then classify: martians (what ip_route_input drops) are not handled; a
+  destination the namespace delivers locally (map `local_addresses`: its addresses, broadcasts
+  and joined groups) goes through INPUT; otherwise `bpf_fib_lookup` decides, and a forwardable
+  packet (SUCCESS or NO_NEIGH, TTL > 1, addressed to us at layer 2) goes through FORWARD with
+  the lookup's egress ifindex as out-interface. Everything else is what the kernel drops or
+  does not filter: it passes untouched and is counted as "not handled". INPUT judges a
+  fragmented datagram by its first fragment; later ones add their bytes to the counter that
+  judged it (map `fragments`, the program's own) and pass.
 - `egress`: OUTPUT, for packets generated here (skb ingress_ifindex 0); forwarded ones pass.
 - `chain`: one built-in chain on its own, for BPF_PROG_TEST_RUN: in-interface from the
   context's ingress_ifindex, out-interface from cb[0], packet type from cb[2]; the deciding
@@ -78,6 +81,9 @@ CHUNK_RULES = 256
 RETURNED = 3  # a chunk's answer when its chain returns (RETURN, or a goto that came back)
 INLINE_SCAN = CHUNK_RULES  # a longer exact run has its fallback scan in functions of its own
 COUNTERS_MAP, LOCAL_MAP, EXACT_MAP = "counters", "local_addresses", "exact_rules"
+FRAGMENTS_MAP = "fragments"  # ingress: datagrams whose first fragment INPUT accepted
+FRAGMENT_KEY_SIZE, FRAGMENT_VALUE_SIZE = 12, 4  # (saddr, daddr, id, protocol, pad) -> slot
+FRAGMENTS_TRACKED = 4096  # an LRU map: the oldest datagrams are forgotten first
 ETH_HLEN, ETH_P_IP_BE = 14, 0x0008
 PACKET_HOST, PACKET_OTHERHOST = 0, 3
 AF_INET = 2
@@ -132,7 +138,7 @@ def compile_program(
         builtins = ("INPUT", "FORWARD") if hook == "ingress" else ("OUTPUT",)
     emitter = _Emitter(ruleset, CounterLayout.of(ruleset), interfaces, hook, fastpath)
     items = remove_unreachable(emitter.entry(builtins))
-    maps = (COUNTERS_MAP, LOCAL_MAP) if hook == "ingress" else (COUNTERS_MAP,)
+    maps = (COUNTERS_MAP, LOCAL_MAP, FRAGMENTS_MAP) if hook == "ingress" else (COUNTERS_MAP,)
     if emitter.exact:
         maps += (EXACT_MAP,)
     name = {"ingress": "bpflab_ingress", "egress": "bpflab_egress"}.get(hook, f"bpflab_{chain}")
@@ -283,6 +289,8 @@ class _Emitter:
         for function in self.pending:
             code += function
         code += self.count_subprogram()
+        if self.hook == "ingress":
+            code += self.add_bytes_subprogram()
         return code
 
     def parse(self) -> list[Item]:
@@ -335,6 +343,11 @@ class _Emitter:
             I.alu32(AluOp.SUB, R1, R4),
             I.stx(Size.H, FACTS, Facts.L4_LEN.offset, R1),
             *_copy_be(R2, ETH_HLEN + 6, Size.H, Facts.FRAGMENT, mask=0x1FFF),
+            *_copy_be(R2, ETH_HLEN + 4, Size.H, Facts.ID),
+            I.ldx(Size.B, R1, R2, ETH_HLEN + 6),
+            I.alu32(AluOp.RSH, R1, 5),  # MF: bit 13 of the network-order flags and offset
+            I.alu32(AluOp.AND, R1, 1),
+            I.stx(Size.B, FACTS, Facts.MORE_FRAGMENTS.offset, R1),
             *_copy_be(R2, ETH_HLEN + 1, Size.B, Facts.TOS),
             *_copy_be(R2, ETH_HLEN + 8, Size.B, Facts.TTL),
             *_copy_be(R2, ETH_HLEN + 9, Size.B, Facts.PROTOCOL),
@@ -503,9 +516,77 @@ class _Emitter:
         code += self.builtin_chain("FORWARD", forward_accept)
         code += [
             Label("input"),
-            *self.whole_datagrams_only(),
-            *self.builtin_chain("INPUT", "accept"),
+            *self.later_fragments(),
+            *self.builtin_chain("INPUT", "input_accept", "input_drop"),
+            *self.input_verdicts(),
         ]
+        return code
+
+    def _fragment_key(self) -> list[Item]:
+        """The datagram's key for FRAGMENTS_MAP at FIB_PARAMS_OFFSET (INPUT never uses the
+        lookup's parameters): source, destination, id, protocol, a zero pad byte."""
+        key = FIB_PARAMS_OFFSET
+        return [
+            I.ldx(Size.W, R1, FACTS, Facts.SADDR.offset),
+            I.stx(Size.W, R10, key, R1),
+            I.ldx(Size.W, R1, FACTS, Facts.DADDR.offset),
+            I.stx(Size.W, R10, key + 4, R1),
+            I.ldx(Size.H, R1, FACTS, Facts.ID.offset),
+            I.stx(Size.H, R10, key + 8, R1),
+            I.ldx(Size.B, R1, FACTS, Facts.PROTOCOL.offset),
+            I.stx(Size.B, R10, key + 10, R1),
+            I.st(Size.B, R10, key + 11, 0),
+            I.ld_map_fd(R1, FRAGMENTS_MAP),
+            I.mov64(R2, R10),
+            I.alu64(AluOp.ADD, R2, key),
+        ]
+
+    def later_fragments(self) -> list[Item]:
+        """INPUT sees a datagram after reassembly (ip_local_deliver), once, with its whole
+        length, whatever the verdict. Here its first fragment is judged and counted; a later
+        fragment adds its payload's bytes (not a packet) to the counter of the rule (or policy)
+        that judged the first, and passes: a datagram that completes is counted as netfilter
+        counts it, and one whose first fragment was dropped never reassembles. Later fragments
+        of a datagram whose first was not seen pass as not handled."""
+        whole = self.label("whole_datagram")
+        passes = self.label("fragment_passes")
+        return [
+            I.ldx(Size.H, R1, FACTS, Facts.FRAGMENT.offset),
+            I.jmp32(JmpOp.JEQ, R1, 0, whole),
+            *self._fragment_key(),
+            I.call("map_lookup_elem"),
+            I.jmp(JmpOp.JEQ, R0, 0, "not_handled"),
+            I.ldx(Size.W, R1, R0, 0),
+            I.ldx(Size.H, R2, FACTS, Facts.L4_LEN.offset),
+            I.call_local("add_bytes"),
+            I.ldx(Size.B, R1, FACTS, Facts.MORE_FRAGMENTS.offset),
+            I.jmp32(JmpOp.JNE, R1, 0, passes),
+            *self._fragment_key(),  # the last fragment: forget the datagram
+            I.call("map_delete_elem"),
+            Label(passes),
+            I.mov64(R0, TcAction.OK),
+            I.exit_(),
+            Label(whole),
+        ]
+
+    def input_verdicts(self) -> list[Item]:
+        """INPUT's verdicts: a first fragment leaves the rule (or policy) that judged it for
+        the rest of its datagram, then the verdict is carried out."""
+        code: list[Item] = []
+        for label, verdict in (("input_accept", "accept"), ("input_drop", "drop")):
+            code += [
+                Label(label),
+                I.ldx(Size.B, R1, FACTS, Facts.MORE_FRAGMENTS.offset),
+                I.jmp32(JmpOp.JEQ, R1, 0, verdict),  # whole (later fragments never get here)
+                I.ldx(Size.W, R1, FACTS, Facts.DECIDED.offset),
+                I.stx(Size.W, R10, SCRATCH_OFFSET, R1),
+                *self._fragment_key(),
+                I.mov64(R3, R10),
+                I.alu64(AluOp.ADD, R3, SCRATCH_OFFSET),
+                I.mov64(R4, 0),  # BPF_ANY
+                I.call("map_update_elem"),
+                I.ja(verdict),
+            ]
         return code
 
     def whole_datagrams_only(self, *, written_whole: bool = False) -> list[Item]:
@@ -606,12 +687,12 @@ class _Emitter:
 
     # Chains ---------------------------------------------------------------------------------
 
-    def builtin_chain(self, name: str, accept: str) -> list[Item]:
+    def builtin_chain(self, name: str, accept: str, drop: str = "drop") -> list[Item]:
         chain = self.ruleset.chains[name]
         policy = f"policy_{name}"
         pieces = _pieces(chain)
         if len(pieces) == 1:
-            code = self.rules(chain, _InlineTargets(accept, policy), pieces[0])
+            code = self.rules(chain, _InlineTargets(accept, policy, drop), pieces[0])
         else:
             code = []
             for function in self.chunk_functions(chain):
@@ -620,11 +701,11 @@ class _Emitter:
                     I.mov64(R1, FACTS),
                     I.call_local(function),
                     I.jmp(JmpOp.JEQ, R0, CONTINUE, after),
-                    *_InlineTargets(accept, policy).dispatch(self.label, returned=True),
+                    *_InlineTargets(accept, policy, drop).dispatch(self.label, returned=True),
                     Label(after),
                 ]
         slot = self.layout.slot((name, "policy"))
-        verdict = accept if chain.policy == "ACCEPT" else "drop"
+        verdict = accept if chain.policy == "ACCEPT" else drop
         return [
             *code,
             Label(policy),
@@ -846,10 +927,29 @@ class _Emitter:
         if any(isinstance(m, _CAN_HOTDROP) for m in rule.matches):
             if falls_through:
                 code.append(I.ja(miss))
-            code += [Label(hotdrop), decided, *targets.drop()]
+            code += [Label(hotdrop), decided, *targets.hotdrop()]
         return [*code, Label(miss)]
 
     # Counters -------------------------------------------------------------------------------
+
+    def add_bytes_subprogram(self) -> list[Item]:
+        """add_bytes(r1 = slot, r2 = bytes): add bytes, and no packet, to a per-CPU slot."""
+        return [
+            Subprogram("add_bytes"),
+            I.stx(Size.W, R10, -4, R1),
+            I.mov64(R6, R2),
+            I.ld_map_fd(R1, COUNTERS_MAP),
+            I.mov64(R2, R10),
+            I.alu64(AluOp.ADD, R2, -4),
+            I.call("map_lookup_elem"),
+            I.jmp(JmpOp.JEQ, R0, 0, "add_bytes_done"),
+            I.ldx(Size.DW, R1, R0, 8),
+            I.alu64(AluOp.ADD, R1, R6),
+            I.stx(Size.DW, R0, 8, R1),
+            Label("add_bytes_done"),
+            I.mov64(R0, 0),
+            I.exit_(),
+        ]
 
     def count_subprogram(self) -> list[Item]:
         """count(r1 = slot, r2 = bytes): add one packet and its bytes to a per-CPU slot. No
@@ -893,6 +993,10 @@ class _Targets:
     def accept(self) -> list[Item]:
         raise NotImplementedError
 
+    def hotdrop(self) -> list[Item]:
+        """A match dropped the packet on the spot: a drop, but no rule judged it."""
+        return self.drop()
+
     def drop(self) -> list[Item]:
         raise NotImplementedError
 
@@ -913,12 +1017,16 @@ class _InlineTargets(_Targets):
 
     accept_label: str
     policy_label: str
+    drop_label: str = "drop"
 
     def accept(self) -> list[Item]:
         return [I.ja(self.accept_label)]
 
     def drop(self) -> list[Item]:
-        return [I.ja("drop")]
+        return [I.ja(self.drop_label)]
+
+    def hotdrop(self) -> list[Item]:
+        return [I.ja("drop")]  # not INPUT's drop: no rule to leave for later fragments
 
     def return_(self) -> list[Item]:
         return [I.ja(self.policy_label)]  # RETURN in a built-in chain: its policy
@@ -936,7 +1044,7 @@ class _InlineTargets(_Targets):
             I.jmp(JmpOp.JNE, R0, ACCEPT, dropped),
             I.ja(self.accept_label),
             Label(dropped),
-            I.ja("drop"),
+            I.ja(self.drop_label),
         ]
 
     def after_jump(self, next_rule: str, new_label) -> list[Item]:

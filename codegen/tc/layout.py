@@ -44,6 +44,8 @@ class Facts:
     ICMP_TYPE = Field(38, Size.B)
     ICMP_CODE = Field(39, Size.B)
     TOS = Field(40, Size.B)
+    ID = Field(42, Size.H)  # the IP identification, host order
+    MORE_FRAGMENTS = Field(44, Size.B)  # the MF flag, 0 or 1
     SIZE = 48
 
 

@@ -323,7 +323,8 @@ def test_failed_c_updates_leave_the_old_rules_and_counters(host, monkeypatch):
 
 def test_fragmented_datagrams_are_judged_by_their_first_fragment(host, backend):
     """netfilter's INPUT sees a datagram once, reassembled; here the first fragment decides and
-    later ones pass, so an accepted datagram reassembles and a dropped one never does."""
+    later ones pass, so an accepted datagram reassembles and a dropped one never does; later
+    fragments add their bytes to the counter of the rule that judged the first."""
     ns = host.host.namespace.name
     text = rules("-A INPUT -p udp -m udp --dport 5353 -j ACCEPT", policies="DROP ACCEPT ACCEPT")
     lifecycle.apply(text, "fragments.rules", ns, backend=backend)
@@ -343,8 +344,10 @@ def test_fragmented_datagrams_are_judged_by_their_first_fragment(host, backend):
         sender.close()
     assert arrived == {5353: len(big), 5354: 0}
     _, counters = lifecycle.current(ns)
-    assert counters[("INPUT", 1)][0] == 1  # the first fragment of the accepted datagram
-    assert counters[("INPUT", "policy")][0] == 1
+    # Each datagram counted once, with its whole length, as INPUT counts it reassembled.
+    whole = 20 + 8 + len(big)
+    assert counters[("INPUT", 1)] == (1, whole)
+    assert counters[("INPUT", "policy")] == (1, whole)
 
 
 def test_output_judges_datagrams_the_kernel_fragments_once_and_raw_fragments_each(host, backend):
