@@ -13,10 +13,10 @@ and each entry loads on its own. What every entry does:
   fast path an ACCEPT forwards the packet here); anything else is not handled.
 - egress: OUTPUT for packets made here (ingress_ifindex 0); forwarded ones pass untouched.
 - INPUT (on ingress) and OUTPUT (on egress) judge a fragmented datagram by its first fragment,
-  as netfilter judges the whole datagram there; later fragments pass. On INPUT they add their
-  bytes to the counter that judged the first (map `fragments`), so a datagram is counted once
-  with its whole length; on OUTPUT they are not handled, and packets an IPPROTO_RAW socket
-  wrote whole are judged as they are, as OUTPUT did.
+  as netfilter judges the whole datagram there; later fragments share its verdict and add
+  their bytes to the counter that judged it (map `fragments`), so a datagram is counted once
+  with its whole length. On egress, packets an IPPROTO_RAW socket wrote whole are judged as
+  they are, as OUTPUT did.
 - chain: one built-in chain for BPF_PROG_TEST_RUN: in-interface from ingress_ifindex,
   out-interface from cb[0], packet type from cb[2]; the deciding counter slot goes to cb[1].
 
@@ -60,6 +60,7 @@ from . import matches
 Hook = Literal["ingress", "egress", "chain"]
 COUNTERS_MAP, LOCAL_MAP = "counters", "local_addresses"
 FRAGMENTS_MAP, FRAGMENTS_TRACKED = "fragments", 4096  # the program's own: an LRU hash
+FIRST_DROPPED = 1 << 30  # in a FRAGMENTS_MAP value: the first fragment was dropped
 FACTS_MAP = "facts"  # the C programs' own scratch map
 # Where load_c_program pins the caller's maps for bcc to open them (a fresh directory per
 # compile); `c_source` prints this placeholder.
@@ -256,7 +257,8 @@ class _Writer:
         roots = sorted({name for entry in entries for name in entry.builtins})
         user_chains = user_chains_reached(self.ruleset, roots)
         ingress = any(entry.hook == "ingress" for entry in entries)
-        self.emit(self.prologue(entries, pin_dir, map_entries, ingress))
+        fragments = any(entry.hook in ("ingress", "egress") for entry in entries)
+        self.emit(self.prologue(entries, pin_dir, map_entries, ingress, fragments))
         numbers = {name: number for number, name in enumerate(self.ruleset.chains)}
         self.functions = {name: c_identifier(name, numbers[name]) for name in user_chains}
         if user_chains:
@@ -278,6 +280,7 @@ class _Writer:
         pin_dir: str,
         map_entries: Mapping[str, int],
         ingress: bool,
+        fragments: bool,
     ) -> list[str]:
         programs = ", ".join(entry.function for entry in entries)
         counters = map_entries.get(COUNTERS_MAP, len(self.layout))
@@ -358,7 +361,11 @@ class _Writer:
             code += [
                 "// The namespace's addresses (host order): their packets go through INPUT.",
                 f'BPF_TABLE_PINNED("hash", u32, u8, {LOCAL_MAP}, {local}, PIN_DIR "/{LOCAL_MAP}");',
-                "// Datagrams whose first fragment INPUT judged -> the counter slot that did.",
+            ]
+        if fragments:
+            code += [
+                "// Datagrams whose first fragment INPUT or OUTPUT judged -> the counter slot",
+                "// that did, with FIRST_DROPPED if it dropped it.",
                 "struct fragment_key {",
                 "    u32 saddr;",
                 "    u32 daddr;",
@@ -368,6 +375,7 @@ class _Writer:
                 "};",
                 f'BPF_TABLE("lru_hash", struct fragment_key, u32, {FRAGMENTS_MAP}, '
                 f"{FRAGMENTS_TRACKED});",
+                f"#define FIRST_DROPPED {FIRST_DROPPED}",
                 "",
                 "static __always_inline void add_bytes(u32 slot, u32 bytes)",
                 "{",
@@ -434,8 +442,10 @@ class _Writer:
             body += self.ingress()
         else:
             if hook == "egress":
-                body += WHOLE_DATAGRAMS_ONLY_EGRESS
-            body += self.builtin_chain(entry.builtins[0], "accept")
+                body += LATER_FRAGMENTS_EGRESS
+                body += self.builtin_chain("OUTPUT", "whole_accept", "whole_drop")
+            else:
+                body += self.builtin_chain(entry.builtins[0], "accept")
         tails = self.tails(entry)
         used = set(_GOTO.findall(_text(body)))
         while True:  # tails used by the body, and the tails those tails go to
@@ -520,7 +530,7 @@ class _Writer:
             "",
             "input:",
             *LATER_FRAGMENTS,
-            *self.builtin_chain("INPUT", "input_accept", "input_drop"),
+            *self.builtin_chain("INPUT", "whole_accept", "whole_drop"),
         ]
 
     def tails(self, entry: Entry) -> list[tuple[str, list[str]]]:
@@ -531,10 +541,10 @@ class _Writer:
             ("counted_accept", [counted, "goto accept;"]),
             ("counted_drop", [counted, "goto drop;"]),
             ("counted_forward_accept", [counted, "goto forward_accept;"]),
-            ("counted_input_accept", [counted, "goto input_accept;"]),
-            ("counted_input_drop", [counted, "goto input_drop;"]),
-            ("input_accept", [*REMEMBER_FIRST_FRAGMENT, "goto accept;"]),
-            ("input_drop", [*REMEMBER_FIRST_FRAGMENT, "goto drop;"]),
+            ("counted_whole_accept", [counted, "goto whole_accept;"]),
+            ("counted_whole_drop", [counted, "goto whole_drop;"]),
+            ("whole_accept", [*_remember_first_fragment(dropped=False), "goto accept;"]),
+            ("whole_drop", [*_remember_first_fragment(dropped=True), "goto drop;"]),
             ("accept", [*report, "return TC_ACT_OK;"]),
             ("drop", [*report, "return TC_ACT_SHOT;"]),
             (
@@ -801,56 +811,65 @@ PARSE = [
 # (ip_finish_output): netfilter judges it once, by its first part. Here the first fragment is
 # judged and later ones pass untouched (a dropped first fragment keeps the rest from ever being
 # reassembled).
-# INPUT sees a datagram after reassembly, once, with its whole length, whatever the verdict:
-# the first fragment is judged here and the rule (or policy) that did is remembered; a later
-# fragment adds its payload's bytes to that counter and passes.
-FRAGMENT_KEY = (
-    "struct fragment_key key = { .saddr = f->saddr, .daddr = f->daddr, .id = f->id, "
-    ".protocol = f->protocol, .pad = 0 };"
-)
-REMEMBER_FIRST_FRAGMENT = [
-    "if (f->more_fragments) {  // a first fragment: later ones count with its rule",
-    f"    {FRAGMENT_KEY}",
-    "    u32 slot = f->decided;",
+# INPUT sees a datagram after reassembly and OUTPUT before the kernel fragments it: netfilter
+# judges and counts it once, with its whole length. Here the first fragment is judged and
+# leaves its verdict and the rule (or policy) that gave it; a later fragment adds its payload's
+# bytes to that counter and shares the verdict.
+FRAGMENT_KEY = [
+    "    struct fragment_key key = {",
+    "        .saddr = f->saddr, .daddr = f->daddr, .id = f->id, .protocol = f->protocol,",
+    "    };  // .pad is zero",
+]
+
+
+def _remember_first_fragment(dropped: bool) -> list[str]:
+    slot = "f->decided | FIRST_DROPPED" if dropped else "f->decided"
+    return [
+        "if (f->more_fragments) {  // a first fragment: later ones share its verdict and rule",
+        *FRAGMENT_KEY,
+        f"    u32 slot = {slot};",
+        "",
+        f"    {FRAGMENTS_MAP}.update(&key, &slot);",
+        "}",
+    ]
+
+
+LATER_FRAGMENT = [
+    *FRAGMENT_KEY,
+    f"    u32 *slot = {FRAGMENTS_MAP}.lookup(&key);",
     "",
-    f"    {FRAGMENTS_MAP}.update(&key, &slot);",
+    "    if (!slot)",
+    "        goto not_handled;  // its first fragment was not seen",
+    "    u32 first = *slot;",
+    "",
+    "    add_bytes(first & ~FIRST_DROPPED, f->l4_len);",
+    "    if (!f->more_fragments)",
+    f"        {FRAGMENTS_MAP}.delete(&key);",
+    "    if (first & FIRST_DROPPED)",
+    "        goto drop;",
+    "    return TC_ACT_OK;",
     "}",
 ]
 LATER_FRAGMENTS = [
     "// Netfilter's INPUT sees a fragmented datagram once, reassembled, with its whole length.",
     "if (f->fragment != 0) {",
-    f"    {FRAGMENT_KEY}",
-    f"    u32 *slot = {FRAGMENTS_MAP}.lookup(&key);",
-    "",
-    "    if (!slot)",
-    "        goto not_handled;  // its first fragment was not seen",
-    "    add_bytes(*slot, f->l4_len);",
-    "    if (!f->more_fragments)",
-    f"        {FRAGMENTS_MAP}.delete(&key);",
-    "    return TC_ACT_OK;",
-    "}",
+    *LATER_FRAGMENT,
 ]
-
-WHOLE_DATAGRAMS_ONLY = [
-    "// Netfilter judges a fragmented datagram once: here by its first fragment.",
-    "if (f->fragment != 0)",
-    "    goto not_handled;",
-]
-
 # On egress, a packet from an IPPROTO_RAW socket (IP_HDRINCL) was written whole by its sender,
 # fragment fields and all; the kernel never fragments those (it refuses them over the MTU), so
 # OUTPUT judged it as it is, and so does this program.
-WHOLE_DATAGRAMS_ONLY_EGRESS = [
-    "// Netfilter judges a fragmented datagram once: here by its first fragment. A packet",
+LATER_FRAGMENTS_EGRESS = [
+    "// Netfilter's OUTPUT sees a datagram once, before the kernel fragments it. A packet",
     "// written whole by an IPPROTO_RAW socket was judged as it is, fragment or not.",
     "if (f->fragment != 0) {",
     "    struct bpf_sock *sk = skb->sk;",
     "",
     "    if (sk)",
     "        sk = bpf_sk_fullsock(sk);",
-    "    if (!sk || sk->type != RAW_SOCKET || sk->protocol != RAW_PROTOCOL)",
-    "        goto not_handled;",
-    "}",
+    "    if (sk && sk->type == RAW_SOCKET && sk->protocol == RAW_PROTOCOL)",
+    "        goto whole_datagram;",
+    *LATER_FRAGMENT,
+    "whole_datagram:",
 ]
 
 FAST_FORWARD = [

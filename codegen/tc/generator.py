@@ -6,10 +6,12 @@ Three program shapes, all SCHED_CLS in direct-action mode:
   and joined groups) goes through INPUT; otherwise `bpf_fib_lookup` decides, and a forwardable
   packet (SUCCESS or NO_NEIGH, TTL > 1, addressed to us at layer 2) goes through FORWARD with
   the lookup's egress ifindex as out-interface. Everything else is what the kernel drops or
-  does not filter: it passes untouched and is counted as "not handled". INPUT judges a
-  fragmented datagram by its first fragment; later ones add their bytes to the counter that
-  judged it (map `fragments`, the program's own) and pass.
+  does not filter: it passes untouched and is counted as "not handled".
 - `egress`: OUTPUT, for packets generated here (skb ingress_ifindex 0); forwarded ones pass.
+- INPUT and OUTPUT judge a fragmented datagram by its first fragment, as netfilter judges the
+  whole datagram there; later ones share its verdict and add their bytes to the counter that
+  judged it (map `fragments`, the program's own), except on egress for packets an IPPROTO_RAW
+  socket wrote whole, which OUTPUT saw as they are.
 - `chain`: one built-in chain on its own, for BPF_PROG_TEST_RUN: in-interface from the
   context's ingress_ifindex, out-interface from cb[0], packet type from cb[2]; the deciding
   counter slot comes back in cb[1].
@@ -84,6 +86,7 @@ COUNTERS_MAP, LOCAL_MAP, EXACT_MAP = "counters", "local_addresses", "exact_rules
 FRAGMENTS_MAP = "fragments"  # ingress: datagrams whose first fragment INPUT accepted
 FRAGMENT_KEY_SIZE, FRAGMENT_VALUE_SIZE = 12, 4  # (saddr, daddr, id, protocol, pad) -> slot
 FRAGMENTS_TRACKED = 4096  # an LRU map: the oldest datagrams are forgotten first
+FIRST_DROPPED = 1 << 30  # in a FRAGMENTS_MAP value: the first fragment was dropped
 ETH_HLEN, ETH_P_IP_BE = 14, 0x0008
 PACKET_HOST, PACKET_OTHERHOST = 0, 3
 AF_INET = 2
@@ -138,7 +141,10 @@ def compile_program(
         builtins = ("INPUT", "FORWARD") if hook == "ingress" else ("OUTPUT",)
     emitter = _Emitter(ruleset, CounterLayout.of(ruleset), interfaces, hook, fastpath)
     items = remove_unreachable(emitter.entry(builtins))
-    maps = (COUNTERS_MAP, LOCAL_MAP, FRAGMENTS_MAP) if hook == "ingress" else (COUNTERS_MAP,)
+    maps = {
+        "ingress": (COUNTERS_MAP, LOCAL_MAP, FRAGMENTS_MAP),
+        "egress": (COUNTERS_MAP, FRAGMENTS_MAP),
+    }.get(hook, (COUNTERS_MAP,))
     if emitter.exact:
         maps += (EXACT_MAP,)
     name = {"ingress": "bpflab_ingress", "egress": "bpflab_egress"}.get(hook, f"bpflab_{chain}")
@@ -282,14 +288,19 @@ class _Emitter:
             code += self.ingress(builtins)
         else:
             if self.hook == "egress":
-                code += self.whole_datagrams_only(written_whole=True)
-            code += self.builtin_chain(builtins[0], "accept")
+                code += [
+                    *self.later_fragments(written_whole=True),
+                    *self.builtin_chain("OUTPUT", "whole_accept", "whole_drop"),
+                    *self.first_fragment_verdicts(),
+                ]
+            else:
+                code += self.builtin_chain(builtins[0], "accept")
         for name in user_chains_called(self.ruleset, builtins):
             code += self.user_chain(self.ruleset.chains[name])
         for function in self.pending:
             code += function
         code += self.count_subprogram()
-        if self.hook == "ingress":
+        if self.hook in ("ingress", "egress"):
             code += self.add_bytes_subprogram()
         return code
 
@@ -517,14 +528,15 @@ class _Emitter:
         code += [
             Label("input"),
             *self.later_fragments(),
-            *self.builtin_chain("INPUT", "input_accept", "input_drop"),
-            *self.input_verdicts(),
+            *self.builtin_chain("INPUT", "whole_accept", "whole_drop"),
+            *self.first_fragment_verdicts(),
         ]
         return code
 
     def _fragment_key(self) -> list[Item]:
-        """The datagram's key for FRAGMENTS_MAP at FIB_PARAMS_OFFSET (INPUT never uses the
-        lookup's parameters): source, destination, id, protocol, a zero pad byte."""
+        """R1, R2 = FRAGMENTS_MAP and a pointer to the datagram's key, built at
+        FIB_PARAMS_OFFSET (INPUT and OUTPUT never use the lookup's parameters): source,
+        destination, id, protocol and a zero pad byte."""
         key = FIB_PARAMS_OFFSET
         return [
             I.ldx(Size.W, R1, FACTS, Facts.SADDR.offset),
@@ -541,44 +553,81 @@ class _Emitter:
             I.alu64(AluOp.ADD, R2, key),
         ]
 
-    def later_fragments(self) -> list[Item]:
-        """INPUT sees a datagram after reassembly (ip_local_deliver), once, with its whole
-        length, whatever the verdict. Here its first fragment is judged and counted; a later
-        fragment adds its payload's bytes (not a packet) to the counter of the rule (or policy)
-        that judged the first, and passes: a datagram that completes is counted as netfilter
-        counts it, and one whose first fragment was dropped never reassembles. Later fragments
-        of a datagram whose first was not seen pass as not handled."""
+    def later_fragments(self, *, written_whole: bool = False) -> list[Item]:
+        """INPUT sees a datagram after reassembly (ip_local_deliver) and OUTPUT before the
+        kernel fragments it (ip_finish_output): netfilter judges and counts it once, with its
+        whole length. Here the first fragment is judged and counted, and leaves the verdict
+        and the rule (or policy) that gave it in FRAGMENTS_MAP (`first_fragment_verdicts`); a
+        later fragment adds its payload's bytes (not a packet) to that rule's counter and
+        shares the verdict. A datagram that completes is counted as netfilter counts it.
+        Later fragments of a datagram whose first was not seen pass as not handled.
+
+        `written_whole` (OUTPUT): a packet from an IPPROTO_RAW socket (IP_HDRINCL) was written
+        whole by its sender, fragment fields and all, and the kernel never fragments those
+        (it refuses them over the MTU): OUTPUT judged it as it is, so it is judged here too."""
         whole = self.label("whole_datagram")
-        passes = self.label("fragment_passes")
-        return [
+        later = self.label("later_fragment")
+        remembered = self.label("fragment_remembered")
+        verdict = self.label("fragment_verdict")
+        dropped = self.label("fragment_dropped")
+        code: list[Item] = [
             I.ldx(Size.H, R1, FACTS, Facts.FRAGMENT.offset),
             I.jmp32(JmpOp.JEQ, R1, 0, whole),
+        ]
+        if written_whole:
+            code += [
+                I.ldx(Size.DW, R1, R6, SKB_OFFSETS["sk"]),
+                I.jmp(JmpOp.JEQ, R1, 0, later),
+                I.call("sk_fullsock"),
+                I.jmp(JmpOp.JEQ, R0, 0, later),
+                I.ldx(Size.W, R1, R0, BPF_SOCK_OFFSETS["type"]),
+                I.jmp32(JmpOp.JNE, R1, socket.SOCK_RAW, later),
+                I.ldx(Size.W, R1, R0, BPF_SOCK_OFFSETS["protocol"]),
+                I.jmp32(JmpOp.JEQ, R1, socket.IPPROTO_RAW, whole),
+            ]
+        return [
+            *code,
+            Label(later),
             *self._fragment_key(),
             I.call("map_lookup_elem"),
-            I.jmp(JmpOp.JEQ, R0, 0, "not_handled"),
-            I.ldx(Size.W, R1, R0, 0),
+            I.jmp(JmpOp.JNE, R0, 0, remembered),
+            I.ja("not_handled"),
+            Label(remembered),
+            I.ldx(Size.W, R7, R0, 0),  # the slot, and FIRST_DROPPED if the first was
+            I.mov32(R1, R7),
+            I.alu32(AluOp.AND, R1, ~FIRST_DROPPED & 0xFFFFFFFF),
             I.ldx(Size.H, R2, FACTS, Facts.L4_LEN.offset),
             I.call_local("add_bytes"),
             I.ldx(Size.B, R1, FACTS, Facts.MORE_FRAGMENTS.offset),
-            I.jmp32(JmpOp.JNE, R1, 0, passes),
+            I.jmp32(JmpOp.JNE, R1, 0, verdict),
             *self._fragment_key(),  # the last fragment: forget the datagram
             I.call("map_delete_elem"),
-            Label(passes),
+            Label(verdict),
+            I.jmp(JmpOp.JSET, R7, FIRST_DROPPED, dropped),
             I.mov64(R0, TcAction.OK),
             I.exit_(),
+            Label(dropped),
+            I.ja("drop"),  # far, maybe: only unconditional jumps can become gotol
             Label(whole),
         ]
 
-    def input_verdicts(self) -> list[Item]:
-        """INPUT's verdicts: a first fragment leaves the rule (or policy) that judged it for
-        the rest of its datagram, then the verdict is carried out."""
+    def first_fragment_verdicts(self) -> list[Item]:
+        """INPUT's and OUTPUT's verdicts: a first fragment leaves its verdict and the rule (or
+        policy) that gave it for the rest of its datagram, then the verdict is carried out."""
         code: list[Item] = []
-        for label, verdict in (("input_accept", "accept"), ("input_drop", "drop")):
+        for label, verdict, flag in (
+            ("whole_accept", "accept", 0),
+            ("whole_drop", "drop", FIRST_DROPPED),
+        ):
+            first = self.label("first_fragment")
             code += [
                 Label(label),
                 I.ldx(Size.B, R1, FACTS, Facts.MORE_FRAGMENTS.offset),
-                I.jmp32(JmpOp.JEQ, R1, 0, verdict),  # whole (later fragments never get here)
+                I.jmp32(JmpOp.JNE, R1, 0, first),
+                I.ja(verdict),  # whole (later fragments never get here)
+                Label(first),
                 I.ldx(Size.W, R1, FACTS, Facts.DECIDED.offset),
+                *([I.alu32(AluOp.OR, R1, flag)] if flag else []),
                 I.stx(Size.W, R10, SCRATCH_OFFSET, R1),
                 *self._fragment_key(),
                 I.mov64(R3, R10),
@@ -588,33 +637,6 @@ class _Emitter:
                 I.ja(verdict),
             ]
         return code
-
-    def whole_datagrams_only(self, *, written_whole: bool = False) -> list[Item]:
-        """INPUT sees datagrams after reassembly (ip_local_deliver) and OUTPUT before
-        fragmentation (ip_finish_output): netfilter judges a datagram once, by its first part.
-        Here the first fragment is judged and later ones pass untouched: if the first was
-        dropped, the datagram can never be reassembled on the host, nor on the far side.
-
-        `written_whole` (egress): a packet from an IPPROTO_RAW socket (IP_HDRINCL) was written
-        whole by its sender, fragment fields and all, and the kernel never fragments those
-        (it refuses them over the MTU): OUTPUT judged it as it is, so it is judged here too."""
-        whole = self.label("first_fragment")
-        code: list[Item] = [
-            I.ldx(Size.H, R1, FACTS, Facts.FRAGMENT.offset),
-            I.jmp32(JmpOp.JEQ, R1, 0, whole),
-        ]
-        if written_whole:
-            code += [
-                I.ldx(Size.DW, R1, R6, SKB_OFFSETS["sk"]),
-                I.jmp(JmpOp.JEQ, R1, 0, "not_handled"),
-                I.call("sk_fullsock"),
-                I.jmp(JmpOp.JEQ, R0, 0, "not_handled"),
-                I.ldx(Size.W, R1, R0, BPF_SOCK_OFFSETS["type"]),
-                I.jmp32(JmpOp.JNE, R1, socket.SOCK_RAW, "not_handled"),
-                I.ldx(Size.W, R1, R0, BPF_SOCK_OFFSETS["protocol"]),
-                I.jmp32(JmpOp.JEQ, R1, socket.IPPROTO_RAW, whole),
-            ]
-        return [*code, I.ja("not_handled"), Label(whole)]
 
     def tails(self) -> list[Item]:
         """The ends every verdict jumps to."""

@@ -351,9 +351,10 @@ def test_fragmented_datagrams_are_judged_by_their_first_fragment(host, backend):
 
 
 def test_output_judges_datagrams_the_kernel_fragments_once_and_raw_fragments_each(host, backend):
-    """OUTPUT sees a datagram before ip_finish_output fragments it: its first fragment decides
-    and the later ones follow. A fragment an IPPROTO_RAW socket writes itself is what OUTPUT
-    saw, so it is judged as it is: a later fragment matches no port and meets the policy."""
+    """OUTPUT sees a datagram before ip_finish_output fragments it: its first fragment decides,
+    the later ones follow and add their bytes to the rule's counter. A fragment an IPPROTO_RAW
+    socket writes itself is what OUTPUT saw, so it is judged as it is: a later fragment
+    matches no port and meets the policy."""
     ns = host.host.namespace.name
     text = rules("-A OUTPUT -p udp -m udp --dport 5353 -j ACCEPT", policies="ACCEPT ACCEPT DROP")
     lifecycle.apply(text, "fragments.rules", ns, backend=backend)
@@ -369,7 +370,7 @@ def test_output_judges_datagrams_the_kernel_fragments_once_and_raw_fragments_eac
         receiver.close()
         sender.close()
     _, counters = lifecycle.current(ns)
-    assert counters[("OUTPUT", 1)][0] == 1  # the first fragment only
+    assert counters[("OUTPUT", 1)] == (1, 20 + 8 + len(big))  # once, with its whole length
     later = IP(src=str(host.host.ipv4.ip), dst=str(host.client.ipv4.ip), id=0x4242, frag=64)
     later = later / UDP(sport=1, dport=5353) / (b"y" * 16)  # a port match never sees these
     watcher_frames: list[Ether] = []
