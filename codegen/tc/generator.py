@@ -956,45 +956,40 @@ class _Emitter:
 
     def add_bytes_subprogram(self) -> list[Item]:
         """add_bytes(r1 = slot, r2 = bytes): add bytes, and no packet, to a per-CPU slot."""
-        return [
-            Subprogram("add_bytes"),
-            I.stx(Size.W, R10, -4, R1),
-            I.mov64(R6, R2),
-            I.ld_map_fd(R1, COUNTERS_MAP),
-            I.mov64(R2, R10),
-            I.alu64(AluOp.ADD, R2, -4),
-            I.call("map_lookup_elem"),
-            I.jmp(JmpOp.JEQ, R0, 0, "add_bytes_done"),
-            I.ldx(Size.DW, R1, R0, 8),
-            I.alu64(AluOp.ADD, R1, R6),
-            I.stx(Size.DW, R0, 8, R1),
-            Label("add_bytes_done"),
-            I.mov64(R0, 0),
-            I.exit_(),
-        ]
+        return _counter_subprogram("add_bytes", packets=False)
 
     def count_subprogram(self) -> list[Item]:
         """count(r1 = slot, r2 = bytes): add one packet and its bytes to a per-CPU slot. No
         atomics: the slot is this CPU's and TC programs do not nest on one CPU."""
-        return [
-            Subprogram("count"),
-            I.stx(Size.W, R10, -4, R1),
-            I.mov64(R6, R2),
-            I.ld_map_fd(R1, COUNTERS_MAP),
-            I.mov64(R2, R10),
-            I.alu64(AluOp.ADD, R2, -4),
-            I.call("map_lookup_elem"),
-            I.jmp(JmpOp.JEQ, R0, 0, "count_done"),
-            I.ldx(Size.DW, R1, R0, 0),
-            I.alu64(AluOp.ADD, R1, 1),
-            I.stx(Size.DW, R0, 0, R1),
-            I.ldx(Size.DW, R1, R0, 8),
-            I.alu64(AluOp.ADD, R1, R6),
-            I.stx(Size.DW, R0, 8, R1),
-            Label("count_done"),
-            I.mov64(R0, 0),
-            I.exit_(),
-        ]
+        return _counter_subprogram("count", packets=True)
+
+
+def _counter_subprogram(name: str, *, packets: bool) -> list[Item]:
+    """A subprogram (r1 = slot, r2 = bytes) adding the bytes, and one packet if `packets`, to
+    a slot of COUNTERS_MAP."""
+    done = f"{name}_done"
+    one_more = [
+        I.ldx(Size.DW, R1, R0, 0),
+        I.alu64(AluOp.ADD, R1, 1),
+        I.stx(Size.DW, R0, 0, R1),
+    ]
+    return [
+        Subprogram(name),
+        I.stx(Size.W, R10, -4, R1),
+        I.mov64(R6, R2),
+        I.ld_map_fd(R1, COUNTERS_MAP),
+        I.mov64(R2, R10),
+        I.alu64(AluOp.ADD, R2, -4),
+        I.call("map_lookup_elem"),
+        I.jmp(JmpOp.JEQ, R0, 0, done),
+        *(one_more if packets else []),
+        I.ldx(Size.DW, R1, R0, 8),
+        I.alu64(AluOp.ADD, R1, R6),
+        I.stx(Size.DW, R0, 8, R1),
+        Label(done),
+        I.mov64(R0, 0),
+        I.exit_(),
+    ]
 
 
 def _function(chain: str) -> str:
