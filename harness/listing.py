@@ -5,33 +5,22 @@ from __future__ import annotations
 
 import ipaddress
 
+from codegen.rules.extensions import extension_of
 from codegen.rules.model import (
+    IP_PART,
     Accept,
     Address,
-    AddressRange,
     Chain,
-    Comment,
     Drop,
     Fragment,
     Goto,
-    IcmpMatch,
     Interface,
-    IpRange,
     Jump,
-    Length,
-    Mark,
     Match,
-    Multiport,
-    PktType,
-    PortRange,
     Protocol,
     Return,
     Rule,
     Ruleset,
-    TcpFlags,
-    TcpMatch,
-    Ttl,
-    UdpMatch,
 )
 
 
@@ -73,65 +62,11 @@ def _interface(match: Interface | None) -> str:
     return ("!" if match.negated else "") + match.name
 
 
-def _ports(name: str, ports: PortRange) -> str:
-    if ports.is_default:
-        return ""
-    inverse = "!" if ports.negated else ""
-    if ports.first == ports.last:
-        return f" {name}:{inverse}{ports.first}"
-    return f" {name}s:{inverse}{ports.first}:{ports.last}"
-
-
-def _flags(flags: TcpFlags) -> str:
-    if flags.mask == 0 and not flags.negated:
-        return ""
-    return f" flags:{'!' if flags.negated else ''}0x{flags.mask:02X}/0x{flags.compare:02X}"
-
-
-def _range(side: AddressRange) -> str:
-    first, last = ipaddress.IPv4Address(side.first), ipaddress.IPv4Address(side.last)
-    return f"{' !' if side.negated else ''} {first}-{last}"
-
-
 def _match(match: Match) -> str:
     """One match as the extension's print function writes it with -n."""
-    if isinstance(match, TcpMatch | UdpMatch):
-        name = "tcp" if isinstance(match, TcpMatch) else "udp"
-        text = f" {name}{_ports('spt', match.sport)}{_ports('dpt', match.dport)}"
-        return text + (_flags(match.flags) if isinstance(match, TcpMatch) else "")
-    if isinstance(match, IcmpMatch):
-        text = " icmp !type" if match.negated else " icmptype"
-        text += f" {match.type}"
-        if match.code_min == match.code_max:
-            text += f" code {match.code_min}"
-        elif (match.code_min, match.code_max) != (0, 0xFF):
-            text += f" codes {match.code_min}-{match.code_max}"
-        return text
-    if isinstance(match, Multiport):
-        kind = {"src": "sports", "dst": "dports", "any": "ports"}[match.direction]
-        ports = ",".join(str(a) if a == b else f"{a}:{b}" for a, b in match.ports)
-        return f" multiport {kind} {' !' if match.negated else ''}{ports}"
-    if isinstance(match, IpRange):
-        text = ""
-        if match.src is not None:
-            text += " source IP range" + _range(match.src)
-        if match.dst is not None:
-            text += " destination IP range" + _range(match.dst)
-        return text
-    if isinstance(match, Length):
-        span = str(match.min) if match.min == match.max else f"{match.min}:{match.max}"
-        return f" length {'!' if match.negated else ''}{span}"
-    if isinstance(match, Ttl):
-        operator = {"eq": "!=" if match.negated else "==", "lt": "<", "gt": ">"}[match.op]
-        return f" TTL match TTL {operator} {match.value}"
-    if isinstance(match, PktType):
-        return f" PKTTYPE {'!' if match.negated else ''}= {match.type}"
-    if isinstance(match, Mark):
-        value = f"0x{match.value:x}" + (f"/0x{match.mask:x}" if match.mask != 0xFFFFFFFF else "")
-        return f" mark match{' !' if match.negated else ''} {value}"
-    if isinstance(match, Comment):
-        return f" /* {match.text} */"
-    return ""
+    if isinstance(match, IP_PART):
+        return ""
+    return extension_of(match).describe(match)
 
 
 def list_table(ruleset: Ruleset, *, verbose: bool) -> str:

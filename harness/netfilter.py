@@ -62,19 +62,9 @@ from ipaddress import IPv4Address, IPv4Network
 from types import TracebackType
 from typing import Literal, Protocol, Self
 
-from codegen.rules import (
-    Evaluation,
-    Interface,
-    Match,
-    PortRange,
-    Ruleset,
-    TcpFlags,
-    TcpMatch,
-    UdpMatch,
-    evaluate,
-    parse,
-    write,
-)
+from codegen.rules import Evaluation, Interface, Match, Ruleset, evaluate, parse, write
+from codegen.rules.extensions import extension_of
+from codegen.rules.model import IP_PART
 from netns import Endpoint, HostTopology, Namespace, RouterTopology
 
 ChainName = Literal["INPUT", "FORWARD", "OUTPUT"]
@@ -527,22 +517,15 @@ def _ip_payload(frame: bytes) -> bytes | None:
 
 
 def _blind_spot(match: Match) -> Match | None:
-    """`match` as iptables-legacy-save prints it back: it cannot show `! --dport 0:65535`,
-    `! -i +` or `--tcp-flags NONE X` (the kernel holds them, and they never match), and prints
-    them as no option at all. None for a match it does not print."""
+    """`match` as iptables-legacy-save prints it back: it cannot show `! -i +` or what an
+    extension's `as_saved` says it cannot (`! --dport 0:65535`, `--tcp-flags NONE X`: the
+    kernel holds them, and they never match), and prints them as no option at all. None for a
+    match it does not print."""
     if isinstance(match, Interface) and match.name == "+":
         return None
-    if isinstance(match, TcpMatch | UdpMatch):
-        full = PortRange(0, 0xFFFF, negated=True)
-        sport = PortRange() if match.sport == full else match.sport
-        dport = PortRange() if match.dport == full else match.dport
-        if isinstance(match, UdpMatch):
-            return UdpMatch(sport, dport)
-        flags = match.flags
-        if flags.mask == 0 and not flags.negated:
-            flags = TcpFlags()
-        return TcpMatch(sport, dport, flags)
-    return match
+    if isinstance(match, IP_PART):
+        return match
+    return extension_of(match).as_saved(match)
 
 
 def _as_saved(ruleset: Ruleset) -> Ruleset:

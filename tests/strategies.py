@@ -30,31 +30,29 @@ from hypothesis import strategies as st
 from codegen.rules import (
     Accept,
     Address,
-    AddressRange,
-    Comment,
     Drop,
     Fragment,
     Goto,
-    IcmpMatch,
     Interface,
-    IpRange,
     Jump,
-    Length,
-    Mark,
     Match,
-    Multiport,
-    PktType,
-    PortRange,
     Protocol,
     Return,
     Rule,
     Ruleset,
     Target,
-    TcpFlags,
-    TcpMatch,
-    Ttl,
-    UdpMatch,
 )
+from codegen.rules.extensions.comment import Comment
+from codegen.rules.extensions.icmp import IcmpMatch
+from codegen.rules.extensions.iprange import AddressRange, IpRange
+from codegen.rules.extensions.length import Length
+from codegen.rules.extensions.mark import Mark
+from codegen.rules.extensions.multiport import Multiport
+from codegen.rules.extensions.pkttype import PktType
+from codegen.rules.extensions.ports import PortRange
+from codegen.rules.extensions.tcp import TcpFlags, TcpMatch
+from codegen.rules.extensions.ttl import Ttl
+from codegen.rules.extensions.udp import UdpMatch
 from harness.netfilter import (
     ALL_HOSTS,
     DESTINATIONS,

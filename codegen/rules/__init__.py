@@ -1,5 +1,6 @@
-"""iptables filter-table rule sets: the model, the iptables-save text format, and a reference
-evaluator that says what the kernel's netfilter would do with one packet.
+"""iptables filter-table rule sets: the model, the iptables-save text format, the kernel's
+binary table, and a reference evaluator that says what the kernel's netfilter would do with one
+packet. Match extensions are one module each under codegen.rules.extensions.
 
 Nothing here knows about BPF; the generators read `Ruleset` and the tests use `evaluate` as the
 oracle.
@@ -9,22 +10,13 @@ from codegen.rules.iptables_save import ParseError, parse, write
 from codegen.rules.model import (
     Accept,
     Address,
-    AddressRange,
     Chain,
-    Comment,
     Drop,
     Fragment,
     Goto,
-    IcmpMatch,
     Interface,
-    IpRange,
     Jump,
-    Length,
-    Mark,
     Match,
-    Multiport,
-    PktType,
-    PortRange,
     Protocol,
     Return,
     Rule,
@@ -32,36 +24,24 @@ from codegen.rules.model import (
     Ruleset,
     Source,
     Target,
-    TcpFlags,
-    TcpMatch,
-    Ttl,
-    UdpMatch,
-    validate,
 )
-from codegen.rules.reference import Evaluation, PacketError, evaluate
+from codegen.rules.packet import PacketError
+from codegen.rules.reference import Evaluation, evaluate
+from codegen.rules.validation import validate
 
 __all__ = [
     "Accept",
     "Address",
-    "AddressRange",
     "Chain",
-    "Comment",
     "Drop",
     "Evaluation",
     "Fragment",
     "Goto",
-    "IcmpMatch",
     "Interface",
-    "IpRange",
     "Jump",
-    "Length",
-    "Mark",
     "Match",
-    "Multiport",
     "PacketError",
     "ParseError",
-    "PktType",
-    "PortRange",
     "Protocol",
     "Return",
     "Rule",
@@ -69,10 +49,6 @@ __all__ = [
     "Ruleset",
     "Source",
     "Target",
-    "TcpFlags",
-    "TcpMatch",
-    "Ttl",
-    "UdpMatch",
     "evaluate",
     "parse",
     "validate",

@@ -7,27 +7,15 @@ therefore compare equal, which is what the round trip through iptables-save text
 """
 
 import ipaddress
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
-from codegen.rules.names import (
-    BUILTIN_CHAINS,
-    IPPROTO_ICMP,
-    IPPROTO_TCP,
-    IPPROTO_UDP,
-    MULTIPORT_PROTOCOLS,
-    PKT_TYPES,
-    STANDARD_TARGETS,
-)
+from codegen.rules.names import BUILTIN_CHAINS, STANDARD_TARGETS
 
 UINT32_MAX = 0xFFFFFFFF
-# Kernel limits: IFNAMSIZ - 1, XT_EXTENSION_MAXNAMELEN - 1, XT_MAX_COMMENT_LEN - 1,
-# XT_MULTI_PORTS.
+# Kernel limits: IFNAMSIZ - 1, XT_EXTENSION_MAXNAMELEN - 1.
 INTERFACE_NAME_MAX = 15
 CHAIN_NAME_MAX = 28
-COMMENT_MAX = 255
-MULTIPORT_SLOTS = 15
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,12 +33,15 @@ class Source:
 
 class RuleError(Exception):
     """A rule set iptables would refuse. `str()` gives `FILE:LINE:COL: error: MESSAGE` and the
-    offending line under it."""
+    offending line under it. `match` is the match at fault, when one is."""
 
-    def __init__(self, message: str, source: Source | None = None) -> None:
+    def __init__(
+        self, message: str, source: Source | None = None, match: object | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.source = source
+        self.match = match
 
     def __str__(self) -> str:
         if self.source is None:
@@ -58,13 +49,13 @@ class RuleError(Exception):
         return f"{self.source}: error: {self.message}\n{self.source.text}"
 
 
-def _check_uint(value: int, bits: int, what: str) -> None:
+def check_uint(value: int, bits: int, what: str) -> None:
     # bool is an int subclass: refuse it so that a swapped argument cannot pass silently.
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < (1 << bits):
         raise ValueError(f"{what} must be an integer in 0..{(1 << bits) - 1}, got {value!r}")
 
 
-def _set(obj: object, name: str, value: object) -> None:
+def set_field(obj: object, name: str, value: object) -> None:
     object.__setattr__(obj, name, value)
 
 
@@ -85,9 +76,9 @@ class Address:
     def __post_init__(self) -> None:
         if self.direction not in ("src", "dst"):
             raise ValueError(f"address direction must be 'src' or 'dst', got {self.direction!r}")
-        _check_uint(self.address, 32, "address")
-        _check_uint(self.mask, 32, "mask")
-        _set(self, "address", self.address & self.mask)
+        check_uint(self.address, 32, "address")
+        check_uint(self.mask, 32, "mask")
+        set_field(self, "address", self.address & self.mask)
 
     @classmethod
     def from_network(
@@ -146,7 +137,7 @@ class Protocol:
     negated: bool = False
 
     def __post_init__(self) -> None:
-        _check_uint(self.number, 8, "protocol")
+        check_uint(self.number, 8, "protocol")
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,233 +148,18 @@ class Fragment:
 
 
 # ---------------------------------------------------------------------------------------------
-# Extension matches (`-m NAME`), printed in the order given.
+# Extension matches (`-m NAME`), printed in the order given. Each family is a module of
+# codegen.rules.extensions; its model classes derive from ExtensionMatch.
 
 
-@dataclass(frozen=True, slots=True)
-class PortRange:
-    """An inclusive port range; the default, 0:65535, is what iptables stores for no option."""
+class ExtensionMatch:
+    """Base of the model classes of match extensions (frozen dataclasses, one family each).
+    The registry in codegen.rules.extensions maps each such class to its extension."""
 
-    first: int = 0
-    last: int = 0xFFFF
-    negated: bool = False
-
-    def __post_init__(self) -> None:
-        _check_uint(self.first, 16, "port")
-        _check_uint(self.last, 16, "port")
-
-    @property
-    def is_default(self) -> bool:
-        return self.first == 0 and self.last == 0xFFFF and not self.negated
-
-    def matches(self, port: int) -> bool:
-        return (self.first <= port <= self.last) != self.negated
+    __slots__ = ()
 
 
-@dataclass(frozen=True, slots=True)
-class TcpFlags:
-    """`--tcp-flags MASK COMP`: matches when `flags & mask == comp`. Mask and comp 0 (the
-    default) with no negation matches every packet; mask 0 with a comp matches none."""
-
-    mask: int = 0
-    compare: int = 0
-    negated: bool = False
-
-    def __post_init__(self) -> None:
-        _check_uint(self.mask, 8, "tcp flags mask")
-        _check_uint(self.compare, 8, "tcp flags")
-
-    @classmethod
-    def syn(cls, negated: bool = False) -> "TcpFlags":
-        """`--syn`, which iptables stores as `--tcp-flags FIN,SYN,RST,ACK SYN`."""
-        return cls(0x17, 0x02, negated)
-
-    @property
-    def is_default(self) -> bool:
-        # `--tcp-flags NONE FIN` (mask 0, compare set) never matches: not the default.
-        return self.mask == 0 and self.compare == 0 and not self.negated
-
-
-@dataclass(frozen=True, slots=True)
-class TcpMatch:
-    """`-m tcp` (also loaded implicitly by `-p tcp --dport ...`)."""
-
-    sport: PortRange = PortRange()
-    dport: PortRange = PortRange()
-    flags: TcpFlags = TcpFlags()
-
-
-@dataclass(frozen=True, slots=True)
-class UdpMatch:
-    """`-m udp`."""
-
-    sport: PortRange = PortRange()
-    dport: PortRange = PortRange()
-
-
-@dataclass(frozen=True, slots=True)
-class IcmpMatch:
-    """`-m icmp --icmp-type TYPE[/CODE]`; type 255 is `any`. Codes are a single code or the
-    whole 0..255 range, the only two things iptables can express."""
-
-    type: int = 0xFF
-    code_min: int = 0
-    code_max: int = 0xFF
-    negated: bool = False
-
-    def __post_init__(self) -> None:
-        _check_uint(self.type, 8, "icmp type")
-        _check_uint(self.code_min, 8, "icmp code")
-        _check_uint(self.code_max, 8, "icmp code")
-        if self.type == 0xFF:
-            # The kernel ignores the codes for `any`; keep one spelling of it.
-            _set(self, "code_min", 0)
-            _set(self, "code_max", 0xFF)
-
-
-@dataclass(frozen=True, slots=True)
-class Multiport:
-    """`-m multiport --sports|--dports|--ports LIST`: up to 15 slots, a range takes two.
-    Each entry is `(first, last)`; a single port has first == last."""
-
-    direction: Literal["src", "dst", "any"]
-    ports: tuple[tuple[int, int], ...]
-    negated: bool = False
-
-    def __post_init__(self) -> None:
-        if self.direction not in ("src", "dst", "any"):
-            raise ValueError(f"multiport direction must be src, dst or any: {self.direction!r}")
-        _set(self, "ports", tuple((int(a), int(b)) for a, b in self.ports))
-        for first, last in self.ports:
-            _check_uint(first, 16, "port")
-            _check_uint(last, 16, "port")
-
-    @property
-    def slots(self) -> int:
-        return sum(1 if first == last else 2 for first, last in self.ports)
-
-    def matches(self, sport: int, dport: int) -> bool:
-        for first, last in self.ports:
-            if self.direction in ("src", "any") and first <= sport <= last:
-                return not self.negated
-            if self.direction in ("dst", "any") and first <= dport <= last:
-                return not self.negated
-        return self.negated
-
-
-@dataclass(frozen=True, slots=True)
-class AddressRange:
-    """One side of `-m iprange`: inclusive, and empty when first > last (iptables allows it)."""
-
-    first: int
-    last: int
-    negated: bool = False
-
-    def __post_init__(self) -> None:
-        _check_uint(self.first, 32, "address")
-        _check_uint(self.last, 32, "address")
-
-    def matches(self, ip: int) -> bool:
-        return (self.first <= ip <= self.last) != self.negated
-
-
-@dataclass(frozen=True, slots=True)
-class IpRange:
-    """`-m iprange --src-range A-B --dst-range C-D` (at least one of them)."""
-
-    src: AddressRange | None = None
-    dst: AddressRange | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Length:
-    """`-m length --length MIN[:MAX]` on the IP total length."""
-
-    min: int
-    max: int
-    negated: bool = False
-
-    def __post_init__(self) -> None:
-        _check_uint(self.min, 16, "length")
-        _check_uint(self.max, 16, "length")
-
-    def matches(self, total_length: int) -> bool:
-        return (self.min <= total_length <= self.max) != self.negated
-
-
-@dataclass(frozen=True, slots=True)
-class Ttl:
-    """`-m ttl --ttl-eq|--ttl-lt|--ttl-gt N`; only `--ttl-eq` can be negated."""
-
-    op: Literal["eq", "lt", "gt"]
-    value: int
-    negated: bool = False
-
-    def __post_init__(self) -> None:
-        if self.op not in ("eq", "lt", "gt"):
-            raise ValueError(f"ttl op must be eq, lt or gt, got {self.op!r}")
-        _check_uint(self.value, 8, "ttl")
-
-    def matches(self, ttl: int) -> bool:
-        if self.op == "eq":
-            return (ttl == self.value) != self.negated
-        if self.op == "lt":
-            return ttl < self.value
-        return ttl > self.value
-
-
-@dataclass(frozen=True, slots=True)
-class PktType:
-    """`-m pkttype --pkt-type unicast|broadcast|multicast|otherhost`."""
-
-    type: Literal["unicast", "broadcast", "multicast", "otherhost"]
-    negated: bool = False
-
-    def __post_init__(self) -> None:
-        if self.type not in PKT_TYPES:
-            raise ValueError(f"packet type must be one of {', '.join(PKT_TYPES)}: {self.type!r}")
-
-
-@dataclass(frozen=True, slots=True)
-class Mark:
-    """`-m mark --mark VALUE[/MASK]`: matches when `skb->mark & mask == value` (the value is
-    not masked, as in the kernel: 0x10/0x1 never matches)."""
-
-    value: int
-    mask: int = UINT32_MAX
-    negated: bool = False
-
-    def __post_init__(self) -> None:
-        _check_uint(self.value, 32, "mark")
-        _check_uint(self.mask, 32, "mark mask")
-
-    def matches(self, mark: int) -> bool:
-        return ((mark & self.mask) == self.value) != self.negated
-
-
-@dataclass(frozen=True, slots=True)
-class Comment:
-    """`-m comment --comment TEXT`: always matches."""
-
-    text: str
-
-
-Match = (
-    Address
-    | Interface
-    | Protocol
-    | Fragment
-    | TcpMatch
-    | UdpMatch
-    | IcmpMatch
-    | Multiport
-    | IpRange
-    | Length
-    | Ttl
-    | PktType
-    | Mark
-    | Comment
-)
+Match = Address | Interface | Protocol | Fragment | ExtensionMatch
 IP_PART = (Address, Interface, Protocol, Fragment)
 
 
@@ -500,11 +276,10 @@ class Ruleset:
         return chain
 
     def validate(self) -> None:
+        """Raise the first RuleError iptables would report (codegen.rules.validation)."""
+        from codegen.rules.validation import validate  # validation needs the registry
+
         validate(self)
-
-
-# ---------------------------------------------------------------------------------------------
-# Validation: what iptables (userspace and the kernel's checkentry) refuses.
 
 
 def check_chain_name(name: str, source: Source | None = None) -> None:
@@ -523,190 +298,3 @@ def check_chain_name(name: str, source: Source | None = None) -> None:
         raise RuleError(f"chain name '{name}' is reserved for the verdict {name}", source)
 
 
-def _require_protocol(
-    rule: Rule, allowed: frozenset[int], what: str, source: Source | None
-) -> None:
-    proto = rule.protocol
-    if proto is None or proto.number not in allowed or proto.negated:
-        raise RuleError(what, source)
-
-
-def _check_ports(ports: PortRange, option: str, source: Source | None) -> None:
-    if ports.first > ports.last:
-        raise RuleError(f"{option} {ports.first}:{ports.last}: invalid range (min > max)", source)
-
-
-def validate_rule(rule: Rule, chain: str, ruleset: Ruleset | None = None) -> None:
-    """Raise RuleError if iptables would refuse `rule` in `chain`."""
-    source = rule.source
-    seen: set[tuple[type, str | None]] = set()
-    for match in rule.matches:
-        if isinstance(match, IP_PART):
-            key = (type(match), getattr(match, "direction", None))
-            if key in seen:
-                raise RuleError(f"more than one {_ip_part_name(match)} in one rule", source)
-            seen.add(key)
-        _validate_match(match, rule, chain, source)
-    target = rule.target
-    if isinstance(target, Jump | Goto):
-        verb = "jump to" if isinstance(target, Jump) else "goto"
-        if target.chain in BUILTIN_CHAINS:
-            raise RuleError(f"cannot {verb} built-in chain '{target.chain}'", source)
-        if ruleset is not None and target.chain not in ruleset.chains:
-            raise RuleError(f"{verb} unknown chain '{target.chain}'", source)
-    elif target is not None and not isinstance(target, Accept | Drop | Return):
-        raise RuleError(f"unknown target {target!r}", source)
-    _check_uint(rule.packets, 64, "packet counter")
-    _check_uint(rule.bytes, 64, "byte counter")
-
-
-def _ip_part_name(match: Match) -> str:
-    if isinstance(match, Address):
-        return "-s" if match.direction == "src" else "-d"
-    if isinstance(match, Interface):
-        return "-i" if match.direction == "in" else "-o"
-    if isinstance(match, Protocol):
-        return "-p"
-    return "-f"
-
-
-def _validate_match(match: Match, rule: Rule, chain: str, source: Source | None) -> None:
-    if isinstance(match, Interface):
-        if not match.name:
-            raise RuleError("empty interface name", source)
-        if len(match.name) > INTERFACE_NAME_MAX:
-            raise RuleError(
-                f"interface name '{match.name}' is longer than {INTERFACE_NAME_MAX} characters",
-                source,
-            )
-        if match.direction == "in" and chain == "OUTPUT":
-            raise RuleError("can't use -i with OUTPUT", source)
-        if match.direction == "out" and chain == "INPUT":
-            raise RuleError("can't use -o with INPUT", source)
-    elif isinstance(match, Protocol):
-        if match.number == 0 and match.negated:
-            raise RuleError("'! -p all' would never match", source)
-    elif isinstance(match, TcpMatch):
-        _require_protocol(
-            rule, frozenset({IPPROTO_TCP}), "tcp match needs '-p tcp' (not negated)", source
-        )
-        _check_ports(match.sport, "--sport", source)
-        _check_ports(match.dport, "--dport", source)
-        if match.flags.mask > 0x3F or match.flags.compare > 0x3F:
-            raise RuleError("--tcp-flags: only FIN,SYN,RST,PSH,ACK,URG can be matched", source)
-    elif isinstance(match, UdpMatch):
-        _require_protocol(
-            rule, frozenset({IPPROTO_UDP}), "udp match needs '-p udp' (not negated)", source
-        )
-        _check_ports(match.sport, "--sport", source)
-        _check_ports(match.dport, "--dport", source)
-    elif isinstance(match, IcmpMatch):
-        _require_protocol(
-            rule, frozenset({IPPROTO_ICMP}), "icmp match needs '-p icmp' (not negated)", source
-        )
-        full = (match.code_min, match.code_max) == (0, 0xFF)
-        if not full and match.code_min != match.code_max:
-            raise RuleError("--icmp-type: a code range other than 0-255 cannot be written", source)
-    elif isinstance(match, Multiport):
-        _require_protocol(
-            rule,
-            MULTIPORT_PROTOCOLS,
-            "multiport needs '-p tcp', '-p udp', '-p udplite', '-p sctp' or '-p dccp'"
-            " (not negated)",
-            source,
-        )
-        if not match.ports:
-            raise RuleError("multiport needs at least one port", source)
-        if match.slots > MULTIPORT_SLOTS:
-            raise RuleError(
-                f"multiport: too many ports ({match.slots} slots, a range counts as two;"
-                f" {MULTIPORT_SLOTS} max)",
-                source,
-            )
-        for first, last in match.ports:
-            if first > last:
-                raise RuleError(f"multiport: invalid port range {first}:{last}", source)
-    elif isinstance(match, IpRange):
-        if match.src is None and match.dst is None:
-            raise RuleError("iprange needs --src-range or --dst-range", source)
-    elif isinstance(match, Ttl):
-        if match.negated and match.op != "eq":
-            raise RuleError(f"--ttl-{match.op} cannot be negated", source)
-    elif isinstance(match, Comment):
-        encoded = match.text.encode()
-        if len(encoded) > COMMENT_MAX:
-            raise RuleError(f"comment is {len(encoded)} bytes long, {COMMENT_MAX} max", source)
-        if "\n" in match.text or "\0" in match.text:
-            raise RuleError("comment cannot contain a newline or NUL", source)
-    elif not isinstance(match, Address | Fragment | Length | PktType | Mark):
-        raise RuleError(f"unknown match {match!r}", source)
-
-
-def validate(ruleset: Ruleset) -> None:
-    """Raise the first RuleError iptables would report for this rule set, in file order;
-    loops are reported last, at the rule that closes them."""
-    for name in BUILTIN_CHAINS:
-        chain = ruleset.chains.get(name)
-        if chain is None:
-            raise RuleError(f"built-in chain {name} is missing")
-        if chain.policy not in ("ACCEPT", "DROP"):
-            raise RuleError(
-                f"policy of built-in chain {name} must be ACCEPT or DROP, not {chain.policy!r}",
-                chain.source,
-            )
-    for key, chain in ruleset.chains.items():
-        if key != chain.name:
-            raise RuleError(f"chain '{chain.name}' is stored under the name '{key}'", chain.source)
-        if not chain.builtin:
-            check_chain_name(chain.name, chain.source)
-            if chain.policy is not None:
-                raise RuleError(
-                    f"user-defined chain '{chain.name}' cannot have a policy", chain.source
-                )
-        _check_uint(chain.packets, 64, "packet counter")
-        _check_uint(chain.bytes, 64, "byte counter")
-        for rule in chain.rules:
-            validate_rule(rule, chain.name, ruleset)
-    loop = find_loop(ruleset)
-    if loop is not None:
-        path, rule = loop
-        raise RuleError(f"loop in the chain graph: {' -> '.join(path)}", rule.source)
-
-
-def find_loop(ruleset: Ruleset) -> tuple[list[str], Rule] | None:
-    """A cycle of jumps/gotos reachable from a built-in chain, as the kernel's
-    mark_source_chains finds them (cycles among unreachable chains load fine), with the rule
-    that closes it; None when there is none."""
-    on_path: set[str] = set()
-    finished: set[str] = set()
-
-    def calls(name: str) -> Iterator[Rule]:
-        for rule in ruleset.chains[name].rules:
-            if isinstance(rule.target, Jump | Goto) and rule.target.chain in ruleset.chains:
-                yield rule
-
-    for root in BUILTIN_CHAINS:
-        if root not in ruleset.chains or root in finished:
-            continue
-        # Iterative depth-first walk: rule sets with thousands of nested chains must not hit
-        # Python's recursion limit.
-        path = [root]
-        on_path.add(root)
-        stack = [calls(root)]
-        while stack:
-            for rule in stack[-1]:
-                assert isinstance(rule.target, Jump | Goto)
-                callee = rule.target.chain
-                if callee in on_path:
-                    return path[path.index(callee) :] + [callee], rule
-                if callee not in finished:
-                    path.append(callee)
-                    on_path.add(callee)
-                    stack.append(calls(callee))
-                    break
-            else:
-                stack.pop()
-                done = path.pop()
-                on_path.discard(done)
-                finished.add(done)
-    return None

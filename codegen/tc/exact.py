@@ -18,18 +18,11 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from codegen.rules.model import (
-    Accept,
-    Address,
-    Comment,
-    Drop,
-    PortRange,
-    Protocol,
-    Rule,
-    TcpFlags,
-    TcpMatch,
-    UdpMatch,
-)
+from codegen.rules.extensions.comment import Comment
+from codegen.rules.extensions.ports import PortRange
+from codegen.rules.extensions.tcp import TcpFlags, TcpMatch
+from codegen.rules.extensions.udp import UdpMatch
+from codegen.rules.model import Accept, Address, Drop, Protocol, Rule
 from codegen.rules.names import IPPROTO_TCP, IPPROTO_UDP
 
 MIN_RUN = 128  # measured: a lookup costs about what scanning 50 to 150 rules does

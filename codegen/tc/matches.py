@@ -15,27 +15,18 @@ from dataclasses import dataclass
 from codegen.bpf import insn as I
 from codegen.bpf.asm import Item, Label
 from codegen.bpf.isa import R1, AluOp, JmpOp
-from codegen.rules.model import (
-    IP_PART,
-    Address,
-    AddressRange,
-    Comment,
-    Fragment,
-    IcmpMatch,
-    Interface,
-    IpRange,
-    Length,
-    Mark,
-    Match,
-    Multiport,
-    PktType,
-    PortRange,
-    Protocol,
-    TcpFlags,
-    TcpMatch,
-    Ttl,
-    UdpMatch,
-)
+from codegen.rules.extensions.comment import Comment
+from codegen.rules.extensions.icmp import IcmpMatch
+from codegen.rules.extensions.iprange import AddressRange, IpRange
+from codegen.rules.extensions.length import Length
+from codegen.rules.extensions.mark import Mark
+from codegen.rules.extensions.multiport import Multiport
+from codegen.rules.extensions.pkttype import PktType
+from codegen.rules.extensions.ports import PortRange
+from codegen.rules.extensions.tcp import TcpFlags, TcpMatch
+from codegen.rules.extensions.ttl import Ttl
+from codegen.rules.extensions.udp import UdpMatch
+from codegen.rules.model import IP_PART, Address, Fragment, Interface, Match, Protocol
 from codegen.rules.names import PKT_TYPES
 
 from .layout import FACTS, Facts, Field

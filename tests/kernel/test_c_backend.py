@@ -32,8 +32,8 @@ from codegen.c import matches as c_matches
 from codegen.c.compiler import PIN_ROOT
 from codegen.c.source import MAX_EXPANDED_RULES, comment, user_chains_reached
 from codegen.rules import parse, write
+from codegen.rules.extensions.length import Length
 from codegen.rules.iptables_save import write_rule
-from codegen.rules.model import Length
 from codegen.tc.generator import COUNTERS_MAP, LOCAL_MAP
 from codegen.tc.layout import CounterLayout
 from harness.backends import load_program

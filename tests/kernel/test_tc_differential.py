@@ -14,17 +14,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from codegen.rules import (
-    Address,
-    IcmpMatch,
-    Multiport,
-    PortRange,
-    Protocol,
-    TcpMatch,
-    UdpMatch,
-    evaluate,
-    write,
-)
+from codegen.rules import Address, Protocol, evaluate, write
+from codegen.rules.extensions.icmp import IcmpMatch
+from codegen.rules.extensions.multiport import Multiport
+from codegen.rules.extensions.ports import PortRange
+from codegen.rules.extensions.tcp import TcpMatch
+from codegen.rules.extensions.udp import UdpMatch
 from harness.runner import ChainRunner, frame_for
 from tests.strategies import packets, rulesets
 

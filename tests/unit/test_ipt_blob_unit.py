@@ -19,32 +19,44 @@ from hypothesis import strategies as st
 from codegen.rules import (
     Accept,
     Address,
-    AddressRange,
-    Comment,
     Drop,
     Fragment,
     Goto,
-    IcmpMatch,
     Interface,
-    IpRange,
     Jump,
-    Length,
-    Mark,
     Match,
-    Multiport,
-    PktType,
-    PortRange,
     Protocol,
     Return,
     Rule,
     RuleError,
     Ruleset,
-    TcpFlags,
-    TcpMatch,
-    Ttl,
-    UdpMatch,
+    ipt_blob,
 )
-from codegen.rules import ipt_blob as blob
+from codegen.rules.blob import kernel
+from codegen.rules.blob import structs as blob
+from codegen.rules.extensions import (
+    comment,
+    icmp,
+    iprange,
+    length,
+    mark,
+    multiport,
+    pkttype,
+    tcp,
+    ttl,
+    udp,
+)
+from codegen.rules.extensions.comment import Comment
+from codegen.rules.extensions.icmp import IcmpMatch
+from codegen.rules.extensions.iprange import AddressRange, IpRange
+from codegen.rules.extensions.length import Length
+from codegen.rules.extensions.mark import Mark
+from codegen.rules.extensions.multiport import Multiport
+from codegen.rules.extensions.pkttype import PktType
+from codegen.rules.extensions.ports import PortRange
+from codegen.rules.extensions.tcp import TcpFlags, TcpMatch
+from codegen.rules.extensions.ttl import Ttl
+from codegen.rules.extensions.udp import UdpMatch
 from codegen.rules.ipt_blob import BlobError, decode_entries, decode_table, encode_table
 
 X86_64 = platform.machine() == "x86_64"
@@ -67,16 +79,16 @@ HEADER = ctypes.sizeof(blob.IptReplace)
         (blob.IptGetEntries, 40),
         (blob.IptReplace, 96),
         (blob.XtCountersInfo, 40),
-        (blob.XtTcp, 12),
-        (blob.XtUdp, 10),
-        (blob.IptIcmp, 4),
-        (blob.XtMultiportV1, 48),
-        (blob.XtIprangeMtinfo, 68),
-        (blob.XtLengthInfo, 6),
-        (blob.IptTtlInfo, 2),
-        (blob.XtPkttypeInfo, 8),
-        (blob.XtMarkMtinfo1, 12),
-        (blob.XtCommentInfo, 256),
+        (tcp.XtTcp, 12),
+        (udp.XtUdp, 10),
+        (icmp.IptIcmp, 4),
+        (multiport.XtMultiportV1, 48),
+        (iprange.XtIprangeMtinfo, 68),
+        (length.XtLengthInfo, 6),
+        (ttl.IptTtlInfo, 2),
+        (pkttype.XtPkttypeInfo, 8),
+        (mark.XtMarkMtinfo1, 12),
+        (comment.XtCommentInfo, 256),
     ],
     ids=lambda value: getattr(value, "__name__", str(value)),
 )
@@ -103,16 +115,16 @@ C_TYPES: list[tuple[type[ctypes.Structure], str]] = [
     (blob.IptGetEntries, "struct ipt_get_entries"),
     (blob.IptReplace, "struct ipt_replace"),
     (blob.XtCountersInfo, "struct xt_counters_info"),
-    (blob.XtTcp, "struct xt_tcp"),
-    (blob.XtUdp, "struct xt_udp"),
-    (blob.IptIcmp, "struct ipt_icmp"),
-    (blob.XtMultiportV1, "struct xt_multiport_v1"),
-    (blob.XtIprangeMtinfo, "struct xt_iprange_mtinfo"),
-    (blob.XtLengthInfo, "struct xt_length_info"),
-    (blob.IptTtlInfo, "struct ipt_ttl_info"),
-    (blob.XtPkttypeInfo, "struct xt_pkttype_info"),
-    (blob.XtMarkMtinfo1, "struct xt_mark_mtinfo1"),
-    (blob.XtCommentInfo, "struct xt_comment_info"),
+    (tcp.XtTcp, "struct xt_tcp"),
+    (udp.XtUdp, "struct xt_udp"),
+    (icmp.IptIcmp, "struct ipt_icmp"),
+    (multiport.XtMultiportV1, "struct xt_multiport_v1"),
+    (iprange.XtIprangeMtinfo, "struct xt_iprange_mtinfo"),
+    (length.XtLengthInfo, "struct xt_length_info"),
+    (ttl.IptTtlInfo, "struct ipt_ttl_info"),
+    (pkttype.XtPkttypeInfo, "struct xt_pkttype_info"),
+    (mark.XtMarkMtinfo1, "struct xt_mark_mtinfo1"),
+    (comment.XtCommentInfo, "struct xt_comment_info"),
 ]
 C_INCLUDES = """
 #include <stddef.h>
@@ -154,7 +166,7 @@ def _layouts_in_c() -> tuple[str, dict[str, int]]:
             f"offsetof(struct xt_entry_match, u.user.{c_name})",
             getattr(user, field_name).offset,
         )
-    emit("nf_inet_addr", "sizeof(union nf_inet_addr)", ctypes.sizeof(blob.NfInetAddr))
+    emit("nf_inet_addr", "sizeof(union nf_inet_addr)", ctypes.sizeof(iprange.NfInetAddr))
     emit("XT_ALIGN(1)", "XT_ALIGN(1)", blob.xt_align(1))
     lines += ["    return 0;", "}"]
     return "\n".join(lines) + "\n", expected
@@ -436,7 +448,7 @@ def test_policies_counters_and_chain_order_round_trip() -> None:
 
 def test_counters_follow_table_order() -> None:
     ruleset = small_ruleset()
-    assert blob.encode_counters(ruleset) == [
+    assert ipt_blob.encode_counters(ruleset) == [
         (1, 60), (0, 0), (5, 500),  # INPUT
         (0, 0), (0, 0),  # FORWARD
         (0, 0), (0, 0),  # OUTPUT
@@ -445,7 +457,7 @@ def test_counters_follow_table_order() -> None:
         (0, 0),  # final ERROR
     ]  # fmt: skip
     assert (
-        len(blob.encode_counters(ruleset))
+        len(ipt_blob.encode_counters(ruleset))
         == blob.IptReplace.from_buffer_copy(encode_table(ruleset)).num_entries
     )
 
@@ -725,9 +737,9 @@ def test_every_truncation_is_a_blob_error() -> None:
     encoded = encode_table(ruleset)
     header = blob.IptReplace.from_buffer_copy(encoded)
     entries = encoded[HEADER:]
-    for length in range(len(entries)):
+    for cut in range(len(entries)):
         with pytest.raises(BlobError):
-            decode_entries(entries[:length], tuple(header.hook_entry), tuple(header.underflow))
+            decode_entries(entries[:cut], tuple(header.hook_entry), tuple(header.underflow))
 
 
 def test_every_corrupted_byte_decodes_or_is_a_blob_error() -> None:
@@ -759,6 +771,6 @@ def test_every_corrupted_byte_decodes_or_is_a_blob_error() -> None:
     ],
 )
 def test_kernel_errors(number: int, message: str) -> None:
-    text = str(blob.kernel_error("reading the filter table", number))
+    text = str(kernel.kernel_error("reading the filter table", number))
     assert message in text
     assert "\n" not in text

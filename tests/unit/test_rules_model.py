@@ -3,28 +3,28 @@
 from collections.abc import Callable
 
 import pytest
+from codegen.rules.validation import validate
 
 from codegen.rules import (
     Accept,
     Address,
-    Comment,
     Goto,
-    IcmpMatch,
     Interface,
     Jump,
-    Multiport,
-    PortRange,
     Protocol,
     Return,
     Rule,
     RuleError,
     Ruleset,
     Source,
-    TcpMatch,
-    Ttl,
-    UdpMatch,
-    validate,
 )
+from codegen.rules.extensions.comment import Comment
+from codegen.rules.extensions.icmp import IcmpMatch
+from codegen.rules.extensions.multiport import Multiport
+from codegen.rules.extensions.ports import PortRange
+from codegen.rules.extensions.tcp import TcpMatch
+from codegen.rules.extensions.ttl import Ttl
+from codegen.rules.extensions.udp import UdpMatch
 
 HERE = Source("model.rules", 3, 5, "-A INPUT -j nowhere")
 

@@ -5,17 +5,8 @@ we refuse on purpose."""
 
 import pytest
 
-from codegen.rules import (
-    Address,
-    Interface,
-    Jump,
-    ParseError,
-    Protocol,
-    RuleError,
-    TcpMatch,
-    parse,
-    write,
-)
+from codegen.rules import Address, Interface, Jump, ParseError, Protocol, RuleError, parse, write
+from codegen.rules.extensions.tcp import TcpMatch
 
 HEAD = (
     "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n"

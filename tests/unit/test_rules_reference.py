@@ -5,7 +5,8 @@ import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.packet import Raw
 
-from codegen.rules import PacketError, evaluate, parse
+from codegen.rules import evaluate, parse
+from codegen.rules.packet import PacketError
 
 HEAD = "*filter\n:INPUT {i} [0:0]\n:FORWARD {f} [0:0]\n:OUTPUT ACCEPT [0:0]\n"
 A, B = "198.18.0.1", "198.18.0.2"

@@ -11,32 +11,30 @@ import pytest
 from codegen.rules import (
     Accept,
     Address,
-    AddressRange,
     Chain,
-    Comment,
     Drop,
     Fragment,
     Goto,
-    IcmpMatch,
     Interface,
-    IpRange,
     Jump,
-    Length,
-    Mark,
-    Multiport,
-    PktType,
-    PortRange,
     Protocol,
     Return,
     Rule,
     Ruleset,
-    TcpFlags,
-    TcpMatch,
-    Ttl,
-    UdpMatch,
     parse,
     write,
 )
+from codegen.rules.extensions.comment import Comment
+from codegen.rules.extensions.icmp import IcmpMatch
+from codegen.rules.extensions.iprange import AddressRange, IpRange
+from codegen.rules.extensions.length import Length
+from codegen.rules.extensions.mark import Mark
+from codegen.rules.extensions.multiport import Multiport
+from codegen.rules.extensions.pkttype import PktType
+from codegen.rules.extensions.ports import PortRange
+from codegen.rules.extensions.tcp import TcpFlags, TcpMatch
+from codegen.rules.extensions.ttl import Ttl
+from codegen.rules.extensions.udp import UdpMatch
 from codegen.rules.iptables_save import write_rule
 
 CORPUS = sorted((Path(__file__).parent.parent / "rules_corpus").glob("*.rules"))

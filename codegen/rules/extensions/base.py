@@ -1,0 +1,78 @@
+"""What a match extension is, layer by layer: the contract every family module fulfils.
+
+A family (iptables' `libxt_NAME.c` and the kernel's `xt_NAME.c` in one) gives, for its model
+class (a frozen dataclass deriving from `ExtensionMatch`):
+
+- text: a `MatchParser` for its options (`-m NAME --opt ...`), `save` (the words
+  iptables-legacy-save prints), `describe` (what `iptables -L -n` prints), and `as_saved`
+  (the match as it reads back after iptables-legacy-save, for what that cannot print);
+- checks: `check`, what iptables' userspace and the kernel's checkentry refuse;
+- kernel blob: its name, revision and `data` struct (the xt_entry_match payload), `encode` and
+  `decode`;
+- meaning: `matches`, what the kernel's match function answers for a packet, raising HotDrop
+  where it drops the packet on the spot (`can_hotdrop` says it may);
+- `examples`: rule options showing every feature, which the registry test round-trips through
+  every layer.
+
+The generators (codegen.tc, codegen.c) keep their emitters apart, registered by model type.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import ClassVar
+
+from codegen.rules.model import Match, Rule, RuleError
+from codegen.rules.packet import Packet
+from codegen.rules.syntax import MatchParser
+
+
+class MatchExtension:
+    """One match family. Subclasses set the class attributes and override the methods; an
+    instance (`EXTENSION` in the family's module) is what the registry holds."""
+
+    name: ClassVar[str]  # `-m NAME`, and the name in the blob's xt_entry_match
+    revision: ClassVar[int]  # the revision iptables-legacy 1.8 picks on current kernels
+    model: ClassVar[type]
+    data: ClassVar[type[ctypes.Structure]]
+    parser: ClassVar[type[MatchParser]]
+    implicit: ClassVar[bool] = False  # loaded by `-p NAME` for an option it does not know
+    can_hotdrop: ClassVar[bool] = False
+    examples: ClassVar[tuple[str, ...]] = ()
+
+    def save(self, match: Match) -> list[str]:
+        """The words iptables-legacy-save prints for `match`, `-m NAME` included."""
+        raise NotImplementedError
+
+    def describe(self, match: Match) -> str:
+        """What `iptables -L -n` prints for `match` (the extension's print function), with
+        its leading space."""
+        raise NotImplementedError
+
+    def as_saved(self, match: Match) -> Match | None:
+        """`match` as it reads back after iptables-legacy-save; None if it prints nothing."""
+        return match
+
+    def check(self, match: Match, rule: Rule, chain: str) -> None:
+        """Raise RuleError (without a source: the caller adds it) if iptables would refuse
+        `match` in `rule` of `chain`."""
+
+    def encode(self, match: Match) -> ctypes.Structure:
+        """The xt_entry_match payload libxt_NAME fills in; BlobError if it cannot hold it."""
+        raise NotImplementedError
+
+    def decode(self, data: ctypes.Structure) -> Match:
+        """The model of a payload; BlobError (without an offset) for one it cannot hold."""
+        raise NotImplementedError
+
+    def matches(self, match: Match, packet: Packet) -> bool:
+        """What the kernel's match function answers; raises HotDrop where it hotdrops."""
+        raise NotImplementedError
+
+
+def require_protocol(rule: Rule, allowed: frozenset[int], message: str) -> None:
+    """Refuse the rule unless its `-p` is one of `allowed`, not negated (what the kernel's
+    checkentry of a transport match insists on)."""
+    protocol = rule.protocol
+    if protocol is None or protocol.number not in allowed or protocol.negated:
+        raise RuleError(message)
