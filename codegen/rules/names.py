@@ -2,8 +2,7 @@
 
 The protocol table is Debian's netbase /etc/protocols (what iptables-legacy-save prints through
 getprotobynumber on the machines this project runs on) followed by libxtables' own fallback
-names. The ICMP table is libxt_icmp.h's, in its order: the order decides which name wins and
-which prefixes are ambiguous.
+names. Tables that belong to one match extension live in its module (codegen.rules.extensions).
 """
 
 # (name, number) in /etc/protocols order; the first name for a number is the one printed.
@@ -97,69 +96,6 @@ IPPROTO_DCCP = 33
 IPPROTO_SCTP = 132
 IPPROTO_UDPLITE = 136
 
-# Protocols xt_multiport accepts: all carry 16-bit source and destination ports first.
-MULTIPORT_PROTOCOLS = frozenset(
-    {IPPROTO_TCP, IPPROTO_UDP, IPPROTO_UDPLITE, IPPROTO_SCTP, IPPROTO_DCCP}
-)
-
-# (name, type, code_min, code_max) exactly as libxt_icmp.h lists them.
-ICMP_TYPES: tuple[tuple[str, int, int, int], ...] = (
-    ("any", 0xFF, 0, 0xFF),
-    ("echo-reply", 0, 0, 0xFF),
-    ("pong", 0, 0, 0xFF),
-    ("destination-unreachable", 3, 0, 0xFF),
-    ("network-unreachable", 3, 0, 0),
-    ("host-unreachable", 3, 1, 1),
-    ("protocol-unreachable", 3, 2, 2),
-    ("port-unreachable", 3, 3, 3),
-    ("fragmentation-needed", 3, 4, 4),
-    ("source-route-failed", 3, 5, 5),
-    ("network-unknown", 3, 6, 6),
-    ("host-unknown", 3, 7, 7),
-    ("network-prohibited", 3, 9, 9),
-    ("host-prohibited", 3, 10, 10),
-    ("TOS-network-unreachable", 3, 11, 11),
-    ("TOS-host-unreachable", 3, 12, 12),
-    ("communication-prohibited", 3, 13, 13),
-    ("host-precedence-violation", 3, 14, 14),
-    ("precedence-cutoff", 3, 15, 15),
-    ("source-quench", 4, 0, 0xFF),
-    ("redirect", 5, 0, 0xFF),
-    ("network-redirect", 5, 0, 0),
-    ("host-redirect", 5, 1, 1),
-    ("TOS-network-redirect", 5, 2, 2),
-    ("TOS-host-redirect", 5, 3, 3),
-    ("echo-request", 8, 0, 0xFF),
-    ("ping", 8, 0, 0xFF),
-    ("router-advertisement", 9, 0, 0xFF),
-    ("router-solicitation", 10, 0, 0xFF),
-    ("time-exceeded", 11, 0, 0xFF),
-    ("ttl-exceeded", 11, 0, 0xFF),
-    ("ttl-zero-during-transit", 11, 0, 0),
-    ("ttl-zero-during-reassembly", 11, 1, 1),
-    ("parameter-problem", 12, 0, 0xFF),
-    ("ip-header-bad", 12, 0, 0),
-    ("required-option-missing", 12, 1, 1),
-    ("timestamp-request", 13, 0, 0xFF),
-    ("timestamp-reply", 14, 0, 0xFF),
-    ("address-mask-request", 17, 0, 0xFF),
-    ("address-mask-reply", 18, 0, 0xFF),
-)
-
-# Printing order of libxt_tcp's print_tcpf: lowest bit first.
-TCP_FLAG_BITS: tuple[tuple[str, int], ...] = (
-    ("FIN", 0x01),
-    ("SYN", 0x02),
-    ("RST", 0x04),
-    ("PSH", 0x08),
-    ("ACK", 0x10),
-    ("URG", 0x20),
-)
-TCP_FLAG_NAMES: dict[str, int] = {name: bit for name, bit in TCP_FLAG_BITS} | {
-    "ALL": 0x3F,
-    "NONE": 0x00,
-}
-
 # libxt_pkttype: printed name and the kernel's PACKET_* number; aliases map onto these.
 PKT_TYPES: dict[str, int] = {
     "unicast": 0,
@@ -184,8 +120,4 @@ EXTENSION_TARGETS = frozenset(
     SET SNAT SNPT SYNPROXY TCPMSS TCPOPTSTRIP TEE TOS TPROXY
     TRACE TTL ULOG
     """.split()
-)
-
-SUPPORTED_MATCHES: tuple[str, ...] = tuple(
-    "tcp udp icmp multiport iprange length ttl pkttype mark comment".split()
 )

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from codegen.rules import Ruleset, parse
+from codegen.rules.extensions import MATCHES
 from codegen.rules.ipt_blob import BlobError, read_entries, read_table, write_table
 from netns import Namespace
 
@@ -109,8 +110,19 @@ BIG_COUNTERS = """\
 COMMIT
 """
 
+# Every registered extension's examples, one rule each: a family added to the registry is held
+# to iptables-legacy here without a line of its own.
+EXTENSION_EXAMPLES = (
+    "*filter\n"
+    + "".join(
+        f"-A INPUT {example} -j ACCEPT\n" for extension in MATCHES for example in extension.examples
+    )
+    + "COMMIT\n"
+)
+
 CASES = [pytest.param(path.read_text(), id=path.name) for path in CORPUS] + [
     pytest.param(EVERY_MATCH, id="every-match-and-target"),
+    pytest.param(EXTENSION_EXAMPLES, id="extension-examples"),
     pytest.param(CHAIN_ORDER, id="chain-order"),
     pytest.param(BIG_COUNTERS, id="big-counters"),
 ]

@@ -150,7 +150,7 @@ class Tcp(MatchExtension):
     examples = (
         "-p tcp -m tcp --sport 1024:65535 --dport 22",
         "-p tcp -m tcp ! --sport 0:1023 ! --dport 80 ! --tcp-flags FIN,SYN,RST,ACK SYN",
-        "-p tcp -m tcp --tcp-flags ALL NONE",
+        "-p tcp -m tcp --tcp-flags FIN,SYN,RST,PSH,ACK,URG NONE",
         "-p tcp -m tcp --tcp-flags NONE FIN",
         "-p tcp -m tcp",
     )
