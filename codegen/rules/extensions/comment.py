@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from codegen.rules.blob.structs import cstring, field_bytes, name_bytes
 from codegen.rules.extensions.base import MatchExtension
-from codegen.rules.model import ExtensionMatch, RuleError
+from codegen.rules.model import ExtensionMatch, Rule, RuleError
 from codegen.rules.packet import Packet
 from codegen.rules.syntax import OptionContext, SingleMatchParser, quote
 
@@ -60,7 +60,7 @@ class CommentExtension(MatchExtension):
     def describe(self, match: Comment) -> str:
         return f" /* {match.text} */"
 
-    def check(self, match: Comment, rule, chain: str) -> None:
+    def check(self, match: Comment, rule: Rule, chain: str) -> None:
         encoded = match.text.encode()
         if len(encoded) > COMMENT_MAX:
             raise RuleError(f"comment is {len(encoded)} bytes long, {COMMENT_MAX} max")

@@ -7,7 +7,7 @@ import ctypes
 from dataclasses import dataclass
 
 from codegen.rules.extensions.base import MatchExtension, require_protocol
-from codegen.rules.model import ExtensionMatch, RuleError, check_uint, set_field
+from codegen.rules.model import ExtensionMatch, Rule, RuleError, check_uint, set_field
 from codegen.rules.names import IPPROTO_ICMP
 from codegen.rules.packet import Packet
 from codegen.rules.syntax import OptionContext, SingleMatchParser, strtoui
@@ -159,7 +159,7 @@ class Icmp(MatchExtension):
             text += f" codes {match.code_min}-{match.code_max}"
         return text
 
-    def check(self, match: IcmpMatch, rule, chain: str) -> None:
+    def check(self, match: IcmpMatch, rule: Rule, chain: str) -> None:
         require_protocol(
             rule, frozenset({IPPROTO_ICMP}), "icmp match needs '-p icmp' (not negated)"
         )

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from codegen.rules.blob.structs import BlobError
 from codegen.rules.extensions.base import MatchExtension
-from codegen.rules.model import ExtensionMatch, RuleError, check_uint
+from codegen.rules.model import ExtensionMatch, Rule, RuleError, check_uint
 from codegen.rules.packet import Packet
 from codegen.rules.syntax import (
     Line,
@@ -121,7 +121,7 @@ class IpRangeExtension(MatchExtension):
             text += " destination IP range" + _describe_side(match.dst)
         return text
 
-    def check(self, match: IpRange, rule, chain: str) -> None:
+    def check(self, match: IpRange, rule: Rule, chain: str) -> None:
         if match.src is None and match.dst is None:
             raise RuleError("iprange needs --src-range or --dst-range")
 

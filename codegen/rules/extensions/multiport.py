@@ -10,7 +10,7 @@ from typing import Literal
 from codegen.rules.blob.structs import BlobError
 from codegen.rules.extensions.base import MatchExtension, require_protocol
 from codegen.rules.extensions.ports import ports_of
-from codegen.rules.model import ExtensionMatch, RuleError, check_uint, set_field
+from codegen.rules.model import ExtensionMatch, Rule, RuleError, check_uint, set_field
 from codegen.rules.names import (
     IPPROTO_DCCP,
     IPPROTO_SCTP,
@@ -142,7 +142,7 @@ class MultiportExtension(MatchExtension):
         ports = ",".join(str(a) if a == b else f"{a}:{b}" for a, b in match.ports)
         return f" multiport {kind} {' !' if match.negated else ''}{ports}"
 
-    def check(self, match: Multiport, rule, chain: str) -> None:
+    def check(self, match: Multiport, rule: Rule, chain: str) -> None:
         require_protocol(rule, MULTIPORT_PROTOCOLS, f"{NEEDS_PROTOCOL} (not negated)")
         if not match.ports:
             raise RuleError("multiport needs at least one port")

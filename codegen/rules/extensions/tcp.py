@@ -9,7 +9,7 @@ from codegen.rules.blob.structs import BlobError
 from codegen.rules.extensions import ports
 from codegen.rules.extensions.base import MatchExtension, require_protocol
 from codegen.rules.extensions.ports import PortRange
-from codegen.rules.model import ExtensionMatch, RuleError, check_uint
+from codegen.rules.model import ExtensionMatch, Rule, RuleError, check_uint
 from codegen.rules.names import IPPROTO_TCP
 from codegen.rules.packet import HotDrop, Packet
 from codegen.rules.syntax import Line, OptionContext, Token
@@ -183,7 +183,7 @@ class Tcp(MatchExtension):
             flags = TcpFlags()  # `--tcp-flags NONE X` is not printed
         return TcpMatch(ports.as_saved(match.sport), ports.as_saved(match.dport), flags)
 
-    def check(self, match: TcpMatch, rule, chain: str) -> None:
+    def check(self, match: TcpMatch, rule: Rule, chain: str) -> None:
         require_protocol(rule, frozenset({IPPROTO_TCP}), "tcp match needs '-p tcp' (not negated)")
         ports.check_ports(match.sport, "--sport")
         ports.check_ports(match.dport, "--dport")

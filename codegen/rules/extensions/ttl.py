@@ -8,7 +8,7 @@ from typing import Literal
 
 from codegen.rules.blob.structs import BlobError
 from codegen.rules.extensions.base import MatchExtension
-from codegen.rules.model import ExtensionMatch, RuleError, check_uint
+from codegen.rules.model import ExtensionMatch, Rule, RuleError, check_uint
 from codegen.rules.packet import Packet
 from codegen.rules.syntax import OptionContext, SingleMatchParser, strtoui
 
@@ -88,7 +88,7 @@ class TtlExtension(MatchExtension):
         operator = {"eq": "!=" if match.negated else "==", "lt": "<", "gt": ">"}[match.op]
         return f" TTL match TTL {operator} {match.value}"
 
-    def check(self, match: Ttl, rule, chain: str) -> None:
+    def check(self, match: Ttl, rule: Rule, chain: str) -> None:
         if match.negated and match.op != "eq":
             raise RuleError(f"--ttl-{match.op} cannot be negated")
 

@@ -9,7 +9,7 @@ from codegen.rules.blob.structs import BlobError
 from codegen.rules.extensions import ports
 from codegen.rules.extensions.base import MatchExtension, require_protocol
 from codegen.rules.extensions.ports import PortRange
-from codegen.rules.model import ExtensionMatch
+from codegen.rules.model import ExtensionMatch, Rule
 from codegen.rules.names import IPPROTO_UDP
 from codegen.rules.packet import Packet
 from codegen.rules.syntax import Line
@@ -72,7 +72,7 @@ class Udp(MatchExtension):
     def as_saved(self, match: UdpMatch) -> UdpMatch:
         return UdpMatch(ports.as_saved(match.sport), ports.as_saved(match.dport))
 
-    def check(self, match: UdpMatch, rule, chain: str) -> None:
+    def check(self, match: UdpMatch, rule: Rule, chain: str) -> None:
         require_protocol(rule, frozenset({IPPROTO_UDP}), "udp match needs '-p udp' (not negated)")
         ports.check_ports(match.sport, "--sport")
         ports.check_ports(match.dport, "--dport")
