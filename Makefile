@@ -5,7 +5,7 @@ PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.bootstrap-stamp
 JOBS ?= 2
 
-.PHONY: demo test unit kernel net lint bootstrap clean
+.PHONY: demo test unit kernel net lint lint-checks bootstrap clean
 
 $(STAMP): pyproject.toml requirements-dev.txt scripts/bootstrap
 	bash scripts/bootstrap
@@ -25,8 +25,35 @@ test: $(STAMP)
 unit kernel net: $(STAMP)
 	$(PYTHON) -m pytest -rs -p no:cacheprovider tests/$@
 
+# Lint checks what cannot run here as well as the code, and fails when a checker is missing
+# (scripts/bootstrap installs them all): ruff; shellcheck on every shell script (a *.sh file or a
+# sh/bash shebang); actionlint on the GitHub workflows, which runs shellcheck on their `run:`
+# steps; `vagrant validate` on the Vagrantfile, provider blocks ignored as no provider is installed
+# here, its .vagrant/ kept out of the tree. `lint-checks` is the same without bootstrapping first
+# (tox -e lint runs it with its own ruff and actionlint).
+RUFF ?= $(VENV)/bin/ruff
+ACTIONLINT ?= $(VENV)/bin/actionlint
+WORKFLOWS = $(wildcard .github/workflows/*.yml .github/workflows/*.yaml)
+SHELL_SCRIPTS = $(shell find . \( -name .git -o -name .venv -o -name .tox -o -name artefacts \) \
+	-prune -o -type f -print | LC_ALL=C sort | xargs awk 'FNR == 1 { \
+	if (FILENAME ~ /\.sh$$/ || $$0 ~ /^\#!.*[\/ ](ba|da)?sh([ \t]|$$)/) print FILENAME; nextfile }')
+
+define lint-commands
+@for tool in $(RUFF) $(ACTIONLINT) shellcheck vagrant; do command -v $$tool >/dev/null \
+	|| { echo "lint: $$tool not found (scripts/bootstrap installs it)" >&2; exit 1; }; done
+$(RUFF) check codegen harness netns tests conftest.py
+shellcheck $(SHELL_SCRIPTS)
+$(ACTIONLINT) $(WORKFLOWS)
+@dotfiles=$$(mktemp -d) && trap 'rm -rf "$$dotfiles"' EXIT \
+	&& echo "vagrant validate --ignore-provider" \
+	&& VAGRANT_CHECKPOINT_DISABLE=1 VAGRANT_DOTFILE_PATH="$$dotfiles" vagrant validate --ignore-provider
+endef
+
 lint: $(STAMP)
-	$(VENV)/bin/ruff check codegen harness netns tests conftest.py
+	$(lint-commands)
+
+lint-checks:
+	$(lint-commands)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache .hypothesis artefacts
