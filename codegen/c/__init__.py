@@ -7,7 +7,7 @@ a differential oracle and as the yardstick of what clang makes of the same rules
 
 Layout choice: built-in chains inline in each entry function; user chains as `static
 __always_inline` C functions answering CONTINUE/ACCEPT/DROP, inlined at every call site (bcc
-cannot load BPF-to-BPF calls; see codegen/c/source.py). Maps: the caller's, pinned for the
+cannot load BPF-to-BPF calls; see codegen/c/chains.py). Maps: the caller's, pinned for the
 length of one compile so that BPF_TABLE_PINNED opens them (see codegen/c/compiler.py).
 
     c_source(ruleset, hook, interfaces=..., chain=None, fastpath=False) -> str

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from contextlib import ExitStack, closing
+from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
 
@@ -25,21 +26,26 @@ from codegen.c import (
     CVerifierError,
     Entry,
     c_source,
+    compiler,
     load_c_program,
     load_c_programs,
 )
 from codegen.c import matches as c_matches
 from codegen.c.compiler import PIN_ROOT
 from codegen.c.source import MAX_EXPANDED_RULES, comment, user_chains_reached
-from codegen.rules import parse, write
+from codegen.rules import extensions, parse, write
+from codegen.rules.extensions import BY_NAME, MATCHES
+from codegen.rules.extensions.base import MatchExtension
 from codegen.rules.extensions.length import Length
 from codegen.rules.iptables_save import write_rule
+from codegen.rules.model import ExtensionMatch
 from codegen.tc.generator import COUNTERS_MAP, LOCAL_MAP
 from codegen.tc.layout import CounterLayout
 from harness.backends import load_program
-from harness.lifecycle import fill_local_map, local_addresses
-from harness.netfilter import ALL_HOSTS, HOST, with_addresses
-from harness.runner import CounterMap, frame_for, standin_interfaces
+from harness.counters import CounterMap
+from harness.deploy.addresses import fill_local_map, local_addresses
+from harness.lab.twin import ALL_HOSTS, HOST, with_addresses
+from harness.runner import frame_for, standin_interfaces
 from netns import RouterTopology
 from tests.kernel.test_tc_chains import EVERY_MATCH
 from tests.strategies import packets, rulesets
@@ -179,6 +185,35 @@ def test_pins_of_a_compile_that_died_are_removed():
 
 
 # ---------------------------------------------------------------------------------------------
+# The match writers: one module per family, registered by the model it writes
+
+
+def test_each_family_module_writes_the_model_of_its_namesake():
+    """codegen/c/matches mirrors codegen/rules/extensions: the module named after a family
+    writes that family's model."""
+    for family in c_matches.FAMILIES:
+        model = BY_NAME[family].model
+        module = getattr(c_matches, family)
+        assert module.MODEL is model, family
+        assert c_matches.WRITERS[model] is module.write, family
+
+
+@pytest.mark.parametrize(
+    ("extension", "example"),
+    [(extension, example) for extension in MATCHES for example in extension.examples],
+    ids=lambda value: getattr(value, "name", value),
+)
+def test_a_rule_hotdrops_exactly_when_its_family_can(extension, example):
+    """The hotdrop tail is written when the rule registry says a family can hotdrop, and the
+    family's writer jumps to it then and only then."""
+    ruleset = parse(f"*filter\n-A INPUT {example} -j ACCEPT\nCOMMIT\n")
+    text = c_source(ruleset, "chain", interfaces={}, chain="INPUT")
+    hotdrop = f"rule_{CounterLayout.of(ruleset).slot(('INPUT', 1))}_hotdrop"
+    assert (f"goto {hotdrop};" in text) == extension.can_hotdrop
+    assert (f"\n{hotdrop}:\n" in text) == extension.can_hotdrop
+
+
+# ---------------------------------------------------------------------------------------------
 # When things go wrong: one sentence, the rule named, nothing printed
 
 
@@ -218,6 +253,45 @@ def test_a_verifier_rejection_names_the_rule_and_prints_nothing(monkeypatch, cap
     assert message.endswith("(in the C of -A OUTPUT -m length --length 0:40 -j ACCEPT "
                             "(small.rules:6:1))")  # fmt: skip
     assert "processed" in raised.value.log
+    assert capfd.readouterr() == ("", "")
+
+
+@dataclass(frozen=True)
+class Unwritten(ExtensionMatch):
+    """A match family the rule layer knows and the C backend has no writer for."""
+
+
+class UnwrittenExtension(MatchExtension):
+    name = "unwritten"
+    model = Unwritten
+
+    def save(self, match: ExtensionMatch) -> list[str]:
+        return ["-m", "unwritten"]
+
+
+def test_a_match_without_a_writer_is_refused_before_anything_compiles(monkeypatch, capfd):
+    monkeypatch.setitem(extensions.BY_MODEL, Unwritten, UnwrittenExtension())
+
+    def compile_anyway(*args: object) -> None:
+        pytest.fail("bcc was asked to compile a unit the C backend cannot write")
+
+    monkeypatch.setattr(compiler, "_compile", compile_anyway)
+    ruleset = parse(SMALL, "small.rules")
+    rule = ruleset.chains["OUTPUT"].rules[1]
+    rule.matches = (*rule.matches, Unwritten())
+    expected = (
+        "small.rules:6:1: the C backend has no code for Unwritten: "
+        "-A OUTPUT -m length --length 0:40 -m unwritten -j ACCEPT"
+    )
+    with pytest.raises(CCompileError) as raised:
+        c_source(ruleset, "egress", interfaces={})
+    assert str(raised.value) == expected
+    with CounterMap(CounterLayout.of(ruleset)) as counters:
+        with pytest.raises(CCompileError) as raised:
+            load_c_program(
+                ruleset, "chain", interfaces={}, maps={COUNTERS_MAP: counters}, chain="OUTPUT"
+            )
+    assert str(raised.value) == expected
     assert capfd.readouterr() == ("", "")
 
 

@@ -1,0 +1,172 @@
+"""Chains as C: a built-in chain inline in its entry function, a user chain as a `static
+__always_inline` function, and each rule's code under a comment holding its iptables-save text.
+
+User chains are inlined, not BPF-to-BPF calls, because bcc loads one ELF section per program
+and does not relocate calls (a `__noinline` callee loads as "call to invalid destination").
+Inlining costs code size, one copy of a chain per path of calls to it (refused beyond
+MAX_EXPANDED_RULES), and removes the 8-frame limit of BPF calls; the whole program shares one
+512-byte stack, of which the FIB lookup takes 64 bytes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+
+from codegen.rules.iptables_save import write_rule
+from codegen.rules.model import Accept, Chain, Drop, Goto, Jump, Return, Rule, Ruleset
+from codegen.tc.layout import CounterLayout
+
+from . import matches
+from .entries import CCompileError
+from .source_text import Code, SpanMark, comment, indented, text_of
+from .targets import BuiltinTargets, FunctionTargets, Targets
+
+# Rules after inlining every user chain at each of its call sites: past this, the C would be
+# too big for clang and the verifier to be worth trying.
+MAX_EXPANDED_RULES = 100_000
+
+
+def user_chains_reached(ruleset: Ruleset, roots: Iterable[str]) -> list[str]:
+    """User chains reachable from `roots`, in rule-set order; refuses a rule set whose chains,
+    inlined at every call site, would hold more than MAX_EXPANDED_RULES rules."""
+    expanded: dict[str, int] = {}
+    reached: set[str] = set()
+
+    def size(name: str) -> int:
+        if name not in expanded:
+            total = 0
+            for rule in ruleset.chains[name].rules:
+                total += 1
+                if isinstance(rule.target, Jump | Goto):
+                    reached.add(rule.target.chain)
+                    total += size(rule.target.chain)
+            expanded[name] = total
+        return expanded[name]
+
+    for root in roots:
+        try:
+            size(root)
+        except RecursionError:
+            raise CCompileError(f"user chains called from {root} nest too deep to inline") from None
+        if size(root) > MAX_EXPANDED_RULES:
+            raise CCompileError(
+                f"chain {root} would hold {size(root):,} rules with every user chain inlined "
+                f"where it is called (the C backend's limit is {MAX_EXPANDED_RULES:,}): "
+                "call user chains from fewer places"
+            )
+    return [name for name in ruleset.chains if name in reached]
+
+
+def c_identifier(chain: str, number: int) -> str:
+    """A C function name for a user chain (chain names may hold `-` or other characters)."""
+    return f"chain_{number}_{re.sub(r'[^A-Za-z0-9_]', '_', chain)}"
+
+
+class ChainWriter:
+    """The code of a rule set's chains, for one unit: `functions` names the C function of each
+    user chain the unit holds."""
+
+    def __init__(
+        self,
+        ruleset: Ruleset,
+        layout: CounterLayout,
+        interfaces: Mapping[str, int],
+        user_chains: Iterable[str],
+    ):
+        self.ruleset = ruleset
+        self.layout = layout
+        self.interfaces = interfaces
+        numbers = {name: number for number, name in enumerate(ruleset.chains)}
+        self.functions = {name: c_identifier(name, numbers[name]) for name in user_chains}
+
+    def user_chains(self) -> Code:
+        """Every user chain's function, declared first so that chains may call each other in
+        any order."""
+        if not self.functions:
+            return []
+        code: Code = ["// User chains, inlined wherever they are called.", ""]
+        code += [
+            f"static __always_inline int {function}(facts_t *f);"
+            for function in self.functions.values()
+        ]
+        code.append("")
+        for name in self.functions:
+            code += self.user_chain(self.ruleset.chains[name])
+        return code
+
+    def builtin_chain(self, name: str, accept: str, drop: str = "drop") -> Code:
+        """Built-in chain `name` inline: its verdicts go to the tails `accept` and `drop` (each
+        with its `counted_` variant), its policy after its last rule."""
+        chain = self.ruleset.chains[name]
+        policy = f"policy_{name}"
+        code: Code = [f"// Chain {name}, policy {chain.policy}."]
+        for index, rule in enumerate(chain.rules, start=1):
+            code += self.rule(chain, index, rule, BuiltinTargets(accept, policy, drop))
+        slot = self.layout.slot((name, "policy"))
+        verdict = accept if chain.policy == "ACCEPT" else drop
+        if f"goto {policy};" in text_of(code):
+            code.append(f"{policy}:")
+        else:
+            code.append(f"// Policy of {name}.")
+        return [*code, f"f->decided = {slot};", f"goto counted_{verdict};"]
+
+    def user_chain(self, chain: Chain) -> Code:
+        body: Code = []
+        for index, rule in enumerate(chain.rules, start=1):
+            body += self.rule(chain, index, rule, FunctionTargets())
+        inside: Code = ["int answer;", ""] if "answer = " in text_of(body) else []
+        inside += [*body, "return CONTINUE;"]
+        for verdict in ("accept", "drop"):
+            if f"goto counted_{verdict};" in text_of(body):
+                inside += [
+                    f"counted_{verdict}:",
+                    "count(f->decided, f->tot_len);",
+                    f"return {verdict.upper()};",
+                ]
+        return [
+            comment(f"Chain {chain.name}: answers CONTINUE (returned), ACCEPT or DROP."),
+            f"static __always_inline int {self.functions[chain.name]}(facts_t *f)",
+            "{",
+            *indented(inside),
+            "}",
+            "",
+        ]
+
+    def rule(self, chain: Chain, index: int, rule: Rule, targets: Targets) -> Code:
+        slot = self.layout.slot((chain.name, index))
+        miss, hotdrop = f"rule_{slot}_next", f"rule_{slot}_hotdrop"
+        text = write_rule(chain.name, rule)
+        labels = matches.Labels(miss, hotdrop, self.interfaces)
+        try:
+            code = matches.write_matches(rule.matches, labels)
+        except matches.UnsupportedMatch as error:
+            where = f"{rule.source}: " if rule.source is not None else ""
+            raise CCompileError(f"{where}{error}: {text}") from None
+        decided = f"f->decided = {slot};"
+        target = rule.target
+        if not isinstance(target, Accept | Drop):  # verdicts count in a shared tail
+            code.append(f"count({slot}, f->tot_len);")
+        if isinstance(target, Accept):
+            code += [decided, *targets.accept()]
+        elif isinstance(target, Drop):
+            code += [decided, *targets.drop()]
+        elif isinstance(target, Return):
+            code += targets.return_()
+        elif isinstance(target, Jump):
+            code += targets.jump(self.functions[target.chain])
+        elif isinstance(target, Goto):
+            code += targets.goto(self.functions[target.chain])
+        if any(matches.can_hotdrop(match) for match in rule.matches):
+            if target is None or isinstance(target, Jump):
+                code.append(f"goto {miss};")  # past the hotdrop
+            code += [f"{hotdrop}:", decided, *targets.hotdrop()]
+        if any(f"goto {miss};" in line for line in code):
+            code.append(f"{miss}:;")
+        source = str(rule.source) if rule.source is not None else None
+        return [
+            SpanMark(True, chain.name, index, text, source),
+            comment(text),
+            *code,
+            SpanMark(False, chain.name, index, text, source),
+        ]

@@ -1,0 +1,55 @@
+"""The C writers of a rule's matches, one module per match family (named as the family's
+module in codegen.rules.extensions), registered here by the model type each writes; the IP
+header part is ip_header. Adding a family's C is adding its module and its name to FAMILIES;
+nothing else in codegen.c names a family.
+
+Written from the kernel's matches (and the reference evaluator), not from codegen.tc.matches:
+this backend is meant to be an independent second opinion. Conditions are plain C over the
+packet facts (`f->...`, host order); clang does the rest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from importlib import import_module
+
+from codegen.rules.extensions import extension_of
+from codegen.rules.model import IP_PART, ExtensionMatch, Match
+
+from . import ip_header
+from .common import Labels, Writer
+
+__all__ = ["FAMILIES", "WRITERS", "Labels", "UnsupportedMatch", "can_hotdrop", "write_matches"]
+
+# The registration line: each name is a module here with MODEL and write(match, labels).
+FAMILIES = tuple("tcp udp icmp multiport iprange length ttl pkttype mark comment".split())
+
+_FAMILY_MODULES = tuple(import_module(f"{__name__}.{family}") for family in FAMILIES)
+WRITERS: dict[type, Writer] = ip_header.WRITERS | {
+    module.MODEL: module.write for module in _FAMILY_MODULES
+}
+assert len(WRITERS) == len(ip_header.WRITERS) + len(FAMILIES), "two writers for one model"
+
+
+class UnsupportedMatch(ValueError):
+    """A match this backend has no writer for."""
+
+
+def can_hotdrop(match: Match) -> bool:
+    """Whether `match` may drop a packet on the spot, as its family in the rule layer says
+    (the IP header part never does)."""
+    return isinstance(match, ExtensionMatch) and extension_of(match).can_hotdrop
+
+
+def write_matches(matches: Sequence[Match], labels: Labels) -> list[str]:
+    """A rule's matches in the order ipt_do_table checks them: the IP header part
+    (ip_packet_match) first, then the extensions as listed. The order decides hotdrops."""
+    ordered = [m for m in matches if isinstance(m, IP_PART)]
+    ordered += [m for m in matches if not isinstance(m, IP_PART)]
+    code: list[str] = []
+    for match in ordered:
+        writer = WRITERS.get(type(match))
+        if writer is None:
+            raise UnsupportedMatch(f"the C backend has no code for {type(match).__name__}")
+        code += writer(match, labels)
+    return code

@@ -1,0 +1,230 @@
+"""The entry functions, one flavour per hook, each a SCHED_CLS program in direct-action mode:
+
+- every flavour parses the packet facts first; what ip_rcv would drop before netfilter, and
+  whatever is not IPv4, is "not handled": counted (skb->len bytes) and passed.
+- ingress: a destination in the `local_addresses` map, or multicast, goes through INPUT;
+  otherwise bpf_fib_lookup decides: SUCCESS or NO_NEIGH, addressed to us at layer 2 and TTL > 1
+  goes through FORWARD (TTL as ip_forward leaves it, out-interface from the lookup; with the
+  fast path an ACCEPT forwards the packet here); anything else is not handled.
+- egress: OUTPUT for packets made here (ingress_ifindex 0); forwarded ones pass untouched.
+- chain: one built-in chain for BPF_PROG_TEST_RUN: in-interface from ingress_ifindex,
+  out-interface from cb[0], packet type from cb[2]; the deciding counter slot goes to cb[1].
+
+INPUT and OUTPUT go through codegen/c/fragments.py's handling of later fragments first.
+Verdicts end in tails (labels at the end of the function); only the tails a body reaches are
+written, so that clang sees no unused label.
+"""
+
+from __future__ import annotations
+
+from .chains import ChainWriter
+from .entries import Entry
+from .facts import FACTS_MAP
+from .fragments import LATER_FRAGMENTS, LATER_FRAGMENTS_EGRESS, remember_first_fragment
+from .maps import LOCAL_MAP
+from .source_text import GOTO, Code, indented, text_of
+
+# A tail: its label and its statements.
+Tail = tuple[str, list[str]]
+
+
+def entry_function(entry: Entry, chains: ChainWriter, fastpath: bool) -> Code:
+    """The C function of `entry`, named as its program."""
+    body = [*_facts(entry), "", *_judgement(entry, chains, fastpath)]
+    tails = _tails(entry, fastpath)
+    used = _tails_used(body, tails)
+    code: Code = [f"int {entry.function}(struct __sk_buff *skb)", "{"]
+    code += indented([*_declarations(entry, body), ""])
+    code += indented(body)
+    for label, lines in tails:
+        if label in used:
+            code += indented([f"{label}:", *lines])
+    return [*code, "}", ""]
+
+
+def _facts(entry: Entry) -> Code:
+    """Parse the packet, and set what the hook knows of its devices."""
+    hook = entry.hook
+    code: Code = []
+    if hook == "egress":
+        code += [
+            "// Forwarded packets had their FORWARD verdict on ingress; OUTPUT is for ours.",
+            "if (skb->ingress_ifindex != 0)",
+            "    return TC_ACT_OK;",
+        ]
+    pkt_type = "skb->cb[2]" if hook == "chain" else "skb->pkt_type"
+    code += [
+        f"f = {FACTS_MAP}.lookup(&zero);",
+        "if (!f)",
+        "    return TC_ACT_OK;  // never: a one-slot array",
+        "__builtin_memset((void *)f, 0, sizeof(*f));",
+        f"if (parse(skb, f, {pkt_type}) != 0)",
+        "    goto not_handled;",
+    ]
+    if hook == "ingress":
+        code += [
+            "if (f->pkt_type == PACKET_OTHERHOST)  // ip_rcv drops it before any hook",
+            "    goto not_handled;",
+            "f->in_ifindex = skb->ifindex;",
+        ]
+    elif hook == "egress":
+        code.append("f->out_ifindex = skb->ifindex;")
+    else:
+        code += [
+            "// Test-run: the devices and the packet type come in the context.",
+            "f->in_ifindex = skb->ingress_ifindex;",
+            "f->out_ifindex = skb->cb[0];",
+        ]
+    return code
+
+
+def _judgement(entry: Entry, chains: ChainWriter, fastpath: bool) -> Code:
+    """The chains the hook's packets go through."""
+    if entry.hook == "ingress":
+        return _ingress(chains, fastpath)
+    if entry.hook == "egress":
+        output = chains.builtin_chain("OUTPUT", "whole_accept", "whole_drop")
+        return [*LATER_FRAGMENTS_EGRESS, *output]
+    return chains.builtin_chain(entry.builtins[0], "accept")
+
+
+def _ingress(chains: ChainWriter, fastpath: bool) -> Code:
+    forward_accept = "forward_accept" if fastpath else "accept"
+    return [
+        "// What ip_route_input drops as martian before any hook (rp_filter, accept_local",
+        "// and route_localnet off, as in a new namespace): not handled.",
+        "if ((f->saddr >> 28) == 0xe || f->saddr == 0xffffffff)",
+        "    goto not_handled;",
+        "if ((f->daddr >> 28) == 0xe) {",
+        "    if ((f->saddr >> 24) == 127)",
+        "        goto not_handled;",
+        "    if (f->saddr == 0 && (f->daddr >> 8) != 0xe00000 &&",
+        "        f->protocol != PROTO_IGMP)",
+        "        goto not_handled;",
+        "} else if (f->daddr != 0xffffffff) {",
+        "    // ipv4_is_zeronet: 0.0.0.0 alone since Linux 5.3",
+        "    if (f->saddr == 0 || (f->saddr >> 24) == 127 ||",
+        "        f->daddr == 0 || (f->daddr >> 24) == 127)",
+        "        goto not_handled;",
+        "}",
+        "key = f->saddr;  // one of our own addresses as the source",
+        f"kind = {LOCAL_MAP}.lookup(&key);",
+        "if (kind && *kind == LOCAL_ADDRESS)",
+        "    goto not_handled;",
+        "",
+        "// A local destination (an address, a broadcast, a group joined here): INPUT.",
+        "key = f->daddr;",
+        f"kind = {LOCAL_MAP}.lookup(&key);",
+        "if ((f->daddr >> 28) == 0xe) {",
+        "    if (!kind || *kind != LOCAL_GROUP)",
+        "        goto not_handled;",
+        "    goto input;",
+        "}",
+        "if (kind)",
+        "    goto input;",
+        "// Otherwise the FIB says whether the kernel would forward it.",
+        "fib.family = AF_INET;",
+        "fib.tos = f->tos;",
+        "fib.ifindex = f->in_ifindex;",
+        "fib.ipv4_src = BE32(f->saddr);",
+        "fib.ipv4_dst = BE32(f->daddr);",
+        "fib_result = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);",
+        "if (fib_result != BPF_FIB_LKUP_RET_SUCCESS &&",
+        "    fib_result != BPF_FIB_LKUP_RET_NO_NEIGH)",
+        "    goto not_handled;",
+        "// ip_forward drops these before the FORWARD hook, and decrements the TTL before it.",
+        "if (f->pkt_type != PACKET_HOST || f->ttl <= 1)",
+        "    goto not_handled;",
+        "f->ttl -= 1;",
+        "f->out_ifindex = fib.ifindex;",
+        "",
+        *chains.builtin_chain("FORWARD", forward_accept),
+        "",
+        "input:",
+        *LATER_FRAGMENTS,
+        *chains.builtin_chain("INPUT", "whole_accept", "whole_drop"),
+    ]
+
+
+def _declarations(entry: Entry, body: Code) -> list[str]:
+    declarations = ["facts_t *f;", "u32 zero = 0;"]
+    if entry.hook == "ingress":
+        declarations += [
+            "struct bpf_fib_lookup fib = {};",
+            "long fib_result = -1;",
+            "u32 key;",
+            "u8 *kind;",
+        ]
+    if "answer = " in text_of(body):
+        declarations.append("int answer;")
+    return declarations
+
+
+def _tails(entry: Entry, fastpath: bool) -> list[Tail]:
+    """The ends verdicts go to."""
+    report = ["skb->cb[1] = f->decided;"] if entry.hook == "chain" else []
+    counted = "count(f->decided, f->tot_len);  // the rule or policy in f->decided"
+    tails = [
+        ("counted_accept", [counted, "goto accept;"]),
+        ("counted_drop", [counted, "goto drop;"]),
+        ("counted_forward_accept", [counted, "goto forward_accept;"]),
+        ("counted_whole_accept", [counted, "goto whole_accept;"]),
+        ("counted_whole_drop", [counted, "goto whole_drop;"]),
+        ("whole_accept", [*remember_first_fragment(dropped=False), "goto accept;"]),
+        ("whole_drop", [*remember_first_fragment(dropped=True), "goto drop;"]),
+        ("accept", [*report, "return TC_ACT_OK;"]),
+        ("drop", [*report, "return TC_ACT_SHOT;"]),
+        (
+            "not_handled",
+            [
+                "// Not IPv4, or dropped by the kernel before netfilter: passed, counted.",
+                "f->decided = NOT_HANDLED;",
+                "count(NOT_HANDLED, skb->len);",
+                *report,
+                "return TC_ACT_OK;",
+            ],
+        ),
+    ]
+    if entry.hook == "ingress" and fastpath:
+        tails.append(("forward_accept", FAST_FORWARD))
+    return tails
+
+
+def _tails_used(body: Code, tails: list[Tail]) -> set[str]:
+    """The tails the body goes to, and the tails those tails go to."""
+    used = set(GOTO.findall(text_of(body)))
+    while True:
+        more = {
+            target
+            for label, lines in tails
+            if label in used
+            for target in GOTO.findall("\n".join(lines))
+        }
+        if more <= used:
+            return used
+        used |= more
+
+
+FAST_FORWARD = [
+    "// ACCEPT in FORWARD with a complete lookup: forward here as ip_forward would, TTL",
+    "// decremented with the checksum fixed up (ip_decrease_ttl), MACs from the lookup.",
+    "if (fib_result != BPF_FIB_LKUP_RET_SUCCESS)",
+    "    goto accept;  // no neighbour yet: the kernel resolves it",
+    "{",
+    "    void *data = (void *)(long)skb->data;",
+    "    void *data_end = (void *)(long)skb->data_end;",
+    "    struct ethhdr *eth = data;",
+    "    struct iphdr *ip = data + ETH_HLEN;",
+    "",
+    "    if ((void *)(ip + 1) > data_end)",
+    "        goto accept;",
+    "    u32 check = ip->check;",
+    "",
+    "    check += BE16(0x0100);",
+    "    ip->check = (u16)(check + (check >= 0xffff));",
+    "    ip->ttl -= 1;",
+    "    __builtin_memcpy(eth->h_dest, fib.dmac, ETH_ALEN);",
+    "    __builtin_memcpy(eth->h_source, fib.smac, ETH_ALEN);",
+    "    return bpf_redirect(fib.ifindex, 0);",
+    "}",
+]
