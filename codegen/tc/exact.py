@@ -4,31 +4,39 @@ Allow lists are written as long runs of rules that differ only in constants:
 `-s ADDR -p tcp --dport PORT -j ACCEPT`, one per host and service. Scanning them costs a
 compare per rule per packet. A run of consecutive rules with the same *shape* (which of source,
 destination, protocol, source port, destination port they pin to one value; nothing else but
-comments; ACCEPT or DROP) is put in a hash map instead: the packet's values are the key, the
-value the first rule of the run with that key (its counter slot and verdict). Earlier rules win,
-as in a scan, because the map is filled in rule order and a key is never overwritten.
+matches that always match; ACCEPT or DROP) is put in a hash map instead: the packet's values are
+the key, the value the first rule of the run with that key (its counter slot and verdict).
+Earlier rules win, as in a scan, because the map is filled in rule order and a key is never
+overwritten.
 
-The lookup answers for packets whose transport header the rules could read. Everything else
-(later fragments, truncated transport headers: cases where netfilter's tcp and udp matches
-refuse or hotdrop) takes the run's ordinary code, which stays right behind the lookup.
+What an extension match pins is its emitter's to say (`Emitter.pins`, codegen.tc.matches); the
+IP header part (addresses, protocol) is decided here. The lookup answers for packets whose
+transport header the rules could read. Everything else (later fragments, truncated transport
+headers: cases where netfilter's tcp and udp matches refuse or hotdrop) takes the run's ordinary
+code, which stays right behind the lookup.
 """
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from codegen.rules.extensions.comment import Comment
-from codegen.rules.extensions.ports import PortRange
-from codegen.rules.extensions.tcp import TcpFlags, TcpMatch
-from codegen.rules.extensions.udp import UdpMatch
+from codegen.bpf import insn as I
+from codegen.bpf.asm import Item, Label
+from codegen.bpf.isa import R0, R1, R2, R10, JmpOp, Size
 from codegen.rules.model import Accept, Address, Drop, Protocol, Rule
-from codegen.rules.names import IPPROTO_TCP, IPPROTO_UDP
+
+from .counters import COUNT
+from .layout import FACTS, Facts, map_and_key
+from .matches import TRANSPORT_HEADERS, emitter_of
 
 MIN_RUN = 128  # measured: a lookup costs about what scanning 50 to 150 rules does
+EXACT_MAP = "exact_rules"
 KEY = struct.Struct("<IIIHHB3x")  # run, saddr, daddr, sport, dport, protocol (host order)
 VALUE = struct.Struct("<II")  # counter slot, verdict (ACCEPT 1, DROP 2)
 ACCEPT, DROP = 1, 2
+TRANSPORT_PROTOCOLS = frozenset(header.protocol for header in TRANSPORT_HEADERS)
 
 
 @dataclass(frozen=True)
@@ -38,7 +46,7 @@ class Shape:
     source: bool
     destination: bool
     protocol: bool
-    transport: bool  # has a tcp or udp match, so its guard (first fragment, header) applies
+    transport: bool  # has a match whose pins read a transport header (its guard applies)
     source_port: bool
     destination_port: bool
 
@@ -49,15 +57,6 @@ class Pinned:
     values: tuple[int, int, int, int, int]  # saddr, daddr, sport, dport, protocol
 
 
-def _single(ports: PortRange) -> int | None:
-    """The one port a range pins, None for the full range, -1 for anything else."""
-    if ports.is_default:
-        return None
-    if ports.first == ports.last and not ports.negated:
-        return ports.first
-    return -1
-
-
 def pinned(rule: Rule) -> Pinned | None:
     """The rule's shape and values if it can join a run, else None."""
     if not isinstance(rule.target, Accept | Drop):
@@ -66,8 +65,6 @@ def pinned(rule: Rule) -> Pinned | None:
     seen: set[str] = set()
     transport = False
     for match in rule.matches:
-        if isinstance(match, Comment):
-            continue
         if isinstance(match, Address):
             key = "saddr" if match.direction == "src" else "daddr"
             if match.negated or match.mask != 0xFFFFFFFF or key in seen:
@@ -79,21 +76,20 @@ def pinned(rule: Rule) -> Pinned | None:
                 return None
             values["protocol"] = match.number
             seen.add("protocol")
-        elif isinstance(match, TcpMatch | UdpMatch):
-            flags = match.flags if isinstance(match, TcpMatch) else TcpFlags()
-            if transport or not flags.is_default:
+        else:
+            emitter = emitter_of(match)
+            pins = None if emitter is None else emitter.pins(match)
+            if emitter is None or pins is None:
                 return None
-            transport = True
-            for key, ports in (("sport", match.sport), ("dport", match.dport)):
-                port = _single(ports)
-                if port == -1:
+            if emitter.transport is not None:
+                if transport:
                     return None
+                transport = True
+            for key, port in (("sport", pins.source_port), ("dport", pins.destination_port)):
                 if port is not None:
                     values[key] = port
                     seen.add(key)
-        else:
-            return None
-    if transport and values["protocol"] not in (IPPROTO_TCP, IPPROTO_UDP):
+    if transport and values["protocol"] not in TRANSPORT_PROTOCOLS:
         return None
     shape = Shape(
         "saddr" in seen,
@@ -140,3 +136,81 @@ def entries(run_id: int, rules: list[Rule], slots: list[int]) -> dict[bytes, byt
         verdict = ACCEPT if isinstance(rule.target, Accept) else DROP
         table.setdefault(key, VALUE.pack(slot, verdict))
     return table
+
+
+def lookup(
+    shape: Shape,
+    run_id: int,
+    key: int,
+    *,
+    scan: str,
+    after: str,
+    new_label: Callable[[str], str],
+) -> list[Item]:
+    """The run's lookup, its key built on the stack at `key` (KEY.size bytes, and 8 below for
+    the verdict): a packet it cannot answer for goes to `scan`; no entry, to `after` (no rule
+    of the run matches); an entry is counted and recorded as the deciding slot, and leaves the
+    verdict (ACCEPT or DROP) in r1."""
+    start = new_label("lookup")
+    saved = key - 8
+    code: list[Item] = []
+    if shape.transport:
+        code += _transport_guard(start, scan=scan, after=after, new_label=new_label)
+    code += [Label(start), I.st(Size.W, R10, key, run_id)]
+    fields = (
+        (shape.source, Facts.SADDR, 4),
+        (shape.destination, Facts.DADDR, 8),
+        (shape.source_port, Facts.SPORT, 12),
+        (shape.destination_port, Facts.DPORT, 14),
+        (shape.protocol, Facts.PROTOCOL, 16),
+    )
+    for present, fact, offset in fields:
+        if present:
+            code += [
+                I.ldx(fact.size, R1, FACTS, fact.offset),
+                I.stx(fact.size, R10, key + offset, R1),
+            ]
+        else:
+            code.append(I.st(fact.size, R10, key + offset, 0))
+    return [
+        *code,
+        I.st(Size.B, R10, key + 17, 0),
+        I.st(Size.H, R10, key + 18, 0),
+        *map_and_key(EXACT_MAP, key),
+        I.call("map_lookup_elem"),
+        I.jmp(JmpOp.JEQ, R0, 0, after),
+        I.ldx(Size.W, R1, R0, 0),
+        I.stx(Size.W, FACTS, Facts.DECIDED.offset, R1),
+        I.ldx(Size.W, R2, R0, 4),
+        I.stx(Size.W, R10, saved, R2),
+        I.ldx(Size.H, R2, FACTS, Facts.TOT_LEN.offset),
+        I.call_local(COUNT),
+        I.ldx(Size.W, R1, R10, saved),
+    ]
+
+
+def _transport_guard(
+    lookup: str, *, scan: str, after: str, new_label: Callable[[str], str]
+) -> list[Item]:
+    """Later fragments and short headers go to the scan, where the matches' own rules apply;
+    a protocol none of the transport headers belongs to cannot match any rule of the run."""
+    *others, last = TRANSPORT_HEADERS
+    labels = [new_label(f"{header.name}_header") for header in others]
+
+    def long_enough(size: int) -> list[Item]:
+        return [
+            I.ldx(Size.H, R1, FACTS, Facts.L4_LEN.offset),
+            I.jmp32(JmpOp.JLT, R1, size, scan),
+        ]
+
+    code: list[Item] = [
+        I.ldx(Size.H, R1, FACTS, Facts.FRAGMENT.offset),
+        I.jmp32(JmpOp.JNE, R1, 0, scan),
+        I.ldx(Size.B, R1, FACTS, Facts.PROTOCOL.offset),
+        *(I.jmp32(JmpOp.JEQ, R1, h.protocol, to) for h, to in zip(others, labels, strict=True)),
+        I.jmp32(JmpOp.JNE, R1, last.protocol, after),
+        *long_enough(last.size),
+    ]
+    for header, label in zip(others, labels, strict=True):
+        code += [I.ja(lookup), Label(label), *long_enough(header.size)]
+    return code

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from codegen.bpf.isa import R9, Size
+from codegen.bpf import insn as I
+from codegen.bpf.asm import Item
+from codegen.bpf.isa import R1, R2, R9, R10, AluOp, Size
 from codegen.rules.model import Ruleset
 from codegen.rules.names import BUILTIN_CHAINS
 
@@ -62,6 +64,13 @@ class Local:
 FACTS_OFFSET = -Facts.SIZE
 FIB_PARAMS_OFFSET = FACTS_OFFSET - 64
 SCRATCH_OFFSET = FIB_PARAMS_OFFSET - 8
+
+
+def map_and_key(map_name: str, key_offset: int) -> list[Item]:
+    """r1 = the map, r2 = its key, built on the stack at `key_offset` from the frame pointer:
+    the first two arguments of every map helper."""
+    return [I.ld_map_fd(R1, map_name), I.mov64(R2, R10), I.alu64(AluOp.ADD, R2, key_offset)]
+
 
 # Chain functions return one of these in r0.
 CONTINUE, ACCEPT, DROP = 0, 1, 2

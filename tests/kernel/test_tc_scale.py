@@ -48,7 +48,7 @@ def test_hook_programs_load_with_5000_rules(hook):
     from codegen.tc.generator import COUNTERS_MAP, LOCAL_MAP
     from codegen.tc.layout import CounterLayout
     from harness.backends import load_program
-    from harness.runner import CounterMap
+    from harness.counters import CounterMap
 
     ruleset = parse(many_rules(5000, "INPUT" if hook == "ingress" else "OUTPUT"), "big.rules")
     with (

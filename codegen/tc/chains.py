@@ -1,0 +1,379 @@
+"""Chains and their rules as code, and where that code lives.
+
+A built-in chain of up to CHUNK_RULES rules is inline in the entry function; a longer one is cut
+into chunk functions the entry calls in turn. Every user chain reachable from the hook is a
+global BPF-to-BPF function (chunked in the same way if long), called from each `-j` and `-g`
+rule. Global functions are verified once each, on their own, so verification grows with the
+rule count rather than with the number of paths, and no function's pending branches approach
+the verifier's limit of 8,192. What chain functions answer, and how jumps and gotos use that,
+is codegen.tc.targets'. The cost is call depth: BPF allows 8 frames, which
+`user_chains_called` checks (nesting of about 6 user chains).
+
+A run of exact-match rules (codegen.tc.exact) is one segment of its chain: a lookup, weighing
+one rule, with the run's scan behind it, inline if short or in functions of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from codegen.bpf import insn as I
+from codegen.bpf.asm import Item, Label
+from codegen.bpf.isa import R0, R1, R2, JmpOp, Size
+from codegen.rules.extensions import BY_MODEL, extension_of
+from codegen.rules.iptables_save import write_rule
+from codegen.rules.model import (
+    IP_PART,
+    Accept,
+    Chain,
+    Drop,
+    Goto,
+    Jump,
+    Match,
+    Return,
+    Rule,
+    Ruleset,
+)
+
+from . import exact, matches
+from .counters import COUNT
+from .layout import CONTINUE, FACTS, SCRATCH_OFFSET, CounterLayout, Facts
+from .program import CompileError, Labels, RuleNote, where
+from .targets import (
+    RETURNED,
+    FunctionTargets,
+    InlineTargets,
+    Targets,
+    chain_function,
+    global_prologue,
+)
+
+MAX_FRAMES = 8  # MAX_CALL_FRAMES in the kernel
+# Rules per function: a function's pending branch states stay far below the verifier's 8,192
+# (BPF_COMPLEXITY_LIMIT_JMP_SEQ) whatever the rules hold, and each chunk, being a global
+# function, is verified once on its own.
+CHUNK_RULES = 256
+INLINE_SCAN = CHUNK_RULES  # a longer exact run has its fallback scan in functions of its own
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Rules first..last (1-based) of a chain: scanned, or an exact run (with its shape)."""
+
+    first: int
+    last: int
+    shape: exact.Shape | None = None
+
+    @property
+    def weight(self) -> int:
+        # An exact run costs its function one lookup; its scan, if long, lives elsewhere.
+        if self.shape is not None:
+            return 1 if self.last - self.first + 1 > INLINE_SCAN else self.last - self.first + 1
+        return self.last - self.first + 1
+
+
+def pieces(chain: Chain) -> list[list[Segment]]:
+    """The chain's rules as segments, packed into functions of at most CHUNK_RULES weight."""
+    segments: list[Segment] = []
+    next_rule = 1
+    for start, end, shape in exact.runs(chain.rules):
+        if start + 1 > next_rule:
+            segments.append(Segment(next_rule, start))
+        segments.append(Segment(start + 1, end + 1, shape))
+        next_rule = end + 2
+    if next_rule <= len(chain.rules):
+        segments.append(Segment(next_rule, len(chain.rules)))
+    packed: list[list[Segment]] = [[]]
+    room = CHUNK_RULES
+    for segment in segments:
+        while segment.shape is None and segment.weight > room:
+            if room:
+                packed[-1].append(Segment(segment.first, segment.first + room - 1))
+                segment = Segment(segment.first + room, segment.last)
+            packed.append([])
+            room = CHUNK_RULES
+        if segment.weight > room:
+            packed.append([])
+            room = CHUNK_RULES
+        packed[-1].append(segment)
+        room -= segment.weight
+    return packed
+
+
+def _scans_elsewhere(chain: Chain) -> bool:
+    """Whether an exact run's scan is in functions of its own (one more call frame)."""
+    return any(
+        segment.shape is not None and segment.last - segment.first + 1 > INLINE_SCAN
+        for piece in pieces(chain)
+        for segment in piece
+    )
+
+
+def user_chains_called(ruleset: Ruleset, roots: tuple[str, ...]) -> list[str]:
+    """User chains reachable from `roots`, in rule-set order, checking that the deepest path of
+    calls fits in BPF's 8 call frames: the entry function, a chunk function for a built-in
+    chain too long to be inline, one function per user chain (two if it is chunked), and the
+    counter update at the end."""
+    reached: set[str] = set()
+
+    def frames(name: str, path: tuple[str, ...]) -> int:
+        chain = ruleset.chains[name]
+        own = 1 if len(pieces(chain)) == 1 else 2
+        deepest = 2 if _scans_elsewhere(chain) else 1  # a scan function, the counter update
+        for rule in chain.rules:
+            if isinstance(rule.target, Jump | Goto):
+                callee = rule.target.chain
+                reached.add(callee)
+                needed = frames(callee, (*path, callee))
+                if needed + own > MAX_FRAMES:
+                    raise CompileError(
+                        f"{where(rule)}the chain path {' -> '.join((*path, callee))} needs "
+                        f"more than the {MAX_FRAMES} nested calls BPF allows; flatten the chains "
+                        "or shorten them"
+                    )
+                deepest = max(deepest, needed)
+        return own + deepest
+
+    for root in roots:
+        frames(root, (root,))
+    return [name for name in ruleset.chains if name in reached]
+
+
+def refuse_unsupported(ruleset: Ruleset, names: tuple[str, ...]) -> None:
+    """CompileError for the first rule of chains `names` with a match this backend has no
+    emitter for."""
+    for name in names:
+        for index, rule in enumerate(ruleset.chains[name].rules, 1):
+            for match in rule.matches:
+                if matches.emitter_of(match) is None:
+                    raise CompileError(
+                        f"{where(rule)}the bytecode backend has no code for the "
+                        f"{_match_name(match)} match of rule {index} of {name}"
+                        f"{_rule_text(name, rule)}"
+                    )
+
+
+def _match_name(match: Match) -> str:
+    extension = BY_MODEL.get(type(match))
+    return f"'-m {extension.name}'" if extension is not None else type(match).__name__
+
+
+def _rule_text(chain: str, rule: Rule) -> str:
+    """`: TEXT` of a rule, as read or else as written from its model; empty when the rule layer
+    cannot write one of its matches either."""
+    if rule.source is not None:
+        return f": {rule.source.text}"
+    if all(isinstance(m, IP_PART) or type(m) in BY_MODEL for m in rule.matches):
+        return f": {write_rule(chain, rule)}"
+    return ""
+
+
+def _can_hotdrop(rule: Rule) -> bool:
+    return any(not isinstance(m, IP_PART) and extension_of(m).can_hotdrop for m in rule.matches)
+
+
+class ChainWriter:
+    """The code of a program's chains: built-in chains inline (or calling their chunks), user
+    chains and chunks as global functions, queued in `pending` for after the entry function.
+    Collects the notes of the rules it writes and the entries of the exact runs' map."""
+
+    def __init__(
+        self,
+        ruleset: Ruleset,
+        layout: CounterLayout,
+        interfaces: Mapping[str, int],
+        labels: Labels,
+    ):
+        self.ruleset = ruleset
+        self.layout = layout
+        self.interfaces = interfaces
+        self.label = labels
+        self.notes: list[RuleNote] = []
+        self.pending: list[list[Item]] = []  # chunk functions, placed after the chains
+        self.exact: dict[bytes, bytes] = {}
+        self._runs = 0
+
+    def builtin_chain(self, name: str, accept: str, drop: str = "drop") -> list[Item]:
+        chain = self.ruleset.chains[name]
+        policy = f"policy_{name}"
+        targets = InlineTargets(accept, policy, drop)
+        chunks = pieces(chain)
+        if len(chunks) == 1:
+            code = self.rules(chain, targets, chunks[0])
+        else:
+            code = []
+            for function in self.chunk_functions(chain):
+                code += self._call_chunk(
+                    function, lambda: targets.dispatch(self.label, returned=True)
+                )
+        slot = self.layout.slot((name, "policy"))
+        verdict = accept if chain.policy == "ACCEPT" else drop
+        return [
+            *code,
+            Label(policy),
+            I.mov64(R1, slot),
+            I.ldx(Size.H, R2, FACTS, Facts.TOT_LEN.offset),
+            I.call_local(COUNT),
+            I.st(Size.W, FACTS, Facts.DECIDED.offset, slot),
+            I.ja(verdict),
+        ]
+
+    def user_chain(self, chain: Chain) -> list[Item]:
+        """A user chain's entry, a global function answering CONTINUE (it returned or fell off
+        its end), ACCEPT or DROP."""
+        name = chain_function(chain.name)
+        chunks = pieces(chain)
+        if len(chunks) == 1:
+            return self._function(name, chain, CONTINUE, chunks[0])
+        code: list[Item] = list(global_prologue(name))
+        returned = self.label("returned")
+        for function in self.chunk_functions(chain):
+            code += self._call_chunk(
+                function, lambda: [I.jmp(JmpOp.JEQ, R0, RETURNED, returned), I.exit_()]
+            )
+        return [*code, Label(returned), I.mov64(R0, CONTINUE), I.exit_()]
+
+    def _call_chunk(self, function: str, answered: Callable[[], list[Item]]) -> list[Item]:
+        """Call a chunk function; the code `answered` makes handles any answer but CONTINUE."""
+        after = self.label("after_chunk")
+        return [
+            I.mov64(R1, FACTS),
+            I.call_local(function),
+            I.jmp(JmpOp.JEQ, R0, CONTINUE, after),
+            *answered(),
+            Label(after),
+        ]
+
+    def chunk_functions(self, chain: Chain) -> list[str]:
+        """Queue the global functions that hold a long chain's rules, CHUNK_RULES each; they
+        answer CONTINUE at their end, RETURNED when the chain returns, or a verdict."""
+        names = []
+        for number, piece in enumerate(pieces(chain)):
+            name = f"{chain_function(chain.name)}:{number}"
+            self.pending.append(self._function(name, chain, RETURNED, piece))
+            names.append(name)
+        return names
+
+    def scan_functions(self, chain: Chain, first: int, last: int) -> list[str]:
+        """Global functions scanning rules first..last of an exact run (all ACCEPT or DROP):
+        they answer CONTINUE when no rule matched, or the verdict."""
+        names = []
+        for start in range(first, last + 1, CHUNK_RULES):
+            end = min(last, start + CHUNK_RULES - 1)
+            name = f"{chain_function(chain.name)}:scan{start}"
+            self.pending.append(self._function(name, chain, RETURNED, [Segment(start, end)]))
+            names.append(name)
+        return names
+
+    def _function(
+        self, name: str, chain: Chain, returned: int, segments: list[Segment]
+    ) -> list[Item]:
+        """A global function holding `segments` of `chain`, answering `returned` for RETURN
+        and CONTINUE at its end."""
+        return [
+            *global_prologue(name),
+            *self.rules(chain, FunctionTargets(returned), segments),
+            I.mov64(R0, CONTINUE),
+            I.exit_(),
+        ]
+
+    def rules(self, chain: Chain, targets: Targets, segments: list[Segment]) -> list[Item]:
+        """The code of some segments of `chain`: rules scanned one by one, or exact runs."""
+        code: list[Item] = []
+        for segment in segments:
+            if segment.shape is not None:
+                code += self.exact_run(chain, segment, targets)
+            else:
+                for index in range(segment.first, segment.last + 1):
+                    code += self.annotated_rule(chain, index, targets)
+        return code
+
+    def annotated_rule(self, chain: Chain, index: int, targets: Targets) -> list[Item]:
+        rule = chain.rules[index - 1]
+        note = RuleNote(
+            chain.name,
+            index,
+            write_rule(chain.name, rule),
+            str(rule.source) if rule.source else None,
+        )
+        self.notes.append(note)
+        return _annotated(self.rule(chain, index, rule, targets), note)
+
+    def exact_run(self, chain: Chain, segment: Segment, targets: Targets) -> list[Item]:
+        """A hash lookup answering for rules first..last, then their scan for the packets the
+        lookup cannot answer for (see codegen.tc.exact)."""
+        first, last, shape = segment.first, segment.last, segment.shape
+        assert shape is not None
+        run_id = self._runs
+        self._runs += 1
+        slots = [self.layout.slot((chain.name, i)) for i in range(first, last + 1)]
+        self.exact.update(exact.entries(run_id, chain.rules[first - 1 : last], slots))
+        note = RuleNote(
+            chain.name,
+            first,
+            f"rules {first} to {last} of {chain.name}: one hash "
+            f"lookup for {last - first + 1} exact-match rules",
+        )
+        key = (SCRATCH_OFFSET - 24) if isinstance(targets, InlineTargets) else -24
+        scan, after = self.label("scan"), self.label("after_run")
+        code = exact.lookup(shape, run_id, key, scan=scan, after=after, new_label=self.label)
+        dropped = self.label("run_dropped")
+        code += [
+            I.jmp32(JmpOp.JNE, R1, exact.ACCEPT, dropped),
+            *targets.accept(),
+            Label(dropped),
+            *targets.drop(),
+        ]
+        code = [*_annotated(code, note), Label(scan)]
+        if last - first + 1 <= INLINE_SCAN:
+            for index in range(first, last + 1):
+                code += self.annotated_rule(chain, index, targets)
+        else:
+            for function in self.scan_functions(chain, first, last):
+                scanned = self.label("scanned")
+                code += [
+                    I.mov64(R1, FACTS),
+                    I.call_local(function),
+                    *targets.after_jump(scanned, self.label),
+                    Label(scanned),
+                ]
+        return [*code, Label(after)]
+
+    def rule(self, chain: Chain, index: int, rule: Rule, targets: Targets) -> list[Item]:
+        slot = self.layout.slot((chain.name, index))
+        miss = self.label("next")
+        hotdrop = self.label("hotdrop")
+        context = matches.Context(miss, hotdrop, self.label, self.interfaces)
+        code = matches.emit(rule.matches, context)
+        code += [
+            I.mov64(R1, slot),
+            I.ldx(Size.H, R2, FACTS, Facts.TOT_LEN.offset),
+            I.call_local(COUNT),
+        ]
+        decided = I.st(Size.W, FACTS, Facts.DECIDED.offset, slot)
+        target = rule.target
+        falls_through = False
+        if isinstance(target, Accept):
+            code += [decided, *targets.accept()]
+        elif isinstance(target, Drop):
+            code += [decided, *targets.drop()]
+        elif isinstance(target, Return):
+            code += targets.return_()
+        elif isinstance(target, Jump):
+            code += [I.mov64(R1, FACTS), I.call_local(chain_function(target.chain))]
+            code += targets.after_jump(miss, self.label)
+        elif isinstance(target, Goto):
+            code += [I.mov64(R1, FACTS), I.call_local(chain_function(target.chain))]
+            code += targets.after_goto(self.label)
+        else:
+            falls_through = True  # no target: the rule only counts
+        if _can_hotdrop(rule):
+            if falls_through:
+                code.append(I.ja(miss))
+            code += [Label(hotdrop), decided, *targets.hotdrop()]
+        return [*code, Label(miss)]
+
+
+def _annotated(code: list[Item], note: RuleNote) -> list[Item]:
+    return [item.annotate(note) if isinstance(item, I.Insn) else item for item in code]

@@ -1,0 +1,276 @@
+"""One program skeleton per hook, all SCHED_CLS in direct-action mode:
+
+- `ingress`: parse, then classify: martians (what ip_route_input drops) are not handled; a
+  destination the namespace delivers locally (map `local_addresses`: its addresses, broadcasts
+  and joined groups) goes through INPUT; otherwise `bpf_fib_lookup` decides, and a forwardable
+  packet (SUCCESS or NO_NEIGH, TTL > 1, addressed to us at layer 2) goes through FORWARD with
+  the lookup's egress ifindex as out-interface. Everything else is what the kernel drops or
+  does not filter: it passes untouched and is counted as "not handled". With the fast path,
+  what FORWARD accepts is forwarded here (TTL, checksum, MACs, bpf_redirect).
+- `egress`: OUTPUT, for packets generated here (skb ingress_ifindex 0); forwarded ones pass.
+- `chain`: one built-in chain on its own, for BPF_PROG_TEST_RUN: in-interface from the
+  context's ingress_ifindex, out-interface from cb[0], packet type from cb[2]; the deciding
+  counter slot comes back in cb[1].
+
+INPUT and OUTPUT are wrapped in codegen.tc.fragments' handling of fragmented datagrams.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from codegen.bpf import insn as I
+from codegen.bpf.asm import Item, Label
+from codegen.bpf.isa import R0, R1, R2, R3, R4, R6, R7, R10, AluOp, FibResult, JmpOp, Size, TcAction
+from codegen.bpf.testrun import SKB_OFFSETS
+
+from .chains import ChainWriter, user_chains_called
+from .counters import COUNT, add_bytes_subprogram, count_subprogram
+from .fragments import first_fragment_verdicts, later_fragments
+from .layout import (
+    FACTS,
+    FIB_PARAMS_OFFSET,
+    NOT_HANDLED,
+    SCRATCH_OFFSET,
+    Facts,
+    Field,
+    Local,
+    map_and_key,
+)
+from .parser import ETH_HLEN, PACKET_HOST, ip_header_within, parse
+from .program import Hook
+
+LOCAL_MAP = "local_addresses"
+AF_INET = 2
+
+
+class ProgramWriter:
+    """The entry function of one hook's program, then its chain functions and subprograms."""
+
+    def __init__(self, chains: ChainWriter, hook: Hook, fastpath: bool):
+        self.chains = chains
+        self.hook = hook
+        self.fastpath = fastpath
+        self.label = chains.label
+
+    def entry(self, builtins: tuple[str, ...]) -> list[Item]:
+        code: list[Item] = [I.mov64(R6, R1)]
+        if self.hook == "egress":
+            # Forwarded packets left their FORWARD verdict on ingress; OUTPUT is for ours.
+            code += [
+                I.ldx(Size.W, R1, R6, SKB_OFFSETS["ingress_ifindex"]),
+                I.jmp(JmpOp.JEQ, R1, 0, "local_output"),
+                I.mov64(R0, TcAction.OK),
+                I.exit_(),
+                Label("local_output"),
+            ]
+        # The tails come right after the parser, before the chains: conditional jumps (16-bit
+        # offsets) to `not_handled` stay short however many rules follow, and verdicts reach
+        # the tails with unconditional jumps, which may be far.
+        code += [*parse(self.hook), I.ja("classify"), *self.tails(), Label("classify")]
+        if self.hook == "ingress":
+            code += self.ingress()
+        elif self.hook == "egress":
+            code += [
+                *later_fragments(self.label, written_whole=True),
+                *self.chains.builtin_chain("OUTPUT", "whole_accept", "whole_drop"),
+                *first_fragment_verdicts(self.label),
+            ]
+        else:
+            code += self.chains.builtin_chain(builtins[0], "accept")
+        ruleset = self.chains.ruleset
+        for name in user_chains_called(ruleset, builtins):
+            code += self.chains.user_chain(ruleset.chains[name])
+        for function in self.chains.pending:
+            code += function
+        code += count_subprogram()
+        if self.hook in ("ingress", "egress"):
+            code += add_bytes_subprogram()
+        return code
+
+    def tails(self) -> list[Item]:
+        """The ends every verdict jumps to."""
+        code: list[Item] = []
+        report = self.hook == "chain"
+        for label, action in (("accept", TcAction.OK), ("drop", TcAction.SHOT)):
+            code += [Label(label), *_report(report), I.mov64(R0, action), I.exit_()]
+        slot = self.chains.layout.slot(NOT_HANDLED)
+        code += [
+            Label("not_handled"),
+            I.st(Size.W, FACTS, Facts.DECIDED.offset, slot),
+            I.mov64(R1, slot),
+            I.ldx(Size.W, R2, R6, SKB_OFFSETS["len"]),
+            I.call_local(COUNT),
+            *_report(report),
+            I.mov64(R0, TcAction.OK),
+            I.exit_(),
+        ]
+        if self.hook == "ingress" and self.fastpath:
+            code += _fast_forward()
+        return code
+
+    def _local_kind(self, fact: Field) -> list[Item]:
+        """R0 = the `local_addresses` value of address `fact` (a Local kind), 0 if none."""
+        done = self.label("kind_known")
+        return [
+            I.ldx(Size.W, R1, FACTS, fact.offset),
+            I.stx(Size.W, R10, SCRATCH_OFFSET, R1),
+            *map_and_key(LOCAL_MAP, SCRATCH_OFFSET),
+            I.call("map_lookup_elem"),
+            I.jmp(JmpOp.JEQ, R0, 0, done),
+            I.ldx(Size.B, R0, R0, 0),
+            Label(done),
+        ]
+
+    def martians(self) -> list[Item]:
+        """What ip_route_input drops as martian before any hook (rp_filter, accept_local and
+        route_localnet off, as in a new namespace) is not handled: a multicast or limited
+        broadcast source; an address of this namespace as source; to a unicast destination,
+        a 127.0.0.0/8 source or destination, or 0.0.0.0 as either (ipv4_is_zeronet means
+        0.0.0.0 alone since Linux 5.3); to a multicast group, a loopback source, or 0.0.0.0
+        beyond 224.0.0.0/24 but for IGMP. (Whether a group was joined: `ingress`.)"""
+        nh = "not_handled"
+        return [
+            I.ldx(Size.W, R2, FACTS, Facts.SADDR.offset),
+            I.ldx(Size.W, R3, FACTS, Facts.DADDR.offset),
+            I.mov32(R1, R2),
+            I.alu32(AluOp.RSH, R1, 28),
+            I.jmp32(JmpOp.JEQ, R1, 0xE, nh),  # multicast source
+            I.jmp32(JmpOp.JEQ, R2, -1, nh),  # limited broadcast source
+            I.mov32(R4, R2),
+            I.alu32(AluOp.RSH, R4, 24),  # R4: the source's first byte
+            I.mov32(R1, R3),
+            I.alu32(AluOp.RSH, R1, 28),
+            I.jmp32(JmpOp.JEQ, R1, 0xE, "martian_multicast"),
+            I.jmp32(JmpOp.JEQ, R3, -1, "martian_broadcast"),
+            I.jmp32(JmpOp.JEQ, R2, 0, nh),  # 0.0.0.0 source (ipv4_is_zeronet: only 0.0.0.0)
+            I.jmp32(JmpOp.JEQ, R3, 0, nh),  # 0.0.0.0 destination
+            I.jmp32(JmpOp.JEQ, R4, 127, nh),  # loopback source
+            I.mov32(R1, R3),
+            I.alu32(AluOp.RSH, R1, 24),
+            I.jmp32(JmpOp.JEQ, R1, 127, nh),  # loopback destination
+            I.ja("martian_own_source"),
+            Label("martian_broadcast"),  # to 255.255.255.255: any source but ours
+            I.jmp32(JmpOp.JEQ, R2, 0, "martians_checked"),
+            I.ja("martian_own_source"),
+            Label("martian_multicast"),
+            I.jmp32(JmpOp.JEQ, R4, 127, nh),
+            I.jmp32(JmpOp.JNE, R2, 0, "martian_own_source"),
+            I.mov32(R1, R3),
+            I.alu32(AluOp.RSH, R1, 8),
+            I.jmp32(JmpOp.JEQ, R1, 0xE00000, "martians_checked"),  # 224.0.0.0/24
+            I.ldx(Size.B, R1, FACTS, Facts.PROTOCOL.offset),
+            I.jmp32(JmpOp.JEQ, R1, socket.IPPROTO_IGMP, "martians_checked"),
+            I.ja(nh),
+            Label("martian_own_source"),
+            *self._local_kind(Facts.SADDR),
+            I.jmp32(JmpOp.JEQ, R0, Local.ADDRESS, nh),
+            Label("martians_checked"),
+        ]
+
+    def ingress(self) -> list[Item]:
+        params = FIB_PARAMS_OFFSET
+        code: list[Item] = [
+            *self.martians(),
+            # Local destination (an address, a broadcast, a joined group): INPUT.
+            *self._local_kind(Facts.DADDR),
+            I.mov64(R7, R0),
+            I.ldx(Size.W, R1, FACTS, Facts.DADDR.offset),
+            I.alu32(AluOp.RSH, R1, 28),
+            I.jmp32(JmpOp.JNE, R1, 0xE, "unicast"),
+            I.jmp32(JmpOp.JNE, R7, Local.GROUP, "not_handled"),  # a group nobody here joined
+            I.ja("input"),
+            Label("unicast"),
+            I.jmp32(JmpOp.JEQ, R7, 0, "not_local"),
+            I.ja("input"),  # far: past FORWARD
+            Label("not_local"),
+            # Otherwise ask the FIB whether the kernel would forward it.
+            *[I.st(Size.DW, R10, params + 8 * i, 0) for i in range(8)],
+            I.st(Size.B, R10, params, AF_INET),
+            I.ldx(Size.B, R1, FACTS, Facts.TOS.offset),
+            I.stx(Size.B, R10, params + 12, R1),
+            I.ldx(Size.W, R1, FACTS, Facts.IN_IFINDEX.offset),
+            I.stx(Size.W, R10, params + 8, R1),
+            I.ldx(Size.W, R1, FACTS, Facts.SADDR.offset),
+            I.to_be(R1, 32),
+            I.stx(Size.W, R10, params + 16, R1),
+            I.ldx(Size.W, R1, FACTS, Facts.DADDR.offset),
+            I.to_be(R1, 32),
+            I.stx(Size.W, R10, params + 32, R1),
+            I.mov64(R1, R6),
+            I.mov64(R2, R10),
+            I.alu64(AluOp.ADD, R2, params),
+            I.mov64(R3, 64),
+            I.mov64(R4, 0),
+            I.call("fib_lookup"),
+            I.mov64(R7, R0),  # kept for the fast path: only SUCCESS has the MACs
+            I.jmp(JmpOp.JEQ, R0, FibResult.SUCCESS, "forwardable"),
+            I.jmp(JmpOp.JNE, R0, FibResult.NO_NEIGH, "not_handled"),
+            Label("forwardable"),
+            # ip_forward drops these before the FORWARD hook.
+            I.ldx(Size.B, R1, FACTS, Facts.PKT_TYPE.offset),
+            I.jmp32(JmpOp.JNE, R1, PACKET_HOST, "not_handled"),
+            I.ldx(Size.B, R1, FACTS, Facts.TTL.offset),
+            I.jmp32(JmpOp.JLE, R1, 1, "not_handled"),
+            # ip_forward decrements the TTL before the FORWARD hook: FORWARD matches see that.
+            I.alu32(AluOp.SUB, R1, 1),
+            I.stx(Size.B, FACTS, Facts.TTL.offset, R1),
+            I.ldx(Size.W, R1, R10, params + 8),
+            I.stx(Size.W, FACTS, Facts.OUT_IFINDEX.offset, R1),
+        ]
+        forward_accept = "forward_accept" if self.fastpath else "accept"
+        code += self.chains.builtin_chain("FORWARD", forward_accept)
+        code += [
+            Label("input"),
+            *later_fragments(self.label),
+            *self.chains.builtin_chain("INPUT", "whole_accept", "whole_drop"),
+            *first_fragment_verdicts(self.label),
+        ]
+        return code
+
+
+def _report(enabled: bool) -> list[Item]:
+    """The chain program hands the deciding counter slot back in cb[1]."""
+    if not enabled:
+        return []
+    return [
+        I.ldx(Size.W, R1, FACTS, Facts.DECIDED.offset),
+        I.stx(Size.W, R6, SKB_OFFSETS["cb"] + 4, R1),
+    ]
+
+
+def _fast_forward() -> list[Item]:
+    """ACCEPT in FORWARD with a complete lookup: forward here, as ip_forward would: TTL
+    decremented with the checksum fixed up (ip_decrease_ttl), MACs from the lookup."""
+    params = FIB_PARAMS_OFFSET
+    return [
+        Label("forward_accept"),
+        I.jmp(JmpOp.JNE, R7, FibResult.SUCCESS, "accept"),  # no neighbour yet: the kernel
+        *ip_header_within("accept"),  # the helpers' calls left no packet pointer valid
+        I.ldx(Size.H, R1, R2, ETH_HLEN + 10),
+        I.alu32(AluOp.ADD, R1, 0x0001),  # htons(0x0100) on a little-endian load
+        I.jmp32(JmpOp.JLT, R1, 0xFFFF, "checksum_done"),
+        I.alu32(AluOp.ADD, R1, 1),
+        Label("checksum_done"),
+        I.stx(Size.H, R2, ETH_HLEN + 10, R1),
+        I.ldx(Size.B, R1, R2, ETH_HLEN + 8),
+        I.alu32(AluOp.SUB, R1, 1),
+        I.stx(Size.B, R2, ETH_HLEN + 8, R1),
+        # dmac sits at offset 58: copied in halves, as stack access must be aligned.
+        *[
+            insn
+            for half in range(3)
+            for insn in (
+                I.ldx(Size.H, R1, R10, params + 58 + 2 * half),
+                I.stx(Size.H, R2, 2 * half, R1),
+            )
+        ],
+        I.ldx(Size.W, R1, R10, params + 52),  # smac
+        I.stx(Size.W, R2, 6, R1),
+        I.ldx(Size.H, R1, R10, params + 56),
+        I.stx(Size.H, R2, 10, R1),
+        I.ldx(Size.W, R1, R10, params + 8),
+        I.mov64(R2, 0),
+        I.call("redirect"),
+        I.exit_(),
+    ]

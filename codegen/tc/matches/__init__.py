@@ -1,0 +1,59 @@
+"""The bytecode backend's match emitters, one module per family (mirroring
+codegen.rules.extensions), found here by model type. Adding a family's code is adding its module
+(an `EMITTER` for its model class, see base.py) and its name to FAMILIES; nothing else in
+codegen.tc names a family.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from importlib import import_module
+
+from codegen.bpf.asm import Item
+from codegen.rules.model import IP_PART, Match
+
+from . import ip_header
+from .base import Context, Emitter, Pins, TransportHeader
+
+__all__ = ["FAMILIES", "EMITTERS", "TRANSPORT_HEADERS", "Context", "Pins", "emit", "emitter_of"]
+
+# The registration lines, one per family.
+FAMILIES = (
+    "tcp",
+    "udp",
+    "icmp",
+    "multiport",
+    "iprange",
+    "length",
+    "ttl",
+    "pkttype",
+    "mark",
+    "comment",
+)
+
+_FAMILY_EMITTERS: tuple[Emitter, ...] = tuple(
+    import_module(f"{__name__}.{family}").EMITTER for family in FAMILIES
+)
+EMITTERS: dict[type, Emitter] = {e.model: e for e in (*ip_header.EMITTERS, *_FAMILY_EMITTERS)}
+assert len(EMITTERS) == len(ip_header.EMITTERS) + len(FAMILIES), "two emitters share a model"
+# The headers an exact run's lookup may read, in FAMILIES order (the order its checks go in).
+TRANSPORT_HEADERS: tuple[TransportHeader, ...] = tuple(
+    e.transport for e in _FAMILY_EMITTERS if e.transport is not None
+)
+
+
+def emitter_of(match: Match) -> Emitter | None:
+    """The emitter of `match`'s model, None if this backend has no code for it."""
+    return EMITTERS.get(type(match))
+
+
+def emit(matches: Sequence[Match], ctx: Context) -> list[Item]:
+    """All matches of a rule in netfilter's order: the IP header part (ip_packet_match), then
+    the extensions in the order given. The order matters where an extension can hotdrop.
+    Every match must have an emitter (the caller refuses rules with one that has none)."""
+    ordered = [m for m in matches if isinstance(m, IP_PART)]
+    ordered += [m for m in matches if not isinstance(m, IP_PART)]
+    code: list[Item] = []
+    for match in ordered:
+        code += EMITTERS[type(match)].emit(match, ctx)
+    return code
