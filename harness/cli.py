@@ -28,12 +28,17 @@ class CheckFailed(Exception):
 
 
 def _read_rules(path: str) -> tuple[str, str]:
+    from codegen.rules.text_file import decode_rules
+
+    # Bytes, decoded by decode_rules: a file that is not UTF-8 text is a ParseError at
+    # FILE:LINE:COL, not a UnicodeDecodeError traceback.
     if path == "-":
-        return sys.stdin.read(), "<stdin>"
+        return decode_rules(sys.stdin.buffer.read(), "<stdin>"), "<stdin>"
     try:
-        return Path(path).read_text(), path
+        data = Path(path).read_bytes()
     except OSError as error:
         raise UsageError(f"cannot read {path}: {error.strerror}") from None
+    return decode_rules(data, path), path
 
 
 def _parse_rules(path: str):
@@ -76,8 +81,8 @@ def _replay(args: argparse.Namespace) -> int:
 
 
 def _replay_all(paths: list[str], backend: str) -> int:
-    from .replay import replay
-    from .scripts import load_script
+    from .lab.replay import replay
+    from .lab.scripts import load_script
 
     scripts = [load_script(path) for path in paths]  # every script checked before any runs
     failed = 0
@@ -133,7 +138,8 @@ def _verify(args: argparse.Namespace) -> int:
     from codegen.tc.layout import CounterLayout
 
     from .backends import load_program
-    from .runner import CounterMap, standin_interfaces
+    from .counters import CounterMap
+    from .runner import standin_interfaces
 
     ruleset = _parse_rules(args.rules)
     interfaces = standin_interfaces(ruleset)
@@ -169,7 +175,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     _require(environment.missing_bpf)
-    from .packets import SpecError, parse_packet
+    from .lab.packets import SpecError, parse_packet
     from .runner import ChainRunner
 
     ruleset = _parse_rules(args.rules)
@@ -233,7 +239,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _apply(args: argparse.Namespace) -> int:
     _require(environment.missing_bpffs)
-    from . import lifecycle
+    from .deploy import lifecycle
 
     text, name = _read_rules(args.rules)
     if args.backend == "c":
@@ -261,8 +267,8 @@ def _apply(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from . import lifecycle
-    from .listing import list_table
+    from .deploy import lifecycle
+    from .deploy.listing import list_table
 
     ruleset, _ = lifecycle.current(args.netns)
     print(list_table(ruleset, verbose=args.verbose), end="")
@@ -270,7 +276,7 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _save(args: argparse.Namespace) -> int:
-    from . import lifecycle
+    from .deploy import lifecycle
 
     print(lifecycle.save(args.netns, args.counters), end="")
     return EXIT_OK
@@ -278,7 +284,7 @@ def _save(args: argparse.Namespace) -> int:
 
 def _flush(args: argparse.Namespace) -> int:
     _require(environment.missing_bpffs)
-    from . import lifecycle
+    from .deploy import lifecycle
 
     removed = lifecycle.flush(args.netns)
     print(f"flushed namespace {args.netns}: removed {len(removed)} pins")
@@ -302,7 +308,7 @@ def _cleanup(args: argparse.Namespace) -> int:
     _require(environment.missing_netns)
     from netns.reaper import reap
 
-    from .lifecycle import forget_missing
+    from .deploy.lifecycle import forget_missing
 
     removed = reap(orphans=args.orphans)
     forgotten = [name for name in forget_missing() if name not in removed]
@@ -430,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also remove bl* namespaces that have no owner record",
     )
 
-    from .bench import add_command as add_bench
+    from .bench.run import add_command as add_bench
 
     add_bench(commands)
 
@@ -446,8 +452,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from codegen.tc.generator import CompileError
     from netns.namespace import NamespaceError
 
-    from .lifecycle import LifecycleError
-    from .scripts import ScriptError
+    from .deploy.lifecycle import LifecycleError
+    from .lab.scripts import ScriptError
 
     try:
         return args.run(args)

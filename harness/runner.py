@@ -7,12 +7,10 @@ verdict, the rule (or policy) that decided and the counters that moved.
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from codegen.bpf.isa import MapType, TcAction
-from codegen.bpf.maps import Map, sum_percpu
+from codegen.bpf.isa import TcAction
 from codegen.bpf.testrun import SkBuff, prog_test_run
 from codegen.rules.model import Interface, Ruleset
 from codegen.rules.names import PKT_TYPE_ALIASES, PKT_TYPES
@@ -20,10 +18,10 @@ from codegen.tc.generator import COUNTERS_MAP
 from codegen.tc.layout import NOT_HANDLED, CounterLayout, Position
 
 from .backends import Backend, Program, load_program
+from .counters import CounterMap
 
 FIRST_STANDIN_IFINDEX = 1000
 DEFAULT_DEVICES = ("eth0", "eth1", "eth2")
-COUNTER_VALUE = struct.Struct("<QQ")
 
 
 @dataclass(frozen=True)
@@ -47,34 +45,6 @@ def standin_interfaces(ruleset: Ruleset, extra: Iterable[str] = ()) -> dict[str,
 def frame_for(ip_packet: bytes) -> bytes:
     """An Ethernet frame around an IPv4 packet, addressed to the test-run device (lo)."""
     return bytes(6) + bytes.fromhex("020000000001") + b"\x08\x00" + ip_packet
-
-
-class CounterMap(Map):
-    """The generated programs' per-CPU counters, one {packets, bytes} slot per position."""
-
-    def __init__(self, layout: CounterLayout, *, fd: int | None = None):
-        super().__init__(
-            MapType.PERCPU_ARRAY, 4, COUNTER_VALUE.size, len(layout), name=COUNTERS_MAP, fd=fd
-        )
-        self.layout = layout
-
-    def read(self) -> dict[Position, tuple[int, int]]:
-        totals = {}
-        for slot, position in enumerate(self.layout.positions):
-            raw = self.lookup(slot)
-            if raw is not None:
-                totals[position] = sum_percpu(self.percpu_values(raw), "<QQ")
-        return totals  # type: ignore[return-value]
-
-    def write(self, values: dict[Position, tuple[int, int]]) -> None:
-        """Set counters (on one CPU; the others zeroed): how counters carry over an update."""
-        from codegen.bpf.syscall import possible_cpus
-
-        zero = COUNTER_VALUE.pack(0, 0)
-        for position, (packets, bytes_) in values.items():
-            if position in self.layout.positions:
-                value = COUNTER_VALUE.pack(packets, bytes_) + zero * (possible_cpus() - 1)
-                self.update(self.layout.slot(position), value)
 
 
 class ChainRunner:

@@ -1,6 +1,6 @@
 """Hypothesis strategies for differential tests: random filter tables and random IPv4 packets.
 
-`packets(chain)` builds packets the netfilter oracle (harness.netfilter) injects into `chain`
+`packets(chain)` builds packets the netfilter oracle (harness.lab.netfilter) injects into `chain`
 unchanged: addresses that chain can receive, valid header checksums, TCP/UDP/ICMP and other
 protocols, first and later fragments (not for INPUT: the kernel reassembles those before INPUT),
 transport headers cut short, NOP options, bytes beyond the IP total length.
@@ -53,7 +53,7 @@ from codegen.rules.extensions.ports import PortRange
 from codegen.rules.extensions.tcp import TcpFlags, TcpMatch
 from codegen.rules.extensions.ttl import Ttl
 from codegen.rules.extensions.udp import UdpMatch
-from harness.netfilter import (
+from harness.lab.twin import (
     ALL_HOSTS,
     DESTINATIONS,
     HOST,
@@ -107,7 +107,7 @@ ADDRESSES = (
 PREFIXES = (32, 31, 30, 24, 23, 16, 15, 8, 1)
 ODD_MASKS = (0xFFFF00FF, 0xFF00FF00)  # iptables accepts any mask, not only prefixes
 
-# Where each chain's packets come from and go to (what harness.netfilter.prepare accepts).
+# Where each chain's packets come from and go to (what harness.lab.twin.prepare accepts).
 PACKET_SOURCES = {
     "INPUT": (HOST_CLIENT, ROUTER_CLIENT, SERVER, IPv4Address("198.18.0.77")),
     "FORWARD": (ROUTER_CLIENT, HOST_CLIENT, HOST, IPv4Address("198.19.255.1")),

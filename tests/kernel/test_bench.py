@@ -10,8 +10,8 @@ import json
 import pytest
 
 from codegen.rules import parse
-from harness import bench
-from harness.bench_rules import (
+from harness.bench import run as bench
+from harness.bench.workload import (
     FRAME_BYTES,
     MAX_RULES,
     WorkloadError,
@@ -103,7 +103,7 @@ def test_bad_sizes_are_refused_by_the_parser(text, capsys):
 def _require_bench_tools() -> None:
     """Skip (fail under BPFLAB_REQUIRE_PRIVILEGED=1) without trafgen, iptables, nft or
     matplotlib: the markers cover privileges, not these."""
-    from harness.bench_traffic import missing_tools
+    from harness.bench.traffic import missing_tools
 
     reason = missing_tools()
     try:

@@ -24,7 +24,8 @@ from codegen.rules import Evaluation, Ruleset, evaluate, parse, write
 from codegen.rules.names import BUILTIN_CHAINS
 from codegen.tc import exact
 from codegen.tc.generator import COUNTERS_MAP
-from harness.netfilter import NetfilterOracle, Observation, disagreement
+from harness.lab.netfilter import NetfilterOracle
+from harness.lab.observation import Observation, disagreement
 from harness.runner import ChainRunner, Outcome, frame_for
 from tests.kernel.test_tc_differential import DEVICES, aimed, cases
 from tests.strategies import Scenario, rulesets, scenarios

@@ -22,8 +22,10 @@ from scapy.layers.inet import IP
 from scapy.layers.l2 import Ether
 
 from codegen.rules import parse, write
-from harness import lifecycle
-from harness.netfilter import (
+from harness.deploy import lifecycle
+from harness.lab.observation import moved_counters
+from harness.lab.traffic import Lab, same_packet
+from harness.lab.twin import (
     ALL_HOSTS,
     HOST,
     HOST_BROADCAST,
@@ -32,10 +34,8 @@ from harness.netfilter import (
     ROUTER_CLIENT_SIDE,
     ROUTER_SERVER_SIDE,
     SERVER,
-    moved_counters,
     with_addresses,
 )
-from harness.traffic import Lab, same_packet
 from tests.strategies import Traffic, packets, rulesets
 
 pytestmark = [pytest.mark.netns, pytest.mark.privileged]

@@ -14,9 +14,9 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.utils import rdpcap
 
 from codegen.rules import parse
-from harness import lifecycle
-from harness.netfilter import NetfilterOracle
-from harness.traffic import ExpectationFailed, Lab, expect_not_received, expect_received
+from harness.deploy import lifecycle
+from harness.lab.netfilter import NetfilterOracle
+from harness.lab.traffic import ExpectationFailed, Lab, expect_not_received, expect_received
 
 pytestmark = [pytest.mark.netns, pytest.mark.privileged]
 
@@ -37,7 +37,7 @@ def bpflab(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_expectations_pass_and_fail_with_artefacts(tmp_path, monkeypatch):
-    monkeypatch.setattr("harness.traffic.ARTEFACTS", tmp_path)
+    monkeypatch.setattr("harness.lab.traffic.ARTEFACTS", tmp_path)
     with Lab("host") as lab:
         lifecycle.apply(RULES, "rules", lab.holder_namespace.name)
         try:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from codegen.rules import parse
-from harness.listing import list_table
+from harness.deploy.listing import list_table
 from netns import Namespace
 from tests.net.test_ipt_blob import CORPUS, restore
 

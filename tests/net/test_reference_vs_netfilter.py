@@ -20,16 +20,9 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.packet import Raw
 
 from codegen.rules import Ruleset, parse, write
-from harness.netfilter import (
-    ADDRESSES,
-    HOST_BROADCAST,
-    NetfilterOracle,
-    Observation,
-    PacketRefused,
-    Position,
-    disagreement,
-    prepare,
-)
+from harness.lab.netfilter import NetfilterOracle
+from harness.lab.observation import Observation, disagreement
+from harness.lab.twin import ADDRESSES, HOST_BROADCAST, PacketRefused, Position, prepare
 from tests.strategies import Scenario, rulesets, scenarios
 
 pytestmark = [pytest.mark.netns, pytest.mark.privileged]

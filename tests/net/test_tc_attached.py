@@ -16,7 +16,8 @@ from codegen.bpf.maps import Map
 from codegen.rules import evaluate, parse
 from codegen.tc import generator
 from codegen.tc.generator import CompileError
-from harness import backends, lifecycle
+from harness import backends
+from harness.deploy import lifecycle
 from netns import HostTopology, RouterTopology
 
 pytestmark = [pytest.mark.netns, pytest.mark.privileged]
@@ -244,7 +245,7 @@ def test_atomic_swap_under_a_stream(host, backend):
     receiver.close()
     sender.close()
     from codegen.tc.layout import CounterLayout
-    from harness.runner import CounterMap
+    from harness.counters import CounterMap
 
     with CounterMap(CounterLayout.of(parse(accept)), fd=old_counters.fd) as first:
         accepted = first.read()[("INPUT", 1)][0]
@@ -298,7 +299,7 @@ def test_failed_c_updates_leave_the_old_rules_and_counters(host, monkeypatch):
     from codegen.bpf.loader import VerifierError
     from codegen.c import CCompileError
     from codegen.c import matches as c_matches
-    from codegen.rules.model import Length
+    from codegen.rules.extensions.length import Length
 
     ns = host.host.namespace.name
     first = rules("-A INPUT -p udp -m udp --dport 5200 -j DROP")

@@ -3,7 +3,6 @@
 from collections.abc import Callable
 
 import pytest
-from codegen.rules.validation import validate
 
 from codegen.rules import (
     Accept,
@@ -25,6 +24,7 @@ from codegen.rules.extensions.ports import PortRange
 from codegen.rules.extensions.tcp import TcpMatch
 from codegen.rules.extensions.ttl import Ttl
 from codegen.rules.extensions.udp import UdpMatch
+from codegen.rules.validation import validate
 
 HERE = Source("model.rules", 3, 5, "-A INPUT -j nowhere")
 

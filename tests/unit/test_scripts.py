@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.scripts import ScriptError, load_script
+from harness.lab.scripts import ScriptError, load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 

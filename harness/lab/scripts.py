@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from codegen.rules import parse
+from codegen.rules.iptables_save import ParseError
 from codegen.rules.model import RuleError, Ruleset
+from codegen.rules.text_file import decode_rules
 
 from .packets import SpecError, parse_packet
 
@@ -110,9 +112,12 @@ def load_script(path: str | Path) -> Script:
     path = Path(path)
     name = str(path)
     try:
-        text = path.read_text()
+        text = decode_rules(path.read_bytes(), name)
     except OSError as error:
         raise ScriptError(name, 0, f"cannot read the script: {error.strerror}") from None
+    except ParseError as error:
+        assert error.source is not None
+        raise ScriptError(name, error.source.line, error.message) from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
@@ -192,9 +197,13 @@ def _rules(data: dict, path: Path, fail) -> tuple[str, str]:
         return data["rules"], str(path)
     target = path.parent / str(data["rules_file"])
     try:
-        return target.read_text(), str(target)
+        raw = target.read_bytes()
     except OSError as error:
         raise fail("rules_file", f"cannot read {target}: {error.strerror}") from None
+    try:
+        return decode_rules(raw, str(target)), str(target)
+    except ParseError as error:  # as load_script reports a parse error in the file
+        raise fail("rules_file", str(error).splitlines()[0]) from None
 
 
 def _packet(entry: object, index: int, topology: str, path: Path, lines: _Lines, name: str):

@@ -17,8 +17,8 @@ from codegen.rules.model import Accept, Drop
 from codegen.tc.layout import Position
 from netns import CommandError
 
-from . import lifecycle
-from .backends import Backend
+from ..backends import Backend
+from ..deploy import lifecycle
 from .packets import parse_packet
 from .scripts import PacketEntry, Script, ScriptError, unobservable
 from .traffic import Lab, field_diff, same_packet

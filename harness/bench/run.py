@@ -2,10 +2,11 @@
 side by side with the bcc C backend, iptables-legacy and nftables; results as JSON, a Markdown
 table and PNG plots.
 
-The sections live in bench_testrun (BPF_PROG_TEST_RUN), bench_traffic (veth pairs, trafgen, the
-other filters) and bench_report (Markdown, plots); bench_rules is the workload they share. This
-module chooses what to run, puts the figures together with the machine and the method, writes
-the files and, for the CLI, reports progress one line per step on stderr.
+The sections live in `testrun` (BPF_PROG_TEST_RUN), `traffic` (veth pairs, trafgen, the other
+filters) and `report` (Markdown, plots); `workload` is the rules and packets they share and
+`settings` what a full or a quick run measures. This module chooses what to run, puts the
+figures together with the machine and the method, writes the files and, for the CLI, reports
+progress one line per step on stderr.
 """
 
 from __future__ import annotations
@@ -18,73 +19,25 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO
 
 # Only what the parser needs is imported here: `bpflab` builds every subcommand's parser on
 # each run, and the measuring modules pull in the code generators.
-from .bench_rules import FRAME_BYTES, MAX_RULES, POSITIONS
+from .settings import DEFAULT_SIZES, FULL, QUICK, QUICK_SIZES, Progress, Settings
+from .workload import FRAME_BYTES, MAX_RULES, POSITIONS
 
-DEFAULT_SIZES = (1, 10, 100, 1000, 2048, 5000)
-QUICK_SIZES = (1, 10, 100)
 DEFAULT_OUTPUT = Path("bench/results")
 RESULTS_JSON = "bench.json"
 RESULTS_MARKDOWN = "bench.md"
 SCHEMA = 1
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
-Progress = Callable[[str], None]
-
 
 class BenchError(Exception):
     """The bench cannot run here (privileges, tools), in one sentence."""
-
-
-@dataclass(frozen=True)
-class TimingSettings:
-    """BPF_PROG_TEST_RUN trials of one program on one packet."""
-
-    trials: int
-    repeat: int  # repeats per trial, unless that would exceed the budget
-    budget_s: float  # at most this long per trial: large rule sets get fewer repeats
-
-
-@dataclass(frozen=True)
-class Settings:
-    sizes: tuple[int, ...]
-    largest: bool  # also find and measure the largest rule set that loads
-    quick: bool
-    testrun: TimingSettings
-    throughput_trials: int
-    warmup_s: float
-    window_s: float
-    slow_load_budget_s: float  # skip a C-backend size predicted to take longer to load
-
-
-FULL = Settings(
-    sizes=DEFAULT_SIZES,
-    largest=True,
-    quick=False,
-    testrun=TimingSettings(trials=5, repeat=100_000, budget_s=0.5),
-    # Many short windows rather than a few long ones: a median over rounds shrugs off a burst
-    # of other work on the machine.
-    throughput_trials=5,
-    warmup_s=0.2,
-    window_s=0.6,
-    slow_load_budget_s=180.0,
-)
-QUICK = Settings(
-    sizes=QUICK_SIZES,
-    largest=False,
-    quick=True,
-    testrun=TimingSettings(trials=3, repeat=10_000, budget_s=0.05),
-    throughput_trials=2,
-    warmup_s=0.1,
-    window_s=0.2,
-    slow_load_budget_s=30.0,
-)
 
 
 class StderrProgress:
@@ -105,8 +58,8 @@ def _no_progress(message: str) -> None:
 
 def missing_requirements() -> str | None:
     """None when the whole bench can run here, else what is missing."""
-    from . import environment
-    from .bench_traffic import missing_tools
+    from .. import environment
+    from .traffic import missing_tools
 
     for probe in (
         environment.missing_bpf,
@@ -126,8 +79,8 @@ def run_bench(settings: Settings, progress: Progress = _no_progress) -> dict:
     """Measure everything `settings` asks for and return the results (see the JSON's keys)."""
     if (reason := missing_requirements()) is not None:
         raise BenchError(reason)
-    from .bench_testrun import c_backend_problem, find_largest, time_floor
-    from .bench_traffic import FILTERS, TrafficBench, process_overhead
+    from .testrun import c_backend_problem, find_largest, time_floor
+    from .traffic import FILTERS, TrafficBench, process_overhead
 
     clock = time.perf_counter
     started_at = datetime.now(UTC)
@@ -211,7 +164,7 @@ def _per_packet(
     clock: Callable[[], float],
     progress: Progress,
 ) -> list[dict]:
-    from .bench_testrun import measure_backend, not_loaded
+    from .testrun import measure_backend, not_loaded
 
     entries: list[dict] = []
     skip = {name: info["reason"] for name, info in backends.items() if not info["available"]}
@@ -382,7 +335,7 @@ def _commit() -> str | None:
 
 def write_results(results: dict, directory: Path) -> list[Path]:
     """Write the JSON, the Markdown and the plots into `directory`; return their paths."""
-    from .bench_report import markdown, plot
+    from .report import markdown, plot
 
     directory.mkdir(parents=True, exist_ok=True)
     json_path = directory / RESULTS_JSON
@@ -422,9 +375,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
 def run(args: argparse.Namespace) -> int:
     from netns.namespace import NamespaceError
 
-    from .bench_report import PlotError
-    from .bench_testrun import BenchCheckFailed
-    from .bench_traffic import TrafficError
+    from .report import PlotError
+    from .testrun import BenchCheckFailed
+    from .traffic import TrafficError
 
     try:
         results = run_bench(settings_from(args), StderrProgress())

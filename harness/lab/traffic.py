@@ -35,7 +35,7 @@ from scapy.utils import wrpcap
 from netns import HostTopology, RouterTopology
 from netns.namespace import Namespace
 
-from .netfilter import _QUIET_RECEIVER, _quiet_host
+from .twin import QUIET_RECEIVER, quiet_host
 
 LAB_NETWORKS = tuple(
     ipaddress.IPv4Network(n) for n in ("198.18.0.0/24", "198.18.1.0/24", "198.18.2.0/24")
@@ -146,7 +146,7 @@ class Lab:
         for endpoint in self._endpoints():
             namespace = endpoint.namespace
             quiet = namespace is self.holder_namespace
-            _restore(namespace, _quiet_host(os.geteuid()) if quiet else _QUIET_RECEIVER)
+            _restore(namespace, quiet_host(os.geteuid()) if quiet else QUIET_RECEIVER)
 
     def load_filter_table(self, text: str) -> None:
         """Make this lab a netfilter twin: the filter table `text` (iptables-save text) goes

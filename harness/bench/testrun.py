@@ -13,7 +13,6 @@ import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address
-from typing import TYPE_CHECKING
 
 from codegen.bpf.info import program_info
 from codegen.bpf.isa import MapType
@@ -24,8 +23,11 @@ from codegen.rules.names import PKT_TYPES
 from codegen.tc.generator import COUNTERS_MAP, LOCAL_MAP, CompileError
 from codegen.tc.layout import CounterLayout
 
-from .backends import Backend, load_program
-from .bench_rules import (
+from ..backends import Backend, load_program
+from ..counters import CounterMap
+from ..runner import ChainRunner, frame_for, standin_interfaces
+from .settings import Progress, TimingSettings
+from .workload import (
     MAX_RULES,
     POSITIONS,
     Position,
@@ -33,10 +35,6 @@ from .bench_rules import (
     iptables_rules,
     matched_rule,
 )
-from .runner import ChainRunner, CounterMap, frame_for, standin_interfaces
-
-if TYPE_CHECKING:
-    from .bench import TimingSettings
 
 # The test-run device is lo; the destination only has to be the same for every packet.
 DESTINATION = IPv4Address("198.18.0.2")
@@ -44,8 +42,6 @@ DESTINATION = IPv4Address("198.18.0.2")
 VERIFIER_BUDGET = 1_000_000
 CALIBRATION_REPEAT = 1000
 MIN_REPEAT = 1000
-
-Progress = Callable[[str], None]
 
 
 class BenchCheckFailed(Exception):
@@ -82,7 +78,7 @@ def c_backend_problem() -> str | None:
         from codegen.c import load_c_program  # noqa: F401
     except Exception as error:  # an unfinished backend may fail in any way on import
         return f"the C backend (codegen.c) cannot be imported: {type(error).__name__}: {error}"
-    from .environment import missing_bcc
+    from ..environment import missing_bcc
 
     return missing_bcc()
 

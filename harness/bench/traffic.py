@@ -32,7 +32,7 @@ from pathlib import Path
 
 from netns import HostTopology, Namespace
 
-from .bench_rules import (
+from .workload import (
     EMPTY_IPTABLES,
     Position,
     ethernet_frame,
@@ -133,7 +133,7 @@ class Receiver:
         if not self.loaded:
             return
         if self.filter == "bytecode":
-            from .lifecycle import flush
+            from ..deploy.lifecycle import flush
 
             flush(self.host.name)
         elif self.filter == "iptables-legacy":
@@ -148,7 +148,7 @@ class Receiver:
         self.clear()
         figures: dict = {}
         if self.filter == "bytecode":
-            from .lifecycle import apply
+            from ..deploy.lifecycle import apply
 
             text = iptables_rules(count)
             started = clock()

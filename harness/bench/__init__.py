@@ -1,0 +1,1 @@
+"""`bpflab bench`: per-packet cost, throughput and load time against the rule count (`run`)."""

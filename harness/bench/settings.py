@@ -1,0 +1,60 @@
+"""What a bench run measures and how long it may take: the settings of the full and the quick
+bench, and the progress callback every section reports to.
+
+Below every other module of the package: the run chooses settings, the sections read them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+DEFAULT_SIZES = (1, 10, 100, 1000, 2048, 5000)
+QUICK_SIZES = (1, 10, 100)
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class TimingSettings:
+    """BPF_PROG_TEST_RUN trials of one program on one packet."""
+
+    trials: int
+    repeat: int  # repeats per trial, unless that would exceed the budget
+    budget_s: float  # at most this long per trial: large rule sets get fewer repeats
+
+
+@dataclass(frozen=True)
+class Settings:
+    sizes: tuple[int, ...]
+    largest: bool  # also find and measure the largest rule set that loads
+    quick: bool
+    testrun: TimingSettings
+    throughput_trials: int
+    warmup_s: float
+    window_s: float
+    slow_load_budget_s: float  # skip a C-backend size predicted to take longer to load
+
+
+FULL = Settings(
+    sizes=DEFAULT_SIZES,
+    largest=True,
+    quick=False,
+    testrun=TimingSettings(trials=5, repeat=100_000, budget_s=0.5),
+    # Many short windows rather than a few long ones: a median over rounds shrugs off a burst
+    # of other work on the machine.
+    throughput_trials=5,
+    warmup_s=0.2,
+    window_s=0.6,
+    slow_load_budget_s=180.0,
+)
+QUICK = Settings(
+    sizes=QUICK_SIZES,
+    largest=False,
+    quick=True,
+    testrun=TimingSettings(trials=3, repeat=10_000, budget_s=0.05),
+    throughput_trials=2,
+    warmup_s=0.1,
+    window_s=0.2,
+    slow_load_budget_s=30.0,
+)
