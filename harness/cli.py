@@ -42,11 +42,11 @@ def _read_rules(path: str) -> tuple[str, str]:
 
 
 def _parse_rules(path: str):
-    from codegen.rules import parse
+    from codegen.rules import parse, validate
 
     text, name = _read_rules(path)
     ruleset = parse(text, name)
-    ruleset.validate()
+    validate(ruleset)
     return ruleset
 
 

@@ -53,6 +53,7 @@ from codegen.rules.extensions.ports import PortRange
 from codegen.rules.extensions.tcp import TcpFlags, TcpMatch
 from codegen.rules.extensions.ttl import Ttl
 from codegen.rules.extensions.udp import UdpMatch
+from codegen.rules.validation import validate
 from harness.lab.twin import (
     ALL_HOSTS,
     DESTINATIONS,
@@ -544,7 +545,7 @@ def rulesets(
         callees = tuple(names) if name in CHAINS else tuple(names[position - len(CHAINS) + 1 :])
         count = draw(_rule_counts(max_rules))
         ruleset.chains[name].rules = [_rule(draw, name, callees, traffic) for _ in range(count)]
-    ruleset.validate()
+    validate(ruleset)
     return ruleset
 
 

@@ -275,12 +275,6 @@ class Ruleset:
         self.chains[name] = chain
         return chain
 
-    def validate(self) -> None:
-        """Raise the first RuleError iptables would report (codegen.rules.validation)."""
-        from codegen.rules.validation import validate  # validation needs the registry
-
-        validate(self)
-
 
 def check_chain_name(name: str, source: Source | None = None) -> None:
     if not name:

@@ -27,6 +27,7 @@ from codegen.bpf.syscall import BpfError, close
 from codegen.rules import parse, write
 from codegen.rules.iptables_save import write_rule
 from codegen.rules.model import Ruleset
+from codegen.rules.validation import validate
 from codegen.tc.generator import COUNTERS_MAP, LOCAL_MAP
 from codegen.tc.layout import CounterLayout, Position
 from netns.namespace import PIN_ROOT, Namespace
@@ -108,7 +109,7 @@ def apply(
 ) -> Applied:
     """Compile, verify and attach `rules_text` to the devices of `netns`; see the module doc."""
     ruleset = parse(rules_text, filename)
-    ruleset.validate()
+    validate(ruleset)
     namespace = Namespace.existing(netns)
     targets = _devices(namespace, devices)
     previous = read_state(netns)

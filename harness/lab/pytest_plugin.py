@@ -55,11 +55,11 @@ def topology(request: pytest.FixtureRequest):
 
 @pytest.fixture
 def ruleset() -> Callable[[str], Ruleset]:
-    from codegen.rules import parse
+    from codegen.rules import parse, validate
 
     def make(text: str, filename: str = "<test>") -> Ruleset:
         parsed = parse(text, filename)
-        parsed.validate()
+        validate(parsed)
         return parsed
 
     return make

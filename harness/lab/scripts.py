@@ -16,6 +16,7 @@ from codegen.rules import parse
 from codegen.rules.iptables_save import ParseError
 from codegen.rules.model import RuleError, Ruleset
 from codegen.rules.text_file import decode_rules
+from codegen.rules.validation import validate
 
 from .packets import SpecError, parse_packet
 
@@ -142,7 +143,7 @@ def load_script(path: str | Path) -> Script:
     rules_text, rules_name = _rules(data, path, fail)
     try:
         ruleset = parse(rules_text, rules_name)
-        ruleset.validate()
+        validate(ruleset)
     except RuleError as error:
         if "rules" in data and error.source is not None:
             # Point into the script: the rules start on the line after `rules = """`.

@@ -10,6 +10,7 @@ import json
 import pytest
 
 from codegen.rules import parse
+from codegen.rules.validation import validate
 from harness.bench import run as bench
 from harness.bench.workload import (
     FRAME_BYTES,
@@ -35,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def test_rules_are_distinct_and_parse_as_iptables_would():
     ruleset = parse(iptables_rules(300), "bench.rules")
-    ruleset.validate()
+    validate(ruleset)
     rules = ruleset.chains["INPUT"].rules
     assert len(rules) == 300
     assert ruleset.chains["INPUT"].policy == "DROP"

@@ -20,6 +20,7 @@ from codegen.rules.extensions.multiport import Multiport
 from codegen.rules.extensions.ports import PortRange
 from codegen.rules.extensions.tcp import TcpMatch
 from codegen.rules.extensions.udp import UdpMatch
+from codegen.rules.validation import validate
 from harness.runner import ChainRunner, frame_for
 from tests.strategies import packets, rulesets
 
@@ -89,7 +90,7 @@ def aimed(draw: st.DrawFn, ruleset, traffic) -> object:
             rule.matches = tuple(
                 aim(match, packet, protocol_free) for match in rule.matches if keep(match)
             )
-    ruleset.validate()
+    validate(ruleset)
     return ruleset
 
 

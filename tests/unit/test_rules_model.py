@@ -100,7 +100,7 @@ def test_invalid(name: str, build: Callable[[], Ruleset], message: str) -> None:
     with pytest.raises(RuleError, match=message):
         validate(ruleset)
     with pytest.raises(RuleError, match=message):
-        ruleset.validate()
+        validate(ruleset)
 
 
 def test_error_text_names_the_place() -> None:

@@ -17,6 +17,7 @@ from codegen.rules import parse, write
 from codegen.rules.iptables_save import ParseError
 from codegen.rules.model import RuleError
 from codegen.rules.text_file import decode_rules
+from codegen.rules.validation import validate
 from harness.lab.scripts import ScriptError, load_script
 
 CORPUS = sorted((Path(__file__).resolve().parents[1] / "rules_corpus").glob("*.rules"))
@@ -35,7 +36,7 @@ MULTIBYTE_TAIL = "# café ☃ 𝄞\n".encode()
 def check_path(data: bytes, name: str) -> None:
     """What `bpflab check FILE` does with the bytes of FILE (harness.cli._parse_rules, _check)."""
     ruleset = parse(decode_rules(data, name), name)
-    ruleset.validate()
+    validate(ruleset)
     write(ruleset)
 
 
