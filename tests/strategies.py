@@ -435,6 +435,7 @@ def _comment(draw: st.DrawFn, aim: Aim | None) -> Comment:
 
 
 Extension = Callable[[st.DrawFn, Aim | None], Match]
+# Not conntrack or state: both generators refuse them until the programs track connections.
 _ANY_PROTOCOL: tuple[Extension, ...] = (_iprange, _length, _ttl, _pkttype, _mark, _comment)
 
 

@@ -25,7 +25,7 @@ from codegen.rules.model import (
     Source,
     Target,
 )
-from codegen.rules.packet import PacketError
+from codegen.rules.packet import Connection, ConnectionTuple, PacketError
 from codegen.rules.reference import Evaluation, evaluate
 from codegen.rules.validation import validate
 
@@ -33,6 +33,8 @@ __all__ = [
     "Accept",
     "Address",
     "Chain",
+    "Connection",
+    "ConnectionTuple",
     "Drop",
     "Evaluation",
     "Fragment",

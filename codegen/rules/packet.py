@@ -1,8 +1,12 @@
 """One IPv4 packet as netfilter's matches see it: what the reference evaluator hands to each
-match's semantics (codegen.rules.extensions), with skb_header_pointer's rule for short headers.
+match's semantics (codegen.rules.extensions), with skb_header_pointer's rule for short headers,
+and the connection conntrack attached to it, if any.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
+
+from codegen.rules.model import check_uint
 
 # skb->pkt_type values a caller may give (PACKET_* in linux/if_packet.h).
 PACKET_TYPES = {
@@ -24,6 +28,76 @@ class HotDrop(Exception):
     """A match drops the packet on the spot (par->hotdrop), whatever the rule's target."""
 
 
+# ct->status bits (enum ip_conntrack_status in linux/netfilter/nf_conntrack_common.h).
+IPS_EXPECTED = 1 << 0
+IPS_SEEN_REPLY = 1 << 1
+IPS_ASSURED = 1 << 2
+IPS_CONFIRMED = 1 << 3
+IPS_SRC_NAT = 1 << 4
+IPS_DST_NAT = 1 << 5
+# What conntrack says of a packet: its ctinfo without the direction, or no entry at all
+# (INVALID: the tracker refused it; UNTRACKED: `-j CT --notrack` in the raw table).
+ConnectionState = Literal["INVALID", "NEW", "ESTABLISHED", "RELATED", "UNTRACKED"]
+CONNECTION_STATES: tuple[ConnectionState, ...] = (
+    "INVALID",
+    "NEW",
+    "ESTABLISHED",
+    "RELATED",
+    "UNTRACKED",
+)
+Direction = Literal["ORIGINAL", "REPLY"]
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionTuple:
+    """One direction of a connection (struct nf_conntrack_tuple): its addresses and the two
+    16-bit values xt_conntrack reads as ports (`u.all`, host order here): the ports of TCP, UDP,
+    SCTP and DCCP; for ICMP the id and `type << 8 | code`; 0 for protocols without them."""
+
+    src: int = 0
+    dst: int = 0
+    sport: int = 0
+    dport: int = 0
+
+    def __post_init__(self) -> None:
+        for name, bits in (("src", 32), ("dst", 32), ("sport", 16), ("dport", 16)):
+            check_uint(getattr(self, name), bits, f"connection tuple {name}")
+
+
+@dataclass(frozen=True, slots=True)
+class Connection:
+    """The conntrack entry a packet carries (skb->_nfct) as xt_conntrack reads it. `state` is
+    its ctinfo without the direction; INVALID and UNTRACKED mean no entry (the kernel's ct is
+    NULL), so that nothing else here is looked at. `direction` is the packet's (REPLY: it
+    travels as the reply tuple says; NEW only exists in the original direction), `status` the
+    entry's IPS_* bits (IPS_SRC_NAT and IPS_DST_NAT are what --ctstate SNAT and DNAT see),
+    `protocol` its layer-4 protocol and `expires` the seconds left before it times out."""
+
+    state: ConnectionState = "NEW"
+    direction: Direction = "ORIGINAL"
+    protocol: int = 0
+    original: ConnectionTuple = field(default_factory=ConnectionTuple)
+    reply: ConnectionTuple = field(default_factory=ConnectionTuple)
+    status: int = 0
+    expires: int = 0
+
+    def __post_init__(self) -> None:
+        if self.state not in CONNECTION_STATES:
+            raise ValueError(f"state must be one of {', '.join(CONNECTION_STATES)}: {self.state!r}")
+        if self.direction not in ("ORIGINAL", "REPLY"):
+            raise ValueError(f"direction must be ORIGINAL or REPLY: {self.direction!r}")
+        if self.state == "NEW" and self.direction == "REPLY":
+            raise ValueError("a NEW packet travels in the original direction (no IP_CT_NEW_REPLY)")
+        check_uint(self.protocol, 8, "protocol")
+        check_uint(self.status, 32, "status")
+        check_uint(self.expires, 64, "expires")
+
+    @property
+    def tracked(self) -> bool:
+        """Whether there is an entry (the kernel's ct is not NULL)."""
+        return self.state not in ("INVALID", "UNTRACKED")
+
+
 @dataclass(frozen=True, slots=True)
 class Packet:
     data: bytes  # trimmed to the IP total length, as ip_rcv leaves the skb
@@ -38,6 +112,7 @@ class Packet:
     out_device: str
     mark: int
     pkt_type: int
+    connection: Connection | None = None  # None: no conntrack entry, which matches see as INVALID
 
     def transport_header(self, size: int) -> bytes:
         """skb_header_pointer for the first `size` transport bytes; a short packet is
@@ -49,7 +124,13 @@ class Packet:
 
 
 def read_packet(
-    packet: bytes, in_iface: str | None, out_iface: str | None, mark: int, pkt_type: str
+    packet: bytes,
+    in_iface: str | None,
+    out_iface: str | None,
+    mark: int,
+    pkt_type: str,
+    *,
+    connection: Connection | None = None,
 ) -> Packet:
     if len(packet) < 20:
         raise PacketError(f"packet is {len(packet)} bytes, shorter than an IPv4 header")
@@ -83,4 +164,5 @@ def read_packet(
         out_device=out_iface or "",
         mark=mark,
         pkt_type=PACKET_TYPES[pkt_type],
+        connection=connection,
     )

@@ -29,7 +29,7 @@ from codegen.rules.model import (
     Ruleset,
 )
 from codegen.rules.names import BUILTIN_CHAINS
-from codegen.rules.packet import HotDrop, Packet, read_packet
+from codegen.rules.packet import Connection, HotDrop, Packet, read_packet
 
 Position = tuple[str, int | Literal["policy"]]
 
@@ -79,12 +79,15 @@ def evaluate(
     *,
     mark: int = 0,
     pkt_type: str = "host",
+    connection: Connection | None = None,
 ) -> Evaluation:
     """Run `packet` (IPv4, from the IP header on) through built-in `chain` as ipt_do_table
-    would. The rule set is not changed; the counters that moved are in the result."""
+    would, with `connection` the conntrack entry it carries (None: none, which connection
+    tracking matches see as INVALID). The rule set is not changed; the counters that moved are
+    in the result."""
     if chain not in BUILTIN_CHAINS or chain not in ruleset.chains:
         raise ValueError(f"chain must be one of {', '.join(BUILTIN_CHAINS)}, not {chain!r}")
-    parsed = read_packet(packet, in_iface, out_iface, mark, pkt_type)
+    parsed = read_packet(packet, in_iface, out_iface, mark, pkt_type, connection=connection)
     counters: dict[Position, tuple[int, int]] = {}
 
     def count(position: Position) -> None:

@@ -3,6 +3,7 @@ extensions: words (add_param_to_argv's quoting), libxtables' numbers, addresses,
 protocol names, the option context an extension's parser gets, and xtables_save_string.
 """
 
+import re
 import socket
 import string
 from collections.abc import Callable
@@ -218,6 +219,72 @@ class OptionContext:
     def error(self, message: str, at_value: bool = False) -> ParseError:
         token = self.value if at_value and self.value is not None else self.option
         return self.line.error(message, token.column)
+
+
+def inet_aton(text: str) -> int | None:
+    """An IPv4 address as getaddrinfo reads a numeric one (glibc's inet_aton: `10.1` is
+    10.0.0.1, `0x0a.1` and `012.1` too); None for anything else, host names included."""
+    if not text or not text.isascii() or any(c.isspace() for c in text):
+        return None
+    try:
+        return int.from_bytes(socket.inet_aton(text), "big")
+    except OSError:
+        return None
+
+
+def parse_hostmask(ctx: OptionContext) -> tuple[int, int]:
+    """libxtables' XTTYPE_HOSTMASK, `ADDRESS[/MASK]` split at the first `/`: the address as
+    given (not masked) and a mask from a prefix length or a contiguous dotted mask."""
+    assert ctx.value is not None
+    text = ctx.value.text
+    address_text, slash, mask_text = text.partition("/")
+    address = inet_aton(address_text)
+    if address is None:
+        raise ctx.error(
+            f"'{address_text}' is not an IPv4 address (host names are not supported)", True
+        )
+    if not slash:
+        return address, 0xFFFFFFFF
+    length = strtoui(mask_text, 32)
+    if length is not None:
+        return address, (0xFFFFFFFF << (32 - length)) & 0xFFFFFFFF
+    mask = inet_aton(mask_text)
+    inverse = ~(mask or 0) & 0xFFFFFFFF
+    if mask is None or inverse & (inverse + 1):
+        # iptables-legacy 1.8.9 silently reads a length over 32, or a non-contiguous mask,
+        # as /32.
+        raise ctx.error(
+            f"bad mask '{mask_text}' in '{text}' (a prefix length 0-32 or a contiguous"
+            " dotted mask)",
+            True,
+        )
+    return address, mask
+
+
+def ipmask_to_numeric(mask: int) -> str:
+    """xtables_ipmask_to_numeric: nothing for /32, `/N` for a prefix, else the dotted mask."""
+    if mask == 0xFFFFFFFF:
+        return ""
+    inverse = ~mask & 0xFFFFFFFF
+    if inverse & (inverse + 1) == 0:
+        return f"/{32 - inverse.bit_length()}"
+    return f"/{format_ip(mask)}"
+
+
+def getportbyname(text: str) -> int | None:
+    """xtables_getportbyname, through getaddrinfo: a decimal number (no other base) or a
+    service name, tcp's before udp's; None otherwise, and for numbers above 65535, which
+    getaddrinfo would wrap to 16 bits."""
+    if re.fullmatch(r"\+?[0-9]+", text):
+        number = int(text)
+        return number if number <= 0xFFFF else None
+    if text.isascii() and text.isprintable():
+        for protocol in ("tcp", "udp"):  # the order getaddrinfo tries socket types in
+            try:
+                return socket.getservbyname(text, protocol)
+            except OSError:
+                continue
+    return None
 
 
 class MatchParser:

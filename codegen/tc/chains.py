@@ -142,16 +142,22 @@ def user_chains_called(ruleset: Ruleset, roots: tuple[str, ...]) -> list[str]:
 
 def refuse_unsupported(ruleset: Ruleset, names: tuple[str, ...]) -> None:
     """CompileError for the first rule of chains `names` with a match this backend has no
-    emitter for."""
+    emitter for, saying why when its family is refused on purpose."""
     for name in names:
         for index, rule in enumerate(ruleset.chains[name].rules, 1):
             for match in rule.matches:
-                if matches.emitter_of(match) is None:
-                    raise CompileError(
-                        f"{where(rule)}the bytecode backend has no code for the "
-                        f"{_match_name(match)} match of rule {index} of {name}"
-                        f"{_rule_text(name, rule)}"
-                    )
+                if matches.emitter_of(match) is not None:
+                    continue
+                reason = matches.refusal_of(match)
+                what = f"the {_match_name(match)} match of rule {index} of {name}"
+                said = (
+                    f"has no code for {what}"
+                    if reason is None
+                    else f"refuses {what} because {reason}"
+                )
+                raise CompileError(
+                    f"{where(rule)}the bytecode backend {said}{_rule_text(name, rule)}"
+                )
 
 
 def _match_name(match: Match) -> str:

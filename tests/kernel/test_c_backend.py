@@ -198,9 +198,39 @@ def test_each_family_module_writes_the_model_of_its_namesake():
         assert c_matches.WRITERS[model] is module.write, family
 
 
+def test_every_rule_layer_family_is_written_or_refused_with_a_reason():
+    written = [family for family in BY_NAME if family not in c_matches.REFUSED]
+    assert c_matches.FAMILIES == tuple(written)
+    assert set(c_matches.REFUSED) <= set(BY_NAME)
+    assert all(reason.strip() for reason in c_matches.REFUSED.values())
+    for family in c_matches.REFUSED:
+        assert BY_NAME[family].model not in c_matches.WRITERS, family
+
+
+@pytest.mark.parametrize("family", sorted(c_matches.REFUSED))
+def test_a_refused_family_is_refused_with_its_reason_before_anything_compiles(family, monkeypatch):
+    def compile_anyway(*args: object) -> None:
+        pytest.fail("bcc was asked to compile a unit the C backend refuses")
+
+    monkeypatch.setattr(compiler, "_compile", compile_anyway)
+    example = BY_NAME[family].examples[0]
+    ruleset = parse(f"*filter\n-A INPUT {example} -j ACCEPT\nCOMMIT\n", "refused.rules")
+    with pytest.raises(CCompileError) as raised:
+        c_source(ruleset, "ingress", interfaces={})
+    assert str(raised.value) == (
+        f"refused.rules:2:1: the C backend refuses the '-m {family}' match because"
+        f" {c_matches.REFUSED[family]}: -A INPUT {example} -j ACCEPT"
+    )
+
+
 @pytest.mark.parametrize(
     ("extension", "example"),
-    [(extension, example) for extension in MATCHES for example in extension.examples],
+    [
+        (extension, example)
+        for extension in MATCHES
+        if extension.name not in c_matches.REFUSED
+        for example in extension.examples
+    ],
     ids=lambda value: getattr(value, "name", value),
 )
 def test_a_rule_hotdrops_exactly_when_its_family_can(extension, example):

@@ -231,8 +231,8 @@ def test_replacing_a_table_drops_the_old_rules_and_counters() -> None:
     "rule, message",
     [
         (
-            "-A INPUT -m conntrack --ctstate NEW -j ACCEPT",
-            "entry at offset 0: chain INPUT rule 1: match 'conntrack' is not supported"
+            "-A INPUT -m addrtype --src-type LOCAL -j ACCEPT",
+            "entry at offset 0: chain INPUT rule 1: match 'addrtype' is not supported"
             " (supported: tcp (revision 0), udp (revision 0),",
         ),
         (

@@ -36,6 +36,7 @@ from codegen.rules.blob import kernel
 from codegen.rules.blob import structs as blob
 from codegen.rules.extensions import (
     comment,
+    ctinfo,
     icmp,
     iprange,
     length,
@@ -89,6 +90,7 @@ HEADER = ctypes.sizeof(blob.IptReplace)
         (pkttype.XtPkttypeInfo, 8),
         (mark.XtMarkMtinfo1, 12),
         (comment.XtCommentInfo, 256),
+        (ctinfo.XtConntrackMtinfo3, 164),
     ],
     ids=lambda value: getattr(value, "__name__", str(value)),
 )
@@ -125,6 +127,7 @@ C_TYPES: list[tuple[type[ctypes.Structure], str]] = [
     (pkttype.XtPkttypeInfo, "struct xt_pkttype_info"),
     (mark.XtMarkMtinfo1, "struct xt_mark_mtinfo1"),
     (comment.XtCommentInfo, "struct xt_comment_info"),
+    (ctinfo.XtConntrackMtinfo3, "struct xt_conntrack_mtinfo3"),
 ]
 C_INCLUDES = """
 #include <stddef.h>
@@ -132,6 +135,7 @@ C_INCLUDES = """
 #include <linux/netfilter_ipv4/ip_tables.h>
 #include <linux/netfilter_ipv4/ipt_ttl.h>
 #include <linux/netfilter/xt_comment.h>
+#include <linux/netfilter/xt_conntrack.h>
 #include <linux/netfilter/xt_iprange.h>
 #include <linux/netfilter/xt_length.h>
 #include <linux/netfilter/xt_mark.h>
@@ -166,7 +170,7 @@ def _layouts_in_c() -> tuple[str, dict[str, int]]:
             f"offsetof(struct xt_entry_match, u.user.{c_name})",
             getattr(user, field_name).offset,
         )
-    emit("nf_inet_addr", "sizeof(union nf_inet_addr)", ctypes.sizeof(iprange.NfInetAddr))
+    emit("nf_inet_addr", "sizeof(union nf_inet_addr)", ctypes.sizeof(blob.NfInetAddr))
     emit("XT_ALIGN(1)", "XT_ALIGN(1)", blob.xt_align(1))
     lines += ["    return 0;", "}"]
     return "\n".join(lines) + "\n", expected
@@ -610,8 +614,8 @@ MATCH_NAME = 112 + 2  # the first match's name
 DECODE_ERRORS = [
     (
         "unknown match",
-        patched(one_rule(Length(1, 2)), MATCH_NAME, b"conntrack\0"),
-        "filter table entry at offset 0: chain INPUT rule 1: match 'conntrack' is not supported"
+        patched(one_rule(Length(1, 2)), MATCH_NAME, b"addrtype\0"),
+        "filter table entry at offset 0: chain INPUT rule 1: match 'addrtype' is not supported"
         " (supported: tcp (revision 0), udp (revision 0), icmp (revision 0),",
     ),
     (

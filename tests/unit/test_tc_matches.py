@@ -1,6 +1,7 @@
 """The bytecode backend's emitter registry (codegen.tc.matches): every match the rule layer knows
-has an emitter, a match without one is refused naming its rule before anything is built, and
-what the emitters pin decides exact runs (codegen.tc.exact). Nothing here loads a program."""
+has an emitter or is refused on purpose with a reason, a match without one is refused naming its
+rule before anything is built, and what the emitters pin decides exact runs (codegen.tc.exact).
+Nothing here loads a program."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from dataclasses import dataclass
 import pytest
 
 from codegen.rules import parse
-from codegen.rules.extensions import BY_MODEL
+from codegen.rules.extensions import BY_MODEL, BY_NAME
 from codegen.rules.extensions import FAMILIES as RULE_FAMILIES
 from codegen.rules.extensions.comment import Comment
 from codegen.rules.extensions.length import Length
@@ -44,10 +45,26 @@ def ruleset(*lines: str, user_chains: tuple[str, ...] = ()):
     return parse("\n".join([*HEADER, *chains, *lines, "COMMIT", ""]), "unsupported.rules")
 
 
-def test_every_match_model_has_an_emitter():
-    assert matches.FAMILIES == tuple(RULE_FAMILIES)
-    assert set(matches.EMITTERS) == set(BY_MODEL) | set(IP_PART)
+def test_every_rule_layer_family_is_generated_or_refused_with_a_reason():
+    generated = [family for family in RULE_FAMILIES if family not in matches.REFUSED]
+    assert matches.FAMILIES == tuple(generated)
+    assert set(matches.REFUSED) <= set(RULE_FAMILIES)
+    assert all(reason.strip() for reason in matches.REFUSED.values())
+    refused = {BY_NAME[family].model for family in matches.REFUSED}
+    assert set(matches.EMITTERS) == (set(BY_MODEL) - refused) | set(IP_PART)
     assert all(emitter.model is model for model, emitter in matches.EMITTERS.items())
+
+
+@pytest.mark.parametrize("family", sorted(matches.REFUSED))
+def test_a_refused_family_is_refused_with_its_reason_naming_the_rule(family):
+    example = BY_NAME[family].examples[0]
+    rules = ruleset("-A INPUT -s 198.18.0.1/32 -j ACCEPT", f"-A INPUT {example} -j DROP")
+    with pytest.raises(CompileError) as error:
+        compile_program(rules, "chain", interfaces=INTERFACES, chain="INPUT")
+    assert str(error.value) == (
+        f"unsupported.rules:6:1: the bytecode backend refuses the '-m {family}' match of rule 2"
+        f" of INPUT because {matches.REFUSED[family]}: -A INPUT {example} -j DROP"
+    )
 
 
 def test_a_match_without_an_emitter_is_refused_naming_its_rule():

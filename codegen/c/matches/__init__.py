@@ -13,16 +13,29 @@ from __future__ import annotations
 from collections.abc import Sequence
 from importlib import import_module
 
-from codegen.rules.extensions import extension_of
+from codegen.rules.extensions import BY_MODEL, extension_of
 from codegen.rules.model import IP_PART, ExtensionMatch, Match
 
 from . import ip_header
 from .common import Labels, Writer
 
-__all__ = ["FAMILIES", "WRITERS", "Labels", "UnsupportedMatch", "can_hotdrop", "write_matches"]
+__all__ = [
+    "FAMILIES",
+    "REFUSED",
+    "WRITERS",
+    "Labels",
+    "UnsupportedMatch",
+    "can_hotdrop",
+    "write_matches",
+]
 
 # The registration line: each name is a module here with MODEL and write(match, labels).
 FAMILIES = tuple("tcp udp icmp multiport iprange length ttl pkttype mark comment".split())
+# The rule layer's families this backend refuses on purpose, each with the reason its refusal
+# gives: a family is either in FAMILIES or here.
+CONNECTION_TRACKING = "connection tracking (-m conntrack, -m state) is not generated yet"
+REFUSED: dict[str, str] = {"conntrack": CONNECTION_TRACKING, "state": CONNECTION_TRACKING}
+assert not set(REFUSED) & set(FAMILIES), "a family both written and refused"
 
 _FAMILY_MODULES = tuple(import_module(f"{__name__}.{family}") for family in FAMILIES)
 WRITERS: dict[type, Writer] = ip_header.WRITERS | {
@@ -41,6 +54,14 @@ def can_hotdrop(match: Match) -> bool:
     return isinstance(match, ExtensionMatch) and extension_of(match).can_hotdrop
 
 
+def _refusal(match: Match) -> str:
+    extension = BY_MODEL.get(type(match))
+    reason = None if extension is None else REFUSED.get(extension.name)
+    if extension is None or reason is None:
+        return f"the C backend has no code for {type(match).__name__}"
+    return f"the C backend refuses the '-m {extension.name}' match because {reason}"
+
+
 def write_matches(matches: Sequence[Match], labels: Labels) -> list[str]:
     """A rule's matches in the order ipt_do_table checks them: the IP header part
     (ip_packet_match) first, then the extensions as listed. The order decides hotdrops."""
@@ -50,6 +71,6 @@ def write_matches(matches: Sequence[Match], labels: Labels) -> list[str]:
     for match in ordered:
         writer = WRITERS.get(type(match))
         if writer is None:
-            raise UnsupportedMatch(f"the C backend has no code for {type(match).__name__}")
+            raise UnsupportedMatch(_refusal(match))
         code += writer(match, labels)
     return code

@@ -46,7 +46,7 @@ from codegen.rules.blob.structs import (
     field_bytes,
     xt_align,
 )
-from codegen.rules.extensions import BY_NAME, MATCHES
+from codegen.rules.extensions import BY_BLOB_NAME
 from codegen.rules.model import (
     Accept,
     Address,
@@ -217,22 +217,28 @@ def _decode_ip(entry: _Entry) -> list[Match]:
     return matches
 
 
-_SUPPORTED = ", ".join(f"{family.name} (revision {family.revision})" for family in MATCHES)
+_SUPPORTED = ", ".join(
+    f"{name} (revision {families[0].revision})" for name, families in BY_BLOB_NAME.items()
+)
 
 
 def _decode_match(extension: _Extension, entry: int) -> Match:
-    family = BY_NAME.get(extension.name)
-    if family is None:
+    families = BY_BLOB_NAME.get(extension.name, ())
+    if not families:
         raise BlobError(
             f"match '{extension.name}' is not supported (supported: {_SUPPORTED})", entry
         )
-    if extension.revision != family.revision:
+    revision = families[0].revision  # families sharing a blob name share revision and struct
+    if extension.revision != revision:
         raise BlobError(
             f"match '{extension.name}' revision {extension.revision} is not supported"
-            f" (only revision {family.revision}, the one iptables-legacy uses)",
+            f" (only revision {revision}, the one iptables-legacy uses)",
             entry,
         )
-    data = _struct_from(extension, family.data, f"match '{extension.name}'", entry)
+    data = _struct_from(extension, families[0].data, f"match '{extension.name}'", entry)
+    family = next((family for family in families if family.claims(data)), None)
+    if family is None:
+        raise BlobError(f"match '{extension.name}': no supported match reads this payload", entry)
     try:
         return family.decode(data)
     except BlobError as error:

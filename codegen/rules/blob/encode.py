@@ -111,7 +111,7 @@ def _encode_ip(rule: Rule) -> tuple[IptIp, list[Match]]:
 def _encode_match(match: Match) -> bytes:
     """One xt_entry_match, as libxt_NAME fills it in."""
     family = extension_of(match)
-    return _extension(family.name, family.revision, bytes(family.encode(match)))
+    return _extension(family.blob_name, family.revision, bytes(family.encode(match)))
 
 
 def _extension(name: str, revision: int, data: bytes) -> bytes:

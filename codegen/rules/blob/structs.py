@@ -96,6 +96,21 @@ def xt_align(size: int) -> int:
     return (size + XT_ALIGNMENT - 1) & ~(XT_ALIGNMENT - 1)
 
 
+class NfInetAddr(ctypes.Union):
+    """union nf_inet_addr (<linux/netfilter.h>), shared by the payloads of several matches:
+    an IPv4 address is its first four bytes, in network order."""
+
+    _fields_ = [("all", ctypes.c_uint32 * 4), ("bytes", ctypes.c_uint8 * 16)]
+
+
+def ipv4_of(address: NfInetAddr) -> int:
+    return int.from_bytes(bytes(address.bytes[:4]), "big")
+
+
+def set_ipv4(address: NfInetAddr, value: int) -> None:
+    address.bytes[:4] = list(value.to_bytes(4, "big"))
+
+
 class IptIp(ctypes.Structure):
     _fields_ = [
         ("src", ctypes.c_uint8 * 4),  # network byte order, as are the other three

@@ -11,7 +11,7 @@ from codegen.rules.extensions.base import MatchExtension
 from codegen.rules.model import Match
 
 # The registration line. The order is the order error messages list the matches in.
-FAMILIES = "tcp udp icmp multiport iprange length ttl pkttype mark comment".split()
+FAMILIES = "tcp udp icmp multiport iprange length ttl pkttype mark comment conntrack state".split()
 
 MATCHES: tuple[MatchExtension, ...] = tuple(
     import_module(f"{__name__}.{family}").EXTENSION for family in FAMILIES
@@ -19,6 +19,16 @@ MATCHES: tuple[MatchExtension, ...] = tuple(
 BY_NAME: dict[str, MatchExtension] = {extension.name: extension for extension in MATCHES}
 BY_MODEL: dict[type, MatchExtension] = {extension.model: extension for extension in MATCHES}
 assert len(BY_NAME) == len(BY_MODEL) == len(MATCHES), "two families share a name or a model"
+# The families that write each blob name: one, or an alias and its real match, which share a
+# revision and a payload struct (and tell their payloads apart with `claims`).
+BY_BLOB_NAME: dict[str, tuple[MatchExtension, ...]] = {
+    name: tuple(extension for extension in MATCHES if extension.blob_name == name)
+    for name in dict.fromkeys(extension.blob_name for extension in MATCHES)
+}
+assert all(
+    len({(family.revision, family.data) for family in sharing}) == 1
+    for sharing in BY_BLOB_NAME.values()
+), "families sharing a blob name differ in revision or payload"
 
 
 def extension_of(match: Match) -> MatchExtension:

@@ -8,7 +8,8 @@ class (a frozen dataclass deriving from `ExtensionMatch`):
   (the match as it reads back after iptables-legacy-save, for what that cannot print);
 - checks: `check`, what iptables' userspace and the kernel's checkentry refuse;
 - kernel blob: its name, revision and `data` struct (the xt_entry_match payload), `encode` and
-  `decode`;
+  `decode`; an alias (`-m state`, which iptables writes as a conntrack match) has the blob name
+  of its real match and tells its payloads from the real match's (`claims`);
 - meaning: `matches`, what the kernel's match function answers for a packet, raising HotDrop
   where it drops the packet on the spot (`can_hotdrop` says it may);
 - `examples`: rule options showing every feature, which the registry test round-trips through
@@ -31,7 +32,7 @@ class MatchExtension:
     """One match family. Subclasses set the class attributes and override the methods; an
     instance (`EXTENSION` in the family's module) is what the registry holds."""
 
-    name: ClassVar[str]  # `-m NAME`, and the name in the blob's xt_entry_match
+    name: ClassVar[str]  # `-m NAME`
     revision: ClassVar[int]  # the revision iptables-legacy 1.8 picks on current kernels
     model: ClassVar[type]
     data: ClassVar[type[ctypes.Structure]]
@@ -39,6 +40,17 @@ class MatchExtension:
     implicit: ClassVar[bool] = False  # loaded by `-p NAME` for an option it does not know
     can_hotdrop: ClassVar[bool] = False
     examples: ClassVar[tuple[str, ...]] = ()
+
+    @property
+    def blob_name(self) -> str:
+        """The name in the blob's xt_entry_match: NAME, unless the family is an alias that
+        iptables writes as another match (libxtables' `real_name`)."""
+        return self.name
+
+    def claims(self, data: ctypes.Structure) -> bool:
+        """Whether a payload of this family's blob name and revision is this family's: an alias
+        and its real match share both and tell their payloads apart by a flag."""
+        return True
 
     def save(self, match: Match) -> list[str]:
         """The words iptables-legacy-save prints for `match`, `-m NAME` included."""

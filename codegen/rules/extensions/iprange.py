@@ -5,7 +5,7 @@ from __future__ import annotations
 import ctypes
 from dataclasses import dataclass
 
-from codegen.rules.blob.structs import BlobError
+from codegen.rules.blob.structs import BlobError, NfInetAddr, ipv4_of, set_ipv4
 from codegen.rules.extensions.base import MatchExtension
 from codegen.rules.model import ExtensionMatch, Rule, RuleError, check_uint
 from codegen.rules.packet import Packet
@@ -47,10 +47,6 @@ class IpRange(ExtensionMatch):
 
     src: AddressRange | None = None
     dst: AddressRange | None = None
-
-
-class NfInetAddr(ctypes.Union):
-    _fields_ = [("all", ctypes.c_uint32 * 4), ("bytes", ctypes.c_uint8 * 16)]
 
 
 class XtIprangeMtinfo(ctypes.Structure):
@@ -132,17 +128,16 @@ class IpRangeExtension(MatchExtension):
             if bounds is None:
                 continue
             data.flags |= present | (inverted if bounds.negated else 0)
-            # union nf_inet_addr: an IPv4 address is its first four bytes, network order.
-            getattr(data, f"{side}_min").bytes[:4] = list(bounds.first.to_bytes(4, "big"))
-            getattr(data, f"{side}_max").bytes[:4] = list(bounds.last.to_bytes(4, "big"))
+            set_ipv4(getattr(data, f"{side}_min"), bounds.first)
+            set_ipv4(getattr(data, f"{side}_max"), bounds.last)
         return data
 
     def decode(self, data: XtIprangeMtinfo) -> IpRange:
         sides: dict[str, AddressRange | None] = {"src": None, "dst": None}
         for side, present, inverted in _SIDES:
             if data.flags & present:
-                first = _ipv4(getattr(data, f"{side}_min"))
-                last = _ipv4(getattr(data, f"{side}_max"))
+                first = ipv4_of(getattr(data, f"{side}_min"))
+                last = ipv4_of(getattr(data, f"{side}_max"))
                 sides[side] = AddressRange(first, last, bool(data.flags & inverted))
         if sides["src"] is None and sides["dst"] is None:
             raise BlobError("iprange match has neither a source nor a destination range")
@@ -152,10 +147,6 @@ class IpRangeExtension(MatchExtension):
         return (match.src is None or match.src.matches(packet.saddr)) and (
             match.dst is None or match.dst.matches(packet.daddr)
         )
-
-
-def _ipv4(address: NfInetAddr) -> int:
-    return int.from_bytes(bytes(address.bytes[:4]), "big")
 
 
 EXTENSION = IpRangeExtension()

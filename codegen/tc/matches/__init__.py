@@ -10,12 +10,23 @@ from collections.abc import Sequence
 from importlib import import_module
 
 from codegen.bpf.asm import Item
+from codegen.rules.extensions import BY_MODEL
 from codegen.rules.model import IP_PART, Match
 
 from . import ip_header
 from .base import Context, Emitter, Pins, TransportHeader
 
-__all__ = ["FAMILIES", "EMITTERS", "TRANSPORT_HEADERS", "Context", "Pins", "emit", "emitter_of"]
+__all__ = [
+    "FAMILIES",
+    "EMITTERS",
+    "REFUSED",
+    "TRANSPORT_HEADERS",
+    "Context",
+    "Pins",
+    "emit",
+    "emitter_of",
+    "refusal_of",
+]
 
 # The registration lines, one per family.
 FAMILIES = (
@@ -31,6 +42,12 @@ FAMILIES = (
     "comment",
 )
 
+# The rule layer's families this backend refuses on purpose, each with the reason its refusal
+# gives: a family is either in FAMILIES or here.
+CONNECTION_TRACKING = "connection tracking (-m conntrack, -m state) is not generated yet"
+REFUSED: dict[str, str] = {"conntrack": CONNECTION_TRACKING, "state": CONNECTION_TRACKING}
+assert not set(REFUSED) & set(FAMILIES), "a family both generated and refused"
+
 _FAMILY_EMITTERS: tuple[Emitter, ...] = tuple(
     import_module(f"{__name__}.{family}").EMITTER for family in FAMILIES
 )
@@ -45,6 +62,12 @@ TRANSPORT_HEADERS: tuple[TransportHeader, ...] = tuple(
 def emitter_of(match: Match) -> Emitter | None:
     """The emitter of `match`'s model, None if this backend has no code for it."""
     return EMITTERS.get(type(match))
+
+
+def refusal_of(match: Match) -> str | None:
+    """Why this backend refuses `match` on purpose (its family is in REFUSED), else None."""
+    extension = BY_MODEL.get(type(match))
+    return None if extension is None else REFUSED.get(extension.name)
 
 
 def emit(matches: Sequence[Match], ctx: Context) -> list[Item]:
