@@ -26,7 +26,8 @@ from codegen.rules.model import (
     Target,
 )
 from codegen.rules.packet import Connection, ConnectionTuple, PacketError
-from codegen.rules.reference import Evaluation, evaluate
+from codegen.rules.reference import Evaluation, FlowEvaluation, FlowStep, evaluate, evaluate_flow
+from codegen.rules.tracking import ConnectionTable, TrackingError
 from codegen.rules.validation import validate
 
 __all__ = [
@@ -34,9 +35,12 @@ __all__ = [
     "Address",
     "Chain",
     "Connection",
+    "ConnectionTable",
     "ConnectionTuple",
     "Drop",
     "Evaluation",
+    "FlowEvaluation",
+    "FlowStep",
     "Fragment",
     "Goto",
     "Interface",
@@ -51,7 +55,9 @@ __all__ = [
     "Ruleset",
     "Source",
     "Target",
+    "TrackingError",
     "evaluate",
+    "evaluate_flow",
     "parse",
     "validate",
     "write",

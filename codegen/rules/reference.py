@@ -7,8 +7,13 @@ to return to applies the built-in chain's policy; the tcp, udp, icmp and multipo
 match a non-first fragment, and when the transport header they need is cut short they drop the
 packet on the spot ("hotdrop"), as does the tcp match for a fragment at offset 1. What each
 match extension answers is its module's (codegen.rules.extensions).
+
+`evaluate_flow` runs a sequence of packets with a connection table (codegen.rules.tracking)
+between them: each is classified before its chain, as nf_conntrack_in does, and a new
+connection is confirmed only if the chain accepts its first packet.
 """
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -30,6 +35,7 @@ from codegen.rules.model import (
 )
 from codegen.rules.names import BUILTIN_CHAINS
 from codegen.rules.packet import Connection, HotDrop, Packet, read_packet
+from codegen.rules.tracking import ConnectionTable
 
 Position = tuple[str, int | Literal["policy"]]
 
@@ -147,3 +153,58 @@ def evaluate(
         else:
             raise TypeError(f"cannot evaluate target {target!r}")
     raise RuntimeError("evaluation did not end: the rule set has a loop (run validate first)")
+
+
+@dataclass(frozen=True, slots=True)
+class FlowStep:
+    """One packet of a flow: what `evaluate` takes, and when it arrives (seconds on the
+    connection table's clock, never decreasing along a flow)."""
+
+    packet: bytes
+    chain: str
+    in_iface: str | None = None
+    out_iface: str | None = None
+    time: float = 0.0
+    mark: int = 0
+    pkt_type: str = "host"
+
+
+@dataclass(frozen=True, slots=True)
+class FlowEvaluation:
+    """The outcome for one packet of a flow, and the connection it carried (None: INVALID)."""
+
+    evaluation: Evaluation
+    connection: Connection | None
+
+
+def evaluate_flow(
+    ruleset: Ruleset, steps: Iterable[FlowStep], table: ConnectionTable | None = None
+) -> list[FlowEvaluation]:
+    """Run `steps` in order through their chains, tracking connections in `table` (a fresh
+    one if None; pass one to keep or inspect its entries). Each packet is classified first
+    (nf_conntrack_in: PREROUTING for INPUT and FORWARD, LOCAL_OUT for OUTPUT) and evaluated
+    with the connection it carries; a new entry is confirmed only when the verdict is ACCEPT
+    (nf_confirm at the end of INPUT or POSTROUTING). Raises TrackingError for a packet the
+    tracker cannot follow (a fragment, a protocol such as SCTP with a tracker of its own)."""
+    table = ConnectionTable() if table is None else table
+    results: list[FlowEvaluation] = []
+    last = float("-inf")
+    for step in steps:
+        if step.time < last:
+            raise ValueError(f"flow time went back from {last} to {step.time}")
+        last = step.time
+        classification = table.classify(step.packet, step.time)
+        evaluation = evaluate(
+            ruleset,
+            step.packet,
+            step.chain,
+            step.in_iface,
+            step.out_iface,
+            mark=step.mark,
+            pkt_type=step.pkt_type,
+            connection=classification.connection,
+        )
+        if evaluation.verdict == "ACCEPT":
+            table.confirm(classification)
+        results.append(FlowEvaluation(evaluation, classification.connection))
+    return results
