@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 
+from codegen.rules.extensions import target_refusal
 from codegen.rules.iptables_save import write_rule
 from codegen.rules.model import Accept, Chain, Drop, Goto, Jump, Return, Rule, Ruleset
 from codegen.tc.layout import CounterLayout
@@ -20,7 +21,7 @@ from codegen.tc.layout import CounterLayout
 from . import matches
 from .entries import CCompileError
 from .source_text import Code, SpanMark, comment, indented, text_of
-from .targets import BuiltinTargets, FunctionTargets, Targets
+from .targets import REFUSED_TARGETS, BuiltinTargets, FunctionTargets, Targets
 
 # Rules after inlining every user chain at each of its call sites: past this, the C would be
 # too big for clang and the verifier to be worth trying.
@@ -138,10 +139,15 @@ class ChainWriter:
         miss, hotdrop = f"rule_{slot}_next", f"rule_{slot}_hotdrop"
         text = write_rule(chain.name, rule)
         labels = matches.Labels(miss, hotdrop, self.interfaces)
+        where = f"{rule.source}: " if rule.source is not None else ""
+        refusal = target_refusal(rule.target, REFUSED_TARGETS)
+        if refusal is not None:
+            raise CCompileError(
+                f"{where}the C backend {refusal} (rule {index} of {chain.name}): {text}"
+            )
         try:
             code = matches.write_matches(rule.matches, labels)
         except matches.UnsupportedMatch as error:
-            where = f"{rule.source}: " if rule.source is not None else ""
             raise CCompileError(f"{where}{error}: {text}") from None
         decided = f"f->decided = {slot};"
         target = rule.target

@@ -17,6 +17,9 @@ from dataclasses import dataclass
 
 # What a user chain answers (the C's enum of the same names).
 CONTINUE, ACCEPT, DROP = 0, 1, 2
+# The rule layer's target extensions (codegen.rules.extensions.TARGETS) this backend refuses,
+# each with the reason its refusal gives; it writes none yet.
+REFUSED_TARGETS: dict[str, str] = {"REJECT": "REJECT is not generated yet"}
 
 
 class Targets:

@@ -2,12 +2,13 @@
 iptables' getopt_long loop reads it: its own options first, then those of the newest `-m`,
 unique prefixes, `--opt=value`, `!` before an option, and the match `-p NAME` loads when it
 meets an option it does not know. What the words mean is left to codegen.rules.restore; the
-options of each match to its extension's parser.
+options of each match and of a target extension (`-j REJECT --reject-with ...`) to its
+extension's parser.
 """
 
 from dataclasses import dataclass, field
 
-from codegen.rules.extensions import BY_NAME, supported_matches
+from codegen.rules.extensions import BY_NAME, TARGETS_BY_NAME, supported_matches, supported_targets
 from codegen.rules.model import (
     INTERFACE_NAME_MAX,
     Accept,
@@ -28,13 +29,14 @@ from codegen.rules.syntax import (
     Line,
     MatchParser,
     OptionContext,
+    TargetParser,
     Token,
     parse_addresses,
     parse_protocol,
     strtoui,
 )
 
-SUPPORTED_TARGETS = "ACCEPT, DROP, RETURN, or a user-defined chain"
+SUPPORTED_TARGETS = supported_targets()
 SUPPORTED_COMMANDS = "-A, -I, -N, -P, -F, -X, -Z"
 # Match extensions iptables has that we refuse by name, so the message says "not supported"
 # rather than "unknown".
@@ -116,6 +118,10 @@ class RuleLine:
     implicit_loaded: bool = False
     target: Target | None = None
     target_token: Token | None = None
+    # A target extension's options, read after its `-j` (whose options then come after those of
+    # the matches loaded before it, in getopt's table) and built by `finish` at the end.
+    target_parser: TargetParser | None = None
+    target_position: int = 0  # how many matches were loaded before the `-j`
     counters: tuple[int, int] | None = None
     seen: dict[str, Token] = field(default_factory=dict)
 
@@ -154,7 +160,7 @@ class RuleParser:
         table: list[tuple[str, str, MatchParser | None, bool]] = [
             (long, letter, None, letter in _WITH_ARGUMENT) for long, letter in _LONG_OPTIONS
         ]
-        for parser in reversed(self.state.matches):
+        for parser in reversed(self._option_holders()):
             for long, (key, takes) in parser.options.items():
                 table.append((long, key, parser, takes))
         for long, key, parser, takes in table:
@@ -171,6 +177,14 @@ class RuleParser:
                     f"option '--{name}' is ambiguous (could be {names})", token.column
                 )
         return first[1], first[2], first[3]
+
+    def _option_holders(self) -> list[MatchParser]:
+        """The matches and the target extension whose options getopt knows, oldest first."""
+        state = self.state
+        holders = list(state.matches)
+        if state.target_parser is not None:
+            holders.insert(state.target_position, state.target_parser)
+        return holders
 
     def _load_implicit(self, token: Token) -> bool:
         """iptables loads the match named after `-p` when it meets an option it does not
@@ -335,8 +349,14 @@ class RuleParser:
             state.fragment = True
             state.negated["f"] = negated
         elif letter in "jg":
-            state.target = self._target(letter, value)
             state.target_token = token
+            extension = TARGETS_BY_NAME.get(value.text) if letter == "j" else None
+            if extension is not None:
+                # iptables looks a target extension up before user chains of that name.
+                state.target_parser = extension.parser(token, implicit=False)
+                state.target_position = len(state.matches)
+            else:
+                state.target = self._target(letter, value)
         elif letter == "c":
             packets = value.text
             count = self._required(token, None, column)

@@ -196,7 +196,15 @@ class Goto:
     chain: str
 
 
-Target = Accept | Drop | Return | Jump | Goto
+class ExtensionTarget:
+    """Base of the model classes of target extensions (`-j NAME` with a module of its own in
+    codegen.rules.extensions, such as REJECT); the registry there maps each such class to its
+    extension."""
+
+    __slots__ = ()
+
+
+Target = Accept | Drop | Return | Jump | Goto | ExtensionTarget
 
 
 @dataclass(slots=True)
@@ -290,5 +298,3 @@ def check_chain_name(name: str, source: Source | None = None) -> None:
         raise RuleError(f"'{name}' is a built-in chain", source)
     if name in STANDARD_TARGETS:
         raise RuleError(f"chain name '{name}' is reserved for the verdict {name}", source)
-
-

@@ -6,7 +6,8 @@ jumps push a return position and gotos do not; RETURN (or the end of a user chai
 to return to applies the built-in chain's policy; the tcp, udp, icmp and multiport matches never
 match a non-first fragment, and when the transport header they need is cut short they drop the
 packet on the spot ("hotdrop"), as does the tcp match for a fragment at offset 1. What each
-match extension answers is its module's (codegen.rules.extensions).
+match extension answers, and what each target extension does (REJECT: DROP, and the answer
+the kernel would send), is its module's (codegen.rules.extensions).
 
 `evaluate_flow` runs a sequence of packets with a connection table (codegen.rules.tracking)
 between them: each is classified before its chain, as nf_conntrack_in does, and a new
@@ -17,12 +18,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from codegen.rules.extensions import extension_of
+from codegen.rules.extensions import extension_of, target_extension_of
 from codegen.rules.model import (
     IP_PART,
     Accept,
     Address,
     Drop,
+    ExtensionTarget,
     Fragment,
     Goto,
     Interface,
@@ -46,12 +48,15 @@ class Evaluation:
 
     `deciding` is the rule that gave the verdict as (chain, 1-based index), or
     (built-in chain, "policy"); for a hotdrop it is the rule whose match dropped the packet.
-    `counters` maps each rule (and policy) whose counter moved to (packets, bytes) added."""
+    `counters` maps each rule (and policy) whose counter moved to (packets, bytes) added.
+    `reply` is what the kernel sends back, as the deciding target names it (`-j REJECT`:
+    "icmp-port-unreachable", "tcp-reset", ...), None when it sends nothing."""
 
     verdict: Literal["ACCEPT", "DROP"]
     deciding: Position
     counters: dict[Position, tuple[int, int]] = field(default_factory=dict)
     hotdrop: bool = False
+    reply: str | None = None
 
 
 def _match(match: Match, packet: Packet) -> bool:
@@ -150,6 +155,12 @@ def evaluate(
             current, index = target.chain, 0
         elif isinstance(target, Goto):
             current, index = target.chain, 0
+        elif isinstance(target, ExtensionTarget):
+            action = target_extension_of(target).act(target, parsed)
+            if action.verdict is None:
+                index += 1  # XT_CONTINUE
+            else:
+                return Evaluation(action.verdict, position, counters, reply=action.reply)
         else:
             raise TypeError(f"cannot evaluate target {target!r}")
     raise RuntimeError("evaluation did not end: the rule set has a loop (run validate first)")

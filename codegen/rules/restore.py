@@ -295,6 +295,10 @@ def _add_rules(
     for parser in state.matches:
         extensions.append(parser.finish(line))
         tokens[id(extensions[-1])] = parser.token
+    target = state.target
+    if state.target_parser is not None:
+        target = state.target_parser.finish(line)
+        tokens[id(target)] = state.target_parser.token
     position = len(chain.rules)
     if state.command == "I":
         position = 0
@@ -329,7 +333,7 @@ def _add_rules(
             if state.fragment:
                 matches.append(Fragment(state.negated.get("f", False)))
             matches.extend(extensions)
-            rule = Rule(tuple(matches), state.target, counters[0], counters[1], line.source(column))
+            rule = Rule(tuple(matches), target, counters[0], counters[1], line.source(column))
             try:
                 validate_rule(rule, chain.name, ruleset)
             except RuleError as error:
@@ -345,7 +349,8 @@ def _add_rules(
 
 def _located(line: Line, error: RuleError, state: RuleLine, tokens: dict[int, Token]) -> ParseError:
     """Point a model-level complaint at the word that caused it: the match's `-m` (or `-i`,
-    `-o`) when the error names a match, else where the model's source points."""
+    `-o`, or a target extension's `-j`) when the error names one, else where the model's
+    source points."""
     token: Token | None = None
     match = error.match
     if match is not None:

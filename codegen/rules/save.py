@@ -1,14 +1,15 @@
 """iptables-save for the filter table: `write` prints what iptables-legacy-save prints, header
-comments aside. The IP header part and the targets are written here, in iptables' order; each
-match by its extension (codegen.rules.extensions).
+comments aside. The IP header part and the standard targets are written here, in iptables'
+order; each match and target extension by its extension (codegen.rules.extensions).
 """
 
-from codegen.rules.extensions import extension_of
+from codegen.rules.extensions import extension_of, target_extension_of
 from codegen.rules.model import (
     IP_PART,
     Accept,
     Address,
     Drop,
+    ExtensionTarget,
     Fragment,
     Goto,
     Interface,
@@ -76,6 +77,8 @@ def write_rule(chain: str, rule: Rule) -> str:
         words += ["-j", target.chain]
     elif isinstance(target, Goto):
         words += ["-g", target.chain]
+    elif isinstance(target, ExtensionTarget):
+        words += target_extension_of(target).save(target)
     return " ".join(words)
 
 

@@ -9,7 +9,7 @@ import string
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from codegen.rules.model import Match, RuleError, Source
+from codegen.rules.model import Match, RuleError, Source, Target
 from codegen.rules.names import PROTOCOL_NUMBERS
 
 
@@ -328,6 +328,15 @@ class MatchParser:
 
     def missing(self, line: Line, what: str) -> ParseError:
         return line.error(f"{self.name}: {what} must be specified", self.token.column)
+
+
+class TargetParser(MatchParser):
+    """The options of one `-j NAME` of a target extension, read by the same getopt rules as a
+    match's (unique prefixes, `--opt=value`, `!` only where allowed): `finish` builds the
+    model target, its defaults filled in for options not given."""
+
+    def finish(self, line: Line) -> Target:  # type: ignore[override]
+        raise NotImplementedError
 
 
 class SingleMatchParser(MatchParser):

@@ -4,13 +4,14 @@ IP header part, targets and chains, and each extension's own `check` (codegen.ru
 
 from collections.abc import Iterator
 
-from codegen.rules.extensions import extension_of
+from codegen.rules.extensions import extension_of, target_extension_of
 from codegen.rules.model import (
     INTERFACE_NAME_MAX,
     IP_PART,
     Accept,
     Address,
     Drop,
+    ExtensionTarget,
     Goto,
     Interface,
     Jump,
@@ -28,7 +29,7 @@ from codegen.rules.names import BUILTIN_CHAINS
 
 def validate_rule(rule: Rule, chain: str, ruleset: Ruleset | None = None) -> None:
     """Raise RuleError if iptables would refuse `rule` in `chain`; the error's `match` is
-    the match at fault, if one is."""
+    the match (or extension target) at fault, if one is."""
     source = rule.source
     seen: set[tuple[type, str | None]] = set()
     for match in rule.matches:
@@ -48,6 +49,15 @@ def validate_rule(rule: Rule, chain: str, ruleset: Ruleset | None = None) -> Non
             raise RuleError(f"cannot {verb} built-in chain '{target.chain}'", source)
         if ruleset is not None and target.chain not in ruleset.chains:
             raise RuleError(f"{verb} unknown chain '{target.chain}'", source)
+    elif isinstance(target, ExtensionTarget):
+        try:
+            extension = target_extension_of(target)
+        except TypeError:
+            raise RuleError(f"unknown target {target!r}", source) from None
+        try:
+            extension.check(target, rule, chain)
+        except RuleError as error:
+            raise RuleError(error.message, source, target) from None
     elif target is not None and not isinstance(target, Accept | Drop | Return):
         raise RuleError(f"unknown target {target!r}", source)
     check_uint(rule.packets, 64, "packet counter")

@@ -21,13 +21,14 @@ from dataclasses import dataclass
 from codegen.bpf import insn as I
 from codegen.bpf.asm import Item, Label
 from codegen.bpf.isa import R0, R1, R2, JmpOp, Size
-from codegen.rules.extensions import BY_MODEL, extension_of
+from codegen.rules.extensions import BY_MODEL, TARGETS_BY_MODEL, extension_of, target_refusal
 from codegen.rules.iptables_save import write_rule
 from codegen.rules.model import (
     IP_PART,
     Accept,
     Chain,
     Drop,
+    ExtensionTarget,
     Goto,
     Jump,
     Match,
@@ -41,6 +42,7 @@ from .counters import COUNT
 from .layout import CONTINUE, FACTS, SCRATCH_OFFSET, CounterLayout, Facts
 from .program import CompileError, Labels, RuleNote, where
 from .targets import (
+    REFUSED_TARGETS,
     RETURNED,
     FunctionTargets,
     InlineTargets,
@@ -141,10 +143,16 @@ def user_chains_called(ruleset: Ruleset, roots: tuple[str, ...]) -> list[str]:
 
 
 def refuse_unsupported(ruleset: Ruleset, names: tuple[str, ...]) -> None:
-    """CompileError for the first rule of chains `names` with a match this backend has no
-    emitter for, saying why when its family is refused on purpose."""
+    """CompileError for the first rule of chains `names` with a match or target extension
+    this backend has no code for, saying why when its family is refused on purpose."""
     for name in names:
         for index, rule in enumerate(ruleset.chains[name].rules, 1):
+            refusal = target_refusal(rule.target, REFUSED_TARGETS)
+            if refusal is not None:
+                raise CompileError(
+                    f"{where(rule)}the bytecode backend {refusal} (rule {index} of {name})"
+                    f"{_rule_text(name, rule)}"
+                )
             for match in rule.matches:
                 if matches.emitter_of(match) is not None:
                     continue
@@ -170,6 +178,9 @@ def _rule_text(chain: str, rule: Rule) -> str:
     cannot write one of its matches either."""
     if rule.source is not None:
         return f": {rule.source.text}"
+    extension_target = isinstance(rule.target, ExtensionTarget)
+    if extension_target and type(rule.target) not in TARGETS_BY_MODEL:
+        return ""
     if all(isinstance(m, IP_PART) or type(m) in BY_MODEL for m in rule.matches):
         return f": {write_rule(chain, rule)}"
     return ""

@@ -21,6 +21,9 @@ from codegen.bpf.isa import R0, R1, JmpOp
 from .layout import ACCEPT, CONTINUE, DROP, FACTS, Facts
 
 RETURNED = 3  # a chunk's answer when its chain returns (RETURN, or a goto that came back)
+# The rule layer's target extensions (codegen.rules.extensions.TARGETS) this backend refuses,
+# each with the reason its refusal gives; it generates none yet.
+REFUSED_TARGETS: dict[str, str] = {"REJECT": "REJECT is not generated yet"}
 NewLabel = Callable[[str], str]
 
 

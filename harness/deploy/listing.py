@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import ipaddress
 
-from codegen.rules.extensions import extension_of
+from codegen.rules.extensions import extension_of, target_extension_of
 from codegen.rules.model import (
     IP_PART,
     Accept,
     Address,
     Chain,
     Drop,
+    ExtensionTarget,
     Fragment,
     Goto,
     Interface,
@@ -34,6 +35,8 @@ def _target(rule: Rule) -> str:
         return "RETURN"
     if isinstance(target, Jump | Goto):
         return target.chain
+    if isinstance(target, ExtensionTarget):
+        return target_extension_of(target).name
     return ""
 
 
@@ -114,5 +117,7 @@ def _chain(chain: Chain, ruleset: Ruleset, verbose: bool) -> list[str]:
         if isinstance(rule.target, Goto):
             row += "[goto] "
         row += "".join(_match(match) for match in rule.matches)
+        if isinstance(rule.target, ExtensionTarget):
+            row += target_extension_of(rule.target).describe(rule.target)
         lines.append(row)
     return lines

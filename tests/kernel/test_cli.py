@@ -48,7 +48,7 @@ def test_check_prints_the_canonical_form(rules_file):
 
 
 BAD = [
-    ("*filter\n-A INPUT -j REJECT\nCOMMIT\n", "2:13: error: target 'REJECT' is not supported"),
+    ("*filter\n-A INPUT -j TCPMSS\nCOMMIT\n", "2:13: error: target 'TCPMSS' is not supported"),
     ("*filter\n-A INPUT -p tcp --dport 99999 -j ACCEPT\nCOMMIT\n", "2:"),
     ("*nat\nCOMMIT\n", "1:1: error:"),
     ("*filter\n-A INPUT -j nowhere\nCOMMIT\n", "2:"),
@@ -66,6 +66,21 @@ def test_bad_rules_exit_2_naming_the_place(tmp_path, text, where):
         assert result.stderr.startswith(f"{path}:{where}"), result.stderr
         assert "Traceback" not in result.stderr
         assert result.stdout == ""
+
+
+def test_reject_checks_but_is_not_generated(tmp_path):
+    """The rule layer takes REJECT; the generators refuse it, in one sentence naming the rule."""
+    path = tmp_path / "reject.rules"
+    path.write_text("*filter\n-A INPUT -p tcp -j REJECT --reject-with tcp-reset\nCOMMIT\n")
+    assert bpflab("check", str(path)).returncode == 0
+    for command in ("compile", "verify", "run"):
+        extra = ["--chain", "INPUT", "--packet", "Ether()/IP()"] if command == "run" else []
+        for backend in ("bytecode", "c"):
+            result = bpflab(command, "--backend", backend, str(path), *extra)
+            assert result.returncode == 2, (command, backend, result.stderr)
+            assert result.stderr.startswith(f"bpflab: error: {path}:2:1: the "), result.stderr
+            assert "'-j REJECT' target because REJECT is not generated yet" in result.stderr
+            assert "-A INPUT -p tcp -j REJECT --reject-with tcp-reset" in result.stderr
 
 
 def test_missing_file_is_one_sentence():

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from codegen.rules import Ruleset, parse
-from codegen.rules.extensions import MATCHES
+from codegen.rules.extensions import MATCHES, TARGETS
 from codegen.rules.ipt_blob import BlobError, read_entries, read_table, write_table
 from netns import Namespace
 
@@ -110,12 +110,19 @@ BIG_COUNTERS = """\
 COMMIT
 """
 
-# Every registered extension's examples, one rule each: a family added to the registry is held
-# to iptables-legacy here without a line of its own.
+# Every registered extension's examples, one rule each (a target family's in INPUT, FORWARD
+# and OUTPUT, and in a user chain reached from INPUT): a family added to the registry is held to
+# iptables-legacy here without a line of its own.
 EXTENSION_EXAMPLES = (
-    "*filter\n"
+    "*filter\n:targets - [0:0]\n-A INPUT -j targets\n"
     + "".join(
         f"-A INPUT {example} -j ACCEPT\n" for extension in MATCHES for example in extension.examples
+    )
+    + "".join(
+        f"-A {chain} {example}\n"
+        for extension in TARGETS
+        for example in extension.examples
+        for chain in ("INPUT", "FORWARD", "OUTPUT", "targets")
     )
     + "COMMIT\n"
 )
@@ -236,8 +243,8 @@ def test_replacing_a_table_drops_the_old_rules_and_counters() -> None:
             " (supported: tcp (revision 0), udp (revision 0),",
         ),
         (
-            "-A OUTPUT -p tcp -j REJECT",
-            "entry at offset 304: chain OUTPUT rule 1: target 'REJECT' is not supported",
+            "-A OUTPUT -p tcp -j NFLOG",
+            "entry at offset 304: chain OUTPUT rule 1: target 'NFLOG' is not supported",
         ),
         ("-A FORWARD -j LOG", "entry at offset 152: chain FORWARD rule 1: target 'LOG'"),
         ("-A INPUT -j QUEUE", "entry at offset 0: chain INPUT rule 1: QUEUE is not supported"),

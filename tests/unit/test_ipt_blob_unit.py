@@ -631,8 +631,14 @@ DECODE_ERRORS = [
     ),
     (
         "unknown target",
+        patched(one_rule(), RULE_TARGET + 2, b"TCPMSS\0"),
+        "chain INPUT rule 1: target 'TCPMSS' is not supported (supported: ACCEPT, DROP, RETURN,"
+        " REJECT (revision 0), jumps and gotos to user chains)",
+    ),
+    (
+        "extension target payload",  # ACCEPT's verdict, -2, read as a reject type
         patched(one_rule(), RULE_TARGET + 2, b"REJECT\0"),
-        "chain INPUT rule 1: target 'REJECT' is not supported",
+        "chain INPUT rule 1: REJECT target: --reject-with value 4294967294 is not a reject type",
     ),
     (
         "queue",

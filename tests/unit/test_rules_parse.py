@@ -536,7 +536,7 @@ def test_invalid_line_is_refused_where_it_goes_wrong(line: str, column: int, mes
 
 # Refused on purpose, where iptables-restore would accept (and so absent from the tables above).
 REFUSED = [
-    ("-A INPUT -j REJECT", 13, "target 'REJECT' is not supported"),
+    ("-A INPUT -j TCPMSS --clamp-mss-to-pmtu", 13, "target 'TCPMSS' is not supported"),
     ("-A INPUT -j LOG --log-prefix x", 13, "target 'LOG' is not supported"),
     ("-A INPUT -j QUEUE", 13, "target 'QUEUE' is not supported"),
     ("-A INPUT -j MASQUERADE", 13, "supported targets: ACCEPT, DROP, RETURN"),

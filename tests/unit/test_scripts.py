@@ -75,7 +75,7 @@ BAD = [
         3,
         "fastpath only applies to the router",
     ),
-    ("bad rule", replace("-j ACCEPT", "-j REJECT"), 9, "target 'REJECT' is not supported"),
+    ("bad rule", replace("-j ACCEPT", "-j TCPMSS"), 9, "target 'TCPMSS' is not supported"),
     ("node not in topology", replace('to = "server"', 'to = "host"'), 14, "`to` must be one of"),
     ("bad expect", replace('expect = "pass"', 'expect = "maybe"'), 16, "expect must be one of"),
     ("count too big", replace("count = 3", "count = 100000"), 17, "count must be"),

@@ -1,7 +1,7 @@
 """A filter table's entries -> Ruleset, for tables laid out as libiptc lays them out (see
 codegen.rules.blob.encode). Matches come in the order the iptables-save parser gives them: -s,
 -d, -i, -o, -p, -f, then the match extensions in table order, each decoded by its extension
-(codegen.rules.extensions).
+(codegen.rules.extensions), as is a target extension's payload.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from codegen.rules.blob.structs import (
     field_bytes,
     xt_align,
 )
-from codegen.rules.extensions import BY_BLOB_NAME
+from codegen.rules.extensions import BY_BLOB_NAME, TARGETS_BY_NAME
 from codegen.rules.model import (
     Accept,
     Address,
@@ -249,14 +249,10 @@ def _decode_target(entry: _Entry, chain_starts: dict[int, str]) -> Target | None
     target = entry.target
     if target.name == ERROR_TARGET:
         raise BlobError("an ERROR entry in the middle of a chain", entry.offset)
+    goto = bool(entry.entry.ip.flags & IPT_F_GOTO)
     verdict = _verdict_of(entry)
     if verdict is None:
-        raise BlobError(
-            f"target '{target.name}' is not supported"
-            " (supported: ACCEPT, DROP, RETURN, jumps and gotos to user chains)",
-            entry.offset,
-        )
-    goto = bool(entry.entry.ip.flags & IPT_F_GOTO)
+        return _decode_extension_target(target, goto, entry.offset)
     if verdict < 0:
         found = _VERDICTS.get(verdict)
         if found is None:
@@ -274,6 +270,34 @@ def _decode_target(entry: _Entry, chain_starts: dict[int, str]) -> Target | None
             entry.offset,
         )
     return Goto(chain) if goto else Jump(chain)
+
+
+_SUPPORTED_TARGETS = ", ".join(
+    f"{name} (revision {family.revision})" for name, family in TARGETS_BY_NAME.items()
+)
+
+
+def _decode_extension_target(target: _Extension, goto: bool, entry: int) -> Target:
+    family = TARGETS_BY_NAME.get(target.name)
+    if family is None:
+        raise BlobError(
+            f"target '{target.name}' is not supported (supported: ACCEPT, DROP, RETURN,"
+            f" {_SUPPORTED_TARGETS}, jumps and gotos to user chains)",
+            entry,
+        )
+    if target.revision != family.revision:
+        raise BlobError(
+            f"target '{target.name}' revision {target.revision} is not supported"
+            f" (only revision {family.revision}, the one iptables-legacy uses)",
+            entry,
+        )
+    if goto:
+        raise BlobError(f"goto flag on a {target.name} target", entry)
+    data = _struct_from(target, family.data, f"target '{target.name}'", entry)
+    try:
+        return family.decode(data)
+    except BlobError as error:
+        raise BlobError(error.message, entry) from None
 
 
 def _policy(entry: _Entry, chain: Chain) -> None:

@@ -5,8 +5,9 @@ policy entry (an unconditional standard target, the hook's underflow); then the 
 sorted bytewise by name, each an ERROR entry carrying the chain name, its rules, and an
 unconditional RETURN; then one ERROR entry named "ERROR". A jump's verdict is the byte offset
 of the entry after the target chain's ERROR entry; a rule without a target jumps to the entry
-after itself; `-g` is a jump with IPT_F_GOTO in ipt_ip.flags. Each match's payload is its
-extension's (codegen.rules.extensions).
+after itself; `-g` is a jump with IPT_F_GOTO in ipt_ip.flags. Each match's payload, and a
+target extension's (an xt_entry_target of its own name instead of the standard target), is
+its extension's (codegen.rules.extensions).
 """
 
 from __future__ import annotations
@@ -46,12 +47,13 @@ from codegen.rules.blob.structs import (
     name_bytes,
     xt_align,
 )
-from codegen.rules.extensions import extension_of
+from codegen.rules.extensions import extension_of, target_extension_of
 from codegen.rules.model import (
     Accept,
     Address,
     Chain,
     Drop,
+    ExtensionTarget,
     Fragment,
     Goto,
     Interface,
@@ -123,6 +125,12 @@ def _extension(name: str, revision: int, data: bytes) -> bytes:
     return bytes(header) + data.ljust(size - MATCH_HEADER_SIZE, b"\0")
 
 
+def _extension_target(target: ExtensionTarget) -> bytes:
+    """A target extension's xt_entry_target, as libxt_NAME fills it in."""
+    family = target_extension_of(target)
+    return _extension(family.name, family.revision, bytes(family.encode(target)))
+
+
 def _standard_target(verdict: int) -> bytes:
     return _extension(STANDARD_TARGET, 0, bytes(ctypes.c_int(verdict)))
 
@@ -145,11 +153,13 @@ class _PlacedRule:
     rule: Rule
     ip: IptIp  # without the goto flag, which needs the layout
     matches: bytes
+    target: bytes | None  # a target extension's; None: a standard target, made with the layout
     offset: int = 0
 
     @property
     def size(self) -> int:
-        return ENTRY_SIZE + len(self.matches) + STANDARD_TARGET_SIZE
+        target = STANDARD_TARGET_SIZE if self.target is None else len(self.target)
+        return ENTRY_SIZE + len(self.matches) + target
 
 
 @dataclass(slots=True)
@@ -184,7 +194,9 @@ def _layout(ruleset: Ruleset) -> tuple[list[_PlacedChain], int, int]:
         for rule in chain.rules:
             ip, extensions = _encode_ip(rule)
             matches = b"".join(map(_encode_match, extensions))
-            rules.append(_PlacedRule(rule, ip, matches))
+            target = rule.target
+            extension = _extension_target(target) if isinstance(target, ExtensionTarget) else None
+            rules.append(_PlacedRule(rule, ip, matches, extension))
         item = _PlacedChain(chain, rules)
         if not chain.builtin:
             item.head = offset
@@ -224,9 +236,12 @@ def _encode_entries(placed: list[_PlacedChain]) -> bytes:
         if not chain.builtin:
             parts.append(_entry(IptIp(), b"", _error_target(chain.name), (0, 0)))
         for rule in item.rules:
+            counters = (rule.rule.packets, rule.rule.bytes)
+            if rule.target is not None:
+                parts.append(_entry(rule.ip, rule.matches, rule.target, counters))
+                continue
             verdict, flags = _verdict(rule, entries)
             rule.ip.flags |= flags
-            counters = (rule.rule.packets, rule.rule.bytes)
             parts.append(_entry(rule.ip, rule.matches, _standard_target(verdict), counters))
         if chain.builtin:
             verdict = VERDICT_ACCEPT if chain.policy == "ACCEPT" else VERDICT_DROP
