@@ -19,7 +19,10 @@ from dataclasses import dataclass
 CONTINUE, ACCEPT, DROP = 0, 1, 2
 # The rule layer's target extensions (codegen.rules.extensions.TARGETS) this backend refuses,
 # each with the reason its refusal gives; it writes none yet.
-REFUSED_TARGETS: dict[str, str] = {"REJECT": "REJECT is not generated yet"}
+REFUSED_TARGETS: dict[str, str] = {
+    "REJECT": "REJECT is not generated yet",
+    "LOG": "LOG is not generated yet (the programs have no log records)",
+}
 
 
 class Targets:

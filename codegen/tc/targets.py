@@ -23,7 +23,10 @@ from .layout import ACCEPT, CONTINUE, DROP, FACTS, Facts
 RETURNED = 3  # a chunk's answer when its chain returns (RETURN, or a goto that came back)
 # The rule layer's target extensions (codegen.rules.extensions.TARGETS) this backend refuses,
 # each with the reason its refusal gives; it generates none yet.
-REFUSED_TARGETS: dict[str, str] = {"REJECT": "REJECT is not generated yet"}
+REFUSED_TARGETS: dict[str, str] = {
+    "REJECT": "REJECT is not generated yet",
+    "LOG": "LOG is not generated yet (the programs have no log records)",
+}
 NewLabel = Callable[[str], str]
 
 

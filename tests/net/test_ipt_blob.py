@@ -246,7 +246,10 @@ def test_replacing_a_table_drops_the_old_rules_and_counters() -> None:
             "-A OUTPUT -p tcp -j NFLOG",
             "entry at offset 304: chain OUTPUT rule 1: target 'NFLOG' is not supported",
         ),
-        ("-A FORWARD -j LOG", "entry at offset 152: chain FORWARD rule 1: target 'LOG'"),
+        (
+            "-A FORWARD -j CONNMARK --set-mark 1",
+            "entry at offset 152: chain FORWARD rule 1: target 'CONNMARK'",
+        ),
         ("-A INPUT -j QUEUE", "entry at offset 0: chain INPUT rule 1: QUEUE is not supported"),
         (
             "-A INPUT -p tcp --tcp-option 2 -j DROP",

@@ -633,7 +633,7 @@ DECODE_ERRORS = [
         "unknown target",
         patched(one_rule(), RULE_TARGET + 2, b"TCPMSS\0"),
         "chain INPUT rule 1: target 'TCPMSS' is not supported (supported: ACCEPT, DROP, RETURN,"
-        " REJECT (revision 0), jumps and gotos to user chains)",
+        " REJECT (revision 0), LOG (revision 0), jumps and gotos to user chains)",
     ),
     (
         "extension target payload",  # ACCEPT's verdict, -2, read as a reject type

@@ -17,7 +17,13 @@ import pytest
 from codegen.rules import RuleError, parse, write
 
 VECTORS = Path(__file__).resolve().parents[2].parent / "shared" / "iptables-tests"
-FILES = ("libxt_conntrack.t", "libipt_conntrack.t", "libxt_state.t", "libipt_REJECT.t")
+FILES = (
+    "libxt_conntrack.t",
+    "libipt_conntrack.t",
+    "libxt_state.t",
+    "libipt_REJECT.t",
+    "libipt_LOG.t",
+)
 BUILTIN = ("INPUT", "FORWARD", "OUTPUT")
 
 

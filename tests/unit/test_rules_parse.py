@@ -537,7 +537,7 @@ def test_invalid_line_is_refused_where_it_goes_wrong(line: str, column: int, mes
 # Refused on purpose, where iptables-restore would accept (and so absent from the tables above).
 REFUSED = [
     ("-A INPUT -j TCPMSS --clamp-mss-to-pmtu", 13, "target 'TCPMSS' is not supported"),
-    ("-A INPUT -j LOG --log-prefix x", 13, "target 'LOG' is not supported"),
+    ("-A INPUT -j NFLOG --nflog-prefix x", 13, "target 'NFLOG' is not supported"),
     ("-A INPUT -j QUEUE", 13, "target 'QUEUE' is not supported"),
     ("-A INPUT -j MASQUERADE", 13, "supported targets: ACCEPT, DROP, RETURN"),
     ("-A INPUT -m set --match-set x src", 10, "match '-m set' is not supported"),

@@ -48,7 +48,7 @@ def supported_matches() -> str:
 
 
 # The targets' registration line (module names; each module's EXTENSION is a TargetExtension).
-TARGET_FAMILIES = "reject".split()
+TARGET_FAMILIES = "reject log".split()
 
 TARGETS: tuple[TargetExtension, ...] = tuple(
     import_module(f"{__name__}.{family}").EXTENSION for family in TARGET_FAMILIES
