@@ -21,18 +21,13 @@ from codegen.rules.model import (
     Ruleset,
 )
 from codegen.rules.names import BUILTIN_CHAINS, PROTOCOL_NAMES
-from codegen.rules.syntax import format_ip
+from codegen.rules.syntax import format_ip, ipmask_to_numeric
 
 
 def _write_ip(option: str, match: Address) -> str:
-    text = f"{'! ' if match.negated else ''}{option} {format_ip(match.address)}"
-    mask = match.mask
-    if mask == 0xFFFFFFFF:
-        return text + "/32"
-    inverted = ~mask & 0xFFFFFFFF
-    if inverted & (inverted + 1) == 0:
-        return f"{text}/{32 - inverted.bit_length()}"
-    return f"{text}/{format_ip(mask)}"
+    # iptables-save prints a host's /32, which `-L` (ipmask_to_numeric) leaves out.
+    mask = ipmask_to_numeric(match.mask) or "/32"
+    return f"{'! ' if match.negated else ''}{option} {format_ip(match.address)}{mask}"
 
 
 def write_rule(chain: str, rule: Rule) -> str:

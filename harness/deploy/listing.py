@@ -3,8 +3,6 @@ counters and devices); tests/net/test_list_format.py holds it to iptables-legacy
 
 from __future__ import annotations
 
-import ipaddress
-
 from codegen.rules.extensions import extension_of, target_extension_of
 from codegen.rules.model import (
     IP_PART,
@@ -23,6 +21,7 @@ from codegen.rules.model import (
     Rule,
     Ruleset,
 )
+from codegen.rules.syntax import format_ip, ipmask_to_numeric
 
 
 def _target(rule: Rule) -> str:
@@ -50,13 +49,8 @@ def _first(rule: Rule, kind: type, direction: str | None = None):
 def _address(match: Address | None) -> str:
     if match is None:
         return " " + "0.0.0.0/0"
-    if match.mask == 0xFFFFFFFF:
-        mask = ""
-    elif match.network is not None:
-        mask = f"/{match.network.prefixlen}"
-    else:
-        mask = f"/{ipaddress.IPv4Address(match.mask)}"
-    return ("!" if match.negated else " ") + f"{ipaddress.IPv4Address(match.address)}{mask}"
+    text = format_ip(match.address) + ipmask_to_numeric(match.mask)
+    return ("!" if match.negated else " ") + text
 
 
 def _interface(match: Interface | None) -> str:

@@ -16,9 +16,13 @@ from codegen.rules.names import BUILTIN_CHAINS
 # The registration line. The order is the order error messages list the matches in.
 FAMILIES = "tcp udp icmp multiport iprange length ttl pkttype mark comment conntrack state".split()
 
-MATCHES: tuple[MatchExtension, ...] = tuple(
-    import_module(f"{__name__}.{family}").EXTENSION for family in FAMILIES
-)
+
+def _load(families: list[str]) -> tuple:
+    """The EXTENSION of each family's module, in registration order."""
+    return tuple(import_module(f"{__name__}.{family}").EXTENSION for family in families)
+
+
+MATCHES: tuple[MatchExtension, ...] = _load(FAMILIES)
 BY_NAME: dict[str, MatchExtension] = {extension.name: extension for extension in MATCHES}
 BY_MODEL: dict[type, MatchExtension] = {extension.model: extension for extension in MATCHES}
 assert len(BY_NAME) == len(BY_MODEL) == len(MATCHES), "two families share a name or a model"
@@ -50,9 +54,7 @@ def supported_matches() -> str:
 # The targets' registration line (module names; each module's EXTENSION is a TargetExtension).
 TARGET_FAMILIES = "reject log".split()
 
-TARGETS: tuple[TargetExtension, ...] = tuple(
-    import_module(f"{__name__}.{family}").EXTENSION for family in TARGET_FAMILIES
-)
+TARGETS: tuple[TargetExtension, ...] = _load(TARGET_FAMILIES)
 TARGETS_BY_NAME: dict[str, TargetExtension] = {extension.name: extension for extension in TARGETS}
 TARGETS_BY_MODEL: dict[type, TargetExtension] = {
     extension.model: extension for extension in TARGETS
