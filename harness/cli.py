@@ -134,25 +134,28 @@ def _verify(args: argparse.Namespace) -> int:
         _require(environment.missing_bcc)
     from codegen.bpf.isa import MapType
     from codegen.bpf.maps import Map
+    from codegen.conntrack import TrackerMaps, uses_conntrack
     from codegen.tc.generator import COUNTERS_MAP, LOCAL_MAP
     from codegen.tc.layout import CounterLayout
 
     from .backends import load_program
     from .counters import CounterMap
-    from .runner import standin_interfaces
+    from .runner import RUN_TABLE_ENTRIES, standin_interfaces
 
     ruleset = _parse_rules(args.rules)
     interfaces = standin_interfaces(ruleset)
     with (
         CounterMap(CounterLayout.of(ruleset)) as counters,
         Map(MapType.HASH, 4, 1, 16, name=LOCAL_MAP) as local,
+        TrackerMaps.create(RUN_TABLE_ENTRIES) as tracker,
     ):
+        tracking = tracker.maps if uses_conntrack(ruleset) else {}
         for hook in ("ingress", "egress"):
             program = load_program(
                 ruleset,
                 hook,
                 interfaces=interfaces,
-                maps={COUNTERS_MAP: counters, LOCAL_MAP: local},
+                maps={COUNTERS_MAP: counters, LOCAL_MAP: local, **tracking},
                 fastpath=args.fastpath,
                 backend=args.backend,
             )

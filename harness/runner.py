@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from codegen.bpf.isa import TcAction
 from codegen.bpf.testrun import SkBuff, prog_test_run
+from codegen.conntrack import TrackerMaps, uses_conntrack
 from codegen.rules.model import Interface, Ruleset
 from codegen.rules.names import PKT_TYPE_ALIASES, PKT_TYPES
 from codegen.tc.generator import COUNTERS_MAP
@@ -22,6 +23,8 @@ from .counters import CounterMap
 
 FIRST_STANDIN_IFINDEX = 1000
 DEFAULT_DEVICES = ("eth0", "eth1", "eth2")
+RUN_TABLE_ENTRIES = 4096  # connections one test run's table holds
+CLOCK_ORIGIN = 1 << 40  # ns: a given time 0 is this on the tracker's clock (0 is "monotonic")
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,8 @@ class ChainRunner:
         self.interfaces = standin_interfaces(ruleset, devices)
         self.layout = CounterLayout.of(ruleset)
         self.counters = CounterMap(self.layout)
+        # One connection table for all chains run, so that a flow's two halves meet in it.
+        self.tracker = TrackerMaps.create(RUN_TABLE_ENTRIES) if uses_conntrack(ruleset) else None
         self._programs: dict[str, Program] = {}
 
     def program(self, chain: str) -> Program:
@@ -66,11 +71,15 @@ class ChainRunner:
                 self.ruleset,
                 "chain",
                 interfaces=self.interfaces,
-                maps={COUNTERS_MAP: self.counters},
+                maps={COUNTERS_MAP: self.counters, **self.tracker_maps},
                 chain=chain,
                 backend=self.backend,
             )
         return self._programs[chain]
+
+    @property
+    def tracker_maps(self) -> dict[str, object]:
+        return {} if self.tracker is None else dict(self.tracker.maps)
 
     def run(
         self,
@@ -81,7 +90,10 @@ class ChainRunner:
         *,
         mark: int = 0,
         pkt_type: str = "host",
+        time: float | None = None,
     ) -> Outcome:
+        """Run `frame` through `chain`'s program. `time` (seconds, any origin, never going
+        back) is the connection tracker's clock for this packet; None: the monotonic clock."""
         for name in (in_iface, out_iface):
             if name and name not in self.interfaces:
                 raise ValueError(
@@ -94,6 +106,8 @@ class ChainRunner:
         )
         context.cb[0] = self.interfaces.get(out_iface or "", 0)
         context.cb[2] = PKT_TYPES[PKT_TYPE_ALIASES.get(pkt_type, pkt_type)]
+        if self.tracker is not None:
+            self.tracker.set_clock(0 if time is None else CLOCK_ORIGIN + round(time * 1e9))
         before = self.counters.read()
         result = prog_test_run(self.program(chain).fd, frame, context=context)
         after = self.counters.read()
@@ -118,6 +132,8 @@ class ChainRunner:
             program.close()
         self._programs.clear()
         self.counters.close()
+        if self.tracker is not None:
+            self.tracker.close()
 
     def __enter__(self) -> ChainRunner:
         return self

@@ -27,11 +27,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from codegen import conntrack
 from codegen.bpf.info import map_info, program_info
 from codegen.bpf.isa import MapType, ProgType
 from codegen.bpf.loader import FAILURE_LOG_SIZE, VerifierError, VerifierStats, failing_slot
 from codegen.bpf.maps import pin
 from codegen.bpf.syscall import BpfError, close, error_for
+from codegen.conntrack import uses_conntrack
 from codegen.rules.model import Ruleset
 
 from .source import (
@@ -51,6 +53,13 @@ LOG_LEVEL_VERBOSE, LOG_LEVEL_STATS = 1, 4
 MAP_SHAPES = {
     COUNTERS_MAP: (MapType.PERCPU_ARRAY, 4, 16),
     LOCAL_MAP: (MapType.HASH, 4, 1),
+    conntrack.CT_TABLE: (
+        MapType.LRU_HASH,
+        ctypes.sizeof(conntrack.Key),
+        ctypes.sizeof(conntrack.Entry),
+    ),
+    conntrack.CT_PENDING: (MapType.PERCPU_ARRAY, 4, ctypes.sizeof(conntrack.Pending)),
+    conntrack.CT_CLOCK: (MapType.ARRAY, 4, 8),
 }
 _compiles = itertools.count(1)
 _DIAGNOSTIC = re.compile(r"^(?P<file>[^:\s]+):(?P<line>\d+):(?P<column>\d+): error: (?P<text>.*)$")
@@ -112,6 +121,8 @@ def load_programs(
     """Generate one C unit for `entries`, compile it once with bcc and load every entry."""
     bcc, lib = _import_bcc()
     needed = [COUNTERS_MAP] + ([LOCAL_MAP] if any(e.hook == "ingress" for e in entries) else [])
+    if uses_conntrack(ruleset):
+        needed += conntrack.MAPS
     fds = {name: _map_fd(maps, name) for name in needed}
     sizes = {name: _check_map(name, fd) for name, fd in fds.items()}
     _remove_stale_pins()

@@ -11,6 +11,16 @@ from __future__ import annotations
 FACTS_MAP = "facts"  # the C programs' own scratch map
 HEADERS = 14 + 60 + 20  # the most any match looks at: Ethernet, IPv4 with options, TCP
 
+
+def facts_struct(tracking: bool) -> list[str]:
+    """The facts' declaration; with `tracking`, the packet's connection is one of them."""
+    if not tracking:
+        return FACTS
+    at = FACTS.index("};")
+    connection = "    struct ct_result ct;  // what ct_classify found (codegen/conntrack)"
+    return [*FACTS[:at], connection, *FACTS[at:]]
+
+
 FACTS = [
     "// The packet as the rules see it: parsed once, host order.",
     "struct facts {",

@@ -17,7 +17,10 @@ written, so that clang sees no unused label.
 
 from __future__ import annotations
 
+from codegen.conntrack import uses_conntrack
+
 from .chains import ChainWriter
+from .conntrack import CLASSIFY, CONFIRM
 from .entries import Entry
 from .facts import FACTS_MAP
 from .fragments import LATER_FRAGMENTS, LATER_FRAGMENTS_EGRESS, remember_first_fragment
@@ -31,7 +34,7 @@ Tail = tuple[str, list[str]]
 def entry_function(entry: Entry, chains: ChainWriter, fastpath: bool) -> Code:
     """The C function of `entry`, named as its program."""
     body = [*_facts(entry), "", *_judgement(entry, chains, fastpath)]
-    tails = _tails(entry, fastpath)
+    tails = _tails(entry, fastpath, uses_conntrack(chains.ruleset))
     used = _tails_used(body, tails)
     code: Code = [f"int {entry.function}(struct __sk_buff *skb)", "{"]
     code += indented([*_declarations(entry, body), ""])
@@ -80,15 +83,16 @@ def _facts(entry: Entry) -> Code:
 
 def _judgement(entry: Entry, chains: ChainWriter, fastpath: bool) -> Code:
     """The chains the hook's packets go through."""
+    track = CLASSIFY if uses_conntrack(chains.ruleset) else []
     if entry.hook == "ingress":
-        return _ingress(chains, fastpath)
+        return _ingress(chains, fastpath, track)
     if entry.hook == "egress":
         output = chains.builtin_chain("OUTPUT", "whole_accept", "whole_drop")
-        return [*LATER_FRAGMENTS_EGRESS, *output]
-    return chains.builtin_chain(entry.builtins[0], "accept")
+        return [*LATER_FRAGMENTS_EGRESS, *track, *output]
+    return [*track, *chains.builtin_chain(entry.builtins[0], "accept")]
 
 
-def _ingress(chains: ChainWriter, fastpath: bool) -> Code:
+def _ingress(chains: ChainWriter, fastpath: bool, track: Code) -> Code:
     forward_accept = "forward_accept" if fastpath else "accept"
     return [
         "// What ip_route_input drops as martian before any hook (rp_filter, accept_local",
@@ -111,6 +115,7 @@ def _ingress(chains: ChainWriter, fastpath: bool) -> Code:
         f"kind = {LOCAL_MAP}.lookup(&key);",
         "if (kind && *kind == LOCAL_ADDRESS)",
         "    goto not_handled;",
+        *track,  # before routing, as PREROUTING's conntrack
         "",
         "// A local destination (an address, a broadcast, a group joined here): INPUT.",
         "key = f->daddr;",
@@ -160,8 +165,9 @@ def _declarations(entry: Entry, body: Code) -> list[str]:
     return declarations
 
 
-def _tails(entry: Entry, fastpath: bool) -> list[Tail]:
-    """The ends verdicts go to."""
+def _tails(entry: Entry, fastpath: bool, tracking: bool) -> list[Tail]:
+    """The ends verdicts go to; with `tracking`, an ACCEPT confirms the connection."""
+    confirm = CONFIRM if tracking else []
     report = ["skb->cb[1] = f->decided;"] if entry.hook == "chain" else []
     counted = "count(f->decided, f->tot_len);  // the rule or policy in f->decided"
     tails = [
@@ -172,7 +178,7 @@ def _tails(entry: Entry, fastpath: bool) -> list[Tail]:
         ("counted_whole_drop", [counted, "goto whole_drop;"]),
         ("whole_accept", [*remember_first_fragment(dropped=False), "goto accept;"]),
         ("whole_drop", [*remember_first_fragment(dropped=True), "goto drop;"]),
-        ("accept", [*report, "return TC_ACT_OK;"]),
+        ("accept", [*confirm, *report, "return TC_ACT_OK;"]),
         ("drop", [*report, "return TC_ACT_SHOT;"]),
         (
             "not_handled",
@@ -186,7 +192,7 @@ def _tails(entry: Entry, fastpath: bool) -> list[Tail]:
         ),
     ]
     if entry.hook == "ingress" and fastpath:
-        tails.append(("forward_accept", FAST_FORWARD))
+        tails.append(("forward_accept", [*confirm, *FAST_FORWARD]))
     return tails
 
 

@@ -6,10 +6,12 @@ from __future__ import annotations
 import socket
 from collections.abc import Mapping, Sequence
 
+from codegen.conntrack import CT_TABLE, TABLE_ENTRIES
 from codegen.tc.layout import NOT_HANDLED, CounterLayout, Local
 
+from .conntrack import tracker
 from .entries import Entry
-from .facts import FACTS, HEADERS, PARSE
+from .facts import HEADERS, PARSE, facts_struct
 from .fragments import FRAGMENTS_DECLARATION
 from .maps import COUNT, COUNTERS_MAP, LOCAL_MAP, LOCAL_MAP_ENTRIES, counters_map, local_map
 from .source_text import c_string
@@ -21,11 +23,13 @@ def prologue(
     entries: Sequence[Entry],
     pin_dir: str,
     map_entries: Mapping[str, int],
+    tracking: bool = False,
 ) -> list[str]:
     """What precedes the unit's functions. `map_entries` gives the caller's maps'
     max_entries (default: the counter layout's size, and LOCAL_MAP_ENTRIES addresses); only
     a unit with an ingress program declares the local addresses, and only one with an ingress
-    or egress program (where INPUT and OUTPUT run) the fragments map."""
+    or egress program (where INPUT and OUTPUT run) the fragments map; with `tracking`, the
+    connection tracker and its maps come before the facts, which hold its result."""
     programs = ", ".join(entry.function for entry in entries)
     code = [
         f"// bpfilter-lab, C backend (codegen/c): {programs}.",
@@ -58,7 +62,11 @@ def prologue(
         "// What a user chain answers.",
         f"enum {{ CONTINUE = {CONTINUE}, ACCEPT = {ACCEPT}, DROP = {DROP} }};",
         "",
-        *FACTS,
+    ]
+    if tracking:
+        code += [*tracker(map_entries.get(CT_TABLE, TABLE_ENTRIES)), ""]
+    code += [
+        *facts_struct(tracking),
         "",
         *counters_map(map_entries.get(COUNTERS_MAP, len(layout))),
     ]

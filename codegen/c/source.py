@@ -26,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from codegen.conntrack import uses_conntrack
 from codegen.rules.model import Ruleset
 from codegen.tc.layout import CounterLayout
 
@@ -104,7 +105,7 @@ def generate(
     roots = sorted({name for entry in entries for name in entry.builtins})
     chains = ChainWriter(ruleset, layout, interfaces, user_chains_reached(ruleset, roots))
     text = SourceText()
-    text.write(prologue(layout, entries, pin_dir, map_entries or {}))
+    text.write(prologue(layout, entries, pin_dir, map_entries or {}, uses_conntrack(ruleset)))
     text.write(chains.user_chains())
     for entry in entries:
         text.write(entry_function(entry, chains, fastpath))

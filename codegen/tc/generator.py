@@ -20,7 +20,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from codegen import conntrack
 from codegen.bpf.asm import remove_unreachable
+from codegen.conntrack import uses_conntrack
 from codegen.rules.model import Ruleset
 from codegen.rules.names import BUILTIN_CHAINS
 
@@ -92,6 +94,8 @@ def compile_program(
     }.get(hook, (COUNTERS_MAP,))
     if chains.exact:
         maps += (EXACT_MAP,)
+    if uses_conntrack(ruleset):
+        maps += conntrack.MAPS
     name = {"ingress": "bpflab_ingress", "egress": "bpflab_egress"}.get(hook, f"bpflab_{chain}")
     return CompiledProgram(
         name[:15], hook, builtins, items, chains.layout, maps, chains.notes, chains.exact

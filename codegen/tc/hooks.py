@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import socket
 
+from codegen import conntrack
 from codegen.bpf import insn as I
 from codegen.bpf.asm import Item, Label
 from codegen.bpf.isa import R0, R1, R2, R3, R4, R6, R7, R10, AluOp, FibResult, JmpOp, Size, TcAction
 from codegen.bpf.testrun import SKB_OFFSETS
+from codegen.conntrack import uses_conntrack
 
 from .chains import ChainWriter, user_chains_called
 from .counters import COUNT, add_bytes_subprogram, count_subprogram
@@ -52,6 +54,35 @@ class ProgramWriter:
         self.hook = hook
         self.fastpath = fastpath
         self.label = chains.label
+        # Connections are tracked only for rule sets that ask about them, as in netfilter.
+        self.tracking = uses_conntrack(chains.ruleset)
+
+    def track(self) -> list[Item]:
+        """nf_conntrack_in before the chains: ct_classify fills the facts' connection."""
+        if not self.tracking:
+            return []
+        return [
+            I.mov64(R1, R6),
+            I.mov64(R2, FACTS),
+            I.alu64(AluOp.ADD, R2, Facts.CONNECTION),
+            I.call_local("ct_classify"),
+        ]
+
+    def confirm(self) -> list[Item]:
+        """nf_confirm on a final ACCEPT: the connection the packet would create joins the
+        table (a packet that was not classified has nothing pending)."""
+        if not self.tracking:
+            return []
+        done = self.label("confirmed")
+        pending = Facts.connection("pending")
+        return [
+            I.ldx(pending.size, R1, FACTS, pending.offset),
+            I.jmp32(JmpOp.JEQ, R1, 0, done),
+            I.mov64(R1, FACTS),
+            I.alu64(AluOp.ADD, R1, Facts.CONNECTION),
+            I.call_local("ct_confirm"),
+            Label(done),
+        ]
 
     def entry(self, builtins: tuple[str, ...]) -> list[Item]:
         code: list[Item] = [I.mov64(R6, R1)]
@@ -73,11 +104,12 @@ class ProgramWriter:
         elif self.hook == "egress":
             code += [
                 *later_fragments(self.label, written_whole=True),
+                *self.track(),
                 *self.chains.builtin_chain("OUTPUT", "whole_accept", "whole_drop"),
                 *first_fragment_verdicts(self.label),
             ]
         else:
-            code += self.chains.builtin_chain(builtins[0], "accept")
+            code += [*self.track(), *self.chains.builtin_chain(builtins[0], "accept")]
         ruleset = self.chains.ruleset
         for name in user_chains_called(ruleset, builtins):
             code += self.chains.user_chain(ruleset.chains[name])
@@ -86,6 +118,8 @@ class ProgramWriter:
         code += count_subprogram()
         if self.hook in ("ingress", "egress"):
             code += add_bytes_subprogram()
+        if self.tracking:
+            code += conntrack.bytecode_functions()
         return code
 
     def tails(self) -> list[Item]:
@@ -93,7 +127,8 @@ class ProgramWriter:
         code: list[Item] = []
         report = self.hook == "chain"
         for label, action in (("accept", TcAction.OK), ("drop", TcAction.SHOT)):
-            code += [Label(label), *_report(report), I.mov64(R0, action), I.exit_()]
+            confirm = self.confirm() if label == "accept" else []
+            code += [Label(label), *confirm, *_report(report), I.mov64(R0, action), I.exit_()]
         slot = self.chains.layout.slot(NOT_HANDLED)
         code += [
             Label("not_handled"),
@@ -106,7 +141,7 @@ class ProgramWriter:
             I.exit_(),
         ]
         if self.hook == "ingress" and self.fastpath:
-            code += _fast_forward()
+            code += [Label("forward_accept"), *self.confirm(), *_fast_forward()]
         return code
 
     def _local_kind(self, fact: Field) -> list[Item]:
@@ -172,6 +207,7 @@ class ProgramWriter:
         params = FIB_PARAMS_OFFSET
         code: list[Item] = [
             *self.martians(),
+            *self.track(),  # before routing, as PREROUTING's conntrack
             # Local destination (an address, a broadcast, a joined group): INPUT.
             *self._local_kind(Facts.DADDR),
             I.mov64(R7, R0),
@@ -244,7 +280,6 @@ def _fast_forward() -> list[Item]:
     decremented with the checksum fixed up (ip_decrease_ttl), MACs from the lookup."""
     params = FIB_PARAMS_OFFSET
     return [
-        Label("forward_accept"),
         I.jmp(JmpOp.JNE, R7, FibResult.SUCCESS, "accept"),  # no neighbour yet: the kernel
         *ip_header_within("accept"),  # the helpers' calls left no packet pointer valid
         I.ldx(Size.H, R1, R2, ETH_HLEN + 10),

@@ -8,15 +8,18 @@ Multi-byte fields are kept in host order so that ranges compare with plain unsig
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 
 from codegen.bpf import insn as I
 from codegen.bpf.asm import Item
 from codegen.bpf.isa import R1, R2, R9, R10, AluOp, Size
+from codegen.conntrack import Result, result_field
 from codegen.rules.model import Ruleset
 from codegen.rules.names import BUILTIN_CHAINS
 
 FACTS = R9
+_SIZES = {1: Size.B, 2: Size.H, 4: Size.W, 8: Size.DW}
 
 
 @dataclass(frozen=True)
@@ -48,7 +51,14 @@ class Facts:
     TOS = Field(40, Size.B)
     ID = Field(42, Size.H)  # the IP identification, host order
     MORE_FRAGMENTS = Field(44, Size.B)  # the MF flag, 0 or 1
-    SIZE = 48
+    CONNECTION = 48  # codegen.conntrack.Result: what ct_classify found (rule sets with ct matches)
+    SIZE = CONNECTION + ctypes.sizeof(Result) + 7 & ~7
+
+    @staticmethod
+    def connection(name: str, part: str | None = None) -> Field:
+        """A field of the connection's Result, or `part` of one of its tuples."""
+        offset, size = result_field(name, part)
+        return Field(Facts.CONNECTION + offset, _SIZES[size])
 
 
 class Local:

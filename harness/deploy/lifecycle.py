@@ -1,8 +1,10 @@
 """apply, list, save and flush: a rule set's programs attached in a network namespace.
 
 State lives where separate processes can find it:
-- bpffs, `/sys/fs/bpf/bpflab/NS/`: the counters and local-address maps, both programs, and one
-  tcx link per device and direction (a pinned link stays attached when we exit);
+- bpffs, `/sys/fs/bpf/bpflab/NS/`: the counters and local-address maps, both programs, one
+  tcx link per device and direction (a pinned link stays attached when we exit), and for a
+  rule set with conntrack matches the connection tracker's maps (codegen.conntrack), which a
+  re-apply keeps, entries and all;
 - `/run/bpflab/rulesets/NS.json`: the rule set text, the devices and the counter layout, which
   bpffs cannot hold and `list`/`save` need to put names on counters.
 
@@ -24,6 +26,7 @@ from codegen.bpf.isa import MapType
 from codegen.bpf.links import TcAttachment, attach_tc
 from codegen.bpf.maps import Map, get_pinned, pin
 from codegen.bpf.syscall import BpfError, close
+from codegen.conntrack import TrackerMaps, uses_conntrack
 from codegen.rules import parse, write
 from codegen.rules.iptables_save import write_rule
 from codegen.rules.model import Ruleset
@@ -119,6 +122,9 @@ def apply(
         counters = cleanup.enter_context(CounterMap(layout))
         local = cleanup.enter_context(Map(MapType.HASH, 4, 1, LOCAL_MAP_SIZE, name=LOCAL_MAP))
         fill_local_map(local, local_addresses(namespace))
+        tracker = _tracker(ruleset, pins)
+        if tracker is not None:
+            cleanup.enter_context(tracker)
         interfaces = _all_interfaces(namespace)
         programs: dict[str, Program] = {}
         for hook in ("ingress", "egress"):
@@ -128,7 +134,11 @@ def apply(
                         ruleset,
                         hook,
                         interfaces=interfaces,
-                        maps={COUNTERS_MAP: counters, LOCAL_MAP: local},
+                        maps={
+                            COUNTERS_MAP: counters,
+                            LOCAL_MAP: local,
+                            **({} if tracker is None else tracker.maps),
+                        },
                         fastpath=fastpath,
                         backend=backend,
                     )
@@ -148,8 +158,19 @@ def apply(
             ("prog_egress", programs["egress"].fd),
         ):
             _replace_pin(pins / name, fd)
+        if tracker is not None:
+            tracker.pin(pins, _replace_pin)
         _write_state(netns, rules_text, filename, targets, fastpath, layout, identities)
         return Applied(sorted(targets), previous is not None, programs, carried)
+
+
+def _tracker(ruleset: Ruleset, pins: Path) -> TrackerMaps | None:
+    """The connection table of a rule set that asks about connections: the one already pinned
+    for the namespace (its connections live on across a re-apply, as netfilter's do across
+    a table replace), else a new one."""
+    if not uses_conntrack(ruleset):
+        return None
+    return TrackerMaps.from_pins(pins) or TrackerMaps.create()
 
 
 def _all_interfaces(namespace: Namespace) -> dict[str, int]:

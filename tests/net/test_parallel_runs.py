@@ -18,11 +18,23 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_two_parallel_runs_do_not_collide(tmp_path):
     env = {**os.environ, "BPFLAB_ARTEFACTS": str(tmp_path / "artefacts")}
     env.pop("PYTEST_XDIST_WORKER", None)
-    command = [sys.executable, "-m", "pytest", "-n", "2", "-q", "-p", "no:cacheprovider",
-               "-k", "bytecode", "tests/scripts"]
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-n",
+        "2",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-k",
+        "bytecode",
+        "tests/scripts",
+    ]
     runs = [
-        subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True)
+        subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         for _ in range(2)
     ]
     outputs = [run.communicate(timeout=300)[0] for run in runs]

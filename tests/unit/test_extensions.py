@@ -49,7 +49,7 @@ def _packets() -> list[bytes]:
             + payload
         )
 
-    tcp = bytes.fromhex("0016d431000000010000000050020000" "00000000")
+    tcp = bytes.fromhex("0016d43100000001000000005002000000000000")
     udp = bytes.fromhex("0035d43100080000")
     icmp = bytes.fromhex("0800000000010001")
     return [

@@ -30,11 +30,12 @@ __all__ = [
 ]
 
 # The registration line: each name is a module here with MODEL and write(match, labels).
-FAMILIES = tuple("tcp udp icmp multiport iprange length ttl pkttype mark comment".split())
+FAMILIES = tuple(
+    "tcp udp icmp multiport iprange length ttl pkttype mark comment conntrack state".split()
+)
 # The rule layer's families this backend refuses on purpose, each with the reason its refusal
 # gives: a family is either in FAMILIES or here.
-CONNECTION_TRACKING = "connection tracking (-m conntrack, -m state) is not generated yet"
-REFUSED: dict[str, str] = {"conntrack": CONNECTION_TRACKING, "state": CONNECTION_TRACKING}
+REFUSED: dict[str, str] = {}
 assert not set(REFUSED) & set(FAMILIES), "a family both written and refused"
 
 _FAMILY_MODULES = tuple(import_module(f"{__name__}.{family}") for family in FAMILIES)

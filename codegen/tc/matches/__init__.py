@@ -40,12 +40,13 @@ FAMILIES = (
     "pkttype",
     "mark",
     "comment",
+    "conntrack",
+    "state",
 )
 
 # The rule layer's families this backend refuses on purpose, each with the reason its refusal
 # gives: a family is either in FAMILIES or here.
-CONNECTION_TRACKING = "connection tracking (-m conntrack, -m state) is not generated yet"
-REFUSED: dict[str, str] = {"conntrack": CONNECTION_TRACKING, "state": CONNECTION_TRACKING}
+REFUSED: dict[str, str] = {}
 assert not set(REFUSED) & set(FAMILIES), "a family both generated and refused"
 
 _FAMILY_EMITTERS: tuple[Emitter, ...] = tuple(

@@ -1,0 +1,142 @@
+"""A stateful rule set attached in a namespace: real connections through the programs'
+connection table, as a user has them (ingress and egress share it), and an atomic re-apply in
+the middle of an established TCP connection."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
+
+import pytest
+
+from codegen.conntrack import TrackerMaps
+from harness.deploy.lifecycle import apply, flush
+from harness.deploy.lifecycle import _pin_dir as pin_dir  # noqa: PLC2701
+from netns import HostTopology
+from tests.net.test_tc_attached import rules, udp_exchange
+
+pytestmark = [pytest.mark.netns, pytest.mark.privileged]
+
+OPEN_PORT, CLOSED_PORT = 8080, 8081
+CONNECT_TIMEOUT = 1.0  # seconds: a SYN the host drops leaves connect() waiting this long
+
+
+def stateful(*new: str) -> str:
+    """A host firewall: replies to what the host started, and the NEW connections `new`."""
+    return rules(
+        "-A INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+        "-A INPUT -m conntrack --ctstate INVALID -j DROP",
+        *new,
+        policies="DROP ACCEPT ACCEPT",
+    )
+
+
+@contextmanager
+def echo_server(node, port: int) -> Iterator[None]:
+    """A TCP server on `node` that echoes what each connection sends, until it closes."""
+    listener = node.namespace.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((str(node.ipv4.ip), port))
+    listener.listen(4)
+    listener.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                connection, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with connection:
+                connection.settimeout(5)
+                try:
+                    while data := connection.recv(1024):
+                        connection.sendall(data)
+                except OSError:
+                    pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        listener.close()
+
+
+def connect(node, target, port: int) -> socket.socket:
+    client = node.namespace.socket(socket.AF_INET, socket.SOCK_STREAM)
+    client.settimeout(CONNECT_TIMEOUT)
+    try:
+        client.connect((str(target.ipv4.ip), port))
+    except BaseException:
+        client.close()
+        raise
+    return client
+
+
+def echoes(client: socket.socket, data: bytes) -> bool:
+    client.sendall(data)
+    try:
+        return client.recv(1024) == data
+    except TimeoutError:
+        return False
+
+
+@pytest.fixture(params=["bytecode", "c"])
+def backend(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+def test_a_stateful_host_lets_replies_in_and_nothing_else(backend: str) -> None:
+    with HostTopology(ipv6=False) as lab:
+        host, client = lab.host, lab.client
+        netns = host.namespace.name
+        try:
+            apply(
+                stateful(f"-A INPUT -p tcp --dport {OPEN_PORT} -m conntrack --ctstate NEW -j ACCEPT"),
+                "stateful.rules",
+                netns,
+                backend=backend,
+            )
+            with echo_server(host, OPEN_PORT), echo_server(host, CLOSED_PORT):
+                with closing(connect(client, host, OPEN_PORT)) as opened:
+                    assert echoes(opened, b"hello")
+                with pytest.raises(TimeoutError):
+                    connect(client, host, CLOSED_PORT).close()
+            # The host's own UDP query gets its answer (ESTABLISHED on the way in); the same
+            # datagram unasked-for is dropped.
+            assert udp_exchange(host, client, [5353], source_port=40000) == {5353: 1}
+            assert udp_exchange(client, host, [40000], source_port=5353) == {40000: 1}
+            assert udp_exchange(client, host, [40001], source_port=5353) == {40001: 0}
+            tracker = TrackerMaps.from_pins(pin_dir(netns))
+            assert tracker is not None
+            with tracker:
+                ports = {(entry.proto, entry.orig.dport) for entry in tracker.entries()}
+            assert (socket.IPPROTO_TCP, OPEN_PORT) in ports
+            assert (socket.IPPROTO_UDP, 5353) in ports
+            assert (socket.IPPROTO_TCP, CLOSED_PORT) not in ports  # its SYN was dropped
+        finally:
+            flush(netns)
+
+
+def test_a_re_apply_keeps_established_connections(backend: str) -> None:
+    with HostTopology(ipv6=False) as lab:
+        host, client = lab.host, lab.client
+        netns = host.namespace.name
+        opening = f"-A INPUT -p tcp --dport {OPEN_PORT} -m conntrack --ctstate NEW -j ACCEPT"
+        try:
+            apply(stateful(opening), "first.rules", netns, backend=backend)
+            with echo_server(host, OPEN_PORT), closing(connect(client, host, OPEN_PORT)) as kept:
+                assert echoes(kept, b"before")
+                # The port closes to new connections; the one open goes on, its entry kept.
+                applied = apply(stateful(), "second.rules", netns, backend=backend)
+                assert applied.replaced
+                assert echoes(kept, b"after")
+                with pytest.raises(TimeoutError):
+                    connect(client, host, OPEN_PORT).close()
+        finally:
+            flush(netns)
