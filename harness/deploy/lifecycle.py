@@ -173,6 +173,11 @@ def _tracker(ruleset: Ruleset, pins: Path) -> TrackerMaps | None:
     return TrackerMaps.from_pins(pins) or TrackerMaps.create()
 
 
+def connection_table(netns: str) -> TrackerMaps | None:
+    """The connection tracker's maps of the rule set applied in `netns` (None: it has none)."""
+    return TrackerMaps.from_pins(_pin_dir(netns))
+
+
 def _all_interfaces(namespace: Namespace) -> dict[str, int]:
     with namespace.ipr() as ipr:
         return {link.get_attr("IFLA_IFNAME"): link["index"] for link in ipr.get_links()}

@@ -11,9 +11,7 @@ from contextlib import closing, contextmanager
 
 import pytest
 
-from codegen.conntrack import TrackerMaps
-from harness.deploy.lifecycle import apply, flush
-from harness.deploy.lifecycle import _pin_dir as pin_dir  # noqa: PLC2701
+from harness.deploy.lifecycle import apply, connection_table, flush
 from netns import HostTopology
 from tests.net.test_tc_attached import rules, udp_exchange
 
@@ -96,12 +94,8 @@ def test_a_stateful_host_lets_replies_in_and_nothing_else(backend: str) -> None:
         host, client = lab.host, lab.client
         netns = host.namespace.name
         try:
-            apply(
-                stateful(f"-A INPUT -p tcp --dport {OPEN_PORT} -m conntrack --ctstate NEW -j ACCEPT"),
-                "stateful.rules",
-                netns,
-                backend=backend,
-            )
+            opening = f"-A INPUT -p tcp --dport {OPEN_PORT} -m conntrack --ctstate NEW -j ACCEPT"
+            apply(stateful(opening), "stateful.rules", netns, backend=backend)
             with echo_server(host, OPEN_PORT), echo_server(host, CLOSED_PORT):
                 with closing(connect(client, host, OPEN_PORT)) as opened:
                     assert echoes(opened, b"hello")
@@ -112,7 +106,7 @@ def test_a_stateful_host_lets_replies_in_and_nothing_else(backend: str) -> None:
             assert udp_exchange(host, client, [5353], source_port=40000) == {5353: 1}
             assert udp_exchange(client, host, [40000], source_port=5353) == {40000: 1}
             assert udp_exchange(client, host, [40001], source_port=5353) == {40001: 0}
-            tracker = TrackerMaps.from_pins(pin_dir(netns))
+            tracker = connection_table(netns)
             assert tracker is not None
             with tracker:
                 ports = {(entry.proto, entry.orig.dport) for entry in tracker.entries()}
