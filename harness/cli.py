@@ -285,6 +285,24 @@ def _save(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _conntrack(args: argparse.Namespace) -> int:
+    _require(environment.missing_bpffs)
+    from .deploy import lifecycle
+
+    if args.flush:
+        emptied = lifecycle.forget_connections(args.netns)
+        print(
+            f"bpflab: connection table of {args.netns} emptied: {emptied} entries removed",
+            file=sys.stderr,
+        )
+        return EXIT_OK
+    lines = lifecycle.connections(args.netns)
+    for line in lines:
+        print(line)
+    print(f"bpflab: {len(lines)} flow entries have been shown.", file=sys.stderr)
+    return EXIT_OK
+
+
 def _flush(args: argparse.Namespace) -> int:
     _require(environment.missing_bpffs)
     from .deploy import lifecycle
@@ -424,6 +442,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command("save", _save, "print the applied rules as iptables-save text")
     sub.add_argument("--netns", required=True, metavar="NS")
     sub.add_argument("-c", "--counters", action="store_true", help="with [packets:bytes]")
+
+    sub = command(
+        "conntrack", _conntrack, "list the connections the programs track, like conntrack -L"
+    )
+    sub.add_argument("--netns", required=True, metavar="NS")
+    actions = sub.add_mutually_exclusive_group()
+    actions.add_argument("-L", "--dump", action="store_true", help="list them (the default)")
+    actions.add_argument("-F", "--flush", action="store_true", help="forget them all")
 
     sub = command("flush", _flush, "detach the programs of a namespace and remove their state")
     sub.add_argument("--netns", required=True, metavar="NS")

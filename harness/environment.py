@@ -89,6 +89,19 @@ def missing_llvm() -> str | None:
 
 
 @cache
+def missing_tracker() -> str | None:
+    """Why the connection tracker (codegen/conntrack) cannot be built for the bytecode
+    backend here, if it cannot: it needs clang for the BPF target."""
+    from codegen.conntrack import TrackerUnavailable, bytecode_functions
+
+    try:
+        bytecode_functions()
+    except TrackerUnavailable as error:
+        return f"the connection tracker cannot be built: {error}"
+    return None
+
+
+@cache
 def missing_bcc() -> str | None:
     try:
         import bcc  # noqa: F401
@@ -107,5 +120,6 @@ PROBES = {
     "privileged": missing_bpffs,
     "netns": lambda: missing_netns() or missing_bpf(),
     "clang": missing_llvm,
+    "conntrack": missing_tracker,
     "bcc": lambda: missing_bcc() or missing_bpf(),
 }

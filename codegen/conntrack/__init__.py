@@ -32,7 +32,7 @@ from codegen.bpf.maps import Map
 from codegen.bpf.syscall import BpfError
 from codegen.rules.extensions.conntrack import Conntrack
 from codegen.rules.extensions.state import State
-from codegen.rules.model import Ruleset
+from codegen.rules.model import Rule, Ruleset
 from codegen.rules.tracking.timeouts import DEFAULT_TIMEOUTS, Timeouts
 
 SOURCE = Path(__file__).with_name("tracker.bpf.c")
@@ -123,15 +123,19 @@ def result_field(name: str, part: str | None = None) -> tuple[int, int]:
     return descriptor.offset + inner.offset, inner.size
 
 
+def first_tracking_rule(ruleset: Ruleset) -> tuple[str, int, Rule] | None:
+    """The first rule that asks about connections, if any: its chain, 1-based index, itself."""
+    for chain in ruleset.chains.values():
+        for index, rule in enumerate(chain.rules, 1):
+            if any(isinstance(match, (Conntrack, State)) for match in rule.matches):
+                return chain.name, index, rule
+    return None
+
+
 def uses_conntrack(ruleset: Ruleset) -> bool:
     """Whether any rule asks about connections: netfilter tracks them only then (a ct match
     registers the conntrack hooks of the namespace), and so do the programs."""
-    return any(
-        isinstance(match, (Conntrack, State))
-        for chain in ruleset.chains.values()
-        for rule in chain.rules
-        for match in rule.matches
-    )
+    return first_tracking_rule(ruleset) is not None
 
 
 def defines(timeouts: Timeouts = DEFAULT_TIMEOUTS, *, loose: bool = True) -> dict[str, int]:
@@ -195,14 +199,22 @@ CLANG_PRELUDE = (
 )
 
 
+class TrackerUnavailable(RuntimeError):
+    """The tracker cannot be built here (no clang for the BPF target, or it failed)."""
+
+
 @functools.cache
 def bytecode_functions() -> tuple:
-    """ct_classify and ct_confirm as assembler items (static subprograms the bytecode backend's
-    programs call), from clang's object of the tracker; compiled once per source and cached."""
-    from codegen.bpf.clang import compile_object
-    from codegen.bpf.elf import read_functions
+    """The tracker's functions as assembler items (BTF-described globals the bytecode
+    backend's programs call), from clang's object of it; compiled once per source and cached.
+    Raises TrackerUnavailable, saying why, where that cannot be done."""
+    from codegen.bpf.clang import ClangError, ClangUnavailable, compile_object
+    from codegen.bpf.elf import ObjectError, read_functions
 
-    functions = read_functions(compile_object(source(CLANG_PRELUDE), name="tracker"))
+    try:
+        functions = read_functions(compile_object(source(CLANG_PRELUDE), name="tracker"))
+    except (ClangUnavailable, ClangError, ObjectError) as error:
+        raise TrackerUnavailable(str(error)) from error
     if set(functions) != set(GLOBALS):
         raise RuntimeError(f"the tracker object has {sorted(functions)}, not {sorted(GLOBALS)}")
     items: list = []

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from codegen import conntrack
 from codegen.bpf import insn as I
 from codegen.bpf.asm import Item, Label
 from codegen.bpf.isa import R0, R1, R2, JmpOp, Size
@@ -166,6 +167,22 @@ def refuse_unsupported(ruleset: Ruleset, names: tuple[str, ...]) -> None:
                 raise CompileError(
                     f"{where(rule)}the bytecode backend {said}{_rule_text(name, rule)}"
                 )
+
+
+def require_tracker(ruleset: Ruleset) -> None:
+    """CompileError naming the first rule that asks about connections when the connection
+    tracker (clang's object of codegen/conntrack) cannot be built here."""
+    found = conntrack.first_tracking_rule(ruleset)
+    if found is None:
+        return
+    chain, index, rule = found
+    try:
+        conntrack.bytecode_functions()
+    except conntrack.TrackerUnavailable as error:
+        raise CompileError(
+            f"{where(rule)}the bytecode backend cannot build the connection tracker that rule "
+            f"{index} of {chain} needs: {error}{_rule_text(chain, rule)}"
+        ) from error
 
 
 def _match_name(match: Match) -> str:

@@ -32,6 +32,7 @@ from .chains import (
     MAX_FRAMES,
     ChainWriter,
     refuse_unsupported,
+    require_tracker,
     user_chains_called,
 )
 from .counters import COUNTERS_MAP
@@ -86,6 +87,7 @@ def compile_program(
     else:
         builtins = ("INPUT", "FORWARD") if hook == "ingress" else ("OUTPUT",)
     refuse_unsupported(ruleset, (*builtins, *user_chains_called(ruleset, builtins)))
+    require_tracker(ruleset)
     chains = ChainWriter(ruleset, CounterLayout.of(ruleset), interfaces, Labels())
     items = remove_unreachable(ProgramWriter(chains, hook, fastpath).entry(builtins))
     maps = {

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections import Counter
 from contextlib import ExitStack, closing
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from codegen.bpf.links import TcAttachment, attach_tc
 from codegen.bpf.maps import Map, get_pinned, pin
 from codegen.bpf.syscall import BpfError, close
 from codegen.conntrack import TrackerMaps, uses_conntrack
+from codegen.conntrack.listing import table_lines
 from codegen.rules import parse, write
 from codegen.rules.iptables_save import write_rule
 from codegen.rules.model import Ruleset
@@ -176,6 +178,30 @@ def _tracker(ruleset: Ruleset, pins: Path) -> TrackerMaps | None:
 def connection_table(netns: str) -> TrackerMaps | None:
     """The connection tracker's maps of the rule set applied in `netns` (None: it has none)."""
     return TrackerMaps.from_pins(_pin_dir(netns))
+
+
+def _tracked(netns: str) -> TrackerMaps:
+    if read_state(netns) is None:
+        raise LifecycleError(f"no rule set is applied in namespace {netns}")
+    tracker = connection_table(netns)
+    if tracker is None:
+        raise LifecycleError(
+            f"namespace {netns} has no connection table: no rule set with -m conntrack or "
+            "-m state was applied there"
+        )
+    return tracker
+
+
+def connections(netns: str) -> list[str]:
+    """The connections the programs of `netns` track, as `conntrack -L` lines."""
+    with _tracked(netns) as tracker:
+        return table_lines(tracker.entries(), time.monotonic_ns())
+
+
+def forget_connections(netns: str) -> int:
+    """Empty the connection table of `netns` (`conntrack -F`); how many entries it held."""
+    with _tracked(netns) as tracker:
+        return tracker.flush()
 
 
 def _all_interfaces(namespace: Namespace) -> dict[str, int]:

@@ -10,9 +10,11 @@ from collections.abc import Iterator
 from contextlib import closing, contextmanager
 
 import pytest
+from scapy.layers.inet import ICMP
 
-from harness.deploy.lifecycle import apply, connection_table, flush
+from harness.deploy.lifecycle import apply, connection_table, connections, flush
 from netns import HostTopology
+from tests.net.test_cli_lifecycle import bpflab
 from tests.net.test_tc_attached import rules, udp_exchange
 
 pytestmark = [pytest.mark.netns, pytest.mark.privileged]
@@ -132,5 +134,87 @@ def test_a_re_apply_keeps_established_connections(backend: str) -> None:
                 assert echoes(kept, b"after")
                 with pytest.raises(TimeoutError):
                     connect(client, host, OPEN_PORT).close()
+        finally:
+            flush(netns)
+
+
+def _without_timeout(line: str) -> tuple[str, int]:
+    """A conntrack -L line without its seconds-left field (the third), and that field."""
+    name, number, seconds, rest = line.split(maxsplit=3)
+    return f"{name} {number} {rest}", int(seconds)
+
+
+def test_the_table_lists_as_the_kernels_conntrack_does(backend: str) -> None:
+    """The same traffic tracked by the kernel (a ct rule turns its conntrack on) and by the
+    programs: `conntrack -L` and bpflab's listing give the same lines, the seconds left aside
+    (they may differ by the time between the two reads)."""
+    with HostTopology(ipv6=False) as lab:
+        host, client = lab.host, lab.client
+        netns = host.namespace.name
+        host.namespace.run(
+            [
+                "iptables-legacy",
+                "-A",
+                "INPUT",
+                "-m",
+                "conntrack",
+                "--ctstate",
+                "INVALID",
+                "-j",
+                "ACCEPT",
+            ]
+        )
+        try:
+            apply(
+                rules("-A INPUT -m conntrack --ctstate INVALID -j ACCEPT"),
+                "t.rules",
+                netns,
+                backend=backend,
+            )
+            assert udp_exchange(client, host, [5353], source_port=40000) == {5353: 1}
+            assert udp_exchange(host, client, [5354], source_port=40001) == {5354: 1}
+            assert udp_exchange(client, host, [40001], source_port=5354) == {40001: 1}
+            ping = client.namespace.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+            with closing(ping):
+                ping.settimeout(1)
+                ping.sendto(bytes(ICMP(type=8, id=1, seq=1)), (str(host.ipv4.ip), 0))
+                ping.recv(64)  # the host's echo reply
+            with echo_server(host, OPEN_PORT), closing(connect(client, host, OPEN_PORT)) as kept:
+                assert echoes(kept, b"tracked")
+                kernel = host.namespace.run(["conntrack", "-L"]).stdout.splitlines()
+                ours = connections(netns)
+            theirs = dict(_without_timeout(line) for line in kernel)
+            mine = dict(_without_timeout(line) for line in ours)
+            assert sorted(mine) == sorted(theirs)
+            for line, seconds in mine.items():
+                assert abs(seconds - theirs[line]) <= 2, line
+        finally:
+            flush(netns)
+
+
+def test_bpflab_conntrack_lists_and_flushes(tmp_path) -> None:
+    stateless, stateful_rules = tmp_path / "stateless.rules", tmp_path / "stateful.rules"
+    stateless.write_text(rules())
+    stateful_rules.write_text(stateful("-A INPUT -p udp --dport 5353 -j ACCEPT"))
+    with HostTopology(ipv6=False) as lab:
+        netns = lab.host.namespace.name
+        try:
+            assert bpflab("apply", str(stateless), "--netns", netns).returncode == 0
+            refused = bpflab("conntrack", "--netns", netns)
+            assert (refused.returncode, refused.stderr) == (
+                2,
+                f"bpflab: error: namespace {netns} has no connection table: no rule set with "
+                "-m conntrack or -m state was applied there\n",
+            )
+            assert bpflab("apply", str(stateful_rules), "--netns", netns).returncode == 0
+            assert udp_exchange(lab.client, lab.host, [5353], source_port=40000) == {5353: 1}
+            listed = bpflab("conntrack", "--netns", netns)
+            assert listed.returncode == 0, listed.stderr
+            (line,) = listed.stdout.splitlines()
+            assert line.startswith("udp      17 ") and "sport=40000 dport=5353 [UNREPLIED]" in line
+            assert listed.stderr == "bpflab: 1 flow entries have been shown.\n"
+            flushed = bpflab("conntrack", "-F", "--netns", netns)
+            assert flushed.returncode == 0, flushed.stderr
+            assert bpflab("conntrack", "--netns", netns).stdout == ""
         finally:
             flush(netns)
