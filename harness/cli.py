@@ -176,6 +176,35 @@ def _verify(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _chains_of(frames: list[bytes], args: argparse.Namespace) -> list[str]:
+    """The chain each frame goes through: --chain for all, or with --host, INPUT for what is
+    addressed to the host and OUTPUT for what it sends (a capture of both directions)."""
+    if not args.host:
+        if args.chain is None:
+            raise UsageError("give --chain, or --host ADDRESS for a capture of a host's traffic")
+        return [args.chain] * len(frames)
+    if args.chain is not None:
+        raise UsageError("give --chain or --host, not both")
+    from scapy.layers.inet import IP
+    from scapy.layers.l2 import Ether
+
+    chains = []
+    for number, frame in enumerate(frames, start=1):
+        packet = Ether(frame)
+        if IP not in packet:
+            raise UsageError(f"packet {number} is not IPv4, so neither to nor from the host")
+        if packet[IP].dst in args.host:
+            chains.append("INPUT")
+        elif packet[IP].src in args.host:
+            chains.append("OUTPUT")
+        else:
+            raise UsageError(
+                f"packet {number} ({packet[IP].src} > {packet[IP].dst}) is neither to nor "
+                f"from the host ({', '.join(args.host)})"
+            )
+    return chains
+
+
 def _run(args: argparse.Namespace) -> int:
     _require(environment.missing_bpf)
     from .lab.packets import SpecError, parse_packet
@@ -188,21 +217,31 @@ def _run(args: argparse.Namespace) -> int:
             frames.append(bytes(parse_packet(spec)))
         except SpecError as error:
             raise UsageError(f"--packet {number}: {error}") from None
+    times: list[float | None] = [None] * len(frames)
     if args.pcap:
         from scapy.utils import rdpcap
 
         try:
-            frames += [bytes(packet) for packet in rdpcap(args.pcap)]
+            captured = rdpcap(args.pcap)
         except (OSError, ValueError) as error:
             raise UsageError(f"cannot read {args.pcap}: {error}") from None
+        frames += [bytes(packet) for packet in captured]
+        # The capture's own clock drives the connection tracker's timeouts.
+        start = float(captured[0].time) if captured else 0.0
+        times += [float(packet.time) - start for packet in captured]
     if not frames:
         raise UsageError("give packets with --packet SPEC or --pcap FILE")
+    chains = _chains_of(frames, args)
     devices = [name for name in (args.in_iface, args.out_iface) if name]
     if args.backend == "c":
         _require(environment.missing_bcc)
     with ChainRunner(ruleset, devices, backend=args.backend) as runner:
-        for number, frame in enumerate(frames, start=1):
-            outcome = runner.run(frame, args.chain, args.in_iface, args.out_iface)
+        for number, (frame, chain_run, when) in enumerate(
+            zip(frames, chains, times, strict=True), start=1
+        ):
+            in_iface = args.in_iface if chain_run != "OUTPUT" else None
+            out_iface = args.out_iface if chain_run != "INPUT" else None
+            outcome = runner.run(frame, chain_run, in_iface, out_iface, time=when)
             chain, index = outcome.deciding
             result = {
                 "packet": number,
@@ -407,7 +446,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command("run", _run, "run one chain's program on packets with BPF_PROG_TEST_RUN")
     rules_argument(sub)
     backend_argument(sub)
-    sub.add_argument("--chain", required=True, choices=["INPUT", "FORWARD", "OUTPUT"])
+    sub.add_argument("--chain", choices=["INPUT", "FORWARD", "OUTPUT"])
+    sub.add_argument(
+        "--host",
+        action="append",
+        metavar="ADDRESS",
+        help="instead of --chain: the host's address (repeatable); packets to it go through "
+        "INPUT, packets from it through OUTPUT, sharing one connection table",
+    )
     sub.add_argument(
         "--packet",
         action="append",

@@ -162,3 +162,56 @@ def test_run_refuses_unsafe_or_bad_packet_specs(rules_file, spec):
     assert result.returncode == 2
     assert result.stderr.startswith("bpflab: error: --packet 1: column ")
     assert "Traceback" not in result.stderr
+
+
+STATEFUL = """*filter
+:INPUT DROP [0:0]
+:FORWARD DROP [0:0]
+:OUTPUT ACCEPT [0:0]
+-A INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+COMMIT
+"""
+
+
+@pytest.mark.parametrize("backend", ["bytecode", "c"])
+def test_run_takes_a_hosts_capture_both_ways_on_its_own_clock(tmp_path, backend):
+    """With --host, what the host sends goes through OUTPUT and what it receives through
+    INPUT, sharing one connection table, and the capture's timestamps are the tracker's clock:
+    an answer 31 seconds after its query finds the UDP entry gone (its timeout is 30)."""
+    from scapy.layers.inet import IP, UDP
+    from scapy.layers.l2 import Ether
+    from scapy.utils import wrpcap
+
+    host, peer = "198.18.0.2", "198.18.0.1"
+    frames = []
+    for when, port, source, destination in (
+        (0.0, 40000, host, peer),  # a query
+        (1.0, 40000, peer, host),  # its answer
+        (10.0, 40001, host, peer),
+        (41.0, 40001, peer, host),  # too late
+    ):
+        ports = (port, 53) if source == host else (53, port)
+        frame = Ether() / IP(src=source, dst=destination) / UDP(sport=ports[0], dport=ports[1])
+        frame.time = 1_700_000_000 + when
+        frames.append(frame)
+    capture = tmp_path / "dns.pcap"
+    wrpcap(str(capture), frames)
+    rules = tmp_path / "stateful.rules"
+    rules.write_text(STATEFUL)
+    result = bpflab(
+        "run", str(rules), "--backend", backend, "--host", host, "--pcap", str(capture), "--json"
+    )
+    assert result.returncode == 0, result.stderr
+    verdicts = [json.loads(line) for line in result.stdout.splitlines()[:4]]
+    assert verdicts == [
+        {"packet": 1, "verdict": "ACCEPT", "chain": "OUTPUT", "rule": None},
+        {"packet": 2, "verdict": "ACCEPT", "chain": "INPUT", "rule": 1},
+        {"packet": 3, "verdict": "ACCEPT", "chain": "OUTPUT", "rule": None},
+        {"packet": 4, "verdict": "DROP", "chain": "INPUT", "rule": None},
+    ]
+    neither = bpflab("run", str(rules), "--host", "198.18.7.7", "--pcap", str(capture))
+    assert neither.returncode == 2
+    assert neither.stderr == (
+        "bpflab: error: packet 1 (198.18.0.2 > 198.18.0.1) is neither to nor from the host "
+        "(198.18.7.7)\n"
+    )
