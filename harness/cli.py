@@ -6,7 +6,7 @@ Exit codes: 0 ok, 1 a check failed, 2 bad input or environment.
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -14,54 +14,27 @@ from pathlib import Path
 from codegen.bpf.syscall import BpfError, BpfFeatureError, BpfPermissionError
 
 from . import environment
+from .cli_input import (
+    EXIT_BAD_INPUT,
+    EXIT_CHECK_FAILED,
+    EXIT_OK,
+    CheckFailed,
+    UsageError,
+    parse_rules,
+    read_rules,
+    require,
+)
+from .cli_run import run, verify
 
-EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-
-
-class UsageError(Exception):
-    """Bad input or environment: printed as one sentence, exit code 2."""
-
-
-class CheckFailed(Exception):
-    """A check that ran and failed (a verifier rejection, a mismatch): exit code 1."""
-
-
-def _read_rules(path: str) -> tuple[str, str]:
-    from codegen.rules.text_file import decode_rules
-
-    # Bytes, decoded by decode_rules: a file that is not UTF-8 text is a ParseError at
-    # FILE:LINE:COL, not a UnicodeDecodeError traceback.
-    if path == "-":
-        return decode_rules(sys.stdin.buffer.read(), "<stdin>"), "<stdin>"
-    try:
-        data = Path(path).read_bytes()
-    except OSError as error:
-        raise UsageError(f"cannot read {path}: {error.strerror}") from None
-    return decode_rules(data, path), path
-
-
-def _parse_rules(path: str):
-    from codegen.rules import parse, validate
-
-    text, name = _read_rules(path)
-    ruleset = parse(text, name)
-    validate(ruleset)
-    return ruleset
-
-
-def _require(probe: Callable[[], str | None]) -> None:
-    reason = probe()
-    if reason is not None:
-        raise UsageError(reason)
 
 
 # Commands -----------------------------------------------------------------------------------
 
 
 def _demo(args: argparse.Namespace) -> int:
-    _require(environment.missing_bpffs)
-    _require(environment.missing_netns)
+    require(environment.missing_bpffs)
+    require(environment.missing_netns)
     if args.toolchain:
         from .demo import run_demo
 
@@ -73,10 +46,10 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _replay(args: argparse.Namespace) -> int:
-    _require(environment.missing_bpffs)
-    _require(environment.missing_netns)
+    require(environment.missing_bpffs)
+    require(environment.missing_netns)
     if args.backend == "c":
-        _require(environment.missing_bcc)
+        require(environment.missing_bcc)
     return _replay_all(args.scripts, args.backend)
 
 
@@ -96,7 +69,7 @@ def _replay_all(paths: list[str], backend: str) -> int:
 def _check(args: argparse.Namespace) -> int:
     from codegen.rules import write
 
-    print(write(_parse_rules(args.rules)), end="")
+    print(write(parse_rules(args.rules)), end="")
     return EXIT_OK
 
 
@@ -107,7 +80,7 @@ def _compile(args: argparse.Namespace) -> int:
 
     from .runner import standin_interfaces
 
-    ruleset = _parse_rules(args.rules)
+    ruleset = parse_rules(args.rules)
     interfaces = standin_interfaces(ruleset)
     if args.backend == "c":
         from codegen.c import c_source
@@ -128,164 +101,13 @@ def _compile(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _verify(args: argparse.Namespace) -> int:
-    _require(environment.missing_bpf)
-    if args.backend == "c":
-        _require(environment.missing_bcc)
-    from codegen.bpf.isa import MapType
-    from codegen.bpf.maps import Map
-    from codegen.conntrack import TrackerMaps, uses_conntrack
-    from codegen.tc.generator import COUNTERS_MAP, LOCAL_MAP
-    from codegen.tc.layout import CounterLayout
-
-    from .backends import load_program
-    from .counters import CounterMap
-    from .runner import RUN_TABLE_ENTRIES, standin_interfaces
-
-    ruleset = _parse_rules(args.rules)
-    interfaces = standin_interfaces(ruleset)
-    with (
-        CounterMap(CounterLayout.of(ruleset)) as counters,
-        Map(MapType.HASH, 4, 1, 16, name=LOCAL_MAP) as local,
-        TrackerMaps.create(RUN_TABLE_ENTRIES) as tracker,
-    ):
-        tracking = tracker.maps if uses_conntrack(ruleset) else {}
-        for hook in ("ingress", "egress"):
-            program = load_program(
-                ruleset,
-                hook,
-                interfaces=interfaces,
-                maps={COUNTERS_MAP: counters, LOCAL_MAP: local, **tracking},
-                fastpath=args.fastpath,
-                backend=args.backend,
-            )
-            try:
-                stats = program.stats
-                figures = (
-                    f"{stats.insns_processed} processed, {stats.states_total} states "
-                    f"(peak {stats.states_peak}), {stats.verification_usec} us"
-                    if stats is not None
-                    else "no verifier statistics"
-                )
-                print(
-                    f"{hook:8} {program.name}: accepted; {program.insn_count} instructions, "
-                    f"{figures}"
-                )
-            finally:
-                program.close()
-    return EXIT_OK
-
-
-def _chains_of(frames: list[bytes], args: argparse.Namespace) -> list[str]:
-    """The chain each frame goes through: --chain for all, or with --host, INPUT for what is
-    addressed to the host and OUTPUT for what it sends (a capture of both directions)."""
-    if not args.host:
-        if args.chain is None:
-            raise UsageError("give --chain, or --host ADDRESS for a capture of a host's traffic")
-        return [args.chain] * len(frames)
-    if args.chain is not None:
-        raise UsageError("give --chain or --host, not both")
-    from scapy.layers.inet import IP
-    from scapy.layers.l2 import Ether
-
-    chains = []
-    for number, frame in enumerate(frames, start=1):
-        packet = Ether(frame)
-        if IP not in packet:
-            raise UsageError(f"packet {number} is not IPv4, so neither to nor from the host")
-        if packet[IP].dst in args.host:
-            chains.append("INPUT")
-        elif packet[IP].src in args.host:
-            chains.append("OUTPUT")
-        else:
-            raise UsageError(
-                f"packet {number} ({packet[IP].src} > {packet[IP].dst}) is neither to nor "
-                f"from the host ({', '.join(args.host)})"
-            )
-    return chains
-
-
-def _run(args: argparse.Namespace) -> int:
-    _require(environment.missing_bpf)
-    from .lab.packets import SpecError, parse_packet
-    from .runner import ChainRunner
-
-    ruleset = _parse_rules(args.rules)
-    frames: list[bytes] = []
-    for number, spec in enumerate(args.packet or [], start=1):
-        try:
-            frames.append(bytes(parse_packet(spec)))
-        except SpecError as error:
-            raise UsageError(f"--packet {number}: {error}") from None
-    times: list[float | None] = [None] * len(frames)
-    if args.pcap:
-        from scapy.utils import rdpcap
-
-        try:
-            captured = rdpcap(args.pcap)
-        except (OSError, ValueError) as error:
-            raise UsageError(f"cannot read {args.pcap}: {error}") from None
-        frames += [bytes(packet) for packet in captured]
-        # The capture's own clock drives the connection tracker's timeouts.
-        start = float(captured[0].time) if captured else 0.0
-        times += [float(packet.time) - start for packet in captured]
-    if not frames:
-        raise UsageError("give packets with --packet SPEC or --pcap FILE")
-    chains = _chains_of(frames, args)
-    devices = [name for name in (args.in_iface, args.out_iface) if name]
-    if args.backend == "c":
-        _require(environment.missing_bcc)
-    with ChainRunner(ruleset, devices, backend=args.backend) as runner:
-        for number, (frame, chain_run, when) in enumerate(
-            zip(frames, chains, times, strict=True), start=1
-        ):
-            in_iface = args.in_iface if chain_run != "OUTPUT" else None
-            out_iface = args.out_iface if chain_run != "INPUT" else None
-            outcome = runner.run(frame, chain_run, in_iface, out_iface, time=when)
-            chain, index = outcome.deciding
-            result = {
-                "packet": number,
-                "verdict": "ACCEPT" if outcome.verdict == "PASS" else outcome.verdict,
-                "chain": chain or None,
-                "rule": index if isinstance(index, int) else None,
-            }
-            if outcome.verdict == "PASS":
-                result["handled"] = False
-            if args.json:
-                print(json.dumps(result))
-            else:
-                where = (
-                    "not handled (not IPv4 or malformed)"
-                    if outcome.verdict == "PASS"
-                    else (f"{chain} policy" if index == "policy" else f"{chain} rule {index}")
-                )
-                print(f"packet {number}: {result['verdict']:6} by {where}")
-        totals = runner.counters.read()
-    counters: dict[str, dict] = {}
-    for name, chain in ruleset.chains.items():
-        counters[name] = {
-            "policy": list(totals[(name, "policy")]) if chain.builtin else None,
-            "rules": [list(totals[(name, i)]) for i in range(1, len(chain.rules) + 1)],
-        }
-    if args.json:
-        print(json.dumps({"counters": counters}))
-    else:
-        for name, values in counters.items():
-            policy = (
-                f" policy {values['policy'][0]}p/{values['policy'][1]}b" if values["policy"] else ""
-            )
-            rules = " ".join(f"{p}p/{b}b" for p, b in values["rules"])
-            print(f"{name}:{policy} rules [{rules}]")
-    return EXIT_OK
-
-
 def _apply(args: argparse.Namespace) -> int:
-    _require(environment.missing_bpffs)
+    require(environment.missing_bpffs)
     from .deploy import lifecycle
 
-    text, name = _read_rules(args.rules)
+    text, name = read_rules(args.rules)
     if args.backend == "c":
-        _require(environment.missing_bcc)
+        require(environment.missing_bcc)
     applied = lifecycle.apply(
         text,
         name,
@@ -325,7 +147,7 @@ def _save(args: argparse.Namespace) -> int:
 
 
 def _conntrack(args: argparse.Namespace) -> int:
-    _require(environment.missing_bpffs)
+    require(environment.missing_bpffs)
     from .deploy import lifecycle
 
     if args.flush:
@@ -343,7 +165,7 @@ def _conntrack(args: argparse.Namespace) -> int:
 
 
 def _flush(args: argparse.Namespace) -> int:
-    _require(environment.missing_bpffs)
+    require(environment.missing_bpffs)
     from .deploy import lifecycle
 
     removed = lifecycle.flush(args.netns)
@@ -352,7 +174,7 @@ def _flush(args: argparse.Namespace) -> int:
 
 
 def _import(args: argparse.Namespace) -> int:
-    _require(environment.missing_netns)
+    require(environment.missing_netns)
     from codegen.rules import write
     from codegen.rules.ipt_blob import read_table
     from netns.namespace import Namespace
@@ -365,7 +187,7 @@ def _import(args: argparse.Namespace) -> int:
 
 
 def _cleanup(args: argparse.Namespace) -> int:
-    _require(environment.missing_netns)
+    require(environment.missing_netns)
     from netns.reaper import reap
 
     from .deploy.lifecycle import forget_missing
@@ -438,12 +260,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--hook", choices=["ingress", "egress"], default="ingress")
     sub.add_argument("--fastpath", action="store_true", help="forward ACCEPTed FORWARD traffic")
 
-    sub = command("verify", _verify, "load both programs into the verifier and print its stats")
+    sub = command("verify", verify, "load both programs into the verifier and print its stats")
     rules_argument(sub)
     backend_argument(sub)
     sub.add_argument("--fastpath", action="store_true")
 
-    sub = command("run", _run, "run one chain's program on packets with BPF_PROG_TEST_RUN")
+    sub = command("run", run, "run one chain's program on packets with BPF_PROG_TEST_RUN")
     rules_argument(sub)
     backend_argument(sub)
     sub.add_argument("--chain", choices=["INPUT", "FORWARD", "OUTPUT"])
@@ -556,6 +378,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("bpflab: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`bpflab run ... | head`): nothing more to say to it.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
 
 
 if __name__ == "__main__":

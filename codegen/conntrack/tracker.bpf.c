@@ -641,7 +641,7 @@ static __always_inline __u64 ct_now(void)
 
     if (fixed && *fixed)
         return *fixed;
-    return bpf_ktime_get_ns();
+    return bpf_ktime_get_coarse_ns();
 }
 
 static __always_inline int tuple_eq(const struct ct_tuple *a, const struct ct_tuple *b)
@@ -872,14 +872,14 @@ CT_GLOBAL int ct_classify(struct __sk_buff *skb, struct ct_result *res)
         return 0;
     if (make_key(proto, &tuple, &inv, &key))
         return 0; /* init_conntrack: no inverse tuple */
-    pending = CT_LOOKUP(ct_pending, &zero);
-    if (!pending)
-        return 0;
     e = find(&key, now);
     for (int attempt = 0; attempt < 2; attempt++) {
         if (e) {
             dir = tuple_eq(&tuple, &e->reply);
         } else {
+            pending = CT_LOOKUP(ct_pending, &zero);
+            if (!pending)
+                return 0;
             e = &pending->entry;
             __builtin_memset(e, 0, sizeof(*e));
             e->orig = tuple;

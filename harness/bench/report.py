@@ -170,6 +170,7 @@ def markdown(results: dict) -> str:
             )
         lines += _table(["rules"] + [FILTER_LABELS[name] for name in filters], rows)
 
+    lines += _stateful(results)
     lines += ["## Load and update time", ""]
     header = [
         "rules",
@@ -192,6 +193,51 @@ def markdown(results: dict) -> str:
     lines += _aims(results)
     lines += ["Method: `method` in the JSON file beside this one.", ""]
     return "\n".join(lines)
+
+
+STATEFUL_LABELS = {"established": "established flow", "new": "new flow (last rule)"}
+
+
+def _stateful(results: dict) -> list[str]:
+    """The stateful workload: per-packet cost beside the stateless first-rule cost, and
+    throughput for each filter with its conntrack on."""
+    stateful = results.get("stateful")
+    if not stateful or not stateful["sizes"]:
+        return []
+    backends = list(results["backends"])
+    lines = [
+        "## Stateful workload (`--ctstate RELATED,ESTABLISHED -j ACCEPT` first)",
+        "",
+        "Per packet under BPF_PROG_TEST_RUN, INPUT chain program; beside it the stateless "
+        "workload's first-rule packet at the same size:",
+        "",
+    ]
+    header = ["rules"]
+    for backend in backends:
+        header += [f"{backend}: {label}" for label in STATEFUL_LABELS.values()]
+        header.append(f"{backend}: stateless, first rule")
+    rows = []
+    for count in stateful["sizes"]:
+        row = [f"{count:,}"]
+        for backend in backends:
+            entry = _find(stateful["per_packet"], count, backend)
+            row += [_ns(entry["ns_per_packet"][p]) if entry else "n/a" for p in STATEFUL_LABELS]
+            stateless = _find(results["per_packet"], count, backend)
+            row.append(_ns(stateless["ns_per_packet"]["first"]) if stateless else "n/a")
+        rows.append(row)
+    lines += _table(header, rows)
+    filters = results["filters"]
+    for position, label in STATEFUL_LABELS.items():
+        lines += [f"Throughput, {label} (Mpps, ratio to no filter):", ""]
+        rows = []
+        for count in stateful["sizes"]:
+            entry = _find_throughput(stateful["throughput"], count, position)
+            rows.append(
+                [f"{count:,}"]
+                + [_mpps(entry["filters"].get(name) if entry else None) for name in filters]
+            )
+        lines += _table(["rules"] + [FILTER_LABELS[name] for name in filters], rows)
+    return lines
 
 
 def _aims(results: dict) -> list[str]:

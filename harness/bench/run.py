@@ -27,12 +27,14 @@ from typing import IO
 # Only what the parser needs is imported here: `bpflab` builds every subcommand's parser on
 # each run, and the measuring modules pull in the code generators.
 from .settings import DEFAULT_SIZES, FULL, QUICK, QUICK_SIZES, Progress, Settings
-from .workload import FRAME_BYTES, MAX_RULES, POSITIONS
+from .workload import FRAME_BYTES, MAX_RULES, POSITIONS, STATEFUL_POSITIONS
 
 DEFAULT_OUTPUT = Path("bench/results")
 RESULTS_JSON = "bench.json"
 RESULTS_MARKDOWN = "bench.md"
-SCHEMA = 1
+SCHEMA = 2  # 2: the stateful workload's section
+# The stateful workload runs at the sizes up to this (the largest set that loads is stateless).
+STATEFUL_LARGEST = 5000
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 
@@ -79,6 +81,7 @@ def run_bench(settings: Settings, progress: Progress = _no_progress) -> dict:
     """Measure everything `settings` asks for and return the results (see the JSON's keys)."""
     if (reason := missing_requirements()) is not None:
         raise BenchError(reason)
+    from .stateful import per_packet as stateful_per_packet
     from .testrun import c_backend_problem, find_largest, time_floor
     from .traffic import FILTERS, TrafficBench, process_overhead
 
@@ -106,8 +109,13 @@ def run_bench(settings: Settings, progress: Progress = _no_progress) -> dict:
 
     per_packet = _per_packet(sizes, backends, settings, clock, progress)
 
+    stateful_sizes = [count for count in sizes if count <= STATEFUL_LARGEST]
+    stateful = stateful_per_packet(stateful_sizes, backends, settings, clock, progress)
+
     load: list[dict] = []
     throughput: list[dict] = []
+    stateful_load: list[dict] = []
+    stateful_throughput: list[dict] = []
     progress(f"throughput: building {len(FILTERS)} topologies (client and host over veth)")
     with TrafficBench() as traffic:
         overhead = process_overhead(traffic.receivers["none"].host)
@@ -131,6 +139,19 @@ def run_bench(settings: Settings, progress: Progress = _no_progress) -> dict:
                     progress=progress,
                 )
                 throughput.append({"rules": count, "packet": position, "filters": results})
+        for count in stateful_sizes:
+            figures = traffic.load(count, clock, stateful=True)
+            stateful_load.append({"rules": count, "filters": figures})
+            for position in STATEFUL_POSITIONS:
+                results = traffic.throughput(
+                    count,
+                    position,
+                    trials=settings.throughput_trials,
+                    warmup_s=settings.warmup_s,
+                    window_s=settings.window_s,
+                    progress=progress,
+                )
+                stateful_throughput.append({"rules": count, "packet": position, "filters": results})
 
     return {
         "schema": SCHEMA,
@@ -154,6 +175,12 @@ def run_bench(settings: Settings, progress: Progress = _no_progress) -> dict:
         "per_packet": per_packet,
         "throughput": throughput,
         "load": load,
+        "stateful": {
+            "sizes": stateful_sizes,
+            "per_packet": stateful,
+            "throughput": stateful_throughput,
+            "load": stateful_load,
+        },
     }
 
 
@@ -229,6 +256,15 @@ def method(settings: Settings, overhead_s: float) -> dict:
             "(r0 = TC_ACT_OK; exit) on the same frame. instructions = the kernel's xlated count; "
             "verifier_processed = bpf_prog_info.verified_insns; load_s = generate, compile and "
             "verify."
+        ),
+        "stateful": (
+            "The same N rules for UDP behind `-m conntrack --ctstate RELATED,ESTABLISHED -j "
+            "ACCEPT` (nftables: `ct state established,related accept`; netfilter's conntrack on "
+            "for both). established: a datagram answering one the host sent first (OUTPUT), "
+            "decided by the first rule; new: a datagram to the last rule's source and port, "
+            "never answered, so NEW every time. Test-run: the INPUT and OUTPUT chain programs "
+            "of one table; throughput: the host writes first through a real socket before each "
+            "window of established traffic."
         ),
         "largest": (
             "Verifier processed instructions at 1,000 and 5,000 rules fit a line that predicts "

@@ -33,12 +33,19 @@ from pathlib import Path
 from netns import HostTopology, Namespace
 
 from .workload import (
+    CLIENT_PORT,
     EMPTY_IPTABLES,
+    HOST_PORT,
+    STATEFUL_POSITIONS,
     Position,
+    StatefulPosition,
     ethernet_frame,
     ip_packet,
     iptables_rules,
     nft_rules,
+    stateful_iptables_rules,
+    stateful_nft_rules,
+    stateful_packet,
 )
 
 FILTERS = ("none", "bytecode", "iptables-legacy", "nftables")
@@ -142,15 +149,17 @@ class Receiver:
             self._run(["nft", "flush", "ruleset"])
         self.loaded = False
 
-    def load(self, count: int, clock: Callable[[], float]) -> dict:
-        """Load `count` rules into a receiver that has none, then load them again over
-        themselves (the atomic update); time both."""
+    def load(self, count: int, clock: Callable[[], float], *, stateful: bool = False) -> dict:
+        """Load `count` rules (of the stateful workload, with `stateful`) into a receiver that
+        has none, then load them again over themselves (the atomic update); time both."""
         self.clear()
         figures: dict = {}
+        rules = stateful_iptables_rules if stateful else iptables_rules
+        nft = stateful_nft_rules if stateful else nft_rules
         if self.filter == "bytecode":
             from ..deploy.lifecycle import apply
 
-            text = iptables_rules(count)
+            text = rules(count)
             started = clock()
             applied = apply(text, "bench.rules", self.host.name)
             figures["load_s"] = clock() - started
@@ -164,7 +173,7 @@ class Receiver:
                 ingress.stats.insns_processed if ingress.stats is not None else None
             )
         elif self.filter == "iptables-legacy":
-            path = self._write(f"{count}.rules", iptables_rules(count))
+            path = self._write(f"{count}.rules", rules(count))
             started = clock()
             self._run(["iptables-legacy-restore", path])
             figures["load_s"] = clock() - started
@@ -173,8 +182,8 @@ class Receiver:
             self._run(["iptables-legacy-restore", path])
             figures["update_s"] = clock() - started
         elif self.filter == "nftables":
-            first = self._write(f"{count}.nft", nft_rules(count))
-            again = self._write(f"{count}-replace.nft", nft_rules(count, replace=True))
+            first = self._write(f"{count}.nft", nft(count))
+            again = self._write(f"{count}-replace.nft", nft(count, replace=True))
             started = clock()
             self._run(["nft", "-f", first])
             figures["load_s"] = clock() - started
@@ -184,13 +193,23 @@ class Receiver:
             figures["update_s"] = clock() - started
         return figures
 
-    def frame(self, count: int, position: Position) -> bytes:
+    def frame(self, count: int, position: Position | StatefulPosition) -> bytes:
         client, host = self.topology.client, self.topology.host
-        return ethernet_frame(
-            ip_packet(count, position, host.ipv4.ip),
-            source_mac=client.mac,
-            destination_mac=host.mac,
-        )
+        if position in STATEFUL_POSITIONS:
+            packet = stateful_packet(count, position, client.ipv4.ip, host.ipv4.ip)  # type: ignore[arg-type]
+        else:
+            packet = ip_packet(count, position, host.ipv4.ip)  # type: ignore[arg-type]
+        return ethernet_frame(packet, source_mac=client.mac, destination_mac=host.mac)
+
+    def prime(self) -> None:
+        """The host writes to the client first, through its stack (OUTPUT and every filter's
+        connection tracking), so that the client's datagrams are replies."""
+        import socket
+
+        client, host = self.topology.client, self.topology.host
+        with self.host.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.bind((str(host.ipv4.ip), HOST_PORT))
+            sock.sendto(b"prime", (str(client.ipv4.ip), CLIENT_PORT))
 
     def measure(self, frame: bytes, *, warmup_s: float, window_s: float) -> Sample:
         """Send `frame` from the client with trafgen and count what the host delivers."""
@@ -279,13 +298,17 @@ class TrafficBench:
     def __exit__(self, *exc: object) -> None:
         self._stack.close()
 
-    def load(self, count: int, clock: Callable[[], float]) -> dict[str, dict]:
-        return {name: self.receivers[name].load(count, clock) for name in LOADABLE}
+    def load(
+        self, count: int, clock: Callable[[], float], *, stateful: bool = False
+    ) -> dict[str, dict]:
+        return {
+            name: self.receivers[name].load(count, clock, stateful=stateful) for name in LOADABLE
+        }
 
     def throughput(
         self,
         count: int,
-        position: Position,
+        position: Position | StatefulPosition,
         *,
         trials: int,
         warmup_s: float,
@@ -299,6 +322,8 @@ class TrafficBench:
         for trial in range(trials):
             order = FILTERS[trial % len(FILTERS) :] + FILTERS[: trial % len(FILTERS)]
             for name in order:
+                if position == "established":
+                    self.receivers[name].prime()
                 sample = self.receivers[name].measure(
                     frames[name], warmup_s=warmup_s, window_s=window_s
                 )

@@ -110,3 +110,68 @@ def ethernet_frame(ip: bytes, *, source_mac: str, destination_mac: str) -> bytes
     if len(frame) != FRAME_BYTES:
         raise AssertionError(f"frame of {len(frame)} bytes, want {FRAME_BYTES}")
     return frame
+
+
+# The stateful workload: the same N rules, for UDP, behind netfilter's line one. Its packets
+# are UDP datagrams of 64-byte frames: an established flow's (the host wrote to the client
+# first, so they are replies: ESTABLISHED, decided by the first rule) or a new flow's to the
+# last rule's source and port (never answered, so every one of them is NEW and goes down the
+# whole chain).
+STATEFUL_FIRST_RULE = "-A INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"
+StatefulPosition = Literal["established", "new"]
+STATEFUL_POSITIONS: tuple[StatefulPosition, ...] = ("established", "new")
+HOST_PORT, CLIENT_PORT = 5000, 40000  # the established flow: host:5000 wrote to client:40000
+
+
+def stateful_iptables_rules(count: int) -> str:
+    _check(count)
+    lines = ["*filter", ":INPUT DROP [0:0]", ":FORWARD ACCEPT [0:0]", ":OUTPUT ACCEPT [0:0]"]
+    lines.append(STATEFUL_FIRST_RULE)
+    lines += [
+        f"-A INPUT -s {source(i)}/32 -p udp -m udp --dport {port(i)} -j ACCEPT"
+        for i in range(count)
+    ]
+    return "\n".join([*lines, "COMMIT", ""])
+
+
+def stateful_nft_rules(count: int, *, replace: bool = False) -> str:
+    _check(count)
+    lines = [f"flush table ip {NFT_TABLE}"] if replace else []
+    lines += [
+        f"table ip {NFT_TABLE} {{",
+        "\tchain input {",
+        "\t\ttype filter hook input priority filter; policy drop;",
+        "\t\tct state established,related accept",
+    ]
+    lines += [f"\t\tip saddr {source(i)} udp dport {port(i)} accept" for i in range(count)]
+    lines += ["\t}", "}", ""]
+    return "\n".join(lines)
+
+
+def stateful_matched_rule(count: int, position: StatefulPosition) -> int:
+    """The 1-based rule that accepts the packet for `position`."""
+    return 1 if position == "established" else count + 1
+
+
+def udp_packet(source_address: IPv4Address, destination: IPv4Address, sport: int, dport: int):
+    """An IPv4 UDP packet whose frame is FRAME_BYTES long."""
+    from scapy.layers.inet import IP, UDP
+
+    payload = bytes(FRAME_BYTES - 14 - 20 - 8)
+    packet = IP(src=str(source_address), dst=str(destination)) / UDP(sport=sport, dport=dport)
+    return bytes(packet / payload)
+
+
+def stateful_packet(
+    count: int, position: StatefulPosition, client: IPv4Address, host: IPv4Address
+) -> bytes:
+    """The packet the host receives for `position`."""
+    _check(count)
+    if position == "established":
+        return udp_packet(client, host, CLIENT_PORT, HOST_PORT)
+    return udp_packet(source(count - 1), host, SOURCE_PORT, port(count - 1))
+
+
+def priming_packet(client: IPv4Address, host: IPv4Address) -> bytes:
+    """What the host writes first, which makes the client's datagrams replies."""
+    return udp_packet(host, client, HOST_PORT, CLIENT_PORT)

@@ -19,6 +19,7 @@ from netns import CommandError
 
 from ..backends import Backend
 from ..deploy import lifecycle
+from .exchange import Outcome, run_exchange
 from .packets import parse_packet
 from .scripts import PacketEntry, Script, ScriptError, unobservable
 from .traffic import Lab, field_diff, same_packet
@@ -54,6 +55,22 @@ class PacketResult:
 
 
 @dataclass
+class ExchangeResult:
+    """A real connection's row: its outcome ("connects", "refused", "times out")."""
+
+    entry: PacketEntry
+    summary: str
+    expected: str
+    got: str
+    deciding: str
+    problem: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.problem
+
+
+@dataclass
 class CounterResult:
     key: str
     expected: tuple[int | None, int | None]
@@ -69,7 +86,7 @@ class CounterResult:
 class Report:
     script: Script
     backend: str
-    packets: list[PacketResult] = field(default_factory=list)
+    packets: list[PacketResult | ExchangeResult] = field(default_factory=list)
     counters: list[CounterResult] = field(default_factory=list)
     artefacts: str = ""
 
@@ -174,6 +191,14 @@ def replay(script: Script, *, backend: Backend = "bytecode") -> Report:
         twin: Lab | None = None
         try:
             for entry in script.packets:
+                if entry.exchange is not None:
+                    expected = entry.expect
+                    if expected == "netfilter":
+                        if twin is None:
+                            twin = twins.enter_context(_twin(script, entry))
+                        expected = _run(twin, entry).outcome
+                    report.packets.append(_exchange(lab, script, entry, expected, namespace))
+                    continue
                 for frame in _packets(lab, entry):
                     expected = entry.expect
                     if expected == "netfilter":
@@ -199,6 +224,63 @@ def replay(script: Script, *, backend: Backend = "bytecode") -> Report:
     return report
 
 
+def _run(lab: Lab, entry: PacketEntry) -> Outcome:
+    assert entry.exchange is not None
+    return run_exchange(
+        lab, entry.source, entry.destination, entry.exchange, entry.port, entry.listen
+    )
+
+
+def _exchange(
+    lab: Lab, script: Script, entry: PacketEntry, expected: str, namespace: str
+) -> ExchangeResult:
+    """One real connection in `lab` (our programs), compared with `expected`."""
+    before = lifecycle.current(namespace)[1]
+    outcome = _run(lab, entry)
+    moved = _moved(before, lifecycle.current(namespace)[1])
+    what = f"{entry.exchange}:{entry.port}" if entry.port is not None else str(entry.exchange)
+    if not entry.listen:
+        what += " (no listener)"
+    summary = f"{entry.source}->{entry.destination} {what}"
+    if entry.description:
+        summary += f" {entry.description}"
+    result = ExchangeResult(
+        entry, summary, expected, outcome.outcome, _rules_that_moved(script, moved)
+    )
+    if outcome.outcome != expected:
+        result.problem = f"expected {expected}, got {outcome.outcome}: {outcome.detail}"
+    return result
+
+
+def _moved(before: dict, after: dict) -> dict[Position, tuple[int, int]]:
+    return {
+        position: (
+            after[position][0] - before.get(position, (0, 0))[0],
+            after[position][1] - before.get(position, (0, 0))[1],
+        )
+        for position in after
+        if after[position] != before.get(position)
+    }
+
+
+def _rules_that_moved(script: Script, moved: dict[Position, tuple[int, int]]) -> str:
+    """The terminal rules and policies an exchange's packets went to: `INPUT:1,3` or `-`."""
+    by_chain: dict[str, list[str]] = {}
+
+    def order(position: Position) -> tuple[str, int]:
+        return position[0], 1 << 30 if position[1] == "policy" else int(position[1])
+
+    for chain, index in sorted(moved, key=order):
+        if not chain:
+            continue
+        if index != "policy":
+            rule = script.ruleset.chains[chain].rules[index - 1]
+            if not isinstance(rule.target, Accept | Drop):
+                continue
+        by_chain.setdefault(chain, []).append(str(index))
+    return " ".join(f"{chain}:{','.join(found)}" for chain, found in by_chain.items()) or "-"
+
+
 def _send(
     lab: Lab, script: Script, entry: PacketEntry, frame: Packet, expected: str, namespace: str
 ) -> PacketResult:
@@ -208,15 +290,7 @@ def _send(
             lab.send(entry.source, entry.destination, frame)
         arrived = receiver.collect(same_packet(frame), entry.count, lab.timeout)
         seen = receiver.seen
-    after = lifecycle.current(namespace)[1]
-    moved = {
-        position: (
-            after[position][0] - before.get(position, (0, 0))[0],
-            after[position][1] - before.get(position, (0, 0))[1],
-        )
-        for position in after
-        if after[position] != before.get(position)
-    }
+    moved = _moved(before, lifecycle.current(namespace)[1])
     summary = entry.description or frame[IP].payload.summary() or frame.summary()
     result = PacketResult(
         entry,

@@ -23,8 +23,12 @@ from .packets import SpecError, parse_packet
 TOPOLOGIES = {"host": ("client", "host"), "router": ("client", "router", "server")}
 RULE_HOLDER = {"host": "host", "router": "router"}
 EXPECTATIONS = ("pass", "drop", "netfilter")
+EXCHANGES = ("tcp", "udp", "ping")  # real connections through the kernels' own stacks
+OUTCOMES = ("connects", "refused", "times out")
+EXCHANGE_EXPECTATIONS = (*OUTCOMES, "netfilter")
 TOP_KEYS = {"description", "topology", "fastpath", "rules", "rules_file", "packets", "counters"}
 PACKET_KEYS = {"from", "to", "packet", "pcap", "keep_addresses", "expect", "count", "description"}
+EXCHANGE_KEYS = {"from", "to", "exchange", "port", "listen", "expect", "description"}
 MAX_COUNT = 1000  # packets per entry: every traffic loop is bounded
 
 
@@ -49,6 +53,9 @@ class PacketEntry:
     keep_addresses: bool = False
     description: str = ""
     path: str = ""  # the script, as errors name it
+    exchange: str | None = None  # "tcp", "udp" or "ping": a real connection, not a packet
+    port: int | None = None  # tcp and udp: the destination port
+    listen: bool = True  # tcp and udp: whether a listener runs on the `to` node
 
     @property
     def chain(self) -> str:
@@ -215,12 +222,16 @@ def _packet(entry: object, index: int, topology: str, path: Path, lines: _Lines,
 
     if not isinstance(entry, dict):
         raise fail("", "each [[packets]] entry must be a table")
-    unknown = sorted(set(entry) - PACKET_KEYS)
+    known = EXCHANGE_KEYS if "exchange" in entry else PACKET_KEYS
+    unknown = sorted(set(entry) - known)
     if unknown:
-        raise fail(
-            unknown[0],
-            f"unknown key {unknown[0]!r} in [[packets]] (known: {', '.join(sorted(PACKET_KEYS))})",
-        )
+        key = unknown[0]
+        if "exchange" in entry and key in PACKET_KEYS:
+            reason = "one exchange per entry" if key == "count" else "that is for crafted packets"
+            raise fail(key, f"`{key}` does not go with `exchange` ({reason})")
+        if key in EXCHANGE_KEYS:
+            raise fail(key, f"`{key}` only goes with `exchange` (a real connection)")
+        raise fail(key, f"unknown key {key!r} in [[packets]] (known: {', '.join(sorted(known))})")
     nodes = TOPOLOGIES[topology]
     source, destination = entry.get("from"), entry.get("to")
     for key, value in (("from", source), ("to", destination)):
@@ -235,14 +246,22 @@ def _packet(entry: object, index: int, topology: str, path: Path, lines: _Lines,
     holder = RULE_HOLDER[topology]
     if holder not in (source, destination) and topology == "host":
         raise fail("to", "in the host topology, packets go between client and host")
+    if "exchange" in entry:
+        return _exchange(entry, index, start, source, destination, fail, name)
     expect = entry.get("expect")
     if expect not in EXPECTATIONS:
-        raise fail("expect", f"expect must be one of {', '.join(EXPECTATIONS)}, not {expect!r}")
+        hint = " (that outcome needs `exchange`, a real connection)" if expect in OUTCOMES else ""
+        raise fail(
+            "expect", f"expect must be one of {', '.join(EXPECTATIONS)}, not {expect!r}{hint}"
+        )
     count = entry.get("count", 1)
     if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= MAX_COUNT:
         raise fail("count", f"count must be a whole number from 1 to {MAX_COUNT}")
     if ("packet" in entry) == ("pcap" in entry):
-        raise fail("packet", "give exactly one of `packet` (a scapy spec) or `pcap` (a file)")
+        raise fail(
+            "packet",
+            "give exactly one of `packet` (a scapy spec), `pcap` (a file) or `exchange`",
+        )
     result = PacketEntry(
         index + 1,
         start,
@@ -268,6 +287,45 @@ def _packet(entry: object, index: int, topology: str, path: Path, lines: _Lines,
         if not result.pcap.is_file():
             raise fail("pcap", f"no capture file {result.pcap}")
     return result
+
+
+def _exchange(entry: dict, index: int, start: int, source, destination, fail, name: str):
+    """A [[packets]] entry with `exchange`: a real connection between two nodes."""
+    kind = entry["exchange"]
+    if kind not in EXCHANGES:
+        raise fail("exchange", f"exchange must be one of {', '.join(EXCHANGES)}, not {kind!r}")
+    expect = entry.get("expect")
+    if expect not in EXCHANGE_EXPECTATIONS:
+        raise fail(
+            "expect",
+            f"with `exchange`, expect must be one of {', '.join(map(repr, EXCHANGE_EXPECTATIONS))}"
+            f", not {expect!r}",
+        )
+    port = entry.get("port")
+    listen = entry.get("listen", True)
+    if kind == "ping":
+        for key in ("port", "listen"):
+            if key in entry:
+                raise fail(key, f"`{key}` does not apply to a ping exchange")
+    else:
+        if port is None:
+            raise fail("exchange", f"a {kind} exchange needs `port` (1 to 65535)")
+        if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+            raise fail("port", "port must be a whole number from 1 to 65535")
+        if not isinstance(listen, bool):
+            raise fail("listen", "listen must be true or false")
+    return PacketEntry(
+        index + 1,
+        start,
+        source,
+        destination,
+        expect,
+        description=str(entry.get("description", "")),
+        path=name,
+        exchange=kind,
+        port=port,
+        listen=listen,
+    )
 
 
 def _counters(raw: object, ruleset: Ruleset, lines: _Lines, name: str):

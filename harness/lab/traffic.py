@@ -44,6 +44,11 @@ ARTEFACTS = Path(os.environ.get("BPFLAB_ARTEFACTS", "artefacts"))
 ETH_P_ALL = 0x0003
 DLT_EN10MB = 1  # pcap link type: Ethernet
 MAX_CAPTURED = 20_000  # per interface: captures are bounded in count as well as in time
+# The raw-table chain every node jumps to first from PREROUTING and OUTPUT: empty (no effect)
+# except during a real exchange (harness.lab.exchange), when it accepts that exchange's packets
+# ahead of the quiet rules.
+EXCHANGE_CHAIN = "bl_exchange"
+EXCHANGE_PORTS = 49152  # first source port (and ping id) of the lab's exchanges
 Match = Callable[[Packet], bool]
 
 
@@ -110,6 +115,7 @@ class Lab:
         self.timeout = timeout
         self._stack = ExitStack()
         self._ids = itertools.count(0x1000)
+        self._ports = itertools.count(EXCHANGE_PORTS)
         self.captures: list[Capture] = []
 
     def __enter__(self) -> Lab:
@@ -146,7 +152,32 @@ class Lab:
         for endpoint in self._endpoints():
             namespace = endpoint.namespace
             quiet = namespace is self.holder_namespace
-            _restore(namespace, quiet_host(os.geteuid()) if quiet else QUIET_RECEIVER)
+            text = quiet_host(os.geteuid()) if quiet else QUIET_RECEIVER
+            _restore(namespace, with_exchange_chain(text))
+
+    def namespaces(self) -> list[Namespace]:
+        """Every namespace of the lab, once each (the router has two sides)."""
+        found: list[Namespace] = []
+        for endpoint in self._endpoints():
+            if all(endpoint.namespace is not known for known in found):
+                found.append(endpoint.namespace)
+        return found
+
+    def next_port(self) -> int:
+        """A source port (or ping id) no other exchange of this lab has used."""
+        port = next(self._ports)
+        if port > 65535:
+            raise RuntimeError("this lab has run out of exchange source ports")
+        return port
+
+    def set_exchange_rules(self, rules: list[str]) -> None:
+        """Fill every node's exchange chain with `rules` (iptables rule specifications for
+        the raw table, each ending in a target), replacing what it held; [] empties it."""
+        lines = [f":{EXCHANGE_CHAIN} - [0:0]"]  # with --noflush: flushes that chain only
+        lines += [f"-A {EXCHANGE_CHAIN} {rule}" for rule in rules]
+        text = "*raw\n" + "\n".join(lines) + "\nCOMMIT\n"
+        for namespace in self.namespaces():
+            _restore(namespace, text, noflush=True)
 
     def load_filter_table(self, text: str) -> None:
         """Make this lab a netfilter twin: the filter table `text` (iptables-save text) goes
@@ -278,12 +309,27 @@ class Receiver:
         self.close()
 
 
-def _restore(namespace: Namespace, text: str) -> None:
+def _restore(namespace: Namespace, text: str, *, noflush: bool = False) -> None:
     """iptables-legacy-restore `text` in `namespace` (Namespace.run has no stdin: a file)."""
     with tempfile.NamedTemporaryFile("w", prefix="bpflab-", suffix=".rules") as rules:
         rules.write(text)
         rules.flush()
-        namespace.run(["iptables-legacy-restore", "-w", "10", rules.name])
+        flags = ["--noflush"] if noflush else []
+        namespace.run(["iptables-legacy-restore", "-w", "10", *flags, rules.name])
+
+
+def with_exchange_chain(text: str) -> str:
+    """Raw-table restore `text` (quiet rules) with the exchange chain declared and jumped to
+    first from PREROUTING and OUTPUT, ahead of every quiet rule."""
+    lines = text.splitlines()
+    last_declaration = max(i for i, line in enumerate(lines) if line.startswith(":"))
+    added = [
+        f":{EXCHANGE_CHAIN} - [0:0]",
+        f"-A PREROUTING -j {EXCHANGE_CHAIN}",
+        f"-A OUTPUT -j {EXCHANGE_CHAIN}",
+    ]
+    lines[last_declaration + 1 : last_declaration + 1] = added
+    return "\n".join(lines) + "\n"
 
 
 def _node(name: str, endpoint, *, holder: bool) -> Node:
