@@ -190,12 +190,25 @@ static __always_inline __u64 tcp_timeout(__u32 state)
     }
 }
 
+/* `size` bytes of the packet at `offset` into `to`: straight from the linear data where they
+ * are there (most packets: a helper call costs more than the copy), else through the helper. */
+static __always_inline int load(struct __sk_buff *skb, __u32 offset, void *to, __u32 size)
+{
+    void *data = (void *)(long)skb->data, *end = (void *)(long)skb->data_end;
+
+    if (offset <= 256 && data + offset + size <= end) {
+        __builtin_memcpy(to, data + offset, size);
+        return 0;
+    }
+    return bpf_skb_load_bytes(skb, offset, to, size);
+}
+
 /* One byte of the packet, 0 if it cannot be read. */
 static __always_inline __u32 byte_at(struct __sk_buff *skb, __u32 offset)
 {
     __u8 value = 0;
 
-    bpf_skb_load_bytes(skb, offset, &value, 1);
+    load(skb, offset, &value, 1);
     return value;
 }
 
@@ -257,7 +270,7 @@ static __always_inline void read_options(struct __sk_buff *skb, __u32 start,
 
         if (2 + 8 * b >= seg->sack_size)
             break;
-        if (bpf_skb_load_bytes(skb, start + seg->sack_at + 2 + 8 * b + 4, edge, 4))
+        if (load(skb, start + seg->sack_at + 2 + 8 * b + 4, edge, 4))
             break;
         seg->edge[b] = be32(edge);
         seg->edges = b + 1;
@@ -278,7 +291,7 @@ CT_GLOBAL int ct_tcp_segment(struct __sk_buff *skb, __u32 transport, __u32 tot_l
 
     if (!skb || !seg || transport + 20 > tot_len)
         return -1;
-    if (bpf_skb_load_bytes(skb, CT_ETH_HLEN + transport, h, 20))
+    if (load(skb, CT_ETH_HLEN + transport, h, 20))
         return -1;
     doff = (h[12] >> 4) * 4;
     if (doff < 20 || tot_len - transport < doff)
@@ -716,12 +729,12 @@ static __always_inline int read_tuple(struct __sk_buff *skb, __u32 proto, __u32 
     t->dst = dst;
     t->sport = t->dport = 0;
     if (proto == CT_TCP || proto == CT_UDP) {
-        if (at + 4 > limit || bpf_skb_load_bytes(skb, CT_ETH_HLEN + at, l4, 4))
+        if (at + 4 > limit || load(skb, CT_ETH_HLEN + at, l4, 4))
             return -1;
         t->sport = be16(l4);
         t->dport = be16(l4 + 2);
     } else if (proto == CT_ICMP) {
-        if (at + 8 > limit || bpf_skb_load_bytes(skb, CT_ETH_HLEN + at, l4, 8))
+        if (at + 8 > limit || load(skb, CT_ETH_HLEN + at, l4, 8))
             return -1;
         t->sport = be16(l4 + 4);
         t->dport = (__u16)(l4[0] << 8 | l4[1]);
@@ -766,7 +779,7 @@ static __always_inline void related(struct __sk_buff *skb, __u32 inner, __u32 to
     struct ct_entry *e;
     __u32 proto, transport, dir;
 
-    if (inner + 20 > tot_len || bpf_skb_load_bytes(skb, CT_ETH_HLEN + inner, ip, 20))
+    if (inner + 20 > tot_len || load(skb, CT_ETH_HLEN + inner, ip, 20))
         return;
     transport = inner + (ip[0] & 0x0F) * 4;
     if (be16(ip + 6) & 0x1FFF || transport > tot_len)
@@ -804,7 +817,7 @@ static __always_inline int l4_packet(struct __sk_buff *skb, struct ct_entry *e, 
         __u32 length;
         __u64 timeout = CT_TIMEOUT_UDP;
 
-        if (transport + 8 > tot_len || bpf_skb_load_bytes(skb, CT_ETH_HLEN + transport, udp, 8))
+        if (transport + 8 > tot_len || load(skb, CT_ETH_HLEN + transport, udp, 8))
             return T_INVALID;
         length = be16(udp + 4);
         if (length > tot_len - transport || length < 8)
@@ -845,7 +858,7 @@ CT_GLOBAL int ct_classify(struct __sk_buff *skb, struct ct_result *res)
         return 0;
     __builtin_memset(res, 0, sizeof(*res));
     res->state = CT_STATE_INVALID;
-    if (bpf_skb_load_bytes(skb, CT_ETH_HLEN, ip, 20) || ip[0] >> 4 != 4 || (ip[0] & 0x0F) < 5)
+    if (load(skb, CT_ETH_HLEN, ip, 20) || ip[0] >> 4 != 4 || (ip[0] & 0x0F) < 5)
         return 0;
     tot_len = be16(ip + 2);
     transport = (ip[0] & 0x0F) * 4;
@@ -860,7 +873,7 @@ CT_GLOBAL int ct_classify(struct __sk_buff *skb, struct ct_result *res)
     if (proto == CT_ICMP) {
         __u8 icmp[8];
 
-        if (transport + 8 > tot_len || bpf_skb_load_bytes(skb, CT_ETH_HLEN + transport, icmp, 8) ||
+        if (transport + 8 > tot_len || load(skb, CT_ETH_HLEN + transport, icmp, 8) ||
             icmp[0] > 18)
             return 0;
         if (icmp[0] == 3 || icmp[0] == 4 || icmp[0] == 5 || icmp[0] == 11 || icmp[0] == 12) {
