@@ -3,7 +3,8 @@ the bytecode backend links from clang's object, compiled here by bcc with everyt
 
 bcc cannot call a function it did not inline (it does not relocate calls), and its rewriter
 turns `map.lookup(key)` into map access only where those words are in the source, not in a
-macro's expansion: so the tracker's functions are `static __always_inline` here, its map
+macro's expansion: so the tracker's functions are `static __always_inline` here (and read the
+packet through the helper only, which keeps the inlined paths few enough to verify), its map
 macros are written out as bcc's calls, and its maps are declared as the caller's, from their
 pins (like the counters). Entry functions call ct_classify before the chains and ct_confirm on
 a final ACCEPT, with the facts' `ct` as the result.
@@ -36,7 +37,8 @@ def declarations(table_entries: int) -> list[str]:
 
 def tracker(table_entries: int) -> list[str]:
     """The tracker's C for bcc: its types, maps and (inlined) functions."""
-    text = conntrack.source(["#define CT_GLOBAL static __always_inline"], line_marker=False)
+    prelude = ["#define CT_GLOBAL static __always_inline", "#define CT_LOAD_BY_HELPER"]
+    text = conntrack.source(prelude, line_marker=False)
     text = _CALL.sub(lambda m: f"{m.group(2)}.{_OPERATIONS[m.group(1)]}(", text)
     lines = []
     for line in text.splitlines():
