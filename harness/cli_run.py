@@ -19,6 +19,7 @@ def verify(args: argparse.Namespace) -> int:
     from codegen.conntrack import TrackerMaps, uses_conntrack
     from codegen.tc.generator import COUNTERS_MAP, LOCAL_MAP
     from codegen.tc.layout import CounterLayout
+    from codegen.tc.replies import INTERFACE_ADDRESSES, INTERFACE_VALUE_SIZE
 
     from .backends import load_program
     from .counters import CounterMap
@@ -30,8 +31,10 @@ def verify(args: argparse.Namespace) -> int:
         CounterMap(CounterLayout.of(ruleset)) as counters,
         Map(MapType.HASH, 4, 1, 16, name=LOCAL_MAP) as local,
         TrackerMaps.create(RUN_TABLE_ENTRIES) as tracker,
+        Map(MapType.HASH, 4, INTERFACE_VALUE_SIZE, 16, name=INTERFACE_ADDRESSES) as sources,
     ):
         tracking = tracker.maps if uses_conntrack(ruleset) else {}
+        tracking = {**tracking, INTERFACE_ADDRESSES: sources}
         for hook in ("ingress", "egress"):
             program = load_program(
                 ruleset,

@@ -32,6 +32,7 @@ class Outcome:
     verdict: str  # "ACCEPT", "DROP", or "PASS" for a packet the programs do not handle
     deciding: Position
     counters: dict[Position, tuple[int, int]]  # what moved: (packets, bytes) added
+    reply: bytes | None = None  # the frame a REJECT answered with (the program redirected)
 
 
 def standin_interfaces(ruleset: Ruleset, extra: Iterable[str] = ()) -> dict[str, int]:
@@ -121,11 +122,14 @@ class ChainRunner:
         }
         assert result.context is not None
         deciding = self.layout.positions[result.context.cb[1]]
+        reply = None
         if deciding == NOT_HANDLED:
             verdict = "PASS"
+        elif result.retval == TcAction.REDIRECT:  # a REJECT's answer, built in the packet
+            verdict, reply = "DROP", result.data
         else:
             verdict = {TcAction.OK: "ACCEPT", TcAction.SHOT: "DROP"}[result.retval]
-        return Outcome(verdict, deciding, moved)
+        return Outcome(verdict, deciding, moved, reply)
 
     def close(self) -> None:
         for program in self._programs.values():

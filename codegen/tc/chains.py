@@ -23,6 +23,7 @@ from codegen.bpf import insn as I
 from codegen.bpf.asm import Item, Label
 from codegen.bpf.isa import R0, R1, R2, JmpOp, Size
 from codegen.rules.extensions import BY_MODEL, TARGETS_BY_MODEL, extension_of, target_refusal
+from codegen.rules.extensions.reject import REJECT_WITH, Reject
 from codegen.rules.iptables_save import write_rule
 from codegen.rules.model import (
     IP_PART,
@@ -38,11 +39,12 @@ from codegen.rules.model import (
     Ruleset,
 )
 
-from . import exact, matches
+from . import exact, matches, replies
 from .counters import COUNT
 from .layout import CONTINUE, FACTS, SCRATCH_OFFSET, CounterLayout, Facts
 from .program import CompileError, Labels, RuleNote, where
 from .targets import (
+    GENERATED_TARGETS,
     REFUSED_TARGETS,
     RETURNED,
     FunctionTargets,
@@ -148,7 +150,7 @@ def refuse_unsupported(ruleset: Ruleset, names: tuple[str, ...]) -> None:
     this backend has no code for, saying why when its family is refused on purpose."""
     for name in names:
         for index, rule in enumerate(ruleset.chains[name].rules, 1):
-            refusal = target_refusal(rule.target, REFUSED_TARGETS)
+            refusal = target_refusal(rule.target, REFUSED_TARGETS, GENERATED_TARGETS)
             if refusal is not None:
                 raise CompileError(
                     f"{where(rule)}the bytecode backend {refusal} (rule {index} of {name})"
@@ -169,20 +171,26 @@ def refuse_unsupported(ruleset: Ruleset, names: tuple[str, ...]) -> None:
                 )
 
 
-def require_tracker(ruleset: Ruleset) -> None:
-    """CompileError naming the first rule that asks about connections when the connection
-    tracker (clang's object of codegen/conntrack) cannot be built here."""
-    found = conntrack.first_tracking_rule(ruleset)
-    if found is None:
-        return
-    chain, index, rule = found
-    try:
-        conntrack.bytecode_functions()
-    except conntrack.TrackerUnavailable as error:
-        raise CompileError(
-            f"{where(rule)}the bytecode backend cannot build the connection tracker that rule "
-            f"{index} of {chain} needs: {error}{_rule_text(chain, rule)}"
-        ) from error
+def require_runtime(ruleset: Ruleset) -> None:
+    """CompileError naming the first rule that needs a fixed component written in C (the
+    connection tracker of codegen/conntrack, REJECT's answers of codegen/reject) when clang's
+    object of it cannot be built here."""
+    needs = (
+        ("the connection tracker", conntrack.first_tracking_rule, conntrack.bytecode_functions),
+        ("REJECT's answers", replies.first_reject_rule, replies.functions),
+    )
+    for what, first, build in needs:
+        found = first(ruleset)
+        if found is None:
+            continue
+        chain, index, rule = found
+        try:
+            build()
+        except (conntrack.TrackerUnavailable, replies.Unavailable) as error:
+            raise CompileError(
+                f"{where(rule)}the bytecode backend cannot build {what} that rule {index} of "
+                f"{chain} needs: {error}{_rule_text(chain, rule)}"
+            ) from error
 
 
 def _match_name(match: Match) -> str:
@@ -392,6 +400,10 @@ class ChainWriter:
             code += [decided, *targets.accept()]
         elif isinstance(target, Drop):
             code += [decided, *targets.drop()]
+        elif isinstance(target, Reject):
+            # A drop, and the drop tail answers it (codegen.tc.replies).
+            answer = I.st(Size.B, FACTS, Facts.REJECT.offset, 1 + REJECT_WITH[target.reply])
+            code += [decided, answer, *targets.drop()]
         elif isinstance(target, Return):
             code += targets.return_()
         elif isinstance(target, Jump):

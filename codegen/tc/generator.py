@@ -32,7 +32,7 @@ from .chains import (
     MAX_FRAMES,
     ChainWriter,
     refuse_unsupported,
-    require_tracker,
+    require_runtime,
     user_chains_called,
 )
 from .counters import COUNTERS_MAP
@@ -47,6 +47,7 @@ from .fragments import (
 from .hooks import LOCAL_MAP, ProgramWriter
 from .layout import CounterLayout
 from .program import CompiledProgram, CompileError, Hook, Labels, RuleNote
+from .replies import INTERFACE_ADDRESSES, rejects
 from .targets import RETURNED
 
 __all__ = [
@@ -87,7 +88,7 @@ def compile_program(
     else:
         builtins = ("INPUT", "FORWARD") if hook == "ingress" else ("OUTPUT",)
     refuse_unsupported(ruleset, (*builtins, *user_chains_called(ruleset, builtins)))
-    require_tracker(ruleset)
+    require_runtime(ruleset)
     chains = ChainWriter(ruleset, CounterLayout.of(ruleset), interfaces, Labels())
     items = remove_unreachable(ProgramWriter(chains, hook, fastpath).entry(builtins))
     maps = {
@@ -98,6 +99,8 @@ def compile_program(
         maps += (EXACT_MAP,)
     if uses_conntrack(ruleset):
         maps += conntrack.MAPS
+    if hook == "ingress" and rejects(ruleset):
+        maps += (INTERFACE_ADDRESSES,)
     name = {"ingress": "bpflab_ingress", "egress": "bpflab_egress"}.get(hook, f"bpflab_{chain}")
     return CompiledProgram(
         name[:15], hook, builtins, items, chains.layout, maps, chains.notes, chains.exact

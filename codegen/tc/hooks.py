@@ -26,6 +26,7 @@ from codegen.bpf.isa import R0, R1, R2, R3, R4, R6, R7, R10, AluOp, FibResult, J
 from codegen.bpf.testrun import SKB_OFFSETS
 from codegen.conntrack import uses_conntrack
 
+from . import replies
 from .chains import ChainWriter, user_chains_called
 from .counters import COUNT, add_bytes_subprogram, count_subprogram
 from .fragments import first_fragment_verdicts, later_fragments
@@ -41,6 +42,7 @@ from .layout import (
 )
 from .parser import ETH_HLEN, PACKET_HOST, ip_header_within, parse
 from .program import Hook
+from .replies import rejects, reply_tail
 
 LOCAL_MAP = "local_addresses"
 AF_INET = 2
@@ -56,6 +58,8 @@ class ProgramWriter:
         self.label = chains.label
         # Connections are tracked only for rule sets that ask about them, as in netfilter.
         self.tracking = uses_conntrack(chains.ruleset)
+        self.answering = rejects(chains.ruleset)  # some rule REJECTs: the drop tail answers
+        self.builtin: str | None = None  # the chain program's chain
 
     def track(self) -> list[Item]:
         """nf_conntrack_in before the chains: ct_classify fills the facts' connection."""
@@ -85,6 +89,8 @@ class ProgramWriter:
         ]
 
     def entry(self, builtins: tuple[str, ...]) -> list[Item]:
+        if self.hook == "chain":
+            self.builtin = builtins[0]
         code: list[Item] = [I.mov64(R6, R1)]
         if self.hook == "egress":
             # Forwarded packets left their FORWARD verdict on ingress; OUTPUT is for ours.
@@ -120,6 +126,8 @@ class ProgramWriter:
             code += add_bytes_subprogram()
         if self.tracking:
             code += conntrack.bytecode_functions()
+        if self.answering:
+            code += replies.functions()
         return code
 
     def tails(self) -> list[Item]:
@@ -127,8 +135,13 @@ class ProgramWriter:
         code: list[Item] = []
         report = self.hook == "chain"
         for label, action in (("accept", TcAction.OK), ("drop", TcAction.SHOT)):
-            confirm = self.confirm() if label == "accept" else []
-            code += [Label(label), *confirm, *_report(report), I.mov64(R0, action), I.exit_()]
+            code.append(Label(label))
+            if label == "accept":
+                code += self.confirm()
+            code += _report(report)
+            if label == "drop" and self.answering:
+                code += [*reply_tail(self.hook, self.builtin, "plain_drop"), Label("plain_drop")]
+            code += [I.mov64(R0, action), I.exit_()]
         slot = self.chains.layout.slot(NOT_HANDLED)
         code += [
             Label("not_handled"),

@@ -51,6 +51,7 @@ class Facts:
     TOS = Field(40, Size.B)
     ID = Field(42, Size.H)  # the IP identification, host order
     MORE_FRAGMENTS = Field(44, Size.B)  # the MF flag, 0 or 1
+    REJECT = Field(45, Size.B)  # 0, or 1 + the ipt_reject_with of the REJECT that dropped it
     CONNECTION = 48  # codegen.conntrack.Result: what ct_classify found (rule sets with ct matches)
     SIZE = CONNECTION + ctypes.sizeof(Result) + 7 & ~7
 

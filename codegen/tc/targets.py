@@ -22,11 +22,11 @@ from .layout import ACCEPT, CONTINUE, DROP, FACTS, Facts
 
 RETURNED = 3  # a chunk's answer when its chain returns (RETURN, or a goto that came back)
 # The rule layer's target extensions (codegen.rules.extensions.TARGETS) this backend refuses,
-# each with the reason its refusal gives; it generates none yet.
+# each with the reason its refusal gives (REJECT it generates: codegen.tc.replies).
 REFUSED_TARGETS: dict[str, str] = {
-    "REJECT": "REJECT is not generated yet",
     "LOG": "LOG is not generated yet (the programs have no log records)",
 }
+GENERATED_TARGETS = frozenset({"REJECT"})
 NewLabel = Callable[[str], str]
 
 

@@ -51,3 +51,25 @@ def fill_local_map(local: Map, addresses: dict[int, int]) -> None:
     """Put `addresses` (local_addresses' answer, or a stand-in) into a `local_addresses` map."""
     for address, kind in sorted(addresses.items())[: local.max_entries]:
         local.update(struct.pack("<I", address), bytes([kind]))
+
+
+def interface_addresses(namespace: Namespace) -> dict[int, tuple[int, bytes]]:
+    """Each device's first IPv4 address (host order, 0 if none) and MAC, by ifindex: what
+    REJECT's answers come from (the router's address facing the sender of a forwarded packet;
+    the device's MAC for a frame that came to a group MAC)."""
+    found: dict[int, tuple[int, bytes]] = {}
+    with namespace.ipr() as ipr:
+        for link in ipr.get_links():
+            mac = link.get_attr("IFLA_ADDRESS") or "00:00:00:00:00:00"
+            found[link["index"]] = (0, bytes.fromhex(mac.replace(":", ""))[:6].ljust(6, b"\0"))
+        for address in ipr.get_addr(family=socket.AF_INET):
+            local = address.get_attr("IFA_LOCAL") or address.get_attr("IFA_ADDRESS")
+            index = address["index"]
+            if local is not None and index in found and found[index][0] == 0:
+                found[index] = (int(ipaddress.IPv4Address(local)), found[index][1])
+    return found
+
+
+def fill_interface_map(table: Map, devices: dict[int, tuple[int, bytes]]) -> None:
+    for ifindex, (address, mac) in sorted(devices.items())[: table.max_entries]:
+        table.update(struct.pack("<I", ifindex), struct.pack("<I6s2x", address, mac))

@@ -35,11 +35,17 @@ from codegen.rules.model import Ruleset
 from codegen.rules.validation import validate
 from codegen.tc.generator import COUNTERS_MAP, LOCAL_MAP
 from codegen.tc.layout import CounterLayout, Position
+from codegen.tc.replies import (
+    INTERFACE_ADDRESSES,
+    INTERFACE_ADDRESSES_ENTRIES,
+    INTERFACE_VALUE_SIZE,
+    rejects,
+)
 from netns.namespace import PIN_ROOT, Namespace
 
 from ..backends import Backend, Program, load_program
 from ..counters import CounterMap
-from .addresses import fill_local_map, local_addresses
+from .addresses import fill_interface_map, fill_local_map, interface_addresses, local_addresses
 
 STATE_ROOT = Path("/run/bpflab/rulesets")
 LOCAL_MAP_SIZE = 1024
@@ -127,6 +133,19 @@ def apply(
         tracker = _tracker(ruleset, pins)
         if tracker is not None:
             cleanup.enter_context(tracker)
+        extra: dict[str, object] = {} if tracker is None else dict(tracker.maps)
+        if rejects(ruleset):
+            sources = cleanup.enter_context(
+                Map(
+                    MapType.HASH,
+                    4,
+                    INTERFACE_VALUE_SIZE,
+                    INTERFACE_ADDRESSES_ENTRIES,
+                    name=INTERFACE_ADDRESSES,
+                )
+            )
+            fill_interface_map(sources, interface_addresses(namespace))
+            extra[INTERFACE_ADDRESSES] = sources
         interfaces = _all_interfaces(namespace)
         programs: dict[str, Program] = {}
         for hook in ("ingress", "egress"):
@@ -136,11 +155,7 @@ def apply(
                         ruleset,
                         hook,
                         interfaces=interfaces,
-                        maps={
-                            COUNTERS_MAP: counters,
-                            LOCAL_MAP: local,
-                            **({} if tracker is None else tracker.maps),
-                        },
+                        maps={COUNTERS_MAP: counters, LOCAL_MAP: local, **extra},
                         fastpath=fastpath,
                         backend=backend,
                     )

@@ -34,7 +34,7 @@ MULTIBYTE_TAIL = "# café ☃ 𝄞\n".encode()
 
 
 def check_path(data: bytes, name: str) -> None:
-    """What `bpflab check FILE` does with the bytes of FILE (harness.cli_input.parse_rules, cli._check)."""
+    """What `bpflab check FILE` does with the bytes of FILE (cli_input.parse_rules, cli._check)."""
     ruleset = parse(decode_rules(data, name), name)
     validate(ruleset)
     write(ruleset)

@@ -81,13 +81,17 @@ def supported_targets() -> str:
     return ", ".join(["ACCEPT", "DROP", "RETURN", *TARGETS_BY_NAME, "or a user-defined chain"])
 
 
-def target_refusal(target: object, refused: dict[str, str]) -> str | None:
-    """For a generator without code for target extensions: why it does not generate `target`,
-    as the end of a sentence ("refuses the '-j REJECT' target because REASON", REASON from
-    `refused` by family name, or "has no code for ..."); None for a standard target."""
+def target_refusal(
+    target: object, refused: dict[str, str], generated: frozenset[str] = frozenset()
+) -> str | None:
+    """Why a generator does not generate `target`, as the end of a sentence ("refuses the '-j
+    LOG' target because REASON", REASON from `refused` by family name, or "has no code for
+    ..."); None for a standard target or one of the families it `generated`."""
     if not isinstance(target, ExtensionTarget):
         return None
     name = target_extension_of(target).name
+    if name in generated:
+        return None
     what = f"the '-j {name}' target"
     reason = refused.get(name)
     return f"has no code for {what}" if reason is None else f"refuses {what} because {reason}"

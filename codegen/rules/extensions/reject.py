@@ -52,6 +52,7 @@ REJECT_TYPES: tuple[tuple[RejectType, str, int, int | None], ...] = (
     ("icmp-admin-prohibited", "admin-prohib", 8, 13),
 )
 _VALUES = {name: value for name, _, value, _ in REJECT_TYPES}
+REJECT_WITH: dict[str, int] = dict(_VALUES)  # the ipt_reject_with value of each type
 _NAMES = {value: name for name, _, value, _ in REJECT_TYPES}
 DEFAULT: RejectType = "icmp-port-unreachable"
 

@@ -1,0 +1,72 @@
+"""REJECT's answers in the TC programs: one C source (reject.bpf.c) that both backends build into
+their programs, as the connection tracker is (codegen/conntrack).
+
+`reject_reply(skb, with, hook, icmp_source, pkt_type)` rewrites the packet into the answer
+ipt_REJECT sends for it (a TCP RST, or an ICMP destination unreachable quoting it) and returns
+bpf_redirect's TC_ACT_REDIRECT, or TC_ACT_SHOT where the kernel sends nothing (the rules of
+codegen/rules/extensions/reject.py) or the answer cannot be built. `with` is the enum
+ipt_reject_with value; `hook` is HOOK_INGRESS (the answer leaves by the device the packet came
+in on) or HOOK_EGRESS (the packet was leaving: the answer is delivered to our own stack);
+`icmp_source` the ICMP error's source address, host order; `pkt_type` the packet's (skb's, or
+the test-run context's), as only PACKET_HOST packets get ICMP errors. No maps.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable
+from pathlib import Path
+
+from codegen.bpf.asm import Subprogram
+
+SOURCE = Path(__file__).with_name("reject.bpf.c")
+HOOK_INGRESS, HOOK_EGRESS = 0, 1
+TC_ACT_SHOT, TC_ACT_REDIRECT = 2, 7
+
+
+def source(prelude: Iterable[str], *, line_marker: bool = True) -> str:
+    """The C as text: `prelude` (the includer's types, helpers and constants), then the C (its
+    lines numbered as in its file, with `line_marker`)."""
+    lines = [*prelude]
+    if line_marker:
+        lines.append(f'#line 1 "{SOURCE.name}"')
+    lines.append(SOURCE.read_text())
+    return "\n".join(lines) + "\n"
+
+
+# The function verified once (the C's RJ_GLOBAL): its arguments as the BTF the assembler writes
+# describes them.
+GLOBALS: dict[str, tuple[str | int, ...]] = {
+    "reject_reply": ("ctx", "scalar", "scalar", "scalar", "scalar"),
+}
+
+# What clang needs around the C.
+CLANG_PRELUDE = (
+    "#include <linux/bpf.h>",
+    "#include <bpf/bpf_helpers.h>",
+)
+
+
+class RejectUnavailable(RuntimeError):
+    """REJECT's answers cannot be built here (no clang for the BPF target, or it failed)."""
+
+
+@functools.cache
+def bytecode_functions() -> tuple:
+    """reject_reply as assembler items (a BTF-described global the bytecode backend's programs
+    call), from clang's object of the C; compiled once per source and cached. Raises
+    RejectUnavailable, saying why, where that cannot be done."""
+    from codegen.bpf.clang import ClangError, ClangUnavailable, compile_object
+    from codegen.bpf.elf import ObjectError, read_functions
+
+    try:
+        functions = read_functions(compile_object(source(CLANG_PRELUDE), name="reject"))
+    except (ClangUnavailable, ClangError, ObjectError) as error:
+        raise RejectUnavailable(f"REJECT's answers cannot be built: {error}") from error
+    if set(functions) != set(GLOBALS):
+        raise RuntimeError(f"the reject object has {sorted(functions)}, not {sorted(GLOBALS)}")
+    items: list = []
+    for name, code in functions.items():
+        marker, *rest = code
+        items += [Subprogram(name, "global", GLOBALS[name]), *rest]
+    return tuple(items)

@@ -1,0 +1,107 @@
+"""REJECT's answers in the bytecode programs: a REJECT rule drops the packet with the reject
+type noted in the facts (Facts.REJECT), and the drop tail, finding it there, calls
+`reject_reply` (codegen/reject: nf_send_reset and nf_send_unreach in C, linked from clang's
+object) to turn the packet into the answer and send it: back out of the device it came in on
+(INPUT, FORWARD), or into our own stack (OUTPUT), so that the local socket hears of it.
+
+The ICMP error's source address is the kernel's choice: the packet's destination at INPUT (a
+local route), the router's address on the device the packet came in on at FORWARD (the route
+back to the sender; `interface_addresses`, filled at apply time with each device's address and
+MAC: a frame that came to a broadcast or multicast MAC is answered from the device's own MAC).
+At OUTPUT the kernel answers from the packet's own source (the route back to a local sender),
+but an answer delivered to our stack from a device with a local source is a martian there and
+is dropped before any socket sees it: so it comes from the packet's destination. The chain
+program for BPF_PROG_TEST_RUN has no devices of its own: at FORWARD it answers from the
+packet's destination.
+"""
+
+from __future__ import annotations
+
+from codegen import reject
+from codegen.bpf import insn as I
+from codegen.bpf.asm import Item, Label
+from codegen.bpf.isa import R0, R1, R2, R3, R4, R5, R6, R7, R10, AluOp, JmpOp, Size
+from codegen.rules.extensions.reject import Reject
+from codegen.rules.model import Rule, Ruleset
+
+from .layout import FACTS, SCRATCH_OFFSET, Facts, map_and_key
+from .parser import PACKET_HOST
+from .program import Hook
+
+# ifindex -> {its first IPv4 address (host order, 4 bytes), its MAC (6), 2 bytes of padding}
+INTERFACE_ADDRESSES = "interface_addresses"
+INTERFACE_VALUE_SIZE = 12
+INTERFACE_ADDRESSES_ENTRIES = 256
+
+
+Unavailable = reject.RejectUnavailable
+
+
+def first_reject_rule(ruleset: Ruleset) -> tuple[str, int, Rule] | None:
+    """The first REJECT rule, if any: its chain, 1-based index, itself."""
+    for chain in ruleset.chains.values():
+        for index, rule in enumerate(chain.rules, 1):
+            if isinstance(rule.target, Reject):
+                return chain.name, index, rule
+    return None
+
+
+def rejects(ruleset: Ruleset) -> bool:
+    return first_reject_rule(ruleset) is not None
+
+
+def reply_tail(hook: Hook, builtin: str | None, plain_drop: str) -> list[Item]:
+    """At the drop tail: jump to `plain_drop` unless a REJECT dropped the packet; else answer
+    it and return what reject_reply says (a redirect, or TC_ACT_SHOT when no answer is due).
+    `builtin` is the chain program's chain."""
+    outgoing = hook == "egress" or builtin == "OUTPUT"
+    with_, key, source = SCRATCH_OFFSET, SCRATCH_OFFSET - 8, SCRATCH_OFFSET - 16
+    call = "reply_call"
+    code: list[Item] = [
+        I.ldx(Size.B, R1, FACTS, Facts.REJECT.offset),
+        I.jmp32(JmpOp.JEQ, R1, 0, plain_drop),
+        I.alu32(AluOp.SUB, R1, 1),
+        I.stx(Size.DW, R10, with_, R1),
+        I.ldx(Size.W, R1, FACTS, Facts.DADDR.offset),
+        I.stx(Size.DW, R10, source, R1),
+    ]
+    if hook == "ingress":
+        # The device the packet came in on: its address answers a forwarded packet, and its
+        # MAC a frame that came to a group MAC (reject_reply swaps the frame's two).
+        code += [
+            I.ldx(Size.W, R1, FACTS, Facts.IN_IFINDEX.offset),
+            I.stx(Size.W, R10, key, R1),
+            *map_and_key(INTERFACE_ADDRESSES, key),
+            I.call("map_lookup_elem"),
+            I.jmp(JmpOp.JEQ, R0, 0, call),
+            I.mov64(R7, R0),
+            I.ldx(Size.W, R1, FACTS, Facts.OUT_IFINDEX.offset),
+            I.jmp32(JmpOp.JEQ, R1, 0, "reply_input"),
+            I.ldx(Size.W, R1, R7, 0),
+            I.stx(Size.DW, R10, source, R1),
+            Label("reply_input"),
+            I.ldx(Size.B, R1, FACTS, Facts.PKT_TYPE.offset),
+            I.jmp32(JmpOp.JEQ, R1, PACKET_HOST, call),
+            I.mov64(R1, R6),
+            I.mov64(R2, 0),
+            I.mov64(R3, R7),
+            I.alu64(AluOp.ADD, R3, 4),
+            I.mov64(R4, 6),
+            I.mov64(R5, 0),
+            I.call("skb_store_bytes"),
+        ]
+    return [
+        *code,
+        Label(call),
+        I.mov64(R1, R6),
+        I.ldx(Size.DW, R2, R10, with_),
+        I.mov64(R3, int(outgoing)),
+        I.ldx(Size.DW, R4, R10, source),
+        I.ldx(Size.B, R5, FACTS, Facts.PKT_TYPE.offset),
+        I.call_local("reject_reply"),
+        I.exit_(),
+    ]
+
+
+def functions() -> tuple:
+    return reject.bytecode_functions()
