@@ -182,6 +182,7 @@ def source(prelude: Iterable[str], *, line_marker: bool = True) -> str:
 GLOBALS: dict[str, tuple[str | int, ...]] = {
     "ct_classify": ("ctx", ctypes.sizeof(Result)),
     "ct_confirm": (ctypes.sizeof(Result),),
+    "ct_related": ("ctx", "scalar", "scalar", "scalar", ctypes.sizeof(Result)),
     "ct_tcp": (ctypes.sizeof(Entry), "scalar", SEGMENT_SIZE, "scalar"),
     "ct_tcp_window": (ctypes.sizeof(Entry), "scalar", SEGMENT_SIZE),
     "ct_tcp_segment": ("ctx", "scalar", "scalar", SEGMENT_SIZE),

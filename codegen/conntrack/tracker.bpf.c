@@ -773,33 +773,36 @@ static __always_inline void report(struct ct_result *res, const struct ct_entry 
 }
 
 /* nf_conntrack_inet_error: an ICMP error is RELATED to the connection whose packet it quotes,
- * if that connection's packet in that direction went to the error's target. */
-static __always_inline void related(struct __sk_buff *skb, __u32 inner, __u32 tot_len,
-                                    __u32 outer_daddr, __u64 now, struct ct_result *res)
+ * if that connection's packet in that direction went to the error's target. A function of its
+ * own: its frame would otherwise sit under the TCP tracker's calls, past the stack's 512. */
+CT_GLOBAL int ct_related(struct __sk_buff *skb, __u32 inner, __u32 tot_len, __u32 outer_daddr,
+                         struct ct_result *res)
 {
+    __u64 now = ct_now();
     __u8 ip[20];
     struct ct_tuple quoted, inverted, inv;
     struct ct_key key = {};
     struct ct_entry *e;
     __u32 proto, transport, dir;
 
-    if (inner + 20 > tot_len || load(skb, CT_ETH_HLEN + inner, ip, 20))
-        return;
+    if (!res || inner + 20 > tot_len || load(skb, CT_ETH_HLEN + inner, ip, 20))
+        return 0;
     transport = inner + (ip[0] & 0x0F) * 4;
     if (be16(ip + 6) & 0x1FFF || transport > tot_len)
-        return;
+        return 0;
     proto = ip[9];
     if (read_tuple(skb, proto, transport, tot_len, be32(ip + 12), be32(ip + 16), &quoted))
-        return;
+        return 0;
     if (invert(proto, &quoted, &inverted) || make_key(proto, &inverted, &inv, &key))
-        return;
+        return 0;
     e = find(&key, now);
     if (!e)
-        return;
+        return 0;
     dir = tuple_eq(&inverted, &e->reply);
     if ((dir ? e->reply.dst : e->orig.dst) != outer_daddr)
-        return;
+        return 0;
     report(res, e, CT_STATE_RELATED, dir, now);
+    return 0;
 }
 
 /* The l4 tracker's packet() for an entry: T_ACCEPT, T_INVALID, T_REPEAT or T_KILL. */
@@ -881,7 +884,7 @@ CT_GLOBAL int ct_classify(struct __sk_buff *skb, struct ct_result *res)
             icmp[0] > 18)
             return 0;
         if (icmp[0] == 3 || icmp[0] == 4 || icmp[0] == 5 || icmp[0] == 11 || icmp[0] == 12) {
-            related(skb, transport + 8, tot_len, daddr, now, res);
+            ct_related(skb, transport + 8, tot_len, daddr, res);
             return 0;
         }
     }

@@ -20,7 +20,7 @@ from __future__ import annotations
 from codegen import reject
 from codegen.bpf import insn as I
 from codegen.bpf.asm import Item, Label
-from codegen.bpf.isa import R0, R1, R2, R3, R4, R5, R6, R7, R10, AluOp, JmpOp, Size
+from codegen.bpf.isa import R0, R1, R2, R3, R4, R5, R6, R7, R8, R10, AluOp, JmpOp, Size
 from codegen.rules.extensions.reject import Reject
 from codegen.rules.model import Rule, Ruleset
 
@@ -53,33 +53,26 @@ def rejects(ruleset: Ruleset) -> bool:
 def reply_tail(hook: Hook, builtin: str | None, plain_drop: str) -> list[Item]:
     """At the drop tail: jump to `plain_drop` unless a REJECT dropped the packet; else answer
     it and return what reject_reply says (a redirect, or TC_ACT_SHOT when no answer is due).
-    `builtin` is the chain program's chain."""
+    `builtin` is the chain program's chain. Keeps to registers (r7: the device's entry, r8:
+    the reject type) and the one scratch slot: the tracker's calls leave the frame no room."""
     outgoing = hook == "egress" or builtin == "OUTPUT"
-    with_, key, source = SCRATCH_OFFSET, SCRATCH_OFFSET - 8, SCRATCH_OFFSET - 16
     call = "reply_call"
     code: list[Item] = [
-        I.ldx(Size.B, R1, FACTS, Facts.REJECT.offset),
-        I.jmp32(JmpOp.JEQ, R1, 0, plain_drop),
-        I.alu32(AluOp.SUB, R1, 1),
-        I.stx(Size.DW, R10, with_, R1),
-        I.ldx(Size.W, R1, FACTS, Facts.DADDR.offset),
-        I.stx(Size.DW, R10, source, R1),
+        I.ldx(Size.B, R8, FACTS, Facts.REJECT.offset),
+        I.jmp32(JmpOp.JEQ, R8, 0, plain_drop),
+        I.alu32(AluOp.SUB, R8, 1),
+        I.mov64(R7, 0),
     ]
     if hook == "ingress":
         # The device the packet came in on: its address answers a forwarded packet, and its
         # MAC a frame that came to a group MAC (reject_reply swaps the frame's two).
         code += [
             I.ldx(Size.W, R1, FACTS, Facts.IN_IFINDEX.offset),
-            I.stx(Size.W, R10, key, R1),
-            *map_and_key(INTERFACE_ADDRESSES, key),
+            I.stx(Size.W, R10, SCRATCH_OFFSET, R1),
+            *map_and_key(INTERFACE_ADDRESSES, SCRATCH_OFFSET),
             I.call("map_lookup_elem"),
-            I.jmp(JmpOp.JEQ, R0, 0, call),
             I.mov64(R7, R0),
-            I.ldx(Size.W, R1, FACTS, Facts.OUT_IFINDEX.offset),
-            I.jmp32(JmpOp.JEQ, R1, 0, "reply_input"),
-            I.ldx(Size.W, R1, R7, 0),
-            I.stx(Size.DW, R10, source, R1),
-            Label("reply_input"),
+            I.jmp(JmpOp.JEQ, R7, 0, call),
             I.ldx(Size.B, R1, FACTS, Facts.PKT_TYPE.offset),
             I.jmp32(JmpOp.JEQ, R1, PACKET_HOST, call),
             I.mov64(R1, R6),
@@ -90,13 +83,20 @@ def reply_tail(hook: Hook, builtin: str | None, plain_drop: str) -> list[Item]:
             I.mov64(R5, 0),
             I.call("skb_store_bytes"),
         ]
+    code += [Label(call), I.ldx(Size.W, R4, FACTS, Facts.DADDR.offset)]
+    if hook == "ingress":
+        code += [
+            I.jmp(JmpOp.JEQ, R7, 0, "reply_source"),
+            I.ldx(Size.W, R1, FACTS, Facts.OUT_IFINDEX.offset),
+            I.jmp32(JmpOp.JEQ, R1, 0, "reply_source"),  # INPUT: from the destination
+            I.ldx(Size.W, R4, R7, 0),  # FORWARD: from the device's address
+            Label("reply_source"),
+        ]
     return [
         *code,
-        Label(call),
         I.mov64(R1, R6),
-        I.ldx(Size.DW, R2, R10, with_),
+        I.mov64(R2, R8),
         I.mov64(R3, int(outgoing)),
-        I.ldx(Size.DW, R4, R10, source),
         I.ldx(Size.B, R5, FACTS, Facts.PKT_TYPE.offset),
         I.call_local("reject_reply"),
         I.exit_(),
