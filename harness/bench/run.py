@@ -129,29 +129,13 @@ def run_bench(settings: Settings, progress: Progress = _no_progress) -> dict:
                     for name, times in figures.items()
                 )
             )
-            for position in ("last", "first"):
-                results = traffic.throughput(
-                    count,
-                    position,
-                    trials=settings.throughput_trials,
-                    warmup_s=settings.warmup_s,
-                    window_s=settings.window_s,
-                    progress=progress,
-                )
-                throughput.append({"rules": count, "packet": position, "filters": results})
+            throughput += _throughput(traffic, count, ("last", "first"), settings, progress)
         for count in stateful_sizes:
             figures = traffic.load(count, clock, stateful=True)
             stateful_load.append({"rules": count, "filters": figures})
-            for position in STATEFUL_POSITIONS:
-                results = traffic.throughput(
-                    count,
-                    position,
-                    trials=settings.throughput_trials,
-                    warmup_s=settings.warmup_s,
-                    window_s=settings.window_s,
-                    progress=progress,
-                )
-                stateful_throughput.append({"rules": count, "packet": position, "filters": results})
+            stateful_throughput += _throughput(
+                traffic, count, STATEFUL_POSITIONS, settings, progress
+            )
 
     return {
         "schema": SCHEMA,
@@ -233,6 +217,22 @@ def _per_packet(
                 f"{entry['instructions']:,} instructions, {entry['verifier_processed']:,} "
                 f"processed, loaded in {entry['load_s']:.2f} s"
             )
+    return entries
+
+
+def _throughput(traffic, count: int, positions, settings: Settings, progress: Progress):
+    """Every filter's rate for each kind of packet at `count` rules."""
+    entries = []
+    for position in positions:
+        results = traffic.throughput(
+            count,
+            position,
+            trials=settings.throughput_trials,
+            warmup_s=settings.warmup_s,
+            window_s=settings.window_s,
+            progress=progress,
+        )
+        entries.append({"rules": count, "packet": position, "filters": results})
     return entries
 
 

@@ -47,13 +47,14 @@ def port(index: int) -> int:
     return FIRST_PORT + index
 
 
-def iptables_rules(count: int) -> str:
+def iptables_rules(count: int, *, protocol: str = "tcp", first: str | None = None) -> str:
     """The rule set as iptables-save text, which both `bpflab apply` and iptables-legacy-restore
-    read."""
+    read; `first` is a rule before the N (the stateful workload's)."""
     _check(count)
     lines = ["*filter", ":INPUT DROP [0:0]", ":FORWARD ACCEPT [0:0]", ":OUTPUT ACCEPT [0:0]"]
+    lines += [first] if first else []
     lines += [
-        f"-A INPUT -s {source(i)}/32 -p tcp -m tcp --dport {port(i)} -j ACCEPT"
+        f"-A INPUT -s {source(i)}/32 -p {protocol} -m {protocol} --dport {port(i)} -j ACCEPT"
         for i in range(count)
     ]
     return "\n".join([*lines, "COMMIT", ""])
@@ -64,7 +65,9 @@ EMPTY_IPTABLES = (
 )
 
 
-def nft_rules(count: int, *, replace: bool = False) -> str:
+def nft_rules(
+    count: int, *, replace: bool = False, protocol: str = "tcp", first: str | None = None
+) -> str:
     """The same rule set as an nftables input chain, for `nft -f`.
 
     With `replace`, the file first flushes the table, so that `nft -f` swaps the old rules for
@@ -77,7 +80,8 @@ def nft_rules(count: int, *, replace: bool = False) -> str:
         "\tchain input {",
         "\t\ttype filter hook input priority filter; policy drop;",
     ]
-    lines += [f"\t\tip saddr {source(i)} tcp dport {port(i)} accept" for i in range(count)]
+    lines += [f"\t\t{first}"] if first else []
+    lines += [f"\t\tip saddr {source(i)} {protocol} dport {port(i)} accept" for i in range(count)]
     lines += ["\t}", "}", ""]
     return "\n".join(lines)
 
@@ -124,28 +128,13 @@ HOST_PORT, CLIENT_PORT = 5000, 40000  # the established flow: host:5000 wrote to
 
 
 def stateful_iptables_rules(count: int) -> str:
-    _check(count)
-    lines = ["*filter", ":INPUT DROP [0:0]", ":FORWARD ACCEPT [0:0]", ":OUTPUT ACCEPT [0:0]"]
-    lines.append(STATEFUL_FIRST_RULE)
-    lines += [
-        f"-A INPUT -s {source(i)}/32 -p udp -m udp --dport {port(i)} -j ACCEPT"
-        for i in range(count)
-    ]
-    return "\n".join([*lines, "COMMIT", ""])
+    return iptables_rules(count, protocol="udp", first=STATEFUL_FIRST_RULE)
 
 
 def stateful_nft_rules(count: int, *, replace: bool = False) -> str:
-    _check(count)
-    lines = [f"flush table ip {NFT_TABLE}"] if replace else []
-    lines += [
-        f"table ip {NFT_TABLE} {{",
-        "\tchain input {",
-        "\t\ttype filter hook input priority filter; policy drop;",
-        "\t\tct state established,related accept",
-    ]
-    lines += [f"\t\tip saddr {source(i)} udp dport {port(i)} accept" for i in range(count)]
-    lines += ["\t}", "}", ""]
-    return "\n".join(lines)
+    return nft_rules(
+        count, replace=replace, protocol="udp", first="ct state established,related accept"
+    )
 
 
 def stateful_matched_rule(count: int, position: StatefulPosition) -> int:
