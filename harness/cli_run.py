@@ -90,6 +90,20 @@ def _chains_of(frames: list[bytes], args: argparse.Namespace) -> list[str]:
     return chains
 
 
+def answer_kind(frame: bytes) -> str:
+    """What a REJECT answered with, as --reject-with names it ("tcp-reset", "icmp type 3 code
+    N" for the ICMP errors)."""
+    from scapy.layers.inet import ICMP, TCP
+    from scapy.layers.l2 import Ether
+
+    packet = Ether(frame)
+    if TCP in packet:
+        return "tcp-reset"
+    if ICMP in packet:
+        return f"icmp type {packet[ICMP].type} code {packet[ICMP].code}"
+    return "an answer"
+
+
 def run(args: argparse.Namespace) -> int:
     require(environment.missing_bpf)
     from .lab.packets import SpecError, parse_packet
@@ -136,6 +150,8 @@ def run(args: argparse.Namespace) -> int:
             }
             if outcome.verdict == "PASS":
                 result["handled"] = False
+            if outcome.reply is not None:
+                result["answer"] = answer_kind(outcome.reply)
             if args.json:
                 print(json.dumps(result))
             else:
@@ -144,7 +160,8 @@ def run(args: argparse.Namespace) -> int:
                     if outcome.verdict == "PASS"
                     else (f"{chain} policy" if index == "policy" else f"{chain} rule {index}")
                 )
-                print(f"packet {number}: {result['verdict']:6} by {where}")
+                answered = f", answered with {result['answer']}" if "answer" in result else ""
+                print(f"packet {number}: {result['verdict']:6} by {where}{answered}")
         totals = runner.counters.read()
     counters: dict[str, dict] = {}
     for name, chain in ruleset.chains.items():

@@ -76,7 +76,10 @@ def test_reject_is_generated_by_bytecode_and_refused_by_c(tmp_path):
     assert bpflab("check", str(path)).returncode == 0
     for command in ("compile", "verify", "run"):
         extra = ["--chain", "INPUT", "--packet", "Ether()/IP()/TCP()"] if command == "run" else []
-        assert bpflab(command, str(path), *extra).returncode == 0, command
+        generated = bpflab(command, str(path), *extra)
+        assert generated.returncode == 0, (command, generated.stderr)
+        if command == "run":
+            assert "DROP   by INPUT rule 1, answered with tcp-reset" in generated.stdout
         result = bpflab(command, "--backend", "c", str(path), *extra)
         assert result.returncode == 2, (command, result.stderr)
         assert result.stderr.startswith(f"bpflab: error: {path}:2:1: the "), result.stderr
