@@ -75,7 +75,8 @@ def test_reject_is_generated_by_bytecode_and_refused_by_c(tmp_path):
     path.write_text("*filter\n-A INPUT -p tcp -j REJECT --reject-with tcp-reset\nCOMMIT\n")
     assert bpflab("check", str(path)).returncode == 0
     for command in ("compile", "verify", "run"):
-        extra = ["--chain", "INPUT", "--packet", "Ether()/IP()/TCP()"] if command == "run" else []
+        spec = 'Ether(dst="02:00:00:00:00:02")/IP(dst="198.18.0.2")/TCP()'
+        extra = ["--chain", "INPUT", "--packet", spec] if command == "run" else []
         generated = bpflab(command, str(path), *extra)
         assert generated.returncode == 0, (command, generated.stderr)
         if command == "run":
