@@ -207,19 +207,24 @@ def test_every_rule_layer_family_is_written_or_refused_with_a_reason():
         assert BY_NAME[family].model not in c_matches.WRITERS, family
 
 
-@pytest.mark.parametrize("family", sorted(c_matches.REFUSED))
-def test_a_refused_family_is_refused_with_its_reason_before_anything_compiles(family, monkeypatch):
+def test_a_refused_family_is_refused_with_its_reason_before_anything_compiles(monkeypatch):
+    """Every family is written today, so refuse one for the test (as REFUSED and a missing
+    writer are, for a family not written yet)."""
+
     def compile_anyway(*args: object) -> None:
         pytest.fail("bcc was asked to compile a unit the C backend refuses")
 
+    family = "comment"
     monkeypatch.setattr(compiler, "_compile", compile_anyway)
+    monkeypatch.setitem(c_matches.REFUSED, family, "it is refused for this test")
+    monkeypatch.delitem(c_matches.WRITERS, BY_NAME[family].model)
     example = BY_NAME[family].examples[0]
     ruleset = parse(f"*filter\n-A INPUT {example} -j ACCEPT\nCOMMIT\n", "refused.rules")
     with pytest.raises(CCompileError) as raised:
         c_source(ruleset, "ingress", interfaces={})
     assert str(raised.value) == (
         f"refused.rules:2:1: the C backend refuses the '-m {family}' match because"
-        f" {c_matches.REFUSED[family]}: -A INPUT {example} -j ACCEPT"
+        f" it is refused for this test: -A INPUT {example} -j ACCEPT"
     )
 
 

@@ -55,15 +55,18 @@ def test_every_rule_layer_family_is_generated_or_refused_with_a_reason():
     assert all(emitter.model is model for model, emitter in matches.EMITTERS.items())
 
 
-@pytest.mark.parametrize("family", sorted(matches.REFUSED))
-def test_a_refused_family_is_refused_with_its_reason_naming_the_rule(family):
+def test_a_refused_family_is_refused_with_its_reason_naming_the_rule(monkeypatch):
+    """Every family is generated today, so refuse one for the test."""
+    family = "comment"
+    monkeypatch.setitem(matches.REFUSED, family, "it is refused for this test")
+    monkeypatch.delitem(matches.EMITTERS, BY_NAME[family].model)
     example = BY_NAME[family].examples[0]
     rules = ruleset("-A INPUT -s 198.18.0.1/32 -j ACCEPT", f"-A INPUT {example} -j DROP")
     with pytest.raises(CompileError) as error:
         compile_program(rules, "chain", interfaces=INTERFACES, chain="INPUT")
     assert str(error.value) == (
         f"unsupported.rules:6:1: the bytecode backend refuses the '-m {family}' match of rule 2"
-        f" of INPUT because {matches.REFUSED[family]}: -A INPUT {example} -j DROP"
+        f" of INPUT because it is refused for this test: -A INPUT {example} -j DROP"
     )
 
 
