@@ -12,7 +12,10 @@
   context's ingress_ifindex, out-interface from cb[0], packet type from cb[2]; the deciding
   counter slot comes back in cb[1].
 
-INPUT and OUTPUT are wrapped in codegen.tc.fragments' handling of fragmented datagrams.
+INPUT and OUTPUT are wrapped in codegen.tc.fragments' handling of fragmented datagrams. A rule
+set with ct matches classifies each packet before the chains (ct_classify, codegen.conntrack)
+and confirms its connection at a final ACCEPT (ct_confirm); one with REJECT answers at the drop
+tail (codegen.tc.replies).
 """
 
 from __future__ import annotations
