@@ -21,6 +21,8 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from .asm import Item
+
 CLANGS = ("clang-19", "clang-18", "clang-17", "clang")
 FLAGS = ("-O2", "-target", "bpf", "-mcpu=v3", "-g0", "-Wall", "-Werror")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -116,3 +118,23 @@ def _cache_dir() -> Path:
     if os.environ.get("XDG_CACHE_HOME"):
         return Path(os.environ["XDG_CACHE_HOME"]) / "bpflab"
     return Path.home() / ".cache" / "bpflab"
+
+
+def linked_globals(
+    source: str, *, name: str, arguments: Mapping[str, tuple[str | int, ...]]
+) -> tuple[Item, ...]:
+    """A fixed component written in C as assembler items to link into programs: `source`
+    compiled, its functions read from the object, each one a BTF-described global verified
+    once, described by `arguments` (the assembler's "ctx", "scalar" or a pointer's size).
+    Raises ClangUnavailable, ClangError or ObjectError; RuntimeError if the object holds other
+    functions than `arguments` names."""
+    from .asm import Subprogram
+    from .elf import read_functions  # elf reads what this module makes: imported when linking
+
+    functions = read_functions(compile_object(source, name=name))
+    if set(functions) != set(arguments):
+        raise RuntimeError(f"the {name} object has {sorted(functions)}, not {sorted(arguments)}")
+    items: list[Item] = []
+    for function, (_, *code) in functions.items():
+        items += [Subprogram(function, "global", arguments[function]), *code]
+    return tuple(items)

@@ -26,7 +26,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import fields
 from pathlib import Path
 
-from codegen.bpf.asm import Subprogram
 from codegen.bpf.isa import MapType
 from codegen.bpf.maps import Map
 from codegen.bpf.syscall import BpfError
@@ -209,20 +208,13 @@ def bytecode_functions() -> tuple:
     """The tracker's functions as assembler items (BTF-described globals the bytecode
     backend's programs call), from clang's object of it; compiled once per source and cached.
     Raises TrackerUnavailable, saying why, where that cannot be done."""
-    from codegen.bpf.clang import ClangError, ClangUnavailable, compile_object
-    from codegen.bpf.elf import ObjectError, read_functions
+    from codegen.bpf.clang import ClangError, ClangUnavailable, linked_globals
+    from codegen.bpf.elf import ObjectError
 
     try:
-        functions = read_functions(compile_object(source(CLANG_PRELUDE), name="tracker"))
+        return linked_globals(source(CLANG_PRELUDE), name="tracker", arguments=GLOBALS)
     except (ClangUnavailable, ClangError, ObjectError) as error:
         raise TrackerUnavailable(str(error)) from error
-    if set(functions) != set(GLOBALS):
-        raise RuntimeError(f"the tracker object has {sorted(functions)}, not {sorted(GLOBALS)}")
-    items: list = []
-    for name, code in functions.items():
-        marker, *rest = code
-        items += [Subprogram(name, "global", GLOBALS[name]), *rest]
-    return tuple(items)
 
 
 class TrackerMaps:

@@ -17,8 +17,6 @@ import functools
 from collections.abc import Iterable
 from pathlib import Path
 
-from codegen.bpf.asm import Subprogram
-
 SOURCE = Path(__file__).with_name("reject.bpf.c")
 HOOK_INGRESS, HOOK_EGRESS = 0, 1
 TC_ACT_SHOT, TC_ACT_REDIRECT = 2, 7
@@ -56,17 +54,10 @@ def bytecode_functions() -> tuple:
     """reject_reply as assembler items (a BTF-described global the bytecode backend's programs
     call), from clang's object of the C; compiled once per source and cached. Raises
     RejectUnavailable, saying why, where that cannot be done."""
-    from codegen.bpf.clang import ClangError, ClangUnavailable, compile_object
-    from codegen.bpf.elf import ObjectError, read_functions
+    from codegen.bpf.clang import ClangError, ClangUnavailable, linked_globals
+    from codegen.bpf.elf import ObjectError
 
     try:
-        functions = read_functions(compile_object(source(CLANG_PRELUDE), name="reject"))
+        return linked_globals(source(CLANG_PRELUDE), name="reject", arguments=GLOBALS)
     except (ClangUnavailable, ClangError, ObjectError) as error:
         raise RejectUnavailable(f"REJECT's answers cannot be built: {error}") from error
-    if set(functions) != set(GLOBALS):
-        raise RuntimeError(f"the reject object has {sorted(functions)}, not {sorted(GLOBALS)}")
-    items: list = []
-    for name, code in functions.items():
-        marker, *rest = code
-        items += [Subprogram(name, "global", GLOBALS[name]), *rest]
-    return tuple(items)
