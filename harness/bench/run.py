@@ -110,7 +110,7 @@ def run_bench(settings: Settings, progress: Progress = _no_progress) -> dict:
     per_packet = _per_packet(sizes, backends, settings, clock, progress)
 
     stateful_sizes = [count for count in sizes if count <= STATEFUL_LARGEST]
-    stateful = stateful_per_packet(stateful_sizes, backends, settings, clock, progress)
+    stateful = stateful_per_packet(stateful_sizes, backends, settings, clock, progress, per_packet)
 
     load: list[dict] = []
     throughput: list[dict] = []

@@ -83,13 +83,21 @@ def per_packet(
     settings: Settings,
     clock: Callable[[], float],
     progress: Progress,
+    stateless: list[dict],
 ) -> list[dict]:
-    """Every backend at every size; a backend other than bytecode that fails is a figure."""
+    """Every backend at every size; a backend other than bytecode that fails is a figure, and
+    one whose stateless rule set of the same size did not load (in `stateless`, the per-packet
+    entries) is not tried: its stateful one is larger."""
+    loaded = {(entry["rules"], entry["backend"]) for entry in stateless if entry["loaded"]}
     entries: list[dict] = []
     for count in sizes:
         for backend, info in backends.items():
             if not info["available"]:
                 entries.append(not_measured(count, backend, info["reason"]))
+                continue
+            if (count, backend) not in loaded:
+                reason = f"not tried: the stateless {count:,} rules did not load either"
+                entries.append(not_measured(count, backend, reason))
                 continue
             try:
                 entry = measure_stateful(count, backend, settings.testrun, clock)
