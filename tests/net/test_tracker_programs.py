@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from scapy.layers.inet import IP, TCP
 
 from codegen.rules import ConnectionTable, FlowStep, evaluate_flow, parse
 from harness.backends import BACKENDS
@@ -61,3 +62,29 @@ def test_programs_track_each_packet_as_the_reference(
         where = f"{name}, packet {number}"
         assert (outcome.verdict, outcome.deciding) == (want.verdict, want.deciding), where
         assert outcome.counters == want.counters, where
+
+
+EDGE_RULES = """*filter
+:INPUT DROP [0:0]
+:FORWARD DROP [0:0]
+:OUTPUT ACCEPT [0:0]
+-A INPUT -p tcp --dport 1 -m conntrack --ctorigsrc 0.0.0.0/0 -j ACCEPT
+-A INPUT -p tcp --dport 2 -m conntrack --ctstate INVALID --ctorigsrc 0.0.0.0/0 -j ACCEPT
+-A INPUT -p tcp --dport 3 -m conntrack --ctexpire 0:4294967295 -j ACCEPT
+COMMIT
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("port", [1, 2, 3])
+@pytest.mark.parametrize("flags", ["S", "SA"])  # a SYN is NEW; a lone SYN/ACK has no entry
+def test_options_that_hold_for_any_entry_still_need_one(backend: str, port: int, flags: str):
+    """xt_conntrack: with no entry only --ctstate is looked at; an option that every entry
+    would pass (a /0 address, the whole expiry range) still fails a packet without one."""
+    ruleset = parse(EDGE_RULES, "edge.rules")
+    packet = _flatten(IP(src="198.18.0.1", dst="198.18.0.2") / TCP(dport=port, flags=flags))
+    step = FlowStep(packet, "INPUT", "eth0", None, time=0.0)
+    (want,) = evaluate_flow(ruleset, [step], ConnectionTable())
+    with ChainRunner(ruleset, backend=backend) as runner:
+        got = runner.run(frame_for(packet), "INPUT", "eth0", time=0.0)
+    assert (got.verdict, got.deciding) == (want.evaluation.verdict, want.evaluation.deciding)

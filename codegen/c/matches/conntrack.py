@@ -4,6 +4,8 @@ holds only if --ctstate was given, and otherwise each option given must hold."""
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 from codegen.rules.extensions.conntrack import Conntrack
 from codegen.rules.extensions.ctinfo import STATE_INVALID, AnyOf
 
@@ -32,9 +34,10 @@ def any_of(bits: AnyOf, member: str, labels: Labels) -> list[str]:
 
 def write(match: Conntrack, labels: Labels) -> list[str]:
     code = [] if match.state is None else any_of(match.state, "state", labels)
-    rest = _options(match, labels)
-    if not rest:
+    others = any(getattr(match, f.name) is not None for f in fields(match) if f.name != "state")
+    if not others:  # an option that holds for any entry still needs one
         return code
+    rest = _options(match, labels)
     if match.state is None:  # no entry, and nothing that could match one: a miss
         return [*code, f"if (f->ct.state == {STATE_INVALID}) goto {labels.miss};", *rest]
     return [

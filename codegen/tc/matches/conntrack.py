@@ -4,6 +4,8 @@ holds only if it was given; otherwise every option given must hold."""
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 from codegen.bpf import insn as I
 from codegen.bpf.asm import Item, Label
 from codegen.bpf.isa import R1, AluOp, JmpOp
@@ -53,9 +55,9 @@ def _port(option: PortRange, side: str, part: str, ctx: Context) -> list[Item]:
 
 def conntrack(match: Conntrack, ctx: Context) -> list[Item]:
     code: list[Item] = [] if match.state is None else any_of(match.state, "state", ctx)
-    rest = _options(match, ctx)
-    if not rest:
+    if not _others(match):
         return code
+    rest = _options(match, ctx)
     # No entry: the other options are not looked at, and the match holds iff --ctstate (which
     # held, to get here) was given.
     tracked = ctx.new_label("tracked")
@@ -64,6 +66,12 @@ def conntrack(match: Conntrack, ctx: Context) -> list[Item]:
         return [*code, I.ja(ctx.miss), Label(tracked), *rest]
     end = ctx.new_label("conntrack_end")
     return [*code, I.ja(end), Label(tracked), *rest, Label(end)]
+
+
+def _others(match: Conntrack) -> bool:
+    """Whether an option besides --ctstate was given (even one that holds for any entry, such
+    as --ctorigsrc 0.0.0.0/0: it still needs an entry)."""
+    return any(getattr(match, f.name) is not None for f in fields(match) if f.name != "state")
 
 
 def _options(match: Conntrack, ctx: Context) -> list[Item]:
