@@ -124,11 +124,9 @@ def result_field(name: str, part: str | None = None) -> tuple[int, int]:
 
 def first_tracking_rule(ruleset: Ruleset) -> tuple[str, int, Rule] | None:
     """The first rule that asks about connections, if any: its chain, 1-based index, itself."""
-    for chain in ruleset.chains.values():
-        for index, rule in enumerate(chain.rules, 1):
-            if any(isinstance(match, (Conntrack, State)) for match in rule.matches):
-                return chain.name, index, rule
-    return None
+    return ruleset.first_rule(
+        lambda rule: any(isinstance(match, (Conntrack, State)) for match in rule.matches)
+    )
 
 
 def uses_conntrack(ruleset: Ruleset) -> bool:

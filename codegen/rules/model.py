@@ -7,6 +7,7 @@ therefore compare equal, which is what the round trip through iptables-save text
 """
 
 import ipaddress
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -269,6 +270,15 @@ class Ruleset:
 
     def __contains__(self, name: object) -> bool:
         return name in self.chains
+
+    def first_rule(self, wanted: Callable[[Rule], bool]) -> tuple[str, int, Rule] | None:
+        """The first rule (chain by chain, in order) for which `wanted` holds: its chain,
+        1-based index and itself; None if there is none."""
+        for chain in self.chains.values():
+            for index, rule in enumerate(chain.rules, 1):
+                if wanted(rule):
+                    return chain.name, index, rule
+        return None
 
     @property
     def user_chains(self) -> list[Chain]:

@@ -107,7 +107,12 @@ class ProgramWriter:
         # The tails come right after the parser, before the chains: conditional jumps (16-bit
         # offsets) to `not_handled` stay short however many rules follow, and verdicts reach
         # the tails with unconditional jumps, which may be far.
-        code += [*parse(self.hook), I.ja("classify"), *self.tails(), Label("classify")]
+        code += [
+            *parse(self.hook, self.tracking),
+            I.ja("classify"),
+            *self.tails(),
+            Label("classify"),
+        ]
         if self.hook == "ingress":
             code += self.ingress()
         elif self.hook == "egress":

@@ -21,10 +21,12 @@ PACKET_HOST, PACKET_OTHERHOST = 0, 3
 HEADERS = ETH_HLEN + 60 + 20  # the most any match looks at: Ethernet, IPv4 with options, TCP
 
 
-def parse(hook: Hook) -> list[Item]:
-    """Fill the packet facts, or go to `not_handled`."""
+def parse(hook: Hook, tracking: bool = False) -> list[Item]:
+    """Fill the packet facts, or go to `not_handled`. Without `tracking` the connection's part
+    of the facts is never read, so it is not zeroed (ct_classify writes all of it)."""
     nh = "not_handled"
-    facts_store = [I.st(Size.DW, R10, FACTS_OFFSET + 8 * i, 0) for i in range(Facts.SIZE // 8)]
+    size = Facts.SIZE if tracking else Facts.CONNECTION
+    facts_store = [I.st(Size.DW, R10, FACTS_OFFSET + 8 * i, 0) for i in range(size // 8)]
     code: list[Item] = [
         *facts_store,
         I.mov64(FACTS, R10),

@@ -39,11 +39,7 @@ Unavailable = reject.RejectUnavailable
 
 def first_reject_rule(ruleset: Ruleset) -> tuple[str, int, Rule] | None:
     """The first REJECT rule, if any: its chain, 1-based index, itself."""
-    for chain in ruleset.chains.values():
-        for index, rule in enumerate(chain.rules, 1):
-            if isinstance(rule.target, Reject):
-                return chain.name, index, rule
-    return None
+    return ruleset.first_rule(lambda rule: isinstance(rule.target, Reject))
 
 
 def rejects(ruleset: Ruleset) -> bool:
