@@ -20,6 +20,7 @@ from .cli_input import (
     EXIT_OK,
     CheckFailed,
     UsageError,
+    note_left_out,
     parse_rules,
     read_rules,
     require,
@@ -116,6 +117,7 @@ def _apply(args: argparse.Namespace) -> int:
         fastpath=args.fastpath,
         backend=args.backend,
     )
+    note_left_out(applied.left_out)
     verb = "replaced" if applied.replaced else "attached"
     for hook, program in applied.programs.items():
         stats = program.stats

@@ -33,12 +33,23 @@ def read_rules(path: str) -> tuple[str, str]:
 
 
 def parse_rules(path: str):
-    from codegen.rules import parse, validate
+    from codegen.rules import validate
+    from codegen.rules.iptables_save import parse_dump
 
     text, name = read_rules(path)
-    ruleset = parse(text, name)
-    validate(ruleset)
-    return ruleset
+    dump = parse_dump(text, name)
+    note_left_out(dump.left_out)
+    validate(dump.ruleset)
+    return dump.ruleset
+
+
+def note_left_out(left_out: tuple[str, ...]) -> None:
+    """Say on stderr which tables of a full dump were left out, and what that means."""
+    from codegen.rules.iptables_save import left_out_note
+
+    note = left_out_note(left_out)
+    if note is not None:
+        print(f"bpflab: {note}", file=sys.stderr)
 
 
 def require(probe: Callable[[], str | None]) -> None:

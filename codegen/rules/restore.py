@@ -7,7 +7,14 @@ the kernel make. Where iptables would silently change a value (`--dport 99999`, 
 comment) or needs the network (host names), we refuse instead. Anything outside the supported
 matches and targets is refused, never ignored. One rule's words are read by
 codegen.rules.command_line, each match's options by its extension.
+
+A full dump (iptables-save with no `-t`) holds other tables too: `parse_dump` takes the filter
+table and names the others it left out (their lines are not read, only their COMMIT looked for).
+A refused rule does not stop the reading: every rule line's error is collected and raised at the
+end as one ParseErrors, so that a user sees all that stands in the way at once.
 """
+
+from dataclasses import dataclass
 
 from codegen.rules.command_line import SUPPORTED_COMMANDS, RuleLine, RuleParser
 from codegen.rules.model import (
@@ -28,6 +35,29 @@ from codegen.rules.names import BUILTIN_CHAINS, EXTENSION_TARGETS, STANDARD_TARG
 from codegen.rules.syntax import Line, ParseError, Token, strtoui, tokenize
 from codegen.rules.validation import find_loop, validate_rule
 
+# The tables iptables-legacy knows besides filter (iptable_*): a dump may hold them.
+OTHER_TABLES = ("nat", "mangle", "raw", "security")
+
+
+class ParseErrors(ParseError):
+    """Several refused lines of one file, in line order; `str()` gives each as ParseError
+    does. Its message and source are the first one's, so a caller that wants one gets it."""
+
+    def __init__(self, errors: list[ParseError]) -> None:
+        super().__init__(errors[0].message, errors[0].source, errors[0].match)
+        self.errors = tuple(errors)
+
+    def __str__(self) -> str:
+        return "\n".join(str(error) for error in self.errors)
+
+
+@dataclass(frozen=True)
+class Dump:
+    """What a file held: its filter table, and the other tables it had that were left out."""
+
+    ruleset: Ruleset
+    left_out: tuple[str, ...]
+
 
 class _Parser:
     def __init__(self, filename: str) -> None:
@@ -35,17 +65,34 @@ class _Parser:
         self.committed: Ruleset | None = None
         self.staging: Ruleset | None = None
         self.table_line: Line | None = None
+        self.skipping: str | None = None  # the other table whose lines are being passed over
+        self.left_out: dict[str, Line] = {}
+        self.errors: list[ParseError] = []
 
-    def parse(self, text: str) -> Ruleset:
+    def parse(self, text: str) -> Dump:
         lines = text.split("\n")
         if lines and lines[-1] == "":
             lines.pop()
         for number, raw in enumerate(lines, 1):
             self._line(Line(self.filename, number, raw))
-        if self.staging is not None:
+        open_table = "filter" if self.staging is not None else self.skipping
+        if open_table is not None:
             end = Line(self.filename, len(lines) + 1, "")
-            raise end.error("COMMIT expected at end of input (the *filter table is open)", 1)
-        return self.committed if self.committed is not None else Ruleset()
+            message = f"COMMIT expected at end of input (the *{open_table} table is open)"
+            self.errors.append(end.error(message, 1))
+        if len(self.errors) == 1:
+            raise self.errors[0]
+        if self.errors:
+            raise ParseErrors(self.errors)
+        if self.committed is None and self.left_out:
+            first = next(iter(self.left_out.values()))
+            raise first.error(
+                f"no *filter table here (only {', '.join(self.left_out)}): this tool takes the "
+                "filter table",
+                1,
+            )
+        ruleset = self.committed if self.committed is not None else Ruleset()
+        return Dump(ruleset, tuple(self.left_out))
 
     def _line(self, line: Line) -> None:
         raw = line.text
@@ -53,6 +100,12 @@ class _Parser:
             if bad in raw:
                 raise line.error(f"line contains {what}", raw.index(bad) + 1)
         if raw == "" or raw.startswith("#"):
+            return
+        if self.skipping is not None:
+            if raw.startswith("*"):
+                raise line.error("new table inside the open one: COMMIT expected first", 1)
+            if raw == "COMMIT":
+                self.skipping = None
             return
         if self.staging is None:
             if raw.startswith("*"):
@@ -66,12 +119,20 @@ class _Parser:
         elif raw.startswith(":"):
             self._chain_line(line)
         else:
-            self._rule_line(line)
+            try:
+                self._rule_line(line)
+            except ParseError as error:  # the next lines may hold more: report them all
+                self.errors.append(error)
 
     def _table(self, line: Line) -> None:
         name = line.text[1:].split()[0] if line.text[1:].split() else ""
+        if name in OTHER_TABLES:
+            self.skipping = name
+            self.left_out.setdefault(name, line)
+            return
         if name != "filter":
-            raise line.error(f"table '{name}': only the filter table is supported", 1)
+            known = ", ".join(("filter", *OTHER_TABLES))
+            raise line.error(f"table '{name}' is not an iptables table ({known})", 1)
         fresh = Ruleset()
         if self.committed is not None:
             # iptables-restore flushes the table but keeps the built-in policies.
@@ -90,7 +151,7 @@ class _Parser:
         if loop is not None:
             path, rule = loop
             source = rule.source or line.source(1)
-            raise ParseError(f"loop in the chain graph: {' -> '.join(path)}", source)
+            self.errors.append(ParseError(f"loop in the chain graph: {' -> '.join(path)}", source))
         self.committed = self.staging
         self.staging = None
 
@@ -361,6 +422,24 @@ def _located(line: Line, error: RuleError, state: RuleLine, tokens: dict[int, To
     return line.error(error.message, column)
 
 
+def parse_dump(text: str, filename: str = "<stdin>") -> Dump:
+    """Read iptables-save text: its filter table, and which other tables it left out; raises
+    ParseError (ParseErrors when several rule lines are refused)."""
+    return _Parser(filename).parse(text)
+
+
 def parse(text: str, filename: str = "<stdin>") -> Ruleset:
     """Read iptables-save text (the filter table) into a Ruleset; raises ParseError."""
-    return _Parser(filename).parse(text)
+    return parse_dump(text, filename).ruleset
+
+
+def left_out_note(left_out: tuple[str, ...]) -> str | None:
+    """The one sentence a user needs about the tables a dump held beside filter, None if none."""
+    if not left_out:
+        return None
+    tables = ", ".join(f"*{name}" for name in left_out)
+    return (
+        f"note: took the filter table and left out {tables}: TC ingress sees packets before "
+        "nat PREROUTING and mangle, so rules written for post-DNAT addresses or marks that "
+        "mangle sets (Docker, kube-proxy) will not match as they do in netfilter"
+    )

@@ -30,7 +30,7 @@ from codegen.bpf.syscall import BpfError, close
 from codegen.conntrack import TrackerMaps, uses_conntrack
 from codegen.conntrack.listing import table_lines
 from codegen.rules import parse, write
-from codegen.rules.iptables_save import write_rule
+from codegen.rules.iptables_save import parse_dump, write_rule
 from codegen.rules.model import Ruleset
 from codegen.rules.validation import validate
 from codegen.tc.generator import COUNTERS_MAP, LOCAL_MAP
@@ -63,6 +63,7 @@ class Applied:
     replaced: bool
     programs: dict[str, Program]
     carried: int  # rules whose counters were carried over
+    left_out: tuple[str, ...] = ()  # the other tables of a full dump, not applied
 
 
 def _pin_dir(netns: str) -> Path:
@@ -119,7 +120,8 @@ def apply(
     backend: Backend = "bytecode",
 ) -> Applied:
     """Compile, verify and attach `rules_text` to the devices of `netns`; see the module doc."""
-    ruleset = parse(rules_text, filename)
+    dump = parse_dump(rules_text, filename)
+    ruleset = dump.ruleset
     validate(ruleset)
     namespace = Namespace.existing(netns)
     targets = _devices(namespace, devices)
@@ -178,7 +180,7 @@ def apply(
         if tracker is not None:
             tracker.pin(pins, _replace_pin)
         _write_state(netns, rules_text, filename, targets, fastpath, layout, identities)
-        return Applied(sorted(targets), previous is not None, programs, carried)
+        return Applied(sorted(targets), previous is not None, programs, carried, dump.left_out)
 
 
 def _tracker(ruleset: Ruleset, pins: Path) -> TrackerMaps | None:

@@ -180,7 +180,6 @@ CLI_CASES = [  # (id, the file's bytes, its first stderr line after FILE:, the q
         "5:3: error: not valid UTF-8: byte 0xe2 at offset 79 (unexpected end of data)",
         "# \\xe2\\x98",
     ),
-    ("truncated-rule", RULES[:37], "3:10: error: option '-p' requires an argument", "-A INPUT -p"),
 ]
 
 
@@ -252,3 +251,51 @@ def test_a_script_that_is_not_text_is_a_script_error(tmp_path, data: bytes, mess
     with pytest.raises(ScriptError) as caught:
         load_script(script)
     assert str(caught.value).startswith(f"{script}:{message}")
+
+
+def test_a_truncated_rule_is_reported_with_the_commit_it_cut_off(tmp_path) -> None:
+    path = tmp_path / "truncated.rules"
+    path.write_bytes(RULES[:37])
+    result = bpflab("check", str(path))
+    assert result.returncode == 2 and result.stdout == "", result.stderr
+    assert result.stderr.split("\n") == [
+        f"{path}:3:10: error: option '-p' requires an argument",
+        "-A INPUT -p",
+        f"{path}:4:1: error: COMMIT expected at end of input (the *filter table is open)",
+        "",
+        "",
+    ]
+
+
+def test_check_reports_every_refused_rule_at_once(tmp_path) -> None:
+    path = tmp_path / "several.rules"
+    path.write_text(
+        "*filter\n"
+        ":INPUT ACCEPT [0:0]\n"
+        "-A INPUT -m nosuchmatch --x 1 -j ACCEPT\n"
+        "-A INPUT -p tcp --dport 22 -j ACCEPT\n"
+        "-A INPUT -j NOSUCHTARGET\n"
+        "-A INPUT -p udp --dport 99999 -j DROP\n"
+        "COMMIT\n"
+    )
+    result = bpflab("check", str(path))
+    assert result.returncode == 2 and result.stdout == "", result.stderr
+    located = [line.split(": error: ")[0] for line in result.stderr.splitlines()[::2]]
+    assert located == [f"{path}:3:10", f"{path}:5:13", f"{path}:6:25"], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_full_dump_gives_its_filter_table_and_names_what_it_left_out(tmp_path) -> None:
+    path = tmp_path / "dump.rules"
+    path.write_text(
+        "*nat\n:PREROUTING ACCEPT [0:0]\n-A PREROUTING -p tcp -j DNAT --to-destination 1.2.3.4\n"
+        "COMMIT\n*filter\n:INPUT DROP [0:0]\n-A INPUT -p tcp --dport 22 -j ACCEPT\nCOMMIT\n"
+        "*mangle\n:PREROUTING ACCEPT [0:0]\n-A PREROUTING -j MARK --set-mark 1\nCOMMIT\n"
+    )
+    result = bpflab("check", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "-A INPUT -p tcp -m tcp --dport 22 -j ACCEPT" in result.stdout
+    assert "DNAT" not in result.stdout and "MARK" not in result.stdout
+    (note,) = result.stderr.splitlines()
+    assert note.startswith("bpflab: note: took the filter table and left out *nat, *mangle: ")
+    assert "before nat PREROUTING and mangle" in note
