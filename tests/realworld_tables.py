@@ -21,7 +21,7 @@ REFUSED_FEATURES: dict[str, set[str]] = {
     "01": set(),
     "02": {"-m set"},
     "03": {"-m addrtype"},
-    "04": {"-m addrtype", "-m physdev", "-j MARK"},
+    "04": {"-m addrtype", "-m physdev", "-j MARK", "-j NFLOG"},
     "05": {"-m addrtype", "-m hashlimit", "-m recent"},
     "06": set(),
     "07": set(),

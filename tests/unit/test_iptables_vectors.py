@@ -23,6 +23,7 @@ FILES = (
     "libxt_state.t",
     "libipt_REJECT.t",
     "libipt_LOG.t",
+    "libxt_limit.t",
 )
 BUILTIN = ("INPUT", "FORWARD", "OUTPUT")
 

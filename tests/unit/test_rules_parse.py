@@ -542,7 +542,7 @@ REFUSED = [
     ("-A INPUT -j MASQUERADE", 13, "supported targets: ACCEPT, DROP, RETURN"),
     ("-A INPUT -m set --match-set x src", 10, "match '-m set' is not supported"),
     ("-A INPUT -m addrtype --src-type LOCAL", 10, "supported matches: tcp, udp, icmp"),
-    ("-A INPUT -m limit --limit 1/s", 10, "match '-m limit' is not supported"),
+    ("-A INPUT -m hashlimit --hashlimit-upto 1/s", 10, "match '-m hashlimit' is not supported"),
     ("-A INPUT -p sctp --dport 1", 18, "needs the sctp match, which is not supported"),
     ("-A INPUT -p tcp --tcp-option 2", 17, "--tcp-option is not supported"),
     ("-A INPUT -s localhost", 13, "host names are not supported"),

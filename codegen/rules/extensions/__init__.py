@@ -14,7 +14,9 @@ from codegen.rules.model import ExtensionTarget, Match
 from codegen.rules.names import BUILTIN_CHAINS
 
 # The registration line. The order is the order error messages list the matches in.
-FAMILIES = "tcp udp icmp multiport iprange length ttl pkttype mark comment conntrack state".split()
+FAMILIES = (
+    "tcp udp icmp multiport iprange length ttl pkttype mark comment conntrack state limit"
+).split()
 
 
 def _load(families: list[str]) -> tuple:

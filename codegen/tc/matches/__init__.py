@@ -46,7 +46,7 @@ FAMILIES = (
 
 # The rule layer's families this backend refuses on purpose, each with the reason its refusal
 # gives: a family is either in FAMILIES or here.
-REFUSED: dict[str, str] = {}
+REFUSED: dict[str, str] = {"limit": "its token buckets are not generated yet"}
 assert not set(REFUSED) & set(FAMILIES), "a family both generated and refused"
 
 _FAMILY_EMITTERS: tuple[Emitter, ...] = tuple(
