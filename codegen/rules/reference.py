@@ -12,13 +12,21 @@ the kernel would send), is its module's (codegen.rules.extensions).
 `evaluate_flow` runs a sequence of packets with a connection table (codegen.rules.tracking)
 between them: each is classified before its chain, as nf_conntrack_in does, and a new
 connection is confirmed only if the chain accepts its first packet.
+
+Stateful matches (`-m limit`: a token bucket per match, xt_limit's) keep their state between
+packets in a `MatchMemory`, one per table load (netfilter refills every bucket at each load):
+`evaluate_flow` keeps one along the flow, at each step's time. A single `evaluate` without
+one is the first packet after a load: each limit match finds its bucket full, at time 0 (the
+same match met twice in one traversal, through two jumps to its chain, takes from it twice).
 """
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from codegen.jiffies import kernel_hz
 from codegen.rules.extensions import extension_of, target_extension_of
+from codegen.rules.extensions.base import Memory
 from codegen.rules.model import (
     IP_PART,
     Accept,
@@ -59,7 +67,37 @@ class Evaluation:
     reply: str | None = None
 
 
-def _match(match: Match, packet: Packet) -> bool:
+class MatchMemory:
+    """What stateful matches keep between packets since a table load: one Memory per match,
+    keyed by its rule's position and its place among the rule's matches, made at its first
+    packet. `hz` is the kernel's (None: the running kernel's, found when first needed);
+    `loaded_at` the load's time in seconds (None: each match's first packet, as the programs
+    stamp their buckets: the same credit unless that packet comes 2^32 / CPJ jiffies or more
+    after the load, 1.55 days at HZ 250, where xt_limit's u32 credit wraps)."""
+
+    def __init__(self, hz: int | None = None, loaded_at: float | None = None) -> None:
+        self.hz = hz
+        self.loaded_at = loaded_at
+        self.memories: dict[tuple[str, int, int], Memory] = {}
+
+    def memory(self, key: tuple[str, int, int], time: float) -> Memory:
+        found = self.memories.get(key)
+        if found is None:
+            if self.hz is None:
+                self.hz = kernel_hz()
+            found = self.memories[key] = Memory(time, self.hz, self.loaded_at)
+        found.time = time
+        return found
+
+    def recall(self, position: Position, time: float) -> Callable[[int], Memory]:
+        """The memory of a match of the rule at `position` by its place among the rule's
+        matches, for a packet at `time`."""
+        chain, index = position
+        assert isinstance(index, int)
+        return lambda number: self.memory((chain, index, number), time)
+
+
+def _match(match: Match, packet: Packet, memory: Callable[[], Memory] | None = None) -> bool:
     if isinstance(match, Address):
         return match.matches(packet.saddr if match.direction == "src" else packet.daddr)
     if isinstance(match, Interface):
@@ -70,15 +108,28 @@ def _match(match: Match, packet: Packet) -> bool:
         return (packet.protocol == match.number) != match.negated
     if isinstance(match, Fragment):
         return (packet.fragment_offset != 0) != match.negated
-    return extension_of(match).matches(match, packet)
+    extension = extension_of(match)
+    if extension.stateful and memory is not None:
+        return extension.matches_with(match, packet, memory())
+    return extension.matches(match, packet)
 
 
-def _rule_matches(rule: Rule, packet: Packet) -> bool:
+def _rule_matches(
+    rule: Rule, packet: Packet, memory: Callable[[int], Memory] | None = None
+) -> bool:
     # The kernel checks the IP header part (ip_packet_match) before the extension matches,
-    # whatever order the model lists them in; the order matters for hotdrops.
+    # whatever order the model lists them in; the order matters for hotdrops. A stateful
+    # match is asked only when the matches before it held, as the kernel asks it.
     ip_part = [m for m in rule.matches if isinstance(m, IP_PART)]
-    extensions = [m for m in rule.matches if not isinstance(m, IP_PART)]
-    return all(_match(m, packet) for m in ip_part) and all(_match(m, packet) for m in extensions)
+    if not all(_match(m, packet) for m in ip_part):
+        return False
+    for number, match in enumerate(rule.matches):
+        if isinstance(match, IP_PART):
+            continue
+        recall = None if memory is None else (lambda number=number: memory(number))
+        if not _match(match, packet, recall):
+            return False
+    return True
 
 
 def evaluate(
@@ -91,15 +142,19 @@ def evaluate(
     mark: int = 0,
     pkt_type: str = "host",
     connection: Connection | None = None,
+    memory: MatchMemory | None = None,
+    time: float = 0.0,
 ) -> Evaluation:
     """Run `packet` (IPv4, from the IP header on) through built-in `chain` as ipt_do_table
     would, with `connection` the conntrack entry it carries (None: none, which connection
     tracking matches see as INVALID). The rule set is not changed; the counters that moved are
-    in the result."""
+    in the result. `memory` is what stateful matches kept since the table's load, updated for
+    a packet arriving at `time` (seconds); None: a fresh one, the first packet after a load."""
     if chain not in BUILTIN_CHAINS or chain not in ruleset.chains:
         raise ValueError(f"chain must be one of {', '.join(BUILTIN_CHAINS)}, not {chain!r}")
     parsed = read_packet(packet, in_iface, out_iface, mark, pkt_type, connection=connection)
     counters: dict[Position, tuple[int, int]] = {}
+    memory = MatchMemory() if memory is None else memory
 
     def count(position: Position) -> None:
         packets, size = counters.get(position, (0, 0))
@@ -131,7 +186,7 @@ def evaluate(
         rule = rules[index]
         position: Position = (current, index + 1)
         try:
-            matched = _rule_matches(rule, parsed)
+            matched = _rule_matches(rule, parsed, memory.recall(position, time))
         except HotDrop:
             return Evaluation("DROP", position, counters, hotdrop=True)
         if not matched:
@@ -189,15 +244,21 @@ class FlowEvaluation:
 
 
 def evaluate_flow(
-    ruleset: Ruleset, steps: Iterable[FlowStep], table: ConnectionTable | None = None
+    ruleset: Ruleset,
+    steps: Iterable[FlowStep],
+    table: ConnectionTable | None = None,
+    memory: MatchMemory | None = None,
 ) -> list[FlowEvaluation]:
     """Run `steps` in order through their chains, tracking connections in `table` (a fresh
-    one if None; pass one to keep or inspect its entries). Each packet is classified first
+    one if None; pass one to keep or inspect its entries) and keeping what stateful matches
+    remember in `memory` (a fresh one, a table loaded just now, if None; each step at its
+    time). Each packet is classified first
     (nf_conntrack_in: PREROUTING for INPUT and FORWARD, LOCAL_OUT for OUTPUT) and evaluated
     with the connection it carries; a new entry is confirmed only when the verdict is ACCEPT
     (nf_confirm at the end of INPUT or POSTROUTING). Raises TrackingError for a packet the
     tracker cannot follow (a fragment, a protocol such as SCTP with a tracker of its own)."""
     table = ConnectionTable() if table is None else table
+    memory = MatchMemory() if memory is None else memory
     results: list[FlowEvaluation] = []
     last = float("-inf")
     for step in steps:
@@ -214,6 +275,8 @@ def evaluate_flow(
             mark=step.mark,
             pkt_type=step.pkt_type,
             connection=classification.connection,
+            memory=memory,
+            time=step.time,
         )
         if evaluation.verdict == "ACCEPT":
             table.confirm(classification)

@@ -8,8 +8,9 @@ from __future__ import annotations
 import ctypes
 
 import pytest
+from scapy.layers.inet import IP, UDP
 
-from codegen.rules import RuleError, parse, write
+from codegen.rules import RuleError, evaluate, parse, write
 from codegen.rules.extensions.limit import (
     EXTENSION,
     KERNEL_HZ,
@@ -25,6 +26,7 @@ from codegen.rules.extensions.limit import (
     user2credits,
 )
 from codegen.rules.ipt_blob import BlobError, decode_table, encode_table
+from codegen.rules.reference import FlowStep, MatchMemory, evaluate_flow
 
 # (options as written, what iptables-legacy-save 1.8.9 printed for them)
 SPELLINGS = [
@@ -245,3 +247,86 @@ def test_the_u32_credit_wraps_after_a_long_idle() -> None:
     full = Bucket.full(Limit(1000, 5), 250, 0)
     # 16000 credits + (2^32 - 10000) wraps to 6000: one packet where a fresh bucket has five.
     assert _passed(full, 5, (2**32 - 10000) // 128 + 1, 250) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference evaluator: buckets kept between packets
+
+
+def _udp(number: int = 0) -> bytes:
+    return bytes(IP(src="198.18.0.5", dst="198.18.1.1", id=number) / UDP(dport=53) / b"q")
+
+
+def _flow(rules: str, times: list[float], hz: int = 250) -> list[str]:
+    ruleset = parse(f"*filter\n:INPUT DROP [0:0]\n{rules}\nCOMMIT\n", "flow")
+    steps = [FlowStep(_udp(i), "INPUT", "veth0", time=t) for i, t in enumerate(times)]
+    results = evaluate_flow(ruleset, steps, memory=MatchMemory(hz))
+    return [result.evaluation.verdict for result in results]
+
+
+def test_the_verified_burst_through_the_evaluator() -> None:
+    times = [0.0] * 20 + [0.35] * 20 + [2.35] * 20
+    verdicts = _flow("-A INPUT -m limit --limit 10/sec -j ACCEPT", times)
+    accepted = [verdicts[i : i + 20].count("ACCEPT") for i in (0, 20, 40)]
+    assert accepted == [5, 3, 5]
+
+
+def test_each_limit_match_has_its_own_bucket() -> None:
+    # Two rules of the same text, and two limit matches in one rule: four buckets.
+    rules = (
+        "-A INPUT -p udp -m limit --limit 1/hour --limit-burst 2 -j LOG\n"
+        "-A INPUT -p udp -m limit --limit 1/hour --limit-burst 2"
+        " -m limit --limit 1/hour --limit-burst 1 -j ACCEPT\n"
+        "-A INPUT -p udp -m limit --limit 1/hour --limit-burst 3 -j ACCEPT"
+    )
+    ruleset = parse(f"*filter\n:INPUT DROP [0:0]\n{rules}\nCOMMIT\n", "flow")
+    memory = MatchMemory(250)
+    steps = [FlowStep(_udp(i), "INPUT", "veth0", time=1.0) for i in range(6)]
+    results = [r.evaluation for r in evaluate_flow(ruleset, steps, memory=memory)]
+    assert [r.deciding for r in results] == [
+        ("INPUT", 2),  # rule 2's two buckets both have credit
+        ("INPUT", 3),  # rule 2's second bucket (burst 1) is empty; its first gave one
+        ("INPUT", 3),
+        ("INPUT", 3),  # rule 3's bucket of 3: the fourth goes to the policy
+        ("INPUT", "policy"),
+        ("INPUT", "policy"),
+    ]
+    # Rule 1 (a LOG, which continues) took two; rule 2's first match saw all six packets
+    # until its bucket of 2 ran dry, its second only the packets the first let through.
+    assert sorted(memory.memories) == [
+        ("INPUT", 1, 1),
+        ("INPUT", 2, 1),
+        ("INPUT", 2, 2),
+        ("INPUT", 3, 1),
+    ]
+    assert [r.counters.get(("INPUT", 1), (0, 0))[0] for r in results] == [1, 1, 0, 0, 0, 0]
+
+
+def test_a_single_evaluation_is_the_first_packet_after_a_load() -> None:
+    ruleset = parse(
+        "*filter\n:INPUT DROP [0:0]\n-A INPUT -m limit --limit 1/hour --limit-burst 1 -j ACCEPT\n"
+        "COMMIT\n"
+    )
+    for _ in range(3):
+        assert evaluate(ruleset, _udp(), "INPUT", "veth0", None).verdict == "ACCEPT"
+
+
+def test_one_traversal_meeting_a_match_twice_takes_twice() -> None:
+    ruleset = parse(
+        "*filter\n:INPUT DROP [0:0]\n:once - [0:0]\n-A INPUT -j once\n-A INPUT -j once\n"
+        "-A once -m limit --limit 1/hour --limit-burst 1 -j LOG\nCOMMIT\n"
+    )
+    result = evaluate(ruleset, _udp(), "INPUT", "veth0", None, memory=MatchMemory(250))
+    assert result.counters[("once", 1)][0] == 1  # the second visit found the bucket empty
+
+
+def test_a_bucket_loaded_long_before_its_first_packet_wraps_as_the_kernels() -> None:
+    ruleset = parse(
+        "*filter\n:INPUT DROP [0:0]\n-A INPUT -m limit --limit 10/sec -j ACCEPT\nCOMMIT\n"
+    )
+    later = ((2**32 - 10000) // 128 + 1) / 250  # seconds after the load: see the Bucket test
+    steps = [FlowStep(_udp(i), "INPUT", "veth0", time=later) for i in range(5)]
+    loaded = evaluate_flow(ruleset, steps, memory=MatchMemory(250, loaded_at=0.0))
+    assert [r.evaluation.verdict for r in loaded].count("ACCEPT") == 1
+    stamped = evaluate_flow(ruleset, steps, memory=MatchMemory(250))
+    assert [r.evaluation.verdict for r in stamped].count("ACCEPT") == 5

@@ -11,7 +11,9 @@ class (a frozen dataclass deriving from `ExtensionMatch`):
   `decode`; an alias (`-m state`, which iptables writes as a conntrack match) has the blob name
   of its real match and tells its payloads from the real match's (`claims`);
 - meaning: `matches`, what the kernel's match function answers for a packet, raising HotDrop
-  where it drops the packet on the spot (`can_hotdrop` says it may);
+  where it drops the packet on the spot (`can_hotdrop` says it may); a family whose match
+  keeps state between packets (`stateful`: `-m limit`'s bucket) answers with that state in
+  `matches_with`, a `Memory` the evaluator keeps per match;
 - `examples`: rule options showing every feature, which the registry test round-trips through
   every layer.
 
@@ -21,11 +23,25 @@ The generators (codegen.tc, codegen.c) keep their emitters apart, registered by 
 from __future__ import annotations
 
 import ctypes
+from dataclasses import dataclass
 from typing import ClassVar
 
 from codegen.rules.model import Match, Rule, RuleError
 from codegen.rules.packet import Packet
 from codegen.rules.syntax import MatchParser
+
+
+@dataclass
+class Memory:
+    """What one stateful match keeps between packets, as the reference evaluator holds it
+    (codegen.rules.reference.MatchMemory): `value`, the family's own (None until it first
+    sets it); `time`, the packet's arrival (seconds); `hz`, the kernel's; `loaded_at`, when the
+    table was loaded (seconds; None: at the match's first packet)."""
+
+    time: float
+    hz: int
+    loaded_at: float | None = None
+    value: object = None
 
 
 class MatchExtension:
@@ -39,6 +55,7 @@ class MatchExtension:
     parser: ClassVar[type[MatchParser]]
     implicit: ClassVar[bool] = False  # loaded by `-p NAME` for an option it does not know
     can_hotdrop: ClassVar[bool] = False
+    stateful: ClassVar[bool] = False  # its matches keep state between packets
     examples: ClassVar[tuple[str, ...]] = ()
 
     @property
@@ -80,6 +97,11 @@ class MatchExtension:
     def matches(self, match: Match, packet: Packet) -> bool:
         """What the kernel's match function answers; raises HotDrop where it hotdrops."""
         raise NotImplementedError
+
+    def matches_with(self, match: Match, packet: Packet, memory: Memory) -> bool:
+        """What a stateful family's match function answers, with `memory` the match's own
+        state (which it updates); others ignore it."""
+        return self.matches(match, packet)
 
 
 def require_protocol(rule: Rule, allowed: frozenset[int], message: str) -> None:

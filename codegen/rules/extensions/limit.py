@@ -43,7 +43,7 @@ import math
 from dataclasses import dataclass
 
 from codegen.rules.blob.structs import BlobError
-from codegen.rules.extensions.base import MatchExtension
+from codegen.rules.extensions.base import MatchExtension, Memory
 from codegen.rules.model import ExtensionMatch, Rule, RuleError, check_uint
 from codegen.rules.packet import Packet
 from codegen.rules.syntax import Line, OptionContext, ParseError, SingleMatchParser, Token, strtoui
@@ -287,6 +287,7 @@ class LimitExtension(MatchExtension):
     model = Limit
     data = XtRateinfo
     parser = LimitParser
+    stateful = True
     examples = (
         "-m limit --limit 3/hour",
         "-m limit --limit 10/sec",
@@ -323,8 +324,18 @@ class LimitExtension(MatchExtension):
 
     def matches(self, match: Limit, packet: Packet) -> bool:
         # A fresh full bucket: the first packet after a table load. The reference evaluator
-        # keeps buckets between packets instead (evaluate's `limits`).
+        # keeps buckets between packets instead (matches_with).
         return True
+
+    def matches_with(self, match: Limit, packet: Packet, memory: Memory) -> bool:
+        """limit_mt on the match's bucket (made full at the load, or at its first packet)."""
+        now = seconds_to_jiffies(memory.time, memory.hz)
+        if memory.value is None:
+            loaded = memory.loaded_at
+            start = now if loaded is None else seconds_to_jiffies(loaded, memory.hz)
+            memory.value = Bucket.full(match, memory.hz, start)
+        assert isinstance(memory.value, Bucket)
+        return memory.value.take(now, memory.hz)
 
 
 EXTENSION = LimitExtension()
