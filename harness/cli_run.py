@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from contextlib import ExitStack
 
 from . import environment
 from .cli_input import EXIT_OK, UsageError, parse_rules, require
@@ -19,6 +20,8 @@ def verify(args: argparse.Namespace) -> int:
     from codegen.conntrack import TrackerMaps, uses_conntrack
     from codegen.tc.generator import COUNTERS_MAP, LOCAL_MAP
     from codegen.tc.layout import CounterLayout
+    from codegen.tc.matches.limit import LIMIT_MAP, uses_limit
+    from codegen.tc.matches.limit import create_map as create_limit_map
     from codegen.tc.replies import INTERFACE_ADDRESSES, INTERFACE_VALUE_SIZE
 
     from .backends import load_program
@@ -32,9 +35,12 @@ def verify(args: argparse.Namespace) -> int:
         Map(MapType.HASH, 4, 1, 16, name=LOCAL_MAP) as local,
         TrackerMaps.create(RUN_TABLE_ENTRIES) as tracker,
         Map(MapType.HASH, 4, INTERFACE_VALUE_SIZE, 16, name=INTERFACE_ADDRESSES) as sources,
+        ExitStack() as stack,
     ):
         tracking = tracker.maps if uses_conntrack(ruleset) else {}
         tracking = {**tracking, INTERFACE_ADDRESSES: sources}
+        if uses_limit(ruleset):
+            tracking[LIMIT_MAP] = stack.enter_context(create_limit_map(ruleset))
         for hook in ("ingress", "egress"):
             program = load_program(
                 ruleset,

@@ -13,10 +13,13 @@ from dataclasses import dataclass
 from codegen.bpf.isa import TcAction
 from codegen.bpf.testrun import SkBuff, prog_test_run
 from codegen.conntrack import TrackerMaps, uses_conntrack
+from codegen.jiffies import kernel_hz
+from codegen.rules.extensions.limit import seconds_to_jiffies
 from codegen.rules.model import Interface, Ruleset
 from codegen.rules.names import PKT_TYPE_ALIASES, PKT_TYPES
 from codegen.tc.generator import COUNTERS_MAP
 from codegen.tc.layout import NOT_HANDLED, CounterLayout, Position
+from codegen.tc.matches.limit import LIMIT_MAP, create_map, set_clock, uses_limit
 
 from .backends import Backend, Program, load_program
 from .counters import CounterMap
@@ -25,6 +28,7 @@ FIRST_STANDIN_IFINDEX = 1000
 DEFAULT_DEVICES = ("eth0", "eth1", "eth2")
 RUN_TABLE_ENTRIES = 4096  # connections one test run's table holds
 CLOCK_ORIGIN = 1 << 40  # ns: a given time 0 is this on the tracker's clock (0 is "monotonic")
+JIFFIES_ORIGIN = 1 << 32  # a given time 0 is this jiffy on -m limit's clock (0 is the real one)
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,10 @@ class ChainRunner:
         self.counters = CounterMap(self.layout)
         # One connection table for all chains run, so that a flow's two halves meet in it.
         self.tracker = TrackerMaps.create(RUN_TABLE_ENTRIES) if uses_conntrack(ruleset) else None
+        # -m limit's buckets, full: the programs are loaded as a table is (codegen.tc.matches.
+        # limit); the clock a run fixes counts in the kernel's HZ.
+        self.limits = create_map(ruleset) if uses_limit(ruleset) else None
+        self.hz = kernel_hz() if self.limits is not None else None
         self._programs: dict[str, Program] = {}
 
     def program(self, chain: str) -> Program:
@@ -72,7 +80,11 @@ class ChainRunner:
                 self.ruleset,
                 "chain",
                 interfaces=self.interfaces,
-                maps={COUNTERS_MAP: self.counters, **self.tracker_maps},
+                maps={
+                    COUNTERS_MAP: self.counters,
+                    **self.tracker_maps,
+                    **({} if self.limits is None else {LIMIT_MAP: self.limits}),
+                },
                 chain=chain,
                 backend=self.backend,
             )
@@ -94,7 +106,8 @@ class ChainRunner:
         time: float | None = None,
     ) -> Outcome:
         """Run `frame` through `chain`'s program. `time` (seconds, any origin, never going
-        back) is the connection tracker's clock for this packet; None: the monotonic clock."""
+        back) is the connection tracker's and -m limit's clock for this packet; None: the
+        monotonic clock and the kernel's jiffies."""
         for name in (in_iface, out_iface):
             if name and name not in self.interfaces:
                 raise ValueError(
@@ -109,6 +122,9 @@ class ChainRunner:
         context.cb[2] = PKT_TYPES[PKT_TYPE_ALIASES.get(pkt_type, pkt_type)]
         if self.tracker is not None:
             self.tracker.set_clock(0 if time is None else CLOCK_ORIGIN + round(time * 1e9))
+        if self.limits is not None and self.hz is not None:
+            jiffies = None if time is None else JIFFIES_ORIGIN + seconds_to_jiffies(time, self.hz)
+            set_clock(self.limits, jiffies)
         before = self.counters.read()
         result = prog_test_run(self.program(chain).fd, frame, context=context)
         after = self.counters.read()
@@ -138,6 +154,8 @@ class ChainRunner:
         self.counters.close()
         if self.tracker is not None:
             self.tracker.close()
+        if self.limits is not None:
+            self.limits.close()
 
     def __enter__(self) -> ChainRunner:
         return self

@@ -38,10 +38,10 @@ REFUSED_FEATURES: dict[str, set[str]] = {
 }
 BACKEND_REFUSALS: dict[str, dict[str, str | None]] = {
     "01": {"bytecode": None, "c": None},
-    "06": {"bytecode": "'-m limit'", "c": "'-j REJECT'"},
+    "06": {"bytecode": None, "c": "'-j REJECT'"},
     "07": {"bytecode": None, "c": "'-j REJECT'"},
     "08": {"bytecode": None, "c": "'-j REJECT'"},
-    "09": {"bytecode": "'-m limit'", "c": "'-m limit'"},
+    "09": {"bytecode": None, "c": "'-m limit'"},
     "10": {"bytecode": None, "c": "'-j REJECT'"},
     "12": {"bytecode": None, "c": None},
     "14": {"bytecode": "LOG", "c": "'-j LOG'"},

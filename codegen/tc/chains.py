@@ -42,6 +42,7 @@ from codegen.rules.model import (
 from . import exact, matches, replies
 from .counters import COUNT
 from .layout import CONTINUE, FACTS, SCRATCH_OFFSET, CounterLayout, Facts
+from .matches.limit import slots as limit_slots
 from .program import CompileError, Labels, RuleNote, where
 from .targets import (
     GENERATED_TARGETS,
@@ -235,6 +236,7 @@ class ChainWriter:
         self.pending: list[list[Item]] = []  # chunk functions, placed after the chains
         self.exact: dict[bytes, bytes] = {}
         self._runs = 0
+        self.slots = limit_slots(ruleset)  # each limit match's bucket (codegen.tc.matches.limit)
 
     def builtin_chain(self, name: str, accept: str, drop: str = "drop") -> list[Item]:
         chain = self.ruleset.chains[name]
@@ -386,7 +388,9 @@ class ChainWriter:
         slot = self.layout.slot((chain.name, index))
         miss = self.label("next")
         hotdrop = self.label("hotdrop")
-        context = matches.Context(miss, hotdrop, self.label, self.interfaces)
+        context = matches.Context(
+            miss, hotdrop, self.label, self.interfaces, rule=(chain.name, index), slots=self.slots
+        )
         code = matches.emit(rule.matches, context)
         code += [
             I.mov64(R1, slot),

@@ -46,6 +46,7 @@ from .fragments import (
 )
 from .hooks import LOCAL_MAP, ProgramWriter
 from .layout import CounterLayout
+from .matches.limit import LIMIT_MAP, uses_limit
 from .program import CompiledProgram, CompileError, Hook, Labels, RuleNote
 from .replies import INTERFACE_ADDRESSES, rejects
 from .targets import RETURNED
@@ -101,6 +102,8 @@ def compile_program(
         maps += conntrack.MAPS
     if hook == "ingress" and rejects(ruleset):
         maps += (INTERFACE_ADDRESSES,)
+    if uses_limit(ruleset):
+        maps += (LIMIT_MAP,)
     name = {"ingress": "bpflab_ingress", "egress": "bpflab_egress"}.get(hook, f"bpflab_{chain}")
     return CompiledProgram(
         name[:15], hook, builtins, items, chains.layout, maps, chains.notes, chains.exact

@@ -4,7 +4,9 @@ State lives where separate processes can find it:
 - bpffs, `/sys/fs/bpf/bpflab/NS/`: the counters and local-address maps, both programs, one
   tcx link per device and direction (a pinned link stays attached when we exit), and for a
   rule set with conntrack matches the connection tracker's maps (codegen.conntrack), which a
-  re-apply keeps, entries and all;
+  re-apply keeps, entries and all; -m limit's buckets are in no pin but held by the programs,
+  a new map at each apply with every bucket full, as netfilter refills every bucket at each
+  table load (codegen.tc.matches.limit);
 - `/run/bpflab/rulesets/NS.json`: the rule set text, the devices and the counter layout, which
   bpffs cannot hold and `list`/`save` need to put names on counters.
 
@@ -35,6 +37,8 @@ from codegen.rules.model import Ruleset
 from codegen.rules.validation import validate
 from codegen.tc.generator import COUNTERS_MAP, LOCAL_MAP
 from codegen.tc.layout import CounterLayout, Position
+from codegen.tc.matches.limit import LIMIT_MAP, uses_limit
+from codegen.tc.matches.limit import create_map as create_limit_map
 from codegen.tc.replies import (
     INTERFACE_ADDRESSES,
     INTERFACE_ADDRESSES_ENTRIES,
@@ -149,6 +153,9 @@ def apply(
             fill_interface_map(sources, interface_addresses(namespace))
             extra[INTERFACE_ADDRESSES] = sources
         interfaces = _all_interfaces(namespace)
+        if uses_limit(ruleset):
+            # -m limit's buckets, every one full: a table load refills them in netfilter too.
+            extra[LIMIT_MAP] = cleanup.enter_context(create_limit_map(ruleset))
         programs: dict[str, Program] = {}
         for hook in ("ingress", "egress"):
             programs[hook] = cleanup.enter_context(

@@ -7,6 +7,7 @@ codegen.tc names a family.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from importlib import import_module
 
 from codegen.bpf.asm import Item
@@ -42,11 +43,12 @@ FAMILIES = (
     "comment",
     "conntrack",
     "state",
+    "limit",
 )
 
 # The rule layer's families this backend refuses on purpose, each with the reason its refusal
 # gives: a family is either in FAMILIES or here.
-REFUSED: dict[str, str] = {"limit": "its token buckets are not generated yet"}
+REFUSED: dict[str, str] = {}
 assert not set(REFUSED) & set(FAMILIES), "a family both generated and refused"
 
 _FAMILY_EMITTERS: tuple[Emitter, ...] = tuple(
@@ -75,9 +77,10 @@ def emit(matches: Sequence[Match], ctx: Context) -> list[Item]:
     """All matches of a rule in netfilter's order: the IP header part (ip_packet_match), then
     the extensions in the order given. The order matters where an extension can hotdrop.
     Every match must have an emitter (the caller refuses rules with one that has none)."""
-    ordered = [m for m in matches if isinstance(m, IP_PART)]
-    ordered += [m for m in matches if not isinstance(m, IP_PART)]
+    numbered = list(enumerate(matches))
+    ordered = [(n, m) for n, m in numbered if isinstance(m, IP_PART)]
+    ordered += [(n, m) for n, m in numbered if not isinstance(m, IP_PART)]
     code: list[Item] = []
-    for match in ordered:
-        code += EMITTERS[type(match)].emit(match, ctx)
+    for number, match in ordered:
+        code += EMITTERS[type(match)].emit(match, replace(ctx, place=(*ctx.rule, number)))
     return code

@@ -14,7 +14,7 @@ at most 32 bits wide, and a 32-bit immediate would be sign-extended by a 64-bit 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Generic, TypeVar
 
 from codegen.bpf import insn as I
@@ -35,6 +35,11 @@ class Context:
     hotdrop: str
     new_label: Callable[[str], str]
     interfaces: Mapping[str, int]
+    # The rule's chain and 1-based index; the match's place (its rule's, and its number among
+    # the rule's matches), which `emit` sets; the bucket of each stateful match by place.
+    rule: tuple[str, int] = ("", 0)
+    place: tuple[str, int, int] = ("", 0, 0)
+    slots: Mapping[tuple[str, int, int], int] = field(default_factory=dict)
 
     def with_miss(self, miss: str) -> Context:
         return replace(self, miss=miss)
