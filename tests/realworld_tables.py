@@ -41,7 +41,7 @@ BACKEND_REFUSALS: dict[str, dict[str, str | None]] = {
     "06": {"bytecode": None, "c": "'-j REJECT'"},
     "07": {"bytecode": None, "c": "'-j REJECT'"},
     "08": {"bytecode": None, "c": "'-j REJECT'"},
-    "09": {"bytecode": None, "c": "'-m limit'"},
+    "09": {"bytecode": None, "c": None},
     "10": {"bytecode": None, "c": "'-j REJECT'"},
     "12": {"bytecode": None, "c": None},
     "14": {"bytecode": "LOG", "c": "'-j LOG'"},

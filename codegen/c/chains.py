@@ -17,6 +17,7 @@ from codegen.rules.extensions import target_refusal
 from codegen.rules.iptables_save import write_rule
 from codegen.rules.model import Accept, Chain, Drop, Goto, Jump, Return, Rule, Ruleset
 from codegen.tc.layout import CounterLayout
+from codegen.tc.matches.limit import slots as limit_slots
 
 from . import matches
 from .entries import CCompileError
@@ -78,6 +79,7 @@ class ChainWriter:
         self.ruleset = ruleset
         self.layout = layout
         self.interfaces = interfaces
+        self.slots = limit_slots(ruleset)  # each limit match's bucket
         numbers = {name: number for number, name in enumerate(ruleset.chains)}
         self.functions = {name: c_identifier(name, numbers[name]) for name in user_chains}
 
@@ -138,7 +140,9 @@ class ChainWriter:
         slot = self.layout.slot((chain.name, index))
         miss, hotdrop = f"rule_{slot}_next", f"rule_{slot}_hotdrop"
         text = write_rule(chain.name, rule)
-        labels = matches.Labels(miss, hotdrop, self.interfaces)
+        labels = matches.Labels(
+            miss, hotdrop, self.interfaces, rule=(chain.name, index), slots=self.slots
+        )
         where = f"{rule.source}: " if rule.source is not None else ""
         refusal = target_refusal(rule.target, REFUSED_TARGETS)
         if refusal is not None:

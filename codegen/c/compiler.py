@@ -35,6 +35,8 @@ from codegen.bpf.maps import pin
 from codegen.bpf.syscall import BpfError, close, error_for
 from codegen.conntrack import uses_conntrack
 from codegen.rules.model import Ruleset
+from codegen.tc.matches.limit import LIMIT_MAP, uses_limit
+from codegen.tc.matches.limit import value_size as limit_value_size
 
 from .source import (
     COUNTERS_MAP,
@@ -125,6 +127,9 @@ def load_programs(
         needed += conntrack.MAPS
     fds = {name: _map_fd(maps, name) for name in needed}
     sizes = {name: _check_map(name, fd) for name, fd in fds.items()}
+    if uses_limit(ruleset):  # one value, a word per limit match besides the clock's
+        fds[LIMIT_MAP] = _map_fd(maps, LIMIT_MAP)
+        _check_shape(LIMIT_MAP, fds[LIMIT_MAP], (MapType.ARRAY, 4, limit_value_size(ruleset)))
     _remove_stale_pins()
     pin_dir = PIN_ROOT / f"c_{os.getpid()}_{next(_compiles)}"
     source = generate(
@@ -204,8 +209,12 @@ def _map_fd(maps: Mapping[str, object], name: str) -> int:
 
 def _check_map(name: str, fd: int) -> int:
     """The map's max_entries, after checking it has the shape the C declares."""
+    return _check_shape(name, fd, MAP_SHAPES[name])
+
+
+def _check_shape(name: str, fd: int, shape: tuple[MapType, int, int]) -> int:
     info = map_info(fd, f"map {name!r}")
-    kind, key, value = MAP_SHAPES[name]
+    kind, key, value = shape
     if (info.type, info.key_size, info.value_size) != (kind, key, value):
         raise CCompileError(
             f"map {name!r} must be a {kind.name} map with {key}-byte keys and {value}-byte "

@@ -29,7 +29,9 @@ from dataclasses import dataclass
 from codegen.conntrack import uses_conntrack
 from codegen.rules.model import Ruleset
 from codegen.tc.layout import CounterLayout
+from codegen.tc.matches.limit import uses_limit
 
+from . import limit as c_limit
 from .chains import MAX_EXPANDED_RULES, ChainWriter, c_identifier, user_chains_reached
 from .entries import CCompileError, Entry, Hook
 from .facts import FACTS_MAP, HEADERS
@@ -106,6 +108,8 @@ def generate(
     chains = ChainWriter(ruleset, layout, interfaces, user_chains_reached(ruleset, roots))
     text = SourceText()
     text.write(prologue(layout, entries, pin_dir, map_entries or {}, uses_conntrack(ruleset)))
+    if uses_limit(ruleset):
+        text.write(c_limit.declarations(ruleset))
     text.write(chains.user_chains())
     for entry in entries:
         text.write(entry_function(entry, chains, fastpath))

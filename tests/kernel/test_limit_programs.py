@@ -21,7 +21,7 @@ from harness.runner import ChainRunner, frame_for
 
 pytestmark = pytest.mark.privileged
 
-BACKENDS = ("bytecode",)  # the C backend refuses -m limit (codegen.c.matches.REFUSED)
+BACKENDS = ("bytecode", "c")
 
 
 def _udp(number: int, source: str = "198.18.0.5") -> bytes:

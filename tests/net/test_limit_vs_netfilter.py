@@ -21,7 +21,7 @@ from tests.net.test_tc_attached import rules, udp_exchange
 
 pytestmark = [pytest.mark.netns, pytest.mark.privileged]
 
-BACKENDS = ("bytecode",)  # the C backend refuses -m limit (codegen.c.matches.REFUSED)
+BACKENDS = ("bytecode", "c")
 PORT = 5001
 SENT = 30
 

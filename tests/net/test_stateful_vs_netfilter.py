@@ -9,8 +9,7 @@ of them and the router through INPUT and OUTPUT), TCP with flags and sequence nu
 connection's own (and now and then far from them), UDP, or ICMP echoes and errors quoting the
 flow. Every packet must meet the same fate in both labs and move the same counters. Some rules
 carry `-m limit` too (1/hour or 1/min, bursts of 1 to 3: no timing within a flow refills them),
-whose buckets both labs keep along the flow and refill at each load; a backend that refuses the
-match gets the rule set without them.
+whose buckets both labs keep along the flow and refill at each load.
 
 Both tables start empty: our rule set is flushed after each example (its table goes with its
 pins) and the twin's conntrack is flushed with `conntrack -F`. The twin's counters are read
@@ -30,7 +29,6 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.l2 import Ether
 from scapy.packet import Packet, Raw
 
-from codegen.c.matches import REFUSED as C_REFUSED
 from codegen.rules import parse, write
 from codegen.rules.extensions.conntrack import Conntrack
 from codegen.rules.extensions.ctinfo import STATUS_NAMES, AnyOf
@@ -180,21 +178,6 @@ def _netfilter_moved(twin: Lab, before: dict) -> tuple[dict, dict]:
     return moved, now
 
 
-def _without_limits(ruleset: Ruleset) -> Ruleset:
-    chains = {
-        name: Chain(
-            name,
-            policy=chain.policy,
-            rules=[
-                Rule(tuple(m for m in rule.matches if not isinstance(m, Limit)), rule.target)
-                for rule in chain.rules
-            ],
-        )
-        for name, chain in ruleset.chains.items()
-    }
-    return Ruleset(chains=chains)
-
-
 # Every dropped packet costs the lab's timeout in each lab: a sixth of the profile (16 in CI).
 EXAMPLES = max(16, settings().max_examples // 6)
 
@@ -209,8 +192,6 @@ EXAMPLES = max(16, settings().max_examples // 6)
 def test_stateful_programs_do_what_netfilter_does(labs, backend, case) -> None:
     ours, twin = labs
     ruleset, (initiator, responder), steps = case
-    if backend == "c" and "limit" in C_REFUSED:
-        ruleset = _without_limits(ruleset)
     text = write(ruleset)
     namespace = ours.holder_namespace.name
     lifecycle.apply(text, "<drawn>", namespace, backend=backend)

@@ -11,6 +11,7 @@ packet facts (`f->...`, host order); clang does the rest.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from importlib import import_module
 
 from codegen.rules.extensions import BY_MODEL, extension_of
@@ -31,13 +32,11 @@ __all__ = [
 
 # The registration line: each name is a module here with MODEL and write(match, labels).
 FAMILIES = tuple(
-    "tcp udp icmp multiport iprange length ttl pkttype mark comment conntrack state".split()
+    "tcp udp icmp multiport iprange length ttl pkttype mark comment conntrack state limit".split()
 )
 # The rule layer's families this backend refuses on purpose, each with the reason its refusal
 # gives: a family is either in FAMILIES or here.
-REFUSED: dict[str, str] = {
-    "limit": "its token buckets are not generated yet",
-}
+REFUSED: dict[str, str] = {}
 assert not set(REFUSED) & set(FAMILIES), "a family both written and refused"
 
 _FAMILY_MODULES = tuple(import_module(f"{__name__}.{family}") for family in FAMILIES)
@@ -68,12 +67,13 @@ def _refusal(match: Match) -> str:
 def write_matches(matches: Sequence[Match], labels: Labels) -> list[str]:
     """A rule's matches in the order ipt_do_table checks them: the IP header part
     (ip_packet_match) first, then the extensions as listed. The order decides hotdrops."""
-    ordered = [m for m in matches if isinstance(m, IP_PART)]
-    ordered += [m for m in matches if not isinstance(m, IP_PART)]
+    numbered = list(enumerate(matches))
+    ordered = [(n, m) for n, m in numbered if isinstance(m, IP_PART)]
+    ordered += [(n, m) for n, m in numbered if not isinstance(m, IP_PART)]
     code: list[str] = []
-    for match in ordered:
+    for number, match in ordered:
         writer = WRITERS.get(type(match))
         if writer is None:
             raise UnsupportedMatch(_refusal(match))
-        code += writer(match, labels)
+        code += writer(match, replace(labels, place=(*labels.rule, number)))
     return code

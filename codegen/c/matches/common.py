@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from codegen.rules.model import Match
 
@@ -20,11 +20,17 @@ UINT32_MAX, UINT16_MAX, UINT8_MAX = 0xFFFF_FFFF, 0xFFFF, 0xFF
 
 @dataclass(frozen=True)
 class Labels:
-    """Where a rule's code goes: `miss` (next rule), `hotdrop`; and the devices known."""
+    """Where a rule's code goes: `miss` (next rule), `hotdrop`; and the devices known. `rule`
+    is the rule's chain and 1-based index, `place` the match's (its rule's and its number
+    among the rule's matches, which write_matches sets), `slots` the bucket of each limit
+    match by place."""
 
     miss: str
     hotdrop: str
     interfaces: Mapping[str, int]
+    rule: tuple[str, int] = ("", 0)
+    place: tuple[str, int, int] = ("", 0, 0)
+    slots: Mapping[tuple[str, int, int], int] = field(default_factory=dict)
 
 
 # A family's writer: the statements of one match of its model.
