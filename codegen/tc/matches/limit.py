@@ -23,9 +23,9 @@ Costs and caps are constants of the program, at the running kernel's HZ (codegen
 it is built. Each apply makes a new map, every bucket full: netfilter refills every bucket at
 each table load too (limit_mt_check), so nothing is carried over. The one difference from the
 kernel: a bucket's clock starts at its first packet rather than at the load, which gives the
-same credit unless that packet comes 2^31 jiffies or 2^32 / CPJ jiffies (1.55 days at HZ 250)
-after the load, where xt_limit's u32 credit wraps (codegen.rules.reference.MatchMemory's
-default does as the programs do).
+same credit unless that packet comes 2^32 / CPJ jiffies or more (1.55 days at HZ 250) after
+the load, where xt_limit's u32 credit wraps (codegen.rules.reference.MatchMemory's default does
+as the programs do; its `loaded_at` as the kernel).
 """
 
 from __future__ import annotations
