@@ -9,6 +9,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from pathlib import Path
 
 from codegen.bpf.syscall import BpfError, BpfFeatureError, BpfPermissionError
@@ -23,9 +24,11 @@ from .cli_input import (
     note_left_out,
     parse_rules,
     read_rules,
+    read_sets,
     require,
 )
-from .cli_run import run, verify
+from .cli_recent import recent
+from .cli_run import OWNER_HELP, run, verify
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -116,6 +119,7 @@ def _apply(args: argparse.Namespace) -> int:
         devices=args.dev or None,
         fastpath=args.fastpath,
         backend=args.backend,
+        sets=read_sets(args.sets),
     )
     note_left_out(applied.left_out)
     verb = "replaced" if applied.replaced else "attached"
@@ -163,6 +167,51 @@ def _conntrack(args: argparse.Namespace) -> int:
     for line in lines:
         print(line)
     print(f"bpflab: {len(lines)} flow entries have been shown.", file=sys.stderr)
+    return EXIT_OK
+
+
+def _log(args: argparse.Namespace) -> int:
+    require(environment.missing_bpffs)
+    import time
+
+    from .deploy import lifecycle
+    from .log_reader import namespace_log, pcap_header, pcap_record
+
+    if args.timeout is not None and args.timeout <= 0:
+        raise UsageError(f"--timeout must be a positive number of seconds, not {args.timeout}")
+    shown = packets = 0
+    with lifecycle.log_maps(args.netns) as maps, ExitStack() as stack:
+        pcap = None
+        if args.pcap:
+            try:
+                pcap = stack.enter_context(open(args.pcap, "wb"))
+            except OSError as error:
+                raise UsageError(f"cannot write {args.pcap}: {error.strerror}") from None
+            pcap.write(pcap_header())
+        wall_offset = time.time_ns() - time.monotonic_ns()
+        try:
+            for event in namespace_log(args.netns, maps, follow=args.follow, timeout=args.timeout):
+                line = event.line
+                if line is None:  # an NFLOG rule's packet
+                    packets += 1
+                    if pcap is not None:
+                        pcap.write(pcap_record(event, wall_offset))
+                        pcap.flush()
+                    continue
+                print(f"<{event.level}>{line}" if args.levels else line, flush=args.follow)
+                shown += 1
+        except KeyboardInterrupt:
+            pass  # the end of --follow: the count still follows
+        dropped = maps.dropped()
+    nflog = ""
+    if packets:
+        where = f"written to {args.pcap}" if args.pcap else "not kept (see --pcap)"
+        nflog = f"; {packets} NFLOG packets {where}"
+    print(
+        f"bpflab: {shown} log lines shown{nflog}; {dropped} events dropped because the ring "
+        "buffer was full",
+        file=sys.stderr,
+    )
     return EXIT_OK
 
 
@@ -242,6 +291,13 @@ def build_parser() -> argparse.ArgumentParser:
             help="generate eBPF instructions directly (default) or C compiled by bcc",
         )
 
+    def sets_argument(sub: argparse.ArgumentParser, default: str) -> None:
+        sub.add_argument(
+            "--sets",
+            metavar="FILE",
+            help=f"the ipsets -m set looks up, as `ipset save` prints them ({default})",
+        )
+
     sub = command("demo", _demo, "replay the example packet scripts and print their tables")
     sub.add_argument(
         "--toolchain",
@@ -266,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     rules_argument(sub)
     backend_argument(sub)
     sub.add_argument("--fastpath", action="store_true")
+    sets_argument(sub, "default: the stand-in sets")
 
     sub = command("run", run, "run one chain's program on packets with BPF_PROG_TEST_RUN")
     rules_argument(sub)
@@ -287,11 +344,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--pcap", metavar="FILE", help="frames from a capture")
     sub.add_argument("--in", dest="in_iface", metavar="IF")
     sub.add_argument("--out", dest="out_iface", metavar="IF")
+    sub.add_argument("--owner", metavar="UID:GID|kernel|none", help=OWNER_HELP)
     sub.add_argument("--json", action="store_true", help="one JSON object per line")
+    sets_argument(sub, "default: the stand-in sets")
 
     sub = command("apply", _apply, "compile, verify and attach RULES in a network namespace")
     rules_argument(sub)
     backend_argument(sub)
+    sets_argument(sub, "default: the namespace's own, read with ipset save")
     sub.add_argument("--netns", required=True, metavar="NS")
     sub.add_argument(
         "--dev",
@@ -320,6 +380,33 @@ def build_parser() -> argparse.ArgumentParser:
     actions = sub.add_mutually_exclusive_group()
     actions.add_argument("-L", "--dump", action="store_true", help="list them (the default)")
     actions.add_argument("-F", "--flush", action="store_true", help="forget them all")
+    sub = command("recent", recent, "list -m recent's tables as /proc/net/xt_recent/ does")
+    sub.add_argument("--netns", required=True, metavar="NS")
+    sub.add_argument("--name", metavar="NAME", help="only this table, without its heading")
+
+    sub = command(
+        "log",
+        _log,
+        "print the lines the applied LOG rules wrote, as the kernel's LOG target would print "
+        "them (each once); NFLOG rules' packets go to --pcap",
+    )
+    sub.add_argument("--netns", required=True, metavar="NS")
+    sub.add_argument(
+        "-f", "--follow", action="store_true", help="wait for more lines until Ctrl-C or --timeout"
+    )
+    sub.add_argument(
+        "--timeout", type=float, metavar="SECONDS", help="with --follow: stop after this long"
+    )
+    sub.add_argument(
+        "--levels",
+        action="store_true",
+        help="start each line with its syslog level as <N>, as `dmesg -r` does",
+    )
+    sub.add_argument(
+        "--pcap",
+        metavar="FILE",
+        help="write the packets of NFLOG rules to FILE (pcap, raw IPv4)",
+    )
 
     sub = command("flush", _flush, "detach the programs of a namespace and remove their state")
     sub.add_argument("--netns", required=True, metavar="NS")
@@ -338,6 +425,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench.run import add_command as add_bench
 
     add_bench(commands)
+
+    from .exec.command import add_command as add_exec
+
+    backend_argument(add_exec(commands))
 
     command("doctor", _doctor, "check what this machine can do")
     return parser

@@ -43,6 +43,16 @@ def parse_rules(path: str):
     return dump.ruleset
 
 
+def read_sets(path: str | None):
+    """The ipsets of `--sets FILE` (ipset save text), None without the option."""
+    if path is None:
+        return None
+    from codegen.rules.sets import parse_sets
+
+    text, name = read_rules(path)
+    return parse_sets(text, name)
+
+
 def note_left_out(left_out: tuple[str, ...]) -> None:
     """Say on stderr which tables of a full dump were left out, and what that means."""
     from codegen.rules.iptables_save import left_out_note

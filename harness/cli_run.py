@@ -8,7 +8,7 @@ import json
 from contextlib import ExitStack
 
 from . import environment
-from .cli_input import EXIT_OK, UsageError, parse_rules, require
+from .cli_input import EXIT_OK, UsageError, parse_rules, read_sets, require
 
 
 def verify(args: argparse.Namespace) -> int:
@@ -18,29 +18,50 @@ def verify(args: argparse.Namespace) -> int:
     from codegen.bpf.isa import MapType
     from codegen.bpf.maps import Map
     from codegen.conntrack import TrackerMaps, uses_conntrack
+    from codegen.rules.extensions.set import bind_sets, uses_sets
+    from codegen.rules.routes import STANDIN_ROUTES
     from codegen.tc.generator import COUNTERS_MAP, LOCAL_MAP
     from codegen.tc.layout import CounterLayout
+    from codegen.tc.matches.addrtype import ADDRESS_TYPES, uses_addrtype
+    from codegen.tc.matches.hashlimit import HASHLIMIT_MAP, uses_hashlimit
+    from codegen.tc.matches.hashlimit import create_map as create_hashlimit_map
     from codegen.tc.matches.limit import LIMIT_MAP, uses_limit
     from codegen.tc.matches.limit import create_map as create_limit_map
+    from codegen.tc.matches.recent import create_maps as create_recent_maps
+    from codegen.tc.matches.recent import uses_recent
     from codegen.tc.replies import INTERFACE_ADDRESSES, INTERFACE_VALUE_SIZE
 
     from .backends import load_program
     from .counters import CounterMap
+    from .deploy.routes import address_types_map
+    from .deploy.sets import set_maps
+    from .log_reader import LogMaps
     from .runner import RUN_TABLE_ENTRIES, standin_interfaces
 
-    ruleset = parse_rules(args.rules)
+    # -m set's sets: --sets FILE, else the stand-in sets a test run has.
+    ruleset = bind_sets(parse_rules(args.rules), read_sets(args.sets))
     interfaces = standin_interfaces(ruleset)
     with (
         CounterMap(CounterLayout.of(ruleset)) as counters,
         Map(MapType.HASH, 4, 1, 16, name=LOCAL_MAP) as local,
         TrackerMaps.create(RUN_TABLE_ENTRIES) as tracker,
         Map(MapType.HASH, 4, INTERFACE_VALUE_SIZE, 16, name=INTERFACE_ADDRESSES) as sources,
+        LogMaps(4096) as logging,
         ExitStack() as stack,
     ):
         tracking = tracker.maps if uses_conntrack(ruleset) else {}
-        tracking = {**tracking, INTERFACE_ADDRESSES: sources}
+        tracking = {**tracking, INTERFACE_ADDRESSES: sources, **logging.maps}
+        if uses_addrtype(ruleset):  # its routes as a test run has them
+            trie = stack.enter_context(address_types_map(STANDIN_ROUTES, interfaces))
+            tracking[ADDRESS_TYPES] = trie
         if uses_limit(ruleset):
             tracking[LIMIT_MAP] = stack.enter_context(create_limit_map(ruleset))
+        if uses_hashlimit(ruleset):
+            tracking[HASHLIMIT_MAP] = stack.enter_context(create_hashlimit_map(ruleset))
+        for name, held in (set_maps(ruleset) if uses_sets(ruleset) else {}).items():
+            tracking[name] = stack.enter_context(held)
+        for name, held in (create_recent_maps(ruleset) if uses_recent(ruleset) else {}).items():
+            tracking[name] = stack.enter_context(held)
         for hook in ("ingress", "egress"):
             program = load_program(
                 ruleset,
@@ -110,11 +131,37 @@ def answer_kind(frame: bytes) -> str:
     return "an answer"
 
 
+OWNER_HELP = (
+    "the socket OUTPUT's packets carry, for -m owner: a process's fsuid and fsgid, the kernel's"
+    " own (no file), or none (default: test-run's, which is no socket to it)"
+)
+
+
+def parse_owner(text: str | None) -> object:
+    """--owner: "dummy" (not given), None ("none"), or a SocketOwner."""
+    from codegen.rules.packet import SocketOwner
+
+    if text is None:
+        return "dummy"
+    if text == "none":
+        return None
+    if text == "kernel":
+        return SocketOwner(file=False)
+    uid, colon, gid = text.partition(":")
+    try:
+        return SocketOwner(int(uid), int(gid))
+    except ValueError:
+        raise UsageError(
+            f"--owner {text!r}: give UID:GID (numbers up to 4294967295), kernel or none"
+        ) from None
+
+
 def run(args: argparse.Namespace) -> int:
     require(environment.missing_bpf)
     from .lab.packets import SpecError, parse_packet
     from .runner import ChainRunner
 
+    owner = parse_owner(getattr(args, "owner", None))
     ruleset = parse_rules(args.rules)
     frames: list[bytes] = []
     for number, spec in enumerate(args.packet or [], start=1):
@@ -140,13 +187,21 @@ def run(args: argparse.Namespace) -> int:
     devices = [name for name in (args.in_iface, args.out_iface) if name]
     if args.backend == "c":
         require(environment.missing_bcc)
-    with ChainRunner(ruleset, devices, backend=args.backend) as runner:
+    sets = read_sets(args.sets)
+    with ChainRunner(ruleset, devices, backend=args.backend, sets=sets) as runner:
         for number, (frame, chain_run, when) in enumerate(
             zip(frames, chains, times, strict=True), start=1
         ):
             in_iface = args.in_iface if chain_run != "OUTPUT" else None
             out_iface = args.out_iface if chain_run != "INPUT" else None
-            outcome = runner.run(frame, chain_run, in_iface, out_iface, time=when)
+            outcome = runner.run(
+                frame,
+                chain_run,
+                in_iface,
+                out_iface,
+                time=when,
+                owner=owner if chain_run == "OUTPUT" else "dummy",  # type: ignore[arg-type]
+            )
             chain, index = outcome.deciding
             result = {
                 "packet": number,
@@ -158,6 +213,10 @@ def run(args: argparse.Namespace) -> int:
                 result["handled"] = False
             if outcome.reply is not None:
                 result["answer"] = answer_kind(outcome.reply)
+            if outcome.log:  # LOG rules' lines, as the kernel would print them
+                result["log"] = list(outcome.log)
+            if outcome.mark:  # what -j MARK rules left on the skb (each packet starts at 0)
+                result["mark"] = f"0x{outcome.mark:x}"
             if args.json:
                 print(json.dumps(result))
             else:
@@ -167,7 +226,10 @@ def run(args: argparse.Namespace) -> int:
                     else (f"{chain} policy" if index == "policy" else f"{chain} rule {index}")
                 )
                 answered = f", answered with {result['answer']}" if "answer" in result else ""
-                print(f"packet {number}: {result['verdict']:6} by {where}{answered}")
+                marked = f", mark {result['mark']}" if "mark" in result else ""
+                print(f"packet {number}: {result['verdict']:6} by {where}{answered}{marked}")
+                for line in outcome.log:
+                    print(f"  log: {line}")
         totals = runner.counters.read()
     counters: dict[str, dict] = {}
     for name, chain in ruleset.chains.items():

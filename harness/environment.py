@@ -116,10 +116,18 @@ def missing_bcc() -> str | None:
     return None
 
 
+def missing_exec() -> str | None:
+    """Why `bpflab exec` (seccomp user notification) cannot run here, None if it can."""
+    from .exec.seccomp import missing_user_notification
+
+    return missing_user_notification()
+
+
 PROBES = {
     "privileged": missing_bpffs,
     "netns": lambda: missing_netns() or missing_bpf(),
     "clang": missing_llvm,
     "conntrack": missing_tracker,
     "bcc": lambda: missing_bcc() or missing_bpf(),
+    "exec": missing_exec,
 }

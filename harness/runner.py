@@ -9,24 +9,42 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Literal
 
 from codegen.bpf.isa import TcAction
 from codegen.bpf.testrun import SkBuff, prog_test_run
 from codegen.conntrack import TrackerMaps, uses_conntrack
 from codegen.jiffies import kernel_hz
 from codegen.rules.extensions.limit import seconds_to_jiffies
+from codegen.rules.extensions.set import bind_sets, uses_sets
 from codegen.rules.model import Interface, Ruleset
 from codegen.rules.names import PKT_TYPE_ALIASES, PKT_TYPES
+from codegen.rules.packet import SocketOwner
+from codegen.rules.routes import STANDIN_ROUTES, RouteTable
+from codegen.rules.sets import SetTable
 from codegen.tc.generator import COUNTERS_MAP
 from codegen.tc.layout import NOT_HANDLED, CounterLayout, Position
+from codegen.tc.log import logs
+from codegen.tc.matches.addrtype import ADDRESS_TYPES, uses_addrtype
+from codegen.tc.matches.hashlimit import HASHLIMIT_MAP, uses_hashlimit
+from codegen.tc.matches.hashlimit import create_map as create_hashlimit_map
 from codegen.tc.matches.limit import LIMIT_MAP, create_map, set_clock, uses_limit
+from codegen.tc.matches.owner import cb_owner, uses_owner
+from codegen.tc.matches.recent import CLOCK_MAP as RECENT_CLOCK
+from codegen.tc.matches.recent import create_maps as create_recent_maps
+from codegen.tc.matches.recent import set_clock as set_recent_clock
+from codegen.tc.matches.recent import uses_recent
 
 from .backends import Backend, Program, load_program
 from .counters import CounterMap
+from .deploy.routes import address_types_map
+from .deploy.sets import set_maps
+from .log_reader import LogEvent, LogMaps, LogRecord, record_event
 
 FIRST_STANDIN_IFINDEX = 1000
 DEFAULT_DEVICES = ("eth0", "eth1", "eth2")
 RUN_TABLE_ENTRIES = 4096  # connections one test run's table holds
+RUN_LOG_RING_SIZE = 64 * 1024  # bytes of the LOG records' ring: some 220 per run
 CLOCK_ORIGIN = 1 << 40  # ns: a given time 0 is this on the tracker's clock (0 is "monotonic")
 JIFFIES_ORIGIN = 1 << 32  # a given time 0 is this jiffy on -m limit's clock (0 is the real one)
 
@@ -37,6 +55,9 @@ class Outcome:
     deciding: Position
     counters: dict[Position, tuple[int, int]]  # what moved: (packets, bytes) added
     reply: bytes | None = None  # the frame a REJECT answered with (the program redirected)
+    log: tuple[str, ...] = ()  # the lines its LOG rules wrote, in order (harness.log_reader)
+    nflog: tuple[bytes, ...] = ()  # the packets its NFLOG rules passed on, in order
+    mark: int = 0  # the skb mark the programs left (the run's own, or what -j MARK wrote)
 
 
 def standin_interfaces(ruleset: Ruleset, extra: Iterable[str] = ()) -> dict[str, int]:
@@ -59,19 +80,45 @@ class ChainRunner:
     """Chain programs for a rule set, loaded once, run on as many packets as wanted."""
 
     def __init__(
-        self, ruleset: Ruleset, devices: Iterable[str] = (), *, backend: Backend = "bytecode"
+        self,
+        ruleset: Ruleset,
+        devices: Iterable[str] = (),
+        *,
+        backend: Backend = "bytecode",
+        routes: RouteTable | None = None,
+        log_ring_size: int = RUN_LOG_RING_SIZE,
+        sets: SetTable | None = None,
     ):
+        """`routes`: what `-m addrtype` looks addresses up in (None: STANDIN_ROUTES, which
+        the reference evaluator also takes when given none); its devices are known ones.
+        `sets`: the ipsets `-m set` looks up (None: STANDIN_SETS); RuleError for a rule
+        naming a set they do not hold."""
+        # -m set's matches bound to their sets, each copied into a map of its own.
+        ruleset = bind_sets(ruleset, sets)
         self.ruleset = ruleset
         self.backend = backend
-        self.interfaces = standin_interfaces(ruleset, devices)
+        self.routes = STANDIN_ROUTES if routes is None else routes
+        self.interfaces = standin_interfaces(ruleset, [*devices, *sorted(self.routes.devices)])
         self.layout = CounterLayout.of(ruleset)
         self.counters = CounterMap(self.layout)
         # One connection table for all chains run, so that a flow's two halves meet in it.
         self.tracker = TrackerMaps.create(RUN_TABLE_ENTRIES) if uses_conntrack(ruleset) else None
+        self.address_types = (
+            address_types_map(self.routes, self.interfaces) if uses_addrtype(ruleset) else None
+        )
+        # LOG rules' ring buffer and its count of events lost when full (codegen.tc.log).
+        self.logging = LogMaps(log_ring_size) if logs(ruleset) else None
         # -m limit's buckets, full: the programs are loaded as a table is (codegen.tc.matches.
         # limit); the clock a run fixes counts in the kernel's HZ.
         self.limits = create_map(ruleset) if uses_limit(ruleset) else None
+        # -m hashlimit's entries, none yet (codegen.tc.matches.hashlimit), on the same clock.
+        self.hashlimits = create_hashlimit_map(ruleset) if uses_hashlimit(ruleset) else None
         self.hz = kernel_hz() if self.limits is not None else None
+        self.set_maps = set_maps(ruleset) if uses_sets(ruleset) else {}
+        # -m recent's tables, empty, and their clock (codegen.tc.matches.recent).
+        self.recent_maps = create_recent_maps(ruleset) if uses_recent(ruleset) else {}
+        self.recent_hz = kernel_hz() if self.recent_maps else None
+        self.owned = uses_owner(ruleset)  # -m owner: run() may give the packet's socket
         self._programs: dict[str, Program] = {}
 
     def program(self, chain: str) -> Program:
@@ -83,12 +130,25 @@ class ChainRunner:
                 maps={
                     COUNTERS_MAP: self.counters,
                     **self.tracker_maps,
+                    **self.route_maps,
+                    **self.log_maps,
                     **({} if self.limits is None else {LIMIT_MAP: self.limits}),
+                    **({} if self.hashlimits is None else {HASHLIMIT_MAP: self.hashlimits}),
+                    **self.set_maps,
+                    **self.recent_maps,
                 },
                 chain=chain,
                 backend=self.backend,
             )
         return self._programs[chain]
+
+    @property
+    def route_maps(self) -> dict[str, object]:
+        return {} if self.address_types is None else {ADDRESS_TYPES: self.address_types}
+
+    @property
+    def log_maps(self) -> dict[str, object]:
+        return {} if self.logging is None else dict(self.logging.maps)
 
     @property
     def tracker_maps(self) -> dict[str, object]:
@@ -104,10 +164,13 @@ class ChainRunner:
         mark: int = 0,
         pkt_type: str = "host",
         time: float | None = None,
+        owner: SocketOwner | None | Literal["dummy"] = "dummy",
     ) -> Outcome:
         """Run `frame` through `chain`'s program. `time` (seconds, any origin, never going
         back) is the connection tracker's and -m limit's clock for this packet; None: the
-        monotonic clock and the kernel's jiffies."""
+        monotonic clock and the kernel's jiffies. `owner` is the socket -m owner sees (None:
+        no socket); "dummy": the one test-run gives every packet, which no struct socket
+        holds (xt_owner sees it as none), read by the program itself."""
         for name in (in_iface, out_iface):
             if name and name not in self.interfaces:
                 raise ValueError(
@@ -120,11 +183,16 @@ class ChainRunner:
         )
         context.cb[0] = self.interfaces.get(out_iface or "", 0)
         context.cb[2] = PKT_TYPES[PKT_TYPE_ALIASES.get(pkt_type, pkt_type)]
+        if owner != "dummy" and self.owned:  # only -m owner reads it (the C backend refuses it)
+            cb_owner(context.cb, owner)
         if self.tracker is not None:
             self.tracker.set_clock(0 if time is None else CLOCK_ORIGIN + round(time * 1e9))
         if self.limits is not None and self.hz is not None:
             jiffies = None if time is None else JIFFIES_ORIGIN + seconds_to_jiffies(time, self.hz)
             set_clock(self.limits, jiffies)
+        if self.recent_hz is not None:
+            at = None if time is None else JIFFIES_ORIGIN + seconds_to_jiffies(time, self.recent_hz)
+            set_recent_clock(self.recent_maps[RECENT_CLOCK], at)
         before = self.counters.read()
         result = prog_test_run(self.program(chain).fd, frame, context=context)
         after = self.counters.read()
@@ -145,17 +213,47 @@ class ChainRunner:
             verdict, reply = "DROP", result.data
         else:
             verdict = {TcAction.OK: "ACCEPT", TcAction.SHOT: "DROP"}[result.retval]
-        return Outcome(verdict, deciding, moved, reply)
+        events = self._log_events()
+        lines = tuple(event.line for event in events if event.line is not None)
+        nflog = tuple(event.nflog_packet for event in events if event.line is None)
+        return Outcome(verdict, deciding, moved, reply, lines, nflog, result.context.mark)
+
+    def _log_events(self) -> list[LogEvent]:
+        """The events of the records the run wrote (the ring is emptied after each run)."""
+        if self.logging is None:
+            return []
+        names = {index: name for name, index in self.interfaces.items()}
+        return [
+            record_event(LogRecord.decode(raw), self.ruleset, self.layout, names)
+            for raw in self.logging.ring.records()
+        ]
+
+    def log_drops(self) -> int:
+        """Events lost so far because the ring buffer was full."""
+        return 0 if self.logging is None else self.logging.dropped()
 
     def close(self) -> None:
         for program in self._programs.values():
             program.close()
         self._programs.clear()
         self.counters.close()
+        if self.logging is not None:
+            self.logging.close()
+            self.logging = None
         if self.tracker is not None:
             self.tracker.close()
+        if self.address_types is not None:
+            self.address_types.close()
         if self.limits is not None:
             self.limits.close()
+        if self.hashlimits is not None:
+            self.hashlimits.close()
+        for held in self.set_maps.values():
+            held.close()
+        self.set_maps = {}
+        for held in self.recent_maps.values():
+            held.close()
+        self.recent_maps = {}
 
     def __enter__(self) -> ChainRunner:
         return self

@@ -47,9 +47,11 @@ from codegen.rules.extensions.icmp import IcmpMatch
 from codegen.rules.extensions.iprange import AddressRange, IpRange
 from codegen.rules.extensions.length import Length
 from codegen.rules.extensions.mark import Mark
+from codegen.rules.extensions.mark_target import MarkTarget
 from codegen.rules.extensions.multiport import Multiport
 from codegen.rules.extensions.pkttype import PktType
 from codegen.rules.extensions.ports import PortRange
+from codegen.rules.extensions.reject import REJECT_TYPES, Reject
 from codegen.rules.extensions.tcp import TcpFlags, TcpMatch
 from codegen.rules.extensions.ttl import Ttl
 from codegen.rules.extensions.udp import UdpMatch
@@ -141,7 +143,7 @@ def _integers(low: int, high: int) -> st.SearchStrategy[int]:
 
 
 _BOOLEANS = st.booleans()
-_ONE_IN = {n: st.integers(0, n - 1) for n in (2, 3, 4, 5, 6)}
+_ONE_IN = {n: st.integers(0, n - 1) for n in (2, 3, 4, 5, 6, 8)}
 
 
 def _one_in(draw: st.DrawFn, n: int) -> bool:
@@ -499,7 +501,17 @@ def _rule(draw: st.DrawFn, chain: str, callees: tuple[str, ...], traffic: Traffi
     choices = _extensions(None if protocol_negated else protocol)
     for _ in range(draw(_EXTENSION_COUNTS)):
         matches.append(draw(choices)(draw, aim))
+    if _one_in(draw, 6):  # REJECT: a drop, with the answer the kernel sends
+        tcp = protocol == IPPROTO_TCP and not protocol_negated
+        return Rule(tuple(matches), Reject(draw(_REJECT_TYPES if tcp else _ICMP_REJECT_TYPES)))
+    if _one_in(draw, 8):  # MARK: a new mark, which later `-m mark` rules see, then on
+        return Rule(tuple(matches), MarkTarget(draw(_MARKS), draw(_MARK_MASKS)))
     return Rule(tuple(matches), draw(targets(callees)))
+
+
+_REJECT_TYPES = st.sampled_from([name for name, *_ in REJECT_TYPES])
+# tcp-reset is for `-p tcp` rules only (ipt_REJECT's checkentry)
+_ICMP_REJECT_TYPES = st.sampled_from([name for name, *_, code in REJECT_TYPES if code is not None])
 
 
 @st.composite

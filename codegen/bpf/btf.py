@@ -16,6 +16,8 @@ _MAGIC = 0xEB9F
 
 # Kinds, and the size of the data that follows each type's 12-byte header.
 KIND_INT, KIND_ENUM, KIND_FUNC, KIND_ENUM64 = 1, 6, 12, 19
+KIND_PTR_, KIND_STRUCT_, KIND_UNION_ = 2, 4, 5
+_QUALIFIERS = {8, 9, 10, 11, 18}  # typedef, volatile, const, restrict, type tag
 _EXTRA_FIXED = {1: 4, 3: 12, 14: 4, 17: 4}
 _EXTRA_PER_MEMBER = {4: 12, 5: 12, 6: 8, 13: 8, 15: 12, 19: 12}
 
@@ -74,6 +76,65 @@ class Btf:
             return self.find(name, KIND_FUNC).id
         except BtfError:
             raise BtfError(f"kernel function {name!r} is not in the kernel's BTF") from None
+
+    def struct_id(self, name: str) -> int:
+        """The BTF id of `struct name` (what bpf_rdonly_cast takes)."""
+        return self.find(name, KIND_STRUCT_).id
+
+    def member_offset(self, struct_name: str, path: str) -> tuple[int, int]:
+        """The byte offset of `path` (members joined by dots, through nested structs and
+        unions, named or not) in `struct struct_name`, and the size in bytes of what is
+        there; BtfError if a member is missing or a bit field."""
+        entry = self.find(struct_name, KIND_STRUCT_)
+        offset = 0
+        for name in path.split("."):
+            found = self._member(entry, name)
+            if found is None:
+                raise BtfError(f"struct {struct_name} has no member {path!r} in the kernel's BTF")
+            bits, type_id = found
+            if bits < 0 or bits % 8:
+                raise BtfError(f"{struct_name}.{path} is a bit field")
+            offset += bits // 8
+            entry = self._resolved(type_id)
+        return offset, self._size(entry)
+
+    def _header(self, entry: BtfType) -> tuple[int, int]:
+        _name, info, size_or_type = struct.unpack_from("<III", self._types_data, entry.offset - 12)
+        return info, size_or_type
+
+    def _resolved(self, type_id: int) -> BtfType:
+        """The type `type_id` names, through typedefs and qualifiers."""
+        entry = self.types[type_id - 1]
+        while entry.kind in _QUALIFIERS:
+            entry = self.types[self._header(entry)[1] - 1]
+        return entry
+
+    def _size(self, entry: BtfType) -> int:
+        if entry.kind == KIND_PTR_:
+            return 8
+        return self._header(entry)[1]
+
+    def _member(self, entry: BtfType, name: str) -> tuple[int, int] | None:
+        """(bit offset, type id) of member `name` of a struct or union, looked for in its
+        anonymous members too; the offset is -1 for a bit field."""
+        if entry.kind not in (KIND_STRUCT_, KIND_UNION_):
+            return None
+        kind_flag = self._header(entry)[0] >> 31
+        for index in range(entry.vlen):
+            name_off, type_id, bits = struct.unpack_from(
+                "<III", self._types_data, entry.offset + 12 * index
+            )
+            field_bits = bits >> 24 if kind_flag else 0
+            if kind_flag:
+                bits &= 0xFFFFFF
+            member = self._string(name_off)
+            if member == name:
+                return (bits if not field_bits else -1), type_id  # -1: a bit field
+            if not member:
+                inner = self._member(self._resolved(type_id), name)
+                if inner is not None:
+                    return (bits + inner[0] if inner[0] >= 0 else -1), inner[1]
+        return None
 
     def enum(self, name: str) -> dict[str, int]:
         """Members of the enum `name`, or of the (often anonymous) enum that has member `name`."""

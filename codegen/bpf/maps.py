@@ -230,17 +230,30 @@ class RingBuffer(Map):
     _DISCARD = 1 << 30
     _HEADER = 8
 
-    def __init__(self, size: int, *, name: str = ""):
+    def __init__(self, size: int, *, name: str = "", fd: int | None = None):
         page = mmap.PAGESIZE
         if size < page or size & (size - 1):
             raise ValueError(f"ring buffer size must be a power of two >= {page}, not {size}")
-        super().__init__(MapType.RINGBUF, 0, 0, size, name=name)
+        super().__init__(MapType.RINGBUF, 0, 0, size, name=name, fd=fd)
         self._consumer = mmap.mmap(self.fd, page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         # The producer page and the data, mapped twice in a row so records can wrap.
         self._producer = mmap.mmap(
             self.fd, page + 2 * size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page
         )
         self._page = page
+
+    @classmethod
+    def from_pin(cls, path: str) -> RingBuffer:
+        """The pinned ring buffer at `path`, mapped for reading its records."""
+        fd = get_pinned(path)
+        try:
+            info = map_info(fd, path)
+            if info.type != MapType.RINGBUF:
+                raise ValueError(f"{path} is not a ring buffer")
+            return cls(info.max_entries, name=info.name.decode(), fd=fd)
+        except BaseException:
+            close(fd)
+            raise
 
     def records(self) -> list[bytes]:
         """Every record committed so far and not yet consumed."""

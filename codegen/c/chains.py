@@ -14,15 +14,18 @@ import re
 from collections.abc import Iterable, Mapping
 
 from codegen.rules.extensions import target_refusal
+from codegen.rules.extensions.mark_target import MarkTarget
+from codegen.rules.extensions.reject import REJECT_WITH, Reject
 from codegen.rules.iptables_save import write_rule
 from codegen.rules.model import Accept, Chain, Drop, Goto, Jump, Return, Rule, Ruleset
+from codegen.tc import log
 from codegen.tc.layout import CounterLayout
 from codegen.tc.matches.limit import slots as limit_slots
 
-from . import matches
+from . import mark_target, matches
 from .entries import CCompileError
 from .source_text import Code, SpanMark, comment, indented, text_of
-from .targets import REFUSED_TARGETS, BuiltinTargets, FunctionTargets, Targets
+from .targets import GENERATED_TARGETS, REFUSED_TARGETS, BuiltinTargets, FunctionTargets, Targets
 
 # Rules after inlining every user chain at each of its call sites: past this, the C would be
 # too big for clang and the verifier to be worth trying.
@@ -90,7 +93,7 @@ class ChainWriter:
             return []
         code: Code = ["// User chains, inlined wherever they are called.", ""]
         code += [
-            f"static __always_inline int {function}(facts_t *f);"
+            f"static __always_inline int {function}(struct __sk_buff *skb, facts_t *f);"
             for function in self.functions.values()
         ]
         code.append("")
@@ -129,7 +132,8 @@ class ChainWriter:
                 ]
         return [
             comment(f"Chain {chain.name}: answers CONTINUE (returned), ACCEPT or DROP."),
-            f"static __always_inline int {self.functions[chain.name]}(facts_t *f)",
+            f"static __always_inline int {self.functions[chain.name]}"
+            "(struct __sk_buff *skb, facts_t *f)",
             "{",
             *indented(inside),
             "}",
@@ -144,7 +148,9 @@ class ChainWriter:
             miss, hotdrop, self.interfaces, rule=(chain.name, index), slots=self.slots
         )
         where = f"{rule.source}: " if rule.source is not None else ""
-        refusal = target_refusal(rule.target, REFUSED_TARGETS)
+        refusal = target_refusal(rule.target, REFUSED_TARGETS, GENERATED_TARGETS)
+        if refusal is None and log.refusal(rule) is not None:
+            refusal = f"refuses this '-j LOG' because {log.refusal(rule)}"
         if refusal is not None:
             raise CCompileError(
                 f"{where}the C backend {refusal} (rule {index} of {chain.name}): {text}"
@@ -155,12 +161,18 @@ class ChainWriter:
             raise CCompileError(f"{where}{error}: {text}") from None
         decided = f"f->decided = {slot};"
         target = rule.target
-        if not isinstance(target, Accept | Drop):  # verdicts count in a shared tail
+        if not isinstance(target, Accept | Drop | Reject):  # verdicts count in a shared tail
             code.append(f"count({slot}, f->tot_len);")
         if isinstance(target, Accept):
             code += [decided, *targets.accept()]
         elif isinstance(target, Drop):
             code += [decided, *targets.drop()]
+        elif isinstance(target, Reject):  # a drop that the drop tail answers (programs.py)
+            code += [decided, f"f->reject = {1 + REJECT_WITH[target.reply]};", *targets.drop()]
+        elif isinstance(target, log.LOGGING):
+            code.append(f"log_event(skb, f, {slot});")  # and on with the next rule
+        elif isinstance(target, MarkTarget):
+            code += mark_target.set_mark(target)  # and on with the next rule
         elif isinstance(target, Return):
             code += targets.return_()
         elif isinstance(target, Jump):
@@ -168,7 +180,7 @@ class ChainWriter:
         elif isinstance(target, Goto):
             code += targets.goto(self.functions[target.chain])
         if any(matches.can_hotdrop(match) for match in rule.matches):
-            if target is None or isinstance(target, Jump):
+            if target is None or isinstance(target, (Jump, MarkTarget, *log.LOGGING)):
                 code.append(f"goto {miss};")  # past the hotdrop
             code += [f"{hotdrop}:", decided, *targets.hotdrop()]
         if any(f"goto {miss};" in line for line in code):

@@ -31,13 +31,25 @@ from codegen import conntrack
 from codegen.bpf.info import map_info, program_info
 from codegen.bpf.isa import MapType, ProgType
 from codegen.bpf.loader import FAILURE_LOG_SIZE, VerifierError, VerifierStats, failing_slot
-from codegen.bpf.maps import pin
+from codegen.bpf.maps import Map, pin
 from codegen.bpf.syscall import BpfError, close, error_for
 from codegen.conntrack import uses_conntrack
+from codegen.rules.extensions.set import uses_sets
 from codegen.rules.model import Ruleset
+from codegen.tc.matches.addrtype import ADDRESS_TYPES, uses_addrtype
+from codegen.tc.matches.addrtype import KEY as ADDRESS_KEY
+from codegen.tc.matches.addrtype import VALUE as ADDRESS_VALUE
+from codegen.tc.matches.hashlimit import HASHLIMIT_MAP, uses_hashlimit
+from codegen.tc.matches.hashlimit import KEY as HASHLIMIT_KEY
+from codegen.tc.matches.hashlimit import VALUE as HASHLIMIT_VALUE
 from codegen.tc.matches.limit import LIMIT_MAP, uses_limit
 from codegen.tc.matches.limit import value_size as limit_value_size
+from codegen.tc.replies import rejects
 
+from . import log as c_log
+from . import recent as c_recent
+from .maps import REPLIES_MAP
+from .matches import set as c_set
 from .source import (
     COUNTERS_MAP,
     LOCAL_MAP,
@@ -62,6 +74,8 @@ MAP_SHAPES = {
     ),
     conntrack.CT_PENDING: (MapType.PERCPU_ARRAY, 4, ctypes.sizeof(conntrack.Pending)),
     conntrack.CT_CLOCK: (MapType.ARRAY, 4, 8),
+    ADDRESS_TYPES: (MapType.LPM_TRIE, ADDRESS_KEY.size, ADDRESS_VALUE.size),
+    **c_log.MAP_SHAPES,
 }
 _compiles = itertools.count(1)
 _DIAGNOSTIC = re.compile(r"^(?P<file>[^:\s]+):(?P<line>\d+):(?P<column>\d+): error: (?P<text>.*)$")
@@ -93,6 +107,10 @@ class CProgram:
     compiled_insns: int  # instructions as clang emitted them, before the verifier's rewrites
     source: CSource = field(repr=False)
     log: str = field(default="", repr=False)
+    # Objects closed with the program; `keep` names those among them that must stay pinned
+    # while it is attached (a program array forgets its programs with its last user reference).
+    resources: list = field(default_factory=list, repr=False)
+    keep: dict[str, int] = field(default_factory=dict, repr=False)
 
     @property
     def insn_count(self) -> int:
@@ -104,6 +122,10 @@ class CProgram:
         if self.fd >= 0:
             close(self.fd)
             self.fd = -1
+        for resource in self.resources:
+            resource.close()
+        self.resources.clear()
+        self.keep.clear()
 
     def __enter__(self) -> CProgram:
         return self
@@ -125,11 +147,30 @@ def load_programs(
     needed = [COUNTERS_MAP] + ([LOCAL_MAP] if any(e.hook == "ingress" for e in entries) else [])
     if uses_conntrack(ruleset):
         needed += conntrack.MAPS
+    if uses_addrtype(ruleset):
+        needed.append(ADDRESS_TYPES)
+    if c_log.logs(ruleset):
+        needed += c_log.MAP_SHAPES
     fds = {name: _map_fd(maps, name) for name in needed}
     sizes = {name: _check_map(name, fd) for name, fd in fds.items()}
+    if uses_sets(ruleset):  # -m set: each set's map, under its C name (codegen/c/matches/set)
+        for identifier, (given, shape) in c_set.map_shapes(ruleset).items():
+            fds[identifier] = _map_fd(maps, given)
+            sizes[identifier] = _check_shape(identifier, fds[identifier], shape)
     if uses_limit(ruleset):  # one value, a word per limit match besides the clock's
         fds[LIMIT_MAP] = _map_fd(maps, LIMIT_MAP)
         _check_shape(LIMIT_MAP, fds[LIMIT_MAP], (MapType.ARRAY, 4, limit_value_size(ruleset)))
+    if uses_hashlimit(ruleset):  # -m hashlimit's entries, on the limit map's clock
+        fds[HASHLIMIT_MAP] = _map_fd(maps, HASHLIMIT_MAP)
+        shape = (MapType.LRU_HASH, HASHLIMIT_KEY.size, HASHLIMIT_VALUE.size)
+        sizes[HASHLIMIT_MAP] = _check_shape(HASHLIMIT_MAP, fds[HASHLIMIT_MAP], shape)
+    if c_recent.matches_of(ruleset):  # -m recent: its clock and tables (codegen/c/recent.py)
+        for identifier, (given, shape) in c_recent.map_shapes(ruleset).items():
+            fds[identifier] = _map_fd(maps, given)
+            sizes[identifier] = _check_shape(identifier, fds[identifier], shape)
+    replies = _reply_programs(entries, maps) if rejects(ruleset) else None
+    if replies is not None:
+        fds[REPLIES_MAP] = replies.fd
     _remove_stale_pins()
     pin_dir = PIN_ROOT / f"c_{os.getpid()}_{next(_compiles)}"
     source = generate(
@@ -140,12 +181,50 @@ def load_programs(
         pin_dir=str(pin_dir),
         map_entries=sizes,
     )
-    module = _compile(bcc, source, fds, pin_dir)
     try:
-        return _load_all(bcc, lib, module, source)
+        module = _compile(bcc, source, fds, pin_dir)
+        try:
+            programs = _load_all(bcc, lib, module, source)
+        finally:
+            module.cleanup()
+            atexit.unregister(module.cleanup)
+        if replies is not None:  # each program keeps its own reference to the array
+            for program in programs:
+                held = Map(MapType.PROG_ARRAY, 4, 4, len(entries), fd=os.dup(replies.fd))
+                program.resources.append(held)
+                program.keep[REPLIES_MAP] = held.fd
     finally:
-        module.cleanup()
-        atexit.unregister(module.cleanup)
+        if replies is not None:
+            replies.close()
+    return programs
+
+
+def _reply_programs(entries: Sequence[Entry], maps: Mapping[str, object]) -> Map:
+    """A program array holding, for each entry, the bytecode program that sends REJECT's
+    answers for it (codegen.tc.replies.reply_program: the C answer builder as clang compiles
+    it, in global functions the verifier checks once; bcc would inline it past what the
+    verifier follows). The entry tail-calls it from its drop tail."""
+    from codegen.bpf.loader import load
+    from codegen.tc.replies import INTERFACE_ADDRESSES, Unavailable, reply_program
+
+    array = Map(MapType.PROG_ARRAY, 4, 4, len(entries), name=REPLIES_MAP)
+    try:
+        for slot, entry in enumerate(entries):
+            builtin = entry.chain if entry.hook == "chain" else None
+            ingress = entry.hook == "ingress"
+            if ingress and INTERFACE_ADDRESSES not in maps:
+                raise CCompileError(f"REJECT at ingress needs the {INTERFACE_ADDRESSES} map")
+            wanted = {INTERFACE_ADDRESSES: maps[INTERFACE_ADDRESSES]} if ingress else {}
+            try:
+                items = reply_program(entry.hook, builtin)
+            except Unavailable as error:
+                raise CCompileError(str(error)) from None
+            with load(items, name="bpflab_reply", maps=wanted) as program:
+                array.update(slot.to_bytes(4, "little"), program.fd.to_bytes(4, "little"))
+    except BaseException:
+        array.close()
+        raise
+    return array
 
 
 _PIN_DIR = re.compile(r"^c_(\d+)_\d+$")

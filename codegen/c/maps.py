@@ -10,6 +10,7 @@ pins them for the length of one compile (codegen/c/compiler.py).
 from __future__ import annotations
 
 COUNTERS_MAP, LOCAL_MAP = "counters", "local_addresses"
+REPLIES_MAP = "replies"  # a program array: REJECT's answer programs, one per entry of a unit
 LOCAL_MAP_ENTRIES = 1024
 # Where load_c_program pins the caller's maps for bcc to open them (a fresh directory per
 # compile); `c_source` prints this placeholder.
@@ -48,3 +49,10 @@ COUNT = [
     "    }",
     "}",
 ]
+
+
+def replies_map(entries: int) -> list[str]:
+    return [
+        "// REJECT's answer programs (codegen.tc.replies.reply_program), one per entry.",
+        f'BPF_TABLE_PINNED("prog", u32, u32, {REPLIES_MAP}, {entries}, PIN_DIR "/{REPLIES_MAP}");',
+    ]

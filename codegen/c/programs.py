@@ -17,24 +17,33 @@ written, so that clang sees no unused label.
 
 from __future__ import annotations
 
+from codegen import reject
 from codegen.conntrack import uses_conntrack
+from codegen.tc.replies import REPLY_CB_DADDR, REPLY_CB_FIELDS, rejects
 
 from .chains import ChainWriter
 from .conntrack import CLASSIFY, CONFIRM
 from .entries import Entry
 from .facts import FACTS_MAP
 from .fragments import LATER_FRAGMENTS, LATER_FRAGMENTS_EGRESS, remember_first_fragment
-from .maps import LOCAL_MAP
+from .log import hook_statement, logs
+from .maps import LOCAL_MAP, REPLIES_MAP
 from .source_text import GOTO, Code, indented, text_of
 
 # A tail: its label and its statements.
 Tail = tuple[str, list[str]]
 
 
-def entry_function(entry: Entry, chains: ChainWriter, fastpath: bool) -> Code:
-    """The C function of `entry`, named as its program."""
-    body = [*_facts(entry), "", *_judgement(entry, chains, fastpath)]
-    tails = _tails(entry, fastpath, uses_conntrack(chains.ruleset))
+def entry_function(entry: Entry, chains: ChainWriter, fastpath: bool, slot: int) -> Code:
+    """The C function of `entry`, named as its program; `slot` is its answer program's in
+    REPLIES_MAP, where its rule set REJECTs."""
+    logging = []
+    if logs(chains.ruleset):  # which hook its LOG records name (codegen/c/log.py)
+        logging = hook_statement(entry.hook, entry.builtins[0] if entry.hook == "chain" else None)
+    own_answers = OWN_ANSWER if entry.hook == "ingress" and rejects(chains.ruleset) else []
+    body = [*own_answers, *_facts(entry), *logging, "", *_judgement(entry, chains, fastpath)]
+    answer = _reply(slot) if rejects(chains.ruleset) else []
+    tails = _tails(entry, fastpath, uses_conntrack(chains.ruleset), answer)
     used = _tails_used(body, tails)
     code: Code = [f"int {entry.function}(struct __sk_buff *skb)", "{"]
     code += indented([*_declarations(entry, body), ""])
@@ -165,8 +174,34 @@ def _declarations(entry: Entry, body: Code) -> list[str]:
     return declarations
 
 
-def _tails(entry: Entry, fastpath: bool, tracking: bool) -> list[Tail]:
-    """The ends verdicts go to; with `tracking`, an ACCEPT confirms the connection."""
+# An OUTPUT REJECT's answer, delivered to our own stack (codegen.reject): unjudged, as
+# netfilter's reaches the socket over lo.
+OWN_ANSWER = [
+    f"if (skb->tc_index == {reject.OWN_ANSWER:#x}) {{",
+    "    skb->tc_index = 0;",
+    "    return TC_ACT_OK;",
+    "}",
+]
+
+
+def _reply(slot: int) -> Code:
+    """REJECT's answer, at the drop tail: the program in REPLIES_MAP's `slot` (codegen.tc.replies'
+    reply_program, with the answer builder that bcc's inlining cannot verify) turns the packet
+    into the answer and sends it; it reads what it needs from the control block. A tail call
+    does not come back unless it fails: then the packet is dropped without an answer."""
+    return [
+        "if (f->reject) {",
+        f"    skb->cb[{REPLY_CB_FIELDS}] = f->reject | (f->pkt_type << 8) |",
+        "                  ((f->out_ifindex != 0) << 16);",
+        f"    skb->cb[{REPLY_CB_DADDR}] = f->daddr;",
+        f"    {REPLIES_MAP}.call(skb, {slot});",
+        "}",
+    ]
+
+
+def _tails(entry: Entry, fastpath: bool, tracking: bool, answer: Code) -> list[Tail]:
+    """The ends verdicts go to; with `tracking`, an ACCEPT confirms the connection; `answer`
+    comes before a drop (REJECT's)."""
     confirm = CONFIRM if tracking else []
     report = ["skb->cb[1] = f->decided;"] if entry.hook == "chain" else []
     counted = "count(f->decided, f->tot_len);  // the rule or policy in f->decided"
@@ -179,7 +214,7 @@ def _tails(entry: Entry, fastpath: bool, tracking: bool) -> list[Tail]:
         ("whole_accept", [*remember_first_fragment(dropped=False), "goto accept;"]),
         ("whole_drop", [*remember_first_fragment(dropped=True), "goto drop;"]),
         ("accept", [*confirm, *report, "return TC_ACT_OK;"]),
-        ("drop", [*report, "return TC_ACT_SHOT;"]),
+        ("drop", [*report, *answer, "return TC_ACT_SHOT;"]),
         (
             "not_handled",
             [

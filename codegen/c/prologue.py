@@ -13,7 +13,15 @@ from .conntrack import tracker
 from .entries import Entry
 from .facts import HEADERS, PARSE, facts_struct
 from .fragments import FRAGMENTS_DECLARATION
-from .maps import COUNT, COUNTERS_MAP, LOCAL_MAP, LOCAL_MAP_ENTRIES, counters_map, local_map
+from .maps import (
+    COUNT,
+    COUNTERS_MAP,
+    LOCAL_MAP,
+    LOCAL_MAP_ENTRIES,
+    counters_map,
+    local_map,
+    replies_map,
+)
 from .source_text import c_string
 from .targets import ACCEPT, CONTINUE, DROP
 
@@ -24,12 +32,14 @@ def prologue(
     pin_dir: str,
     map_entries: Mapping[str, int],
     tracking: bool = False,
+    rejects_here: bool = False,
 ) -> list[str]:
     """What precedes the unit's functions. `map_entries` gives the caller's maps'
     max_entries (default: the counter layout's size, and LOCAL_MAP_ENTRIES addresses); only
     a unit with an ingress program declares the local addresses, and only one with an ingress
     or egress program (where INPUT and OUTPUT run) the fragments map; with `tracking`, the
-    connection tracker and its maps come before the facts, which hold its result."""
+    connection tracker and its maps come before the facts, which hold its result; with
+    `rejects_here`, REJECT's answer programs are declared."""
     programs = ", ".join(entry.function for entry in entries)
     code = [
         f"// bpfilter-lab, C backend (codegen/c): {programs}.",
@@ -74,4 +84,6 @@ def prologue(
         code += local_map(map_entries.get(LOCAL_MAP, LOCAL_MAP_ENTRIES))
     if any(entry.hook in ("ingress", "egress") for entry in entries):
         code += FRAGMENTS_DECLARATION
+    if rejects_here:
+        code += replies_map(len(entries))
     return [*code, "", *COUNT, "", *PARSE, ""]

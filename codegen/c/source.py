@@ -27,16 +27,27 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from codegen.conntrack import uses_conntrack
+from codegen.rules.extensions.set import uses_sets
 from codegen.rules.model import Ruleset
 from codegen.tc.layout import CounterLayout
+from codegen.tc.log import RING_SIZE
+from codegen.tc.matches.addrtype import ADDRESS_TYPES, ADDRESS_TYPES_ENTRIES, uses_addrtype
+from codegen.tc.matches.hashlimit import HASHLIMIT_MAP, uses_hashlimit
+from codegen.tc.matches.hashlimit import map_entries as hashlimit_entries
 from codegen.tc.matches.limit import uses_limit
+from codegen.tc.replies import rejects
 
+from . import hashlimit as c_hashlimit
 from . import limit as c_limit
+from . import log as c_log
+from . import recent as c_recent
 from .chains import MAX_EXPANDED_RULES, ChainWriter, c_identifier, user_chains_reached
 from .entries import CCompileError, Entry, Hook
 from .facts import FACTS_MAP, HEADERS
 from .fragments import FIRST_DROPPED, FRAGMENTS_MAP, FRAGMENTS_TRACKED
 from .maps import COUNTERS_MAP, DEFAULT_PIN_DIR, LOCAL_MAP, LOCAL_MAP_ENTRIES
+from .matches import addrtype
+from .matches import set as c_set
 from .programs import entry_function
 from .prologue import prologue
 from .source_text import RuleSpan, SourceText, comment
@@ -107,10 +118,31 @@ def generate(
     roots = sorted({name for entry in entries for name in entry.builtins})
     chains = ChainWriter(ruleset, layout, interfaces, user_chains_reached(ruleset, roots))
     text = SourceText()
-    text.write(prologue(layout, entries, pin_dir, map_entries or {}, uses_conntrack(ruleset)))
+    text.write(
+        prologue(
+            layout,
+            entries,
+            pin_dir,
+            map_entries or {},
+            uses_conntrack(ruleset),
+            rejects(ruleset),
+        )
+    )
+    if uses_addrtype(ruleset):
+        entries_held = (map_entries or {}).get(ADDRESS_TYPES, ADDRESS_TYPES_ENTRIES)
+        text.write(addrtype.declarations(entries_held))
+    if c_log.logs(ruleset):
+        text.write(c_log.declarations((map_entries or {}).get(c_log.LOG_EVENTS, RING_SIZE)))
     if uses_limit(ruleset):
         text.write(c_limit.declarations(ruleset))
+    if uses_hashlimit(ruleset):
+        held = (map_entries or {}).get(HASHLIMIT_MAP, hashlimit_entries(ruleset))
+        text.write(c_hashlimit.declarations(held))
+    if uses_sets(ruleset):
+        text.write(c_set.declarations(ruleset, dict(map_entries or {})))
+    if c_recent.matches_of(ruleset):
+        text.write(c_recent.declarations(ruleset, dict(map_entries or {})))
     text.write(chains.user_chains())
-    for entry in entries:
-        text.write(entry_function(entry, chains, fastpath))
+    for slot, entry in enumerate(entries):
+        text.write(entry_function(entry, chains, fastpath, slot))
     return CSource(text.text, entries, tuple(text.spans), layout)

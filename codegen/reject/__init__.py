@@ -19,6 +19,9 @@ from pathlib import Path
 
 SOURCE = Path(__file__).with_name("reject.bpf.c")
 HOOK_INGRESS, HOOK_EGRESS = 0, 1
+# skb->tc_index of an answer delivered to our own stack (an OUTPUT REJECT's): the ingress
+# program lets it by unjudged (codegen.tc.hooks, codegen.c.programs).
+OWN_ANSWER = 0xBF1A
 TC_ACT_SHOT, TC_ACT_REDIRECT = 2, 7
 
 
@@ -42,6 +45,7 @@ GLOBALS: dict[str, tuple[str | int, ...]] = {
 CLANG_PRELUDE = (
     "#include <linux/bpf.h>",
     "#include <bpf/bpf_helpers.h>",
+    f"#define RJ_OWN_ANSWER {OWN_ANSWER:#x}",
 )
 
 

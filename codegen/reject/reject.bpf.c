@@ -170,6 +170,17 @@ static __always_inline int rj_icmp_error(__u32 type)
     return type > 18 || (type >= 1 && type <= 7) || (type >= 9 && type <= 12);
 }
 
+/* Send the answer that replaced the packet: back out of its device, or (hook: it was leaving)
+ * into our own stack through the device's ingress, marked in tc_index (RJ_OWN_ANSWER, given by
+ * the includer) so that the ingress program lets it by unjudged, as netfilter's answer reaches
+ * the local socket over lo, a device the rule sets we see let everything through. */
+static __always_inline int rj_send(struct __sk_buff *skb, __u32 hook)
+{
+    if (hook)
+        skb->tc_index = RJ_OWN_ANSWER;
+    return bpf_redirect(skb->ifindex, hook ? BPF_F_INGRESS : 0);
+}
+
 /* nf_send_reset's RST, in place of the packet: a 54-byte frame. */
 static __always_inline int rj_reset(struct __sk_buff *skb, const __u8 *eth, const __u8 *ip,
                                     const __u8 *tcp, __u32 tot_len, __u32 ihl, __u32 hook)
@@ -223,7 +234,7 @@ static __always_inline int rj_reset(struct __sk_buff *skb, const __u8 *eth, cons
     sum = rj_sum_mem(th, 20, 0);
     if (bpf_l4_csum_replace(skb, RJ_ETH_HLEN + 20 + 16, 0, sum, 0))
         return RJ_TC_ACT_SHOT;
-    return bpf_redirect(skb->ifindex, hook ? BPF_F_INGRESS : 0);
+    return rj_send(skb, hook);
 }
 
 /* __icmp_send's destination unreachable, in place of the packet: new IP and ICMP headers
@@ -266,7 +277,7 @@ static __always_inline int rj_unreach(struct __sk_buff *skb, const __u8 *eth, co
     __builtin_memcpy(icmp + 2, &check, 2);
     if (bpf_skb_store_bytes(skb, 0, frame, RJ_ETH_HLEN + 28, BPF_F_RECOMPUTE_CSUM))
         return RJ_TC_ACT_SHOT;
-    return bpf_redirect(skb->ifindex, hook ? BPF_F_INGRESS : 0);
+    return rj_send(skb, hook);
 }
 
 RJ_GLOBAL int reject_reply(struct __sk_buff *skb, __u32 with, __u32 hook, __u32 icmp_source,

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from codegen.rules.model import check_uint
+from codegen.rules.routes import RouteTable
+from codegen.rules.sets import SetTable
 
 # skb->pkt_type values a caller may give (PACKET_* in linux/if_packet.h).
 PACKET_TYPES = {
@@ -99,6 +101,26 @@ class Connection:
 
 
 @dataclass(frozen=True, slots=True)
+class SocketOwner:
+    """The socket a locally generated packet carries, as `-m owner` (xt_owner) sees it: `file`
+    False for a socket no file holds (the kernel's own, which send echo replies, ICMP errors
+    and RSTs for no connection), else the credentials the socket's file was opened with
+    (f_cred: fsuid, fsgid and the supplementary groups). A packet without one (owner None)
+    has no socket, or one without a struct socket (sk_socket NULL)."""
+
+    uid: int = 0
+    gid: int = 0
+    groups: tuple[int, ...] = ()
+    file: bool = True
+
+    def __post_init__(self) -> None:
+        check_uint(self.uid, 32, "owner uid")
+        check_uint(self.gid, 32, "owner gid")
+        for group in self.groups:
+            check_uint(group, 32, "owner supplementary group")
+
+
+@dataclass(frozen=True, slots=True)
 class Packet:
     data: bytes  # trimmed to the IP total length, as ip_rcv leaves the skb
     saddr: int
@@ -113,6 +135,9 @@ class Packet:
     mark: int
     pkt_type: int
     connection: Connection | None = None  # None: no conntrack entry, which matches see as INVALID
+    routes: RouteTable | None = None  # what -m addrtype looks addresses up in (None: stand-in)
+    owner: SocketOwner | None = None  # the socket -m owner asks about (None: none)
+    sets: SetTable | None = None  # what -m set looks up (None: its bound sets or stand-ins)
 
     def transport_header(self, size: int) -> bytes:
         """skb_header_pointer for the first `size` transport bytes; a short packet is
@@ -131,6 +156,9 @@ def read_packet(
     pkt_type: str,
     *,
     connection: Connection | None = None,
+    routes: RouteTable | None = None,
+    owner: SocketOwner | None = None,
+    sets: SetTable | None = None,
 ) -> Packet:
     if len(packet) < 20:
         raise PacketError(f"packet is {len(packet)} bytes, shorter than an IPv4 header")
@@ -165,4 +193,7 @@ def read_packet(
         mark=mark,
         pkt_type=PACKET_TYPES[pkt_type],
         connection=connection,
+        routes=routes,
+        owner=owner,
+        sets=sets,
     )

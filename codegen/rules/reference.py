@@ -21,8 +21,8 @@ same match met twice in one traversal, through two jumps to its chain, takes fro
 """
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
 
 from codegen.jiffies import kernel_hz
 from codegen.rules.extensions import extension_of, target_extension_of
@@ -44,7 +44,9 @@ from codegen.rules.model import (
     Ruleset,
 )
 from codegen.rules.names import BUILTIN_CHAINS
-from codegen.rules.packet import Connection, HotDrop, Packet, read_packet
+from codegen.rules.packet import Connection, HotDrop, Packet, SocketOwner, read_packet
+from codegen.rules.routes import RouteTable
+from codegen.rules.sets import SetTable
 from codegen.rules.tracking import ConnectionTable
 
 Position = tuple[str, int | Literal["policy"]]
@@ -58,13 +60,21 @@ class Evaluation:
     (built-in chain, "policy"); for a hotdrop it is the rule whose match dropped the packet.
     `counters` maps each rule (and policy) whose counter moved to (packets, bytes) added.
     `reply` is what the kernel sends back, as the deciding target names it (`-j REJECT`:
-    "icmp-port-unreachable", "tcp-reset", ...), None when it sends nothing."""
+    "icmp-port-unreachable", "tcp-reset", ...), None when it sends nothing. `logged`: the
+    rules whose target logged the packet, in order (log_line.py writes their lines)."""
 
     verdict: Literal["ACCEPT", "DROP"]
     deciding: Position
     counters: dict[Position, tuple[int, int]] = field(default_factory=dict)
     hotdrop: bool = False
     reply: str | None = None
+    # The rules whose target logged the packet (`-j LOG`), in the order they fired.
+    logged: tuple[Position, ...] = ()
+    # The packet's mark when the verdict was given: the one it came with, as `-j MARK` rules
+    # on its way changed it (what the skb carries on to the kernel's later hooks).
+    mark: int = 0
+    # The mark each rule of `logged` saw when it fired (a LOG line's MARK=), in the same order.
+    logged_marks: tuple[int, ...] = ()
 
 
 class MatchMemory:
@@ -79,13 +89,17 @@ class MatchMemory:
         self.hz = hz
         self.loaded_at = loaded_at
         self.memories: dict[tuple[str, int, int], Memory] = {}
+        self.shared: dict[str, object] = {}  # what every match shares (hashlimit's tables)
+        self.ruleset: Ruleset | None = None  # the rule set loaded, set at its first packet
 
     def memory(self, key: tuple[str, int, int], time: float) -> Memory:
         found = self.memories.get(key)
         if found is None:
             if self.hz is None:
                 self.hz = kernel_hz()
-            found = self.memories[key] = Memory(time, self.hz, self.loaded_at)
+            found = self.memories[key] = Memory(
+                time, self.hz, self.loaded_at, shared=self.shared, ruleset=self.ruleset
+            )
         found.time = time
         return found
 
@@ -142,31 +156,63 @@ def evaluate(
     mark: int = 0,
     pkt_type: str = "host",
     connection: Connection | None = None,
+    routes: RouteTable | None = None,
     memory: MatchMemory | None = None,
     time: float = 0.0,
+    owner: SocketOwner | None = None,
+    sets: SetTable | None = None,
 ) -> Evaluation:
     """Run `packet` (IPv4, from the IP header on) through built-in `chain` as ipt_do_table
     would, with `connection` the conntrack entry it carries (None: none, which connection
-    tracking matches see as INVALID). The rule set is not changed; the counters that moved are
-    in the result. `memory` is what stateful matches kept since the table's load, updated for
-    a packet arriving at `time` (seconds); None: a fresh one, the first packet after a load."""
+    tracking matches see as INVALID) and `routes` the namespace's routes `-m addrtype` looks
+    addresses up in (None: codegen.rules.routes.STANDIN_ROUTES). The rule set is not changed;
+    the counters that moved are in the result. `memory` is what stateful matches kept since
+    the table's load, updated for a packet arriving at `time` (seconds); None: a fresh one,
+    the first packet after a load. `owner` is the socket the packet carries (-m owner; None:
+    none). `sets` are the ipsets -m set looks up (None: those bound to the matches, else
+    codegen.rules.sets.STANDIN_SETS)."""
     if chain not in BUILTIN_CHAINS or chain not in ruleset.chains:
         raise ValueError(f"chain must be one of {', '.join(BUILTIN_CHAINS)}, not {chain!r}")
-    parsed = read_packet(packet, in_iface, out_iface, mark, pkt_type, connection=connection)
+    parsed = read_packet(
+        packet,
+        in_iface,
+        out_iface,
+        mark,
+        pkt_type,
+        connection=connection,
+        routes=routes,
+        owner=owner,
+        sets=sets,
+    )
     counters: dict[Position, tuple[int, int]] = {}
     memory = MatchMemory() if memory is None else memory
+    if memory.ruleset is None:
+        memory.ruleset = ruleset
 
     def count(position: Position) -> None:
         packets, size = counters.get(position, (0, 0))
         counters[position] = (packets + 1, size + parsed.total_length)
+
+    def ended(verdict: Literal["ACCEPT", "DROP"], position: Position, **more: Any) -> Evaluation:
+        return Evaluation(
+            verdict,
+            position,
+            counters,
+            logged=tuple(logged),
+            mark=parsed.mark,
+            logged_marks=tuple(logged_marks),
+            **more,
+        )
 
     def policy() -> Evaluation:
         position: Position = (chain, "policy")
         count(position)
         verdict = ruleset.chains[chain].policy
         assert verdict in ("ACCEPT", "DROP")
-        return Evaluation(verdict, position, counters)
+        return ended(verdict, position)
 
+    logged: list[Position] = []
+    logged_marks: list[int] = []
     stack: list[tuple[str, int]] = []
     current, index = chain, 0
     # Every step moves forward in a chain or enters a chain; loops are refused by validation,
@@ -188,7 +234,7 @@ def evaluate(
         try:
             matched = _rule_matches(rule, parsed, memory.recall(position, time))
         except HotDrop:
-            return Evaluation("DROP", position, counters, hotdrop=True)
+            return ended("DROP", position, hotdrop=True)
         if not matched:
             index += 1
             continue
@@ -197,9 +243,9 @@ def evaluate(
         if target is None:
             index += 1
         elif isinstance(target, Accept):
-            return Evaluation("ACCEPT", position, counters)
+            return ended("ACCEPT", position)
         elif isinstance(target, Drop):
-            return Evaluation("DROP", position, counters)
+            return ended("DROP", position)
         elif isinstance(target, Return):
             if not stack:
                 return policy()
@@ -212,10 +258,15 @@ def evaluate(
             current, index = target.chain, 0
         elif isinstance(target, ExtensionTarget):
             action = target_extension_of(target).act(target, parsed)
+            if action.logged:
+                logged.append(position)
+                logged_marks.append(parsed.mark)
+            if action.mark is not None:  # later rules, and the kernel after us, see it
+                parsed = replace(parsed, mark=action.mark)
             if action.verdict is None:
                 index += 1  # XT_CONTINUE
             else:
-                return Evaluation(action.verdict, position, counters, reply=action.reply)
+                return ended(action.verdict, position, reply=action.reply)
         else:
             raise TypeError(f"cannot evaluate target {target!r}")
     raise RuntimeError("evaluation did not end: the rule set has a loop (run validate first)")

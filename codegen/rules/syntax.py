@@ -94,6 +94,24 @@ def tokenize(line: Line, start: int) -> list[Token]:
 _DIGITS = {8: frozenset("01234567"), 10: frozenset("0123456789"), 16: frozenset(string.hexdigits)}
 
 
+def strtol_clamped(text: str) -> int:
+    """glibc's strtol/strtoll with base 10 and no end check (atoi, atoll): blanks skipped, a
+    sign, the digits after it (0 if none), clamped to the 64-bit long range. Callers cut the
+    result to the width the C stores it in."""
+    body = text.lstrip(" \t\n\v\f\r")
+    sign = 1
+    if body[:1] in ("+", "-"):
+        sign = -1 if body[0] == "-" else 1
+        body = body[1:]
+    digits = ""
+    for character in body:
+        if not "0" <= character <= "9":
+            break
+        digits += character
+    value = sign * int(digits) if digits else 0
+    return max(-(1 << 63), min((1 << 63) - 1, value))
+
+
 def strtoui(text: str, maximum: int, minimum: int = 0) -> int | None:
     """xtables_strtoui with base 0: decimal, 0x hex or 0 octal, an optional leading `+`, the
     whole string consumed; None when it is not such a number in [minimum, maximum]."""

@@ -4,7 +4,7 @@ IP header part, targets and chains, and each extension's own `check` (codegen.ru
 
 from collections.abc import Iterator
 
-from codegen.rules.extensions import extension_of, target_extension_of
+from codegen.rules.extensions import MATCHES, extension_of, target_extension_of
 from codegen.rules.model import (
     INTERFACE_NAME_MAX,
     IP_PART,
@@ -42,6 +42,7 @@ def validate_rule(rule: Rule, chain: str, ruleset: Ruleset | None = None) -> Non
             _check_match(match, rule, chain)
         except RuleError as error:
             raise RuleError(error.message, source, match) from None
+    _check_match_hooks(rule, chain, ruleset)
     target = rule.target
     if isinstance(target, Jump | Goto):
         verb = "jump to" if isinstance(target, Jump) else "goto"
@@ -62,6 +63,55 @@ def validate_rule(rule: Rule, chain: str, ruleset: Ruleset | None = None) -> Non
         raise RuleError(f"unknown target {target!r}", source)
     check_uint(rule.packets, 64, "packet counter")
     check_uint(rule.bytes, 64, "byte counter")
+
+
+def _check_match_hooks(rule: Rule, chain: str, ruleset: Ruleset | None) -> None:
+    """What xt_check_match refuses by the hook mask: a match restricted to some hooks in a
+    chain that others reach (a user chain takes every built-in chain that jumps or goes to
+    it, directly or not; one that none reaches has no hooks, and takes anything)."""
+    reaching: frozenset[str] | None = None
+    for match in rule.matches:
+        if isinstance(match, IP_PART):
+            continue
+        extension = extension_of(match)
+        allowed = extension.hooks(match)
+        if allowed >= frozenset(BUILTIN_CHAINS):
+            continue
+        if reaching is None:
+            if chain in BUILTIN_CHAINS:
+                reaching = frozenset({chain})
+            elif ruleset is None:
+                return
+            else:
+                reaching = hooks_reaching(ruleset, chain)
+        for hook in BUILTIN_CHAINS:
+            if hook in reaching and hook not in allowed:
+                message = extension.hook_refusal(match, hook)
+                if hook != chain:
+                    message += f" (chain {chain} is reached from {hook})"
+                raise RuleError(message, rule.source, match)
+
+
+def hooks_reaching(ruleset: Ruleset, chain: str) -> frozenset[str]:
+    """The built-in chains from which jumps and gotos lead to `chain` (mark_source_chains'
+    comefrom bits)."""
+    found = set()
+    for root in BUILTIN_CHAINS:
+        if root not in ruleset.chains:
+            continue
+        seen, todo = {root}, [root]
+        while todo:
+            name = todo.pop()
+            if name == chain:
+                found.add(root)
+                break
+            for rule in ruleset.chains[name].rules:
+                target = rule.target
+                if isinstance(target, Jump | Goto) and target.chain in ruleset.chains:
+                    if target.chain not in seen:
+                        seen.add(target.chain)
+                        todo.append(target.chain)
+    return frozenset(found)
 
 
 def _ip_part_name(match: Match) -> str:
@@ -122,6 +172,8 @@ def validate(ruleset: Ruleset) -> None:
         check_uint(chain.bytes, 64, "byte counter")
         for rule in chain.rules:
             validate_rule(rule, chain.name, ruleset)
+    for extension in MATCHES:  # what a family refuses across rules (hashlimit's names)
+        extension.check_ruleset(ruleset)
     loop = find_loop(ruleset)
     if loop is not None:
         path, rule = loop

@@ -23,6 +23,7 @@ from codegen.bpf import insn as I
 from codegen.bpf.asm import Item, Label
 from codegen.bpf.isa import R0, R1, R2, JmpOp, Size
 from codegen.rules.extensions import BY_MODEL, TARGETS_BY_MODEL, extension_of, target_refusal
+from codegen.rules.extensions.mark_target import MarkTarget
 from codegen.rules.extensions.reject import REJECT_WITH, Reject
 from codegen.rules.iptables_save import write_rule
 from codegen.rules.model import (
@@ -39,7 +40,7 @@ from codegen.rules.model import (
     Ruleset,
 )
 
-from . import exact, matches, replies
+from . import exact, log, mark_target, matches, replies
 from .counters import COUNT
 from .layout import CONTINUE, FACTS, SCRATCH_OFFSET, CounterLayout, Facts
 from .matches.limit import slots as limit_slots
@@ -51,6 +52,7 @@ from .targets import (
     FunctionTargets,
     InlineTargets,
     Targets,
+    call_function,
     chain_function,
     global_prologue,
 )
@@ -152,15 +154,17 @@ def refuse_unsupported(ruleset: Ruleset, names: tuple[str, ...]) -> None:
     for name in names:
         for index, rule in enumerate(ruleset.chains[name].rules, 1):
             refusal = target_refusal(rule.target, REFUSED_TARGETS, GENERATED_TARGETS)
+            if refusal is None and log.refusal(rule) is not None:
+                refusal = f"refuses this '-j LOG' because {log.refusal(rule)}"
             if refusal is not None:
                 raise CompileError(
                     f"{where(rule)}the bytecode backend {refusal} (rule {index} of {name})"
                     f"{_rule_text(name, rule)}"
                 )
             for match in rule.matches:
-                if matches.emitter_of(match) is not None:
-                    continue
                 reason = matches.refusal_of(match)
+                if matches.emitter_of(match) is not None and reason is None:
+                    continue
                 what = f"the {_match_name(match)} match of rule {index} of {name}"
                 said = (
                     f"has no code for {what}"
@@ -282,8 +286,7 @@ class ChainWriter:
         """Call a chunk function; the code `answered` makes handles any answer but CONTINUE."""
         after = self.label("after_chunk")
         return [
-            I.mov64(R1, FACTS),
-            I.call_local(function),
+            *call_function(function),
             I.jmp(JmpOp.JEQ, R0, CONTINUE, after),
             *answered(),
             Label(after),
@@ -377,8 +380,7 @@ class ChainWriter:
             for function in self.scan_functions(chain, first, last):
                 scanned = self.label("scanned")
                 code += [
-                    I.mov64(R1, FACTS),
-                    I.call_local(function),
+                    *call_function(function),
                     *targets.after_jump(scanned, self.label),
                     Label(scanned),
                 ]
@@ -388,8 +390,17 @@ class ChainWriter:
         slot = self.layout.slot((chain.name, index))
         miss = self.label("next")
         hotdrop = self.label("hotdrop")
+        # The key slot an exact run's lookup uses, free while a rule's matches run.
+        key = (SCRATCH_OFFSET - 24) if isinstance(targets, InlineTargets) else -24
         context = matches.Context(
-            miss, hotdrop, self.label, self.interfaces, rule=(chain.name, index), slots=self.slots
+            miss,
+            hotdrop,
+            self.label,
+            self.interfaces,
+            key,
+            rule=(chain.name, index),
+            slots=self.slots,
+            ruleset=self.ruleset,
         )
         code = matches.emit(rule.matches, context)
         code += [
@@ -408,13 +419,19 @@ class ChainWriter:
             # A drop, and the drop tail answers it (codegen.tc.replies).
             answer = I.st(Size.B, FACTS, Facts.REJECT.offset, 1 + REJECT_WITH[target.reply])
             code += [decided, answer, *targets.drop()]
+        elif isinstance(target, log.LOGGING):
+            code += log.log_call(slot)  # and on with the next rule
+            falls_through = True
+        elif isinstance(target, MarkTarget):
+            code += mark_target.set_mark(target)  # and on with the next rule
+            falls_through = True
         elif isinstance(target, Return):
             code += targets.return_()
         elif isinstance(target, Jump):
-            code += [I.mov64(R1, FACTS), I.call_local(chain_function(target.chain))]
+            code += call_function(chain_function(target.chain))
             code += targets.after_jump(miss, self.label)
         elif isinstance(target, Goto):
-            code += [I.mov64(R1, FACTS), I.call_local(chain_function(target.chain))]
+            code += call_function(chain_function(target.chain))
             code += targets.after_goto(self.label)
         else:
             falls_through = True  # no target: the rule only counts

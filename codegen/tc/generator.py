@@ -46,6 +46,9 @@ from .fragments import (
 )
 from .hooks import LOCAL_MAP, ProgramWriter
 from .layout import CounterLayout
+from .log import LOG_DROPS, LOG_EVENTS, logs
+from .matches.addrtype import ADDRESS_TYPES, uses_addrtype
+from .matches.hashlimit import HASHLIMIT_MAP, uses_hashlimit
 from .matches.limit import LIMIT_MAP, uses_limit
 from .program import CompiledProgram, CompileError, Hook, Labels, RuleNote
 from .replies import INTERFACE_ADDRESSES, rejects
@@ -102,8 +105,14 @@ def compile_program(
         maps += conntrack.MAPS
     if hook == "ingress" and rejects(ruleset):
         maps += (INTERFACE_ADDRESSES,)
+    if logs(ruleset):
+        maps += (LOG_EVENTS, LOG_DROPS)
+    if uses_addrtype(ruleset):
+        maps += (ADDRESS_TYPES,)
     if uses_limit(ruleset):
         maps += (LIMIT_MAP,)
+    if uses_hashlimit(ruleset):
+        maps += (HASHLIMIT_MAP,)
     name = {"ingress": "bpflab_ingress", "egress": "bpflab_egress"}.get(hook, f"bpflab_{chain}")
     return CompiledProgram(
         name[:15], hook, builtins, items, chains.layout, maps, chains.notes, chains.exact

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import socket
 
-from codegen import conntrack
+from codegen import conntrack, reject
 from codegen.bpf import insn as I
 from codegen.bpf.asm import Item, Label
 from codegen.bpf.isa import R0, R1, R2, R3, R4, R6, R7, R10, AluOp, FibResult, JmpOp, Size, TcAction
@@ -43,6 +43,8 @@ from .layout import (
     Local,
     map_and_key,
 )
+from .log import log_subprogram, logs
+from .matches.owner import owner_facts, uses_owner
 from .parser import ETH_HLEN, PACKET_HOST, ip_header_within, parse
 from .program import Hook
 from .replies import rejects, reply_tail
@@ -95,6 +97,18 @@ class ProgramWriter:
         if self.hook == "chain":
             self.builtin = builtins[0]
         code: list[Item] = [I.mov64(R6, R1)]
+        if self.hook == "ingress" and self.answering:
+            # An OUTPUT REJECT's answer, delivered to our stack (codegen.reject): unjudged, as
+            # netfilter's reaches the socket over lo.
+            code += [
+                I.ldx(Size.W, R1, R6, SKB_OFFSETS["tc_index"]),
+                I.jmp32(JmpOp.JNE, R1, reject.OWN_ANSWER, "judged"),
+                I.mov64(R1, 0),
+                I.stx(Size.W, R6, SKB_OFFSETS["tc_index"], R1),  # the verifier refuses BPF_ST
+                I.mov64(R0, TcAction.OK),
+                I.exit_(),
+                Label("judged"),
+            ]
         if self.hook == "egress":
             # Forwarded packets left their FORWARD verdict on ingress; OUTPUT is for ours.
             code += [
@@ -113,6 +127,9 @@ class ProgramWriter:
             *self.tails(),
             Label("classify"),
         ]
+        runs_output = self.hook == "egress" or (self.hook == "chain" and builtins[0] == "OUTPUT")
+        if runs_output and uses_owner(self.chains.ruleset):
+            code += owner_facts(self.hook, self.label)  # -m owner's socket, read once
         if self.hook == "ingress":
             code += self.ingress()
         elif self.hook == "egress":
@@ -136,6 +153,8 @@ class ProgramWriter:
             code += conntrack.bytecode_functions()
         if self.answering:
             code += replies.functions()
+        if logs(ruleset):
+            code += log_subprogram(self.hook, self.builtin)
         return code
 
     def tails(self) -> list[Item]:

@@ -52,8 +52,18 @@ class Facts:
     ID = Field(42, Size.H)  # the IP identification, host order
     MORE_FRAGMENTS = Field(44, Size.B)  # the MF flag, 0 or 1
     REJECT = Field(45, Size.B)  # 0, or 1 + the ipt_reject_with of the REJECT that dropped it
+    # -m addrtype's answers for the source and the destination, found at the first rule that
+    # asks: 0 (not yet), or 1 + the type | 0x80 / 0x40 when it holds on the in / out device
+    # (codegen.tc.matches.addrtype).
+    SRC_ADDRESS_TYPE = Field(46, Size.B)
+    DST_ADDRESS_TYPE = Field(47, Size.B)
     CONNECTION = 48  # codegen.conntrack.Result: what ct_classify found (rule sets with ct matches)
-    SIZE = CONNECTION + ctypes.sizeof(Result) + 7 & ~7
+    # -m owner's socket (codegen.tc.matches.owner, rule sets with owner matches): OWNER_STATE
+    # 0 none, 1 one no file holds, 2 one of a file whose fsuid and fsgid follow.
+    OWNER_STATE = Field(41, Size.B)
+    OWNER_UID = Field(CONNECTION + ctypes.sizeof(Result) + 3 & ~3, Size.W)
+    OWNER_GID = Field(OWNER_UID.offset + 4, Size.W)
+    SIZE = OWNER_GID.offset + 4 + 7 & ~7
 
     @staticmethod
     def connection(name: str, part: str | None = None) -> Field:

@@ -21,6 +21,7 @@ from codegen import reject
 from codegen.bpf import insn as I
 from codegen.bpf.asm import Item, Label
 from codegen.bpf.isa import R0, R1, R2, R3, R4, R5, R6, R7, R8, R10, AluOp, JmpOp, Size
+from codegen.bpf.testrun import SKB_OFFSETS
 from codegen.rules.extensions.reject import Reject
 from codegen.rules.model import Rule, Ruleset
 
@@ -101,3 +102,42 @@ def reply_tail(hook: Hook, builtin: str | None, plain_drop: str) -> list[Item]:
 
 def functions() -> tuple:
     return reject.bytecode_functions()
+
+
+# The C backend's programs (codegen/c) answer through a program of ours, tail-called from
+# their drop tail with what reply_tail reads from the facts put in the skb's control block:
+# cb[3] = the facts' REJECT byte | PKT_TYPE << 8 | (1 if FORWARD, at ingress) << 16, and
+# cb[4] = the destination address (host order). The chain program's cb[0..2] are its own.
+REPLY_CB_FIELDS, REPLY_CB_DADDR = 3, 4
+TC_ACT_SHOT = 2
+
+
+def reply_program(hook: Hook, builtin: str | None) -> list[Item]:
+    """A whole program answering the REJECT a tail-calling program of `hook` (and chain
+    `builtin`, for the chain program) noted in the skb's control block: the facts reply_tail
+    reads are rebuilt on the stack from it, then reply_tail answers, or the packet is dropped."""
+    cb = SKB_OFFSETS["cb"]
+    zero = [I.st(Size.DW, FACTS, offset, 0) for offset in range(0, Facts.SIZE, 8)]
+    return [
+        I.mov64(R6, R1),
+        I.mov64(FACTS, R10),
+        I.alu64(AluOp.ADD, FACTS, -Facts.SIZE),
+        *zero,
+        I.ldx(Size.W, R1, R6, cb + 4 * REPLY_CB_FIELDS),
+        I.stx(Size.B, FACTS, Facts.REJECT.offset, R1),
+        I.alu32(AluOp.RSH, R1, 8),
+        I.stx(Size.B, FACTS, Facts.PKT_TYPE.offset, R1),
+        I.alu32(AluOp.RSH, R1, 8),
+        I.stx(Size.W, FACTS, Facts.OUT_IFINDEX.offset, R1),  # non-zero: it was forwarded
+        I.ldx(Size.W, R1, R6, cb + 4 * REPLY_CB_DADDR),
+        I.stx(Size.W, FACTS, Facts.DADDR.offset, R1),
+        # The in-interface as the tail-calling program took it: the device at ingress, the
+        # context's ingress_ifindex in the chain program.
+        I.ldx(Size.W, R1, R6, SKB_OFFSETS["ifindex" if hook == "ingress" else "ingress_ifindex"]),
+        I.stx(Size.W, FACTS, Facts.IN_IFINDEX.offset, R1),
+        *reply_tail(hook, builtin, "reply_shot"),
+        Label("reply_shot"),
+        I.mov64(R0, TC_ACT_SHOT),
+        I.exit_(),
+        *functions(),
+    ]

@@ -16,17 +16,16 @@ from dataclasses import dataclass
 
 from codegen.bpf import insn as I
 from codegen.bpf.asm import Item, Label, Subprogram
-from codegen.bpf.isa import R0, R1, JmpOp
+from codegen.bpf.isa import R0, R1, R2, R6, JmpOp
 
 from .layout import ACCEPT, CONTINUE, DROP, FACTS, Facts
 
 RETURNED = 3  # a chunk's answer when its chain returns (RETURN, or a goto that came back)
 # The rule layer's target extensions (codegen.rules.extensions.TARGETS) this backend refuses,
 # each with the reason its refusal gives (REJECT it generates: codegen.tc.replies).
-REFUSED_TARGETS: dict[str, str] = {
-    "LOG": "LOG is not generated yet (the programs have no log records)",
-}
-GENERATED_TARGETS = frozenset({"REJECT"})
+REFUSED_TARGETS: dict[str, str] = {}
+# LOG, NFLOG: codegen.tc.log; MARK: codegen.tc.mark_target
+GENERATED_TARGETS = frozenset({"REJECT", "LOG", "NFLOG", "MARK"})
 NewLabel = Callable[[str], str]
 
 
@@ -37,16 +36,23 @@ def chain_function(chain: str) -> str:
 
 def global_prologue(name: str) -> list[Item]:
     """Start of a global function taking the facts pointer, which the verifier must see
-    checked for NULL before use."""
+    checked for NULL before use, and the context, kept in r6 as in the entry function (LOG's
+    records read the packet through it: codegen.tc.log)."""
     not_null = f"{name}:facts"
     return [
-        Subprogram(name, "global", (Facts.SIZE,)),
+        Subprogram(name, "global", (Facts.SIZE, "ctx")),
         I.jmp(JmpOp.JNE, R1, 0, not_null),
         I.mov64(R0, CONTINUE),
         I.exit_(),
         Label(not_null),
         I.mov64(FACTS, R1),
+        I.mov64(R6, R2),
     ]
+
+
+def call_function(name: str) -> list[Item]:
+    """Call a global chain function with its two arguments: the facts and the context."""
+    return [I.mov64(R1, FACTS), I.mov64(R2, R6), I.call_local(name)]
 
 
 class Targets:

@@ -107,6 +107,8 @@ def markdown(results: dict) -> str:
         rows.append(row)
     lines += _table(header, rows)
 
+    lines += _fixed(results)
+
     header = ["rules"]
     for backend in backends:
         header += [
@@ -196,6 +198,41 @@ def markdown(results: dict) -> str:
 
 
 STATEFUL_LABELS = {"established": "established flow", "new": "new flow (last rule)"}
+
+
+FIXED_CASES = {
+    "local": "local (INPUT)",
+    "forwarded": "forwarded (FORWARD)",
+    "martian": "martian",
+    "fragment": "later fragment",
+    "output": "output (egress)",
+}
+
+
+def _fixed(results: dict) -> list[str]:
+    """The whole programs' cost before any rule (bench/fixed.py), per backend."""
+    entries = results.get("fixed") or []
+    if not entries:
+        return []
+    lines = [
+        "## Fixed cost (BPF_PROG_TEST_RUN, the whole programs, one rule)",
+        "",
+        "The ingress program on a local, a forwarded, a martian packet and a later fragment, "
+        "the egress program on a packet made here, beside the INPUT chain program alone: the "
+        "fixed cost is what the ingress program adds in front of INPUT's first rule.",
+        "",
+    ]
+    header = ["backend", *FIXED_CASES.values(), "chain program", "fixed cost"]
+    rows = [
+        [
+            entry["backend"],
+            *(_ns(entry["cases"].get(case)) for case in FIXED_CASES),
+            _ns(entry["chain_ns"]),
+            _ns(entry["fixed_ns"]),
+        ]
+        for entry in entries
+    ]
+    return lines + _table(header, rows)
 
 
 def _stateful(results: dict) -> list[str]:

@@ -32,7 +32,7 @@ from .workload import FRAME_BYTES, MAX_RULES, POSITIONS, STATEFUL_POSITIONS
 DEFAULT_OUTPUT = Path("bench/results")
 RESULTS_JSON = "bench.json"
 RESULTS_MARKDOWN = "bench.md"
-SCHEMA = 2  # 2: the stateful workload's section
+SCHEMA = 3  # 2: the stateful workload's section; 3: the fixed cost (`fixed`)
 # The stateful workload runs at the sizes up to this (the largest set that loads is stateless).
 STATEFUL_LARGEST = 5000
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -100,6 +100,7 @@ def run_bench(settings: Settings, progress: Progress = _no_progress) -> dict:
 
     floor, floor_facts = time_floor(settings.testrun)
     progress(f"floor: empty program {floor.ns:.0f} ns per packet")
+    fixed = _fixed(backends, settings, progress)
 
     sizes = sorted(set(settings.sizes))
     largest = None
@@ -155,6 +156,7 @@ def run_bench(settings: Settings, progress: Progress = _no_progress) -> dict:
         "backends": backends,
         "filters": list(FILTERS),
         "floor": {**floor.to_json(), "instructions": floor_facts.xlated_instructions},
+        "fixed": fixed,
         "largest": largest,
         "per_packet": per_packet,
         "throughput": throughput,
@@ -166,6 +168,24 @@ def run_bench(settings: Settings, progress: Progress = _no_progress) -> dict:
             "load": stateful_load,
         },
     }
+
+
+def _fixed(backends: dict[str, dict], settings: Settings, progress: Progress) -> list[dict]:
+    """The whole programs' cost per case, for each backend that can run (bench/fixed.py)."""
+    from .fixed import measure_fixed
+
+    entries = []
+    for backend, info in backends.items():
+        if not info["available"]:
+            continue
+        entry = measure_fixed(settings.testrun, backend)  # type: ignore[arg-type]
+        entries.append(entry)
+        cases = ", ".join(f"{case} {ns:.0f}" for case, ns in entry["cases"].items())
+        progress(
+            f"fixed cost {backend:8}: {cases} ns; chain program {entry['chain_ns']:.0f} ns, "
+            f"so {entry['fixed_ns']:.0f} ns before INPUT's first rule"
+        )
+    return entries
 
 
 def _per_packet(

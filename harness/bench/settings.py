@@ -9,7 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-DEFAULT_SIZES = (1, 10, 100, 1000, 2048, 5000)
+# Small sets first: most real filter tables hold 10 to 200 rules.
+DEFAULT_SIZES = (1, 10, 50, 100, 200, 1000, 2048, 5000)
 QUICK_SIZES = (1, 10, 100)
 
 Progress = Callable[[str], None]

@@ -90,15 +90,21 @@ def _context() -> SkBuff:
     return context
 
 
-def time_program(fd: int, frame: bytes, settings: TimingSettings) -> Timing:
+def time_program(
+    fd: int, frame: bytes, settings: TimingSettings, *, context: SkBuff | None = None
+) -> Timing:
     """Median of `settings.trials` test-run loops; fewer repeats when one loop would take longer
-    than the budget."""
-    estimate = prog_test_run(fd, frame, repeat=CALIBRATION_REPEAT, context=_context()).duration_ns
+    than the budget. `context` defaults to a chain program's for a unicast packet."""
+
+    def made() -> SkBuff:
+        return _context() if context is None else SkBuff.from_buffer_copy(context)
+
+    estimate = prog_test_run(fd, frame, repeat=CALIBRATION_REPEAT, context=made()).duration_ns
     repeat = settings.repeat
     if estimate * repeat > settings.budget_s * 1e9:
         repeat = max(MIN_REPEAT, int(settings.budget_s * 1e9 / max(estimate, 1)))
     samples = [
-        prog_test_run(fd, frame, repeat=repeat, context=_context()).duration_ns
+        prog_test_run(fd, frame, repeat=repeat, context=made()).duration_ns
         for _ in range(settings.trials)
     ]
     return Timing(float(statistics.median(samples)), samples, repeat)

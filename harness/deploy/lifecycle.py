@@ -4,9 +4,12 @@ State lives where separate processes can find it:
 - bpffs, `/sys/fs/bpf/bpflab/NS/`: the counters and local-address maps, both programs, one
   tcx link per device and direction (a pinned link stays attached when we exit), and for a
   rule set with conntrack matches the connection tracker's maps (codegen.conntrack), which a
-  re-apply keeps, entries and all; -m limit's buckets are in no pin but held by the programs,
-  a new map at each apply with every bucket full, as netfilter refills every bucket at each
-  table load (codegen.tc.matches.limit);
+  re-apply keeps, entries and all; for a rule set with LOG rules, their ring buffer and its
+  count of dropped events (`log_events`, `log_drops`: new at each apply); -m limit's buckets
+  are in no pin but held by the programs, a new map at each apply with every bucket full, as
+  netfilter refills every bucket at each table load (codegen.tc.matches.limit); -m hashlimit's
+  entries (`hashlimit`), which a re-apply keeps for the names its rules still have, as
+  netfilter keeps those tables across a table replace (codegen.tc.matches.hashlimit);
 - `/run/bpflab/rulesets/NS.json`: the rule set text, the devices and the counter layout, which
   bpffs cannot hold and `list`/`save` need to put names on counters.
 
@@ -32,11 +35,16 @@ from codegen.bpf.syscall import BpfError, close
 from codegen.conntrack import TrackerMaps, uses_conntrack
 from codegen.conntrack.listing import table_lines
 from codegen.rules import parse, write
+from codegen.rules.extensions.set import bind_sets, uses_sets
 from codegen.rules.iptables_save import parse_dump, write_rule
 from codegen.rules.model import Ruleset
+from codegen.rules.sets import SetTable
 from codegen.rules.validation import validate
 from codegen.tc.generator import COUNTERS_MAP, LOCAL_MAP
 from codegen.tc.layout import CounterLayout, Position
+from codegen.tc.log import LOG_DROPS, LOG_EVENTS, logs
+from codegen.tc.matches.addrtype import ADDRESS_TYPES, uses_addrtype
+from codegen.tc.matches.hashlimit import HASHLIMIT_MAP
 from codegen.tc.matches.limit import LIMIT_MAP, uses_limit
 from codegen.tc.matches.limit import create_map as create_limit_map
 from codegen.tc.replies import (
@@ -49,9 +57,15 @@ from netns.namespace import PIN_ROOT, Namespace
 
 from ..backends import Backend, Program, load_program
 from ..counters import CounterMap
+from ..log_reader import LogMaps
+from . import hashlimit as hashlimit_tables
+from . import recent
 from .addresses import fill_interface_map, fill_local_map, interface_addresses, local_addresses
+from .routes import address_types_map, namespace_routes
+from .sets import SetsUnavailable, namespace_sets, set_maps
 
 STATE_ROOT = Path("/run/bpflab/rulesets")
+LOG_PINS = (LOG_EVENTS, LOG_DROPS)  # pinned under these names, as the programs call them
 LOCAL_MAP_SIZE = 1024
 
 
@@ -122,12 +136,26 @@ def apply(
     devices: list[str] | None = None,
     fastpath: bool = False,
     backend: Backend = "bytecode",
+    sets: SetTable | None = None,
+    carry_counters: bool = True,
 ) -> Applied:
-    """Compile, verify and attach `rules_text` to the devices of `netns`; see the module doc."""
+    """Compile, verify and attach `rules_text` to the devices of `netns`; see the module doc.
+    `sets`: the ipsets -m set looks up (None: the namespace's own, read now).
+    `carry_counters=False`: every counter starts at zero, as after the kernel's
+    IPT_SO_SET_REPLACE (`bpflab exec`, where iptables carries counters itself)."""
     dump = parse_dump(rules_text, filename)
     ruleset = dump.ruleset
     validate(ruleset)
     namespace = Namespace.existing(netns)
+    if uses_sets(ruleset):
+        # -m set's sets as they are now, each copied into a map (harness.deploy.sets); a
+        # name they do not hold is refused here, as iptables refuses it.
+        if sets is None:
+            try:
+                sets = namespace_sets(namespace)
+            except SetsUnavailable as error:
+                raise LifecycleError(str(error)) from None
+        ruleset = bind_sets(ruleset, sets)
     targets = _devices(namespace, devices)
     previous = read_state(netns)
     pins = _pin_dir(netns)
@@ -153,9 +181,23 @@ def apply(
             fill_interface_map(sources, interface_addresses(namespace))
             extra[INTERFACE_ADDRESSES] = sources
         interfaces = _all_interfaces(namespace)
+        if uses_addrtype(ruleset):
+            # -m addrtype's routes, as they are now: a route changed later is seen at the
+            # next apply (codegen.tc.matches.addrtype).
+            routes = namespace_routes(namespace)
+            extra[ADDRESS_TYPES] = cleanup.enter_context(address_types_map(routes, interfaces))
         if uses_limit(ruleset):
             # -m limit's buckets, every one full: a table load refills them in netfilter too.
             extra[LIMIT_MAP] = cleanup.enter_context(create_limit_map(ruleset))
+        hashlimits = hashlimit_tables.kept_or_new(ruleset, pins)
+        if hashlimits is not None:  # kept across an apply, as netfilter keeps them
+            extra[HASHLIMIT_MAP] = cleanup.enter_context(hashlimits)
+        logging = cleanup.enter_context(LogMaps()) if logs(ruleset) else None
+        if logging is not None:  # LOG rules' records (codegen.tc.log): a new ring each apply
+            extra.update(logging.maps)
+        for name, held in (set_maps(ruleset) if uses_sets(ruleset) else {}).items():
+            extra[name] = cleanup.enter_context(held)
+        extra.update(recent.open_tables(ruleset, pins, cleanup, _replace_pin))  # deploy.recent
         programs: dict[str, Program] = {}
         for hook in ("ingress", "egress"):
             programs[hook] = cleanup.enter_context(
@@ -172,7 +214,7 @@ def apply(
             )
         identities = _identities(ruleset, layout)
         carried = 0
-        if previous is not None:
+        if previous is not None and carry_counters:
             carried = _carry_counters(previous, identities, counters)
         _attach_all(namespace, targets, programs)
         # Attached: from here on the new objects replace the pinned ones.
@@ -184,10 +226,31 @@ def apply(
             ("prog_egress", programs["egress"].fd),
         ):
             _replace_pin(pins / name, fd)
+        _pin_kept(pins, programs)
         if tracker is not None:
             tracker.pin(pins, _replace_pin)
+        for name in LOG_PINS:
+            if logging is None:
+                (pins / name).unlink(missing_ok=True)
+            else:
+                _replace_pin(pins / name, logging.maps[name].fd)
+        hashlimit_tables.keep(hashlimits, ruleset, pins, _replace_pin)
         _write_state(netns, rules_text, filename, targets, fastpath, layout, identities)
         return Applied(sorted(targets), previous is not None, programs, carried, dump.left_out)
+
+
+def _pin_kept(pins: Path, programs: dict[str, Program]) -> None:
+    """Pin what each program needs kept while it is attached (the C backend's program array of
+    REJECT's answers, which forgets its programs with its last user reference) as
+    `keep_NAME_HOOK`, and unpin what the programs replaced kept and these do not."""
+    kept = set()
+    for hook, program in programs.items():
+        for name, fd in getattr(program, "keep", {}).items():
+            kept.add(f"keep_{name}_{hook}")
+            _replace_pin(pins / f"keep_{name}_{hook}", fd)
+    for stale in pins.glob("keep_*"):
+        if stale.name not in kept:
+            stale.unlink()
 
 
 def _tracker(ruleset: Ruleset, pins: Path) -> TrackerMaps | None:
@@ -197,6 +260,19 @@ def _tracker(ruleset: Ruleset, pins: Path) -> TrackerMaps | None:
     if not uses_conntrack(ruleset):
         return None
     return TrackerMaps.from_pins(pins) or TrackerMaps.create()
+
+
+def log_maps(netns: str) -> LogMaps:
+    """The LOG rules' ring buffer and drop count of the rule set applied in `netns`."""
+    if read_state(netns) is None:
+        raise LifecycleError(f"no rule set is applied in namespace {netns}")
+    pins = _pin_dir(netns)
+    if not all((pins / name).exists() for name in LOG_PINS):
+        raise LifecycleError(f"the rule set applied in namespace {netns} has no LOG or NFLOG rules")
+    try:
+        return LogMaps.from_pins(*(str(pins / name) for name in LOG_PINS))
+    except BpfError as error:
+        raise LifecycleError(f"the log of namespace {netns} cannot be opened: {error}") from None
 
 
 def connection_table(netns: str) -> TrackerMaps | None:

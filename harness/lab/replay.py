@@ -13,12 +13,14 @@ from scapy.packet import Packet
 from scapy.utils import rdpcap
 
 from codegen.rules import write
-from codegen.rules.model import Accept, Drop
+from codegen.rules.extensions import target_extension_of
+from codegen.rules.model import Accept, Drop, ExtensionTarget
 from codegen.tc.layout import Position
 from netns import CommandError
 
 from ..backends import Backend
 from ..deploy import lifecycle
+from ..deploy.sets import load_sets
 from .exchange import Outcome, run_exchange
 from .packets import parse_packet
 from .scripts import PacketEntry, Script, ScriptError, unobservable
@@ -163,6 +165,13 @@ def _check_observable(frame: Packet, entry: PacketEntry) -> None:
         raise ReplayError(entry, problem)
 
 
+def _decides(target: object) -> bool:
+    """Whether a rule with `target` gives the verdict when it matches (ACCEPT, DROP, REJECT)."""
+    if isinstance(target, ExtensionTarget):
+        return target_extension_of(target).terminal
+    return isinstance(target, Accept | Drop)
+
+
 def _deciding(script: Script, moved: dict[Position, tuple[int, int]]) -> str:
     """The rule (or policy) that gave the verdict: the one terminal position that moved."""
     for (chain, index), _ in sorted(moved.items(), key=lambda item: str(item[0])):
@@ -170,8 +179,7 @@ def _deciding(script: Script, moved: dict[Position, tuple[int, int]]) -> str:
             return f"{chain}:policy"
         if not chain:
             continue
-        rule = script.ruleset.chains[chain].rules[index - 1]
-        if isinstance(rule.target, Accept | Drop):
+        if _decides(script.ruleset.chains[chain].rules[index - 1].target):
             return f"{chain}:{index}"
     return "not handled" if ("", "not handled") in moved else "-"
 
@@ -180,6 +188,8 @@ def replay(script: Script, *, backend: Backend = "bytecode") -> Report:
     report = Report(script, backend)
     with Lab(script.topology) as lab:
         namespace = lab.holder_namespace.name
+        if script.sets_text:  # the script's ipsets, which apply reads back from the namespace
+            load_sets(lab.holder_namespace, script.sets_text)
         lifecycle.apply(
             script.rules_text,
             script.rules_name,
@@ -274,8 +284,7 @@ def _rules_that_moved(script: Script, moved: dict[Position, tuple[int, int]]) ->
         if not chain:
             continue
         if index != "policy":
-            rule = script.ruleset.chains[chain].rules[index - 1]
-            if not isinstance(rule.target, Accept | Drop):
+            if not _decides(script.ruleset.chains[chain].rules[index - 1].target):
                 continue
         by_chain.setdefault(chain, []).append(str(index))
     return " ".join(f"{chain}:{','.join(found)}" for chain, found in by_chain.items()) or "-"
@@ -335,6 +344,8 @@ def _twin(script: Script, entry: PacketEntry) -> Iterator[Lab]:
     the same nodes, addresses, MACs and interface names, so the same frames go through it."""
     with Lab(script.topology) as twin:
         try:
+            if script.sets_text:
+                load_sets(twin.holder_namespace, script.sets_text)
             twin.load_filter_table(write(script.ruleset))
         except CommandError as error:
             raise ReplayError(

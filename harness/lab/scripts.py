@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from codegen.rules import parse
+from codegen.rules.extensions.set import bind_sets
 from codegen.rules.iptables_save import ParseError
 from codegen.rules.model import RuleError, Ruleset
+from codegen.rules.sets import SetError, parse_sets
 from codegen.rules.text_file import decode_rules
 from codegen.rules.validation import validate
 
@@ -26,7 +28,16 @@ EXPECTATIONS = ("pass", "drop", "netfilter")
 EXCHANGES = ("tcp", "udp", "ping")  # real connections through the kernels' own stacks
 OUTCOMES = ("connects", "refused", "times out")
 EXCHANGE_EXPECTATIONS = (*OUTCOMES, "netfilter")
-TOP_KEYS = {"description", "topology", "fastpath", "rules", "rules_file", "packets", "counters"}
+TOP_KEYS = {
+    "description",
+    "topology",
+    "fastpath",
+    "rules",
+    "rules_file",
+    "sets",
+    "packets",
+    "counters",
+}
 PACKET_KEYS = {"from", "to", "packet", "pcap", "keep_addresses", "expect", "count", "description"}
 EXCHANGE_KEYS = {"from", "to", "exchange", "port", "listen", "expect", "description"}
 MAX_COUNT = 1000  # packets per entry: every traffic loop is bounded
@@ -88,6 +99,7 @@ class Script:
     ruleset: Ruleset
     packets: list[PacketEntry]
     counters: list[CounterExpectation] = field(default_factory=list)
+    sets_text: str = ""  # ipsets made in the rule holder's namespace (and the twin's) first
 
     @property
     def holder(self) -> str:
@@ -157,6 +169,7 @@ def load_script(path: str | Path) -> Script:
             line = _rules_first_line(lines) + error.source.line - 1
             raise ScriptError(name, line, error.message) from None
         raise ScriptError(name, lines.key("rules_file"), str(error).splitlines()[0]) from None
+    sets_text = _sets(data, ruleset, lines, name)
     raw_packets = data.get("packets")
     if not isinstance(raw_packets, list) or not raw_packets:
         raise fail("packets", "the script needs at least one [[packets]] table")
@@ -175,13 +188,32 @@ def load_script(path: str | Path) -> Script:
         ruleset,
         packets,
         counters,
+        sets_text,
     )
 
 
-def _rules_first_line(lines: _Lines) -> int:
-    """The script line holding the first line of `rules`: TOML drops a newline right after the
-    opening quotes, so the text starts on the next line unless it starts on the same one."""
-    line = lines.key("rules")
+def _sets(data: dict, ruleset: Ruleset, lines: _Lines, name: str) -> str:
+    """The script's `sets` (ipset save text): read, and holding every set the rules name."""
+    text = data.get("sets", "")
+    if not isinstance(text, str):
+        raise ScriptError(name, lines.key("sets"), "sets must be `ipset save` text in a string")
+    try:
+        bind_sets(ruleset, parse_sets(text, name))
+    except SetError as error:
+        assert error.source is not None
+        line = _rules_first_line(lines, "sets") + error.source.line - 1
+        raise ScriptError(name, line, error.message) from None
+    except RuleError as error:
+        where = "give it in `sets`" if "sets" not in data else "add it to `sets`"
+        raise ScriptError(name, lines.key("sets"), f"{error.message}: {where}") from None
+    return text
+
+
+def _rules_first_line(lines: _Lines, key: str = "rules") -> int:
+    """The script line holding the first line of `rules` (or `key`): TOML drops a newline right
+    after the opening quotes, so the text starts on the next line unless it starts on the same
+    one."""
+    line = lines.key(key)
     opening = lines.lines[line - 1]
     for quotes in ('"""', "'''"):
         if quotes in opening:

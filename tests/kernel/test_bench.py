@@ -138,6 +138,16 @@ def test_quick_bench_writes_json_markdown_and_plots(tmp_path, capsys):
     assert results["options"]["quick"] is True
     assert results["largest"] is None
     assert isinstance(results["floor"]["ns"], float) and results["floor"]["repeat"] >= 1000
+    # The whole programs, per case and backend; each case was checked to go where it says
+    # (the bench stops otherwise), so these are the paths they name.
+    assert [entry["backend"] for entry in results["fixed"]] == [
+        name for name, info in results["backends"].items() if info["available"]
+    ]
+    for entry in results["fixed"]:
+        assert set(entry["cases"]) == {"local", "forwarded", "martian", "fragment", "output"}
+        assert entry["fixed_ns"] == entry["cases"]["local"] - entry["chain_ns"]
+        assert all(ns > 0 for ns in entry["cases"].values())
+    assert "## Fixed cost" in (tmp_path / bench.RESULTS_MARKDOWN).read_text()
 
     backends = results["backends"]
     assert backends["bytecode"]["available"] is True

@@ -41,9 +41,15 @@ from codegen.rules.iptables_save import write_rule
 from codegen.rules.model import ExtensionMatch
 from codegen.tc.generator import COUNTERS_MAP, LOCAL_MAP
 from codegen.tc.layout import CounterLayout
+from codegen.tc.replies import INTERFACE_ADDRESSES, INTERFACE_VALUE_SIZE
 from harness.backends import load_program
 from harness.counters import CounterMap
-from harness.deploy.addresses import fill_local_map, local_addresses
+from harness.deploy.addresses import (
+    fill_interface_map,
+    fill_local_map,
+    interface_addresses,
+    local_addresses,
+)
 from harness.lab.twin import ALL_HOSTS, HOST, with_addresses
 from harness.runner import frame_for, standin_interfaces
 from netns import RouterTopology
@@ -493,6 +499,7 @@ def test_bytecode_and_c_agree_on_ingress_and_egress(router):
     leave the same bytes (the fast path rewrites TTL, checksum and MACs)."""
     namespace = router.router.namespace
     local = local_addresses(namespace)
+    sources = interface_addresses(namespace)  # where a REJECT's answers come from
     with namespace.enter():
         interfaces = {
             "eth0": router.router.client_side.ifindex,
@@ -517,7 +524,15 @@ def test_bytecode_and_c_agree_on_ingress_and_egress(router):
                 counters = stack.enter_context(CounterMap(layout))
                 addresses = stack.enter_context(Map(MapType.HASH, 4, 1, 64, name=LOCAL_MAP))
                 fill_local_map(addresses, local)
-                maps[backend] = {COUNTERS_MAP: counters, LOCAL_MAP: addresses}
+                devices = stack.enter_context(
+                    Map(MapType.HASH, 4, INTERFACE_VALUE_SIZE, 16, name=INTERFACE_ADDRESSES)
+                )
+                fill_interface_map(devices, sources)
+                maps[backend] = {
+                    COUNTERS_MAP: counters,
+                    LOCAL_MAP: addresses,
+                    INTERFACE_ADDRESSES: devices,
+                }
             programs = {
                 "bytecode": {
                     hook: stack.enter_context(

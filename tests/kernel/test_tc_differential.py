@@ -18,6 +18,7 @@ from codegen.rules import Address, Protocol, evaluate, write
 from codegen.rules.extensions.icmp import IcmpMatch
 from codegen.rules.extensions.multiport import Multiport
 from codegen.rules.extensions.ports import PortRange
+from codegen.rules.extensions.reject import Reject
 from codegen.rules.extensions.tcp import TcpMatch
 from codegen.rules.extensions.udp import UdpMatch
 from codegen.rules.validation import validate
@@ -84,9 +85,10 @@ def aimed(draw: st.DrawFn, ruleset, traffic) -> object:
             # Each rule aims at one packet, of its own chain for a built-in chain.
             own = [case[0] for case in traffic.get(chain.name, ())]
             packet = draw(st.sampled_from(own or packets_seen))
+            # A protocol stays when a match or the target needs it (REJECT's tcp-reset: -p tcp).
             protocol_free = not any(
                 isinstance(m, TcpMatch | UdpMatch | IcmpMatch | Multiport) for m in rule.matches
-            )
+            ) and not (isinstance(rule.target, Reject) and rule.target.reply == "tcp-reset")
             rule.matches = tuple(
                 aim(match, packet, protocol_free) for match in rule.matches if keep(match)
             )

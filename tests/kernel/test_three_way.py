@@ -68,20 +68,25 @@ class OneCompileRunner(ChainRunner):
 
 
 def as_evaluation(outcome: Outcome) -> Evaluation:
-    return Evaluation(outcome.verdict, outcome.deciding, outcome.counters)  # type: ignore[arg-type]
+    return Evaluation(outcome.verdict, outcome.deciding, outcome.counters, mark=outcome.mark)  # type: ignore[arg-type]
 
 
 def report(ruleset: Ruleset, case: str, voices: dict[str, Evaluation | Outcome]) -> str | None:
-    """None when every voice gives the same verdict, deciding rule and counters; otherwise who
-    said what."""
+    """None when every voice gives the same verdict, deciding rule, counters and final mark
+    (what `-j MARK` rules left on the skb); otherwise who said what."""
     said = {
-        name: (voice.verdict, voice.deciding, dict(sorted(voice.counters.items(), key=str)))
+        name: (
+            voice.verdict,
+            voice.deciding,
+            dict(sorted(voice.counters.items(), key=str)),
+            voice.mark,
+        )
         for name, voice in voices.items()
     }
     if len({repr(value) for value in said.values()}) == 1:
         return None
-    lines = [f"{name:9} {verdict} by {deciding}; counters {counters}"
-             for name, (verdict, deciding, counters) in said.items()]  # fmt: skip
+    lines = [f"{name:9} {verdict} by {deciding}; counters {counters}; mark {mark:#x}"
+             for name, (verdict, deciding, counters, mark) in said.items()]  # fmt: skip
     return f"the voices disagree\n{write(ruleset)}{case}\n" + "\n".join(lines)
 
 

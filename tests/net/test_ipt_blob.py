@@ -18,8 +18,10 @@ from pathlib import Path
 import pytest
 
 from codegen.rules import Ruleset, parse
-from codegen.rules.extensions import MATCHES, TARGETS
+from codegen.rules.extensions import MATCHES, TARGETS, extension_of
 from codegen.rules.ipt_blob import BlobError, read_entries, read_table, write_table
+from codegen.rules.model import IP_PART
+from codegen.rules.sets import STANDIN_SETS_TEXT
 from netns import Namespace
 
 pytestmark = [pytest.mark.netns, pytest.mark.privileged]
@@ -110,13 +112,26 @@ BIG_COUNTERS = """\
 COMMIT
 """
 
-# Every registered extension's examples, one rule each (a target family's in INPUT, FORWARD
-# and OUTPUT, and in a user chain reached from INPUT): a family added to the registry is held to
-# iptables-legacy here without a line of its own.
+
+def _example_chain(example: str) -> str:
+    """The first built-in chain a match example may run in (INPUT, but OUTPUT for -m owner),
+    found from the match parsed in a chain no hook reaches."""
+    ruleset = parse(f"*filter\n:free - [0:0]\n-A free {example}\nCOMMIT\n", "example")
+    (match,) = [m for m in ruleset["free"].rules[0].matches if not isinstance(m, IP_PART)]
+    allowed = extension_of(match).hooks(match)
+    return next(chain for chain in ("INPUT", "FORWARD", "OUTPUT") if chain in allowed)
+
+
+# Every registered extension's examples, one rule each (a match's in the first built-in chain
+# it may run in; a target family's in INPUT, FORWARD and OUTPUT, and in a user chain reached
+# from INPUT): a family added to the registry is held to iptables-legacy here without a line
+# of its own.
 EXTENSION_EXAMPLES = (
     "*filter\n:targets - [0:0]\n-A INPUT -j targets\n"
     + "".join(
-        f"-A INPUT {example} -j ACCEPT\n" for extension in MATCHES for example in extension.examples
+        f"-A {_example_chain(example)} {example} -j ACCEPT\n"
+        for extension in MATCHES
+        for example in extension.examples
     )
     + "".join(
         f"-A {chain} {example}\n"
@@ -135,8 +150,17 @@ CASES = [pytest.param(path.read_text(), id=path.name) for path in CORPUS] + [
 ]
 
 
+def example_sets(ns: Namespace, text: str) -> None:
+    """Create the stand-in sets (codegen.rules.sets) in `ns` if `text` has -m set matches:
+    iptables refuses a rule naming a set that does not exist. Made in the same order, they
+    get the same indexes in every namespace."""
+    if "--match-set" in text:
+        ns.run(["sh", "-c", f"printf '%s' '{STANDIN_SETS_TEXT}' | ipset -exist restore"])
+
+
 def restore(ns: Namespace, text: str, directory: Path) -> None:
     """Load `text` with iptables-legacy-restore -c (so that its counters count)."""
+    example_sets(ns, text)
     path = directory / f"{ns.name}.rules"
     path.write_text(text)
     ns.run(["iptables-legacy-restore", "-c", str(path)])
@@ -176,6 +200,7 @@ def test_read_table_gives_the_parsed_model(text: str, tmp_path: Path) -> None:
 def test_write_table_is_what_iptables_restore_makes(text: str, tmp_path: Path) -> None:
     with Namespace() as by_iptables, Namespace() as by_us:
         restore(by_iptables, text, tmp_path)
+        example_sets(by_us, text)
         with by_us.enter():
             write_table(parse(text))
         assert save(by_us) == save(by_iptables)
@@ -200,6 +225,7 @@ def test_counters_come_back_through_iptables_save(text: str) -> None:
             rule.packets = number * 1000 + index
             rule.bytes = 2**40 + number * 1000 + index
     with Namespace() as ns:
+        example_sets(ns, text)
         with ns.enter():
             write_table(model)
             assert read_table() == model
@@ -238,13 +264,13 @@ def test_replacing_a_table_drops_the_old_rules_and_counters() -> None:
     "rule, message",
     [
         (
-            "-A INPUT -m addrtype --src-type LOCAL -j ACCEPT",
-            "entry at offset 0: chain INPUT rule 1: match 'addrtype' is not supported"
+            "-A INPUT -m dscp --dscp 1 -j ACCEPT",
+            "entry at offset 0: chain INPUT rule 1: match 'dscp' is not supported"
             " (supported: tcp (revision 0), udp (revision 0),",
         ),
         (
-            "-A OUTPUT -p tcp -j NFLOG",
-            "entry at offset 304: chain OUTPUT rule 1: target 'NFLOG' is not supported",
+            "-A OUTPUT -p tcp -j NFQUEUE --queue-num 1",
+            "entry at offset 304: chain OUTPUT rule 1: target 'NFQUEUE' is not supported",
         ),
         (
             "-A FORWARD -j CONNMARK --set-mark 1",

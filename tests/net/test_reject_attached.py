@@ -15,7 +15,7 @@ import pytest
 from scapy.layers.inet import ICMP, IP, TCP
 from scapy.layers.l2 import Ether
 
-from harness.deploy.lifecycle import apply, flush
+from harness.deploy.lifecycle import apply, current, flush
 from netns import HostTopology
 from tests.net.test_ipt_blob import restore
 from tests.net.test_reject_vs_netfilter import ANSWER_WAIT, CASES, ETH_P_ALL, RULES, _layer
@@ -82,7 +82,7 @@ def _fields(frame: Ether) -> dict:
     return fields
 
 
-@pytest.mark.parametrize("backend", ["bytecode"])  # the C backend refuses REJECT
+@pytest.mark.parametrize("backend", ["bytecode", "c"])
 def test_answers_on_the_wire_are_the_kernels(twin: Host, backend: str) -> None:
     with HostTopology(ipv6=False) as lab, ExitStack() as stack:
         ours = Host(lab, stack)
@@ -110,14 +110,17 @@ def test_answers_on_the_wire_are_the_kernels(twin: Host, backend: str) -> None:
             flush(lab.host.namespace.name)
 
 
-@pytest.mark.parametrize("backend", ["bytecode"])  # the C backend refuses REJECT
+@pytest.mark.parametrize("backend", ["bytecode", "c"])
 def test_output_rejects_reach_the_local_socket_at_once(backend: str) -> None:
     """OUTPUT's RST reaches the connecting socket: ECONNREFUSED at once, as with netfilter.
     An ICMP error reaches a connected UDP socket as ECONNREFUSED on its next receive (with
-    netfilter, sendto itself fails with EPERM: TC cannot fail a send)."""
+    netfilter, sendto itself fails with EPERM: TC cannot fail a send). The answers come in
+    unjudged, as netfilter's come over lo: a dropping INPUT policy lets them by, and counts
+    nothing."""
     text = rules(
         "-A OUTPUT -p tcp --dport 7 -j REJECT --reject-with tcp-reset",
         "-A OUTPUT -p udp --dport 7 -j REJECT",
+        policies="DROP ACCEPT ACCEPT",
     )
     with HostTopology(ipv6=False) as lab:
         apply(text, "output.rules", lab.host.namespace.name, backend=backend)
@@ -135,5 +138,8 @@ def test_output_rejects_reach_the_local_socket_at_once(backend: str) -> None:
                 with pytest.raises(OSError) as refused:
                     udp.recv(16)
                 assert refused.value.errno == errno.ECONNREFUSED
+            counters = current(lab.host.namespace.name)[1]
+            assert counters[("INPUT", "policy")] == (0, 0)
+            assert counters[("OUTPUT", 1)][0] == 1 and counters[("OUTPUT", 2)][0] == 1
         finally:
             flush(lab.host.namespace.name)

@@ -41,7 +41,7 @@ def _checksums_ok(packet: IP) -> bool:
     )
 
 
-@pytest.fixture(scope="module", params=["bytecode"])  # the C backend refuses REJECT
+@pytest.fixture(scope="module", params=["bytecode", "c"])
 def runner(request: pytest.FixtureRequest):
     with ChainRunner(parse(RULES, "reject"), backend=request.param) as loaded:
         yield loaded

@@ -9,18 +9,22 @@ of them and the router through INPUT and OUTPUT), TCP with flags and sequence nu
 connection's own (and now and then far from them), UDP, or ICMP echoes and errors quoting the
 flow. Every packet must meet the same fate in both labs and move the same counters. Some rules
 carry `-m limit` too (1/hour or 1/min, bursts of 1 to 3: no timing within a flow refills them),
-whose buckets both labs keep along the flow and refill at each load.
+whose buckets both labs keep along the flow and refill at each load, and `-m hashlimit` (one
+table per rule set, 1/hour or 1/min, bursts of 1 to 3, keyed by nothing, the source, or the
+source and the ports; upto or above by rule), a bucket per key of the flow's two directions.
 
 Both tables start empty: our rule set is flushed after each example (its table goes with its
-pins) and the twin's conntrack is flushed with `conntrack -F`. The twin's counters are read
-without zeroing them (`iptables-legacy -Z` replaces the whole table, which refills every limit
-bucket, as any table load does) and compared as what moved since the last reading.
+pins), the twin's filter table is emptied before each load (netfilter would keep a hashlimit
+table of a name the next table has too) and its conntrack is flushed with `conntrack -F`. The
+twin's counters are read without zeroing them (`iptables-legacy -Z` replaces the whole table,
+which refills every limit bucket, as any table load does) and compared as what moved since the
+last reading.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -32,6 +36,8 @@ from scapy.packet import Packet, Raw
 from codegen.rules import parse, write
 from codegen.rules.extensions.conntrack import Conntrack
 from codegen.rules.extensions.ctinfo import STATUS_NAMES, AnyOf
+from codegen.rules.extensions.hashlimit import parse_rate as hashlimit_rate
+from codegen.rules.extensions.hashlimit_table import HASH_DPT, HASH_SIP, HASH_SPT, Hashlimit
 from codegen.rules.extensions.limit import Limit, parse_rate
 from codegen.rules.extensions.ports import PortRange
 from codegen.rules.extensions.state import State
@@ -86,7 +92,19 @@ def conntrack_matches(draw: st.DrawFn, protocol: int) -> Conntrack | State:
 
 
 @st.composite
+def hashlimits(draw: st.DrawFn) -> Hashlimit:
+    """The rule set's one hashlimit table: rates no timing within a flow refills."""
+    rate = hashlimit_rate(draw(st.sampled_from(("1/hour", "1/min"))))
+    assert isinstance(rate, tuple)
+    avg, unit = rate
+    mode = draw(st.sampled_from((0, HASH_SIP, HASH_SIP | HASH_SPT | HASH_DPT, HASH_DPT)))
+    burst = draw(st.integers(1, 3))
+    return Hashlimit("drawn", avg, burst, mode=mode, expire=unit * 1000)
+
+
+@st.composite
 def stateful_rulesets(draw: st.DrawFn, protocol: int) -> Ruleset:
+    table = draw(hashlimits())
     chains = {}
     for name in BUILTIN_CHAINS:
         rules = []
@@ -103,6 +121,9 @@ def stateful_rulesets(draw: st.DrawFn, protocol: int) -> Ruleset:
                 assert isinstance(rate, int)
                 limit = Limit(rate, draw(st.integers(1, 3)))
                 matches.insert(draw(st.integers(0, len(matches))), limit)
+            if draw(st.integers(0, 3)) == 0:
+                hashlimit = replace(table, above=draw(st.booleans()))
+                matches.insert(draw(st.integers(0, len(matches))), hashlimit)
             target = Accept() if draw(st.booleans()) else Drop()
             rules.append(Rule(matches=tuple(matches), target=target))
         policy = "ACCEPT" if draw(st.integers(0, 2)) else "DROP"
@@ -195,6 +216,7 @@ def test_stateful_programs_do_what_netfilter_does(labs, backend, case) -> None:
     text = write(ruleset)
     namespace = ours.holder_namespace.name
     lifecycle.apply(text, "<drawn>", namespace, backend=backend)
+    twin.load_filter_table("*filter\nCOMMIT\n")  # no hashlimit table lives on into this one
     twin.load_filter_table(text)
     twin.holder_namespace.run(["conntrack", "-F"], check=False)
     _, kernel_reading = _netfilter_moved(twin, {})

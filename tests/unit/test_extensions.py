@@ -31,8 +31,17 @@ EXAMPLES = [
 ]
 
 
+def _chain(example: str) -> str:
+    """The first built-in chain the example's match may run in (most: INPUT; -m owner:
+    OUTPUT), found from the match parsed in a chain no hook reaches."""
+    ruleset = parse(f"*filter\n:free - [0:0]\n-A free {example}\nCOMMIT\n", "example")
+    (match,) = [m for m in ruleset["free"].rules[0].matches if not isinstance(m, IP_PART)]
+    allowed = extension_of(match).hooks(match)
+    return next(chain for chain in ("INPUT", "FORWARD", "OUTPUT") if chain in allowed)
+
+
 def _ruleset_text(example: str) -> str:
-    return f"*filter\n-A INPUT {example} -j ACCEPT\nCOMMIT\n"
+    return f"*filter\n-A {_chain(example)} {example} -j ACCEPT\nCOMMIT\n"
 
 
 def _packets() -> list[bytes]:
@@ -90,11 +99,12 @@ def test_a_model_outside_the_registry_is_refused_by_name() -> None:
 def test_example_parses_writes_back_and_reparses(extension: MatchExtension, example: str) -> None:
     text = _ruleset_text(example)
     ruleset = parse(text, "example")
-    (rule,) = ruleset["INPUT"].rules
+    chain = _chain(example)
+    (rule,) = ruleset[chain].rules
     own = [match for match in rule.matches if not isinstance(match, IP_PART)]
     assert [type(match) for match in own] == [extension.model]
     written = write(ruleset)
-    assert written.splitlines()[4] == f"-A INPUT {example} -j ACCEPT"
+    assert written.splitlines()[4] == f"-A {chain} {example} -j ACCEPT"
     assert parse(written, "written") == ruleset
     assert extension.save(own[0])[:2] == ["-m", extension.name]
 
@@ -102,7 +112,8 @@ def test_example_parses_writes_back_and_reparses(extension: MatchExtension, exam
 @pytest.mark.parametrize(("extension", "example"), EXAMPLES)
 def test_example_round_trips_through_the_blob(extension: MatchExtension, example: str) -> None:
     ruleset = parse(_ruleset_text(example), "example")
-    (match,) = [m for m in ruleset["INPUT"].rules[0].matches if not isinstance(m, IP_PART)]
+    chain = _chain(example)
+    (match,) = [m for m in ruleset[chain].rules[0].matches if not isinstance(m, IP_PART)]
     data = extension.encode(match)
     assert isinstance(data, extension.data)
     assert extension.decode(extension.data.from_buffer_copy(bytes(data))) == match
@@ -112,7 +123,8 @@ def test_example_round_trips_through_the_blob(extension: MatchExtension, example
 @pytest.mark.parametrize(("extension", "example"), EXAMPLES)
 def test_example_has_a_meaning_for_every_packet(extension: MatchExtension, example: str) -> None:
     ruleset = parse(_ruleset_text(example), "example")
-    (match,) = [m for m in ruleset["INPUT"].rules[0].matches if not isinstance(m, IP_PART)]
+    chain = _chain(example)
+    (match,) = [m for m in ruleset[chain].rules[0].matches if not isinstance(m, IP_PART)]
     for packet in _packets():
         parsed = read_packet(packet, "veth0", None, 0x10, "broadcast")
         try:
@@ -121,7 +133,7 @@ def test_example_has_a_meaning_for_every_packet(extension: MatchExtension, examp
             assert extension.can_hotdrop, f"{extension.name} hotdropped but says it cannot"
             continue
         assert isinstance(answer, bool)
-        result = evaluate(ruleset, packet, "INPUT", "veth0", None, mark=0x10, pkt_type="broadcast")
+        result = evaluate(ruleset, packet, chain, "veth0", None, mark=0x10, pkt_type="broadcast")
         assert result.verdict in ("ACCEPT", "DROP")
     assert isinstance(extension.describe(match), str)
 
@@ -130,9 +142,11 @@ def test_example_has_a_meaning_for_every_packet(extension: MatchExtension, examp
 def test_example_is_generated_by_both_backends(extension: MatchExtension, example: str) -> None:
     """Each backend generates the rule, or refuses it with a sentence naming the rule."""
     ruleset = parse(_ruleset_text(example), "example")
+    chain = _chain(example)
+    hook = "egress" if chain == "OUTPUT" else "ingress"
     for generate in (
-        lambda: compile_program(ruleset, "chain", interfaces={"veth0": 2}, chain="INPUT"),
-        lambda: c_source(ruleset, "ingress", interfaces={"veth0": 2}),
+        lambda: compile_program(ruleset, "chain", interfaces={"veth0": 2}, chain=chain),
+        lambda: c_source(ruleset, hook, interfaces={"veth0": 2}),
     ):
         try:
             generate()

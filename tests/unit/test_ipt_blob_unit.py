@@ -614,8 +614,8 @@ MATCH_NAME = 112 + 2  # the first match's name
 DECODE_ERRORS = [
     (
         "unknown match",
-        patched(one_rule(Length(1, 2)), MATCH_NAME, b"addrtype\0"),
-        "filter table entry at offset 0: chain INPUT rule 1: match 'addrtype' is not supported"
+        patched(one_rule(Length(1, 2)), MATCH_NAME, b"physdev\0"),
+        "filter table entry at offset 0: chain INPUT rule 1: match 'physdev' is not supported"
         " (supported: tcp (revision 0), udp (revision 0), icmp (revision 0),",
     ),
     (
@@ -633,7 +633,8 @@ DECODE_ERRORS = [
         "unknown target",
         patched(one_rule(), RULE_TARGET + 2, b"TCPMSS\0"),
         "chain INPUT rule 1: target 'TCPMSS' is not supported (supported: ACCEPT, DROP, RETURN,"
-        " REJECT (revision 0), LOG (revision 0), jumps and gotos to user chains)",
+        " REJECT (revision 0), LOG (revision 0), NFLOG (revision 0), MARK (revision 2), jumps"
+        " and gotos to user chains)",
     ),
     (
         "extension target payload",  # ACCEPT's verdict, -2, read as a reject type

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 
 from codegen.rules import RuleError, parse, write
+from codegen.rules.extensions.set import bind_sets
+from codegen.rules.sets import SetTable
 
 VECTORS = Path(__file__).resolve().parents[2].parent / "shared" / "iptables-tests"
 FILES = (
@@ -23,9 +25,20 @@ FILES = (
     "libxt_state.t",
     "libipt_REJECT.t",
     "libipt_LOG.t",
+    "libxt_NFLOG.t",
     "libxt_limit.t",
+    "libxt_addrtype.t",
+    "libxt_MARK.t",
+    "libxt_mark.t",
+    "libxt_hashlimit.t",
+    "libxt_set.t",
+    "libxt_recent.t",
+    "libipt_recent.t",
 )
 BUILTIN = ("INPUT", "FORWARD", "OUTPUT")
+# Lines of a file for a feature this project refuses on purpose, by what the rule holds: each
+# must be refused (RuleError, one sentence) instead of saving as the vector says.
+UNCLAIMED = {"libxt_hashlimit.t": ("b/s", "--hashlimit-rate-match")}
 
 
 def _vectors() -> list:
@@ -51,6 +64,8 @@ def _vectors() -> list:
             if len(fields) != 3:  # a result for the legacy or nft variant only
                 marks = [pytest.mark.skip(reason="a line for one iptables variant only")]
             rule, result, verdict = (fields + ["", ""])[:3]
+            if verdict == "OK" and any(part in rule for part in UNCLAIMED.get(name, ())):
+                verdict = "UNCLAIMED"
             found.append(
                 pytest.param(
                     chain, rule, result, verdict, id=f"{name}:{number}: {rule}", marks=marks
@@ -74,9 +89,11 @@ def test_the_vectors_are_there() -> None:
 @pytest.mark.parametrize(("chain", "rule", "result", "verdict"), CASES or [("", "", "", "")])
 def test_vector(chain: str, rule: str, result: str, verdict: str) -> None:
     text = f"*filter\n-A {chain} {rule}\nCOMMIT\n"
-    if verdict == "FAIL":
+    if verdict in ("FAIL", "UNCLAIMED"):
         with pytest.raises(RuleError):
-            parse(text, "vector")
+            # The vectors run where no ipset exists: a rule naming one is refused when the
+            # rules are bound to the (here empty) sets, as iptables refuses it.
+            bind_sets(parse(text, "vector"), SetTable())
         return
     assert verdict == "OK", f"a verdict this test does not know: {verdict!r}"
     expected = rule if result == "=" else result

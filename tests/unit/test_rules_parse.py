@@ -537,12 +537,13 @@ def test_invalid_line_is_refused_where_it_goes_wrong(line: str, column: int, mes
 # Refused on purpose, where iptables-restore would accept (and so absent from the tables above).
 REFUSED = [
     ("-A INPUT -j TCPMSS --clamp-mss-to-pmtu", 13, "target 'TCPMSS' is not supported"),
-    ("-A INPUT -j NFLOG --nflog-prefix x", 13, "target 'NFLOG' is not supported"),
+    ("-A INPUT -j TEE --gateway 198.18.0.1", 13, "target 'TEE' is not supported"),
     ("-A INPUT -j QUEUE", 13, "target 'QUEUE' is not supported"),
     ("-A INPUT -j MASQUERADE", 13, "supported targets: ACCEPT, DROP, RETURN"),
-    ("-A INPUT -m set --match-set x src", 10, "match '-m set' is not supported"),
-    ("-A INPUT -m addrtype --src-type LOCAL", 10, "supported matches: tcp, udp, icmp"),
-    ("-A INPUT -m hashlimit --hashlimit-upto 1/s", 10, "match '-m hashlimit' is not supported"),
+    ("-A INPUT -m set --match-set x src --packets-gt 1", 35, "compares a member's counters"),
+    ("-A INPUT -m physdev --physdev-in eth0", 10, "supported matches: tcp, udp, icmp"),
+    ("-A INPUT -m hashlimit --hashlimit-upto 1kb/s", 40, "hashlimit: byte rates ('1kb/s')"),
+    ("-A INPUT -m hashlimit --hashlimit-rate-match", 23, "--hashlimit-rate-match is not"),
     ("-A INPUT -p sctp --dport 1", 18, "needs the sctp match, which is not supported"),
     ("-A INPUT -p tcp --tcp-option 2", 17, "--tcp-option is not supported"),
     ("-A INPUT -s localhost", 13, "host names are not supported"),

@@ -16,6 +16,7 @@ import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 
 from codegen.c import c_source
+from codegen.c.targets import GENERATED_TARGETS as C_GENERATED
 from codegen.c.targets import REFUSED_TARGETS as C_REFUSED
 from codegen.rules import RuleError, evaluate, parse, write
 from codegen.rules.blob.structs import IptEntry, IptReplace
@@ -31,6 +32,7 @@ from codegen.rules.extensions.target_base import TargetExtension
 from codegen.rules.ipt_blob import BlobError, decode_table, encode_table
 from codegen.rules.model import ExtensionTarget
 from codegen.rules.syntax import TargetParser
+from codegen.tc import log as tc_log
 from codegen.tc.generator import CompileError, compile_program
 from codegen.tc.targets import GENERATED_TARGETS as TC_GENERATED
 from codegen.tc.targets import REFUSED_TARGETS as TC_REFUSED
@@ -145,7 +147,8 @@ def test_every_backend_generates_or_refuses_every_target_family() -> None:
     # A family is generated (the backend's GENERATED_TARGETS) or refused by name, not both.
     assert set(TC_REFUSED) | TC_GENERATED == set(TARGETS_BY_NAME)
     assert not set(TC_REFUSED) & TC_GENERATED
-    assert set(C_REFUSED) == set(TARGETS_BY_NAME)  # the C backend generates none yet
+    assert set(C_REFUSED) | C_GENERATED == set(TARGETS_BY_NAME)
+    assert not set(C_REFUSED) & C_GENERATED
 
 
 def test_a_target_outside_the_registry_is_refused_by_name() -> None:
@@ -165,7 +168,8 @@ def test_example_parses_writes_back_and_reparses(extension: TargetExtension, exa
     assert written.splitlines()[4] == f"-A INPUT {example}"
     assert parse(written, "written") == ruleset
     assert extension.save(rule.target)[:2] == ["-j", extension.name]
-    assert extension.describe(rule.target).startswith(" ")
+    described = extension.describe(rule.target)  # nothing at all for a bare `-j NFLOG`
+    assert described.startswith(" ") or (described == "" and example == "-j NFLOG")
 
 
 @pytest.mark.parametrize(("extension", "example"), EXAMPLES)
@@ -213,6 +217,8 @@ def test_example_is_generated_or_refused_by_both_backends(
 ) -> None:
     """Each backend generates the rule, or refuses it with a sentence naming the rule."""
     ruleset = parse(_ruleset_text(example), "example")
+    # What the backends refuse in a family they generate: LOG's --log-uid.
+    option_refusal = tc_log.refusal(ruleset.chains["INPUT"].rules[0])
     for generate, refused in (
         (
             lambda: compile_program(ruleset, "chain", interfaces={"veth0": 2}, chain="INPUT"),
@@ -220,6 +226,13 @@ def test_example_is_generated_or_refused_by_both_backends(
         ),
         (lambda: c_source(ruleset, "ingress", interfaces={"veth0": 2}), C_REFUSED),
     ):
+        if option_refusal is not None:
+            with pytest.raises(CompileError) as caught:
+                generate()
+            message = str(caught.value)
+            assert "example:2:1" in message and example in message, message
+            assert f"this '-j {extension.name}' because {option_refusal}" in message, message
+            continue
         if extension.name not in refused:
             generate()
             continue

@@ -32,11 +32,15 @@ __all__ = [
 
 # The registration line: each name is a module here with MODEL and write(match, labels).
 FAMILIES = tuple(
-    "tcp udp icmp multiport iprange length ttl pkttype mark comment conntrack state limit".split()
+    "tcp udp icmp multiport iprange length ttl pkttype mark comment conntrack state limit"
+    " addrtype set hashlimit recent".split()
 )
 # The rule layer's families this backend refuses on purpose, each with the reason its refusal
 # gives: a family is either in FAMILIES or here.
-REFUSED: dict[str, str] = {}
+REFUSED: dict[str, str] = {
+    "owner": "its socket's owner is read through kernel functions (bpf_cast_to_kern_ctx,"
+    " bpf_rdonly_cast) that bcc cannot call; the bytecode backend generates it",
+}
 assert not set(REFUSED) & set(FAMILIES), "a family both written and refused"
 
 _FAMILY_MODULES = tuple(import_module(f"{__name__}.{family}") for family in FAMILIES)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from codegen.rules.blob.decode import decode_entries
 from codegen.rules.blob.encode import encode_counters, encode_table
+from codegen.rules.blob.ipset import KernelSetIndexes
 from codegen.rules.blob.structs import (
     IPT_SO_GET_ENTRIES,
     IPT_SO_GET_INFO,
@@ -31,6 +32,7 @@ from codegen.rules.blob.structs import (
     cstring,
     field_bytes,
 )
+from codegen.rules.extensions.set import set_indexes
 from codegen.rules.model import Ruleset
 
 
@@ -143,9 +145,17 @@ def read_table(sock: socket.socket | None = None) -> Ruleset:
     """The live filter table of the calling thread's network namespace (or of the namespace
     `sock`, a raw AF_INET socket, was created in), with rule and policy counters."""
     info, entries = read_entries(sock)
-    return decode_entries(
-        entries, info.hook_entry, info.underflow, info.valid_hooks, info.num_entries
-    )
+    own = sock is None
+    sock = _open_socket() if sock is None else sock
+    try:
+        # -m set payloads hold the namespace's set indexes: name them as its ip_set does.
+        with set_indexes(KernelSetIndexes(sock)):
+            return decode_entries(
+                entries, info.hook_entry, info.underflow, info.valid_hooks, info.num_entries
+            )
+    finally:
+        if own:
+            sock.close()
 
 
 def write_table(ruleset: Ruleset, sock: socket.socket | None = None) -> None:
@@ -153,11 +163,13 @@ def write_table(ruleset: Ruleset, sock: socket.socket | None = None) -> None:
     `ruleset`, then set every rule's and policy's counters from the model, as
     `iptables-legacy-restore -c` does. Raises RuleError for a rule set iptables would refuse,
     BlobError when the kernel refuses."""
-    # Encode first: a rule set we refuse never reaches the kernel.
-    blob = bytearray(encode_table(ruleset))
     own = sock is None
     sock = _open_socket() if sock is None else sock
     try:
+        # Encode first: a rule set we refuse never reaches the kernel. -m set payloads take
+        # the indexes of the namespace's sets.
+        with set_indexes(KernelSetIndexes(sock)):
+            blob = bytearray(encode_table(ruleset))
         old = _get_info(sock)
         # The kernel hands back the old table's counters here; libiptc uses them to carry
         # counters over, we only need room for them.

@@ -23,10 +23,11 @@ The generators (codegen.tc, codegen.c) keep their emitters apart, registered by 
 from __future__ import annotations
 
 import ctypes
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
-from codegen.rules.model import Match, Rule, RuleError
+from codegen.rules.model import Match, Rule, RuleError, Ruleset
+from codegen.rules.names import BUILTIN_CHAINS
 from codegen.rules.packet import Packet
 from codegen.rules.syntax import MatchParser
 
@@ -36,12 +37,17 @@ class Memory:
     """What one stateful match keeps between packets, as the reference evaluator holds it
     (codegen.rules.reference.MatchMemory): `value`, the family's own (None until it first
     sets it); `time`, the packet's arrival (seconds); `hz`, the kernel's; `loaded_at`, when the
-    table was loaded (seconds; None: at the match's first packet)."""
+    table was loaded (seconds; None: at the match's first packet); `shared`, what every
+    match of the load shares (by family: -m hashlimit's tables by name); `ruleset`, the rule
+    set loaded (None: unknown), for a family whose state a load sizes from all its rules (-m
+    recent's tables)."""
 
     time: float
     hz: int
     loaded_at: float | None = None
     value: object = None
+    shared: dict[str, object] = field(default_factory=dict)
+    ruleset: Ruleset | None = None
 
 
 class MatchExtension:
@@ -85,6 +91,19 @@ class MatchExtension:
     def check(self, match: Match, rule: Rule, chain: str) -> None:
         """Raise RuleError (without a source: the caller adds it) if iptables would refuse
         `match` in `rule` of `chain`."""
+
+    def check_ruleset(self, ruleset: Ruleset) -> None:
+        """Raise RuleError (with the source of the rule at fault) if iptables or the kernel
+        would refuse the family's matches together (-m hashlimit: one table per name)."""
+
+    def hooks(self, match: Match) -> frozenset[str]:
+        """The built-in chains whose hooks the kernel's checkentry lets `match` run in; a
+        user chain takes the hooks that reach it (validation checks them all)."""
+        return frozenset(BUILTIN_CHAINS)
+
+    def hook_refusal(self, match: Match, hook: str) -> str:
+        """Why `match` cannot run in built-in chain `hook` (one outside `hooks(match)`)."""
+        return f"'-m {self.name}' cannot be used in {hook}"
 
     def encode(self, match: Match) -> ctypes.Structure:
         """The xt_entry_match payload libxt_NAME fills in; BlobError if it cannot hold it."""

@@ -46,7 +46,15 @@ from codegen.rules.blob.structs import BlobError
 from codegen.rules.extensions.base import MatchExtension, Memory
 from codegen.rules.model import ExtensionMatch, Rule, RuleError, check_uint
 from codegen.rules.packet import Packet
-from codegen.rules.syntax import Line, OptionContext, ParseError, SingleMatchParser, Token, strtoui
+from codegen.rules.syntax import (
+    Line,
+    OptionContext,
+    ParseError,
+    SingleMatchParser,
+    Token,
+    strtol_clamped,
+    strtoui,
+)
 
 SCALE = 10000  # XT_LIMIT_SCALE: avg is the period in 1/10000 s
 DEFAULT_AVG = SCALE * 3600 // 3  # 3/hour
@@ -95,22 +103,9 @@ class XtRateinfo(ctypes.Structure):
 
 
 def _atoi(text: str) -> int:
-    """glibc's atoi as an unsigned 32-bit value: (int)strtol(text, NULL, 10), which skips
-    blanks, takes a sign and the digits after it, clamps to the long range, and is then cut to
-    its low 32 bits."""
-    body = text.lstrip(" \t\n\v\f\r")
-    sign = 1
-    if body[:1] in ("+", "-"):
-        sign = -1 if body[0] == "-" else 1
-        body = body[1:]
-    digits = ""
-    for character in body:
-        if not "0" <= character <= "9":
-            break
-        digits += character
-    value = sign * int(digits) if digits else 0
-    value = max(-(1 << 63), min((1 << 63) - 1, value))
-    return value & UINT32
+    """glibc's atoi as an unsigned 32-bit value: (int)strtol(text, NULL, 10), cut to its low
+    32 bits."""
+    return strtol_clamped(text) & UINT32
 
 
 def parse_rate(text: str) -> int | str:

@@ -2,8 +2,8 @@
 [--log-ip-options] [--log-uid] [--log-macdecode]` (libxt_LOG.c, xt_LOG.c and nf_log_syslog.c):
 write a line about the packet to the kernel log and go on with the next rule (XT_CONTINUE).
 
-The rule layer only: the line itself is not modelled (the evaluator's counters show the rule
-fired); stateful.md §5 has its format. Checked against iptables-legacy 1.8.9: the payload is
+The evaluator lists the LOG rules a packet fired, in order (Evaluation.logged); log_line.py
+writes the line the kernel prints for each. Checked against iptables-legacy 1.8.9: the payload is
 `struct ipt_log_info { u8 level; u8 logflags; char prefix[30]; }` (32 bytes), save prints
 `--log-prefix` first, `--log-level` only when not 4, then the flags in bit order; `-L` prints
 `LOG flags N level N` and ` prefix "P"` (P as is) when there is one.
@@ -194,7 +194,7 @@ class LogExtension(TargetExtension):
         return Log(data.level, cstring(raw), data.logflags)
 
     def act(self, target: Log, packet: Packet) -> TargetAction:
-        return TargetAction(None)  # logs (not modelled) and continues
+        return TargetAction(None, logged=True)  # logs (log_line.py) and continues
 
 
 EXTENSION = LogExtension()

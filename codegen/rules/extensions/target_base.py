@@ -37,10 +37,15 @@ from codegen.rules.syntax import TargetParser
 @dataclass(frozen=True, slots=True)
 class TargetAction:
     """What a target does with one packet: `verdict` None is XT_CONTINUE (evaluation goes on
-    with the next rule); `reply` names what the kernel sends back (None: nothing)."""
+    with the next rule); `reply` names what the kernel sends back (None: nothing); `logged`
+    says it logged the packet (the evaluator lists such rules in order; log_line.py writes
+    their lines); `mark` is the packet's mark from now on (None: unchanged), which later rules
+    of the traversal match on (MARK)."""
 
     verdict: Literal["ACCEPT", "DROP"] | None
     reply: str | None = None
+    logged: bool = False  # the target wrote a log line about the packet (LOG)
+    mark: int | None = None  # the skb mark the target wrote (MARK)
 
 
 class TargetExtension:

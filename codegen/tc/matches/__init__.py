@@ -44,6 +44,11 @@ FAMILIES = (
     "conntrack",
     "state",
     "limit",
+    "addrtype",
+    "owner",
+    "set",
+    "hashlimit",
+    "recent",
 )
 
 # The rule layer's families this backend refuses on purpose, each with the reason its refusal
@@ -68,9 +73,13 @@ def emitter_of(match: Match) -> Emitter | None:
 
 
 def refusal_of(match: Match) -> str | None:
-    """Why this backend refuses `match` on purpose (its family is in REFUSED), else None."""
+    """Why this backend refuses `match` on purpose (its family is in REFUSED, or its emitter
+    refuses this match), else None."""
     extension = BY_MODEL.get(type(match))
-    return None if extension is None else REFUSED.get(extension.name)
+    if extension is not None and extension.name in REFUSED:
+        return REFUSED[extension.name]
+    emitter = EMITTERS.get(type(match))
+    return None if emitter is None else emitter.refusal(match)
 
 
 def emit(matches: Sequence[Match], ctx: Context) -> list[Item]:

@@ -29,17 +29,23 @@ M = TypeVar("M")
 
 @dataclass
 class Context:
-    """What emitters need beyond the match: labels, and interface names resolved to ifindexes."""
+    """What emitters need beyond the match: labels, and interface names resolved to ifindexes.
+    `key_offset` is 8 bytes of the frame (from r10) the rule's code runs in that an emitter
+    may build a map key in for the length of its match."""
 
     miss: str
     hotdrop: str
     new_label: Callable[[str], str]
     interfaces: Mapping[str, int]
+    key_offset: int = -24
     # The rule's chain and 1-based index; the match's place (its rule's, and its number among
     # the rule's matches), which `emit` sets; the bucket of each stateful match by place.
     rule: tuple[str, int] = ("", 0)
     place: tuple[str, int, int] = ("", 0, 0)
     slots: Mapping[tuple[str, int, int], int] = field(default_factory=dict)
+    # The rule set the rule is in, for a family whose code depends on other rules (-m recent's
+    # tables take their mask and size from all the rules naming them).
+    ruleset: Any = None
 
     def with_miss(self, miss: str) -> Context:
         return replace(self, miss=miss)
@@ -81,6 +87,9 @@ class Emitter(Generic[M]):
     emit: Callable[[M, Context], list[Item]]
     pins: Callable[[M], Pins | None] = cannot_pin
     transport: TransportHeader | None = None
+    # Why this backend refuses one match of the family it cannot generate exactly (an option
+    # it has no code for), else None.
+    refusal: Callable[[M], str | None] = lambda match: None
 
 
 def load(field: Field) -> Item:

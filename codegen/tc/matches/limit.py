@@ -35,6 +35,7 @@ from codegen.bpf.asm import Item, Label
 from codegen.bpf.isa import R0, R1, R2, R3, R4, R5, AluOp, AtomicOp, JmpOp, MapType, Size
 from codegen.bpf.maps import Map
 from codegen.jiffies import HzUnknown, kernel_hz
+from codegen.rules.extensions.hashlimit_table import Hashlimit
 from codegen.rules.extensions.limit import Limit, cost, credit_cap, credits_per_jiffy
 from codegen.rules.model import Ruleset
 
@@ -63,7 +64,14 @@ def slots(ruleset: Ruleset) -> dict[Place, int]:
 
 
 def uses_limit(ruleset: Ruleset) -> bool:
-    return bool(slots(ruleset))
+    """Whether `ruleset`'s programs need the bucket map: for limit matches' buckets, or for
+    the clock in word 0, which -m hashlimit reads too (codegen.tc.matches.hashlimit)."""
+    return bool(slots(ruleset)) or any(
+        isinstance(match, Hashlimit)
+        for chain in ruleset.chains.values()
+        for rule in chain.rules
+        for match in rule.matches
+    )
 
 
 def value_size(ruleset: Ruleset) -> int:

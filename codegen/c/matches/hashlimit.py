@@ -1,0 +1,70 @@
+"""`-m hashlimit` (xt_hashlimit.c revision 3, packet mode): the packet's key as the mode and the
+masks make it, then its bucket (codegen/c/hashlimit.py); a packet whose ports the mode needs
+but that is too short to hold them, or for which no entry can be made, is dropped on the spot.
+Cost, cap and the expiry in jiffies at the kernel's HZ; AH's SPI and a later fragment's
+payload are ports 0, as in the bytecode backend (codegen.tc.matches.hashlimit)."""
+
+from __future__ import annotations
+
+from codegen.rules.extensions.hashlimit_table import (
+    HASH_DIP,
+    HASH_DPT,
+    HASH_SIP,
+    HASH_SPT,
+    PORT_OFFSETS,
+    Hashlimit,
+    cost,
+    credit_cap,
+    msecs_to_jiffies,
+)
+from codegen.tc.matches.hashlimit import table_id
+
+from ..limit import hz
+from .common import Labels
+
+MODEL = Hashlimit
+_PORTED = sorted(protocol for protocol, offset in PORT_OFFSETS.items() if offset == 0)
+_AH = next(protocol for protocol, offset in PORT_OFFSETS.items() if offset == 4)
+
+
+def _address(field: str, bits: int) -> str:
+    if bits == 0:
+        return "0"
+    if bits == 32:
+        return field
+    return f"({field} & 0x{(0xFFFF_FFFF << (32 - bits)) & 0xFFFF_FFFF:x}u)"
+
+
+def write(match: Hashlimit, labels: Labels) -> list[str]:
+    ticks = hz()
+    mode = match.mode
+    code = [
+        "{",
+        "    struct hashlimit_key key = {};",
+        f"    key.table = 0x{table_id(match.name):x}u;",
+    ]
+    if mode & HASH_SIP:
+        code.append(f"    key.saddr = {_address('f->saddr', match.srcmask)};")
+    if mode & HASH_DIP:
+        code.append(f"    key.daddr = {_address('f->daddr', match.dstmask)};")
+    if mode & (HASH_SPT | HASH_DPT):
+        ported = " || ".join(f"f->protocol == {protocol}" for protocol in _PORTED)
+        code += [f"    if ({ported}) {{", f"        if (f->l4_len < 4) goto {labels.hotdrop};"]
+        if mode & HASH_SPT:
+            code.append("        key.sport = f->sport;")
+        if mode & HASH_DPT:
+            code.append("        key.dport = f->dport;")
+        code += [
+            f"    }} else if (f->protocol == {_AH} && f->l4_len < 8) {{",
+            f"        goto {labels.hotdrop};",
+            "    }",
+        ]
+    expire = msecs_to_jiffies(match.expire, ticks)
+    price, cap = cost(match, ticks), credit_cap(match, ticks)
+    code += [
+        f"    int taken = hashlimit_take(&key, {expire}ull, {price}ull, {cap}ull);",
+        f"    if (taken < 0) goto {labels.hotdrop};",
+        f"    if ({'taken' if match.above else '!taken'}) goto {labels.miss};",
+        "}",
+    ]
+    return code

@@ -1,0 +1,322 @@
+"""`-m set` and ipsets in the rule layer: the match's text, refusals and blob codec, `ipset
+save` text read into sets (and what cannot be), and what a set answers for a packet as
+ip_set_test does (longest prefix with nomatch, --return-nomatch, dimensions, ports).
+"""
+
+from __future__ import annotations
+
+import pytest
+from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.packet import Raw
+
+from codegen.rules import RuleError, evaluate, parse, write
+from codegen.rules.extensions.set import (
+    EXTENSION,
+    SetMatch,
+    StandinIndexes,
+    bind_sets,
+    set_indexes,
+)
+from codegen.rules.ipt_blob import BlobError
+from codegen.rules.packet import read_packet
+from codegen.rules.sets import SetError, parse_sets
+
+# What `ipset save` printed on this machine (ipset 7.17) for sets made with ipset create/add.
+SAVED = """\
+create s1 hash:ip family inet hashsize 1024 maxelem 65536 bucketsize 12 initval 0xa5e10479
+add s1 198.18.0.1
+create n1 hash:net family inet hashsize 1024 maxelem 65536 bucketsize 12 initval 0xa19cfe01
+add n1 198.18.0.0/16
+add n1 198.18.5.0/24 nomatch
+create p1 bitmap:port range 0-1024
+add p1 20
+add p1 21
+add p1 22
+add p1 80
+create ip1 hash:ip,port family inet hashsize 1024 maxelem 65536 bucketsize 12 initval 0x207c50b5
+add ip1 198.18.0.1,tcp:80
+add ip1 198.18.0.2,udp:53
+add ip1 198.18.0.3,icmp:echo-request
+create np1 hash:net,port family inet hashsize 1024 maxelem 65536 bucketsize 12 initval 0xe50
+add np1 198.18.0.0/24,tcp:80
+"""
+SETS = parse_sets(SAVED, "saved")
+
+
+def _rule(options: str) -> str:
+    return f"*filter\n-A INPUT {options} -j DROP\nCOMMIT\n"
+
+
+def _packet(
+    layer: object, source: str = "198.18.0.1", destination: str = "198.18.9.9", **fields: int
+) -> bytes:
+    return bytes(IP(src=source, dst=destination, **fields) / layer)  # type: ignore[operator]
+
+
+def _verdict(options: str, packet: bytes) -> str:
+    ruleset = parse(_rule(options), "t")
+    return evaluate(ruleset, packet, "INPUT", "eth0", None, sets=SETS).verdict
+
+
+# -- text ---------------------------------------------------------------------------------
+
+# (options, as iptables-legacy-save 1.8.9 printed them here, as iptables -L -n printed them)
+SAVED_RULES = [
+    ("-m set --match-set s1 src,dst", "-m set --match-set s1 src,dst", " match-set s1 src,dst"),
+    (
+        "-m set ! --match-set n1 dst --return-nomatch",
+        "-m set ! --match-set n1 dst --return-nomatch",
+        " ! match-set n1 dst return-nomatch",
+    ),
+    (
+        "-m set --match-set ip1 src,dst ! --update-counters ! --update-subcounters",
+        "-m set --match-set ip1 src,dst ! --update-counters ! --update-subcounters",
+        " match-set ip1 src,dst ! update-counters ! update-subcounters",
+    ),
+    (
+        "-m set --match-set np1 dst,dst,src,src,dst,dst",
+        "-m set --match-set np1 dst,dst,src,src,dst,dst",
+        " match-set np1 dst,dst,src,src,dst,dst",
+    ),
+    ("-m set --set s1 src --update-counters", "-m set --match-set s1 src", " match-set s1 src"),
+]
+
+
+@pytest.mark.parametrize(("options", "saved", "listed"), SAVED_RULES)
+def test_saves_and_lists_as_iptables_legacy(options: str, saved: str, listed: str) -> None:
+    ruleset = parse(_rule(options), "t")
+    assert f"-A INPUT {saved} -j DROP" in write(ruleset).splitlines()
+    (match,) = ruleset["INPUT"].rules[0].matches
+    assert EXTENSION.describe(match) == listed
+
+
+REFUSED = [
+    ("-m set --match-set s1", "requires two args"),
+    ("-m set --match-set s1 src,dst,src,dst,src,dst,src", "more src/dst options than 6"),
+    ("-m set --match-set s1 source", "'src' or 'dst'"),
+    ("-m set --match-set s1 src --match-set n1 dst", "only once"),
+    ("-m set --match-set " + "x" * 32 + " src", "too long, max 31"),
+    ("-m set --match-set p1 src --packets-gt 5", "counters"),
+    ("-m set --match-set p1 src ! --bytes-eq 5", "counters"),
+    ("-m set --return-nomatch", "--match-set must be specified"),
+    ("-m set ! --return-nomatch --match-set s1 src", "cannot be negated"),
+]
+
+
+@pytest.mark.parametrize(("options", "message"), REFUSED)
+def test_refusals_name_the_place(options: str, message: str) -> None:
+    with pytest.raises(RuleError, match=message) as caught:
+        parse(_rule(options), "r.rules")
+    assert str(caught.value).startswith("r.rules:2:")
+
+
+# -- blob ---------------------------------------------------------------------------------
+
+
+def test_the_payload_holds_the_index_the_caller_gives() -> None:
+    """Byte for byte what iptables-legacy wrote for these rules here (sets s1=0, n1=1, ip1=3)."""
+    indexes = StandinIndexes()
+    indexes.indexes.update({"s1": 0, "n1": 1, "p1": 2, "ip1": 3, "np1": 4})
+    blobs = {
+        "-m set --match-set s1 src,dst": "00000202",
+        "-m set ! --match-set n1 dst --return-nomatch": "01000101",
+        "-m set --match-set np1 dst,dst,src,src,dst,dst": "04000618",
+    }
+    flags = {"00000202": 0, "01000101": 0x80, "04000618": 0}
+    with set_indexes(indexes):
+        for options, head in blobs.items():
+            (match,) = parse(_rule(options), "t")["INPUT"].rules[0].matches
+            data = bytes(EXTENSION.encode(match))
+            assert len(data) == 48 and data[:4].hex() == head
+            assert int.from_bytes(data[40:44], "little") == flags[head]
+            assert EXTENSION.decode(EXTENSION.data.from_buffer_copy(data)) == match
+
+
+def test_an_index_without_a_name_is_a_blob_error() -> None:
+    data = EXTENSION.data()
+    data.match_set.index, data.match_set.dim = 77, 1
+    with set_indexes(StandinIndexes()), pytest.raises(BlobError, match="index 77 has no name"):
+        EXTENSION.decode(data)
+    data.match_set.index, data.packets.op = 0, 4
+    with pytest.raises(BlobError, match="counter"):
+        EXTENSION.decode(data)
+
+
+# -- ipset save text ----------------------------------------------------------------------
+
+
+def test_ipset_save_text_is_read() -> None:
+    assert SETS["s1"].kind == "hash:ip" and len(SETS["s1"].members) == 1
+    assert [m.nomatch for m in SETS["n1"].members] == [False, True]
+    assert SETS["p1"].port_range == (0, 1024)
+    assert {(m.protocol, m.port) for m in SETS["ip1"].members} == {(6, 80), (17, 53), (1, 0x800)}
+    (member,) = SETS["np1"].members
+    assert (member.prefix, member.protocol, member.port) == (24, 6, 80)
+
+
+def test_hand_written_ranges_expand() -> None:
+    sets = parse_sets(
+        "create a hash:ip\nadd a 198.18.0.1-198.18.0.3\nadd a 198.18.1.0/30\n"
+        "create b bitmap:port range 10-20\nadd b 11-13\n"
+        "create c hash:net\nadd c 198.18.0.1-198.18.0.6\n"
+        "create d hash:ip,port\nadd d 198.18.0.1,udp:1-3\nadd d 198.18.0.1,gre:0\n",
+        "hand",
+    )
+    assert len(sets["a"].members) == 7 and len(sets["b"].members) == 3
+    assert sorted(m.prefix for m in sets["c"].members) == [31, 31, 32, 32]  # .1, .2-.3, .4-.5, .6
+    assert len(sets["d"].members) == 4
+
+
+BAD_SETS = [
+    ("create x hash:ip family inet6\n", 1, 25, "only inet"),
+    ("create x hash:ip timeout 60\n", 1, 18, "timeouts"),
+    ("create x hash:ip counters\n", 1, 18, "counters"),
+    ("create x list:set\n", 1, 10, "not supported"),
+    ("create x hash:ip netmask 24\n", 1, 26, "netmask 32"),
+    ("create x bitmap:port\n", 1, 1, "range"),
+    ("create x bitmap:port range 0-10\nadd x 11\n", 2, 7, "outside"),
+    ("add y 198.18.0.1\n", 1, 5, "not created"),
+    ("create x hash:ip\ncreate x hash:net\n", 2, 8, "twice"),
+    ("create x hash:net\nadd x 198.18.0.0/0\n", 2, 7, "prefix length 0"),
+    ("create x hash:ip\nadd x 198.18.0.300\n", 2, 7, "not an IPv4 address"),
+    ("create x hash:ip\nadd x 198.18.0.1 nomatch\n", 2, 18, "not supported"),
+    ("create x hash:ip,port\nadd x 198.18.0.1,icmp:bogus\n", 2, 18, "icmp"),
+    ("create x hash:ip,port\nadd x 198.18.0.1,gre:5\n", 2, 18, "has no ports"),
+    ("create x hash:ip,port\nadd x 198.18.0.1\n", 2, 7, r"ADDRESS,\[PROTO:\]PORT"),
+    ("flush x\n", 1, 1, "only create and add"),
+]
+
+
+@pytest.mark.parametrize(("text", "line", "column", "message"), BAD_SETS)
+def test_set_errors_name_file_line_and_column(
+    text: str, line: int, column: int, message: str
+) -> None:
+    with pytest.raises(SetError, match=message) as caught:
+        parse_sets(text, "sets.txt")
+    assert str(caught.value).startswith(f"sets.txt:{line}:{column}: error:")
+
+
+# -- what a set answers ---------------------------------------------------------------------
+
+ANSWERS = [
+    # hash:ip, each direction, and the address 0 no hash:ip holds
+    ("-m set --match-set s1 src", _packet(UDP()), "DROP"),
+    ("-m set --match-set s1 dst", _packet(UDP()), "ACCEPT"),
+    ("-m set ! --match-set s1 dst", _packet(UDP()), "DROP"),
+    # hash:net: the longest prefix decides; a nomatch member makes an exception
+    ("-m set --match-set n1 dst", _packet(UDP()), "DROP"),
+    ("-m set --match-set n1 dst", _packet(UDP(), destination="198.18.5.1"), "ACCEPT"),
+    (
+        "-m set --match-set n1 dst --return-nomatch",
+        _packet(UDP(), "198.18.0.1", "198.18.5.1"),
+        "DROP",
+    ),
+    ("-m set --match-set n1 dst --return-nomatch", _packet(UDP()), "ACCEPT"),
+    (
+        "-m set ! --match-set n1 dst --return-nomatch",
+        _packet(UDP(), "198.18.0.1", "198.19.0.1"),
+        "DROP",
+    ),
+    ("-m set --match-set n1 src", _packet(UDP(), "198.19.0.1"), "ACCEPT"),
+    # --return-nomatch means nothing to a type without nomatch
+    ("-m set --match-set s1 src --return-nomatch", _packet(UDP()), "DROP"),
+    # bitmap:port: the port of TCP and UDP only, in the direction given
+    ("-m set --match-set p1 dst", _packet(TCP(dport=22)), "DROP"),
+    ("-m set --match-set p1 src", _packet(TCP(dport=22, sport=5000)), "ACCEPT"),
+    ("-m set --match-set p1 dst", _packet(Raw(b"\x00\x00\x00\x16" + bytes(8))), "ACCEPT"),
+    ("-m set --match-set p1 dst", _packet(Raw(bytes(TCP(dport=22))[:10]), proto=6), "ACCEPT"),
+    # hash:ip,port: fewer directions than its dimension never match; ICMP's type/code
+    ("-m set --match-set ip1 src,dst", _packet(TCP(dport=80)), "DROP"),
+    ("-m set --match-set ip1 src", _packet(TCP(dport=80)), "ACCEPT"),
+    ("-m set ! --match-set ip1 src", _packet(TCP(dport=80)), "DROP"),
+    ("-m set --match-set ip1 src,src", _packet(TCP(dport=80)), "ACCEPT"),
+    ("-m set --match-set ip1 src,dst", _packet(UDP(dport=80)), "ACCEPT"),
+    ("-m set --match-set ip1 src,dst,src", _packet(TCP(dport=80)), "DROP"),
+    ("-m set --match-set ip1 src,dst", _packet(ICMP(type=8), "198.18.0.3"), "DROP"),
+    ("-m set --match-set ip1 src,dst", _packet(ICMP(type=0), "198.18.0.3"), "ACCEPT"),
+    # hash:net,port: prefix of the address, whole protocol and port
+    ("-m set --match-set np1 src,dst", _packet(TCP(dport=80), "198.18.0.77"), "DROP"),
+    ("-m set --match-set np1 src,dst", _packet(TCP(dport=80), "198.18.1.77"), "ACCEPT"),
+    ("-m set --match-set np1 src,src", _packet(TCP(dport=80), "198.18.0.77"), "ACCEPT"),
+]
+
+
+@pytest.mark.parametrize(("options", "packet", "verdict"), ANSWERS)
+def test_what_a_set_answers(options: str, packet: bytes, verdict: str) -> None:
+    assert _verdict(options, packet) == verdict
+
+
+def test_later_fragments_have_no_port_but_other_protocols_do() -> None:
+    later = bytes(IP(src="198.18.0.1", dst="198.18.9.9", frag=10, proto=6) / Raw(bytes(20)))
+    assert _verdict("-m set --match-set ip1 src,dst", later) == "ACCEPT"
+    gre = parse_sets("create g hash:ip,port\nadd g 198.18.0.1,gre:0\n", "g")
+    ruleset = parse(_rule("-m set --match-set g src,dst"), "t")
+    for fragment in (0, 10):
+        packet = bytes(IP(src="198.18.0.1", dst="198.18.9.9", frag=fragment, proto=47) / (b"x" * 4))
+        assert evaluate(ruleset, packet, "INPUT", None, None, sets=gre).verdict == "DROP"
+
+
+def test_nested_nomatch_longest_prefix_wins() -> None:
+    sets = parse_sets(
+        "create n hash:net\nadd n 198.18.0.0/16\nadd n 198.18.1.0/24 nomatch\n"
+        "add n 198.18.1.128/25\nadd n 198.18.1.129 nomatch\n",
+        "n",
+    )
+    answers = {}
+    for last in ("0.1", "1.1", "1.200", "1.129"):
+        parsed = read_packet(_packet(UDP(), "198.18." + last), None, None, 0, "host", sets=sets)
+        answers[last] = EXTENSION.matches(SetMatch("n", ("src",)), parsed)
+    assert answers == {"0.1": True, "1.1": False, "1.200": True, "1.129": False}
+
+
+def test_binding_refuses_a_set_that_does_not_exist() -> None:
+    ruleset = parse(_rule("-m set --match-set missing src"), "b.rules")
+    with pytest.raises(RuleError, match="set 'missing' does not exist") as caught:
+        bind_sets(ruleset, SETS)
+    assert str(caught.value).startswith("b.rules:2:1:")
+    bound = bind_sets(parse(_rule("-m set --match-set s1 src"), "b"), SETS)
+    (match,) = bound["INPUT"].rules[0].matches
+    assert match.bound is SETS["s1"]
+
+
+# -- packet scripts' `sets` ---------------------------------------------------------------
+
+SCRIPT = '''\
+topology = "host"
+rules = """
+*filter
+-A INPUT -m set --match-set blocked src -j DROP
+COMMIT
+"""
+sets = """
+create blocked hash:net family inet
+add blocked 198.18.0.0/24
+add blocked 198.18.0.9 %s
+"""
+
+[[packets]]
+from = "client"
+to = "host"
+packet = "UDP()"
+expect = "drop"
+'''
+
+
+def test_a_script_takes_sets_and_points_at_their_errors(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from harness.lab.scripts import ScriptError, load_script
+
+    good = tmp_path / "good.toml"
+    good.write_text(SCRIPT % "nomatch")
+    assert "add blocked 198.18.0.9 nomatch" in load_script(good).sets_text
+    bad = tmp_path / "bad.toml"
+    bad.write_text(SCRIPT % "timeout 5")
+    with pytest.raises(ScriptError, match=r"bad\.toml:10: error: 'timeout' after a member"):
+        load_script(bad)
+    missing = tmp_path / "missing.toml"
+    missing.write_text(
+        SCRIPT.replace("create blocked", "create other").replace("add blocked", "add other") % ""
+    )
+    with pytest.raises(
+        ScriptError, match=r"missing\.toml:7: error: set: set 'blocked' does not exist"
+    ):
+        load_script(missing)
