@@ -5,7 +5,7 @@ PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.bootstrap-stamp
 JOBS ?= 2
 
-.PHONY: demo test unit kernel net lint lint-checks bootstrap clean
+.PHONY: demo test test-noisy unit kernel net lint lint-checks bootstrap clean
 
 $(STAMP): pyproject.toml requirements-dev.txt scripts/bootstrap
 	bash scripts/bootstrap
@@ -19,8 +19,21 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	@mountpoint -q /sys/fs/bpf || bash scripts/bootstrap
-	$(VENV)/bin/bpflab cleanup
+	@echo "make test: what earlier runs left (bpflab cleanup):"
+	@$(VENV)/bin/bpflab cleanup
 	$(PYTHON) -m pytest -n $(JOBS) --dist loadgroup -rs -p no:cacheprovider tests
+
+# `make test-noisy` runs `make test` beside a bounded noise job that the target starts and stops
+# itself (scripts/noise: a busy loop per core; foreign `nz` namespaces joined by a veth pair with
+# UDP and TCP traffic between them, iptables-legacy rules with conntrack reloaded over and over,
+# conntrack flushes, sysctls changed inside them, namespaces created and deleted; the host-wide
+# nf_log_all_netns toggled and restored under the lock the test that needs it holds), and exits
+# with the suite's status. The job ends itself after NOISE_SECONDS even if make is killed.
+NOISE_SECONDS ?= 3600
+test-noisy: $(STAMP)
+	@bash scripts/noise start $(NOISE_SECONDS)
+	@trap 'bash scripts/noise stop' EXIT; trap 'exit 130' INT TERM HUP; \
+	$(MAKE) --no-print-directory test
 
 unit kernel net: $(STAMP)
 	$(PYTHON) -m pytest -rs -p no:cacheprovider tests/$@

@@ -20,6 +20,7 @@ from codegen.tc.generator import (
     FRAGMENTS_MAP,
     FRAGMENTS_TRACKED,
     Hook,
+    LocalAddresses,
     compile_program,
 )
 
@@ -49,11 +50,13 @@ def load_program(
     chain: str | None = None,
     fastpath: bool = False,
     backend: Backend = "bytecode",
+    local: LocalAddresses | None = None,
 ) -> Program:
-    """Generate, compile and load one program; `maps` by the names the generators use."""
+    """Generate, compile and load one program; `maps` by the names the generators use; `local`:
+    what the namespace delivers locally, which an ingress program compares inline."""
     if backend == "bytecode":
         compiled = compile_program(
-            ruleset, hook, interfaces=interfaces, chain=chain, fastpath=fastpath
+            ruleset, hook, interfaces=interfaces, chain=chain, fastpath=fastpath, local=local
         )
         # Maps of the program's own, built here: the hash of exact-match runs, and on ingress
         # the datagrams whose first fragment INPUT accepted.
@@ -88,6 +91,12 @@ def load_program(
         from codegen.c import load_c_program
 
         return load_c_program(
-            ruleset, hook, interfaces=interfaces, maps=maps, chain=chain, fastpath=fastpath
+            ruleset,
+            hook,
+            interfaces=interfaces,
+            maps=maps,
+            chain=chain,
+            fastpath=fastpath,
+            local=local,
         )
     raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")

@@ -122,6 +122,8 @@ def _apply(args: argparse.Namespace) -> int:
         sets=read_sets(args.sets),
     )
     note_left_out(applied.left_out)
+    if applied.fresh is not None:
+        print(f"bpflab: {applied.fresh}", file=sys.stderr)
     verb = "replaced" if applied.replaced else "attached"
     for hook, program in applied.programs.items():
         stats = program.stats
@@ -137,6 +139,7 @@ def _apply(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
+    require(environment.missing_bpffs)
     from .deploy import lifecycle
     from .deploy.listing import list_table
 
@@ -146,6 +149,7 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _save(args: argparse.Namespace) -> int:
+    require(environment.missing_bpffs)
     from .deploy import lifecycle
 
     print(lifecycle.save(args.netns, args.counters), end="")
@@ -241,14 +245,15 @@ def _cleanup(args: argparse.Namespace) -> int:
     require(environment.missing_netns)
     from netns.reaper import reap
 
-    from .deploy.lifecycle import forget_missing
+    from .deploy import leftovers
 
     removed = reap(orphans=args.orphans)
-    forgotten = [name for name in forget_missing() if name not in removed]
-    for name in forgotten:
-        print(f"forgot the rule set of vanished namespace {name}")
     for name in removed:
         print(f"removed {name}")
+    # After the reaper: the pins and state of every other namespace that is gone (any name).
+    forgotten = leftovers.clean()
+    for leftover in forgotten:
+        print(leftover.line())
     if not removed and not forgotten:
         print("nothing to clean up")
     return EXIT_OK
@@ -261,6 +266,8 @@ def _doctor(args: argparse.Namespace) -> int:
         reason = probe()
         failures += reason is not None
         print(f"{what:10} {'ok' if reason is None else reason}")
+    for what, probe in environment.WARNINGS.items():  # said, but not a failure
+        print(f"{what:10} {probe() or 'ok'}")
     return EXIT_OK if failures == 0 else EXIT_BAD_INPUT
 
 

@@ -20,7 +20,7 @@ def verify(args: argparse.Namespace) -> int:
     from codegen.conntrack import TrackerMaps, uses_conntrack
     from codegen.rules.extensions.set import bind_sets, uses_sets
     from codegen.rules.routes import STANDIN_ROUTES
-    from codegen.tc.generator import COUNTERS_MAP, LOCAL_MAP
+    from codegen.tc.generator import COUNTERS_MAP
     from codegen.tc.layout import CounterLayout
     from codegen.tc.matches.addrtype import ADDRESS_TYPES, uses_addrtype
     from codegen.tc.matches.hashlimit import HASHLIMIT_MAP, uses_hashlimit
@@ -43,7 +43,6 @@ def verify(args: argparse.Namespace) -> int:
     interfaces = standin_interfaces(ruleset)
     with (
         CounterMap(CounterLayout.of(ruleset)) as counters,
-        Map(MapType.HASH, 4, 1, 16, name=LOCAL_MAP) as local,
         TrackerMaps.create(RUN_TABLE_ENTRIES) as tracker,
         Map(MapType.HASH, 4, INTERFACE_VALUE_SIZE, 16, name=INTERFACE_ADDRESSES) as sources,
         LogMaps(4096) as logging,
@@ -67,7 +66,7 @@ def verify(args: argparse.Namespace) -> int:
                 ruleset,
                 hook,
                 interfaces=interfaces,
-                maps={COUNTERS_MAP: counters, LOCAL_MAP: local, **tracking},
+                maps={COUNTERS_MAP: counters, **tracking},
                 fastpath=args.fastpath,
                 backend=args.backend,
             )

@@ -123,6 +123,17 @@ def missing_exec() -> str | None:
     return missing_user_notification()
 
 
+def leftover_state() -> str | None:
+    """What namespaces that are gone left (pins, rule-set state), as a warning, or None."""
+    if _not_root() is not None or not BPFFS.is_dir():
+        return None  # nothing we could have left, or nothing we could judge
+    from .deploy import leftovers
+
+    return leftovers.summary(leftovers.find())
+
+
+WARNINGS = {"leftovers": leftover_state}
+
 PROBES = {
     "privileged": missing_bpffs,
     "netns": lambda: missing_netns() or missing_bpf(),

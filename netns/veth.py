@@ -20,7 +20,8 @@ from netns.namespace import Namespace, NamespaceError
 # veth otherwise leaves checksums to a later stage (CHECKSUM_PARTIAL) and merges or keeps
 # segments larger than the MTU.
 OFFLOADS = ("rx", "tx", "tso", "gso", "gro")
-LINK_UP_TIMEOUT = 2.0  # seconds; the kernel usually takes well under 10 ms
+LINK_UP_TIMEOUT = 30.0  # seconds; the kernel usually takes well under 10 ms, but linkwatch
+# waits for the rtnl lock, which other work creating or deleting namespaces may hold for long
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,7 @@ from codegen.rules.extensions.length import Length
 from codegen.rules.extensions.mark import Mark
 from codegen.rules.extensions.mark_target import MarkTarget
 from codegen.rules.extensions.multiport import Multiport
+from codegen.rules.extensions.physdev import Physdev, PortName
 from codegen.rules.extensions.pkttype import PktType
 from codegen.rules.extensions.ports import PortRange
 from codegen.rules.extensions.reject import REJECT_TYPES, Reject
@@ -436,9 +437,33 @@ def _comment(draw: st.DrawFn, aim: Aim | None) -> Comment:
     return Comment(draw(_COMMENTS))
 
 
+_BRIDGE_PORTS = st.none() | st.builds(
+    PortName, st.sampled_from(("eth0", "veth+", "br0", "+")), st.booleans()
+)
+_PHYSDEV_FLAG = st.sampled_from((None, True, False))
+
+
+def _physdev(draw: st.DrawFn, aim: Aim | None) -> Physdev:
+    """Any -m physdev valid in every chain: an output port or --physdev-is-out only beside
+    --physdev-is-bridged, as the kernel insists for OUTPUT. None of the labs bridges, so it
+    matches when every option is negated."""
+    bridged = draw(_PHYSDEV_FLAG)
+    out_port, is_out = (draw(_BRIDGE_PORTS), draw(_PHYSDEV_FLAG)) if bridged else (None, None)
+    match = Physdev(draw(_BRIDGE_PORTS), out_port, draw(_PHYSDEV_FLAG), is_out, bridged)
+    return match if match.flags[0] else Physdev(is_bridged=False)
+
+
 Extension = Callable[[st.DrawFn, Aim | None], Match]
 # Not conntrack or state: both generators refuse them until the programs track connections.
-_ANY_PROTOCOL: tuple[Extension, ...] = (_iprange, _length, _ttl, _pkttype, _mark, _comment)
+_ANY_PROTOCOL: tuple[Extension, ...] = (
+    _iprange,
+    _length,
+    _ttl,
+    _pkttype,
+    _mark,
+    _comment,
+    _physdev,
+)
 
 
 @cache

@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from codegen.rules.model import Ruleset
+from codegen.tc.local import LocalAddresses
 
 from .compiler import BccUnavailable, CProgram, CVerifierError, load_programs
 from .source import CCompileError, CSource, Entry, Hook, RuleSpan, generate
@@ -64,11 +65,18 @@ def load_c_program(
     maps: Mapping[str, object],
     chain: str | None = None,
     fastpath: bool = False,
+    local: LocalAddresses | None = None,
 ) -> CProgram:
     """Generate, compile (bcc) and load one program over the caller's maps ("counters", and
-    for ingress "local_addresses"); the caller closes it."""
+    those its matches read); `local`: what the namespace delivers locally, for ingress
+    (codegen.tc.local). The caller closes it."""
     (program,) = load_programs(
-        ruleset, [Entry(hook, chain)], interfaces=interfaces, maps=maps, fastpath=fastpath
+        ruleset,
+        [Entry(hook, chain)],
+        interfaces=interfaces,
+        maps=maps,
+        fastpath=fastpath,
+        local=local,
     )
     return program
 
@@ -80,7 +88,10 @@ def load_c_programs(
     interfaces: Mapping[str, int],
     maps: Mapping[str, object],
     fastpath: bool = False,
+    local: LocalAddresses | None = None,
 ) -> list[CProgram]:
     """Several programs from one C unit and one bcc compile (compiles take most of the time),
     in the order of `entries`."""
-    return load_programs(ruleset, entries, interfaces=interfaces, maps=maps, fastpath=fastpath)
+    return load_programs(
+        ruleset, entries, interfaces=interfaces, maps=maps, fastpath=fastpath, local=local
+    )

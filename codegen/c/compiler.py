@@ -36,6 +36,7 @@ from codegen.bpf.syscall import BpfError, close, error_for
 from codegen.conntrack import uses_conntrack
 from codegen.rules.extensions.set import uses_sets
 from codegen.rules.model import Ruleset
+from codegen.tc.local import LocalAddresses
 from codegen.tc.matches.addrtype import ADDRESS_TYPES, uses_addrtype
 from codegen.tc.matches.addrtype import KEY as ADDRESS_KEY
 from codegen.tc.matches.addrtype import VALUE as ADDRESS_VALUE
@@ -52,7 +53,6 @@ from .maps import REPLIES_MAP
 from .matches import set as c_set
 from .source import (
     COUNTERS_MAP,
-    LOCAL_MAP,
     CCompileError,
     CSource,
     Entry,
@@ -66,7 +66,6 @@ LOG_LEVEL_VERBOSE, LOG_LEVEL_STATS = 1, 4
 # (map type, key size, value size) each map must have for the C to read it right.
 MAP_SHAPES = {
     COUNTERS_MAP: (MapType.PERCPU_ARRAY, 4, 16),
-    LOCAL_MAP: (MapType.HASH, 4, 1),
     conntrack.CT_TABLE: (
         MapType.LRU_HASH,
         ctypes.sizeof(conntrack.Key),
@@ -141,10 +140,12 @@ def load_programs(
     interfaces: Mapping[str, int],
     maps: Mapping[str, object],
     fastpath: bool = False,
+    local: LocalAddresses | None = None,
 ) -> list[CProgram]:
-    """Generate one C unit for `entries`, compile it once with bcc and load every entry."""
+    """Generate one C unit for `entries`, compile it once with bcc and load every entry
+    (`local`: what the namespace delivers locally, for an ingress entry)."""
     bcc, lib = _import_bcc()
-    needed = [COUNTERS_MAP] + ([LOCAL_MAP] if any(e.hook == "ingress" for e in entries) else [])
+    needed = [COUNTERS_MAP]
     if uses_conntrack(ruleset):
         needed += conntrack.MAPS
     if uses_addrtype(ruleset):
@@ -180,6 +181,7 @@ def load_programs(
         fastpath=fastpath,
         pin_dir=str(pin_dir),
         map_entries=sizes,
+        local=local,
     )
     try:
         module = _compile(bcc, source, fds, pin_dir)

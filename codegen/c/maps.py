@@ -1,17 +1,17 @@
 """The maps a unit shares with its caller, as the C declares them: the per-CPU counters (one
 {packets, bytes} slot per rule, per built-in chain's policy and for packets not handled, in
 codegen.tc.layout.CounterLayout's order, so that every reader of counters works with either
-backend) and, for ingress, the namespace's local addresses.
+backend). The namespace's local addresses are constants in the ingress program
+(codegen.tc.local).
 
-Both are the caller's maps: BPF_TABLE_PINNED opens them from PIN_DIR, where load_c_program
-pins them for the length of one compile (codegen/c/compiler.py).
+The counters are the caller's map: BPF_TABLE_PINNED opens it from PIN_DIR, where
+load_c_program pins the caller's maps for the length of one compile (codegen/c/compiler.py).
 """
 
 from __future__ import annotations
 
-COUNTERS_MAP, LOCAL_MAP = "counters", "local_addresses"
+COUNTERS_MAP = "counters"
 REPLIES_MAP = "replies"  # a program array: REJECT's answer programs, one per entry of a unit
-LOCAL_MAP_ENTRIES = 1024
 # Where load_c_program pins the caller's maps for bcc to open them (a fresh directory per
 # compile); `c_source` prints this placeholder.
 DEFAULT_PIN_DIR = "/sys/fs/bpf/bpflab/c_backend"
@@ -27,13 +27,6 @@ def counters_map(entries: int) -> list[str]:
         "};",
         f'BPF_TABLE_PINNED("percpu_array", u32, struct counter, {COUNTERS_MAP}, {entries},',
         f'                 PIN_DIR "/{COUNTERS_MAP}");',
-    ]
-
-
-def local_map(entries: int) -> list[str]:
-    return [
-        "// The namespace's addresses (host order): their packets go through INPUT.",
-        f'BPF_TABLE_PINNED("hash", u32, u8, {LOCAL_MAP}, {entries}, PIN_DIR "/{LOCAL_MAP}");',
     ]
 
 

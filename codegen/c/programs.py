@@ -2,7 +2,7 @@
 
 - every flavour parses the packet facts first; what ip_rcv would drop before netfilter, and
   whatever is not IPv4, is "not handled": counted (skb->len bytes) and passed.
-- ingress: a destination in the `local_addresses` map, or multicast, goes through INPUT;
+- ingress: a local destination (codegen.tc.local), or a joined group, goes through INPUT;
   otherwise bpf_fib_lookup decides: SUCCESS or NO_NEIGH, addressed to us at layer 2 and TTL > 1
   goes through FORWARD (TTL as ip_forward leaves it, out-interface from the lookup; with the
   fast path an ACCEPT forwards the packet here); anything else is not handled.
@@ -27,7 +27,7 @@ from .entries import Entry
 from .facts import FACTS_MAP
 from .fragments import LATER_FRAGMENTS, LATER_FRAGMENTS_EGRESS, remember_first_fragment
 from .log import hook_statement, logs
-from .maps import LOCAL_MAP, REPLIES_MAP
+from .maps import REPLIES_MAP
 from .source_text import GOTO, Code, indented, text_of
 
 # A tail: its label and its statements.
@@ -120,21 +120,17 @@ def _ingress(chains: ChainWriter, fastpath: bool, track: Code) -> Code:
         "        f->daddr == 0 || (f->daddr >> 24) == 127)",
         "        goto not_handled;",
         "}",
-        "key = f->saddr;  // one of our own addresses as the source",
-        f"kind = {LOCAL_MAP}.lookup(&key);",
-        "if (kind && *kind == LOCAL_ADDRESS)",
+        "if (own_address(f->saddr))  // one of our own addresses as the source",
         "    goto not_handled;",
         *track,  # before routing, as PREROUTING's conntrack
         "",
         "// A local destination (an address, a broadcast, a group joined here): INPUT.",
-        "key = f->daddr;",
-        f"kind = {LOCAL_MAP}.lookup(&key);",
         "if ((f->daddr >> 28) == 0xe) {",
-        "    if (!kind || *kind != LOCAL_GROUP)",
+        "    if (!joined_group(f->daddr))",
         "        goto not_handled;",
         "    goto input;",
         "}",
-        "if (kind)",
+        "if (local_unicast(f->daddr))",
         "    goto input;",
         "// Otherwise the FIB says whether the kernel would forward it.",
         "fib.family = AF_INET;",
@@ -166,8 +162,6 @@ def _declarations(entry: Entry, body: Code) -> list[str]:
         declarations += [
             "struct bpf_fib_lookup fib = {};",
             "long fib_result = -1;",
-            "u32 key;",
-            "u8 *kind;",
         ]
     if "answer = " in text_of(body):
         declarations.append("int answer;")

@@ -7,7 +7,15 @@ import socket
 from collections.abc import Mapping, Sequence
 
 from codegen.conntrack import CT_TABLE, TABLE_ENTRIES
-from codegen.tc.layout import NOT_HANDLED, CounterLayout, Local
+from codegen.tc.layout import NOT_HANDLED, CounterLayout
+from codegen.tc.local import (
+    STANDIN,
+    LocalAddresses,
+    c_membership,
+    joined_groups,
+    own_addresses,
+    unicast_destinations,
+)
 
 from .conntrack import tracker
 from .entries import Entry
@@ -16,10 +24,7 @@ from .fragments import FRAGMENTS_DECLARATION
 from .maps import (
     COUNT,
     COUNTERS_MAP,
-    LOCAL_MAP,
-    LOCAL_MAP_ENTRIES,
     counters_map,
-    local_map,
     replies_map,
 )
 from .source_text import c_string
@@ -33,13 +38,14 @@ def prologue(
     map_entries: Mapping[str, int],
     tracking: bool = False,
     rejects_here: bool = False,
+    local: LocalAddresses | None = None,
 ) -> list[str]:
     """What precedes the unit's functions. `map_entries` gives the caller's maps'
-    max_entries (default: the counter layout's size, and LOCAL_MAP_ENTRIES addresses); only
-    a unit with an ingress program declares the local addresses, and only one with an ingress
-    or egress program (where INPUT and OUTPUT run) the fragments map; with `tracking`, the
-    connection tracker and its maps come before the facts, which hold its result; with
-    `rejects_here`, REJECT's answer programs are declared."""
+    max_entries (default: the counter layout's size); only a unit with an ingress program
+    has the tests of `local`, the namespace's local addresses (codegen.tc.local; None: its
+    STANDIN), and only one with an ingress or egress program (where INPUT and OUTPUT run) the
+    fragments map; with `tracking`, the connection tracker and its maps come before the facts,
+    which hold its result; with `rejects_here`, REJECT's answer programs are declared."""
     programs = ", ".join(entry.function for entry in entries)
     code = [
         f"// bpfilter-lab, C backend (codegen/c): {programs}.",
@@ -62,8 +68,6 @@ def prologue(
         "#define PACKET_OTHERHOST 3",
         f"#define RAW_SOCKET {socket.SOCK_RAW}  // sock_type SOCK_RAW",
         f"#define PROTO_IGMP {socket.IPPROTO_IGMP}",
-        f"#define LOCAL_ADDRESS {Local.ADDRESS}  // {LOCAL_MAP} values",
-        f"#define LOCAL_GROUP {Local.GROUP}",
         f"#define RAW_PROTOCOL {socket.IPPROTO_RAW}  // IPPROTO_RAW (IP_HDRINCL)",
         f"#define HEADERS {HEADERS}  // Ethernet, IPv4 with options, TCP: all any match reads",
         f"#define NOT_HANDLED {layout.slot(NOT_HANDLED)}  // counter slot",
@@ -81,7 +85,14 @@ def prologue(
         *counters_map(map_entries.get(COUNTERS_MAP, len(layout))),
     ]
     if any(entry.hook == "ingress" for entry in entries):
-        code += local_map(map_entries.get(LOCAL_MAP, LOCAL_MAP_ENTRIES))
+        local = STANDIN if local is None else local
+        code += [
+            "",
+            "// What the namespace delivers locally, when the rule set was applied.",
+            *c_membership("own_address", own_addresses(local)),
+            *c_membership("local_unicast", unicast_destinations(local)),
+            *c_membership("joined_group", joined_groups(local)),
+        ]
     if any(entry.hook in ("ingress", "egress") for entry in entries):
         code += FRAGMENTS_DECLARATION
     if rejects_here:

@@ -30,6 +30,7 @@ from codegen.conntrack import uses_conntrack
 from codegen.rules.extensions.set import uses_sets
 from codegen.rules.model import Ruleset
 from codegen.tc.layout import CounterLayout
+from codegen.tc.local import LocalAddresses
 from codegen.tc.log import RING_SIZE
 from codegen.tc.matches.addrtype import ADDRESS_TYPES, ADDRESS_TYPES_ENTRIES, uses_addrtype
 from codegen.tc.matches.hashlimit import HASHLIMIT_MAP, uses_hashlimit
@@ -45,7 +46,7 @@ from .chains import MAX_EXPANDED_RULES, ChainWriter, c_identifier, user_chains_r
 from .entries import CCompileError, Entry, Hook
 from .facts import FACTS_MAP, HEADERS
 from .fragments import FIRST_DROPPED, FRAGMENTS_MAP, FRAGMENTS_TRACKED
-from .maps import COUNTERS_MAP, DEFAULT_PIN_DIR, LOCAL_MAP, LOCAL_MAP_ENTRIES
+from .maps import COUNTERS_MAP, DEFAULT_PIN_DIR
 from .matches import addrtype
 from .matches import set as c_set
 from .programs import entry_function
@@ -64,8 +65,6 @@ __all__ = [
     "FRAGMENTS_MAP",
     "FRAGMENTS_TRACKED",
     "HEADERS",
-    "LOCAL_MAP",
-    "LOCAL_MAP_ENTRIES",
     "MAX_EXPANDED_RULES",
     "CCompileError",
     "CSource",
@@ -105,9 +104,11 @@ def generate(
     fastpath: bool = False,
     pin_dir: str = DEFAULT_PIN_DIR,
     map_entries: Mapping[str, int] | None = None,
+    local: LocalAddresses | None = None,
 ) -> CSource:
     """The C translation unit for `entries`. `map_entries` gives the maps' max_entries as
-    declared to bcc (default: the counter layout's size, and 1024 local addresses)."""
+    declared to bcc (default: the counter layout's size); `local`, what the namespace delivers
+    locally (codegen.tc.local; None: its STANDIN)."""
     if not entries:
         raise CCompileError("no program to generate")
     names = [entry.function for entry in entries]
@@ -126,6 +127,7 @@ def generate(
             map_entries or {},
             uses_conntrack(ruleset),
             rejects(ruleset),
+            local,
         )
     )
     if uses_addrtype(ruleset):

@@ -42,7 +42,7 @@ from codegen.rules.model import (
 
 from . import exact, log, mark_target, matches, replies
 from .counters import COUNT
-from .layout import CONTINUE, FACTS, SCRATCH_OFFSET, CounterLayout, Facts
+from .layout import CONTINUE, FACTS, SCRATCH_OFFSET, UNCOUNTED, CounterLayout, Facts
 from .matches.limit import slots as limit_slots
 from .program import CompileError, Labels, RuleNote, where
 from .targets import (
@@ -58,6 +58,7 @@ from .targets import (
 )
 
 MAX_FRAMES = 8  # MAX_CALL_FRAMES in the kernel
+VERDICTS = (Accept, Drop, Reject)  # targets whose rule the verdict's tail counts
 # Rules per function: a function's pending branch states stay far below the verifier's 8,192
 # (BPF_COMPLEXITY_LIMIT_JMP_SEQ) whatever the rules hold, and each chunk, being a global
 # function, is verified once on its own.
@@ -260,10 +261,7 @@ class ChainWriter:
         return [
             *code,
             Label(policy),
-            I.mov64(R1, slot),
-            I.ldx(Size.H, R2, FACTS, Facts.TOT_LEN.offset),
-            I.call_local(COUNT),
-            I.st(Size.W, FACTS, Facts.DECIDED.offset, slot),
+            I.st(Size.W, FACTS, Facts.DECIDED.offset, slot),  # counted at the verdict's tail
             I.ja(verdict),
         ]
 
@@ -403,13 +401,16 @@ class ChainWriter:
             ruleset=self.ruleset,
         )
         code = matches.emit(rule.matches, context)
-        code += [
-            I.mov64(R1, slot),
-            I.ldx(Size.H, R2, FACTS, Facts.TOT_LEN.offset),
-            I.call_local(COUNT),
-        ]
-        decided = I.st(Size.W, FACTS, Facts.DECIDED.offset, slot)
         target = rule.target
+        # A verdict's rule is counted once, at the verdict's tail (codegen.tc.hooks), from the
+        # slot it leaves as the deciding one; any other rule is counted here.
+        decided = I.st(Size.W, FACTS, Facts.DECIDED.offset, slot)
+        if not isinstance(target, VERDICTS):
+            code += [
+                I.mov64(R1, slot),
+                I.ldx(Size.H, R2, FACTS, Facts.TOT_LEN.offset),
+                I.call_local(COUNT),
+            ]
         falls_through = False
         if isinstance(target, Accept):
             code += [decided, *targets.accept()]
@@ -438,7 +439,9 @@ class ChainWriter:
         if _can_hotdrop(rule):
             if falls_through:
                 code.append(I.ja(miss))
-            code += [Label(hotdrop), decided, *targets.hotdrop()]
+            # The rule decided, but a hotdrop counts nothing (its tail finds no such slot).
+            uncounted = I.st(Size.W, FACTS, Facts.DECIDED.offset, slot | UNCOUNTED)
+            code += [Label(hotdrop), uncounted, *targets.hotdrop()]
         return [*code, Label(miss)]
 
 

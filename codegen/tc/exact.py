@@ -24,10 +24,9 @@ from dataclasses import dataclass
 
 from codegen.bpf import insn as I
 from codegen.bpf.asm import Item, Label
-from codegen.bpf.isa import R0, R1, R2, R10, JmpOp, Size
+from codegen.bpf.isa import R0, R1, R10, JmpOp, Size
 from codegen.rules.model import Accept, Address, Drop, Protocol, Rule
 
-from .counters import COUNT
 from .layout import FACTS, Facts, map_and_key
 from .matches import TRANSPORT_HEADERS, emitter_of
 
@@ -149,10 +148,9 @@ def lookup(
 ) -> list[Item]:
     """The run's lookup, its key built on the stack at `key` (KEY.size bytes, and 8 below for
     the verdict): a packet it cannot answer for goes to `scan`; no entry, to `after` (no rule
-    of the run matches); an entry is counted and recorded as the deciding slot, and leaves the
-    verdict (ACCEPT or DROP) in r1."""
+    of the run matches); an entry is recorded as the deciding slot (the verdict's tail counts
+    it), and leaves the verdict (ACCEPT or DROP) in r1."""
     start = new_label("lookup")
-    saved = key - 8
     code: list[Item] = []
     if shape.transport:
         code += _transport_guard(start, scan=scan, after=after, new_label=new_label)
@@ -181,11 +179,7 @@ def lookup(
         I.jmp(JmpOp.JEQ, R0, 0, after),
         I.ldx(Size.W, R1, R0, 0),
         I.stx(Size.W, FACTS, Facts.DECIDED.offset, R1),
-        I.ldx(Size.W, R2, R0, 4),
-        I.stx(Size.W, R10, saved, R2),
-        I.ldx(Size.H, R2, FACTS, Facts.TOT_LEN.offset),
-        I.call_local(COUNT),
-        I.ldx(Size.W, R1, R10, saved),
+        I.ldx(Size.W, R1, R0, 4),
     ]
 
 

@@ -77,7 +77,7 @@ def later_fragments(new_label: Callable[[str], str], *, written_whole: bool = Fa
         I.mov64(R0, TcAction.OK),
         I.exit_(),
         Label(dropped),
-        I.ja("drop"),  # far, maybe: only unconditional jumps can become gotol
+        I.ja("drop_counted"),  # far, maybe: only unconditional jumps can become gotol
         Label(whole),
     ]
 

@@ -5,7 +5,7 @@ ingress, egress, and a single chain for BPF_PROG_TEST_RUN). The parts, each a mo
 
 - parser: the packet's headers into the facts every match reads (layout.Facts);
 - hooks: classification on ingress (martians, local delivery, bpf_fib_lookup, the fast path),
-  the verdict tails;
+  the verdict tails; local: the namespace's local addresses, compared inline;
 - chains: where chains and rules live (inline, chunks, global functions) and their code;
   targets: what a verdict, jump or goto becomes there;
 - matches: one emitter per match family, registered by model type;
@@ -44,8 +44,9 @@ from .fragments import (
     FRAGMENTS_MAP,
     FRAGMENTS_TRACKED,
 )
-from .hooks import LOCAL_MAP, ProgramWriter
+from .hooks import ProgramWriter
 from .layout import CounterLayout
+from .local import STANDIN, LocalAddresses
 from .log import LOG_DROPS, LOG_EVENTS, logs
 from .matches.addrtype import ADDRESS_TYPES, uses_addrtype
 from .matches.hashlimit import HASHLIMIT_MAP, uses_hashlimit
@@ -64,12 +65,12 @@ __all__ = [
     "FRAGMENT_KEY_SIZE",
     "FRAGMENT_VALUE_SIZE",
     "INLINE_SCAN",
-    "LOCAL_MAP",
     "MAX_FRAMES",
     "RETURNED",
     "CompileError",
     "CompiledProgram",
     "Hook",
+    "LocalAddresses",
     "RuleNote",
     "compile_program",
     "user_chains_called",
@@ -83,8 +84,11 @@ def compile_program(
     interfaces: Mapping[str, int],
     chain: str | None = None,
     fastpath: bool = False,
+    local: LocalAddresses | None = None,
 ) -> CompiledProgram:
-    """Generate the program for `hook` (for `chain`, name the built-in chain to run)."""
+    """Generate the program for `hook` (for `chain`, name the built-in chain to run). `local`:
+    what the namespace delivers locally, which the ingress program compares inline
+    (codegen.tc.local; None: its STANDIN)."""
     if hook == "chain":
         if chain not in BUILTIN_CHAINS:
             raise CompileError(f"only a built-in chain can run on its own, not {chain!r}")
@@ -94,9 +98,10 @@ def compile_program(
     refuse_unsupported(ruleset, (*builtins, *user_chains_called(ruleset, builtins)))
     require_runtime(ruleset)
     chains = ChainWriter(ruleset, CounterLayout.of(ruleset), interfaces, Labels())
-    items = remove_unreachable(ProgramWriter(chains, hook, fastpath).entry(builtins))
+    writer = ProgramWriter(chains, hook, fastpath, STANDIN if local is None else local)
+    items = remove_unreachable(writer.entry(builtins))
     maps = {
-        "ingress": (COUNTERS_MAP, LOCAL_MAP, FRAGMENTS_MAP),
+        "ingress": (COUNTERS_MAP, FRAGMENTS_MAP),
         "egress": (COUNTERS_MAP, FRAGMENTS_MAP),
     }.get(hook, (COUNTERS_MAP,))
     if chains.exact:

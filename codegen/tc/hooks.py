@@ -1,12 +1,13 @@
 """One program skeleton per hook, all SCHED_CLS in direct-action mode:
 
 - `ingress`: parse, then classify: martians (what ip_route_input drops) are not handled; a
-  destination the namespace delivers locally (map `local_addresses`: its addresses, broadcasts
-  and joined groups) goes through INPUT; otherwise `bpf_fib_lookup` decides, and a forwardable
-  packet (SUCCESS or NO_NEIGH, TTL > 1, addressed to us at layer 2) goes through FORWARD with
-  the lookup's egress ifindex as out-interface. Everything else is what the kernel drops or
-  does not filter: it passes untouched and is counted as "not handled". With the fast path,
-  what FORWARD accepts is forwarded here (TTL, checksum, MACs, bpf_redirect).
+  destination the namespace delivers locally (its addresses, broadcasts and joined groups,
+  compared inline: codegen.tc.local) goes through INPUT; otherwise `bpf_fib_lookup` decides,
+  and a forwardable packet (SUCCESS or NO_NEIGH, TTL > 1, addressed to us at layer 2) goes
+  through FORWARD with the lookup's egress ifindex as out-interface. Everything else is what
+  the kernel drops or does not filter: it passes untouched and is counted as "not handled".
+  With the fast path, what FORWARD accepts is forwarded here (TTL, checksum, MACs,
+  bpf_redirect).
 - `egress`: OUTPUT, for packets generated here (skb ingress_ifindex 0); forwarded ones pass.
 - `chain`: one built-in chain on its own, for BPF_PROG_TEST_RUN: in-interface from the
   context's ingress_ifindex, out-interface from cb[0], packet type from cb[2]; the deciding
@@ -31,33 +32,33 @@ from codegen.conntrack import uses_conntrack
 
 from . import replies
 from .chains import ChainWriter, user_chains_called
-from .counters import COUNT, add_bytes_subprogram, count_subprogram
+from .counters import COUNT, add_bytes_subprogram, count_decided, count_subprogram
 from .fragments import first_fragment_verdicts, later_fragments
 from .layout import (
     FACTS,
     FIB_PARAMS_OFFSET,
     NOT_HANDLED,
-    SCRATCH_OFFSET,
+    UNCOUNTED,
     Facts,
-    Field,
-    Local,
-    map_and_key,
 )
+from .local import LocalAddresses, joined_groups, membership, own_addresses, unicast_destinations
 from .log import log_subprogram, logs
 from .matches.owner import owner_facts, uses_owner
 from .parser import ETH_HLEN, PACKET_HOST, ip_header_within, parse
 from .program import Hook
 from .replies import rejects, reply_tail
 
-LOCAL_MAP = "local_addresses"
 AF_INET = 2
 
 
 class ProgramWriter:
     """The entry function of one hook's program, then its chain functions and subprograms."""
 
-    def __init__(self, chains: ChainWriter, hook: Hook, fastpath: bool):
+    def __init__(
+        self, chains: ChainWriter, hook: Hook, fastpath: bool, local: LocalAddresses
+    ) -> None:
         self.chains = chains
+        self.local = local  # what the namespace delivers locally (codegen.tc.local)
         self.hook = hook
         self.fastpath = fastpath
         self.label = chains.label
@@ -162,7 +163,9 @@ class ProgramWriter:
         code: list[Item] = []
         report = self.hook == "chain"
         for label, action in (("accept", TcAction.OK), ("drop", TcAction.SHOT)):
-            code.append(Label(label))
+            # The deciding rule or policy is counted here (codegen.tc.counters); `*_counted`
+            # is for what has been counted or counts nothing.
+            code += [Label(label), *count_decided(f"{label}_counted"), Label(f"{label}_counted")]
             if label == "accept":
                 code += self.confirm()
             code += _report(report)
@@ -181,21 +184,14 @@ class ProgramWriter:
             I.exit_(),
         ]
         if self.hook == "ingress" and self.fastpath:
-            code += [Label("forward_accept"), *self.confirm(), *_fast_forward()]
+            code += [
+                Label("forward_accept"),
+                *count_decided("forward_counted"),
+                Label("forward_counted"),
+                *self.confirm(),
+                *_fast_forward(),
+            ]
         return code
-
-    def _local_kind(self, fact: Field) -> list[Item]:
-        """R0 = the `local_addresses` value of address `fact` (a Local kind), 0 if none."""
-        done = self.label("kind_known")
-        return [
-            I.ldx(Size.W, R1, FACTS, fact.offset),
-            I.stx(Size.W, R10, SCRATCH_OFFSET, R1),
-            *map_and_key(LOCAL_MAP, SCRATCH_OFFSET),
-            I.call("map_lookup_elem"),
-            I.jmp(JmpOp.JEQ, R0, 0, done),
-            I.ldx(Size.B, R0, R0, 0),
-            Label(done),
-        ]
 
     def martians(self) -> list[Item]:
         """What ip_route_input drops as martian before any hook (rp_filter, accept_local and
@@ -238,8 +234,7 @@ class ProgramWriter:
             I.jmp32(JmpOp.JEQ, R1, socket.IPPROTO_IGMP, "martians_checked"),
             I.ja(nh),
             Label("martian_own_source"),
-            *self._local_kind(Facts.SADDR),
-            I.jmp32(JmpOp.JEQ, R0, Local.ADDRESS, nh),
+            *membership(R2, own_addresses(self.local), nh, None, self.label),
             Label("martians_checked"),
         ]
 
@@ -249,17 +244,14 @@ class ProgramWriter:
             *self.martians(),
             *self.track(),  # before routing, as PREROUTING's conntrack
             # Local destination (an address, a broadcast, a joined group): INPUT.
-            *self._local_kind(Facts.DADDR),
-            I.mov64(R7, R0),
-            I.ldx(Size.W, R1, FACTS, Facts.DADDR.offset),
+            I.ldx(Size.W, R2, FACTS, Facts.DADDR.offset),
+            I.mov32(R1, R2),
             I.alu32(AluOp.RSH, R1, 28),
             I.jmp32(JmpOp.JNE, R1, 0xE, "unicast"),
-            I.jmp32(JmpOp.JNE, R7, Local.GROUP, "not_handled"),  # a group nobody here joined
-            I.ja("input"),
+            # A group nobody here joined is not handled.
+            *membership(R2, joined_groups(self.local), "input", "not_handled", self.label),
             Label("unicast"),
-            I.jmp32(JmpOp.JEQ, R7, 0, "not_local"),
-            I.ja("input"),  # far: past FORWARD
-            Label("not_local"),
+            *membership(R2, unicast_destinations(self.local), "input", None, self.label),
             # Otherwise ask the FIB whether the kernel would forward it.
             *[I.st(Size.DW, R10, params + 8 * i, 0) for i in range(8)],
             I.st(Size.B, R10, params, AF_INET),
@@ -311,6 +303,7 @@ def _report(enabled: bool) -> list[Item]:
         return []
     return [
         I.ldx(Size.W, R1, FACTS, Facts.DECIDED.offset),
+        I.alu32(AluOp.AND, R1, ~UNCOUNTED & 0xFFFFFFFF),
         I.stx(Size.W, R6, SKB_OFFSETS["cb"] + 4, R1),
     ]
 
@@ -320,8 +313,8 @@ def _fast_forward() -> list[Item]:
     decremented with the checksum fixed up (ip_decrease_ttl), MACs from the lookup."""
     params = FIB_PARAMS_OFFSET
     return [
-        I.jmp(JmpOp.JNE, R7, FibResult.SUCCESS, "accept"),  # no neighbour yet: the kernel
-        *ip_header_within("accept"),  # the helpers' calls left no packet pointer valid
+        I.jmp(JmpOp.JNE, R7, FibResult.SUCCESS, "accept_counted"),  # no neighbour: the kernel
+        *ip_header_within("accept_counted"),  # the helpers' calls left no pointer valid
         I.ldx(Size.H, R1, R2, ETH_HLEN + 10),
         I.alu32(AluOp.ADD, R1, 0x0001),  # htons(0x0100) on a little-endian load
         I.jmp32(JmpOp.JLT, R1, 0xFFFF, "checksum_done"),

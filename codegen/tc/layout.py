@@ -72,6 +72,11 @@ class Facts:
         return Field(Facts.CONNECTION + offset, _SIZES[size])
 
 
+# In DECIDED, beside the slot: the verdict counts nothing (a match's hotdrop). The verdict's
+# tail counts the slot DECIDED names, and a lookup this far out of the counters finds nothing.
+UNCOUNTED = 1 << 31
+
+
 class Local:
     """Values of the `local_addresses` map (key: an IPv4 address, host order): what the
     namespace's routing makes of a packet to it, taken when the rule set is applied."""

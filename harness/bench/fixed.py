@@ -5,11 +5,11 @@ one rule (the workload's, matching the timed packets' first-rule traffic).
 Test-run gives the packet the loopback of the calling thread's namespace, so the programs run
 inside a namespace of our own (`bl` prefix) whose routes make each case what it says: its lo
 (the test-run device) forwards, a dummy device holds the route a forwarded packet takes, and the
-`local_addresses` map holds the destination the local packet goes to (the kernel here has no
-dummy devices: the route's device is one end of a veth pair whose two ends stay inside). The
-cases:
+ingress program's local addresses hold the destination the local packet goes to (the kernel here
+has no dummy devices: the route's device is one end of a veth pair whose two ends stay inside).
+The cases:
 
-- `local`: to a local address, through INPUT (map lookup, then the chain);
+- `local`: to a local address, through INPUT (the local-address compare, then the chain);
 - `forwarded`: to an address behind the veth device, through FORWARD (bpf_fib_lookup first;
   FORWARD is empty, so its policy decides);
 - `martian`: from a multicast source, which ip_route_input drops before any hook: not handled;
@@ -25,11 +25,9 @@ from __future__ import annotations
 import struct
 from ipaddress import IPv4Address
 
-from codegen.bpf.isa import MapType
-from codegen.bpf.maps import Map
 from codegen.bpf.testrun import SkBuff
 from codegen.rules import parse
-from codegen.tc.generator import COUNTERS_MAP, LOCAL_MAP
+from codegen.tc.generator import COUNTERS_MAP
 from codegen.tc.layout import NOT_HANDLED, CounterLayout, Local
 from netns import Namespace
 from netns.veth import prepare_namespace
@@ -102,14 +100,18 @@ def measure_fixed(settings: TimingSettings, backend: Backend = "bytecode") -> di
     with (
         Namespace() as namespace,
         CounterMap(layout) as counters,
-        Map(MapType.HASH, 4, 1, 16, name=LOCAL_MAP) as local,
     ):
         _lab(namespace)
-        local.update(struct.pack("<I", int(LOCAL)), bytes([Local.ADDRESS]))
-        maps = {COUNTERS_MAP: counters, LOCAL_MAP: local}
+        maps = {COUNTERS_MAP: counters}
         programs = {
             hook: load_program(
-                ruleset, hook, interfaces=interfaces, maps=maps, chain=chain, backend=backend
+                ruleset,
+                hook,
+                interfaces=interfaces,
+                maps=maps,
+                chain=chain,
+                backend=backend,
+                local={int(LOCAL): Local.ADDRESS},
             )
             for hook, chain in (("ingress", None), ("egress", None), ("chain", "INPUT"))
         }

@@ -15,12 +15,11 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address
 
 from codegen.bpf.info import program_info
-from codegen.bpf.isa import MapType
 from codegen.bpf.syscall import BpfError
 from codegen.bpf.testrun import SkBuff, prog_test_run
 from codegen.rules import parse
 from codegen.rules.names import PKT_TYPES
-from codegen.tc.generator import COUNTERS_MAP, LOCAL_MAP, CompileError
+from codegen.tc.generator import COUNTERS_MAP, CompileError
 from codegen.tc.layout import CounterLayout
 
 from ..backends import Backend, load_program
@@ -196,17 +195,14 @@ def _processed_or_refusal(count: int) -> tuple[int | None, str | None]:
     ruleset = parse(iptables_rules(count), f"bench-{count}.rules")
     interfaces = standin_interfaces(ruleset)
     processed = 0
-    with (
-        CounterMap(CounterLayout.of(ruleset)) as counters,
-        _local_map() as local,
-    ):
+    with CounterMap(CounterLayout.of(ruleset)) as counters:
         for hook, chain in (("chain", "INPUT"), ("ingress", None)):
             try:
                 program = load_program(
                     ruleset,
                     hook,
                     interfaces=interfaces,
-                    maps={COUNTERS_MAP: counters, LOCAL_MAP: local},
+                    maps={COUNTERS_MAP: counters},
                     chain=chain,
                 )
             except (BpfError, CompileError) as error:
@@ -217,12 +213,6 @@ def _processed_or_refusal(count: int) -> tuple[int | None, str | None]:
             finally:
                 program.close()
     return processed, None
-
-
-def _local_map():
-    from codegen.bpf.maps import Map
-
-    return Map(MapType.HASH, 4, 1, 16, name=LOCAL_MAP)
 
 
 def find_largest(

@@ -1,7 +1,8 @@
 """apply, list, save and flush: a rule set's programs attached in a network namespace.
 
 State lives where separate processes can find it:
-- bpffs, `/sys/fs/bpf/bpflab/NS/`: the counters and local-address maps, both programs, one
+- bpffs, `/sys/fs/bpf/bpflab/NS/`: the counters map, both programs (the namespace's local
+  addresses are constants in the ingress program, read at each apply), one
   tcx link per device and direction (a pinned link stays attached when we exit), and for a
   rule set with conntrack matches the connection tracker's maps (codegen.conntrack), which a
   re-apply keeps, entries and all; for a rule set with LOG rules, their ring buffer and its
@@ -16,11 +17,21 @@ State lives where separate processes can find it:
 An apply compiles and verifies everything before it touches what is running; it then swaps each
 device's programs with a link update (atomic per hook) and rolls the links back if any step
 fails. Counters of rules that did not change are carried over by rule text.
+
+Both the state file and the pins record the kernel namespace they belong to (harness.deploy.
+identity; the `identity` pin): what a namespace deleted and made again under its name left is
+never used, nor written through (its links were severed with its devices); apply removes it
+first and starts fresh, and every other command reads it as no rule set applied.
+
+A SIGKILL cannot leave half a switch: before its first link update an apply writes the state it
+commits as a journal (`NS.journal`, with the id of its counters map), and renames it over the
+state file once every pin is in place. A command that finds a journal applies its rules again,
+whole, carrying the counters from whichever map is pinned (the journal's id says whose layout
+it has). `BPFLAB_FAULT=POINT` (tests only) makes apply SIGKILL itself at one of FAULT_POINTS.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections import Counter
@@ -28,6 +39,7 @@ from contextlib import ExitStack, closing
 from dataclasses import dataclass
 from pathlib import Path
 
+from codegen.bpf.info import map_info
 from codegen.bpf.isa import MapType
 from codegen.bpf.links import TcAttachment, attach_tc
 from codegen.bpf.maps import Map, get_pinned, pin
@@ -40,7 +52,7 @@ from codegen.rules.iptables_save import parse_dump, write_rule
 from codegen.rules.model import Ruleset
 from codegen.rules.sets import SetTable
 from codegen.rules.validation import validate
-from codegen.tc.generator import COUNTERS_MAP, LOCAL_MAP
+from codegen.tc.generator import COUNTERS_MAP
 from codegen.tc.layout import CounterLayout, Position
 from codegen.tc.log import LOG_DROPS, LOG_EVENTS, logs
 from codegen.tc.matches.addrtype import ADDRESS_TYPES, uses_addrtype
@@ -53,24 +65,29 @@ from codegen.tc.replies import (
     INTERFACE_VALUE_SIZE,
     rejects,
 )
-from netns.namespace import PIN_ROOT, Namespace
+from netns.namespace import PIN_ROOT as PIN_ROOT  # re-exported: where the pins are
+from netns.namespace import Namespace
 
 from ..backends import Backend, Program, load_program
 from ..counters import CounterMap
 from ..log_reader import LogMaps
 from . import hashlimit as hashlimit_tables
-from . import recent
-from .addresses import fill_interface_map, fill_local_map, interface_addresses, local_addresses
+from . import identity, recent
+from .addresses import fill_interface_map, interface_addresses, local_addresses
+from .bridges import physdev_refusal
 from .routes import address_types_map, namespace_routes
 from .sets import SetsUnavailable, namespace_sets, set_maps
+from .state import STATE_ROOT as STATE_ROOT  # re-exported: where the state files are
+from .state import LifecycleError, finish_killed, read_state, remove_stale
+from .state import fault as _fault
+from .state import journal_file as _journal_file
+from .state import pin_dir as _pin_dir
+from .state import previous_state as _previous
+from .state import stale as _stale
+from .state import state_file as _state_file
+from .state import write_journal as _write_state
 
-STATE_ROOT = Path("/run/bpflab/rulesets")
 LOG_PINS = (LOG_EVENTS, LOG_DROPS)  # pinned under these names, as the programs call them
-LOCAL_MAP_SIZE = 1024
-
-
-class LifecycleError(Exception):
-    """A lifecycle step that cannot be done, in one sentence."""
 
 
 @dataclass
@@ -82,21 +99,7 @@ class Applied:
     programs: dict[str, Program]
     carried: int  # rules whose counters were carried over
     left_out: tuple[str, ...] = ()  # the other tables of a full dump, not applied
-
-
-def _pin_dir(netns: str) -> Path:
-    return PIN_ROOT / netns
-
-
-def _state_file(netns: str) -> Path:
-    return STATE_ROOT / f"{netns}.json"
-
-
-def read_state(netns: str) -> dict | None:
-    try:
-        return json.loads(_state_file(netns).read_text())
-    except FileNotFoundError:
-        return None
+    fresh: str | None = None  # what was removed first: state of a namespace that is gone
 
 
 def _devices(namespace: Namespace, wanted: list[str] | None) -> dict[str, int]:
@@ -147,6 +150,15 @@ def apply(
     ruleset = dump.ruleset
     validate(ruleset)
     namespace = Namespace.existing(netns)
+    if (refusal := physdev_refusal(ruleset, namespace)) is not None:
+        raise LifecycleError(refusal)
+    # State left under this name by a namespace that is gone is removed before anything reads
+    # it (its connection table, recent and hashlimit entries are not this namespace's).
+    stale = _stale(netns)
+    if stale is not None:
+        remove_stale(netns)
+    finish_killed(netns)  # an apply killed before its commit: whole again before this one
+    here = identity.of(netns)
     if uses_sets(ruleset):
         # -m set's sets as they are now, each copied into a map (harness.deploy.sets); a
         # name they do not hold is refused here, as iptables refuses it.
@@ -157,13 +169,14 @@ def apply(
                 raise LifecycleError(str(error)) from None
         ruleset = bind_sets(ruleset, sets)
     targets = _devices(namespace, devices)
-    previous = read_state(netns)
+    previous = _previous(netns)
     pins = _pin_dir(netns)
     layout = CounterLayout.of(ruleset)
     with ExitStack() as cleanup:
         counters = cleanup.enter_context(CounterMap(layout))
-        local = cleanup.enter_context(Map(MapType.HASH, 4, 1, LOCAL_MAP_SIZE, name=LOCAL_MAP))
-        fill_local_map(local, local_addresses(namespace))
+        # Its local addresses as they are now, written into the ingress program: a change is
+        # seen at the next apply (codegen.tc.local).
+        local = local_addresses(namespace)
         tracker = _tracker(ruleset, pins)
         if tracker is not None:
             cleanup.enter_context(tracker)
@@ -206,26 +219,51 @@ def apply(
                         ruleset,
                         hook,
                         interfaces=interfaces,
-                        maps={COUNTERS_MAP: counters, LOCAL_MAP: local, **extra},
+                        maps={COUNTERS_MAP: counters, **extra},
                         fastpath=fastpath,
                         backend=backend,
+                        local=local,
                     )
                 )
             )
+        _fault("after-compile")
         identities = _identities(ruleset, layout)
         carried = 0
         if previous is not None and carry_counters:
             carried = _carry_counters(previous, identities, counters)
-        _attach_all(namespace, targets, programs)
+        pins.mkdir(parents=True, exist_ok=True)
+        if here is not None:  # before any link is pinned: every link pin is judged by it
+            identity.pin(pins, here, _replace_pin)
+        # The journal: the state this apply commits, written before the first link changes so
+        # that a command after a SIGKILL from here to the commit finishes it (read_state).
+        _write_state(
+            netns,
+            rules_text,
+            filename,
+            targets,
+            fastpath,
+            layout,
+            identities,
+            here,
+            backend=backend,
+            carry_counters=carry_counters,
+            counters_id=map_info(counters.fd).id,
+        )
+        try:
+            _attach_all(namespace, targets, programs)
+        except BaseException:
+            _journal_file(netns).unlink(missing_ok=True)  # rolled back: nothing to finish
+            raise
         # Attached: from here on the new objects replace the pinned ones.
         pins.mkdir(parents=True, exist_ok=True)
         for name, fd in (
             ("counters", counters.fd),
-            ("local", local.fd),
             ("prog_ingress", programs["ingress"].fd),
             ("prog_egress", programs["egress"].fd),
         ):
             _replace_pin(pins / name, fd)
+        _fault("after-pinning-maps")
+        (pins / "local").unlink(missing_ok=True)  # the local-address map of older versions
         _pin_kept(pins, programs)
         if tracker is not None:
             tracker.pin(pins, _replace_pin)
@@ -235,8 +273,16 @@ def apply(
             else:
                 _replace_pin(pins / name, logging.maps[name].fd)
         hashlimit_tables.keep(hashlimits, ruleset, pins, _replace_pin)
-        _write_state(netns, rules_text, filename, targets, fastpath, layout, identities)
-        return Applied(sorted(targets), previous is not None, programs, carried, dump.left_out)
+        os.replace(_journal_file(netns), _state_file(netns))  # the commit
+        fresh = None
+        if stale is not None:
+            fresh = (
+                f"the rule set state under the name {netns} belonged to a namespace that is "
+                "gone: removed it and started fresh"
+            )
+        return Applied(
+            sorted(targets), previous is not None, programs, carried, dump.left_out, fresh
+        )
 
 
 def _pin_kept(pins: Path, programs: dict[str, Program]) -> None:
@@ -320,6 +366,7 @@ def _carry_counters(previous: dict, identities: dict[tuple, Position], counters:
     old_layout = CounterLayout(tuple(_position(p) for p in previous["positions"]))
     with old_map, CounterMap(old_layout, fd=os.dup(old_map.fd)) as old:
         values = old.read()
+    _fault("during-carry")
     carried = {}
     for key, position in previous["identities"]:
         new_position = identities.get(_position(key))
@@ -350,7 +397,10 @@ def _attach_all(
                     link_pin = pins / f"link_{device}_{direction}"
                     if link_pin.exists():
                         link = TcAttachment(ifindex, direction, "tcx", get_pinned(str(link_pin)))
-                        old = get_pinned(str(pins / f"prog_{direction}"))
+                        try:
+                            old = get_pinned(str(pins / f"prog_{direction}"))
+                        except BpfError:  # a first apply killed before pinning its programs:
+                            old = None  # undone, if need be, by detaching
                         link.replace(program.fd, program.name)
                         done.append((link, old, link_pin))
                     else:
@@ -358,6 +408,8 @@ def _attach_all(
                         pins.mkdir(parents=True, exist_ok=True)
                         pin(link.link_fd, str(link_pin))
                         done.append((link, None, link_pin))
+                    if direction == "ingress":
+                        _fault("between-hooks")
     except BaseException:
         for link, old, link_pin in reversed(done):
             try:
@@ -381,30 +433,6 @@ def _replace_pin(path: Path, fd: int) -> None:
     temporary.unlink(missing_ok=True)
     pin(fd, str(temporary))
     os.replace(temporary, path)
-
-
-def _write_state(
-    netns: str,
-    rules_text: str,
-    filename: str,
-    targets: dict[str, int],
-    fastpath: bool,
-    layout: CounterLayout,
-    identities: dict[tuple, Position],
-) -> None:
-    STATE_ROOT.mkdir(parents=True, exist_ok=True)
-    state = {
-        "netns": netns,
-        "rules": rules_text,
-        "file": filename,
-        "devices": sorted(targets),
-        "fastpath": fastpath,
-        "positions": [list(position) for position in layout.positions],
-        "identities": [[list(key), list(position)] for key, position in identities.items()],
-    }
-    temporary = _state_file(netns).with_suffix(".tmp")
-    temporary.write_text(json.dumps(state, indent=1))
-    os.replace(temporary, _state_file(netns))
 
 
 def current(netns: str) -> tuple[Ruleset, dict[Position, tuple[int, int]]]:
@@ -439,7 +467,14 @@ def save(netns: str, counters: bool) -> str:
 
 
 def flush(netns: str) -> list[str]:
-    """Detach every program of `netns` and remove its pins and state; returns what was removed."""
+    """Detach every program of `netns` and remove its pins and state; returns what was removed.
+    What a namespace of that name that is gone left is removed without detaching anything."""
+    if _stale(netns) is not None:
+        remove_stale(netns)
+        raise LifecycleError(
+            f"no rule set is applied in namespace {netns} (what was left under that name "
+            "belonged to a namespace that is gone, and was removed)"
+        )
     pins = _pin_dir(netns)
     removed: list[str] = []
     if pins.is_dir():
@@ -454,20 +489,9 @@ def flush(netns: str) -> list[str]:
             entry.unlink()
             removed.append(entry.name)
         pins.rmdir()
+    had_state = _state_file(netns).exists() or _journal_file(netns).exists()
+    _journal_file(netns).unlink(missing_ok=True)  # a killed apply's: flushed with the rest
     _state_file(netns).unlink(missing_ok=True)
-    if not removed and read_state(netns) is None:
-        raise LifecycleError(f"nothing is applied in namespace {netns}")
+    if not removed and not had_state:
+        raise LifecycleError(f"no rule set is applied in namespace {netns}")
     return removed
-
-
-def forget_missing() -> list[str]:
-    """Remove the rule-set state of namespaces that no longer exist (their pins went with the
-    reaper); returns their names."""
-    from netns.namespace import NETNS_DIR
-
-    gone = []
-    for state in sorted(STATE_ROOT.glob("*.json")) if STATE_ROOT.is_dir() else []:
-        if not (NETNS_DIR / state.stem).exists():
-            state.unlink(missing_ok=True)
-            gone.append(state.stem)
-    return gone

@@ -21,7 +21,7 @@ from codegen.rules.extensions.log_line import LoggedPacket, logged_lines
 from codegen.rules.extensions.nflog import NfLog
 from codegen.rules.model import Rule
 from codegen.rules.validation import validate
-from codegen.tc.generator import COUNTERS_MAP, LOCAL_MAP
+from codegen.tc.generator import COUNTERS_MAP
 from codegen.tc.layout import CounterLayout
 from codegen.tc.log import HEADER, RECORD_SIZE
 from codegen.tc.replies import INTERFACE_ADDRESSES, INTERFACE_VALUE_SIZE
@@ -199,14 +199,12 @@ def test_the_attached_programs_with_log_rules_pass_the_verifier(hook: str, backe
     ruleset = parse(text, "hooks")
     with (
         CounterMap(CounterLayout.of(ruleset)) as counters,
-        Map(MapType.HASH, 4, 1, 16, name=LOCAL_MAP) as local,
         Map(MapType.HASH, 4, INTERFACE_VALUE_SIZE, 16, name=INTERFACE_ADDRESSES) as sources,
         TrackerMaps.create(1024) as tracker,
         LogMaps() as logging,
     ):
         maps = {
             COUNTERS_MAP: counters,
-            LOCAL_MAP: local,
             INTERFACE_ADDRESSES: sources,
             **tracker.maps,
             **logging.maps,

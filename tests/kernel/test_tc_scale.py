@@ -43,23 +43,18 @@ def test_rule_sets_load_and_decide(count):
 
 @pytest.mark.parametrize("hook", ["ingress", "egress"])
 def test_hook_programs_load_with_5000_rules(hook):
-    from codegen.bpf.isa import MapType
-    from codegen.bpf.maps import Map
-    from codegen.tc.generator import COUNTERS_MAP, LOCAL_MAP
+    from codegen.tc.generator import COUNTERS_MAP
     from codegen.tc.layout import CounterLayout
     from harness.backends import load_program
     from harness.counters import CounterMap
 
     ruleset = parse(many_rules(5000, "INPUT" if hook == "ingress" else "OUTPUT"), "big.rules")
-    with (
-        CounterMap(CounterLayout.of(ruleset)) as counters,
-        Map(MapType.HASH, 4, 1, 4, name=LOCAL_MAP) as local,
-    ):
+    with CounterMap(CounterLayout.of(ruleset)) as counters:
         program = load_program(
             ruleset,
             hook,
             interfaces=standin_interfaces(ruleset),
-            maps={COUNTERS_MAP: counters, LOCAL_MAP: local},
+            maps={COUNTERS_MAP: counters},
         )
         try:
             assert program.insn_count > 5000 * 10

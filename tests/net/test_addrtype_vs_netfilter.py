@@ -25,6 +25,7 @@ from codegen.rules import evaluate, parse
 from codegen.rules.routes import RTN
 from harness.deploy.lifecycle import apply, current, flush
 from harness.deploy.routes import namespace_routes
+from harness.lab.waiting import until
 from netns import HostTopology
 from tests.net.test_ipt_blob import counters, restore, save
 
@@ -219,8 +220,11 @@ def test_iptables_counts_what_the_reference_says(lab: Lab, tmp_path: Path) -> No
     restore(host, RULES, tmp_path)
     cases = CASES + TWIN_ONLY
     lab.send(cases)
-    kernel = counters(parse("\n".join(save(host, counters=True)) + "\n", "kernel"))
     expected = lab.expected(cases)
+    kernel = until(
+        lambda: counters(parse("\n".join(save(host, counters=True)) + "\n", "kernel")),
+        lambda kernel: {key: kernel[key] for key in expected} == expected,
+    )
     assert {key: kernel[key] for key in expected} == expected
     # The cases reached every chain and told the types apart.
     assert all(kernel[chain, 1][0] > 0 for chain in ("INPUT", "FORWARD", "OUTPUT"))
@@ -234,10 +238,13 @@ def test_our_programs_count_what_iptables_counts(lab: Lab, backend: str) -> None
     apply(RULES, "addrtype", host.name, backend=backend)  # type: ignore[arg-type]
     try:
         lab.send(CASES)
-        _, ours = current(host.name)
+        expected = lab.expected(CASES)
+        ours = until(
+            lambda: current(host.name)[1],
+            lambda ours: {key: ours[key] for key in expected} == expected,
+        )
     finally:
         flush(host.name)
-    expected = lab.expected(CASES)
     assert {key: ours[key] for key in expected} == expected
     assert ours["INPUT", 2][0] > 0 and ours["OUTPUT", 2][0] > 0
 

@@ -21,6 +21,7 @@ pytestmark = [pytest.mark.netns, pytest.mark.privileged]
 
 OPEN_PORT, CLOSED_PORT = 8080, 8081
 CONNECT_TIMEOUT = 1.0  # seconds: a SYN the host drops leaves connect() waiting this long
+ECHO_WAIT = 10.0  # seconds an echo that will come may take on a busy machine (only a bound)
 
 
 def stateful(*new: str) -> str:
@@ -50,7 +51,9 @@ def echo_server(node, port: int) -> Iterator[None]:
             except TimeoutError:
                 continue
             with connection:
-                connection.settimeout(5)
+                # Generous: a connection stays idle while a re-apply compiles, which with the
+                # C backend on a busy machine takes several seconds; its client closes it.
+                connection.settimeout(60)
                 try:
                     while data := connection.recv(1024):
                         connection.sendall(data)
@@ -80,10 +83,14 @@ def connect(node, target, port: int) -> socket.socket:
 
 def echoes(client: socket.socket, data: bytes) -> bool:
     client.sendall(data)
+    before = client.gettimeout()
+    client.settimeout(ECHO_WAIT)
     try:
         return client.recv(1024) == data
     except TimeoutError:
         return False
+    finally:
+        client.settimeout(before)
 
 
 @pytest.fixture(params=["bytecode", "c"])

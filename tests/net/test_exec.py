@@ -33,7 +33,7 @@ from harness.deploy import lifecycle
 from harness.exec.supervisor import LOCK_ROOT
 from harness.exec.table import table_of
 from netns import HostTopology, Namespace
-from netns.namespace import NETNS_DIR
+from netns.namespace import NETNS_DIR, format_name
 from tests.net.test_ipt_blob import CASES, example_sets, restore
 from tests.net.test_tc_attached import UDP_IP_LENGTH, rules, udp_exchange
 from tests.unit.test_exec_table import TABLE as WALKED
@@ -55,8 +55,10 @@ def lock_file(tmp_path: Path) -> Iterator[dict[str, str]]:
     path = tmp_path / "xtables.lock"
     path.touch()
     yield {**os.environ, "XTABLES_LOCKFILE": str(path), "PYTHONPATH": str(ROOT)}
-    # The supervisor's lock and table files of the namespaces this test made and removed.
-    for kept in LOCK_ROOT.glob("*") if LOCK_ROOT.is_dir() else ():
+    # The supervisor's lock and table files of the namespaces this test made and removed: names
+    # of this process and worker only (another run's files are not ours, whatever their state).
+    mine = format_name(os.getpid(), os.environ.get("PYTEST_XDIST_WORKER"), 0)[:-1]
+    for kept in LOCK_ROOT.glob(f"{mine}*") if LOCK_ROOT.is_dir() else ():
         if not (NETNS_DIR / kept.name.rsplit(".", 1)[0]).exists():
             kept.unlink(missing_ok=True)
 

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
@@ -17,6 +16,7 @@ from codegen.rules import parse
 from harness.deploy import lifecycle
 from harness.lab.netfilter import NetfilterOracle
 from harness.lab.traffic import ExpectationFailed, Lab, expect_not_received, expect_received
+from harness.lab.waiting import until
 
 pytestmark = [pytest.mark.netns, pytest.mark.privileged]
 
@@ -175,20 +175,20 @@ COMMIT
                 with lab.receiver("host", "client", frame[IP].proto) as receiver:
                     lab.send("client", "host", frame)
                     receiver.collect(lambda p: False, 1, 0.05)
-            time.sleep(0.1)
-            ours = {
-                k: v
-                for k, v in lifecycle.current(lab.holder_namespace.name)[1].items()
-                if v != (0, 0) and k[0]
-            }
+            theirs: dict = {}
+            with NetfilterOracle() as oracle:
+                oracle.load(parse(text))
+                for frame in frames:
+                    for position, (p, b) in oracle.run(bytes(frame[IP]), "INPUT").counters.items():
+                        old = theirs.get(position, (0, 0))
+                        theirs[position] = (old[0] + p, old[1] + b)
+
+            def moved() -> dict:
+                counted = lifecycle.current(lab.holder_namespace.name)[1]
+                return {k: v for k, v in counted.items() if v != (0, 0) and k[0]}
+
+            ours = until(moved, lambda ours: ours == theirs)
         finally:
             lifecycle.flush(lab.holder_namespace.name)
-    theirs: dict = {}
-    with NetfilterOracle() as oracle:
-        oracle.load(parse(text))
-        for frame in frames:
-            for position, (p, b) in oracle.run(bytes(frame[IP]), "INPUT").counters.items():
-                old = theirs.get(position, (0, 0))
-                theirs[position] = (old[0] + p, old[1] + b)
     assert ours == theirs
     assert len(ours) >= 5

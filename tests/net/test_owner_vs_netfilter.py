@@ -32,6 +32,7 @@ from codegen.rules.packet import SocketOwner
 from codegen.rules.validation import validate
 from harness.deploy.lifecycle import LifecycleError, apply, current, flush
 from harness.deploy.listing import list_table
+from harness.lab.waiting import until
 from netns import HostTopology
 from netns.namespace import CommandError, Namespace
 from tests.net.test_ipt_blob import counters, restore, save
@@ -346,8 +347,11 @@ def lab():  # type: ignore[no-untyped-def]
 def test_iptables_counts_what_the_reference_says(lab: Lab, tmp_path: Path) -> None:
     restore(lab.host, RULES, tmp_path)
     sent = lab.send()
-    kernel = counters(parse("\n".join(save(lab.host, counters=True)) + "\n", "kernel"))
     want = expected(sent)
+    kernel = until(
+        lambda: counters(parse("\n".join(save(lab.host, counters=True)) + "\n", "kernel")),
+        lambda kernel: {key: kernel[key] for key in want} == want,
+    )
     assert {key: kernel[key] for key in want} == want
     # netfilter's DROP in OUTPUT fails the send (our TC programs drop after it returned).
     assert lab.errors == {0: 0, 1500: 0, 3000: errno.EPERM, 65534: 0, 999: 0}
@@ -361,10 +365,12 @@ def test_our_programs_count_what_iptables_counts(lab: Lab) -> None:
     apply(RULES, "owner", lab.host.name, backend="bytecode")
     try:
         sent = lab.send()
-        _, ours = current(lab.host.name)
+        want = expected(sent)
+        ours = until(
+            lambda: current(lab.host.name)[1], lambda ours: {key: ours[key] for key in want} == want
+        )
     finally:
         flush(lab.host.name)
-    want = expected(sent)
     assert {key: ours[key] for key in want} == want
 
 

@@ -28,6 +28,7 @@ from scapy.packet import Raw
 from codegen.rules import RuleError, evaluate, parse
 from harness.deploy.lifecycle import LifecycleError, apply, current, flush
 from harness.deploy.sets import namespace_sets
+from harness.lab.waiting import until
 from netns import HostTopology
 from netns.namespace import CommandError
 from tests.net.test_ipt_blob import counters, restore, save
@@ -172,8 +173,11 @@ def test_iptables_counts_what_the_reference_says(lab: Lab, tmp_path: Path) -> No
     restore(lab.host, RULES, tmp_path)
     packets = _packets()
     lab.send(packets)
-    kernel = counters(parse("\n".join(save(lab.host, counters=True)) + "\n", "kernel"))
     expected = lab.expected(packets)
+    kernel = until(
+        lambda: counters(parse("\n".join(save(lab.host, counters=True)) + "\n", "kernel")),
+        lambda kernel: {key: kernel[key] for key in expected} == expected,
+    )
     assert {key: kernel[key] for key in expected} == expected
     # The packets told the rules apart.
     moved = [kernel["INPUT", index][0] for index in range(1, len(MATCHES) + 1)]
@@ -186,10 +190,13 @@ def test_our_programs_count_what_iptables_counts(lab: Lab, backend: str) -> None
     try:
         packets = _packets()
         lab.send(packets)
-        _, ours = current(lab.host.name)
+        expected = lab.expected(packets)
+        ours = until(
+            lambda: current(lab.host.name)[1],
+            lambda ours: {key: ours[key] for key in expected} == expected,
+        )
     finally:
         flush(lab.host.name)
-    expected = lab.expected(packets)
     assert {key: ours[key] for key in expected} == expected
     assert ours["INPUT", 4][0] > 0 and ours["INPUT", 5][0] > 0
 
@@ -204,7 +211,10 @@ def test_a_changed_set_is_seen_at_the_next_apply(lab: Lab) -> None:
         lab.host.run(["ipset", "add", "hosts", "198.18.0.7"])
         apply(rules, "changed", lab.host.name)
         lab.send([packet])
-        assert current(lab.host.name)[1]["INPUT", 1] == (1, len(packet))
+        counted = until(
+            lambda: current(lab.host.name)[1]["INPUT", 1], lambda got: got == (1, len(packet))
+        )
+        assert counted == (1, len(packet))
     finally:
         flush(lab.host.name)
 

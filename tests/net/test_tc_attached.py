@@ -128,33 +128,59 @@ def _expected_counters(text: str, chain: str, packets: list[bytes], ins: str, ou
     return total
 
 
-def capture(endpoint, seconds: float = 0.5) -> list[Ether]:
-    """Frames arriving at `endpoint` during the next `seconds` (a bounded AF_PACKET read)."""
-    sock = endpoint.namespace.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0800))
-    sock.bind((endpoint.ifname, 0))
-    sock.settimeout(0.05)
-    frames, deadline = [], time.monotonic() + seconds
-    try:
-        while time.monotonic() < deadline:
-            try:
-                data, address = sock.recvfrom(4096)
-            except TimeoutError:
-                continue
-            if address[2] != socket.PACKET_OUTGOING:
-                frames.append(Ether(data))
-    finally:
-        sock.close()
-    return frames
+CAPTURE_WAIT = 10.0  # seconds a frame that will come may take, on a busy machine
+
+
+class Capture:
+    """IPv4 frames arriving at `endpoint` from the moment this opens (an AF_PACKET socket keeps
+    them queued), read back with `until`: no thread to start, no window to guess."""
+
+    def __init__(self, endpoint) -> None:
+        self.sock = endpoint.namespace.socket(
+            socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0800)
+        )
+        self.sock.bind((endpoint.ifname, 0))
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        self.frames: list[Ether] = []
+
+    def until(self, done, timeout: float = CAPTURE_WAIT) -> list[Ether]:
+        """Every frame so far, read until `done(frames)` holds (then whatever is already
+        queued too) or `timeout` seconds have passed."""
+        deadline = time.monotonic() + timeout
+        self.sock.settimeout(0.05)
+        while not done(self.frames) and time.monotonic() < deadline:
+            self._read()
+        self.sock.setblocking(False)
+        while self._read():
+            pass
+        return self.frames
+
+    def _read(self) -> bool:
+        try:
+            data, address = self.sock.recvfrom(4096)
+        except (TimeoutError, BlockingIOError):
+            return False
+        if address[2] != socket.PACKET_OUTGOING:
+            self.frames.append(Ether(data))
+        return True
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 def _forward(router, ports: list[int], count: int = 2) -> tuple[dict[int, int], list[Ether]]:
-    frames: list[Ether] = []
-    watcher = threading.Thread(target=lambda: frames.extend(capture(router.server, 1.0)))
-    watcher.start()
-    time.sleep(0.1)
-    arrived = udp_exchange(router.client, router.server, ports, count=count)
-    watcher.join()
-    return arrived, [f for f in frames if UDP in f and f[UDP].dport in ports]
+    capture = Capture(router.server)
+    try:
+        arrived = udp_exchange(router.client, router.server, ports, count=count)
+
+        def forwarded(frames: list[Ether]) -> list[Ether]:
+            return [f for f in frames if UDP in f and f[UDP].dport in ports]
+
+        # A datagram the server's socket got went past the capture first.
+        frames = capture.until(lambda frames: len(forwarded(frames)) >= sum(arrived.values()))
+    finally:
+        capture.close()
+    return arrived, forwarded(frames)
 
 
 @pytest.mark.parametrize("fastpath", [False, True], ids=["kernel-path", "fast-path"])
@@ -204,9 +230,13 @@ def test_fast_path_forwards_when_the_kernel_would_not(router, backend):
     assert "policy DROP 2 packets" in kernel  # only the two kernel-path attempts reached it
 
 
+SO_RCVBUFFORCE = 33  # root may size a receive buffer past the host-wide net.core.rmem_max
+
+
 def test_atomic_swap_under_a_stream(host, backend):
     """Every packet gets one rule set's verdict or the other's, none is lost otherwise, and the
-    two rule sets' counters add up to what was sent."""
+    two rule sets' counters add up to what was sent. The swap comes once the stream runs and the
+    stream goes on past it, however long the swap takes (bcc compiles for seconds)."""
     ns = host.host.namespace.name
     accept = rules("-A INPUT -p udp -m udp --dport 5100 -j ACCEPT")
     drop = rules("-A INPUT -p udp -m udp --dport 5100 -j DROP")
@@ -214,44 +244,61 @@ def test_atomic_swap_under_a_stream(host, backend):
     old_counters = Map.from_pin(str(lifecycle.PIN_ROOT / ns / "counters"))
     receiver = host.host.namespace.socket(socket.AF_INET, socket.SOCK_DGRAM)
     receiver.bind((str(host.host.ipv4.ip), 5100))
-    receiver.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+    receiver.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 1 << 25)
     sender = host.client.namespace.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sent = 0
-    deadline = time.monotonic() + 10
-    # bcc compiles for a second or so: the C backend's swap needs a longer stream (4.5 s).
-    pause = {"bytecode": 0.005, "c": 0.15}[backend]
+    sent, limit, after_swap = 0, 40_000, 500
+    deadline = time.monotonic() + 60
+    running, swapped = threading.Event(), threading.Event()
+    swapped_at: list[int] = []
 
     def stream() -> None:
         nonlocal sent
-        while sent < 3000 and time.monotonic() < deadline:
+        while sent < limit and time.monotonic() < deadline:
             sender.sendto(PAYLOAD, (str(host.host.ipv4.ip), 5100))
             sent += 1
-            if sent % 100 == 0:
-                time.sleep(pause)
+            if sent == after_swap:
+                running.set()
+            if swapped.is_set() and not swapped_at:
+                swapped_at.append(sent)
+            if swapped_at and sent >= swapped_at[0] + after_swap:
+                return
+            if sent % 50 == 0:
+                time.sleep(0.02)  # about 2,500 a second, well within the receive buffer
 
     thread = threading.Thread(target=stream)
     thread.start()
-    time.sleep(0.05)
-    lifecycle.apply(drop, "drop.rules", ns, backend=backend)  # mid-stream
-    thread.join()
-    received = 0
-    receiver.settimeout(0.3)
     try:
-        while True:
-            receiver.recv(2048)
-            received += 1
-    except TimeoutError:
-        pass
-    receiver.close()
-    sender.close()
+        assert running.wait(30), "the stream did not start"
+        lifecycle.apply(drop, "drop.rules", ns, backend=backend)  # mid-stream
+    finally:
+        swapped.set()
+        thread.join()
     from codegen.tc.layout import CounterLayout
     from harness.counters import CounterMap
 
-    with CounterMap(CounterLayout.of(parse(accept)), fd=old_counters.fd) as first:
-        accepted = first.read()[("INPUT", 1)][0]
-    _, counters = lifecycle.current(ns)
-    dropped = counters[("INPUT", 1)][0]
-    assert sent == 3000
+    counted = time.monotonic() + CAPTURE_WAIT  # a packet still on its way is counted soon
+    while True:
+        with CounterMap(CounterLayout.of(parse(accept)), fd=old_counters.fd) as first:
+            accepted = first.read()[("INPUT", 1)][0]
+        dropped = lifecycle.current(ns)[1][("INPUT", 1)][0]
+        if accepted + dropped >= sent or time.monotonic() > counted:
+            break
+        time.sleep(0.02)
+    received = 0
+    receiver.settimeout(CAPTURE_WAIT)
+    try:
+        while received < accepted:
+            receiver.recv(2048)
+            received += 1
+        receiver.setblocking(False)
+        while True:  # and any that should not be there
+            receiver.recv(2048)
+            received += 1
+    except (TimeoutError, BlockingIOError):
+        pass
+    receiver.close()
+    sender.close()
+    assert swapped_at and sent == swapped_at[0] + after_swap  # the stream outlived the swap
     assert 0 < accepted < sent and dropped > 0  # the swap happened mid-stream
     assert received == accepted
     assert accepted + dropped == sent
@@ -374,13 +421,19 @@ def test_output_judges_datagrams_the_kernel_fragments_once_and_raw_fragments_eac
     assert counters[("OUTPUT", 1)] == (1, 20 + 8 + len(big))  # once, with its whole length
     later = IP(src=str(host.host.ipv4.ip), dst=str(host.client.ipv4.ip), id=0x4242, frag=64)
     later = later / UDP(sport=1, dport=5353) / (b"y" * 16)  # a port match never sees these
-    watcher_frames: list[Ether] = []
-    watcher = threading.Thread(target=lambda: watcher_frames.extend(capture(host.client, 0.5)))
-    watcher.start()
-    time.sleep(0.1)
-    with host.host.namespace.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW) as raw:
-        raw.sendto(bytes(later), (str(host.client.ipv4.ip), 0))
-    watcher.join()
-    assert not [f for f in watcher_frames if IP in f and f[IP].id == 0x4242]
+    # "Not sent" is decided by a probe the rules pass, sent after it: once the probe is in,
+    # the fragment would be too.
+    probe = IP(src=str(host.host.ipv4.ip), dst=str(host.client.ipv4.ip), id=0x4343)
+    probe = probe / UDP(sport=2, dport=5353) / b"probe"
+    capture = Capture(host.client)
+    try:
+        with host.host.namespace.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW) as raw:
+            raw.sendto(bytes(later), (str(host.client.ipv4.ip), 0))
+            raw.sendto(bytes(probe), (str(host.client.ipv4.ip), 0))
+        frames = capture.until(lambda frames: any(f[IP].id == 0x4343 for f in frames if IP in f))
+    finally:
+        capture.close()
+    assert any(IP in f and f[IP].id == 0x4343 for f in frames), "the probe did not arrive"
+    assert not [f for f in frames if IP in f and f[IP].id == 0x4242]
     _, after = lifecycle.current(ns)
     assert after[("OUTPUT", "policy")][0] == counters.get(("OUTPUT", "policy"), (0, 0))[0] + 1

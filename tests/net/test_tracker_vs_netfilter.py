@@ -70,7 +70,7 @@ RULES = (
     + f"-A INPUT -p tcp --dport {FIN_DROPPED_PORT} --tcp-flags FIN FIN -j DROP\n"
     + "COMMIT\n"
 )
-ARRIVAL_TIMEOUT = 1.0  # seconds for a packet sent to show in the host's counters
+ARRIVAL_TIMEOUT = 10.0  # seconds for a packet sent to show in the host's counters (a bound)
 UDP_STREAM_WAIT = 2.2  # seconds: replied UDP after 2 s is a stream (ASSURED)
 
 

@@ -34,6 +34,7 @@ FILES = (
     "libxt_set.t",
     "libxt_recent.t",
     "libipt_recent.t",
+    "libxt_physdev.t",
 )
 BUILTIN = ("INPUT", "FORWARD", "OUTPUT")
 # Lines of a file for a feature this project refuses on purpose, by what the rule holds: each
@@ -47,18 +48,20 @@ def _vectors() -> list:
         path = VECTORS / name
         if not path.is_file():
             continue
-        chain, table = "INPUT", "filter"
+        chain: str | None = "INPUT"
+        table = "filter"
         for number, line in enumerate(path.read_text().splitlines(), 1):
             if not line.strip() or line.startswith("#"):
                 continue
             if line.startswith(":"):
-                chain = next(c for c in line[1:].split(",") if c in BUILTIN)
+                # None: chains of other tables only (POSTROUTING), whose lines are not ours.
+                chain = next((c for c in line[1:].split(",") if c in BUILTIN), None)
                 continue
             if line.startswith("*"):
                 table = line[1:]
                 continue
             fields = line.split(";")
-            if table != "filter":
+            if table != "filter" or chain is None:
                 continue
             marks = []
             if len(fields) != 3:  # a result for the legacy or nft variant only

@@ -49,6 +49,7 @@ FAMILIES = (
     "set",
     "hashlimit",
     "recent",
+    "physdev",
 )
 
 # The rule layer's families this backend refuses on purpose, each with the reason its refusal
