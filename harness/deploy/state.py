@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -131,6 +132,12 @@ def finish_killed(netns: str) -> None:
         finish(netns)
     finally:
         _finishing.discard(netns)
+    # Whatever command got here, the user learns that the rule set running changed.
+    print(
+        f"bpflab: completed an apply that was killed in namespace {netns}; its rule set runs"
+        " there now",
+        file=sys.stderr,
+    )
 
 
 def finish(netns: str) -> None:
