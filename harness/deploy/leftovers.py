@@ -36,10 +36,9 @@ class Leftover:
     paths: list[str] = field(default_factory=list)  # what remove() removed
 
     def line(self) -> str:
-        return (
-            f"removed what namespace {self.name} left ({len(self.paths)} pins and state "
-            f"files): it {self.why}"
-        )
+        count = len(self.paths)
+        what = "pin or state file" if count == 1 else "pins and state files"
+        return f"removed what namespace {self.name} left ({count} {what}): it {self.why}"
 
 
 def _names() -> set[str]:

@@ -21,9 +21,10 @@ Semantics (the kernel's ip_tables, net/ipv4/netfilter/ip_tables.c):
   (`-t nat`) has its revision queries go to the kernel.
 
 Serialisation: iptables' xtables lock orders iptables processes, from their GET_INFO to their
-ADD_COUNTERS; here a lock file per namespace (/run/bpflab/exec/NS.lock, flock) is held around
-each SET_REPLACE and ADD_COUNTERS, so that two supervisors never apply at once and the
-num_counters check sees a settled table. `bpflab apply` does not take it yet.
+ADD_COUNTERS; here the namespace's writers' lock (harness.deploy.locking: a flock of
+/run/bpflab/exec/NS.lock) is held around each SET_REPLACE and ADD_COUNTERS, so that two
+supervisors, or a supervisor and `bpflab apply` or `flush`, which take it too, never change the
+table at once, and the num_counters check sees a settled table.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ import os
 import select
 import socket
 import struct
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TextIO
@@ -60,6 +60,7 @@ from codegen.tc.layout import CounterLayout, Position
 from netns.namespace import PIN_ROOT
 
 from ..counters import CounterMap
+from ..deploy.locking import LOCK_ROOT, NamespaceBusy, namespace_lock
 from . import seccomp
 from .table import (
     COUNTERS_INFO_SIZE,
@@ -84,8 +85,6 @@ from .table import (
 IPT_SO_GET_REVISION_MATCH = 66
 IPT_SO_GET_REVISION_TARGET = 67
 SIOCGSKNS = 0x894C  # <linux/sockios.h>: a socket's network namespace, as an fd
-LOCK_ROOT = Path("/run/bpflab/exec")
-LOCK_WAIT = 60.0  # seconds a SET_REPLACE waits for another supervisor of the namespace
 POLL_MS = 200
 MAX_TABLE_SIZE = 256 << 20  # bytes of entries a SET_REPLACE may hand us (10,000 rules: 2.5 MB)
 SOURCE = "IPT_SO_SET_REPLACE"  # the file name the applied rule set's messages carry
@@ -146,9 +145,8 @@ class Supervisor:
             return
         except seccomp.MemoryError_:
             number = errno.EFAULT
-        except _Busy:
-            lock = LOCK_ROOT / f"{self.netns}.lock"
-            self._say(f"another supervisor held {lock} for {LOCK_WAIT:.0f} s")
+        except NamespaceBusy as busy:
+            self._say(str(busy))
             number = errno.EAGAIN
         except Exception as error:  # a bug must not leave the caller blocked
             self._say(f"internal error answering {call.what}: {error!r}")
@@ -377,23 +375,8 @@ class Supervisor:
             return None
         return CounterMap(layout, fd=fd)
 
-    @contextmanager
     def _locked(self):
-        LOCK_ROOT.mkdir(parents=True, exist_ok=True)
-        fd = os.open(LOCK_ROOT / f"{self.netns}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC)
-        try:
-            deadline = time.monotonic() + LOCK_WAIT
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        raise _Busy from None
-                    time.sleep(0.05)
-            yield
-        finally:
-            os.close(fd)
+        return namespace_lock(self.netns)
 
 
 def _table_file(netns: str) -> Path:
@@ -428,10 +411,6 @@ def _read_state(netns: str) -> dict | None:
     from ..deploy.lifecycle import read_state
 
     return read_state(netns)
-
-
-class _Busy(Exception):
-    pass
 
 
 def _sentence(error: Exception) -> str:

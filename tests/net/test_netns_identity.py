@@ -243,13 +243,14 @@ def test_cleanup_removes_what_gone_namespaces_left_and_leaves_live_ones(tmp_path
             cleaned = bpflab("cleanup")
             assert cleaned.returncode == 0, cleaned.stderr
             lines = cleaned.stdout.splitlines()
-            # each one's pins and state file; exec's lock and table where not held
+            # each one's pins and state file; the writers' lock (every apply takes it) and
+            # exec's table where not held
             assert (
                 f"removed what namespace {gone.name} left ({pins[gone.name] + 3} pins and state "
                 "files): it no longer exists" in lines
             )
             assert (
-                f"removed what namespace {remade.name} left ({pins[remade.name] + 1} pins and "
+                f"removed what namespace {remade.name} left ({pins[remade.name] + 2} pins and "
                 "state files): it is now another namespace" in lines
             )
             assert (
