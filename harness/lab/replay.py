@@ -21,6 +21,7 @@ from netns import CommandError
 from ..backends import Backend
 from ..deploy import lifecycle
 from ..deploy.sets import load_sets
+from .commands import EMPTY_TABLE, run_under_exec, same_table
 from .exchange import Outcome, run_exchange
 from .packets import parse_packet
 from .scripts import PacketEntry, Script, ScriptError, unobservable
@@ -91,10 +92,12 @@ class Report:
     packets: list[PacketResult | ExchangeResult] = field(default_factory=list)
     counters: list[CounterResult] = field(default_factory=list)
     artefacts: str = ""
+    table: str | None = None  # how the commands' table under bpflab exec is not the kernel's
 
     @property
     def ok(self) -> bool:
-        return all(p.ok for p in self.packets) and all(c.ok for c in self.counters)
+        results = (*self.packets, *self.counters)
+        return self.table is None and all(result.ok for result in results)
 
     def render(self) -> str:
         title = self.script.description or self.script.path.name
@@ -102,6 +105,8 @@ class Report:
             f"{self.script.path}: {title} ({self.script.topology} topology, "
             f"{self.backend} backend{', fast path' if self.script.fastpath else ''})"
         ]
+        if self.table is not None:
+            lines.append(f"MISMATCH: the commands' table: {self.table}")
         header = f"{'#':>3}  {'packet':44} {'expected':9} {'got':12} {'decided by':16} result"
         lines += [header, "-" * len(header)]
         for result in self.packets:
@@ -190,13 +195,16 @@ def replay(script: Script, *, backend: Backend = "bytecode") -> Report:
         namespace = lab.holder_namespace.name
         if script.sets_text:  # the script's ipsets, which apply reads back from the namespace
             load_sets(lab.holder_namespace, script.sets_text)
-        lifecycle.apply(
-            script.rules_text,
-            script.rules_name,
-            namespace,
-            fastpath=script.fastpath,
-            backend=backend,
-        )
+        if script.commands:  # the commands, through bpflab exec (harness.lab.commands)
+            report.table = _commands_under_exec(script, namespace, backend)
+        else:
+            lifecycle.apply(
+                script.rules_text,
+                script.rules_name,
+                namespace,
+                fastpath=script.fastpath,
+                backend=backend,
+            )
         twins = ExitStack()  # the netfilter twin, built for the first "netfilter" entry
         twin: Lab | None = None
         try:
@@ -232,6 +240,20 @@ def replay(script: Script, *, backend: Backend = "bytecode") -> Report:
             twins.close()
             lifecycle.flush(namespace)
     return report
+
+
+def _commands_under_exec(script: Script, namespace: str, backend: Backend) -> str | None:
+    """Run the script's commands under bpflab exec in the rule holder's namespace, from an
+    empty table applied first (with the script's fast path, which exec keeps); how what they
+    leave differs from the kernel's table, or None. Whatever they leave is what the packets
+    meet."""
+    lifecycle.apply(EMPTY_TABLE, "empty", namespace, fastpath=script.fastpath, backend=backend)
+    failed = run_under_exec(namespace, script.commands, backend)
+    if failed is not None:
+        return failed
+    state = lifecycle.read_state(namespace)
+    assert state is not None, "an applied table has a state"
+    return same_table(state["rules"], script.rules_text)
 
 
 def _run(lab: Lab, entry: PacketEntry) -> Outcome:

@@ -19,7 +19,9 @@ from codegen.rules.model import RuleError, Ruleset
 from codegen.rules.sets import SetError, parse_sets
 from codegen.rules.text_file import decode_rules
 from codegen.rules.validation import validate
+from netns.namespace import NamespaceError
 
+from .commands import CommandError, argv_of, kernel_table
 from .packets import SpecError, parse_packet
 
 TOPOLOGIES = {"host": ("client", "host"), "router": ("client", "router", "server")}
@@ -34,6 +36,7 @@ TOP_KEYS = {
     "fastpath",
     "rules",
     "rules_file",
+    "commands",
     "sets",
     "packets",
     "counters",
@@ -100,6 +103,9 @@ class Script:
     packets: list[PacketEntry]
     counters: list[CounterExpectation] = field(default_factory=list)
     sets_text: str = ""  # ipsets made in the rule holder's namespace (and the twin's) first
+    # The rules as iptables commands (harness.lab.commands), each an argv; rules_text is then
+    # the table they give on the kernel.
+    commands: list[list[str]] = field(default_factory=list)
 
     @property
     def holder(self) -> str:
@@ -159,7 +165,11 @@ def load_script(path: str | Path) -> Script:
         raise fail("fastpath", "fastpath must be true or false")
     if fastpath and topology != "router":
         raise fail("fastpath", "fastpath only applies to the router topology")
-    rules_text, rules_name = _rules(data, path, fail)
+    commands = _commands(data, lines, name)
+    if commands:
+        rules_text, rules_name = _kernel_table(commands, data, lines, name), str(path)
+    else:
+        rules_text, rules_name = _rules(data, path, fail)
     try:
         ruleset = parse(rules_text, rules_name)
         validate(ruleset)
@@ -189,7 +199,46 @@ def load_script(path: str | Path) -> Script:
         packets,
         counters,
         sets_text,
+        commands,
     )
+
+
+def _commands(data: dict, lines: _Lines, name: str) -> list[list[str]]:
+    """The script's `commands` as argvs ([] without the key)."""
+    if "commands" not in data:
+        return []
+    given = data["commands"]
+    if "rules" in data or "rules_file" in data:
+        raise ScriptError(name, lines.key("commands"), "give one of rules, rules_file or commands")
+    if not isinstance(given, list) or not given:
+        message = "commands must be a list of iptables command lines"
+        raise ScriptError(name, lines.key("commands"), message)
+    try:
+        return [argv_of(index, command) for index, command in enumerate(given)]
+    except CommandError as error:
+        raise ScriptError(name, _command_line(lines, given, error.index), str(error)) from None
+
+
+def _kernel_table(commands: list[list[str]], data: dict, lines: _Lines, name: str) -> str:
+    try:
+        return kernel_table(commands)
+    except CommandError as error:
+        line = _command_line(lines, data["commands"], error.index)
+        raise ScriptError(name, line, str(error)) from None
+    except (NamespaceError, OSError) as error:
+        message = f"commands run on the kernel first, which needs root and namespaces: {error}"
+        raise ScriptError(name, lines.key("commands"), message) from None
+
+
+def _command_line(lines: _Lines, given: list, index: int) -> int:
+    """The script line of command `index`: the first line after `commands =` holding it."""
+    start = lines.key("commands")
+    text = given[index] if isinstance(given[index], str) else None
+    for number in range(start, len(lines.lines) + 1):
+        if text is not None and text in lines.lines[number - 1]:
+            if number > start or index == 0:
+                return number
+    return start
 
 
 def _sets(data: dict, ruleset: Ruleset, lines: _Lines, name: str) -> str:
@@ -230,7 +279,11 @@ def _line_of(message: str, text: str) -> int:
 
 def _rules(data: dict, path: Path, fail) -> tuple[str, str]:
     if ("rules" in data) == ("rules_file" in data):
-        raise fail("rules", "give exactly one of `rules` (text) or `rules_file` (a path)")
+        raise fail(
+            "rules",
+            "give exactly one of `rules` (text), `rules_file` (a path) or `commands` (iptables"
+            " command lines)",
+        )
     if "rules" in data:
         if not isinstance(data["rules"], str):
             raise fail("rules", "rules must be iptables-save text in a string")
