@@ -75,7 +75,7 @@ from . import hashlimit as hashlimit_tables
 from . import identity, recent
 from .addresses import fill_interface_map, interface_addresses, local_addresses
 from .bridges import physdev_refusal
-from .locking import serialised
+from .locking import serialised, serialised_last
 from .routes import address_types_map, namespace_routes
 from .sets import SetsUnavailable, namespace_sets, set_maps
 from .state import STATE_ROOT as STATE_ROOT  # re-exported: where the state files are
@@ -468,7 +468,7 @@ def save(netns: str, counters: bool) -> str:
     return write(ruleset, counters=counters)
 
 
-@serialised
+@serialised_last
 def flush(netns: str) -> list[str]:
     """Detach every program of `netns` and remove its pins and state; returns what was removed.
     What a namespace of that name that is gone left is removed without detaching anything."""

@@ -62,28 +62,62 @@ def namespace_lock(netns: str, wait: float = LOCK_WAIT) -> Iterator[None]:
 
 
 def _take(netns: str, wait: float) -> int:
+    """The locked descriptor of the namespace's lock file. `flush` removes the file while it
+    holds it: a lock taken on a file no longer at the path is let go and taken again."""
     LOCK_ROOT.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_path(netns), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     deadline = time.monotonic() + wait
     while True:
+        fd = os.open(lock_path(netns), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return fd
-        except BlockingIOError:
-            if time.monotonic() > deadline:
-                os.close(fd)
-                raise NamespaceBusy(netns, wait) from None
-            time.sleep(0.05)
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise NamespaceBusy(netns, wait) from None
+                    time.sleep(0.05)
+            if _still_there(fd, netns):
+                return fd
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
 
 
-def serialised(function: Callable[P, R]) -> Callable[P, R]:
-    """`function`, holding the lock of the namespace its `netns` argument names."""
+def _still_there(fd: int, netns: str) -> bool:
+    try:
+        here = os.stat(lock_path(netns))
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (here.st_dev, here.st_ino) == (held.st_dev, held.st_ino)
+
+
+def forget_lock(netns: str) -> None:
+    """Remove the namespace's lock file, from inside its lock (flush: nothing is left to
+    guard); a writer that was waiting on it takes the lock of a new file."""
+    assert _local.__dict__.get("held", {}).get(netns), "only the lock's holder removes it"
+    lock_path(netns).unlink(missing_ok=True)
+
+
+def serialised(function: Callable[P, R], *, last: bool = False) -> Callable[P, R]:
+    """`function`, holding the lock of the namespace its `netns` argument names; `last`: the
+    namespace's last writer (flush), which removes the lock file when it succeeds."""
     signature = inspect.signature(function)
 
     @functools.wraps(function)
     def locked(*args: P.args, **kwargs: P.kwargs) -> R:
         netns = signature.bind(*args, **kwargs).arguments["netns"]
         with namespace_lock(netns):
-            return function(*args, **kwargs)
+            result = function(*args, **kwargs)
+            if last:
+                forget_lock(netns)
+            return result
 
     return locked
+
+
+def serialised_last(function: Callable[P, R]) -> Callable[P, R]:
+    """serialised, for the namespace's last writer: the lock file goes when it succeeds."""
+    return serialised(function, last=True)
