@@ -102,3 +102,24 @@ def test_exact_runs_agree_with_the_evaluator(text, traffic):
             detail = f"\n{write(ruleset)}packet {packet.hex()}\n{expected}\n{got}"
             assert (got.verdict, got.deciding) == (expected.verdict, expected.deciding), detail
             assert got.counters == expected.counters, detail
+
+
+@settings(max_examples=20, deadline=None)
+@given(text=run_rulesets(), traffic=st.lists(packets(), min_size=12, max_size=12))
+def test_the_specialised_program_and_the_plain_scan_decide_alike(text, traffic):
+    """The program specialised to the rule set (its exact runs answered by a lookup behind a
+    scan of their first rules) and the general one (every rule scanned, no run) run on the same
+    traffic: same verdict, same deciding rule, same counters."""
+    ruleset = parse(text, "runs.rules")
+    assert exact.runs(ruleset.chains["INPUT"].rules), "the drawn rule set has a run"
+    with ChainRunner(ruleset) as specialised:
+        seen = [specialised.run(frame_for(packet), "INPUT", "eth0") for packet in traffic]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(exact, "MIN_RUN", 10**9)  # no run is long enough: the general program
+        assert not exact.runs(ruleset.chains["INPUT"].rules)
+        with ChainRunner(ruleset) as general:
+            plain = [general.run(frame_for(packet), "INPUT", "eth0") for packet in traffic]
+    for packet, special, scanned in zip(traffic, seen, plain, strict=True):
+        detail = f"\n{write(ruleset)}packet {packet.hex()}\n{special}\n{scanned}"
+        assert (special.verdict, special.deciding) == (scanned.verdict, scanned.deciding), detail
+        assert special.counters == scanned.counters, detail
