@@ -39,10 +39,8 @@ import ctypes
 from codegen.rules.blob.structs import BlobError
 from codegen.rules.extensions.base import MatchExtension, Memory
 from codegen.rules.extensions.hashlimit_table import (
-    _ASCII_LOWER,
     _MODE_NAMES,
     _MODE_ORDER,
-    _UNITS,
     BURST_MAX,
     BYTES,
     DEFAULT_GC_INTERVAL,
@@ -61,7 +59,7 @@ from codegen.rules.extensions.hashlimit_table import (
     packet_key,
     print_rate,
 )
-from codegen.rules.extensions.limit import seconds_to_jiffies
+from codegen.rules.extensions.limit import rate_and_unit, seconds_to_jiffies
 from codegen.rules.model import Rule, RuleError, Ruleset
 from codegen.rules.packet import Packet
 from codegen.rules.syntax import (
@@ -120,17 +118,10 @@ def is_byte_rate(text: str) -> bool:
 def parse_rate(text: str) -> tuple[int, int] | str:
     """libxt_hashlimit's parse_rate (revision 2 and 3): the period (avg, microseconds) and the
     unit's seconds, or why iptables refuses it."""
-    number, slash, unit = text.partition("/")
-    multiplier = 1
-    if slash:
-        folded = unit.translate(_ASCII_LOWER)
-        found = [m for name, m in _UNITS if unit and name.startswith(folded)]
-        if not found:
-            return f'Bad value for "--hashlimit-upto" option: "{text}"'
-        multiplier = found[0]
-    rate = _atoll(number)
-    if rate == 0:
+    parsed = rate_and_unit(text, _atoll)
+    if parsed is None:
         return f'Bad value for "--hashlimit-upto" option: "{text}"'
+    rate, multiplier = parsed
     avg = (SCALE * multiplier) // rate
     if avg == 0:
         return f'Rate too fast "{text}"'

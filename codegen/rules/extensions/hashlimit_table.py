@@ -47,9 +47,7 @@ _MODE_ORDER = (
     ("dstip", HASH_DIP),
     ("dstport", HASH_DPT),
 )
-_UNITS = (("second", 1), ("minute", 60), ("hour", 3600), ("day", 86400))
 _PRINTED = (("day", SCALE * 86400), ("hour", SCALE * 3600), ("min", SCALE * 60), ("sec", SCALE))
-_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
 # proto_ports_offset: where a protocol's two 16-bit "ports" are in its header (AH: its SPI).
 PORT_OFFSETS = {6: 0, 17: 0, 33: 0, 50: 0, 132: 0, 136: 0, 51: 4}

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from codegen.rules.blob.structs import BlobError
@@ -108,20 +109,29 @@ def _atoi(text: str) -> int:
     return strtol_clamped(text) & UINT32
 
 
-def parse_rate(text: str) -> int | str:
-    """libxt_limit's parse_rate: the period (avg) of `text`, or why iptables refuses it
-    ("bad rate", "Rate too fast")."""
+def rate_and_unit(text: str, read_number: Callable[[str], int]) -> tuple[int, int] | None:
+    """`N[/UNIT]` as libxt_limit and libxt_hashlimit read it: the count (`read_number`, their
+    atoi or atoll) and the unit's seconds (UNIT any prefix of second, minute, hour or day, in
+    any case; none: a second); None for an unknown unit or a count of 0."""
     number, slash, unit = text.partition("/")
     multiplier = 1
     if slash:
         folded = unit.translate(_ASCII_LOWER)
         found = [m for name, m in _UNITS if unit and name.startswith(folded)]
         if not found:
-            return f'bad rate "{text}"'
+            return None
         multiplier = found[0]
-    rate = _atoi(number)
-    if rate == 0:
+    rate = read_number(number)
+    return None if rate == 0 else (rate, multiplier)
+
+
+def parse_rate(text: str) -> int | str:
+    """libxt_limit's parse_rate: the period (avg) of `text`, or why iptables refuses it
+    ("bad rate", "Rate too fast")."""
+    parsed = rate_and_unit(text, _atoi)
+    if parsed is None:
         return f'bad rate "{text}"'
+    rate, multiplier = parsed
     avg = SCALE * multiplier // rate
     if avg == 0:
         return f'Rate too fast "{text}"'
