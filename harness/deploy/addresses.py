@@ -1,6 +1,7 @@
-"""The ingress program's `local_addresses` map: the destinations a namespace delivers locally
-(its addresses, broadcasts and joined groups), read from the namespace at apply time, so that the
-program can tell traffic for INPUT from traffic for FORWARD.
+"""What apply reads from a namespace for the programs: the destinations it delivers locally (its
+addresses, broadcasts and joined groups), which the ingress program compares inline to tell
+traffic for INPUT from traffic for FORWARD (codegen.tc.local), and each device's address and MAC
+(REJECT's `interface_addresses` map).
 """
 
 from __future__ import annotations
@@ -45,12 +46,6 @@ def joined_groups(igmp: str) -> set[int]:
             raw = int(line.split()[0], 16).to_bytes(4, sys.byteorder)
             groups.add(int.from_bytes(raw, "big"))
     return groups
-
-
-def fill_local_map(local: Map, addresses: dict[int, int]) -> None:
-    """Put `addresses` (local_addresses' answer, or a stand-in) into a `local_addresses` map."""
-    for address, kind in sorted(addresses.items())[: local.max_entries]:
-        local.update(struct.pack("<I", address), bytes([kind]))
 
 
 def interface_addresses(namespace: Namespace) -> dict[int, tuple[int, bytes]]:
