@@ -192,9 +192,49 @@ def markdown(results: dict) -> str:
             row += [_seconds(figures.get("load_s")), _seconds(figures.get("update_s"))]
         rows.append(row)
     lines += _table(header, rows)
+    lines += _one_rule(results)
     lines += _aims(results)
     lines += ["Method: `method` in the JSON file beside this one.", ""]
     return "\n".join(lines)
+
+
+def _one_rule(results: dict) -> list[str]:
+    """One rule appended and deleted (bench/one_rule.py): exec, apply, iptables-legacy."""
+    entries = results.get("one_rule") or []
+    if not entries:
+        return []
+    lines = [
+        "## One rule added to a big table, and deleted",
+        "",
+        "Whole commands as a user types them: the unmodified `iptables-legacy -A INPUT ...` "
+        "(and `-D`) under `bpflab exec`, `bpflab apply` of the table with the rule (and "
+        "without), and iptables-legacy on the kernel's table.",
+        "",
+    ]
+    header = [
+        "rules",
+        "exec: iptables -A",
+        "exec: iptables -D",
+        "bpflab apply (+1)",
+        "bpflab apply (-1)",
+        "exec -A / apply",
+        "iptables-legacy -A",
+        "iptables-legacy -D",
+    ]
+    rows = [
+        [
+            f"{entry['rules']:,}",
+            _seconds(entry["exec_add_s"]),
+            _seconds(entry["exec_delete_s"]),
+            _seconds(entry["apply_add_s"]),
+            _seconds(entry["apply_delete_s"]),
+            f"{entry['exec_over_apply']:.2f}x",
+            _seconds(entry["iptables_add_s"]),
+            _seconds(entry["iptables_delete_s"]),
+        ]
+        for entry in entries
+    ]
+    return lines + _table(header, rows)
 
 
 STATEFUL_LABELS = {"established": "established flow", "new": "new flow (last rule)"}

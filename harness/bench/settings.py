@@ -35,6 +35,9 @@ class Settings:
     warmup_s: float
     window_s: float
     slow_load_budget_s: float  # skip a C-backend size predicted to take longer to load
+    # One rule added to and deleted from tables of these sizes (bench/one_rule.py)
+    one_rule_sizes: tuple[int, ...]
+    one_rule_trials: int
 
 
 FULL = Settings(
@@ -48,6 +51,8 @@ FULL = Settings(
     warmup_s=0.2,
     window_s=0.6,
     slow_load_budget_s=180.0,
+    one_rule_sizes=(1000, 10_000),
+    one_rule_trials=3,
 )
 QUICK = Settings(
     sizes=QUICK_SIZES,
@@ -58,4 +63,6 @@ QUICK = Settings(
     warmup_s=0.1,
     window_s=0.2,
     slow_load_budget_s=30.0,
+    one_rule_sizes=(100,),
+    one_rule_trials=1,
 )

@@ -21,8 +21,8 @@ from pathlib import Path
 from netns.namespace import PIN_ROOT, owner_alive
 from netns.namespace import STATE_DIR as OWNERS
 
-from ..exec.supervisor import LOCK_ROOT
 from . import identity, state
+from .locking import LOCK_ROOT, lock_path, table_path
 
 _COMPILE_DIRECTORY = re.compile(r"c_\d+_\d+")
 
@@ -103,11 +103,11 @@ def remove(leftover: Leftover) -> Leftover:
     """Remove what `leftover` names (pins, then state, then exec's files); returns it with the
     paths removed."""
     leftover.paths.extend(state.remove_stale(leftover.name))
-    table = LOCK_ROOT / f"{leftover.name}.table"
+    table = table_path(leftover.name)
     if table.exists():
         table.unlink(missing_ok=True)
         leftover.paths.append(str(table))
-    lock = LOCK_ROOT / f"{leftover.name}.lock"
+    lock = lock_path(leftover.name)
     if _free(lock):
         lock.unlink(missing_ok=True)
         leftover.paths.append(str(lock))

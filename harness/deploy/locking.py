@@ -45,6 +45,11 @@ def lock_path(netns: str) -> Path:
     return LOCK_ROOT / f"{netns}.lock"
 
 
+def table_path(netns: str) -> Path:
+    """Where `bpflab exec` keeps the table it last answered with (harness.exec.supervisor)."""
+    return LOCK_ROOT / f"{netns}.table"
+
+
 @contextmanager
 def namespace_lock(netns: str, wait: float = LOCK_WAIT) -> Iterator[None]:
     """Hold the writers' lock of `netns` for the block; NamespaceBusy after `wait` seconds."""
@@ -95,9 +100,11 @@ def _still_there(fd: int, netns: str) -> bool:
 
 
 def forget_lock(netns: str) -> None:
-    """Remove the namespace's lock file, from inside its lock (flush: nothing is left to
-    guard); a writer that was waiting on it takes the lock of a new file."""
+    """Remove the namespace's lock file and exec's table, from inside its lock (flush: nothing
+    is left to guard or to answer from); a writer that was waiting on it takes the lock of a
+    new file."""
     assert _local.__dict__.get("held", {}).get(netns), "only the lock's holder removes it"
+    table_path(netns).unlink(missing_ok=True)
     lock_path(netns).unlink(missing_ok=True)
 
 

@@ -19,6 +19,12 @@ def add_command(commands: argparse._SubParsersAction) -> argparse.ArgumentParser
     sub = commands.add_parser("exec", help=description, description=description)
     sub.set_defaults(run=run_command)
     sub.add_argument("--netns", required=True, metavar="NS")
+    sub.add_argument(
+        "--fastpath",
+        action="store_true",
+        help="apply the tables COMMAND sends with --fastpath (forward ACCEPTed FORWARD "
+        "traffic); without it, as the rule set applied in NS was",
+    )
     sub.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND ...")
     return sub
 
@@ -35,4 +41,4 @@ def run_command(args: argparse.Namespace) -> int:
         raise UsageError(f"no command {command[0]!r} found (PATH: {os.environ.get('PATH', '')})")
     if args.backend == "c":
         require(environment.missing_bcc)
-    return run(args.netns, command, backend=args.backend)
+    return run(args.netns, command, backend=args.backend, fastpath=args.fastpath)

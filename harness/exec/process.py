@@ -48,11 +48,14 @@ def run(
     command: Sequence[str],
     *,
     backend: str = "bytecode",
+    fastpath: bool = False,
     log: TextIO = sys.stderr,
 ) -> int:
     """Run `command` (not empty; harness.exec.command checks it) in `netns` with its
     filter-table calls answered by bpflab; its exit status (128 + N when a signal N ended
-    it). Raises NamespaceError when `netns` does not exist."""
+    it). Tables it sends are applied with `backend`, and with the fast path when `fastpath`
+    or when the rule set applied in `netns` had it. Raises NamespaceError when `netns` does
+    not exist."""
     namespace = Namespace.existing(netns)  # NamespaceError: one sentence
     _instantiate_filter(namespace)
     namespace_fd = os.open(namespace.path, os.O_RDONLY | os.O_CLOEXEC)
@@ -68,7 +71,7 @@ def run(
     ours.close()
     if listener is None:  # the child failed before exec and said why on stderr
         return exit_status(os.waitpid(pid, 0)[1])
-    supervisor = Supervisor(netns, ours_identity, backend, log)
+    supervisor = Supervisor(netns, ours_identity, backend, log, fastpath=fastpath)
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the child's to take
     try:
         return supervisor.serve(listener, pid)

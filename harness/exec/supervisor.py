@@ -60,7 +60,7 @@ from codegen.tc.layout import CounterLayout, Position
 from netns.namespace import PIN_ROOT
 
 from ..counters import CounterMap
-from ..deploy.locking import LOCK_ROOT, NamespaceBusy, namespace_lock
+from ..deploy.locking import LOCK_ROOT, NamespaceBusy, namespace_lock, table_path
 from . import seccomp
 from .table import (
     COUNTERS_INFO_SIZE,
@@ -109,10 +109,19 @@ def identity(fd: int) -> tuple[int, int]:
 class Supervisor:
     """Answers one listener's notifications for namespace `netns`."""
 
-    def __init__(self, netns: str, identity: tuple[int, int], backend: str, log: TextIO):
+    def __init__(
+        self,
+        netns: str,
+        identity: tuple[int, int],
+        backend: str,
+        log: TextIO,
+        *,
+        fastpath: bool = False,
+    ):
         self.netns = netns
         self.identity = identity
         self.backend = backend
+        self.fastpath = fastpath  # on for every table applied, else as the applied one had it
         self.log = log
         # (digest of the rules text, its Table without counters): the last applied rule set
         self._cached: tuple[str, Table] | None = None
@@ -312,7 +321,7 @@ class Supervisor:
                 SOURCE,
                 self.netns,
                 devices=None,  # every device, as netfilter's hooks see every device
-                fastpath=bool(state and state.get("fastpath")),
+                fastpath=self.fastpath or bool(state and state.get("fastpath")),
                 backend=self.backend,  # type: ignore[arg-type]
                 carry_counters=False,
             )
@@ -379,13 +388,9 @@ class Supervisor:
         return namespace_lock(self.netns)
 
 
-def _table_file(netns: str) -> Path:
-    return LOCK_ROOT / f"{netns}.table"
-
-
 def _load_table(netns: str, digest: str) -> Table | None:
     try:
-        saved = json.loads(_table_file(netns).read_text())
+        saved = json.loads(table_path(netns).read_text())
         if saved["digest"] != digest:
             return None
         positions = tuple(None if p is None else tuple(p) for p in saved["positions"])
@@ -402,9 +407,9 @@ def _store_table(netns: str, digest: str, table: Table) -> None:
         "entries": table.entries.hex(),
         "positions": [None if p is None else list(p) for p in table.positions],
     }
-    temporary = _table_file(netns).with_suffix(".tmp")
+    temporary = table_path(netns).with_suffix(".tmp")
     temporary.write_text(json.dumps(saved))
-    os.replace(temporary, _table_file(netns))
+    os.replace(temporary, table_path(netns))
 
 
 def _read_state(netns: str) -> dict | None:

@@ -188,8 +188,19 @@ def test_quick_bench_writes_json_markdown_and_plots(tmp_path, capsys):
         for figures in entry["filters"].values():
             assert isinstance(figures["load_s"], float) and isinstance(figures["update_s"], float)
 
+    # One rule added and deleted, three ways: each -D found the rule its -A added (iptables
+    # exits 1 otherwise and the bench stops), so these figures are of commands that worked.
+    assert [entry["rules"] for entry in results["one_rule"]] == list(bench.QUICK.one_rule_sizes)
+    for entry in results["one_rule"]:
+        for way in ("exec", "apply", "iptables"):
+            for change in ("add", "delete"):
+                name = f"{way}_{change}_s"
+                assert entry[name] > 0 and len(entry["trials"][name]) == bench.QUICK.one_rule_trials
+        assert entry["exec_over_apply"] == entry["exec_add_s"] / entry["apply_add_s"]
+
     markdown = (tmp_path / bench.RESULTS_MARKDOWN).read_text()
     assert "| rules |" in markdown and "## Throughput" in markdown
+    assert "## One rule added to a big table" in markdown
     for png in ("ns_per_packet.png", "throughput.png", "load_time.png"):
         assert (tmp_path / png).read_bytes()[:8] == PNG_SIGNATURE
     printed = captured.out.split()

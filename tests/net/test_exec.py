@@ -30,7 +30,7 @@ from codegen.rules.blob.ipset import KernelSetIndexes
 from codegen.rules.extensions.set import set_indexes
 from codegen.rules.ipt_blob import read_entries, read_table
 from harness.deploy import lifecycle
-from harness.exec.supervisor import LOCK_ROOT
+from harness.deploy.locking import LOCK_ROOT, lock_path, table_path
 from harness.exec.table import table_of
 from netns import HostTopology, Namespace
 from netns.namespace import NETNS_DIR, format_name
@@ -64,9 +64,14 @@ def lock_file(tmp_path: Path) -> Iterator[dict[str, str]]:
 
 
 def under_exec(
-    ns: str, env: dict[str, str], *command: str, stdin: str | None = None, backend: str = ""
+    ns: str,
+    env: dict[str, str],
+    *command: str,
+    stdin: str | None = None,
+    backend: str = "",
+    fastpath: bool = False,
 ) -> subprocess.CompletedProcess[str]:
-    extra = ["--backend", backend] if backend else []
+    extra = (["--backend", backend] if backend else []) + (["--fastpath"] if fastpath else [])
     return subprocess.run(
         [sys.executable, "-m", "harness.cli", "exec", "--netns", ns, *extra, "--", *command],
         capture_output=True,
@@ -356,6 +361,25 @@ def test_an_added_rule_decides_traffic_in_each_backend(backend, lock_file) -> No
         )
         assert ours_listed.returncode == 0, ours_listed.stderr
         assert ours_listed.stdout.splitlines()[:3] == listed.stdout.splitlines()[:3]
+
+
+def test_fastpath_is_given_to_the_tables_exec_applies_and_then_kept(lock_file) -> None:
+    forward = ("iptables-legacy", "-w", "-A", "FORWARD", "-p", "udp", "-j", "ACCEPT")
+    with Namespace() as plain, Namespace() as fast:
+        lifecycle.apply(EMPTY_FILTER, "empty.rules", plain.name)
+        assert under_exec(plain.name, lock_file, *forward).returncode == 0
+        assert lifecycle.read_state(plain.name)["fastpath"] is False
+        added = under_exec(fast.name, lock_file, *forward, fastpath=True)
+        assert (added.returncode, added.stderr) == (0, "")
+        assert lifecycle.read_state(fast.name)["fastpath"] is True
+        # Without the option, the next table is applied as the running one was: fast.
+        assert under_exec(fast.name, lock_file, *forward).returncode == 0
+        assert lifecycle.read_state(fast.name)["fastpath"] is True
+        for ns in (plain, fast):
+            assert table_path(ns.name).exists()  # what exec answers the next GET_ENTRIES from
+            lifecycle.flush(ns.name)
+            # Nothing of the namespace's is left: exec's table and lock go with the rest.
+            assert not table_path(ns.name).exists() and not lock_path(ns.name).exists()
 
 
 def test_concurrent_execs_in_one_namespace_all_land(lock_file) -> None:
