@@ -17,7 +17,7 @@ import os
 import re
 import shlex
 import subprocess
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from socket import socket as Socket
@@ -171,11 +171,23 @@ def _write_state(path: Path) -> None:
     os.replace(temporary, path)
 
 
+# What else goes with a namespace of ours when its block ends: functions of its name, which
+# the layers above register (harness.deploy.locking: the rule set's state, exec's files).
+_removal_hooks: list[Callable[[str], None]] = []
+
+
+def on_removal(hook: Callable[[str], None]) -> Callable[[str], None]:
+    """Call `hook(name)` after each namespace of ours is removed; returns `hook`."""
+    _removal_hooks.append(hook)
+    return hook
+
+
 class Namespace:
     """A named network namespace that exists for the duration of a `with` block.
 
     `with Namespace() as ns:` creates it (and its state file); leaving the block removes the
-    namespace, its bpffs pins under PIN_ROOT/<name> and its state file. Sockets opened with
+    namespace, its bpffs pins under PIN_ROOT/<name>, its state file and what the hooks of
+    `on_removal` remove. Sockets opened with
     `socket()` keep the kernel namespace alive until they are closed, but not its name.
     """
 
@@ -230,6 +242,8 @@ class Namespace:
     ) -> None:
         remove_namespace(self.name)
         remove_pins(self.name)
+        for hook in _removal_hooks:
+            hook(self.name)
         self.state_file.unlink(missing_ok=True)
 
     def _open(self) -> int:

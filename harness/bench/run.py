@@ -5,9 +5,9 @@ table and PNG plots.
 The sections live in `testrun` (BPF_PROG_TEST_RUN), `traffic` (veth pairs, trafgen, the other
 filters), `one_rule` (one rule added under `bpflab exec`, by apply, by iptables-legacy) and
 `report` (Markdown, plots); `workload` is the rules and packets they share, `settings` what a
-full or a quick run measures and `facts` the method, machine and tools recorded. This module chooses what to run, puts the
-figures together with the machine and the method, writes the files and, for the CLI, reports
-progress one line per step on stderr.
+full or a quick run measures and `facts` the method, machine and tools recorded. This module
+chooses what to run, puts the figures together with the machine and the method, writes the
+files and, for the CLI, reports progress one line per step on stderr.
 """
 
 from __future__ import annotations

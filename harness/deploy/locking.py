@@ -21,7 +21,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import ParamSpec, TypeVar
 
-from .state import LifecycleError
+from netns.namespace import NETNS_DIR, on_removal
+
+from .state import LifecycleError, remove_stale
 
 LOCK_ROOT = Path("/run/bpflab/exec")
 LOCK_WAIT = 60.0  # seconds a writer waits for another one of the namespace
@@ -117,12 +119,30 @@ def serialised(function: Callable[P, R], *, last: bool = False) -> Callable[P, R
     def locked(*args: P.args, **kwargs: P.kwargs) -> R:
         netns = signature.bind(*args, **kwargs).arguments["netns"]
         with namespace_lock(netns):
-            result = function(*args, **kwargs)
-            if last:
+            try:
+                result = function(*args, **kwargs)
+            except BaseException:
+                if _gone(netns):  # `apply` into a namespace that does not exist: no lock left
+                    forget_lock(netns)
+                raise
+            if last or _gone(netns):
                 forget_lock(netns)
             return result
 
     return locked
+
+
+def _gone(netns: str) -> bool:
+    return not (NETNS_DIR / netns).exists()
+
+
+@on_removal
+def _forget_namespace(netns: str) -> None:
+    """When the lab removes one of its namespaces, the rule set's pins and state and exec's
+    files of that name go too (without detaching anything: the devices went with it)."""
+    remove_stale(netns)
+    table_path(netns).unlink(missing_ok=True)
+    lock_path(netns).unlink(missing_ok=True)
 
 
 def serialised_last(function: Callable[P, R]) -> Callable[P, R]:

@@ -15,7 +15,7 @@ from codegen.bpf.info import map_info
 from codegen.bpf.maps import get_pinned
 from codegen.bpf.syscall import close
 from harness.deploy import identity, leftovers, lifecycle, state
-from harness.exec.supervisor import LOCK_ROOT
+from harness.deploy.locking import LOCK_ROOT, lock_path, table_path
 from netns import HostTopology, Namespace, VethEnd, create_veth_pair, prepare_namespace
 from netns.namespace import PIN_ROOT, new_name, remove_namespace
 from tests.net.test_cli_lifecycle import bpflab
@@ -275,3 +275,39 @@ def test_cleanup_removes_what_gone_namespaces_left_and_leaves_live_ones(tmp_path
             )
         finally:
             os.close(held)
+
+
+def _kept_under(name: str) -> list[str]:
+    paths = [
+        PIN_ROOT / name,
+        state.state_file(name),
+        state.journal_file(name),
+        lock_path(name),
+        table_path(name),
+    ]
+    return [str(path) for path in paths if path.exists()]
+
+
+def test_a_lab_namespace_takes_its_rule_sets_state_with_it(tmp_path):
+    """Leaving a Namespace block removes what bpflab keeps under its name, as flush would,
+    so that a test that fails half-way (or never flushes) leaves nothing for cleanup."""
+    with Namespace() as ns:
+        lifecycle.apply(RULES, "r.rules", ns.name)
+        added = bpflab(
+            "exec", "--netns", ns.name, "--",
+            "iptables-legacy", "-w", "-A", "INPUT", "-p", "tcp", "-j", "ACCEPT",
+        )  # fmt: skip
+        assert added.returncode == 0, added.stderr
+        kept = _kept_under(ns.name)
+        assert len(kept) == 4 and str(state.journal_file(ns.name)) not in kept, kept
+    assert _kept_under(ns.name) == []
+
+
+def test_a_command_for_a_namespace_that_does_not_exist_leaves_no_lock(tmp_path):
+    path = tmp_path / "r.rules"
+    path.write_text(RULES)
+    name = new_name()  # a name of ours that no namespace holds
+    for command in (["apply", str(path), "--netns", name], ["flush", "--netns", name]):
+        refused = bpflab(*command)
+        assert refused.returncode == 2 and name in refused.stderr, refused.stderr
+        assert _kept_under(name) == []
