@@ -106,6 +106,10 @@ def forget_lock(netns: str) -> None:
     is left to guard or to answer from); a writer that was waiting on it takes the lock of a
     new file."""
     assert _local.__dict__.get("held", {}).get(netns), "only the lock's holder removes it"
+    _remove_files(netns)
+
+
+def _remove_files(netns: str) -> None:
     table_path(netns).unlink(missing_ok=True)
     lock_path(netns).unlink(missing_ok=True)
 
@@ -121,11 +125,10 @@ def serialised(function: Callable[P, R], *, last: bool = False) -> Callable[P, R
         with namespace_lock(netns):
             try:
                 result = function(*args, **kwargs)
-            except BaseException:
-                if _gone(netns):  # `apply` into a namespace that does not exist: no lock left
+            finally:
+                if _gone(netns):  # e.g. `apply` into a namespace that does not exist: no lock left
                     forget_lock(netns)
-                raise
-            if last or _gone(netns):
+            if last:
                 forget_lock(netns)
             return result
 
@@ -141,8 +144,7 @@ def _forget_namespace(netns: str) -> None:
     """When the lab removes one of its namespaces, the rule set's pins and state and exec's
     files of that name go too (without detaching anything: the devices went with it)."""
     remove_stale(netns)
-    table_path(netns).unlink(missing_ok=True)
-    lock_path(netns).unlink(missing_ok=True)
+    _remove_files(netns)
 
 
 def serialised_last(function: Callable[P, R]) -> Callable[P, R]:
