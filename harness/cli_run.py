@@ -27,6 +27,8 @@ def verify(args: argparse.Namespace) -> int:
     from codegen.tc.matches.hashlimit import create_map as create_hashlimit_map
     from codegen.tc.matches.limit import LIMIT_MAP, uses_limit
     from codegen.tc.matches.limit import create_map as create_limit_map
+    from codegen.tc.matches.policy import SECPATH_MAP, uses_policy
+    from codegen.tc.matches.policy import create_map as create_secpath_map
     from codegen.tc.matches.recent import create_maps as create_recent_maps
     from codegen.tc.matches.recent import uses_recent
     from codegen.tc.replies import INTERFACE_ADDRESSES, INTERFACE_VALUE_SIZE
@@ -57,6 +59,8 @@ def verify(args: argparse.Namespace) -> int:
             tracking[LIMIT_MAP] = stack.enter_context(create_limit_map(ruleset))
         if uses_hashlimit(ruleset):
             tracking[HASHLIMIT_MAP] = stack.enter_context(create_hashlimit_map(ruleset))
+        if uses_policy(ruleset):  # a test's security path; the programs read the skb's
+            tracking[SECPATH_MAP] = stack.enter_context(create_secpath_map())
         for name, held in (set_maps(ruleset) if uses_sets(ruleset) else {}).items():
             tracking[name] = stack.enter_context(held)
         for name, held in (create_recent_maps(ruleset) if uses_recent(ruleset) else {}).items():

@@ -19,7 +19,7 @@ from codegen.rules.extensions.limit import seconds_to_jiffies
 from codegen.rules.extensions.set import bind_sets, uses_sets
 from codegen.rules.model import Interface, Ruleset
 from codegen.rules.names import PKT_TYPE_ALIASES, PKT_TYPES
-from codegen.rules.packet import SocketOwner
+from codegen.rules.packet import SocketOwner, XfrmState
 from codegen.rules.routes import STANDIN_ROUTES, RouteTable
 from codegen.rules.sets import SetTable
 from codegen.tc.generator import COUNTERS_MAP
@@ -30,6 +30,8 @@ from codegen.tc.matches.hashlimit import HASHLIMIT_MAP, uses_hashlimit
 from codegen.tc.matches.hashlimit import create_map as create_hashlimit_map
 from codegen.tc.matches.limit import LIMIT_MAP, create_map, set_clock, uses_limit
 from codegen.tc.matches.owner import cb_owner, uses_owner
+from codegen.tc.matches.policy import SECPATH_MAP, cb_secpath, uses_policy
+from codegen.tc.matches.policy import create_map as create_secpath_map
 from codegen.tc.matches.recent import CLOCK_MAP as RECENT_CLOCK
 from codegen.tc.matches.recent import create_maps as create_recent_maps
 from codegen.tc.matches.recent import set_clock as set_recent_clock
@@ -119,6 +121,8 @@ class ChainRunner:
         self.recent_maps = create_recent_maps(ruleset) if uses_recent(ruleset) else {}
         self.recent_hz = kernel_hz() if self.recent_maps else None
         self.owned = uses_owner(ruleset)  # -m owner: run() may give the packet's socket
+        # -m policy: where run() gives a test's security path (codegen.tc.matches.policy).
+        self.secpath = create_secpath_map() if uses_policy(ruleset) else None
         self._programs: dict[str, Program] = {}
 
     def program(self, chain: str) -> Program:
@@ -136,6 +140,7 @@ class ChainRunner:
                     **({} if self.hashlimits is None else {HASHLIMIT_MAP: self.hashlimits}),
                     **self.set_maps,
                     **self.recent_maps,
+                    **({} if self.secpath is None else {SECPATH_MAP: self.secpath}),
                 },
                 chain=chain,
                 backend=self.backend,
@@ -165,12 +170,15 @@ class ChainRunner:
         pkt_type: str = "host",
         time: float | None = None,
         owner: SocketOwner | None | Literal["dummy"] = "dummy",
+        secpath: tuple[XfrmState, ...] | None | Literal["dummy"] = "dummy",
     ) -> Outcome:
         """Run `frame` through `chain`'s program. `time` (seconds, any origin, never going
         back) is the connection tracker's and -m limit's clock for this packet; None: the
         monotonic clock and the kernel's jiffies. `owner` is the socket -m owner sees (None:
         no socket); "dummy": the one test-run gives every packet, which no struct socket
-        holds (xt_owner sees it as none), read by the program itself."""
+        holds (xt_owner sees it as none), read by the program itself. `secpath` is the IPsec
+        states that decapsulated the packet, for -m policy (None: none); "dummy": the skb's
+        own, which a test run's never has."""
         for name in (in_iface, out_iface):
             if name and name not in self.interfaces:
                 raise ValueError(
@@ -185,6 +193,8 @@ class ChainRunner:
         context.cb[2] = PKT_TYPES[PKT_TYPE_ALIASES.get(pkt_type, pkt_type)]
         if owner != "dummy" and self.owned:  # only -m owner reads it (the C backend refuses it)
             cb_owner(context.cb, owner)
+        if secpath != "dummy" and self.secpath is not None:
+            cb_secpath(context.cb, secpath, self.secpath)
         if self.tracker is not None:
             self.tracker.set_clock(0 if time is None else CLOCK_ORIGIN + round(time * 1e9))
         if self.limits is not None and self.hz is not None:
@@ -254,6 +264,9 @@ class ChainRunner:
         for held in self.recent_maps.values():
             held.close()
         self.recent_maps = {}
+        if self.secpath is not None:
+            self.secpath.close()
+            self.secpath = None
 
     def __enter__(self) -> ChainRunner:
         return self

@@ -121,6 +121,29 @@ class SocketOwner:
 
 
 @dataclass(frozen=True, slots=True)
+class XfrmState:
+    """One IPsec transform as `-m policy` compares it (struct xfrm_state's id and props):
+    the protocol (50 ESP, 51 AH, 108 IPComp), the mode (0 transport, 1 tunnel, ...), the SPI
+    as `ip xfrm` shows it, the reqid, and the tunnel's source and destination addresses."""
+
+    proto: int = 50
+    mode: int = 1
+    spi: int = 0
+    reqid: int = 0
+    saddr: int = 0
+    daddr: int = 0
+
+    def __post_init__(self) -> None:
+        check_uint(self.proto, 8, "xfrm protocol")
+        check_uint(self.mode, 8, "xfrm mode")
+        for name in ("spi", "reqid", "saddr", "daddr"):
+            check_uint(getattr(self, name), 32, f"xfrm {name}")
+
+
+XFRM_MAX_DEPTH = 6  # the most transforms a security path holds
+
+
+@dataclass(frozen=True, slots=True)
 class Packet:
     data: bytes  # trimmed to the IP total length, as ip_rcv leaves the skb
     saddr: int
@@ -138,6 +161,10 @@ class Packet:
     routes: RouteTable | None = None  # what -m addrtype looks addresses up in (None: stand-in)
     owner: SocketOwner | None = None  # the socket -m owner asks about (None: none)
     sets: SetTable | None = None  # what -m set looks up (None: its bound sets or stand-ins)
+    # -m policy: the states that decapsulated the packet (the skb's security path, first
+    # applied first), and those its route will encapsulate it with; None: none.
+    secpath: tuple[XfrmState, ...] | None = None
+    bundle: tuple[XfrmState, ...] | None = None
 
     def transport_header(self, size: int) -> bytes:
         """skb_header_pointer for the first `size` transport bytes; a short packet is
@@ -159,6 +186,7 @@ def read_packet(
     routes: RouteTable | None = None,
     owner: SocketOwner | None = None,
     sets: SetTable | None = None,
+    secpath: tuple[XfrmState, ...] | None = None,
 ) -> Packet:
     if len(packet) < 20:
         raise PacketError(f"packet is {len(packet)} bytes, shorter than an IPv4 header")
@@ -177,6 +205,8 @@ def read_packet(
             raise ValueError(f"{name} {device!r} is longer than 15 characters")
     if not 0 <= mark <= 0xFFFFFFFF:
         raise ValueError(f"mark {mark} is not a 32-bit value")
+    if secpath is not None and len(secpath) > XFRM_MAX_DEPTH:
+        raise ValueError(f"a security path holds at most {XFRM_MAX_DEPTH} states")
     if pkt_type not in PACKET_TYPES:
         raise ValueError(f"pkt_type must be one of {', '.join(PACKET_TYPES)}, not {pkt_type!r}")
     return Packet(
@@ -196,4 +226,5 @@ def read_packet(
         routes=routes,
         owner=owner,
         sets=sets,
+        secpath=secpath,
     )

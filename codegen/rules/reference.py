@@ -44,7 +44,14 @@ from codegen.rules.model import (
     Ruleset,
 )
 from codegen.rules.names import BUILTIN_CHAINS
-from codegen.rules.packet import Connection, HotDrop, Packet, SocketOwner, read_packet
+from codegen.rules.packet import (
+    Connection,
+    HotDrop,
+    Packet,
+    SocketOwner,
+    XfrmState,
+    read_packet,
+)
 from codegen.rules.routes import RouteTable
 from codegen.rules.sets import SetTable
 from codegen.rules.tracking import ConnectionTable
@@ -161,6 +168,7 @@ def evaluate(
     time: float = 0.0,
     owner: SocketOwner | None = None,
     sets: SetTable | None = None,
+    secpath: tuple[XfrmState, ...] | None = None,
 ) -> Evaluation:
     """Run `packet` (IPv4, from the IP header on) through built-in `chain` as ipt_do_table
     would, with `connection` the conntrack entry it carries (None: none, which connection
@@ -170,7 +178,8 @@ def evaluate(
     the table's load, updated for a packet arriving at `time` (seconds); None: a fresh one,
     the first packet after a load. `owner` is the socket the packet carries (-m owner; None:
     none). `sets` are the ipsets -m set looks up (None: those bound to the matches, else
-    codegen.rules.sets.STANDIN_SETS)."""
+    codegen.rules.sets.STANDIN_SETS). `secpath` is the IPsec states that decapsulated the
+    packet (-m policy --dir in; None: none)."""
     if chain not in BUILTIN_CHAINS or chain not in ruleset.chains:
         raise ValueError(f"chain must be one of {', '.join(BUILTIN_CHAINS)}, not {chain!r}")
     parsed = read_packet(
@@ -183,6 +192,7 @@ def evaluate(
         routes=routes,
         owner=owner,
         sets=sets,
+        secpath=secpath,
     )
     counters: dict[Position, tuple[int, int]] = {}
     memory = MatchMemory() if memory is None else memory

@@ -63,7 +63,10 @@ class Facts:
     OWNER_STATE = Field(41, Size.B)
     OWNER_UID = Field(CONNECTION + ctypes.sizeof(Result) + 3 & ~3, Size.W)
     OWNER_GID = Field(OWNER_UID.offset + 4, Size.W)
-    SIZE = OWNER_GID.offset + 4 + 7 & ~7
+    # -m policy's answers (codegen.tc.matches.policy, rule sets with policy matches): bit N
+    # is whether the rule set's Nth distinct policy match holds.
+    POLICY = Field(OWNER_GID.offset + 4, Size.W)
+    SIZE = POLICY.offset + 4 + 7 & ~7
 
     @staticmethod
     def connection(name: str, part: str | None = None) -> Field:

@@ -614,8 +614,8 @@ MATCH_NAME = 112 + 2  # the first match's name
 DECODE_ERRORS = [
     (
         "unknown match",
-        patched(one_rule(Length(1, 2)), MATCH_NAME, b"policy\0"),
-        "filter table entry at offset 0: chain INPUT rule 1: match 'policy' is not supported"
+        patched(one_rule(Length(1, 2)), MATCH_NAME, b"string\0"),
+        "filter table entry at offset 0: chain INPUT rule 1: match 'string' is not supported"
         " (supported: tcp (revision 0), udp (revision 0), icmp (revision 0),",
     ),
     (

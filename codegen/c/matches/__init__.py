@@ -40,6 +40,9 @@ FAMILIES = tuple(
 REFUSED: dict[str, str] = {
     "owner": "its socket's owner is read through kernel functions (bpf_cast_to_kern_ctx,"
     " bpf_rdonly_cast) that bcc cannot call; the bytecode backend generates it",
+    "policy": "the protocol, mode and tunnel destination of its IPsec states are read through"
+    " kernel functions (bpf_cast_to_kern_ctx, bpf_rdonly_cast) that bcc cannot call, and"
+    " bpf_skb_get_xfrm_state gives none of them; the bytecode backend generates it",
 }
 assert not set(REFUSED) & set(FAMILIES), "a family both written and refused"
 

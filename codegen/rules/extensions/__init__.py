@@ -16,7 +16,7 @@ from codegen.rules.names import BUILTIN_CHAINS
 # The registration line. The order is the order error messages list the matches in.
 FAMILIES = (
     "tcp udp icmp multiport iprange length ttl pkttype mark comment conntrack state limit"
-    " addrtype owner set hashlimit recent physdev"
+    " addrtype owner set hashlimit recent physdev policy"
 ).split()
 
 

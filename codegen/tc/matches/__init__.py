@@ -50,6 +50,7 @@ FAMILIES = (
     "hashlimit",
     "recent",
     "physdev",
+    "policy",
 )
 
 # The rule layer's families this backend refuses on purpose, each with the reason its refusal
