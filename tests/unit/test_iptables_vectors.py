@@ -35,6 +35,8 @@ FILES = (
     "libxt_recent.t",
     "libipt_recent.t",
     "libxt_physdev.t",
+    "libxt_policy.t",
+    "libipt_policy.t",
 )
 BUILTIN = ("INPUT", "FORWARD", "OUTPUT")
 # Lines of a file for a feature this project refuses on purpose, by what the rule holds: each

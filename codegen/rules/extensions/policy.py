@@ -307,8 +307,9 @@ def _spec(element: PolicyElement) -> tuple[int, int]:
     return match, invert
 
 
-def _set_address(array: ctypes.Array[ctypes.c_uint8], value: int) -> None:
-    array[:4] = list(value.to_bytes(4, "big"))
+def _set_address(array: ctypes.Array[ctypes.c_uint8], value: int, mask: bool = False) -> None:
+    """An address, or a mask: libxtables writes sixteen 0xff bytes for none given (/32)."""
+    array[:] = [0xFF] * 16 if mask and value == UINT32 else [*value.to_bytes(4, "big"), *[0] * 12]
 
 
 def _address(array: ctypes.Array[ctypes.c_uint8]) -> int:
@@ -319,10 +320,10 @@ def _encode_element(element: PolicyElement) -> XtPolicyElem:
     data = XtPolicyElem()
     if element.tunnel_src is not None:
         _set_address(data.saddr, element.tunnel_src.address)
-        _set_address(data.smask, element.tunnel_src.mask)
+        _set_address(data.smask, element.tunnel_src.mask, mask=True)
     if element.tunnel_dst is not None:
         _set_address(data.daddr, element.tunnel_dst.address)
-        _set_address(data.dmask, element.tunnel_dst.mask)
+        _set_address(data.dmask, element.tunnel_dst.mask, mask=True)
     for name in ("spi", "reqid", "proto", "mode"):
         option = getattr(element, name)
         if option is not None:
@@ -354,7 +355,11 @@ def _decode_element(data: XtPolicyElem) -> PolicyElement:
         if data.match & bit:
             values[name] = MaskedAddress(_address(address), _address(mask), bool(data.invert & bit))
     element = PolicyElement(**values)  # type: ignore[arg-type]
-    if bytes(_encode_element(element)) != bytes(data):
+    given = XtPolicyElem.from_buffer_copy(bytes(data))
+    for mask in (given.smask, given.dmask):  # `/32` written out is four 0xff bytes, not 16
+        if bytes(mask) == b"\xff" * 4 + bytes(12):
+            mask[:] = [0xFF] * 16
+    if bytes(_encode_element(element)) != bytes(given):
         raise BlobError("policy match: an element holds values for options it does not use")
     return element
 
