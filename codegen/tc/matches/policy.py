@@ -38,7 +38,22 @@ from functools import cache
 from codegen.bpf import insn as I
 from codegen.bpf.asm import Item, Label
 from codegen.bpf.btf import BtfError, vmlinux
-from codegen.bpf.isa import R0, R1, R2, R3, R5, R6, R7, R8, R10, AluOp, JmpOp, MapType, Size
+from codegen.bpf.isa import (
+    R0,
+    R1,
+    R2,
+    R3,
+    R5,
+    R6,
+    R7,
+    R8,
+    R10,
+    AluOp,
+    AtomicOp,
+    JmpOp,
+    MapType,
+    Size,
+)
 from codegen.bpf.maps import Map
 from codegen.bpf.testrun import SKB_OFFSETS
 from codegen.rules.extensions.conntrack import MaskedAddress
@@ -209,11 +224,18 @@ def _fits(element: PolicyElement, fields: dict[str, tuple[int, Size]], miss: str
     return code
 
 
+def _update(op: AtomicOp, value: int) -> list[Item]:
+    """POLICY op= value, as an atomic operation: the verifier then keeps no value for the
+    word, so the paths through the answers (one per combination of bits, were it tracked)
+    meet again and are verified once."""
+    return [I.mov32(R1, value), I.atomic(Size.W, op, FACTS, Facts.POLICY.offset, R1)]
+
+
 def _answers(
     matches: tuple[Policy, ...], source: _Source, new_label: Callable[[str], str], done: str
 ) -> list[Item]:
     """With a path at r7 holding r8 states: set the bit of every ipsec match that holds."""
-    code: list[Item] = [I.st(Size.W, FACTS, Facts.POLICY.offset, 0)]  # none of --pol none
+    code: list[Item] = _update(AtomicOp.AND, 0)  # none of --pol none holds
     for index in range(XFRM_MAX_DEPTH):
         code += [I.jmp32(JmpOp.JLE, R8, index, done), *source.state(index)]
         for bit, match in enumerate(matches):
@@ -224,9 +246,7 @@ def _answers(
                 code.append(I.jmp32(JmpOp.JNE, R8, 1, skip))
             code += [
                 *_fits(match.used[0], source.fields, skip),
-                I.ldx(Size.W, R1, FACTS, Facts.POLICY.offset),
-                I.alu32(AluOp.OR, R1, 1 << bit),
-                I.stx(Size.W, FACTS, Facts.POLICY.offset, R1),
+                *_update(AtomicOp.OR, 1 << bit),
                 Label(skip),
             ]
     return code
@@ -315,7 +335,10 @@ def policy_facts(hook: str, ruleset: Ruleset, new_label: Callable[[str], str]) -
         )
     done = new_label("policy_known")
     none_bits = sum(1 << bit for bit, match in enumerate(matches) if match.none)
-    code: list[Item] = [I.st(Size.W, FACTS, Facts.POLICY.offset, none_bits)]
+    code: list[Item] = [
+        I.st(Size.W, FACTS, Facts.POLICY.offset, 0),
+        *_update(AtomicOp.OR, none_bits),
+    ]
     if hook == "chain":
         walk = new_label("policy_walk")
         cb = SKB_OFFSETS["cb"] + 4 * CB_WORD
