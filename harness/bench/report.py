@@ -108,6 +108,7 @@ def markdown(results: dict) -> str:
     lines += _table(header, rows)
 
     lines += _fixed(results)
+    lines += _extensions(results)
 
     header = ["rules"]
     for backend in backends:
@@ -196,6 +197,26 @@ def markdown(results: dict) -> str:
     lines += _aims(results)
     lines += ["Method: `method` in the JSON file beside this one.", ""]
     return "\n".join(lines)
+
+
+def _extensions(results: dict) -> list[str]:
+    """One rule of each extension (bench/extensions.py), against the rule without it."""
+    entries = results.get("extensions") or []
+    if not entries:
+        return []
+    lines = [
+        "## What one rule of each extension adds (BPF_PROG_TEST_RUN, bytecode)",
+        "",
+        "The INPUT chain program of `-A INPUT -p udp --dport 9 [EXTENSION] -j TARGET` on a "
+        "UDP datagram to port 9; stateful matches on the path a repeated packet takes.",
+        "",
+    ]
+    rows = [
+        [entry["case"], _ns(entry["ns"]), f"{entry['added_ns']:+.1f} ns"]
+        + ([f"{entry['log_drops']:,} events dropped"] if entry.get("log_drops") else [""])
+        for entry in entries
+    ]
+    return lines + _table(["rule", "per packet", "added", ""], rows)
 
 
 def _one_rule(results: dict) -> list[str]:

@@ -34,7 +34,7 @@ RESULTS_JSON = "bench.json"
 RESULTS_MARKDOWN = "bench.md"
 # 2: the stateful workload's section; 3: the fixed cost (`fixed`); 4: one rule added and
 # deleted (`one_rule`)
-SCHEMA = 4
+SCHEMA = 5
 # The stateful workload runs at the sizes up to this (the largest set that loads is stateless).
 STATEFUL_LARGEST = 5000
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -83,6 +83,7 @@ def run_bench(settings: Settings, progress: Progress = _no_progress) -> dict:
     """Measure everything `settings` asks for and return the results (see the JSON's keys)."""
     if (reason := missing_requirements()) is not None:
         raise BenchError(reason)
+    from .extensions import measure as measure_extensions
     from .one_rule import measure as measure_one_rule
     from .stateful import per_packet as stateful_per_packet
     from .testrun import c_backend_problem, find_largest, time_floor
@@ -104,6 +105,7 @@ def run_bench(settings: Settings, progress: Progress = _no_progress) -> dict:
     floor, floor_facts = time_floor(settings.testrun)
     progress(f"floor: empty program {floor.ns:.0f} ns per packet")
     fixed = _fixed(backends, settings, progress)
+    extensions = measure_extensions(settings.testrun, progress)
 
     sizes = sorted(set(settings.sizes))
     largest = None
@@ -173,6 +175,7 @@ def run_bench(settings: Settings, progress: Progress = _no_progress) -> dict:
         "filters": list(FILTERS),
         "floor": {**floor.to_json(), "instructions": floor_facts.xlated_instructions},
         "fixed": fixed,
+        "extensions": extensions,
         "largest": largest,
         "per_packet": per_packet,
         "throughput": throughput,

@@ -11,6 +11,7 @@ import pytest
 
 from codegen.rules import parse
 from codegen.rules.validation import validate
+from harness.bench import extensions as bench_extensions
 from harness.bench import run as bench
 from harness.bench.workload import (
     FRAME_BYTES,
@@ -148,6 +149,16 @@ def test_quick_bench_writes_json_markdown_and_plots(tmp_path, capsys):
         assert entry["fixed_ns"] == entry["cases"]["local"] - entry["chain_ns"]
         assert all(ns > 0 for ns in entry["cases"].values())
     assert "## Fixed cost" in (tmp_path / bench.RESULTS_MARKDOWN).read_text()
+    # One rule of each extension, each checked to end where its case says (the bench stops
+    # otherwise); the LOG that fires had room for every event, the one on a full ring none.
+    extensions = {entry["case"]: entry for entry in results["extensions"]}
+    assert list(extensions) == [case.name for case in bench_extensions.CASES]
+    assert all(entry["ns"] > 0 for entry in extensions.values())
+    assert extensions["-j LOG, firing"]["log_drops"] == 0
+    assert extensions["-j LOG, ring full (event dropped)"]["log_drops"] > 0
+    assert (
+        "## What one rule of each extension adds" in (tmp_path / bench.RESULTS_MARKDOWN).read_text()
+    )
 
     backends = results["backends"]
     assert backends["bytecode"]["available"] is True

@@ -1,0 +1,132 @@
+"""What one rule of each extension adds per packet: the INPUT chain program of a one-rule
+table timed with BPF_PROG_TEST_RUN, beside the same rule without the extension.
+
+Every case's rule is `-A INPUT -p udp --dport 9 [EXTENSION] -j TARGET`, timed on one UDP
+datagram to port 9 from 198.18.0.1 to 198.18.0.2, checked first to end where the case says
+(its rule, or INPUT's policy when the match does not hold). Stateful matches are timed on the
+path a repeated packet takes: `-m limit` and `-m hashlimit` over their rate (the bucket
+read, nothing to take), `-m recent --update` with the source already in the table, conntrack
+on a flow seen before. LOG is timed firing, with a ring large enough for every event of the
+trials (the drops would be another path), and again with a full ring: the event is lost and
+counted, the packet goes on. REJECT is timed building its answer in the packet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from scapy.layers.inet import IP, UDP
+
+from codegen.rules import parse
+
+from ..runner import ChainRunner, frame_for
+from .settings import Progress, TimingSettings
+from .testrun import BenchCheckFailed, time_program
+
+RULE = "-A INPUT -p udp -m udp --dport 9"
+PACKET = bytes(
+    IP(src="198.18.0.1", dst="198.18.0.2", id=1) / UDP(sport=4000, dport=9) / (b"x" * 18)
+)
+LOG_RECORD_BOUND = 512  # bytes a LOG record of PACKET takes in the ring, at most
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    rules: str  # the INPUT rules, each line `-A INPUT ...`
+    ends: tuple[str, int | str]  # where the checked packet's verdict comes from
+    log_ring: int = 0  # bytes: a ring holding every event of the trials (0: the default)
+
+
+def _one(options: str, target: str = "ACCEPT") -> str:
+    return f"{RULE} {options} -j {target}".replace("  ", " ")
+
+
+CASES: tuple[Case, ...] = (
+    Case("baseline: -p udp --dport 9", _one(""), ("INPUT", 1)),
+    Case("-m policy --dir in --pol none", _one("-m policy --dir in --pol none"), ("INPUT", 1)),
+    Case(
+        "-m policy --dir in --pol ipsec (no path)",
+        _one("-m policy --dir in --pol ipsec"),
+        ("INPUT", "policy"),
+    ),
+    Case(
+        "-m limit, over its rate",
+        _one("-m limit --limit 1/hour --limit-burst 1"),
+        ("INPUT", "policy"),
+    ),
+    Case(
+        "-m hashlimit srcip, over its rate",
+        _one(
+            "-m hashlimit --hashlimit-upto 1/hour --hashlimit-burst 1 --hashlimit-mode srcip"
+            " --hashlimit-name b"
+        ),
+        ("INPUT", "policy"),
+    ),
+    Case(
+        "-m recent --update, source seen",
+        f"{RULE} -m recent --set\n" + _one("-m recent --update --seconds 60"),
+        ("INPUT", 2),
+    ),
+    Case(
+        "-m conntrack --ctstate NEW", _one("-m conntrack --ctstate NEW,ESTABLISHED"), ("INPUT", 1)
+    ),
+    Case("-m addrtype --dst-type LOCAL", _one("-m addrtype --dst-type LOCAL"), ("INPUT", 1)),
+    Case("-m set --match-set nets src", _one("-m set --match-set nets src"), ("INPUT", 1)),
+    Case(
+        "-j MARK --set-mark 1, then ACCEPT",
+        f"{RULE} -j MARK --set-mark 0x1\n{_one('')}",
+        ("INPUT", 2),
+    ),
+    Case(
+        "-j LOG, firing", f"{RULE} -j LOG --log-prefix bench\n{_one('')}", ("INPUT", 2), log_ring=1
+    ),
+    Case(
+        "-j LOG, ring full (event dropped)",
+        f"{RULE} -j LOG --log-prefix bench\n{_one('')}",
+        ("INPUT", 2),
+    ),
+    Case("-j REJECT (answer built)", _one("", "REJECT"), ("INPUT", 1)),
+)
+
+
+def _ring_for(settings: TimingSettings) -> int:
+    """A power-of-two ring that holds the calibration's and every trial's events."""
+    events = 1000 + settings.trials * settings.repeat
+    size = 4096
+    while size < events * LOG_RECORD_BOUND:
+        size *= 2
+    return size
+
+
+def measure_case(case: Case, settings: TimingSettings) -> dict:
+    text = f"*filter\n:INPUT ACCEPT [0:0]\n{case.rules}\nCOMMIT\n"
+    ruleset = parse(text, f"bench-{case.name}.rules")
+    ring = {"log_ring_size": _ring_for(settings)} if case.log_ring else {}
+    with ChainRunner(ruleset, **ring) as runner:
+        for _ in range(2):  # twice: the second finds what the first left (buckets, entries)
+            outcome = runner.run(frame_for(PACKET), "INPUT")
+        if outcome.deciding != case.ends:
+            raise BenchCheckFailed(
+                f"extension case {case.name!r}: the packet ended at {outcome.deciding}, not"
+                f" {case.ends}"
+            )
+        program = runner.program("INPUT")
+        if not case.log_ring and "LOG" in case.rules:  # fill the ring first
+            time_program(program.fd, frame_for(PACKET), settings)
+        timing = time_program(program.fd, frame_for(PACKET), settings)
+        lost = runner.log_drops()
+    return {"case": case.name, "rule": case.rules, **timing.to_json(), "log_drops": lost}
+
+
+def measure(settings: TimingSettings, progress: Progress) -> list[dict]:
+    """Every case, in order, with what it adds to the baseline's cost."""
+    entries = []
+    baseline = None
+    for case in CASES:
+        entry = measure_case(case, settings)
+        baseline = entry["ns"] if baseline is None else baseline
+        entry["added_ns"] = entry["ns"] - baseline
+        entries.append(entry)
+        progress(f"extension  {case.name:42} {entry['ns']:7.1f} ns ({entry['added_ns']:+.1f} ns)")
+    return entries
