@@ -20,6 +20,7 @@ from scapy.layers.inet import IP, UDP
 from codegen.rules import parse
 
 from ..runner import ChainRunner, frame_for
+from .report import _ns, _table
 from .settings import Progress, TimingSettings
 from .testrun import BenchCheckFailed, time_program
 
@@ -130,3 +131,23 @@ def measure(settings: TimingSettings, progress: Progress) -> list[dict]:
         entries.append(entry)
         progress(f"extension  {case.name:42} {entry['ns']:7.1f} ns ({entry['added_ns']:+.1f} ns)")
     return entries
+
+
+def report_lines(results: dict) -> list[str]:
+    """One rule of each extension (bench/extensions.py), against the rule without it."""
+    entries = results.get("extensions") or []
+    if not entries:
+        return []
+    lines = [
+        "## What one rule of each extension adds (BPF_PROG_TEST_RUN, bytecode)",
+        "",
+        "The INPUT chain program of `-A INPUT -p udp --dport 9 [EXTENSION] -j TARGET` on a "
+        "UDP datagram to port 9; stateful matches on the path a repeated packet takes.",
+        "",
+    ]
+    rows = [
+        [entry["case"], _ns(entry["ns"]), f"{entry['added_ns']:+.1f} ns"]
+        + ([f"{entry['log_drops']:,} events dropped"] if entry.get("log_drops") else [""])
+        for entry in entries
+    ]
+    return lines + _table(["rule", "per packet", "added", ""], rows)

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from .report import _seconds, _table
 from .settings import Progress
 from .traffic import Receiver
 from .workload import iptables_rules, port, source
@@ -129,3 +130,42 @@ def measure(
     }
     entry["exec_over_apply"] = entry["exec_add_s"] / entry["apply_add_s"]
     return entry
+
+
+def report_lines(results: dict) -> list[str]:
+    """One rule appended and deleted (bench/one_rule.py): exec, apply, iptables-legacy."""
+    entries = results.get("one_rule") or []
+    if not entries:
+        return []
+    lines = [
+        "## One rule added to a big table, and deleted",
+        "",
+        "Whole commands as a user types them: the unmodified `iptables-legacy -A INPUT ...` "
+        "(and `-D`) under `bpflab exec`, `bpflab apply` of the table with the rule (and "
+        "without), and iptables-legacy on the kernel's table.",
+        "",
+    ]
+    header = [
+        "rules",
+        "exec: iptables -A",
+        "exec: iptables -D",
+        "bpflab apply (+1)",
+        "bpflab apply (-1)",
+        "exec -A / apply",
+        "iptables-legacy -A",
+        "iptables-legacy -D",
+    ]
+    rows = [
+        [
+            f"{entry['rules']:,}",
+            _seconds(entry["exec_add_s"]),
+            _seconds(entry["exec_delete_s"]),
+            _seconds(entry["apply_add_s"]),
+            _seconds(entry["apply_delete_s"]),
+            f"{entry['exec_over_apply']:.2f}x",
+            _seconds(entry["iptables_add_s"]),
+            _seconds(entry["iptables_delete_s"]),
+        ]
+        for entry in entries
+    ]
+    return lines + _table(header, rows)

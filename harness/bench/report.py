@@ -71,6 +71,9 @@ def _short(reason: str) -> str:
 
 
 def markdown(results: dict) -> str:
+    from .extensions import report_lines as extensions_lines
+    from .one_rule import report_lines as one_rule_lines
+
     machine = results["machine"]
     load = results.get("load_average", {}).get("start")
     lines = [
@@ -108,7 +111,7 @@ def markdown(results: dict) -> str:
     lines += _table(header, rows)
 
     lines += _fixed(results)
-    lines += _extensions(results)
+    lines += extensions_lines(results)
 
     header = ["rules"]
     for backend in backends:
@@ -193,69 +196,10 @@ def markdown(results: dict) -> str:
             row += [_seconds(figures.get("load_s")), _seconds(figures.get("update_s"))]
         rows.append(row)
     lines += _table(header, rows)
-    lines += _one_rule(results)
+    lines += one_rule_lines(results)
     lines += _aims(results)
     lines += ["Method: `method` in the JSON file beside this one.", ""]
     return "\n".join(lines)
-
-
-def _extensions(results: dict) -> list[str]:
-    """One rule of each extension (bench/extensions.py), against the rule without it."""
-    entries = results.get("extensions") or []
-    if not entries:
-        return []
-    lines = [
-        "## What one rule of each extension adds (BPF_PROG_TEST_RUN, bytecode)",
-        "",
-        "The INPUT chain program of `-A INPUT -p udp --dport 9 [EXTENSION] -j TARGET` on a "
-        "UDP datagram to port 9; stateful matches on the path a repeated packet takes.",
-        "",
-    ]
-    rows = [
-        [entry["case"], _ns(entry["ns"]), f"{entry['added_ns']:+.1f} ns"]
-        + ([f"{entry['log_drops']:,} events dropped"] if entry.get("log_drops") else [""])
-        for entry in entries
-    ]
-    return lines + _table(["rule", "per packet", "added", ""], rows)
-
-
-def _one_rule(results: dict) -> list[str]:
-    """One rule appended and deleted (bench/one_rule.py): exec, apply, iptables-legacy."""
-    entries = results.get("one_rule") or []
-    if not entries:
-        return []
-    lines = [
-        "## One rule added to a big table, and deleted",
-        "",
-        "Whole commands as a user types them: the unmodified `iptables-legacy -A INPUT ...` "
-        "(and `-D`) under `bpflab exec`, `bpflab apply` of the table with the rule (and "
-        "without), and iptables-legacy on the kernel's table.",
-        "",
-    ]
-    header = [
-        "rules",
-        "exec: iptables -A",
-        "exec: iptables -D",
-        "bpflab apply (+1)",
-        "bpflab apply (-1)",
-        "exec -A / apply",
-        "iptables-legacy -A",
-        "iptables-legacy -D",
-    ]
-    rows = [
-        [
-            f"{entry['rules']:,}",
-            _seconds(entry["exec_add_s"]),
-            _seconds(entry["exec_delete_s"]),
-            _seconds(entry["apply_add_s"]),
-            _seconds(entry["apply_delete_s"]),
-            f"{entry['exec_over_apply']:.2f}x",
-            _seconds(entry["iptables_add_s"]),
-            _seconds(entry["iptables_delete_s"]),
-        ]
-        for entry in entries
-    ]
-    return lines + _table(header, rows)
 
 
 STATEFUL_LABELS = {"established": "established flow", "new": "new flow (last rule)"}
