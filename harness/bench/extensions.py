@@ -142,7 +142,8 @@ def report_lines(results: dict) -> list[str]:
         "## What one rule of each extension adds (BPF_PROG_TEST_RUN, bytecode)",
         "",
         "The INPUT chain program of `-A INPUT -p udp --dport 9 [EXTENSION] -j TARGET` on a "
-        "UDP datagram to port 9; stateful matches on the path a repeated packet takes.",
+        "UDP datagram to port 9; stateful matches on the path a repeated packet takes. "
+        "Differences of a few ns are within this machine's noise.",
         "",
     ]
     rows = [

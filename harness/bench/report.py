@@ -111,7 +111,6 @@ def markdown(results: dict) -> str:
     lines += _table(header, rows)
 
     lines += _fixed(results)
-    lines += extensions_lines(results)
 
     header = ["rules"]
     for backend in backends:
@@ -159,6 +158,7 @@ def markdown(results: dict) -> str:
             "",
         ]
 
+    lines += extensions_lines(results)
     filters = results["filters"]
     lines += [
         "## Throughput across a veth pair (Mpps delivered, median over rounds; in brackets the "
