@@ -172,6 +172,30 @@ def save(ns: Namespace, counters: bool = False) -> list[str]:
     return [line for line in output.stdout.splitlines() if not line.startswith("#")]
 
 
+def assert_iptables_own(text: str, tmp_path: Path) -> list[str]:
+    """`text` as iptables-legacy-restore loads it and as we write it: the same model, the
+    same blob, the same iptables-save and `-L` (verbose and not); returns what it saved."""
+    from harness.deploy.listing import list_table
+
+    ruleset = parse(text, "iptables-own")
+    with Namespace() as by_iptables, Namespace() as by_us:
+        restore(by_iptables, text, tmp_path)
+        with by_iptables.enter():
+            assert read_table() == ruleset
+            theirs = read_entries()
+        with by_us.enter():
+            write_table(ruleset)
+            ours = read_entries()
+        assert ours == theirs
+        saved = save(by_iptables)
+        assert save(by_us) == saved
+        verbose = by_iptables.run(["iptables-legacy", "-L", "-v", "-n", "-x"]).stdout
+        plain = by_iptables.run(["iptables-legacy", "-L", "-n", "-x"]).stdout
+    assert list_table(ruleset, verbose=True) == verbose
+    assert list_table(ruleset, verbose=False) == plain
+    return saved
+
+
 def counters(ruleset: Ruleset) -> dict[tuple[str, int | str], tuple[int, int]]:
     """(chain, rule number or "policy") -> (packets, bytes)."""
     found: dict[tuple[str, int | str], tuple[int, int]] = {}

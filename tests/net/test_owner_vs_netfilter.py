@@ -26,16 +26,14 @@ from scapy.layers.l2 import Ether
 
 from codegen.rules import evaluate, parse
 from codegen.rules.extensions.owner import EXTENSION as OWNER
-from codegen.rules.ipt_blob import read_entries, read_table, write_table
 from codegen.rules.model import RuleError
 from codegen.rules.packet import SocketOwner
 from codegen.rules.validation import validate
 from harness.deploy.lifecycle import LifecycleError, apply, current, flush
-from harness.deploy.listing import list_table
 from harness.lab.waiting import until
 from netns import HostTopology
 from netns.namespace import CommandError, Namespace
-from tests.net.test_ipt_blob import counters, restore, save
+from tests.net.test_ipt_blob import assert_iptables_own, counters, restore, save
 
 pytestmark = [pytest.mark.netns, pytest.mark.privileged]
 
@@ -393,22 +391,8 @@ BLOB_RULES = (
 
 
 def test_the_blob_save_and_listing_are_iptables_own(tmp_path: Path) -> None:
-    ruleset = parse(BLOB_RULES, "owner")
-    with Namespace() as by_iptables, Namespace() as by_us:
-        restore(by_iptables, BLOB_RULES, tmp_path)
-        with by_iptables.enter():
-            assert read_table() == ruleset
-            theirs = read_entries()
-        with by_us.enter():
-            write_table(ruleset)
-            ours = read_entries()
-        assert ours == theirs
-        assert save(by_us) == save(by_iptables)
-        assert parse("\n".join(save(by_iptables)) + "\n", "saved") == ruleset
-        verbose = by_iptables.run(["iptables-legacy", "-L", "-v", "-n", "-x"]).stdout
-        plain = by_iptables.run(["iptables-legacy", "-L", "-n", "-x"]).stdout
-    assert list_table(ruleset, verbose=True) == verbose
-    assert list_table(ruleset, verbose=False) == plain
+    saved = assert_iptables_own(BLOB_RULES, tmp_path)
+    assert parse("\n".join(saved) + "\n", "saved") == parse(BLOB_RULES, "owner")
 
 
 @pytest.mark.parametrize(
