@@ -333,6 +333,7 @@ def policy_facts(hook: str, ruleset: Ruleset, new_label: Callable[[str], str]) -
             f"the rule set has {len(matches)} distinct -m policy matches; the bytecode backend"
             f" answers at most {MAX_DISTINCT}"
         )
+    _answered[:] = [(ruleset, {match: bit for bit, match in enumerate(matches)})]
     done = new_label("policy_known")
     none_bits = sum(1 << bit for bit, match in enumerate(matches) if match.none)
     code: list[Item] = [
@@ -355,8 +356,19 @@ def policy_facts(hook: str, ruleset: Ruleset, new_label: Callable[[str], str]) -
     return [*code, *_kernel_walk(matches, new_label, done), Label(done)]
 
 
+# The bits policy_facts gave the rule set it last answered for: the chains are emitted after
+# it in the same program, and a lookup here keeps a rule set of many policy rules linear.
+_answered: list[tuple[Ruleset, dict[Policy, int]]] = []
+
+
+def _bit(match: Policy, ruleset: Ruleset) -> int:
+    if _answered and _answered[0][0] is ruleset and match in _answered[0][1]:
+        return _answered[0][1][match]
+    return distinct(ruleset).index(match)
+
+
 def policy(match: Policy, ctx: Context) -> list[Item]:
-    bit = distinct(ctx.ruleset).index(match)
+    bit = _bit(match, ctx.ruleset)
     return [
         load(Facts.POLICY),
         I.alu32(AluOp.AND, R1, 1 << bit),
