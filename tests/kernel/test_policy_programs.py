@@ -219,3 +219,12 @@ def test_random_policy_matches_agree_with_the_reference(matches, secpaths) -> No
     with ChainRunner(ruleset, devices=["eth0"]) as runner:
         for secpath in [None, *secpaths]:
             _agree(runner, ruleset, secpath)
+
+
+def test_more_distinct_matches_than_answer_bits_are_refused_at_the_rule() -> None:
+    rules = "".join(f"-A INPUT -m policy --dir in --reqid {n}\n" for n in range(40))
+    ruleset = parse(f"*filter\n{rules}COMMIT\n", "many.rules")
+    with pytest.raises(CompileError) as caught:
+        compile_program(ruleset, "ingress", interfaces={})
+    assert str(caught.value).startswith("many.rules:34:1: ")
+    assert "rule 33 of INPUT holds number 33 of 40" in str(caught.value)

@@ -62,7 +62,7 @@ from codegen.rules.model import Ruleset
 from codegen.rules.packet import XFRM_MAX_DEPTH, XfrmState
 
 from ..layout import FACTS, SCRATCH_OFFSET, Facts, map_and_key
-from ..program import CompileError
+from ..program import CompileError, where
 from .base import Context, Emitter, load
 
 SECPATH_MAP = "policy_secpath"
@@ -329,9 +329,13 @@ def policy_facts(hook: str, ruleset: Ruleset, new_label: Callable[[str], str]) -
     """Fill the facts' POLICY word (r6: the context; clobbers r0-r5, r7, r8)."""
     matches = distinct(ruleset)
     if len(matches) > MAX_DISTINCT:
+        found = ruleset.first_rule(lambda rule: matches[MAX_DISTINCT] in rule.matches)
+        assert found is not None
+        chain, index, rule = found
         raise CompileError(
-            f"the rule set has {len(matches)} distinct -m policy matches; the bytecode backend"
-            f" answers at most {MAX_DISTINCT}"
+            f"{where(rule)}the bytecode backend answers at most {MAX_DISTINCT} distinct -m policy"
+            f" matches, and rule {index} of {chain} holds number {MAX_DISTINCT + 1} of"
+            f" {len(matches)}"
         )
     _answered[:] = [(ruleset, {match: bit for bit, match in enumerate(matches)})]
     done = new_label("policy_known")
