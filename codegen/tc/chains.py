@@ -44,6 +44,7 @@ from . import exact, log, mark_target, matches, replies
 from .counters import COUNT
 from .layout import CONTINUE, FACTS, SCRATCH_OFFSET, UNCOUNTED, CounterLayout, Facts
 from .matches.limit import slots as limit_slots
+from .matches.policy import answer_bits
 from .program import CompileError, Labels, RuleNote, where
 from .targets import (
     GENERATED_TARGETS,
@@ -242,6 +243,7 @@ class ChainWriter:
         self.exact: dict[bytes, bytes] = {}
         self._runs = 0
         self.slots = limit_slots(ruleset)  # each limit match's bucket (codegen.tc.matches.limit)
+        self.policy_bits = answer_bits(ruleset)  # codegen.tc.matches.policy
 
     def builtin_chain(self, name: str, accept: str, drop: str = "drop") -> list[Item]:
         chain = self.ruleset.chains[name]
@@ -399,6 +401,7 @@ class ChainWriter:
             rule=(chain.name, index),
             slots=self.slots,
             ruleset=self.ruleset,
+            policy_bits=self.policy_bits,
         )
         code = matches.emit(rule.matches, context)
         target = rule.target

@@ -44,7 +44,7 @@ from .layout import (
 from .local import LocalAddresses, joined_groups, membership, own_addresses, unicast_destinations
 from .log import log_subprogram, logs
 from .matches.owner import owner_facts, uses_owner
-from .matches.policy import policy_facts, uses_policy
+from .matches.policy import policy_facts
 from .parser import ETH_HLEN, PACKET_HOST, ip_header_within, parse
 from .program import Hook
 from .replies import rejects, reply_tail
@@ -132,8 +132,9 @@ class ProgramWriter:
         runs_output = self.hook == "egress" or (self.hook == "chain" and builtins[0] == "OUTPUT")
         if runs_output and uses_owner(self.chains.ruleset):
             code += owner_facts(self.hook, self.label)  # -m owner's socket, read once
-        if self.hook != "egress" and uses_policy(self.chains.ruleset):
-            code += policy_facts(self.hook, self.chains.ruleset, self.label)  # -m policy's answers
+        bits = self.chains.policy_bits
+        if self.hook != "egress" and bits:  # -m policy's answers, found once
+            code += policy_facts(self.hook, self.chains.ruleset, bits, self.label)
         if self.hook == "ingress":
             code += self.ingress()
         elif self.hook == "egress":

@@ -36,7 +36,9 @@ class Case:
     name: str
     rules: str  # the INPUT rules, each line `-A INPUT ...`
     ends: tuple[str, int | str]  # where the checked packet's verdict comes from
-    log_ring: int = 0  # bytes: a ring holding every event of the trials (0: the default)
+    # LOG's ring: "roomy" holds every event of the trials, "full" is filled before timing;
+    # None: the default ring, for cases that log nothing.
+    ring: str | None = None
 
 
 def _one(options: str, target: str = "ACCEPT") -> str:
@@ -80,12 +82,16 @@ CASES: tuple[Case, ...] = (
         ("INPUT", 2),
     ),
     Case(
-        "-j LOG, firing", f"{RULE} -j LOG --log-prefix bench\n{_one('')}", ("INPUT", 2), log_ring=1
+        "-j LOG, firing",
+        f"{RULE} -j LOG --log-prefix bench\n{_one('')}",
+        ("INPUT", 2),
+        ring="roomy",
     ),
     Case(
         "-j LOG, ring full (event dropped)",
         f"{RULE} -j LOG --log-prefix bench\n{_one('')}",
         ("INPUT", 2),
+        ring="full",
     ),
     Case("-j REJECT (answer built)", _one("", "REJECT"), ("INPUT", 1)),
 )
@@ -103,7 +109,7 @@ def _ring_for(settings: TimingSettings) -> int:
 def measure_case(case: Case, settings: TimingSettings) -> dict:
     text = f"*filter\n:INPUT ACCEPT [0:0]\n{case.rules}\nCOMMIT\n"
     ruleset = parse(text, f"bench-{case.name}.rules")
-    ring = {"log_ring_size": _ring_for(settings)} if case.log_ring else {}
+    ring = {"log_ring_size": _ring_for(settings)} if case.ring == "roomy" else {}
     with ChainRunner(ruleset, **ring) as runner:
         for _ in range(2):  # twice: the second finds what the first left (buckets, entries)
             outcome = runner.run(frame_for(PACKET), "INPUT")
@@ -113,7 +119,7 @@ def measure_case(case: Case, settings: TimingSettings) -> dict:
                 f" {case.ends}"
             )
         program = runner.program("INPUT")
-        if not case.log_ring and "LOG" in case.rules:  # fill the ring first
+        if case.ring == "full":  # fill the ring first
             time_program(program.fd, frame_for(PACKET), settings)
         timing = time_program(program.fd, frame_for(PACKET), settings)
         lost = runner.log_drops()

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from codegen.c import c_source
 from codegen.rules import evaluate, parse
 from codegen.rules.extensions.conntrack import MaskedAddress
-from codegen.rules.extensions.policy import Compared, Policy, PolicyElement, spi_in_memory
+from codegen.rules.extensions.policy import Compared, Policy, PolicyElement, in_memory
 from codegen.rules.model import Accept, Chain, Drop, Jump, Rule, Ruleset
 from codegen.rules.packet import XfrmState
 from codegen.tc.chains import CHUNK_RULES
@@ -158,7 +158,7 @@ addresses = st.sampled_from([0, 1, 0xC6120001, 0xC6120002, 0xC6130001, 0xFFFFFFF
     0, 0xFFFFFFFF
 )
 masks = st.sampled_from([0, 0xFFFFFFFF, 0xFFFF0000, 0xFFFE0000, 0xFF00FF00, 0x80000000])
-small = st.sampled_from([0, 1, 7, 8, 0x1000, spi_in_memory(0x1000), 0xFFFFFFFF])
+small = st.sampled_from([0, 1, 7, 8, 0x1000, in_memory(0x1000), 0xFFFFFFFF])
 
 
 def _maybe(strategy):  # type: ignore[no-untyped-def]

@@ -53,10 +53,10 @@ SPEC_MASK = 0x3F
 Direction = Literal["in", "out"]
 
 
-def spi_in_memory(spi: int) -> int:
-    """A state's SPI (network order, as `ip xfrm` shows it) as a little-endian host reads
-    its 4 bytes: what xt_policy compares `--spi` with."""
-    return int.from_bytes(spi.to_bytes(4, "big"), "little")
+def in_memory(value: int) -> int:
+    """A 32-bit value in network order (an SPI as `ip xfrm` shows it, an address) as a
+    little-endian host reads its 4 bytes: what xt_policy compares `--spi` with."""
+    return int.from_bytes(value.to_bytes(4, "big"), "little")
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +96,7 @@ class PolicyElement:
         for option, value in (
             (self.proto, state.proto),
             (self.mode, state.mode),
-            (self.spi, spi_in_memory(state.spi)),
+            (self.spi, in_memory(state.spi)),
             (self.reqid, state.reqid),
         ):
             if option is not None and not option.holds(value):

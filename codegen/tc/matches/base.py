@@ -46,6 +46,8 @@ class Context:
     # The rule set the rule is in, for a family whose code depends on other rules (-m recent's
     # tables take their mask and size from all the rules naming them).
     ruleset: Any = None
+    # The bit of the facts' POLICY word each distinct -m policy match answers in.
+    policy_bits: Mapping[Any, int] = field(default_factory=dict)
 
     def with_miss(self, miss: str) -> Context:
         return replace(self, miss=miss)

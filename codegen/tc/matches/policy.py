@@ -57,7 +57,7 @@ from codegen.bpf.isa import (
 from codegen.bpf.maps import Map
 from codegen.bpf.testrun import SKB_OFFSETS
 from codegen.rules.extensions.conntrack import MaskedAddress
-from codegen.rules.extensions.policy import Compared, Policy, PolicyElement, spi_in_memory
+from codegen.rules.extensions.policy import Compared, Policy, PolicyElement, in_memory
 from codegen.rules.model import Ruleset
 from codegen.rules.packet import XFRM_MAX_DEPTH, XfrmState
 
@@ -86,15 +86,11 @@ class SecpathState(ctypes.Structure):
 
 
 class SecpathValue(ctypes.Structure):
-    _fields_ = [("len", ctypes.c_uint32), ("_pad", ctypes.c_uint32), ("xvec", SecpathState * 6)]
-
-
-assert XFRM_MAX_DEPTH == 6
-
-
-def _raw(value: int) -> int:
-    """A network-order 32-bit value as a load from memory sees it (little-endian host)."""
-    return spi_in_memory(value)
+    _fields_ = [
+        ("len", ctypes.c_uint32),
+        ("_pad", ctypes.c_uint32),
+        ("xvec", SecpathState * XFRM_MAX_DEPTH),
+    ]
 
 
 def secpath_value(states: tuple[XfrmState, ...]) -> bytes:
@@ -102,10 +98,10 @@ def secpath_value(states: tuple[XfrmState, ...]) -> bytes:
     value = SecpathValue(len=len(states))
     for index, state in enumerate(states):
         value.xvec[index] = SecpathState(
-            _raw(state.spi),
+            in_memory(state.spi),
             state.reqid,
-            _raw(state.saddr),
-            _raw(state.daddr),
+            in_memory(state.saddr),
+            in_memory(state.daddr),
             state.proto,
             state.mode,
         )
@@ -140,6 +136,11 @@ def distinct(ruleset: Ruleset) -> tuple[Policy, ...]:
 
 def uses_policy(ruleset: Ruleset) -> bool:
     return bool(distinct(ruleset))
+
+
+def answer_bits(ruleset: Ruleset) -> dict[Policy, int]:
+    """The bit of the facts' POLICY word each distinct policy match answers in."""
+    return {match: bit for bit, match in enumerate(distinct(ruleset))}
 
 
 def refusal(match: Policy) -> str | None:
@@ -191,15 +192,15 @@ def _kernel_layout() -> dict[str, int] | None:
 
 def _fits(element: PolicyElement, fields: dict[str, tuple[int, Size]], miss: str) -> list[Item]:
     """match_xfrm_state of element for the state at r5: falls through if it fits, else
-    jumps to `miss` (r1, r3 clobbered)."""
+    jumps to `miss` (r1 clobbered)."""
     code: list[Item] = []
 
-    def scalar(name: str, option: Compared | None, value: int) -> None:
+    def scalar(name: str, option: Compared | None) -> None:
         if option is None:
             return
         offset, size = fields[name]
         op = JmpOp.JNE if not option.negated else JmpOp.JEQ
-        code.extend([I.ldx(size, R1, R5, offset), I.jmp32(op, R1, value, miss)])
+        code.extend([I.ldx(size, R1, R5, offset), I.jmp32(op, R1, option.value, miss)])
 
     def address(name: str, option: MaskedAddress | None) -> None:
         if option is None:
@@ -209,18 +210,18 @@ def _fits(element: PolicyElement, fields: dict[str, tuple[int, Size]], miss: str
         code.extend(
             [
                 I.ldx(size, R1, R5, offset),
-                I.alu32(AluOp.XOR, R1, _raw(option.address)),
-                I.alu32(AluOp.AND, R1, _raw(option.mask)),
+                I.alu32(AluOp.XOR, R1, in_memory(option.address)),
+                I.alu32(AluOp.AND, R1, in_memory(option.mask)),
                 I.jmp32(op, R1, 0, miss),
             ]
         )
 
     address("saddr", element.tunnel_src)
     address("daddr", element.tunnel_dst)
-    scalar("proto", element.proto, element.proto.value if element.proto else 0)
-    scalar("mode", element.mode, element.mode.value if element.mode else 0)
-    scalar("spi", element.spi, element.spi.value if element.spi else 0)
-    scalar("reqid", element.reqid, element.reqid.value if element.reqid else 0)
+    scalar("proto", element.proto)
+    scalar("mode", element.mode)
+    scalar("spi", element.spi)
+    scalar("reqid", element.reqid)
     return code
 
 
@@ -325,9 +326,12 @@ def _map_path(
     ]
 
 
-def policy_facts(hook: str, ruleset: Ruleset, new_label: Callable[[str], str]) -> list[Item]:
-    """Fill the facts' POLICY word (r6: the context; clobbers r0-r5, r7, r8)."""
-    matches = distinct(ruleset)
+def policy_facts(
+    hook: str, ruleset: Ruleset, bits: dict[Policy, int], new_label: Callable[[str], str]
+) -> list[Item]:
+    """Fill the facts' POLICY word with the answer of each match in `bits` (`answer_bits` of
+    `ruleset`) (r6: the context; clobbers r0-r5, r7, r8)."""
+    matches = tuple(bits)
     if len(matches) > MAX_DISTINCT:
         found = ruleset.first_rule(lambda rule: matches[MAX_DISTINCT] in rule.matches)
         assert found is not None
@@ -337,7 +341,6 @@ def policy_facts(hook: str, ruleset: Ruleset, new_label: Callable[[str], str]) -
             f" matches, and rule {index} of {chain} holds number {MAX_DISTINCT + 1} of"
             f" {len(matches)}"
         )
-    _answered[:] = [(ruleset, {match: bit for bit, match in enumerate(matches)})]
     done = new_label("policy_known")
     none_bits = sum(1 << bit for bit, match in enumerate(matches) if match.none)
     code: list[Item] = [
@@ -360,19 +363,8 @@ def policy_facts(hook: str, ruleset: Ruleset, new_label: Callable[[str], str]) -
     return [*code, *_kernel_walk(matches, new_label, done), Label(done)]
 
 
-# The bits policy_facts gave the rule set it last answered for: the chains are emitted after
-# it in the same program, and a lookup here keeps a rule set of many policy rules linear.
-_answered: list[tuple[Ruleset, dict[Policy, int]]] = []
-
-
-def _bit(match: Policy, ruleset: Ruleset) -> int:
-    if _answered and _answered[0][0] is ruleset and match in _answered[0][1]:
-        return _answered[0][1][match]
-    return distinct(ruleset).index(match)
-
-
 def policy(match: Policy, ctx: Context) -> list[Item]:
-    bit = _bit(match, ctx.ruleset)
+    bit = ctx.policy_bits[match]
     return [
         load(Facts.POLICY),
         I.alu32(AluOp.AND, R1, 1 << bit),
