@@ -166,12 +166,12 @@ def assemble(items: Iterable[Item]) -> Assembly:
                 raise AssemblyError(f"undefined label {insn.target!r}", index, insn)
             target = labels[insn.target]
             delta = target - (at + 1)
-            if insn.is_pseudo_call:
+            if insn.is_pseudo_call or insn.is_pseudo_func:
                 if target not in subprogram_starts or target == 0:
                     raise AssemblyError(
                         f"call target {insn.target!r} is not a subprogram", index, insn
                     )
-                insn = insn.resolved(imm=delta)
+                insn = insn.resolved(imm=delta & 0xFFFF_FFFF if insn.is_wide else delta)
             else:
                 if target >= slot or function_of(target) != function_of(at):
                     raise AssemblyError(

@@ -149,6 +149,10 @@ def _ld(insn: Insn, kernel: bool) -> str | None:
             if insn.src == PseudoSrc.MAP_VALUE:
                 return f"r{insn.dst} = map[{ref}][0]+{insn.imm >> 32}"
             return f"r{insn.dst} = map[{ref}]"
+        if insn.src == PseudoSrc.FUNC:
+            offset = (insn.imm & 0xFFFF_FFFF) - ((insn.imm & 0x8000_0000) << 1)
+            ref = insn.target if insn.target is not None else f"pc{offset:+d}"
+            return f"r{insn.dst} = func[{ref}]"
         value = insn.imm & 0xFFFF_FFFF_FFFF_FFFF
         return f"r{insn.dst} = {value:#x}" if kernel else f"r{insn.dst} = {value} ll"
     if mode == Mode.ABS:

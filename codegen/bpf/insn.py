@@ -78,6 +78,11 @@ class Insn:
         return self.code == Class.JMP | JmpOp.CALL and self.src == PseudoSrc.CALL
 
     @property
+    def is_pseudo_func(self) -> bool:
+        """LD_IMM64 of a subprogram's address (a callback for bpf_loop and the like)."""
+        return self.code == LD_IMM64 and self.src == PseudoSrc.FUNC
+
+    @property
     def is_unresolved(self) -> bool:
         return self.target is not None or self.map is not None or self.kfunc is not None
 
@@ -291,6 +296,11 @@ def ld_imm64(dst: Reg, value: int) -> Insn:
 def ld_map_fd(dst: Reg, map_name: str) -> Insn:
     """dst = pointer to map `map_name`, resolved to the map's fd when the program is linked."""
     return Insn(LD_IMM64, _check_reg(dst), PseudoSrc.MAP_FD, map=map_name)
+
+
+def ld_func(dst: Reg, subprogram: str) -> Insn:
+    """dst = address of a subprogram (by its label), for helpers taking a callback."""
+    return Insn(LD_IMM64, _check_reg(dst), PseudoSrc.FUNC, target=subprogram)
 
 
 def ld_map_value(dst: Reg, map_name: str, offset: int = 0) -> Insn:

@@ -51,6 +51,19 @@ class _MapElemAttr(ctypes.Structure):
     ]
 
 
+class _BatchAttr(ctypes.Structure):
+    _fields_ = [
+        ("in_batch", ctypes.c_uint64),
+        ("out_batch", ctypes.c_uint64),
+        ("keys", ctypes.c_uint64),
+        ("values", ctypes.c_uint64),
+        ("count", ctypes.c_uint32),
+        ("map_fd", ctypes.c_uint32),
+        ("elem_flags", ctypes.c_uint64),
+        ("flags", ctypes.c_uint64),
+    ]
+
+
 class _ObjAttr(ctypes.Structure):
     _fields_ = [
         ("pathname", ctypes.c_uint64),
@@ -146,6 +159,28 @@ class Map:
             map_fd=self.fd, key=pointer(key_buffer), value=pointer(value_buffer), flags=flags
         )
         bpf(Command.MAP_UPDATE_ELEM, attr, f"updating map {self.name!r}")
+
+    def update_batch(self, keys: list[bytes | int], values: list[bytes]) -> None:
+        """Write many entries in one call (BPF_MAP_UPDATE_BATCH); values of one CPU's size."""
+        if len(keys) != len(values):
+            raise ValueError(f"{len(keys)} keys for {len(values)} values")
+        if not keys:
+            return
+        if any(len(value) != self.stride for value in values):
+            raise ValueError(f"map {self.name!r} values are {self.stride} bytes")
+        key_bytes = b"".join(self._key(key).raw for key in keys)
+        key_buffer = ctypes.create_string_buffer(key_bytes, len(key_bytes))
+        value_bytes = b"".join(values)
+        value_buffer = ctypes.create_string_buffer(value_bytes, len(value_bytes))
+        attr = _BatchAttr(
+            keys=pointer(key_buffer),
+            values=pointer(value_buffer),
+            count=len(keys),
+            map_fd=self.fd,
+        )
+        bpf(Command.MAP_UPDATE_BATCH, attr, f"updating map {self.name!r} in a batch")
+        if attr.count != len(keys):
+            raise BpfError(errno.EIO, f"map {self.name!r} took {attr.count} of {len(keys)} entries")
 
     def delete(self, key: bytes | int) -> bool:
         key_buffer = self._key(key)  # kept alive across the call: attr holds only its address

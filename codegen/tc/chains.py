@@ -40,7 +40,7 @@ from codegen.rules.model import (
     Ruleset,
 )
 
-from . import exact, log, mark_target, matches, replies
+from . import classifier, classifier_code, exact, log, mark_target, matches, replies
 from .counters import COUNT
 from .layout import CONTINUE, FACTS, SCRATCH_OFFSET, UNCOUNTED, CounterLayout, Facts
 from .matches.limit import slots as limit_slots
@@ -69,35 +69,53 @@ INLINE_SCAN = CHUNK_RULES  # a longer exact run has its fallback scan in functio
 
 @dataclass(frozen=True)
 class Segment:
-    """Rules first..last (1-based) of a chain: scanned, or an exact run (with its shape)."""
+    """Rules first..last (1-based) of a chain: scanned, an exact run (with its shape), or a
+    classified run (codegen.tc.classifier)."""
 
     first: int
     last: int
     shape: exact.Shape | None = None
+    classified: bool = False
 
     @property
     def weight(self) -> int:
-        # An exact run costs its function one lookup; its scan, if long, lives elsewhere.
+        # An exact run costs its function one lookup; its scan, if long, lives elsewhere. A
+        # classified run is one call.
+        if self.classified:
+            return 1
         if self.shape is not None:
             return 1 if self.last - self.first + 1 > INLINE_SCAN else self.last - self.first + 1
         return self.last - self.first + 1
 
+    @property
+    def scanned(self) -> bool:
+        return self.shape is None and not self.classified
+
 
 def pieces(chain: Chain) -> list[list[Segment]]:
     """The chain's rules as segments, packed into functions of at most CHUNK_RULES weight."""
+    found = [
+        (start, end, Segment(start + 1, end + 1, shape))
+        for start, end, shape in exact.runs(chain.rules)
+    ]
+    taken = {i for start, end, _ in found for i in range(start - exact.SCANNED_FIRST, end + 1)}
+    found += [
+        (start, end, Segment(start + 1, end + 1, classified=True))
+        for start, end in classifier.runs(chain.rules, taken)
+    ]
     segments: list[Segment] = []
     next_rule = 1
-    for start, end, shape in exact.runs(chain.rules):
+    for start, end, run in sorted(found, key=lambda run: run[0]):
         if start + 1 > next_rule:
             segments.append(Segment(next_rule, start))
-        segments.append(Segment(start + 1, end + 1, shape))
+        segments.append(run)
         next_rule = end + 2
     if next_rule <= len(chain.rules):
         segments.append(Segment(next_rule, len(chain.rules)))
     packed: list[list[Segment]] = [[]]
     room = CHUNK_RULES
     for segment in segments:
-        while segment.shape is None and segment.weight > room:
+        while segment.scanned and segment.weight > room:
             if room:
                 packed[-1].append(Segment(segment.first, segment.first + room - 1))
                 segment = Segment(segment.first + room, segment.last)
@@ -112,9 +130,11 @@ def pieces(chain: Chain) -> list[list[Segment]]:
 
 
 def _scans_elsewhere(chain: Chain) -> bool:
-    """Whether an exact run's scan is in functions of its own (one more call frame)."""
+    """Whether an exact run's scan is in functions of its own, or a classified run calls the
+    classifier (one more call frame, which calls no further than the record test)."""
     return any(
-        segment.shape is not None and segment.last - segment.first + 1 > INLINE_SCAN
+        segment.classified
+        or (segment.shape is not None and segment.last - segment.first + 1 > INLINE_SCAN)
         for piece in pieces(chain)
         for segment in piece
     )
@@ -130,7 +150,8 @@ def user_chains_called(ruleset: Ruleset, roots: tuple[str, ...]) -> list[str]:
     def frames(name: str, path: tuple[str, ...]) -> int:
         chain = ruleset.chains[name]
         own = 1 if len(pieces(chain)) == 1 else 2
-        deepest = 2 if _scans_elsewhere(chain) else 1  # a scan function, the counter update
+        # a scan function or the classifier (and its record test), or the counter update
+        deepest = 2 if _scans_elsewhere(chain) else 1
         for rule in chain.rules:
             if isinstance(rule.target, Jump | Goto):
                 callee = rule.target.chain
@@ -241,6 +262,7 @@ class ChainWriter:
         self.notes: list[RuleNote] = []
         self.pending: list[list[Item]] = []  # chunk functions, placed after the chains
         self.exact: dict[bytes, bytes] = {}
+        self.tables = classifier.Tables()  # the classified runs' trees and records
         self._runs = 0
         self.slots = limit_slots(ruleset)  # each limit match's bucket (codegen.tc.matches.limit)
         self.policy_bits = answer_bits(ruleset)  # codegen.tc.matches.policy
@@ -329,7 +351,9 @@ class ChainWriter:
         """The code of some segments of `chain`: rules scanned one by one, or exact runs."""
         code: list[Item] = []
         for segment in segments:
-            if segment.shape is not None:
+            if segment.classified:
+                code += self.classified_run(chain, segment, targets)
+            elif segment.shape is not None:
                 code += self.exact_run(chain, segment, targets)
             else:
                 for index in range(segment.first, segment.last + 1):
@@ -385,6 +409,23 @@ class ChainWriter:
                     Label(scanned),
                 ]
         return [*code, Label(after)]
+
+    def classified_run(self, chain: Chain, segment: Segment, targets: Targets) -> list[Item]:
+        """Rules first..last answered by the classifier (see codegen.tc.classifier)."""
+        first, last = segment.first, segment.last
+        rules = chain.rules[first - 1 : last]
+        entries = [classifier.entry(rule, self.interfaces) for rule in rules]
+        slots = [self.layout.slot((chain.name, i)) for i in range(first, last + 1)]
+        run = self.tables.add_run(entries, slots)  # type: ignore[arg-type]
+        note = RuleNote(
+            chain.name,
+            first,
+            f"rules {first} to {last} of {chain.name}: a decision tree over "
+            f"{last - first + 1} rules",
+        )
+        after = self.label("after_run")
+        code = classifier_code.call(run, targets, after, self.label)
+        return [*_annotated(code, note), Label(after)]
 
     def rule(self, chain: Chain, index: int, rule: Rule, targets: Targets) -> list[Item]:
         slot = self.layout.slot((chain.name, index))

@@ -35,6 +35,7 @@ from .chains import (
     require_runtime,
     user_chains_called,
 )
+from .classifier_code import NODES_MAP, RECORDS_MAP
 from .counters import COUNTERS_MAP
 from .exact import EXACT_MAP
 from .fragments import (
@@ -66,6 +67,8 @@ __all__ = [
     "FRAGMENT_VALUE_SIZE",
     "INLINE_SCAN",
     "MAX_FRAMES",
+    "NODES_MAP",
+    "RECORDS_MAP",
     "RETURNED",
     "CompileError",
     "CompiledProgram",
@@ -106,6 +109,8 @@ def compile_program(
     }.get(hook, (COUNTERS_MAP,))
     if chains.exact:
         maps += (EXACT_MAP,)
+    if chains.tables.nodes:
+        maps += (NODES_MAP, RECORDS_MAP)
     if uses_conntrack(ruleset):
         maps += conntrack.MAPS
     if hook == "ingress" and rejects(ruleset):
@@ -120,5 +125,14 @@ def compile_program(
         maps += (HASHLIMIT_MAP,)
     name = {"ingress": "bpflab_ingress", "egress": "bpflab_egress"}.get(hook, f"bpflab_{chain}")
     return CompiledProgram(
-        name[:15], hook, builtins, items, chains.layout, maps, chains.notes, chains.exact
+        name[:15],
+        hook,
+        builtins,
+        items,
+        chains.layout,
+        maps,
+        chains.notes,
+        chains.exact,
+        chains.tables.nodes,
+        chains.tables.records,
     )

@@ -30,7 +30,7 @@ from codegen.bpf.isa import R0, R1, R2, R3, R4, R6, R7, R10, AluOp, FibResult, J
 from codegen.bpf.testrun import SKB_OFFSETS
 from codegen.conntrack import uses_conntrack
 
-from . import replies
+from . import classifier_code, replies
 from .chains import ChainWriter, user_chains_called
 from .counters import COUNT, add_bytes_subprogram, count_decided, count_subprogram
 from .fragments import first_fragment_verdicts, later_fragments
@@ -151,6 +151,8 @@ class ProgramWriter:
             code += self.chains.user_chain(ruleset.chains[name])
         for function in self.chains.pending:
             code += function
+        if self.chains.tables.nodes:
+            code += classifier_code.functions(self.chains.tables.depth)
         code += count_subprogram()
         if self.hook in ("ingress", "egress"):
             code += add_bytes_subprogram()

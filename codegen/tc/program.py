@@ -49,6 +49,9 @@ class CompiledProgram:
     maps: tuple[str, ...]
     notes: list[RuleNote] = field(default_factory=list)
     exact: dict[bytes, bytes] = field(default_factory=dict)  # EXACT_MAP's entries
+    # The classified runs' tree nodes and records (codegen.tc.classifier), in array order.
+    nodes: list[bytes] = field(default_factory=list)
+    records: list[bytes] = field(default_factory=list)
 
 
 class Labels:

@@ -20,6 +20,7 @@ from typing import Any, Generic, TypeVar
 from codegen.bpf import insn as I
 from codegen.bpf.asm import Item, Label
 from codegen.bpf.isa import R1, AluOp, JmpOp
+from codegen.rules.extensions.ports import PortRange
 
 from ..layout import FACTS, Facts, Field
 
@@ -79,6 +80,18 @@ def cannot_pin(match: Any) -> Pins | None:
     return None
 
 
+# What a match stands for in a classified run (codegen.tc.classifier): its source and
+# destination port ranges, read from the transport header its emitter names (no header: the
+# match always matches, a comment).
+PortRanges = tuple[PortRange, PortRange]
+ALWAYS: PortRanges = (PortRange(), PortRange())
+
+
+def cannot_classify(match: Any) -> PortRanges | None:
+    """The default: a match of this family keeps its rule out of classified runs."""
+    return None
+
+
 @dataclass(frozen=True)
 class Emitter(Generic[M]):
     """The code of one match model. `pins` says what the match fixes for an exact run (None: it
@@ -89,6 +102,8 @@ class Emitter(Generic[M]):
     emit: Callable[[M, Context], list[Item]]
     pins: Callable[[M], Pins | None] = cannot_pin
     transport: TransportHeader | None = None
+    # The match's port ranges for a classified run, None when it cannot join one.
+    ranges: Callable[[M], PortRanges | None] = cannot_classify
     # Why this backend refuses one match of the family it cannot generate exactly (an option
     # it has no code for), else None.
     refusal: Callable[[M], str | None] = lambda match: None

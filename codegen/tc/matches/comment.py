@@ -6,7 +6,7 @@ from __future__ import annotations
 from codegen.bpf.asm import Item
 from codegen.rules.extensions.comment import Comment
 
-from .base import Context, Emitter, Pins
+from .base import ALWAYS, Context, Emitter, Pins
 
 
 def comment(match: Comment, ctx: Context) -> list[Item]:
@@ -17,4 +17,4 @@ def pins(match: Comment) -> Pins:
     return Pins()
 
 
-EMITTER = Emitter(Comment, comment, pins)
+EMITTER = Emitter(Comment, comment, pins, ranges=lambda match: ALWAYS)

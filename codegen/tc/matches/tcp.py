@@ -8,7 +8,15 @@ from codegen.rules.extensions.tcp import TCP_HEADER, TcpMatch
 from codegen.rules.names import IPPROTO_TCP
 
 from ..layout import Facts
-from .base import Context, Emitter, Pins, TransportHeader, masked_equal, transport_guard
+from .base import (
+    Context,
+    Emitter,
+    Pins,
+    PortRanges,
+    TransportHeader,
+    masked_equal,
+    transport_guard,
+)
 from .ports import emit_ports, pin_ports
 
 
@@ -25,4 +33,10 @@ def pins(match: TcpMatch) -> Pins | None:
     return pin_ports(match.sport, match.dport) if match.flags.is_default else None
 
 
-EMITTER = Emitter(TcpMatch, tcp, pins, TransportHeader("tcp", IPPROTO_TCP, TCP_HEADER))
+def ranges(match: TcpMatch) -> PortRanges | None:
+    return (match.sport, match.dport) if match.flags.is_default else None
+
+
+EMITTER = Emitter(
+    TcpMatch, tcp, pins, TransportHeader("tcp", IPPROTO_TCP, TCP_HEADER), ranges=ranges
+)

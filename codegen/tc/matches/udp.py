@@ -7,7 +7,7 @@ from codegen.bpf.asm import Item
 from codegen.rules.extensions.udp import UDP_HEADER, UdpMatch
 from codegen.rules.names import IPPROTO_UDP
 
-from .base import Context, Emitter, Pins, TransportHeader, transport_guard
+from .base import Context, Emitter, Pins, PortRanges, TransportHeader, transport_guard
 from .ports import emit_ports, pin_ports
 
 
@@ -19,4 +19,10 @@ def pins(match: UdpMatch) -> Pins | None:
     return pin_ports(match.sport, match.dport)
 
 
-EMITTER = Emitter(UdpMatch, udp, pins, TransportHeader("udp", IPPROTO_UDP, UDP_HEADER))
+def ranges(match: UdpMatch) -> PortRanges:
+    return (match.sport, match.dport)
+
+
+EMITTER = Emitter(
+    UdpMatch, udp, pins, TransportHeader("udp", IPPROTO_UDP, UDP_HEADER), ranges=ranges
+)

@@ -1,0 +1,368 @@
+"""Runs of rules answered by a decision tree over their fields instead of a scan.
+
+Block lists, generated ACLs and port-range lists are long runs of rules that test only the IP
+header part (`-s`, `-d`, `-i`, `-o`, `-p`, any masks, `!`) and the ports of `-m tcp` / `-m udp`,
+and end in ACCEPT or DROP. A scan of such a run costs about a nanosecond per rule; this module
+turns the run into data: one record per rule (its exact test) and a binary decision tree over
+seven packet fields (source, destination, protocol, source port, destination port, in and out
+device) whose leaves list the few rules a packet in that region can match, in rule order.
+
+The tree is built as HyperSplit (Qi et al., 2009) builds its: each node cuts one field's range
+in two at the point that best balances the rules overlapping each half (a rule overlapping both
+goes to both), until a node holds at most LEAF_RULES rules, no cut helps, or MAX_DEPTH is
+reached. A rule's part of the tree is the smallest box around its match (a negated or
+non-contiguous mask is the whole range there); the leaf's records then test each candidate
+exactly, in rule order, and the first that matches decides, so first-match order, counters per
+rule and negations keep their meaning whatever the tree looks like. A leaf's list stops at the
+first rule that matches every packet of the leaf's box: nothing after it can be first.
+
+Transport headers are the matches' to read, and where the kernel's tcp and udp matches refuse
+or hotdrop, the tree does too: a later fragment has no ports (ABSENT, outside every port
+range: only the rules without a port match can take it); a first fragment too short for its
+header, or a TCP fragment at offset 1, is hotdropped by the first rule whose IP part matches
+if that rule has a port match: such packets take the run's records in order (the run's "all"
+list), not the tree.
+"""
+
+from __future__ import annotations
+
+import struct
+from bisect import bisect_right
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from codegen.rules.model import Accept, Address, Drop, Interface, Protocol, Rule
+from codegen.rules.names import IPPROTO_TCP, IPPROTO_UDP
+
+from .matches import emitter_of
+
+U32 = 0xFFFF_FFFF
+ABSENT = 0x1_0000  # the ports of a packet no port match may read (a later fragment)
+HOT = 0x1_0001  # ... and of one the first port match hotdrops (too short, TCP offset 1)
+FIELDS = ("saddr", "daddr", "protocol", "sport", "dport", "in", "out")
+TOPS = (U32, U32, 0xFF, ABSENT, ABSENT, U32, U32)  # each field's range is 0..top
+FULL: tuple[tuple[int, int], ...] = tuple((0, top) for top in TOPS)
+PORT_PROTOCOLS = frozenset({IPPROTO_TCP, IPPROTO_UDP})
+
+LEAF_RULES = 4  # measured: a leaf's record test costs about two of the tree's steps
+MAX_DEPTH = 48
+MIN_RUN = 64  # measured: shorter runs scan faster than a lookup answers
+SCANNED_FIRST = 8  # a run's first rules are scanned before the lookup, as exact runs do
+
+# Record flags: which tests are negated, and whether the rule has a port match.
+INV_SADDR, INV_DADDR, INV_PROTOCOL, INV_IN, INV_OUT = 1, 2, 4, 8, 16
+PORTS, INV_SPORT, INV_DPORT = 32, 64, 128
+ACCEPT, DROP = 1, 2
+# saddr, smask, daddr, dmask, in, out, sport first/last, dport first/last, protocol, flags,
+# verdict, counter slot
+RECORD = struct.Struct("<IIIIIIHHHHBBBxI")
+NODE = struct.Struct("<IIII")  # field (LEAF for a leaf), threshold, left, right
+LEAF = 8  # a leaf's field: left is its first record, right how many
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One rule of a run: its record without the counter slot, and its box in the tree."""
+
+    record: tuple[int, ...]
+    box: tuple[tuple[int, int], ...]
+    exact: bool  # every packet in the box matches the rule
+    never: bool = False  # it names a device the namespace does not have: it cannot match
+
+
+def _verdict(rule: Rule) -> int | None:
+    if isinstance(rule.target, Accept):
+        return ACCEPT
+    if isinstance(rule.target, Drop):
+        return DROP
+    return None
+
+
+def _address_box(address: int, mask: int, negated: bool) -> tuple[tuple[int, int], bool]:
+    """The address's range in the tree and whether it is exactly the match."""
+    inverse = ~mask & U32
+    contiguous = inverse & (inverse + 1) == 0
+    if negated or not contiguous:
+        return (0, U32), mask == 0 and not negated
+    return (address & mask, (address & mask) | inverse), True
+
+
+def entry(rule: Rule, interfaces: Mapping[str, int]) -> Entry | None:
+    """The rule as a run's entry, or None if it cannot join a classified run."""
+    verdict = _verdict(rule)
+    if verdict is None:
+        return None
+    addresses = {"src": (0, 0, False), "dst": (0, 0, False)}
+    devices = {"in": (0, False), "out": (0, False)}
+    protocol, protocol_negated = 0, False
+    ranges = None
+    never = False
+    seen: set[str] = set()
+    for match in rule.matches:
+        if isinstance(match, Address):
+            if match.direction in seen:
+                return None
+            seen.add(match.direction)
+            addresses[match.direction] = (match.address & match.mask, match.mask, match.negated)
+        elif isinstance(match, Protocol):
+            if "protocol" in seen or (match.number == 0 and match.negated):
+                return None
+            seen.add("protocol")
+            protocol, protocol_negated = match.number, match.negated
+        elif isinstance(match, Interface):
+            if match.wildcard or match.direction in seen:
+                return None
+            seen.add(match.direction)
+            index = interfaces.get(match.name)
+            if index is None:
+                never = never or not match.negated  # negated: every packet passes this test
+            else:
+                devices[match.direction] = (index, match.negated)
+        else:
+            emitter = emitter_of(match)
+            found = None if emitter is None else emitter.ranges(match)
+            if emitter is None or found is None:
+                return None
+            if emitter.transport is not None:
+                if ranges is not None or protocol_negated:
+                    return None
+                if emitter.transport.protocol != protocol:
+                    return None
+                ranges = found
+            elif found[0].is_default is False or found[1].is_default is False:
+                return None
+    if ranges is not None and protocol not in PORT_PROTOCOLS:
+        return None
+    flags = 0
+    box: list[tuple[int, int]] = []
+    exact = True
+    for direction, inverted in (("src", INV_SADDR), ("dst", INV_DADDR)):
+        address, mask, negated = addresses[direction]
+        flags |= inverted if negated else 0
+        part, whole = _address_box(address, mask, negated)
+        box.append(part)
+        exact = exact and whole
+    flags |= INV_PROTOCOL if protocol_negated else 0
+    if protocol and not protocol_negated:
+        box.append((protocol, protocol))
+    else:
+        box.append((0, 0xFF))
+        exact = exact and not protocol
+    ports = [(0, 0xFFFF), (0, 0xFFFF)]
+    if ranges is not None:
+        flags |= PORTS
+        for number, (ports_range, inverted) in enumerate(
+            zip(ranges, (INV_SPORT, INV_DPORT), strict=True)
+        ):
+            ports[number] = (ports_range.first, ports_range.last)
+            if ports_range.negated:
+                flags |= inverted
+                box.append((0, 0xFFFF))
+                exact = False
+            else:
+                box.append((ports_range.first, ports_range.last))
+    else:
+        box += [(0, ABSENT), (0, ABSENT)]
+    for direction, inverted in (("in", INV_IN), ("out", INV_OUT)):
+        index, negated = devices[direction]
+        flags |= inverted if negated else 0
+        box.append((index, index) if index and not negated else (0, U32))
+        exact = exact and not (index and negated)
+    record = (
+        addresses["src"][0],
+        addresses["src"][1],
+        addresses["dst"][0],
+        addresses["dst"][1],
+        devices["in"][0],
+        devices["out"][0],
+        ports[0][0],
+        ports[0][1],
+        ports[1][0],
+        ports[1][1],
+        protocol,
+        flags,
+        verdict,
+    )
+    return Entry(record, tuple(box), exact, never)
+
+
+def runs(rules: Sequence[Rule], taken: set[int]) -> list[tuple[int, int]]:
+    """Maximal runs of at least MIN_RUN consecutive rules that can be classified, none of them
+    in `taken` (0-based indexes other runs hold), each but its first SCANNED_FIRST rules: their
+    first and last index, 0-based, inclusive."""
+    found = []
+    start = 0
+    while start < len(rules):
+        end = start
+        while end < len(rules) and end not in taken and entry(rules[end], {}) is not None:
+            end += 1
+        if end - start >= MIN_RUN:
+            found.append((start + SCANNED_FIRST, end - 1))
+        start = max(end, start + 1)
+    return found
+
+
+@dataclass
+class Tables:
+    """The trees and records of every classified run of one program."""
+
+    nodes: list[bytes] = field(default_factory=list)
+    records: list[bytes] = field(default_factory=list)
+    depth: int = 0  # the deepest leaf of any tree (steps from its root)
+
+    def add_run(self, entries: Sequence[Entry], slots: Sequence[int]) -> tuple[int, int, int]:
+        """Add a run (its entries in rule order, their counter slots): its root node, and the
+        first record and count of its list of all rules in order."""
+        packed = [
+            RECORD.pack(*made.record, slot)
+            for made, slot in zip(entries, slots, strict=True)
+            if not made.never
+        ]
+        live = [made for made in entries if not made.never]
+        all_first = len(self.records)
+        self.records += packed
+        root = self._tree(live, packed)
+        return root, all_first, len(packed)
+
+    def _tree(self, entries: Sequence[Entry], packed: Sequence[bytes]) -> int:
+        root = len(self.nodes)
+        self.nodes.append(b"")
+        work = [(root, list(range(len(entries))), FULL, 0)]
+        boxes = [made.box for made in entries]
+        exact = [made.exact for made in entries]
+        # A field every rule of the run tests alike cannot tell them apart anywhere.
+        fields = [at for at in range(len(FIELDS)) if len({box[at] for box in boxes}) > 1]
+        while work:
+            node, members, region, depth = work.pop()
+            members = _pruned(members, region, boxes, exact)
+            cut = None
+            if len(members) > LEAF_RULES and depth < MAX_DEPTH:
+                cut = _best_cut(members, region, boxes, fields)
+            if cut is None:
+                first = len(self.records)
+                self.records += [packed[i] for i in members]
+                self.nodes[node] = NODE.pack(LEAF, 0, first, len(members))
+                self.depth = max(self.depth, depth)
+                continue
+            at, threshold, left, right = cut
+            left_node, right_node = len(self.nodes), len(self.nodes) + 1
+            self.nodes += [b"", b""]
+            self.nodes[node] = NODE.pack(at, threshold, left_node, right_node)
+            low, high = region[at]
+            work.append((left_node, left, _with(region, at, (low, threshold)), depth + 1))
+            work.append((right_node, right, _with(region, at, (threshold + 1, high)), depth + 1))
+        return root
+
+
+def _with(region, at: int, part: tuple[int, int]):
+    return (*region[:at], part, *region[at + 1 :])
+
+
+def _pruned(members: list[int], region, boxes, exact) -> list[int]:
+    """`members` up to the first rule matching every packet of `region` (none after it can be
+    the first to match)."""
+    for position, member in enumerate(members):
+        if exact[member] and all(
+            lo <= low and high <= hi
+            for (lo, hi), (low, high) in zip(boxes[member], region, strict=True)
+        ):
+            return members[: position + 1]
+    return members
+
+
+def _best_cut(
+    members: list[int], region, boxes, fields: list[int]
+) -> tuple[int, int, list[int], list[int]] | None:
+    """The field (of `fields`) and threshold (field <= threshold goes left) that leave the
+    fewest rules in the larger half, with the members of each half; None if no cut leaves
+    fewer than all."""
+    best = None
+    count = len(members)
+    for at in fields:
+        low, high = region[at]
+        if low == high:
+            continue
+        lows = sorted(max(boxes[m][at][0], low) for m in members)
+        highs = sorted(min(boxes[m][at][1], high) for m in members)
+        if lows[-1] == low and highs[0] == high:
+            continue  # every rule spans the whole range: nothing to cut
+        threshold = _balanced(lows, highs, low, high)
+        larger = max(bisect_right(lows, threshold), count - bisect_right(highs, threshold))
+        if larger < count and (best is None or larger < best[0]):
+            best = (larger, at, threshold)
+    if best is None:
+        return None
+    _, at, threshold = best
+    left = [m for m in members if boxes[m][at][0] <= threshold]
+    right = [m for m in members if boxes[m][at][1] > threshold]
+    return at, threshold, left, right
+
+
+def _balanced(lows: list[int], highs: list[int], low: int, high: int) -> int:
+    """The threshold in low..high-1 where the rules reaching the left half (starting at or
+    below it) and the right half (ending above it) are closest to balanced."""
+    count = len(lows)
+    candidates = sorted({x for x in highs if x < high} | {x - 1 for x in lows if x > low})
+    if not candidates:
+        return low
+    first, last = 0, len(candidates) - 1
+    while first < last:  # the first threshold whose left half is at least its right half
+        middle = (first + last) // 2
+        t = candidates[middle]
+        if bisect_right(lows, t) >= count - bisect_right(highs, t):
+            last = middle
+        else:
+            first = middle + 1
+
+    def larger(t: int) -> int:
+        return max(bisect_right(lows, t), count - bisect_right(highs, t))
+
+    options = [candidates[first]] + ([candidates[first - 1]] if first else [])
+    return min(options, key=larger)
+
+
+def matches(record: bytes, key: Sequence[int]) -> str | None:
+    """What a record says of a packet's key (the FIELDS values): "match", "hotdrop" or None;
+    the program's record test, written again for the builder's tests."""
+    (saddr, smask, daddr, dmask, device_in, device_out, *ports, protocol, flags, _, _) = (
+        RECORD.unpack(record)
+    )
+    tests = (
+        ((key[0] & smask) == saddr, flags & INV_SADDR),
+        ((key[1] & dmask) == daddr, flags & INV_DADDR),
+        (not protocol or key[2] == protocol, protocol and flags & INV_PROTOCOL),
+        (not device_in or key[5] == device_in, device_in and flags & INV_IN),
+        (not device_out or key[6] == device_out, device_out and flags & INV_OUT),
+    )
+    if any(hit == bool(negated) for hit, negated in tests):
+        return None
+    if not flags & PORTS:
+        return "match"
+    if key[3] == HOT:
+        return "hotdrop"
+    if key[3] == ABSENT:
+        return None
+    sport = (ports[0] <= key[3] <= ports[1]) != bool(flags & INV_SPORT)
+    dport = (ports[2] <= key[4] <= ports[3]) != bool(flags & INV_DPORT)
+    return "match" if sport and dport else None
+
+
+def lookup(tables: Tables, run: tuple[int, int, int], key: Sequence[int]):
+    """The record that decides a packet's key in a run and what it says (None: no rule of the
+    run), by the tree or, for a HOT key, the run's list: the program's lookup, in Python."""
+    root, all_first, all_count = run
+    if key[3] == HOT:
+        first, count = all_first, all_count
+    else:
+        node = root
+        while True:
+            at, threshold, left, right = NODE.unpack(tables.nodes[node])
+            if at == LEAF:
+                first, count = left, right
+                break
+            node = left if key[at] <= threshold else right
+    for record in tables.records[first : first + count]:
+        said = matches(record, key)
+        if said is not None:
+            return record, said
+    return None

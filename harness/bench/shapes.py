@@ -1,0 +1,132 @@
+"""Rule sets of the shapes people bring, for the benchmark and the large differential tests.
+
+Each shape is N rules of the INPUT chain: a first rule and a last rule the benchmark's packets
+are aimed at, and N - 2 rules drawn at random (a fixed seed: the same N gives the same rules)
+between them. The drawn rules never match the benchmark's packets, whose sources are in
+198.19.0.0/16 (the drawn sources are outside 198.18.0.0/15), so the packet for "last" is decided
+by rule N and the one for "none" by the policy; but a classifier still has to tell that from the
+drawn rules, which cover the rest of the address space.
+
+- cidr: a deny list, `-s NET -j DROP` with prefix lengths drawn from /8 to /32 (policy ACCEPT);
+- acl: a mixed ACL, `-s NET [-d NET] [-i IF] [-p tcp|udp --dport P or P:Q] -j ACCEPT|DROP`
+  (policy DROP);
+- ranges: port ranges, `-p tcp --dport A:B -j DROP` (policy ACCEPT), widths from 1 to 1,024.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
+
+SEED = 20261202
+RESERVED = IPv4Network("198.18.0.0/15")  # the lab's own addresses: no drawn rule names them
+FIRST_NET = IPv4Network("198.19.0.0/24")
+LAST_NET = IPv4Network("198.19.1.0/24")
+NONE_SOURCE = IPv4Address("198.19.2.1")
+DESTINATION = IPv4Address("198.18.0.2")
+# The ranges shape keeps its first, last and none ports out of the drawn ranges.
+FIRST_PORT, LAST_PORT, NONE_PORT = 61000, 61001, 61002
+DRAWN_PORTS = (1, 60999)
+INTERFACES = ("eth1", "eth2", "veth0", "veth1")
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    policy: str  # the INPUT policy
+    summary: str
+
+
+SHAPES = {
+    shape.name: shape
+    for shape in (
+        Shape("cidr", "ACCEPT", "-s NET -j DROP, prefixes /8-/32"),
+        Shape("acl", "DROP", "-s NET [-d NET] [-i IF] [-p tcp|udp --dport P|P:Q]"),
+        Shape("ranges", "ACCEPT", "-p tcp --dport A:B -j DROP"),
+    )
+}
+
+
+def _network(draw: random.Random, shortest: int = 8) -> str:
+    while True:
+        length = draw.randint(shortest, 32)
+        address = draw.getrandbits(32) & (0xFFFFFFFF << (32 - length)) & 0xFFFFFFFF
+        network = IPv4Network((address, length))
+        if not network.overlaps(RESERVED) and not network.is_multicast:
+            return str(network) if length < 32 else f"{network.network_address}/32"
+
+
+def _ports(draw: random.Random) -> str:
+    width = 1 << draw.randint(0, 10)
+    low = draw.randint(DRAWN_PORTS[0], DRAWN_PORTS[1] - width + 1)
+    return str(low) if width == 1 else f"{low}:{low + width - 1}"
+
+
+def _drawn(shape: str, draw: random.Random) -> str:
+    if shape == "cidr":
+        return f"-s {_network(draw)} -j DROP"
+    if shape == "ranges":
+        return f"-p tcp -m tcp --dport {_ports(draw)} -j DROP"
+    parts = [f"-s {_network(draw)}"]
+    if draw.random() < 0.5:
+        parts.append(f"-d {_network(draw)}")
+    if draw.random() < 0.25:
+        parts.append(f"-i {draw.choice(INTERFACES)}")
+    if draw.random() < 0.8:
+        protocol = draw.choice(("tcp", "udp"))
+        parts.append(f"-p {protocol} -m {protocol} --dport {_ports(draw)}")
+    parts.append(f"-j {draw.choice(('ACCEPT', 'DROP'))}")
+    return " ".join(parts)
+
+
+def _aimed(shape: str, network: IPv4Network, port: int) -> str:
+    """The first or last rule: the one a benchmark packet is decided by."""
+    if shape == "cidr":
+        return f"-s {network} -j DROP"
+    if shape == "ranges":
+        return f"-p tcp -m tcp --dport {port} -j DROP"
+    return f"-s {network} -d {DESTINATION}/32 -p tcp -m tcp --dport {port} -j ACCEPT"
+
+
+def rules(shape: str, count: int, *, seed: int = SEED) -> str:
+    """`count` rules of `shape` as iptables-save text."""
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; choose one of {', '.join(SHAPES)}")
+    if count < 2:
+        raise ValueError("a shape needs at least 2 rules (the first and the last)")
+    draw = random.Random(f"{seed}:{shape}:{count}")
+    lines = [
+        "*filter",
+        f":INPUT {SHAPES[shape].policy} [0:0]",
+        ":FORWARD ACCEPT [0:0]",
+        ":OUTPUT ACCEPT [0:0]",
+        f"-A INPUT {_aimed(shape, FIRST_NET, FIRST_PORT)}",
+        *(f"-A INPUT {_drawn(shape, draw)}" for _ in range(count - 2)),
+        f"-A INPUT {_aimed(shape, LAST_NET, LAST_PORT)}",
+        "COMMIT",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def packet(shape: str, position: str) -> bytes:
+    """The IPv4 packet (a TCP RST with 10 bytes of payload) aimed at the first rule, the last,
+    or none of them."""
+    from scapy.layers.inet import IP, TCP
+
+    source, port = {
+        "first": (FIRST_NET.network_address + 1, FIRST_PORT),
+        "last": (LAST_NET.network_address + 1, LAST_PORT),
+        "none": (NONE_SOURCE, NONE_PORT),
+    }[position]
+    built = IP(src=str(source), dst=str(DESTINATION)) / TCP(sport=40000, dport=port, flags="R")
+    return bytes(built / bytes(10))
+
+
+def decided_by(shape: str, count: int, position: str) -> tuple[str, int | str]:
+    """The verdict and the rule (1-based, or "policy") that decides the packet for `position`."""
+    verdict = "DROP" if shape in ("cidr", "ranges") else "ACCEPT"
+    if position == "none":
+        return SHAPES[shape].policy, "policy"
+    return verdict, 1 if position == "first" else count
