@@ -9,14 +9,14 @@ the verifier's limit of 8,192. What chain functions answer, and how jumps and go
 is codegen.tc.targets'. The cost is call depth: BPF allows 8 frames, which
 `user_chains_called` checks (nesting of about 6 user chains).
 
-A run of exact-match rules (codegen.tc.exact) is one segment of its chain: a lookup, weighing
-one rule, with the run's scan behind it, inline if short or in functions of its own.
+How a chain's rules fall into segments and functions is codegen.tc.segments'. A run of
+exact-match rules (codegen.tc.exact) is a lookup with the run's scan behind it, inline if short
+or in functions of its own; a classified run (codegen.tc.classifier) is one call.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 
 from codegen import conntrack
 from codegen.bpf import insn as I
@@ -46,6 +46,7 @@ from .layout import CONTINUE, FACTS, SCRATCH_OFFSET, UNCOUNTED, CounterLayout, F
 from .matches.limit import slots as limit_slots
 from .matches.policy import answer_bits
 from .program import CompileError, Labels, RuleNote, where
+from .segments import CHUNK_RULES, INLINE_SCAN, Segment, pieces
 from .targets import (
     GENERATED_TARGETS,
     REFUSED_TARGETS,
@@ -60,73 +61,6 @@ from .targets import (
 
 MAX_FRAMES = 8  # MAX_CALL_FRAMES in the kernel
 VERDICTS = (Accept, Drop, Reject)  # targets whose rule the verdict's tail counts
-# Rules per function: a function's pending branch states stay far below the verifier's 8,192
-# (BPF_COMPLEXITY_LIMIT_JMP_SEQ) whatever the rules hold, and each chunk, being a global
-# function, is verified once on its own.
-CHUNK_RULES = 256
-INLINE_SCAN = CHUNK_RULES  # a longer exact run has its fallback scan in functions of its own
-
-
-@dataclass(frozen=True)
-class Segment:
-    """Rules first..last (1-based) of a chain: scanned, an exact run (with its shape), or a
-    classified run (codegen.tc.classifier)."""
-
-    first: int
-    last: int
-    shape: exact.Shape | None = None
-    classified: bool = False
-
-    @property
-    def weight(self) -> int:
-        # An exact run costs its function one lookup; its scan, if long, lives elsewhere. A
-        # classified run is one call.
-        if self.classified:
-            return 1
-        if self.shape is not None:
-            return 1 if self.last - self.first + 1 > INLINE_SCAN else self.last - self.first + 1
-        return self.last - self.first + 1
-
-    @property
-    def scanned(self) -> bool:
-        return self.shape is None and not self.classified
-
-
-def pieces(chain: Chain) -> list[list[Segment]]:
-    """The chain's rules as segments, packed into functions of at most CHUNK_RULES weight."""
-    found = [
-        (start, end, Segment(start + 1, end + 1, shape))
-        for start, end, shape in exact.runs(chain.rules)
-    ]
-    taken = {i for start, end, _ in found for i in range(start - exact.SCANNED_FIRST, end + 1)}
-    found += [
-        (start, end, Segment(start + 1, end + 1, classified=True))
-        for start, end in classifier.runs(chain.rules, taken)
-    ]
-    segments: list[Segment] = []
-    next_rule = 1
-    for start, end, run in sorted(found, key=lambda run: run[0]):
-        if start + 1 > next_rule:
-            segments.append(Segment(next_rule, start))
-        segments.append(run)
-        next_rule = end + 2
-    if next_rule <= len(chain.rules):
-        segments.append(Segment(next_rule, len(chain.rules)))
-    packed: list[list[Segment]] = [[]]
-    room = CHUNK_RULES
-    for segment in segments:
-        while segment.scanned and segment.weight > room:
-            if room:
-                packed[-1].append(Segment(segment.first, segment.first + room - 1))
-                segment = Segment(segment.first + room, segment.last)
-            packed.append([])
-            room = CHUNK_RULES
-        if segment.weight > room:
-            packed.append([])
-            room = CHUNK_RULES
-        packed[-1].append(segment)
-        room -= segment.weight
-    return packed
 
 
 def _scans_elsewhere(chain: Chain) -> bool:

@@ -316,12 +316,21 @@ def dead_owner() -> dict[str, int]:
 
 
 @REAPER
-def test_reap_removes_namespaces_of_dead_owners_only() -> None:
+def test_reap_removes_namespaces_of_dead_owners_only(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # The owners this test makes up are shown to this reaper only: any other reaper on the
+    # machine (a `bpflab cleanup` outside this run) would rightly remove a dead owner's
+    # namespace first, and this one would not report it. The namespaces and pins are real.
+    owners = tmp_path / "owners"
+    owners.mkdir()
+    monkeypatch.setattr(netns.reaper, "STATE_DIR", owners)
     with Namespace() as live, Namespace() as dead, Namespace() as reused:
-        dead.state_file.write_text(json.dumps(dead_owner()))
+        (owners / live.name).write_text(live.state_file.read_text())
+        (owners / dead.name).write_text(json.dumps(dead_owner()))
         # A live pid started at another time: the owner died and its pid was reused.
         reused_state = {"pid": os.getpid(), "start_time": process_start_time(os.getpid()) - 1}
-        reused.state_file.write_text(json.dumps(reused_state))
+        (owners / reused.name).write_text(json.dumps(reused_state))
         if os.path.ismount("/sys/fs/bpf"):
             (dead.pin_dir / "tc" / "globals").mkdir(parents=True)
 
@@ -331,9 +340,9 @@ def test_reap_removes_namespaces_of_dead_owners_only() -> None:
         assert live.name not in removed
         for gone in (dead, reused):
             assert gone.name not in os.listdir(NETNS_DIR)
-            assert not gone.state_file.exists()
+            assert not (owners / gone.name).exists()
         assert not dead.pin_dir.exists()
-        assert live.name in os.listdir(NETNS_DIR) and live.state_file.exists()
+        assert live.name in os.listdir(NETNS_DIR) and (owners / live.name).exists()
 
 
 @REAPER
