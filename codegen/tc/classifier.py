@@ -30,6 +30,7 @@ import struct
 from bisect import bisect_right
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
 
 from codegen.rules.model import Accept, Address, Drop, Interface, Protocol, Rule
 from codegen.rules.names import IPPROTO_TCP, IPPROTO_UDP
@@ -40,8 +41,6 @@ U32 = 0xFFFF_FFFF
 ABSENT = 0x1_0000  # the ports of a packet no port match may read (a later fragment)
 HOT = 0x1_0001  # ... and of one the first port match hotdrops (too short, TCP offset 1)
 FIELDS = ("saddr", "daddr", "protocol", "sport", "dport", "in", "out")
-TOPS = (U32, U32, 0xFF, ABSENT, ABSENT, U32, U32)  # each field's range is 0..top
-FULL: tuple[tuple[int, int], ...] = tuple((0, top) for top in TOPS)
 PORT_PROTOCOLS = frozenset({IPPROTO_TCP, IPPROTO_UDP})
 
 LEAF_RULES = 4  # measured: a leaf's record test costs about two of the tree's steps
@@ -227,17 +226,25 @@ class Tables:
     def _tree(self, entries: Sequence[Entry], packed: Sequence[bytes]) -> int:
         root = len(self.nodes)
         self.nodes.append(b"")
-        work = [(root, list(range(len(entries))), FULL, 0)]
-        boxes = [made.box for made in entries]
+        count = len(entries)
+        lows = [[made.box[at][0] for made in entries] for at in range(len(FIELDS))]
+        highs = [[made.box[at][1] for made in entries] for at in range(len(FIELDS))]
+        # The root's region is the hull of the rules' boxes: a packet outside it matches none.
+        # A field every rule tests alike cannot tell them apart anywhere, and is never cut.
+        hull = tuple(
+            (min(lows[at], default=0), max(highs[at], default=0)) for at in range(len(FIELDS))
+        )
+        fields = [
+            at for at in range(len(FIELDS)) if len(set(zip(lows[at], highs[at], strict=True))) > 1
+        ]
         exact = [made.exact for made in entries]
-        # A field every rule of the run tests alike cannot tell them apart anywhere.
-        fields = [at for at in range(len(FIELDS)) if len({box[at] for box in boxes}) > 1]
+        work = [(root, list(range(count)), hull, 0)]
         while work:
             node, members, region, depth = work.pop()
-            members = _pruned(members, region, boxes, exact)
+            members = _pruned(members, region, lows, highs, exact, fields)
             cut = None
             if len(members) > LEAF_RULES and depth < MAX_DEPTH:
-                cut = _best_cut(members, region, boxes, fields)
+                cut = _best_cut(members, region, lows, highs, fields)
             if cut is None:
                 first = len(self.records)
                 self.records += [packed[i] for i in members]
@@ -258,67 +265,63 @@ def _with(region, at: int, part: tuple[int, int]):
     return (*region[:at], part, *region[at + 1 :])
 
 
-def _pruned(members: list[int], region, boxes, exact) -> list[int]:
+def _pruned(members: list[int], region, lows, highs, exact, fields) -> list[int]:
     """`members` up to the first rule matching every packet of `region` (none after it can be
-    the first to match)."""
+    the first to match). Only the fields cut anywhere need looking at: on the others every
+    rule's box is the region's."""
+    bounds = [(lows[at], highs[at], *region[at]) for at in fields]
     for position, member in enumerate(members):
         if exact[member] and all(
-            lo <= low and high <= hi
-            for (lo, hi), (low, high) in zip(boxes[member], region, strict=True)
+            rule_low[member] <= low and high <= rule_high[member]
+            for rule_low, rule_high, low, high in bounds
         ):
             return members[: position + 1]
     return members
 
 
 def _best_cut(
-    members: list[int], region, boxes, fields: list[int]
+    members: list[int], region, lows, highs, fields: list[int]
 ) -> tuple[int, int, list[int], list[int]] | None:
     """The field (of `fields`) and threshold (field <= threshold goes left) that leave the
     fewest rules in the larger half, with the members of each half; None if no cut leaves
-    fewer than all."""
+    fewer than all. Every member overlaps the region, so for thresholds inside it the rules'
+    own bounds count as well as bounds clipped to the region would."""
     best = None
     count = len(members)
+    take = itemgetter(*members)
     for at in fields:
         low, high = region[at]
         if low == high:
             continue
-        lows = sorted(max(boxes[m][at][0], low) for m in members)
-        highs = sorted(min(boxes[m][at][1], high) for m in members)
-        if lows[-1] == low and highs[0] == high:
+        starts = sorted(take(lows[at]))
+        ends = sorted(take(highs[at]))
+        if starts[-1] <= low and ends[0] >= high:
             continue  # every rule spans the whole range: nothing to cut
-        threshold = _balanced(lows, highs, low, high)
-        larger = max(bisect_right(lows, threshold), count - bisect_right(highs, threshold))
+        threshold = _balanced(starts, ends, low, high)
+        larger = max(bisect_right(starts, threshold), count - bisect_right(ends, threshold))
         if larger < count and (best is None or larger < best[0]):
             best = (larger, at, threshold)
     if best is None:
         return None
     _, at, threshold = best
-    left = [m for m in members if boxes[m][at][0] <= threshold]
-    right = [m for m in members if boxes[m][at][1] > threshold]
+    left = [m for m in members if lows[at][m] <= threshold]
+    right = [m for m in members if highs[at][m] > threshold]
     return at, threshold, left, right
 
 
-def _balanced(lows: list[int], highs: list[int], low: int, high: int) -> int:
+def _balanced(starts: list[int], ends: list[int], low: int, high: int) -> int:
     """The threshold in low..high-1 where the rules reaching the left half (starting at or
-    below it) and the right half (ending above it) are closest to balanced."""
-    count = len(lows)
-    candidates = sorted({x for x in highs if x < high} | {x - 1 for x in lows if x > low})
-    if not candidates:
-        return low
-    first, last = 0, len(candidates) - 1
-    while first < last:  # the first threshold whose left half is at least its right half
-        middle = (first + last) // 2
-        t = candidates[middle]
-        if bisect_right(lows, t) >= count - bisect_right(highs, t):
-            last = middle
-        else:
-            first = middle + 1
+    below it) and the right half (ending above it) are closest to balanced.
+
+    Left minus right, #(starts <= t) - #(ends > t), grows with t and first reaches 0 at the
+    n-th smallest of all 2n bounds; the best threshold is there or just below it."""
+    count = len(starts)
+    crossing = min(max(sorted(starts + ends)[count - 1], low), high - 1)
 
     def larger(t: int) -> int:
-        return max(bisect_right(lows, t), count - bisect_right(highs, t))
+        return max(bisect_right(starts, t), count - bisect_right(ends, t))
 
-    options = [candidates[first]] + ([candidates[first - 1]] if first else [])
-    return min(options, key=larger)
+    return min((crossing, crossing - 1) if crossing > low else (crossing,), key=larger)
 
 
 def matches(record: bytes, key: Sequence[int]) -> str | None:
