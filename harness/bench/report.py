@@ -73,6 +73,7 @@ def _short(reason: str) -> str:
 def markdown(results: dict) -> str:
     from .extensions import report_lines as extensions_lines
     from .one_rule import report_lines as one_rule_lines
+    from .shaped import report_lines as shape_lines
 
     machine = results["machine"]
     load = results.get("load_average", {}).get("start")
@@ -159,6 +160,7 @@ def markdown(results: dict) -> str:
         ]
 
     lines += extensions_lines(results)
+    lines += shape_lines(results)
     filters = results["filters"]
     lines += [
         "## Throughput across a veth pair (Mpps delivered, median over rounds; in brackets the "

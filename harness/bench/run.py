@@ -26,15 +26,24 @@ from typing import IO
 # Only what the parser needs is imported here: `bpflab` builds every subcommand's parser on
 # each run, and the measuring modules pull in the code generators.
 from .facts import commit, machine, method, tool_versions
-from .settings import DEFAULT_SIZES, FULL, QUICK, QUICK_SIZES, Progress, Settings
+from .settings import (
+    DEFAULT_SIZES,
+    FULL,
+    QUICK,
+    QUICK_SIZES,
+    SHAPE_SIZES,
+    Progress,
+    Settings,
+)
+from .shapes import MAX_SHAPE_RULES
 from .workload import MAX_RULES, STATEFUL_POSITIONS
 
 DEFAULT_OUTPUT = Path("bench/results")
 RESULTS_JSON = "bench.json"
 RESULTS_MARKDOWN = "bench.md"
 # 2: the stateful workload's section; 3: the fixed cost (`fixed`); 4: one rule added and
-# deleted (`one_rule`)
-SCHEMA = 5
+# deleted (`one_rule`); 6: rule sets of real shapes (`shapes`)
+SCHEMA = 6
 # The stateful workload runs at the sizes up to this (the largest set that loads is stateless).
 STATEFUL_LARGEST = 5000
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -85,6 +94,7 @@ def run_bench(settings: Settings, progress: Progress = _no_progress) -> dict:
         raise BenchError(reason)
     from .extensions import measure as measure_extensions
     from .one_rule import measure as measure_one_rule
+    from .shaped import measure as measure_shapes
     from .stateful import per_packet as stateful_per_packet
     from .testrun import c_backend_problem, find_largest, time_floor
     from .traffic import FILTERS, TrafficBench, process_overhead
@@ -106,6 +116,7 @@ def run_bench(settings: Settings, progress: Progress = _no_progress) -> dict:
     progress(f"floor: empty program {floor.ns:.0f} ns per packet")
     fixed = _fixed(backends, settings, progress)
     extensions = measure_extensions(settings.testrun, progress)
+    shapes = measure_shapes(settings.shape_sizes, settings.testrun, clock, progress)
 
     sizes = sorted(set(settings.sizes))
     largest = None
@@ -168,6 +179,7 @@ def run_bench(settings: Settings, progress: Progress = _no_progress) -> dict:
             "sizes": list(settings.sizes),
             "largest": settings.largest,
             "one_rule_sizes": list(settings.one_rule_sizes),
+            "shape_sizes": list(settings.shape_sizes),
         },
         "method": method(settings, overhead),
         "sizes": sizes,
@@ -176,6 +188,7 @@ def run_bench(settings: Settings, progress: Progress = _no_progress) -> dict:
         "floor": {**floor.to_json(), "instructions": floor_facts.xlated_instructions},
         "fixed": fixed,
         "extensions": extensions,
+        "shapes": shapes,
         "largest": largest,
         "per_packet": per_packet,
         "throughput": throughput,
@@ -296,16 +309,22 @@ def write_results(results: dict, directory: Path) -> list[Path]:
 # Command line -------------------------------------------------------------------------------
 
 
-def _sizes(text: str) -> tuple[int, ...]:
-    try:
-        sizes = tuple(int(part.replace("_", "")) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a comma-separated list of numbers"
-        ) from None
-    if not sizes or any(not 1 <= size <= MAX_RULES for size in sizes):
-        raise argparse.ArgumentTypeError(f"rule counts must be between 1 and {MAX_RULES}")
+def _sizes_up_to(maximum: int) -> Callable[[str], tuple[int, ...]]:
+    def sizes(text: str) -> tuple[int, ...]:
+        try:
+            sizes = tuple(int(part.replace("_", "")) for part in text.split(",") if part.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a comma-separated list of numbers"
+            ) from None
+        if not sizes or any(not 1 <= size <= maximum for size in sizes):
+            raise argparse.ArgumentTypeError(f"rule counts must be between 1 and {maximum:,}")
+        return sizes
+
     return sizes
+
+
+_sizes = _sizes_up_to(MAX_RULES)
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -315,6 +334,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         settings = replace(settings, sizes=args.sizes, largest=False)
     if args.largest is not None:
         settings = replace(settings, largest=args.largest)
+    if args.shape_sizes is not None:
+        settings = replace(settings, shape_sizes=args.shape_sizes)
     return settings
 
 
@@ -366,6 +387,14 @@ def add_command(commands: argparse._SubParsersAction) -> argparse.ArgumentParser
         default=None,
         help="also find and measure the largest rule set that loads (default: on, except "
         "with --quick or --sizes)",
+    )
+    sub.add_argument(
+        "--shape-sizes",
+        type=_sizes_up_to(MAX_SHAPE_RULES),
+        metavar="N,N,...",
+        help="rule counts of the real-shape rule sets: CIDR deny list, mixed ACL, port ranges "
+        f"(default {','.join(map(str, SHAPE_SIZES))}; {','.join(map(str, QUICK.shape_sizes))} "
+        "with --quick)",
     )
     sub.add_argument(
         "--output",

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 # Small sets first: most real filter tables hold 10 to 200 rules.
 DEFAULT_SIZES = (1, 10, 50, 100, 200, 1000, 2048, 5000)
 QUICK_SIZES = (1, 10, 100)
+# The shapes of big rule sets (block lists, generated ACLs, port lists) start where they do.
+SHAPE_SIZES = (1000, 10_000, 100_000)
 
 Progress = Callable[[str], None]
 
@@ -38,6 +40,8 @@ class Settings:
     # One rule added to and deleted from tables of these sizes (bench/one_rule.py)
     one_rule_sizes: tuple[int, ...]
     one_rule_trials: int
+    # Rule sets of real shapes, each at these sizes (bench/shaped.py)
+    shape_sizes: tuple[int, ...]
 
 
 FULL = Settings(
@@ -53,6 +57,7 @@ FULL = Settings(
     slow_load_budget_s=180.0,
     one_rule_sizes=(1000, 10_000),
     one_rule_trials=3,
+    shape_sizes=SHAPE_SIZES,
 )
 QUICK = Settings(
     sizes=QUICK_SIZES,
@@ -65,4 +70,5 @@ QUICK = Settings(
     slow_load_budget_s=30.0,
     one_rule_sizes=(100,),
     one_rule_trials=1,
+    shape_sizes=(1000,),
 )

@@ -29,6 +29,7 @@ DESTINATION = IPv4Address("198.18.0.2")
 FIRST_PORT, LAST_PORT, NONE_PORT = 61000, 61001, 61002
 DRAWN_PORTS = (1, 60999)
 INTERFACES = ("eth1", "eth2", "veth0", "veth1")
+MAX_SHAPE_RULES = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -93,8 +94,8 @@ def rules(shape: str, count: int, *, seed: int = SEED) -> str:
     """`count` rules of `shape` as iptables-save text."""
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}; choose one of {', '.join(SHAPES)}")
-    if count < 2:
-        raise ValueError("a shape needs at least 2 rules (the first and the last)")
+    if not 2 <= count <= MAX_SHAPE_RULES:
+        raise ValueError(f"a shape holds 2 (the first and the last) to {MAX_SHAPE_RULES:,} rules")
     draw = random.Random(f"{seed}:{shape}:{count}")
     lines = [
         "*filter",

@@ -13,6 +13,7 @@ from codegen.rules import parse
 from codegen.rules.validation import validate
 from harness.bench import extensions as bench_extensions
 from harness.bench import run as bench
+from harness.bench import shapes as bench_shapes
 from harness.bench.workload import (
     FRAME_BYTES,
     MAX_RULES,
@@ -94,6 +95,19 @@ def test_options_choose_sizes_and_the_largest_search(argv, sizes, largest):
     assert (settings.sizes, settings.largest) == (sizes, largest)
 
 
+@pytest.mark.parametrize(
+    "argv, sizes",
+    [
+        ([], bench.SHAPE_SIZES),
+        (["--quick"], bench.QUICK.shape_sizes),
+        (["--quick", "--shape-sizes", "200000"], (200_000,)),
+    ],
+)
+def test_shape_sizes_go_past_the_workloads_limit(argv, sizes):
+    assert 200_000 > MAX_RULES
+    assert bench.settings_from(_parser().parse_args(["bench", *argv])).shape_sizes == sizes
+
+
 @pytest.mark.parametrize("text", ["0", "a,b", "", f"{MAX_RULES + 1}"])
 def test_bad_sizes_are_refused_by_the_parser(text, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -159,6 +173,16 @@ def test_quick_bench_writes_json_markdown_and_plots(tmp_path, capsys):
     assert (
         "## What one rule of each extension adds" in (tmp_path / bench.RESULTS_MARKDOWN).read_text()
     )
+    # Each shape at each size, each packet checked to be decided by the rule it is aimed at
+    # (the bench stops otherwise); the whole rule set applied twice.
+    assert [(entry["shape"], entry["rules"]) for entry in results["shapes"]] == [
+        (shape, count) for shape in bench_shapes.SHAPES for count in bench.QUICK.shape_sizes
+    ]
+    for entry in results["shapes"]:
+        assert all(ns > 0 for ns in entry["ns_per_packet"].values())
+        assert entry["apply_s"] > entry["parse_s"] > 0 and entry["reapply_s"] > 0
+        assert all(hook["verifier_processed"] > 0 for hook in entry["hooks"].values())
+    assert "## Rule sets of real shapes" in (tmp_path / bench.RESULTS_MARKDOWN).read_text()
 
     backends = results["backends"]
     assert backends["bytecode"]["available"] is True

@@ -1,0 +1,147 @@
+"""Rule sets of the shapes people bring (bench/shapes.py: a CIDR deny list, a mixed ACL, a port
+range list) from a thousand rules up: what a packet costs aimed at the first rule, the last and
+none, how long the INPUT chain program and a whole `apply` take, and how big the programs are.
+
+Per shape and size: the text is parsed once (`parse_s`); the INPUT chain program is compiled,
+verified and loaded (`load_s`), checked to decide each packet by the rule the shape aims it at,
+and timed with BPF_PROG_TEST_RUN as the rest of the bench times chain programs; then the whole
+rule set is applied to a namespace holding the devices the ACL names (two veth pairs) (parse, both hooks'
+programs compiled, verified and attached: `apply_s`), and applied again over itself
+(`reapply_s`). Only the bytecode backend: the C backend stops near 1,600 rules (issue 14).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from codegen.rules import parse
+from netns import Namespace
+
+from ..runner import ChainRunner, frame_for
+from .report import _ns, _table
+from .settings import Progress, TimingSettings
+from .shapes import INTERFACES, SHAPES, decided_by, packet, rules
+from .testrun import BenchCheckFailed, ProgramFacts, time_program
+
+POSITIONS = ("first", "last", "none")
+
+
+def _namespace_devices(namespace: Namespace) -> None:
+    """Devices named as the ACL shape's `-i` rules name them: veth pairs of two of them."""
+    with namespace.ipr() as ipr:
+        for name, peer in zip(INTERFACES[::2], INTERFACES[1::2], strict=True):
+            ipr.link("add", ifname=name, kind="veth", peer=peer)
+        for name in INTERFACES:
+            ipr.link("set", index=ipr.link_lookup(ifname=name)[0], state="up")
+
+
+def _check(runner: ChainRunner, frame: bytes, shape: str, count: int, position: str) -> None:
+    outcome = runner.run(frame, "INPUT")
+    verdict, rule = decided_by(shape, count, position)
+    if (outcome.verdict, outcome.deciding) != (verdict, ("INPUT", rule)):
+        raise BenchCheckFailed(
+            f"{shape} of {count:,} rules decided {outcome.verdict} by {outcome.deciding} for "
+            f"the {position} packet, want {verdict} by ('INPUT', {rule!r})"
+        )
+
+
+def measure_shape(
+    shape: str, count: int, settings: TimingSettings, clock: Callable[[], float]
+) -> dict:
+    text = rules(shape, count)
+    filename = f"bench-{shape}-{count}.rules"
+    started = clock()
+    ruleset = parse(text, filename)
+    parse_s = clock() - started
+    with ChainRunner(ruleset) as runner:
+        started = clock()
+        program = runner.program("INPUT")
+        load_s = clock() - started
+        facts = ProgramFacts.of(program.fd)
+        timing = {}
+        for position in POSITIONS:
+            frame = frame_for(packet(shape, position))
+            _check(runner, frame, shape, count, position)
+            timing[position] = time_program(program.fd, frame, settings).to_json()
+    from ..deploy.lifecycle import apply
+
+    with Namespace() as namespace:
+        _namespace_devices(namespace)
+        started = clock()
+        applied = apply(text, filename, namespace.name)
+        apply_s = clock() - started
+        started = clock()
+        apply(text, filename, namespace.name)
+        reapply_s = clock() - started
+        ingress = applied.programs["ingress"]
+        egress = applied.programs["egress"]
+        hooks = {
+            name: {
+                "instructions": loaded.insn_count,
+                "verifier_processed": loaded.stats.insns_processed if loaded.stats else None,
+            }
+            for name, loaded in (("ingress", ingress), ("egress", egress))
+        }
+    return {
+        "shape": shape,
+        "rules": count,
+        "parse_s": parse_s,
+        "load_s": load_s,
+        "apply_s": apply_s,
+        "reapply_s": reapply_s,
+        "instructions": facts.xlated_instructions,
+        "verifier_processed": facts.verifier_processed,
+        "hooks": hooks,
+        "ns_per_packet": {position: timing[position]["ns"] for position in POSITIONS},
+        "timing": timing,
+    }
+
+
+def measure(
+    sizes: tuple[int, ...],
+    settings: TimingSettings,
+    clock: Callable[[], float],
+    progress: Progress,
+) -> list[dict]:
+    """Every shape at every size, smallest first."""
+    entries = []
+    for shape in SHAPES:
+        for count in sorted(sizes):
+            entry = measure_shape(shape, count, settings, clock)
+            entries.append(entry)
+            ns = entry["ns_per_packet"]
+            progress(
+                f"shape {shape:7} {count:>7,} rules: first {ns['first']:,.0f} ns, last "
+                f"{ns['last']:,.0f} ns, no match {ns['none']:,.0f} ns; parse "
+                f"{entry['parse_s']:.2f} s, chain program {entry['load_s']:.2f} s, apply "
+                f"{entry['apply_s']:.2f} s, again {entry['reapply_s']:.2f} s"
+            )
+    return entries
+
+
+def report_lines(results: dict) -> list[str]:
+    """The shapes' table (bench/shaped.py)."""
+    entries = results.get("shapes") or []
+    if not entries:
+        return []
+    lines = [
+        "## Rule sets of real shapes (BPF_PROG_TEST_RUN, bytecode)",
+        "",
+        "The INPUT chain program on a packet decided by the first rule, the last, or the "
+        "policy; `apply` is parse, both hooks' programs compiled, verified and attached.",
+        "",
+    ]
+    rows = [
+        [
+            f"{entry['shape']}: {SHAPES[entry['shape']].summary}",
+            f"{entry['rules']:,}",
+            *(_ns(entry["ns_per_packet"][position]) for position in POSITIONS),
+            f"{entry['verifier_processed']:,}",
+            f"{entry['parse_s']:.2f} s",
+            f"{entry['apply_s']:.2f} s",
+            f"{entry['reapply_s']:.2f} s",
+        ]
+        for entry in entries
+    ]
+    header = ["shape", "rules", "first", "last", "no match", "verifier", "parse", "apply", "again"]
+    return lines + _table(header, rows)
