@@ -41,10 +41,20 @@ class Line:
         return ParseError(message, self.source(column))
 
 
+_WORD = re.compile(r"[^ \t]+")
+
+
 def tokenize(line: Line, start: int) -> list[Token]:
     """Split like iptables-restore's add_param_to_argv: blanks separate words, `"` quotes,
     `\\` escapes only inside quotes, and a closing quote always ends the word (`"a"b` is two
     words)."""
+    if '"' not in line.text:  # no quotes: blanks alone separate the words
+        return [Token(word.group(), word.start() + 1) for word in _WORD.finditer(line.text, start)]
+    return tokenize_quoted(line, start)
+
+
+def tokenize_quoted(line: Line, start: int) -> list[Token]:
+    """tokenize(), character by character: what a line with quotes takes."""
     text = line.text
     tokens: list[Token] = []
     buf: list[str] = []
@@ -115,6 +125,9 @@ def strtol_clamped(text: str) -> int:
 def strtoui(text: str, maximum: int, minimum: int = 0) -> int | None:
     """xtables_strtoui with base 0: decimal, 0x hex or 0 octal, an optional leading `+`, the
     whole string consumed; None when it is not such a number in [minimum, maximum]."""
+    if text.isdigit() and text.isascii() and (text[0] != "0" or len(text) == 1):
+        value = int(text)  # plain decimal, the common case
+        return value if minimum <= value <= maximum else None
     body = text.lstrip(" \t\n\v\f\r")
     if body.startswith("+"):
         body = body[1:]
