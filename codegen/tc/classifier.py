@@ -53,10 +53,17 @@ INV_SADDR, INV_DADDR, INV_PROTOCOL, INV_IN, INV_OUT = 1, 2, 4, 8, 16
 PORTS, INV_SPORT, INV_DPORT = 32, 64, 128
 ACCEPT, DROP = 1, 2
 # saddr, smask, daddr, dmask, in, out, sport first/last, dport first/last, protocol, flags,
-# verdict, counter slot
-RECORD = struct.Struct("<IIIIIIHHHHBBBxI")
+# verdict, the rule's place in its run, counter slot
+RECORD = struct.Struct("<IIIIIIHHHHBBBxII")
 NODE = struct.Struct("<IIII")  # field (LEAF for a leaf), threshold, left, right
 LEAF = 8  # a leaf's field: left is its first record, right how many
+TREES = 9  # a run's first node: threshold is how many trees, left the first one's root
+# A run is split into at most MAX_TREES trees, each of rules narrow on one field more
+# (codegen.tc.classifier._groups); a rule is wide on a field if its part of the run's range
+# there is over 1/2**WIDE_SHIFT of it.
+MAX_TREES = 3
+WIDE_SHIFT = 12
+MIN_GROUP = MIN_RUN  # the fewest rules a tree of a split run holds
 
 
 @dataclass(frozen=True)
@@ -208,37 +215,38 @@ class Tables:
     nodes: list[bytes] = field(default_factory=list)
     records: list[bytes] = field(default_factory=list)
     depth: int = 0  # the deepest leaf of any tree (steps from its root)
+    trees: int = 1  # the most trees any run has
 
     def add_run(self, entries: Sequence[Entry], slots: Sequence[int]) -> tuple[int, int, int]:
-        """Add a run (its entries in rule order, their counter slots): its root node, and the
-        first record and count of its list of all rules in order."""
-        packed = [
-            RECORD.pack(*made.record, slot)
-            for made, slot in zip(entries, slots, strict=True)
-            if not made.never
-        ]
-        live = [made for made in entries if not made.never]
+        """Add a run (its entries in rule order, their counter slots): its first node (TREES),
+        and the first record and count of its list of all rules in order."""
+        live = [place for place, made in enumerate(entries) if not made.never]
+        packed = {place: RECORD.pack(*entries[place].record, place, slots[place]) for place in live}
         all_first = len(self.records)
-        self.records += packed
-        root = self._tree(live, packed)
-        return root, all_first, len(packed)
-
-    def _tree(self, entries: Sequence[Entry], packed: Sequence[bytes]) -> int:
-        root = len(self.nodes)
-        self.nodes.append(b"")
-        count = len(entries)
+        self.records += packed.values()
         lows = [[made.box[at][0] for made in entries] for at in range(len(FIELDS))]
         highs = [[made.box[at][1] for made in entries] for at in range(len(FIELDS))]
+        exact = [made.exact for made in entries]
+        groups = _groups(live, lows, highs)
+        head = len(self.nodes)
+        self.nodes.append(NODE.pack(TREES, len(groups), head + 1, 0))
+        self.nodes += [b""] * len(groups)
+        for number, members in enumerate(groups):
+            self._tree(head + 1 + number, members, lows, highs, exact, packed)
+        self.trees = max(self.trees, len(groups))
+        return head, all_first, len(packed)
+
+    def _tree(self, root: int, members: list[int], lows, highs, exact, packed) -> None:
+        """A tree of `members` (places in the run, in order) at node `root`."""
         # The root's region is the hull of the rules' boxes: a packet outside it matches none.
         # A field every rule tests alike cannot tell them apart anywhere, and is never cut.
-        hull = tuple(
-            (min(lows[at], default=0), max(highs[at], default=0)) for at in range(len(FIELDS))
-        )
+        hull = _hull(members, lows, highs)
         fields = [
-            at for at in range(len(FIELDS)) if len(set(zip(lows[at], highs[at], strict=True))) > 1
+            at
+            for at in range(len(FIELDS))
+            if len({(lows[at][m], highs[at][m]) for m in members}) > 1
         ]
-        exact = [made.exact for made in entries]
-        work = [(root, list(range(count)), hull, 0)]
+        work = [(root, members, hull, 0)]
         while work:
             node, members, region, depth = work.pop()
             members = _pruned(members, region, lows, highs, exact, fields)
@@ -258,7 +266,52 @@ class Tables:
             low, high = region[at]
             work.append((left_node, left, _with(region, at, (low, threshold)), depth + 1))
             work.append((right_node, right, _with(region, at, (threshold + 1, high)), depth + 1))
-        return root
+
+
+def _hull(members: list[int], lows, highs) -> tuple[tuple[int, int], ...]:
+    if not members:
+        return tuple((0, 0) for _ in FIELDS)
+    take = itemgetter(*members) if len(members) > 1 else lambda values: (values[members[0]],)
+    return tuple((min(take(lows[at])), max(take(highs[at]))) for at in range(len(FIELDS)))
+
+
+def _groups(members: list[int], lows, highs) -> list[list[int]]:
+    """The run's rules in at most MAX_TREES groups, each a tree of its own.
+
+    One tree of a mixed ACL holds a rule like `-s 10.0.0.0/8 -d NET --dport P` in every leaf
+    the many narrower sources cut its /8 into. So the rules wide on the field that tells the
+    most rules apart, and narrowed by another field, go to a tree of their own, cut there on
+    the fields that narrow them; and so on, once more. A rule that is wide on that field and
+    tests nothing else stays: it covers whole regions and ends their leaves' lists. A group
+    is split off only if both parts hold at least MIN_GROUP rules.
+    """
+    groups: list[list[int]] = []
+    rest = members
+    hull = _hull(members, lows, highs)
+    free = [at for at in range(len(FIELDS)) if hull[at][0] < hull[at][1]]
+    while len(groups) < MAX_TREES - 1 and len(free) > 1:
+        # The field of the most distinct narrow parts, and the rules wide on it.
+        wide_on = {}
+        narrow_parts = {}
+        for at in free:
+            limit = (hull[at][1] - hull[at][0]) >> WIDE_SHIFT
+            starts, ends = lows[at], highs[at]
+            wide_on[at] = {m for m in rest if ends[m] - starts[m] > limit}
+            narrow_parts[at] = len({(starts[m], ends[m]) for m in rest if m not in wide_on[at]})
+        chosen = max(free, key=lambda at: narrow_parts[at])
+        others = [at for at in free if at != chosen]
+        split = [
+            m
+            for m in rest
+            if m in wide_on[chosen]
+            and any(lows[at][m] > hull[at][0] or highs[at][m] < hull[at][1] for at in others)
+        ]
+        if len(split) < MIN_GROUP or len(rest) - len(split) < MIN_GROUP:
+            break
+        taken = set(split)
+        groups.append([m for m in rest if m not in taken])
+        rest, free = split, others
+    return [*groups, rest]
 
 
 def _with(region, at: int, part: tuple[int, int]):
@@ -327,7 +380,7 @@ def _balanced(starts: list[int], ends: list[int], low: int, high: int) -> int:
 def matches(record: bytes, key: Sequence[int]) -> str | None:
     """What a record says of a packet's key (the FIELDS values): "match", "hotdrop" or None;
     the program's record test, written again for the builder's tests."""
-    (saddr, smask, daddr, dmask, device_in, device_out, *ports, protocol, flags, _, _) = (
+    (saddr, smask, daddr, dmask, device_in, device_out, *ports, protocol, flags, _, _, _) = (
         RECORD.unpack(record)
     )
     tests = (
@@ -352,20 +405,30 @@ def matches(record: bytes, key: Sequence[int]) -> str | None:
 
 def lookup(tables: Tables, run: tuple[int, int, int], key: Sequence[int]):
     """The record that decides a packet's key in a run and what it says (None: no rule of the
-    run), by the tree or, for a HOT key, the run's list: the program's lookup, in Python."""
-    root, all_first, all_count = run
+    run), by the trees or, for a HOT key, the run's list: the program's lookup, in Python.
+    Each tree's leaf is tested in order up to the first match, or to a rule after the best
+    match an earlier tree found."""
+    head, all_first, all_count = run
     if key[3] == HOT:
-        first, count = all_first, all_count
+        lists = [(all_first, all_count)]
     else:
-        node = root
-        while True:
-            at, threshold, left, right = NODE.unpack(tables.nodes[node])
-            if at == LEAF:
-                first, count = left, right
+        lists = []
+        _, count, first_root, _ = NODE.unpack(tables.nodes[head])
+        for node in range(first_root, first_root + count):
+            while True:
+                at, threshold, left, right = NODE.unpack(tables.nodes[node])
+                if at == LEAF:
+                    lists.append((left, right))
+                    break
+                node = left if key[at] <= threshold else right
+    best = None
+    for first, count in lists:
+        for record in tables.records[first : first + count]:
+            place = RECORD.unpack(record)[-2]
+            if best is not None and place >= best[0]:
                 break
-            node = left if key[at] <= threshold else right
-    for record in tables.records[first : first + count]:
-        said = matches(record, key)
-        if said is not None:
-            return record, said
-    return None
+            said = matches(record, key)
+            if said is not None:
+                best = (place, record, said)
+                break
+    return None if best is None else best[1:]

@@ -1,10 +1,12 @@
 """The code of classified runs (codegen.tc.classifier has their tables): one global function
 for every run of the program, and the record test it runs over a leaf's records with bpf_loop.
 
-`classify(facts, root, all_first, all_count)` builds the packet's key (the tree's seven fields,
-ports ABSENT or HOT where the transport header cannot be read), walks the tree from `root` to
-a leaf (a step is one array lookup and one compare; the walk is as many steps as the deepest
-tree has), tests the leaf's records in order, and answers as a chain function does: CONTINUE
+`classify(facts, head, all_first, all_count)` builds the packet's key (the tree's seven fields,
+ports ABSENT or HOT where the transport header cannot be read), walks each of the run's trees
+(its first node, `head`, says where they are) to a leaf (a step is one array lookup and one
+compare; a walk is as many steps as the deepest tree has), tests the leaf's records in order
+up to the first match or to a rule no earlier than an earlier tree's match, and answers as a
+chain function does: CONTINUE
 when no rule of the run matched, else the verdict (HOTDROP for a hotdrop), with the deciding
 rule's counter slot in the facts (UNCOUNTED for a hotdrop). A packet whose ports are HOT takes
 the run's list of all its rules instead of the tree.
@@ -29,10 +31,12 @@ RECORDS_MAP = "classifier_records"
 HOTDROP = 4  # classify's answer beside CONTINUE, ACCEPT and DROP (RETURNED is 3)
 
 # classify's frame: the bpf_loop context (the key's eight words, then the leaf's first
-# record, and what the record test found: the verdict and the slot), then a map key.
+# record, and what the record test found: the verdict, the slot and the rule's place in the
+# run), then a map key, and the run's next tree and the end of its trees.
 KEY = -48
-FIRST, RESULT, SLOT = KEY + 32, KEY + 36, KEY + 40
+FIRST, RESULT, SLOT, BEST = KEY + 32, KEY + 36, KEY + 40, KEY + 44
 MAP_KEY = KEY - 8
+NEXT_TREE, END_TREES = KEY - 16, KEY - 24
 HEADER_BYTES = {header.protocol: header.size for header in TRANSPORT_HEADERS}
 
 
@@ -60,15 +64,28 @@ def call(
     ]
 
 
-def functions(depth: int) -> list[Item]:
-    """classify, its walk unrolled to `depth` steps, and the record test."""
-    return [*_classify(depth), *_record_test()]
+def functions(depth: int, trees: int) -> list[Item]:
+    """classify, its walk of up to `trees` trees unrolled to `depth` steps each, and the
+    record test."""
+    return [*_classify(depth, trees), *_record_test()]
 
 
-def _classify(depth: int) -> list[Item]:
+def _scan() -> list[Item]:
+    """Test the list of R8 records from R7 with bpf_loop."""
+    return [
+        I.stx(Size.W, R10, FIRST, R7),
+        I.mov64(R1, R8),
+        I.ld_func(R2, RECORD_TEST),
+        I.mov64(R3, R10),
+        I.alu64(AluOp.ADD, R3, KEY),
+        I.mov64(R4, 0),
+        I.call("loop"),
+    ]
+
+
+def _classify(depth: int, trees: int) -> list[Item]:
     ready, walk, hot = f"{CLASSIFY}:ready", f"{CLASSIFY}:walk", f"{CLASSIFY}:hot"
-    none = f"{CLASSIFY}:none"
-    leaf, scan = f"{CLASSIFY}:leaf", f"{CLASSIFY}:scan"
+    none, finish = f"{CLASSIFY}:none", f"{CLASSIFY}:finish"
     code: list[Item] = [
         Subprogram(CLASSIFY, "global", (Facts.SIZE, "scalar", "scalar", "scalar")),
         I.jmp(JmpOp.JNE, R1, 0, ready),
@@ -92,22 +109,66 @@ def _classify(depth: int) -> list[Item]:
         I.st(Size.W, R10, KEY + 28, 0),
         I.st(Size.W, R10, RESULT, 0),
         I.st(Size.W, R10, SLOT, 0),
+        I.st(Size.W, R10, BEST, -1),  # 0xffffffff: no rule yet
     ]
     code += _ports(hot, walk)
     code += [Label(hot), I.st(Size.W, R10, KEY + 12, C.HOT), I.st(Size.W, R10, KEY + 16, C.HOT)]
-    code += [I.ja(scan), Label(walk)]
+    code += [*_scan(), I.ja(finish), Label(walk)]
+    # The run's first node says where its trees' roots are.
+    code += [
+        I.stx(Size.W, R10, MAP_KEY, R6),
+        *map_and_key(NODES_MAP, MAP_KEY),
+        I.call("map_lookup_elem"),
+        I.jmp(JmpOp.JEQ, R0, 0, none),
+        I.ldx(Size.W, R6, R0, 8),
+        I.stx(Size.W, R10, NEXT_TREE, R6),
+        I.ldx(Size.W, R1, R0, 4),
+        I.alu64(AluOp.ADD, R1, R6),
+        I.stx(Size.W, R10, END_TREES, R1),
+    ]
+    for tree in range(trees):
+        code += _tree(tree, depth, finish)
+    return [
+        *code,
+        Label(finish),
+        I.ldx(Size.W, R0, R10, RESULT),
+        I.jmp(JmpOp.JEQ, R0, 0, none),
+        I.ldx(Size.W, R1, R10, SLOT),
+        I.jmp(JmpOp.JNE, R0, HOTDROP, f"{CLASSIFY}:decided"),
+        I.alu32(AluOp.OR, R1, UNCOUNTED),
+        Label(f"{CLASSIFY}:decided"),
+        I.stx(Size.W, FACTS, Facts.DECIDED.offset, R1),
+        I.exit_(),
+        Label(none),
+        I.mov64(R0, 0),
+        I.exit_(),
+    ]
+
+
+def _tree(tree: int, depth: int, finish: str) -> list[Item]:
+    """Walk the run's tree number `tree` (if it has one) to its leaf and test the leaf's
+    records; then on to the next tree's code, or to `finish`."""
+    prefix = f"{CLASSIFY}:tree{tree}"
+    leaf, done = f"{prefix}:leaf", f"{prefix}:done"
+    code: list[Item] = [I.ldx(Size.W, R6, R10, NEXT_TREE)]
+    if tree:
+        code += [
+            I.alu64(AluOp.ADD, R6, tree),
+            I.ldx(Size.W, R1, R10, END_TREES),
+            I.jmp(JmpOp.JGE, R6, R1, finish),
+        ]
     for step in range(depth + 1):
-        after = f"{CLASSIFY}:step{step}"
+        after = f"{prefix}:step{step}"
         code += [
             I.stx(Size.W, R10, MAP_KEY, R6),
             *map_and_key(NODES_MAP, MAP_KEY),
             I.call("map_lookup_elem"),
-            I.jmp(JmpOp.JEQ, R0, 0, none),
+            I.jmp(JmpOp.JEQ, R0, 0, done),
             I.ldx(Size.W, R1, R0, 0),
             I.jmp32(JmpOp.JEQ, R1, C.LEAF, leaf),
         ]
         if step == depth:
-            code.append(I.ja(none))  # deeper than the deepest tree: cannot happen
+            code.append(I.ja(done))  # deeper than the deepest tree: cannot happen
             break
         code += [
             I.alu64(AluOp.AND, R1, 7),
@@ -127,25 +188,8 @@ def _classify(depth: int) -> list[Item]:
         Label(leaf),
         I.ldx(Size.W, R7, R0, 8),
         I.ldx(Size.W, R8, R0, 12),
-        Label(scan),
-        I.stx(Size.W, R10, FIRST, R7),
-        I.mov64(R1, R8),
-        I.ld_func(R2, RECORD_TEST),
-        I.mov64(R3, R10),
-        I.alu64(AluOp.ADD, R3, KEY),
-        I.mov64(R4, 0),
-        I.call("loop"),
-        I.ldx(Size.W, R0, R10, RESULT),
-        I.jmp(JmpOp.JEQ, R0, 0, none),
-        I.ldx(Size.W, R1, R10, SLOT),
-        I.jmp(JmpOp.JNE, R0, HOTDROP, f"{CLASSIFY}:decided"),
-        I.alu32(AluOp.OR, R1, UNCOUNTED),
-        Label(f"{CLASSIFY}:decided"),
-        I.stx(Size.W, FACTS, Facts.DECIDED.offset, R1),
-        I.exit_(),
-        Label(none),
-        I.mov64(R0, 0),
-        I.exit_(),
+        *_scan(),
+        Label(done),
     ]
 
 
@@ -190,12 +234,13 @@ def _ports(hot: str, walk: str) -> list[Item]:
 # Offsets of a record's fields (classifier.RECORD).
 SADDR, SMASK, DADDR, DMASK, IN, OUT = 0, 4, 8, 12, 16, 20
 SPORT_FIRST, SPORT_LAST, DPORT_FIRST, DPORT_LAST = 24, 26, 28, 30
-PROTOCOL, FLAGS, VERDICT, RECORD_SLOT = 32, 33, 34, 36
+PROTOCOL, FLAGS, VERDICT, PLACE, RECORD_SLOT = 32, 33, 34, 36, 40
 
 
 def _record_test() -> list[Item]:
     """bpf_loop's callback (index, context): test the leaf's record `index`; 1 stops the loop
-    with the context's verdict and slot set, 0 goes on to the next record."""
+    with the context's verdict, slot and best place set, or at a rule no earlier than the
+    best an earlier tree found; 0 goes on to the next record."""
     name = RECORD_TEST
     miss, matched, hotdrop = f"{name}:miss", f"{name}:matched", f"{name}:hotdrop"
     code: list[Item] = [
@@ -208,6 +253,9 @@ def _record_test() -> list[Item]:
         I.call("map_lookup_elem"),
         I.jmp(JmpOp.JEQ, R0, 0, miss),
         I.mov64(R7, R0),
+        I.ldx(Size.W, R1, R7, PLACE),
+        I.ldx(Size.W, R2, R6, BEST - KEY),
+        I.jmp(JmpOp.JGE, R1, R2, f"{name}:stop"),
         I.ldx(Size.B, R8, R7, FLAGS),
     ]
     for key, value, mask, inverted in (
@@ -269,6 +317,9 @@ def _record_test() -> list[Item]:
         Label(f"{name}:slot"),
         I.ldx(Size.W, R1, R7, RECORD_SLOT),
         I.stx(Size.W, R6, SLOT - KEY, R1),
+        I.ldx(Size.W, R1, R7, PLACE),
+        I.stx(Size.W, R6, BEST - KEY, R1),
+        Label(f"{name}:stop"),
         I.mov64(R0, 1),
         I.exit_(),
         Label(miss),

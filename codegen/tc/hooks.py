@@ -152,7 +152,7 @@ class ProgramWriter:
         for function in self.chains.pending:
             code += function
         if self.chains.tables.nodes:
-            code += classifier_code.functions(self.chains.tables.depth)
+            code += classifier_code.functions(self.chains.tables.depth, self.chains.tables.trees)
         code += count_subprogram()
         if self.hook in ("ingress", "egress"):
             code += add_bytes_subprogram()

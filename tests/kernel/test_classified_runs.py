@@ -119,11 +119,18 @@ def test_a_long_run_becomes_one_call_and_its_tables():
     assert len(compiled.records) > classifier.MIN_RUN + 2 - classifier.SCANNED_FIRST
 
 
-@settings(max_examples=60, deadline=None)
+# The default, and groups small enough that most drawn runs are split into several trees.
+@pytest.mark.parametrize("min_group", [classifier.MIN_GROUP, 2])
+@settings(max_examples=40, deadline=None)
 @given(text=rulesets(), traffic=st.lists(packets(), min_size=16, max_size=16))
-def test_classified_runs_agree_with_the_evaluator(text, traffic):
+def test_classified_runs_agree_with_the_evaluator(min_group, text, traffic):
     ruleset = parse(text, "runs.rules")
-    with ChainRunner(ruleset, ["eth0", "eth1"]) as runner:
+    with (
+        pytest.MonkeyPatch.context() as patch,
+        ChainRunner(ruleset, ["eth0", "eth1"]) as runner,
+    ):
+        patch.setattr(classifier, "MIN_GROUP", min_group)
+        runner.program("INPUT")  # compiled with the groups patched
         for packet in traffic:
             for device in ("eth0", "eth1", None):
                 expected = evaluate(ruleset, packet, "INPUT", device, None)

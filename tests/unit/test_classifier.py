@@ -96,13 +96,17 @@ def _key(draw: st.DrawFn) -> tuple[int, ...]:
     return (saddr & C.U32, 0, protocol, port, port, device, 0)
 
 
-@settings(max_examples=300, deadline=None)
+# The default, and groups small enough that many drawn runs are split into several trees.
+@pytest.mark.parametrize("min_group", [C.MIN_GROUP, 2])
+@settings(max_examples=200, deadline=None)
 @given(texts=run_rules(), data=st.data())
-def test_the_tree_finds_what_a_scan_in_rule_order_finds(texts, data):
+def test_the_tree_finds_what_a_scan_in_rule_order_finds(min_group, texts, data):
     entries = [C.entry(_rule(text), INTERFACES) for text in texts]
     assert all(made is not None for made in entries)
     tables = C.Tables()
-    run = tables.add_run(entries, list(range(len(entries))))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(C, "MIN_GROUP", min_group)
+        run = tables.add_run(entries, list(range(len(entries))))
     live = [i for i, made in enumerate(entries) if not made.never]
     for _ in range(20):
         key = _key(data.draw)
@@ -115,3 +119,34 @@ def test_the_tree_finds_what_a_scan_in_rule_order_finds(texts, data):
         found = C.lookup(tables, run, key)
         got = None if found is None else (C.RECORD.unpack(found[0])[-1], found[1])
         assert got == scanned, f"{texts}\nkey {key}"
+
+
+def test_rules_wide_on_the_telling_field_and_narrowed_elsewhere_get_trees_of_their_own():
+    # Narrow sources; /8 sources narrowed by a destination; /8 sources narrowed by a port
+    # only; and /8 sources alone, which stay with the narrow ones (they end leaves' lists).
+    narrow = [
+        f"-s 10.{i // 256}.{i % 256}.0/24 -p tcp -m tcp --dport 80 -j ACCEPT" for i in range(80)
+    ]
+    by_destination = [f"-s {20 + i % 50}.0.0.0/8 -d 192.0.{i}.0/24 -j DROP" for i in range(70)]
+    by_port = [
+        f"-s {80 + i % 50}.0.0.0/8 -p udp -m udp --dport {1000 + i} -j DROP" for i in range(70)
+    ]
+    alone = [f"-s {140 + i}.0.0.0/8 -j DROP" for i in range(10)]
+    texts = [*narrow, *by_destination, *by_port, *alone]
+    entries = [C.entry(_rule(text), INTERFACES) for text in texts]
+    tables = C.Tables()
+    head, _, _ = tables.add_run(entries, list(range(len(entries))))
+    field, trees, first_root, _ = C.NODE.unpack(tables.nodes[head])
+    assert (field, trees, first_root) == (C.TREES, 3, head + 1)
+    assert tables.trees == 3
+    # Each rule is found, by its own tree: the narrow one at its /24, the others by what
+    # narrows them.
+    cases = [
+        (0, (0x0A000005, 0, 6, 40000, 80, 2, 0)),
+        (80, (0x14000001, 0xC0000001, 6, 40000, 80, 2, 0)),
+        (150, (0x50000001, 0, 17, 40000, 1000, 2, 0)),
+        (220, (0x8C000001, 0, 1, C.ABSENT, C.ABSENT, 2, 0)),
+    ]
+    for place, key in cases:
+        found = C.lookup(tables, (head, 0, len(entries)), key)
+        assert found is not None and C.RECORD.unpack(found[0])[-2] == place, texts[place]
