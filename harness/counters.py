@@ -39,6 +39,6 @@ class CounterMap(Map):
 
         zero = COUNTER_VALUE.pack(0, 0)
         for position, (packets, bytes_) in values.items():
-            if position in self.layout.positions:
+            if position in self.layout:  # a dict lookup: tables of 100,000 rules
                 value = COUNTER_VALUE.pack(packets, bytes_) + zero * (possible_cpus() - 1)
                 self.update(self.layout.slot(position), value)

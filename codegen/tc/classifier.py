@@ -64,6 +64,7 @@ TREES = 9  # a run's first node: threshold is how many trees, left the first one
 MAX_TREES = 3
 WIDE_SHIFT = 12
 MIN_GROUP = MIN_RUN  # the fewest rules a tree of a split run holds
+REPLICATED = 4  # extra records per rule one tree may hold before a run is split
 
 
 @dataclass(frozen=True)
@@ -282,8 +283,12 @@ def _groups(members: list[int], lows, highs) -> list[list[int]]:
     the many narrower sources cut its /8 into. So the rules wide on the field that tells the
     most rules apart, and narrowed by another field, go to a tree of their own, cut there on
     the fields that narrow them; and so on, once more. A rule that is wide on that field and
-    tests nothing else stays: it covers whole regions and ends their leaves' lists. A group
-    is split off only if both parts hold at least MIN_GROUP rules.
+    tests nothing else stays: it covers whole regions and ends their leaves' lists.
+
+    Another tree costs every packet another walk, so a group is split off only where one
+    tree would hold more than REPLICATED extra records per rule, estimated as a leaf per
+    two narrow rules spread over the field, each wide rule in as many leaves as its share of
+    the field's range holds; and only if both parts hold at least MIN_GROUP rules.
     """
     groups: list[list[int]] = []
     rest = members
@@ -307,6 +312,10 @@ def _groups(members: list[int], lows, highs) -> list[list[int]]:
             and any(lows[at][m] > hull[at][0] or highs[at][m] < hull[at][1] for at in others)
         ]
         if len(split) < MIN_GROUP or len(rest) - len(split) < MIN_GROUP:
+            break
+        span = hull[chosen][1] - hull[chosen][0] + 1
+        share = sum(highs[chosen][m] - lows[chosen][m] + 1 for m in split) / span
+        if (len(rest) - len(split)) / 2 * share <= REPLICATED * len(rest):
             break
         taken = set(split)
         groups.append([m for m in rest if m not in taken])

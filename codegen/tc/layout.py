@@ -131,5 +131,8 @@ class CounterLayout:
     def slot(self, position: Position) -> int:
         return self._slots[position]  # type: ignore[attr-defined]
 
+    def __contains__(self, position: object) -> bool:
+        return position in self._slots  # type: ignore[attr-defined]
+
     def __len__(self) -> int:
         return len(self.positions)

@@ -96,7 +96,7 @@ def _key(draw: st.DrawFn) -> tuple[int, ...]:
     return (saddr & C.U32, 0, protocol, port, port, device, 0)
 
 
-# The default, and groups small enough that many drawn runs are split into several trees.
+# The default, and splits wherever they can be: many drawn runs have several trees.
 @pytest.mark.parametrize("min_group", [C.MIN_GROUP, 2])
 @settings(max_examples=200, deadline=None)
 @given(texts=run_rules(), data=st.data())
@@ -106,6 +106,7 @@ def test_the_tree_finds_what_a_scan_in_rule_order_finds(min_group, texts, data):
     tables = C.Tables()
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(C, "MIN_GROUP", min_group)
+        patch.setattr(C, "REPLICATED", C.REPLICATED if min_group == C.MIN_GROUP else 0)
         run = tables.add_run(entries, list(range(len(entries))))
     live = [i for i, made in enumerate(entries) if not made.never]
     for _ in range(20):
@@ -121,7 +122,10 @@ def test_the_tree_finds_what_a_scan_in_rule_order_finds(min_group, texts, data):
         assert got == scanned, f"{texts}\nkey {key}"
 
 
-def test_rules_wide_on_the_telling_field_and_narrowed_elsewhere_get_trees_of_their_own():
+@pytest.mark.parametrize("replicated, trees", [(C.REPLICATED, 1), (0, 3)])
+def test_rules_wide_on_the_telling_field_and_narrowed_elsewhere_get_trees_of_their_own(
+    monkeypatch, replicated, trees
+):
     # Narrow sources; /8 sources narrowed by a destination; /8 sources narrowed by a port
     # only; and /8 sources alone, which stay with the narrow ones (they end leaves' lists).
     narrow = [
@@ -133,14 +137,14 @@ def test_rules_wide_on_the_telling_field_and_narrowed_elsewhere_get_trees_of_the
     ]
     alone = [f"-s {140 + i}.0.0.0/8 -j DROP" for i in range(10)]
     texts = [*narrow, *by_destination, *by_port, *alone]
+    # 230 rules replicate too little to be worth a walk more, unless any replication is.
+    monkeypatch.setattr(C, "REPLICATED", replicated)
     entries = [C.entry(_rule(text), INTERFACES) for text in texts]
     tables = C.Tables()
     head, _, _ = tables.add_run(entries, list(range(len(entries))))
-    field, trees, first_root, _ = C.NODE.unpack(tables.nodes[head])
-    assert (field, trees, first_root) == (C.TREES, 3, head + 1)
-    assert tables.trees == 3
-    # Each rule is found, by its own tree: the narrow one at its /24, the others by what
-    # narrows them.
+    assert C.NODE.unpack(tables.nodes[head])[:3] == (C.TREES, trees, head + 1)
+    assert tables.trees == trees
+    # Each rule is found: the narrow one at its /24, the others by what narrows them.
     cases = [
         (0, (0x0A000005, 0, 6, 40000, 80, 2, 0)),
         (80, (0x14000001, 0xC0000001, 6, 40000, 80, 2, 0)),
