@@ -124,9 +124,7 @@ def result_field(name: str, part: str | None = None) -> tuple[int, int]:
 
 def first_tracking_rule(ruleset: Ruleset) -> tuple[str, int, Rule] | None:
     """The first rule that asks about connections, if any: its chain, 1-based index, itself."""
-    return ruleset.first_rule(
-        lambda rule: any(isinstance(match, (Conntrack, State)) for match in rule.matches)
-    )
+    return ruleset.first_with((Conntrack, State))
 
 
 def uses_conntrack(ruleset: Ruleset) -> bool:

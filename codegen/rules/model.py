@@ -271,6 +271,12 @@ class Ruleset:
     def __contains__(self, name: object) -> bool:
         return name in self.chains
 
+    def first_with(self, kinds: type | tuple[type, ...]) -> tuple[str, int, Rule] | None:
+        """The first rule (chain by chain, in order) with a match or target of `kinds`: its
+        chain, 1-based index and itself; None if there is none."""
+        found = [place for kind, place in _first_of_kinds(self).items() if issubclass(kind, kinds)]
+        return min(found, default=None, key=lambda place: place[0])[1:] if found else None
+
     def first_rule(self, wanted: Callable[[Rule], bool]) -> tuple[str, int, Rule] | None:
         """The first rule (chain by chain, in order) for which `wanted` holds: its chain,
         1-based index and itself; None if there is none."""
@@ -308,3 +314,33 @@ def check_chain_name(name: str, source: Source | None = None) -> None:
         raise RuleError(f"'{name}' is a built-in chain", source)
     if name in STANDARD_TARGETS:
         raise RuleError(f"chain name '{name}' is reserved for the verdict {name}", source)
+
+
+# The first rule with each kind of match and target of the last rule sets asked about, by the
+# identity of their chains and rules (held here, so no other rule can take a cached one's
+# id): code generation asks a rule set of 100,000 rules a dozen times what it uses.
+_KINDS: dict[tuple, tuple[list[Rule], dict[type, tuple[int, str, int, Rule]]]] = {}
+KINDS_CACHED = 4
+
+
+def _first_of_kinds(ruleset: Ruleset) -> dict[type, tuple[int, str, int, Rule]]:
+    key = tuple(
+        item for name, chain in ruleset.chains.items() for item in (name, *map(id, chain.rules))
+    )
+    cached = _KINDS.get(key)
+    if cached is not None:
+        return cached[1]
+    first: dict[type, tuple[int, str, int, Rule]] = {}
+    held: list[Rule] = []
+    order = 0
+    for chain in ruleset.chains.values():
+        held += chain.rules
+        for index, rule in enumerate(chain.rules, 1):
+            for kind in {type(rule.target), *map(type, rule.matches)}:
+                if kind not in first:
+                    first[kind] = (order, chain.name, index, rule)
+            order += 1
+    if len(_KINDS) >= KINDS_CACHED:
+        del _KINDS[next(iter(_KINDS))]
+    _KINDS[key] = (held, first)
+    return first

@@ -67,7 +67,7 @@ LOGGING = (Log, NfLog)
 
 def logs(ruleset: Ruleset) -> bool:
     """Whether some rule of the rule set is a LOG or NFLOG rule."""
-    return ruleset.first_rule(lambda rule: isinstance(rule.target, LOGGING)) is not None
+    return ruleset.first_with(LOGGING) is not None
 
 
 def refusal(rule: Rule) -> str | None:

@@ -40,7 +40,7 @@ Unavailable = reject.RejectUnavailable
 
 def first_reject_rule(ruleset: Ruleset) -> tuple[str, int, Rule] | None:
     """The first REJECT rule, if any: its chain, 1-based index, itself."""
-    return ruleset.first_rule(lambda rule: isinstance(rule.target, Reject))
+    return ruleset.first_with(Reject)
 
 
 def rejects(ruleset: Ruleset) -> bool:

@@ -241,7 +241,7 @@ def write_journal(
     journal = journal_file(netns)
     temporary = journal.with_name(f"{journal.name}.tmp")
     try:
-        temporary.write_text(json.dumps(state, indent=1))
+        temporary.write_text(json.dumps(state))  # no indent: the C encoder
     except OSError as error:
         temporary.unlink(missing_ok=True)
         raise LifecycleError(storage_error(temporary, error)) from None

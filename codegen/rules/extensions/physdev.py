@@ -243,7 +243,7 @@ class PhysdevExtension(MatchExtension):
 
 def uses_physdev(ruleset: Ruleset) -> bool:
     """Whether a rule of `ruleset` has a physdev match."""
-    found = ruleset.first_rule(lambda rule: any(isinstance(m, Physdev) for m in rule.matches))
+    found = ruleset.first_with(Physdev)
     return found is not None
 
 

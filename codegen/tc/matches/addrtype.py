@@ -40,10 +40,7 @@ VALUE = struct.Struct("<II")  # type, ifindex of the route's first next hop (0: 
 
 def uses_addrtype(ruleset: Ruleset) -> bool:
     """Whether a rule of `ruleset` has an addrtype match (its programs need the trie)."""
-    return (
-        ruleset.first_rule(lambda rule: any(isinstance(m, AddrType) for m in rule.matches))
-        is not None
-    )
+    return ruleset.first_with(AddrType) is not None
 
 
 def entries(routes: RouteTable, interfaces: dict[str, int]) -> dict[bytes, bytes]:

@@ -64,12 +64,7 @@ def cb_owner(cb: MutableSequence[int], owner: SocketOwner | None) -> None:
 
 
 def uses_owner(ruleset: Ruleset) -> bool:
-    return any(
-        isinstance(match, Owner)
-        for chain in ruleset.chains.values()
-        for rule in chain.rules
-        for match in rule.matches
-    )
+    return ruleset.first_with(Owner) is not None
 
 
 def refusal(match: Owner) -> str | None:
