@@ -275,7 +275,7 @@ class Ruleset:
         """The first rule (chain by chain, in order) with a match or target of `kinds`: its
         chain, 1-based index and itself; None if there is none."""
         found = [place for kind, place in _first_of_kinds(self).items() if issubclass(kind, kinds)]
-        return min(found, default=None, key=lambda place: place[0])[1:] if found else None
+        return min(found, key=lambda place: place[0])[1:] if found else None
 
     def first_rule(self, wanted: Callable[[Rule], bool]) -> tuple[str, int, Rule] | None:
         """The first rule (chain by chain, in order) for which `wanted` holds: its chain,
