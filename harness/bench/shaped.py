@@ -5,8 +5,8 @@ none, how long the INPUT chain program and a whole `apply` take, and how big the
 Per shape and size: the text is parsed once (`parse_s`); the INPUT chain program is compiled,
 verified and loaded (`load_s`), checked to decide each packet by the rule the shape aims it at,
 and timed with BPF_PROG_TEST_RUN as the rest of the bench times chain programs; then the whole
-rule set is applied to a namespace holding the devices the ACL names (two veth pairs) (parse, both hooks'
-programs compiled, verified and attached: `apply_s`), and applied again over itself
+rule set is applied to a namespace holding the devices the ACL names, two veth pairs (parse,
+both hooks' programs compiled, verified and attached: `apply_s`), and applied again over itself
 (`reapply_s`). Only the bytecode backend: the C backend stops near 1,600 rules (issue 14).
 """
 
