@@ -429,6 +429,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="also remove bl* namespaces that have no owner record",
     )
 
+    from .cli_sets import add_command as add_set
+
+    add_set(commands)
+
     from .bench.run import add_command as add_bench
 
     add_bench(commands)

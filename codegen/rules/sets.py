@@ -24,7 +24,7 @@ import ipaddress
 import shlex
 import socket
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from codegen.rules.model import RuleError, Source
 from codegen.rules.names import PROTOCOL_NUMBERS
@@ -81,7 +81,8 @@ ICMP_NAMES = {
     "address-mask-request": (17, 0),
     "address-mask-reply": (18, 0),
 }
-_IGNORED_OPTIONS = {"hashsize": True, "maxelem": True, "bucketsize": True, "initval": True}
+MAXELEM = 65536  # ipset's default maxelem of a hash set
+_IGNORED_OPTIONS = {"hashsize": True, "bucketsize": True, "initval": True}
 _IGNORED_FLAGS = {"forceadd", "comment"}
 
 
@@ -103,17 +104,27 @@ class Member:
 
 @dataclass(frozen=True)
 class IpSet:
-    """One set: its name, type, members and (bitmap:port) the range it was created with."""
+    """One set: its name, type, members, (bitmap:port) the range it was created with and
+    (hash types) how many members it may hold."""
 
     name: str
     kind: str
     members: tuple[Member, ...] = ()
     port_range: tuple[int, int] = (0, 65535)
     source: Source | None = field(default=None, compare=False)
+    maxelem: int = MAXELEM
 
     @property
     def dimension(self) -> int:
         return DIMENSIONS[self.kind]
+
+    @property
+    def capacity(self) -> int:
+        """How many members the set may hold here: its maxelem (a bitmap:port its range),
+        at most MEMBERS_MAX."""
+        if self.kind == BITMAP_PORT:
+            return self.port_range[1] - self.port_range[0] + 1
+        return min(self.maxelem, MEMBERS_MAX)
 
     def test(self, address: int, port: tuple[int, int] | None, return_nomatch: bool) -> bool:
         """ip_set_test for the values a packet gives: `address` of the first direction (the
@@ -184,7 +195,7 @@ def _mask(prefix: int) -> int:
     return (0xFFFFFFFF << (32 - prefix)) & 0xFFFFFFFF
 
 
-class _Reader:
+class LineReader:
     def __init__(self, filename: str, number: int, text: str) -> None:
         self.filename, self.number, self.text = filename, number, text
 
@@ -195,14 +206,14 @@ class _Reader:
         return SetError(message, Source(self.filename, self.number, column, self.text))
 
 
-def _address(text: str, reader: _Reader) -> int:
+def _address(text: str, reader: LineReader) -> int:
     try:
         return int.from_bytes(socket.inet_pton(socket.AF_INET, text), "big")
     except OSError:
         raise reader.error(f"'{text}' is not an IPv4 address", text) from None
 
 
-def _network(text: str, reader: _Reader, *, hosts: bool) -> list[tuple[int, int]]:
+def _network(text: str, reader: LineReader, *, hosts: bool) -> list[tuple[int, int]]:
     """(network, prefix) pairs of `A`, `A/N` or `A-B`; `hosts`: as single addresses."""
     if "-" in text:
         first_text, _, last_text = text.partition("-")
@@ -234,13 +245,13 @@ def _network(text: str, reader: _Reader, *, hosts: bool) -> list[tuple[int, int]
     return [(network, prefix)]
 
 
-def _port_value(text: str, reader: _Reader) -> int:
+def _port_value(text: str, reader: LineReader) -> int:
     if not text.isdigit() or int(text) > 65535:
         raise reader.error(f"'{text}' is not a port (0-65535)", text)
     return int(text)
 
 
-def _ports(text: str, reader: _Reader) -> list[int]:
+def _ports(text: str, reader: LineReader) -> list[int]:
     first_text, dash, last_text = text.partition("-")
     first = _port_value(first_text, reader)
     last = _port_value(last_text, reader) if dash else first
@@ -249,7 +260,7 @@ def _ports(text: str, reader: _Reader) -> list[int]:
     return list(range(first, last + 1))
 
 
-def _protocol_ports(text: str, reader: _Reader) -> list[tuple[int, int]]:
+def _protocol_ports(text: str, reader: LineReader) -> list[tuple[int, int]]:
     """(protocol, port) pairs of `PORT`, `PROTO:PORT[-PORT]` (TCP without a protocol); a
     protocol without ports takes port 0 only."""
     protocol_text, colon, port_text = text.rpartition(":")
@@ -285,7 +296,7 @@ def _protocol_ports(text: str, reader: _Reader) -> list[tuple[int, int]]:
     return [(protocol, port) for port in _ports(port_text, reader)]
 
 
-def _members(kind: str, text: str, nomatch: bool, reader: _Reader) -> list[Member]:
+def _members(kind: str, text: str, nomatch: bool, reader: LineReader) -> list[Member]:
     if kind == BITMAP_PORT:
         return [Member(port=port) for port in _ports(text, reader)]
     if kind in (HASH_IP, HASH_NET):
@@ -305,7 +316,8 @@ def _members(kind: str, text: str, nomatch: bool, reader: _Reader) -> list[Membe
     ]
 
 
-def _create(words: list[str], reader: _Reader) -> tuple[str, str, tuple[int, int]]:
+def _create(words: list[str], reader: LineReader) -> IpSet:
+    """The empty set a `create NAME TYPE OPTIONS` line makes."""
     if len(words) < 3:
         raise reader.error("'create' needs a set name and a type")
     name, kind = words[1], words[2]
@@ -314,6 +326,7 @@ def _create(words: list[str], reader: _Reader) -> tuple[str, str, tuple[int, int
     if kind not in TYPES:
         raise reader.error(f"set type '{kind}' is not supported (only {', '.join(TYPES)})", kind)
     port_range = (0, 65535)
+    maxelem = MAXELEM
     options = words[3:]
     index = 0
     ranged = False
@@ -344,75 +357,99 @@ def _create(words: list[str], reader: _Reader) -> tuple[str, str, tuple[int, int
         elif option == "range" and kind == BITMAP_PORT:
             ports = _ports(value, reader)
             port_range, ranged = (ports[0], ports[-1]), True
+        elif option == "maxelem" and kind != BITMAP_PORT:
+            if not value.isdigit() or not 1 <= int(value) <= 0xFFFFFFFF:
+                raise reader.error(f"maxelem of set '{name}' must be 1-4294967295", value)
+            maxelem = int(value)
         elif option not in _IGNORED_OPTIONS:
             raise reader.error(f"option '{option}' of a {kind} set is not supported", option)
         index += 2
     if kind == BITMAP_PORT and not ranged:
         raise reader.error(f"bitmap:port set '{name}' needs 'range FROM-TO'")
-    return name, kind, port_range
+    source = Source(reader.filename, reader.number, 1, reader.text)
+    return IpSet(name, kind, (), port_range, source, maxelem)
+
+
+def added_members(table: IpSet, words: list[str], reader: LineReader) -> list[Member]:
+    """The members `MEMBER [nomatch] [comment TEXT]` (the words after the set's name of an
+    `add`) puts into `table`."""
+    member, extra = words[0], words[1:]
+    nomatch = False
+    while extra:
+        word = extra.pop(0)
+        if word == "nomatch" and table.kind in WITH_NOMATCH:
+            nomatch = True
+        elif word == "comment" and extra:
+            extra.pop(0)
+        else:
+            raise reader.error(
+                f"'{word}' after a member of a {table.kind} set is not supported", word
+            )
+    added = _members(table.kind, member, nomatch, reader)
+    if table.kind == BITMAP_PORT:
+        first, last = table.port_range
+        outside = [m.port for m in added if not first <= m.port <= last]
+        if outside:
+            raise reader.error(
+                f"port {outside[0]} is outside set '{table.name}''s range {first}-{last}", member
+            )
+    return added
+
+
+def member_identity(member: Member) -> tuple[int, int, int, int]:
+    """What tells members apart (ipset's element: not its nomatch flag)."""
+    return member.network, member.prefix, member.protocol, member.port
 
 
 def parse_sets(text: str, filename: str = "<sets>") -> SetTable:
     """The sets of `ipset save` text; SetError at FILE:LINE:COL for what cannot be read."""
-    found: dict[str, tuple[str, tuple[int, int], list[Member], Source]] = {}
+    found: dict[str, tuple[IpSet, dict[tuple[int, int, int, int], Member]]] = {}
     for number, line in enumerate(text.splitlines(), 1):
         stripped = line.strip()
         if not stripped or stripped.startswith("#"):
             continue
-        reader = _Reader(filename, number, line)
-        try:  # quotes only around comments: most lines split on blanks
-            words = (
-                shlex.split(stripped) if '"' in stripped or "'" in stripped else stripped.split()
-            )
-        except ValueError as error:
-            raise reader.error(f"cannot split the line into words: {error}") from None
+        reader = LineReader(filename, number, line)
+        words = split_words(stripped, reader)
         command = words[0]
         if command in ("create", "-N", "n"):
-            name, kind, port_range = _create(words, reader)
-            if name in found:
-                raise reader.error(f"set '{name}' is created twice", name)
-            found[name] = (kind, port_range, [], Source(filename, number, 1, line))
+            table = _create(words, reader)
+            if table.name in found:
+                raise reader.error(f"set '{table.name}' is created twice", table.name)
+            found[table.name] = (table, {})
         elif command in ("add", "-A", "a"):
             if len(words) < 3:
                 raise reader.error("'add' needs a set name and a member")
-            name, member = words[1], words[2]
+            name = words[1]
             if name not in found:
                 raise reader.error(f"'add' to set '{name}', which is not created before", name)
-            kind, port_range, members, _ = found[name]
-            extra = words[3:]
-            nomatch = False
-            while extra:
-                word = extra.pop(0)
-                if word == "nomatch" and kind in WITH_NOMATCH:
-                    nomatch = True
-                elif word == "comment" and extra:
-                    extra.pop(0)
-                else:
-                    raise reader.error(
-                        f"'{word}' after a member of a {kind} set is not supported", word
-                    )
-            added = _members(kind, member, nomatch, reader)
-            if kind == BITMAP_PORT:
-                outside = [m.port for m in added if not port_range[0] <= m.port <= port_range[1]]
-                if outside:
-                    raise reader.error(
-                        f"port {outside[0]} is outside set '{name}''s range "
-                        f"{port_range[0]}-{port_range[1]}",
-                        member,
-                    )
-            members.extend(added)
-            if len(members) > MEMBERS_MAX:
-                raise reader.error(f"set '{name}' holds more than {MEMBERS_MAX} members", member)
+            table, members = found[name]
+            # A member added again replaces the earlier one (`ipset -exist add`).
+            members.update((member_identity(m), m) for m in added_members(table, words[2:], reader))
+            if len(members) > table.capacity:
+                raise reader.error(full_message(table), words[2])
         else:
             raise reader.error(
                 f"'{command}' is not an ipset save command (only create and add)", command
             )
-    sets = {}
-    for name, (kind, port_range, members, source) in found.items():
-        # A member added again replaces the earlier one (`ipset -exist add`): the last wins.
-        unique = {(m.network, m.prefix, m.protocol, m.port): m for m in members}
-        sets[name] = IpSet(name, kind, tuple(unique.values()), port_range, source)
-    return SetTable(sets)
+    return SetTable(
+        {
+            name: replace(table, members=tuple(members.values()))
+            for name, (table, members) in found.items()
+        }
+    )
+
+
+def split_words(line: str, reader: LineReader) -> list[str]:
+    try:  # quotes only around comments: most lines split on blanks
+        return shlex.split(line) if '"' in line or "'" in line else line.split()
+    except ValueError as error:
+        raise reader.error(f"cannot split the line into words: {error}") from None
+
+
+def full_message(table: IpSet) -> str:
+    if table.kind == BITMAP_PORT or table.capacity < table.maxelem:
+        return f"set '{table.name}' cannot hold more than {table.capacity} members here"
+    return f"set '{table.name}' is full: its maxelem is {table.maxelem}"
 
 
 # What -m set looks up when no sets are given (the reference evaluator, test runs, the

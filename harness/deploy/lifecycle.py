@@ -10,9 +10,11 @@ State lives where separate processes can find it:
   are in no pin but held by the programs, a new map at each apply with every bucket full, as
   netfilter refills every bucket at each table load (codegen.tc.matches.limit); -m hashlimit's
   entries (`hashlimit`), which a re-apply keeps for the names its rules still have, as
-  netfilter keeps those tables across a table replace (codegen.tc.matches.hashlimit);
+  netfilter keeps those tables across a table replace (codegen.tc.matches.hashlimit); -m set's
+  sets, one map each (`set_<name in hex>`), which `bpflab set add|del` changes in place
+  (harness.deploy.sets);
 - `/run/bpflab/rulesets/NS.json`: the rule set text, the devices and the counter layout, which
-  bpffs cannot hold and `list`/`save` need to put names on counters.
+  bpffs cannot hold and `list`/`save` need to put names on counters, and the sets' members.
 
 An apply compiles and verifies everything before it touches what is running; it then swaps each
 device's programs with a link update (atomic per hook) and rolls the links back if any step
@@ -77,7 +79,7 @@ from .addresses import fill_interface_map, interface_addresses, local_addresses
 from .bridges import physdev_refusal
 from .locking import serialised, serialised_last
 from .routes import address_types_map, namespace_routes
-from .sets import SetsUnavailable, namespace_sets, set_maps
+from .sets import SetsUnavailable, applied_text, namespace_sets, pin_sets, set_maps
 from .state import STATE_ROOT as STATE_ROOT  # re-exported: where the state files are
 from .state import LifecycleError, finish_killed, read_state, remove_stale
 from .state import fault as _fault
@@ -184,15 +186,8 @@ def apply(
             cleanup.enter_context(tracker)
         extra: dict[str, object] = {} if tracker is None else dict(tracker.maps)
         if rejects(ruleset):
-            sources = cleanup.enter_context(
-                Map(
-                    MapType.HASH,
-                    4,
-                    INTERFACE_VALUE_SIZE,
-                    INTERFACE_ADDRESSES_ENTRIES,
-                    name=INTERFACE_ADDRESSES,
-                )
-            )
+            shape = (MapType.HASH, 4, INTERFACE_VALUE_SIZE, INTERFACE_ADDRESSES_ENTRIES)
+            sources = cleanup.enter_context(Map(*shape, name=INTERFACE_ADDRESSES))
             fill_interface_map(sources, interface_addresses(namespace))
             extra[INTERFACE_ADDRESSES] = sources
         interfaces = _all_interfaces(namespace)
@@ -210,7 +205,8 @@ def apply(
         logging = cleanup.enter_context(LogMaps()) if logs(ruleset) else None
         if logging is not None:  # LOG rules' records (codegen.tc.log): a new ring each apply
             extra.update(logging.maps)
-        for name, held in (set_maps(ruleset) if uses_sets(ruleset) else {}).items():
+        sets_held = set_maps(ruleset) if uses_sets(ruleset) else {}
+        for name, held in sets_held.items():
             extra[name] = cleanup.enter_context(held)
         extra.update(recent.open_tables(ruleset, pins, cleanup, _replace_pin))  # deploy.recent
         programs: dict[str, Program] = {}
@@ -250,6 +246,7 @@ def apply(
             backend=backend,
             carry_counters=carry_counters,
             counters_id=map_info(counters.fd).id,
+            sets=applied_text(ruleset) if sets_held else None,
         )
         try:
             _attach_all(namespace, targets, programs)
@@ -275,6 +272,7 @@ def apply(
             else:
                 _replace_pin(pins / name, logging.maps[name].fd)
         hashlimit_tables.keep(hashlimits, ruleset, pins, _replace_pin)
+        pin_sets(pins, sets_held, _replace_pin)
         os.replace(_journal_file(netns), _state_file(netns))  # the commit
         fresh = None
         if stale is not None:

@@ -148,6 +148,8 @@ def finish(netns: str) -> None:
     if journal is None:  # unreadable: the apply died writing it, before any link changed
         journal_file(netns).unlink(missing_ok=True)
         return
+    from codegen.rules.sets import parse_sets
+
     from .lifecycle import apply
 
     try:
@@ -159,6 +161,7 @@ def finish(netns: str) -> None:
             fastpath=journal["fastpath"],
             backend=journal.get("backend", "bytecode"),
             carry_counters=journal.get("carry_counters", True),
+            sets=None if not journal.get("sets") else parse_sets(journal["sets"], "journal"),
         )
     except (KeyError, TypeError) as error:
         raise LifecycleError(
@@ -221,6 +224,7 @@ def write_journal(
     backend: Backend = "bytecode",
     carry_counters: bool = True,
     counters_id: int = 0,
+    sets: str | None = None,
 ) -> None:
     """Write the journal of an apply (see apply); its commit renames it to the state file."""
     STATE_ROOT.mkdir(parents=True, exist_ok=True)
@@ -237,15 +241,25 @@ def write_journal(
         "fastpath": fastpath,
         "positions": [list(position) for position in layout.positions],
         "identities": [[list(key), list(position)] for key, position in identities.items()],
+        "sets": sets,  # the -m set sets as applied (ipset save text; bpflab set changes them)
     }
-    journal = journal_file(netns)
-    temporary = journal.with_name(f"{journal.name}.tmp")
+    _write(journal_file(netns), state)
+
+
+def rewrite_state(netns: str, state: dict) -> None:
+    """Replace the state file of `netns` with `state` in one step (a change made in place,
+    such as `bpflab set add`); LifecycleError if it cannot be written (nothing changed)."""
+    _write(state_file(netns), state)
+
+
+def _write(path: Path, state: dict) -> None:
+    temporary = path.with_name(f"{path.name}.tmp")
     try:
         temporary.write_text(json.dumps(state))  # no indent: the C encoder
     except OSError as error:
         temporary.unlink(missing_ok=True)
         raise LifecycleError(storage_error(temporary, error)) from None
-    os.replace(temporary, journal)
+    os.replace(temporary, path)
 
 
 def storage_error(path: Path, error: OSError) -> str:

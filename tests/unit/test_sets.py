@@ -320,3 +320,78 @@ def test_a_script_takes_sets_and_points_at_their_errors(tmp_path) -> None:  # ty
         ScriptError, match=r"missing\.toml:7: error: set: set 'blocked' does not exist"
     ):
         load_script(missing)
+
+
+# -- save text and changes in place (bpflab set add|del) -------------------------------------
+
+
+def test_saved_text_reads_back_as_the_same_sets() -> None:
+    from codegen.rules.set_changes import save_text
+    from codegen.rules.sets import STANDIN_SETS
+
+    for table in (SETS, STANDIN_SETS):
+        text = save_text(table)
+        assert parse_sets(text, "again") == table
+        assert save_text(parse_sets(text, "again")) == text
+    assert "add ip1 198.18.0.3,icmp:echo-request\n" in save_text(SETS)
+    assert "add n1 198.18.5.0/24 nomatch\n" in save_text(SETS)
+
+
+def test_maxelem_is_kept_and_bounds_the_members() -> None:
+    text = "create small hash:ip family inet maxelem 2\nadd small 198.18.0.1\n"
+    assert parse_sets(text)["small"].maxelem == 2
+    assert parse_sets(text)["small"].capacity == 2
+    full = r"<sets>:4:11: error: set 'small' is full: its maxelem is 2"
+    with pytest.raises(SetError, match=full):
+        parse_sets(text + "add small 198.18.0.2\nadd small 198.18.0.3\n")
+    with pytest.raises(SetError, match="maxelem of set 'bad' must be"):
+        parse_sets("create bad hash:ip maxelem 0\n")
+    assert parse_sets("create p bitmap:port range 10-19\n")["p"].capacity == 10
+
+
+def test_a_change_is_checked_as_ipset_checks_it() -> None:
+    from codegen.rules.set_changes import changed
+
+    nets = SETS["n1"]
+    grown, went_in, went_out = changed(nets, "198.18.6.0/24 nomatch")
+    assert went_out == [] and [(m.prefix, m.nomatch) for m in went_in] == [(24, True)]
+    assert len(grown.members) == 3 and len(nets.members) == 2  # a new set; the old one stays
+    with pytest.raises(SetError, match="198.18.0.0/16 is already in set 'n1' \\(--exist"):
+        changed(nets, "198.18.0.0/16")
+    flipped, went_in, went_out = changed(nets, "198.18.5.0/24", exist=True)
+    assert [m.nomatch for m in went_out] == [True] and [m.nomatch for m in went_in] == [False]
+    assert changed(nets, "198.18.0.0/16", exist=True)[1:] == ([], [])  # the same: no change
+    smaller, _, went_out = changed(nets, "198.18.5.0/24", delete=True)
+    assert len(smaller.members) == 1 and went_out[0].nomatch
+    with pytest.raises(SetError, match="198.18.7.0/24 is not in set 'n1'"):
+        changed(nets, "198.18.7.0/24", delete=True)
+    assert changed(nets, "198.18.7.0/24", delete=True, exist=True)[0] == nets
+    with pytest.raises(SetError, match="'nomatch' after a member to delete"):
+        changed(nets, "198.18.5.0/24 nomatch", delete=True)
+    with pytest.raises(SetError, match="port 2000 is outside set 'p1''s range 0-1024"):
+        changed(SETS["p1"], "2000")
+    with pytest.raises(SetError, match="'nomatch' after a member of a hash:ip set"):
+        changed(SETS["s1"], "198.18.0.9 nomatch")
+    # A range is taken whole or not at all (ipset stops at the first member already there).
+    with pytest.raises(SetError, match="198.18.0.1 is already in set 's1'"):
+        changed(SETS["s1"], "198.18.0.0-198.18.0.3")
+    small = parse_sets("create small hash:ip maxelem 3\nadd small 198.18.0.1\n")["small"]
+    with pytest.raises(SetError, match="set 'small' is full: its maxelem is 3"):
+        changed(small, "198.18.0.8/30")
+    assert len(changed(small, "198.18.0.8/31")[0].members) == 3
+
+
+def test_the_map_changes_of_a_change() -> None:
+    from codegen.rules.set_changes import changed
+    from codegen.tc.matches.set import changes, entries
+
+    nets = SETS["n1"]
+    flipped, went_in, went_out = changed(nets, "198.18.5.0/24", exist=True)
+    written, gone = changes(nets, went_in, went_out)
+    assert gone == [] and list(written.values()) == [b"\x01"]  # MEMBER over NOMATCH
+    assert entries(flipped) == {**entries(nets), **written}
+    _, went_in, went_out = changed(SETS["p1"], "22", delete=True)
+    assert changes(SETS["p1"], went_in, went_out) == ({(22).to_bytes(4, "little"): b"\0"}, [])
+    smaller, went_in, went_out = changed(SETS["ip1"], "198.18.0.2,udp:53", delete=True)
+    written, gone = changes(SETS["ip1"], went_in, went_out)
+    assert written == {} and set(entries(SETS["ip1"])) - set(gone) == set(entries(smaller))

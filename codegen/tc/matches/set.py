@@ -13,7 +13,8 @@ a program is linked with:
 The packet's port is ip_set_get_ip4_port's: protocol 0 and later fragments of TCP, UDP,
 UDPLITE, SCTP and ICMP fail (no match), other protocols have port 0, ICMP's is type << 8 |
 code, and TCP (20 bytes), SCTP (12), UDP, UDPLITE and ICMP (8) need their header whole.
-bitmap:port takes TCP and UDP only. A set changed after the apply is not seen until the next.
+bitmap:port takes TCP and UDP only. A set changed after the apply is not seen until the next;
+`bpflab set add|del` changes the map itself (harness.deploy.sets), seen by the next packet.
 The set a match reads is the one bound to it (codegen.rules.extensions.set.bind_sets), or the
 stand-in of its name.
 """
@@ -21,10 +22,12 @@ stand-in of its name.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterable
 
 from codegen.bpf import insn as I
 from codegen.bpf.asm import Item, Label
 from codegen.bpf.isa import R0, R1, R2, R3, R10, AluOp, JmpOp, MapType, Size
+from codegen.bpf.maps import BPF_F_NO_PREALLOC
 from codegen.rules.extensions.set import SetMatch
 from codegen.rules.sets import (
     BITMAP_PORT,
@@ -36,6 +39,7 @@ from codegen.rules.sets import (
     STANDIN_SETS,
     WITH_NOMATCH,
     IpSet,
+    Member,
 )
 
 from ..layout import Facts, map_and_key
@@ -70,11 +74,11 @@ def _port_word(protocol: int, port: int) -> bytes:
     return bytes([protocol, 0]) + port.to_bytes(2, "big")
 
 
-def entries(table: IpSet) -> dict[bytes, bytes]:
-    """The keys and values of `table`'s map."""
+def entries(table: IpSet, members: Iterable[Member] | None = None) -> dict[bytes, bytes]:
+    """The keys and values of `table`'s map (of only `members` of it, when given)."""
     found: dict[bytes, bytes] = {}
     member = bytes([MEMBER])
-    for m in table.members:
+    for m in table.members if members is None else members:
         address = m.network.to_bytes(4, "big")
         if table.kind == HASH_IP:
             found[address] = member
@@ -92,11 +96,26 @@ def entries(table: IpSet) -> dict[bytes, bytes]:
     return found
 
 
-def map_shape(table: IpSet) -> tuple[MapType, int, int, int]:
-    """(type, key size, value size, entries) of `table`'s map."""
+def changes(
+    table: IpSet, went_in: Iterable[Member], went_out: Iterable[Member]
+) -> tuple[dict[bytes, bytes], list[bytes]]:
+    """What changes in `table`'s map when `went_in` are added and `went_out` deleted (a
+    member replaced by one with another nomatch flag is in both): (keys to write with their
+    values, keys to delete). bitmap:port's array cannot lose a key: a 0 is written."""
+    written = entries(table, went_in)
+    gone = [key for key in entries(table, went_out) if key not in written]
+    if table.kind == BITMAP_PORT:
+        written.update((key, bytes(1)) for key in gone)
+        gone = []
+    return written, gone
+
+
+def map_shape(table: IpSet) -> tuple[MapType, int, int, int, int]:
+    """(type, key size, value size, entries, flags) of `table`'s map: room for as many
+    members as the set may hold (its maxelem), a hash allocating them as they come."""
     kind, key_size = SHAPES[table.kind]
-    size = PORTS if table.kind == BITMAP_PORT else max(1, len(table.members))
-    return kind, key_size, 1, size
+    size = PORTS if table.kind == BITMAP_PORT else max(1, table.capacity, len(table.members))
+    return kind, key_size, 1, size, BPF_F_NO_PREALLOC if kind == MapType.HASH else 0
 
 
 def _port(source: bool, no: str, ctx: Context, *, tcp_udp_only: bool = False) -> list[Item]:
