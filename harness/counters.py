@@ -9,7 +9,8 @@ from __future__ import annotations
 import struct
 
 from codegen.bpf.isa import MapType
-from codegen.bpf.maps import Map, sum_percpu
+from codegen.bpf.maps import Map
+from codegen.bpf.syscall import possible_cpus
 from codegen.tc.generator import COUNTERS_MAP
 from codegen.tc.layout import CounterLayout, Position
 
@@ -26,19 +27,25 @@ class CounterMap(Map):
         self.layout = layout
 
     def read(self) -> dict[Position, tuple[int, int]]:
+        """Every position's {packets, bytes}, added up over the CPUs (read in batches)."""
+        positions = self.layout.positions
+        cpus = possible_cpus()
+        every_cpu = struct.Struct(f"<{2 * cpus}Q")  # COUNTER_VALUE, once per CPU
         totals = {}
-        for slot, position in enumerate(self.layout.positions):
-            raw = self.lookup(slot)
-            if raw is not None:
-                totals[position] = sum_percpu(self.percpu_values(raw), "<QQ")
-        return totals  # type: ignore[return-value]
+        for key, raw in self.lookup_batch():
+            slot = int.from_bytes(key, "little")
+            if slot < len(positions):
+                fields = every_cpu.unpack(raw)
+                totals[positions[slot]] = (sum(fields[0::2]), sum(fields[1::2]))
+        return totals
 
     def write(self, values: dict[Position, tuple[int, int]]) -> None:
-        """Set counters (on one CPU; the others zeroed): how counters carry over an update."""
-        from codegen.bpf.syscall import possible_cpus
-
-        zero = COUNTER_VALUE.pack(0, 0)
+        """Set counters (on one CPU; the others zeroed), in one batch: how counters carry
+        over an update."""
+        zero = COUNTER_VALUE.pack(0, 0) * (possible_cpus() - 1)
+        slots, packed = [], []
         for position, (packets, bytes_) in values.items():
             if position in self.layout:  # a dict lookup: tables of 100,000 rules
-                value = COUNTER_VALUE.pack(packets, bytes_) + zero * (possible_cpus() - 1)
-                self.update(self.layout.slot(position), value)
+                slots.append(self.layout.slot(position))
+                packed.append(COUNTER_VALUE.pack(packets, bytes_) + zero)
+        self.update_batch(slots, packed)  # type: ignore[arg-type]

@@ -162,6 +162,7 @@ class Command(IntEnum):
     PROG_GET_FD_BY_ID = 13
     OBJ_GET_INFO_BY_FD = 15
     BTF_LOAD = 18
+    MAP_LOOKUP_BATCH = 24
     MAP_UPDATE_BATCH = 26
     LINK_CREATE = 28
     LINK_UPDATE = 29

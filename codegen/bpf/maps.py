@@ -182,6 +182,43 @@ class Map:
         if attr.count != len(keys):
             raise BpfError(errno.EIO, f"map {self.name!r} took {attr.count} of {len(keys)} entries")
 
+    def lookup_batch(self, chunk: int = 65536) -> Iterator[tuple[bytes, bytes]]:
+        """Every key and value (all CPUs' values for a per-CPU map), up to `chunk` a call
+        (BPF_MAP_LOOKUP_BATCH): a table of 100,000 counters in two calls, not 100,000."""
+        token = ctypes.create_string_buffer(max(self.key_size, 8))  # where the batch stopped
+        started = False
+        while True:
+            keys = ctypes.create_string_buffer(chunk * self.key_size)
+            values = ctypes.create_string_buffer(chunk * self.stride)
+            following = ctypes.create_string_buffer(len(token))
+            attr = _BatchAttr(
+                in_batch=pointer(token) if started else 0,
+                out_batch=pointer(following),
+                keys=pointer(keys),
+                values=pointer(values),
+                count=chunk,
+                map_fd=self.fd,
+            )
+            finished = False
+            try:
+                bpf(Command.MAP_LOOKUP_BATCH, attr, f"reading map {self.name!r} in a batch")
+            except BpfError as error:
+                if error.errno == errno.ENOSPC:  # a hash bucket holds more than `chunk`
+                    chunk *= 2
+                    continue
+                if error.errno != errno.ENOENT:  # ENOENT: this batch is the last
+                    raise
+                finished = True
+            key_bytes, value_bytes = keys.raw, values.raw
+            for index in range(attr.count):
+                yield (
+                    key_bytes[index * self.key_size : (index + 1) * self.key_size],
+                    value_bytes[index * self.stride : (index + 1) * self.stride],
+                )
+            if finished or attr.count == 0:
+                return
+            token, started = following, True
+
     def delete(self, key: bytes | int) -> bool:
         key_buffer = self._key(key)  # kept alive across the call: attr holds only its address
         attr = _MapElemAttr(map_fd=self.fd, key=pointer(key_buffer))

@@ -47,6 +47,21 @@ def test_percpu_array_values_are_summed():
         assert sum_percpu(values) == (3 * possible_cpus(), 100 * possible_cpus())
 
 
+@pytest.mark.parametrize("kind", [MapType.ARRAY, MapType.PERCPU_ARRAY, MapType.HASH])
+def test_batches_read_and_write_what_single_calls_do(kind: MapType) -> None:
+    with Map(kind, 4, 16, 10, name="t_batch") as table:
+        keys = [1, 2, 3, 5, 8, 9] if kind == MapType.HASH else list(range(10))
+        values = [struct.pack("<QQ", key, key * 3) * (table.stride // 16) for key in keys]
+        table.update_batch(keys, values)  # type: ignore[arg-type]
+        single = dict(table.items())
+        assert len(single) == len(keys)
+        for chunk in (1, 3, 4, 10, 64):  # batch boundaries anywhere, and one batch of all
+            assert dict(table.lookup_batch(chunk)) == single
+        assert single[(8 if kind == MapType.HASH else 7).to_bytes(4, "little")][:16] == (
+            struct.pack("<QQ", 8, 24) if kind == MapType.HASH else struct.pack("<QQ", 7, 21)
+        )
+
+
 def test_lpm_trie_longest_prefix_wins():
     def key(prefix: int, address: str) -> bytes:
         return struct.pack("<I", prefix) + bytes(int(part) for part in address.split("."))
