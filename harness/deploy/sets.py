@@ -29,7 +29,7 @@ from codegen.bpf.syscall import BpfError
 from codegen.rules.extensions.set import bound_sets
 from codegen.rules.model import Ruleset
 from codegen.rules.set_changes import changed, save_text
-from codegen.rules.sets import IpSet, SetError, SetTable, parse_sets
+from codegen.rules.sets import SetError, SetTable, parse_sets
 from codegen.tc.matches.set import changes, entries, map_name, map_shape
 from netns.namespace import CommandError, Namespace, NamespaceError
 
@@ -104,23 +104,15 @@ def pin_sets(pins: Path, maps: dict[str, Map], replace: Callable[[Path, int], No
 
 def applied_sets(netns: str) -> SetTable:
     """The sets of the rule set applied in `netns`, as `bpflab set` changed them."""
+    return _applied(netns)[1]
+
+
+def _applied(netns: str) -> tuple[dict, SetTable]:
+    """The state of the rule set applied in `netns` and its sets."""
     state = read_state(netns)
     if state is None:
         raise LifecycleError(f"no rule set is applied in namespace {netns}")
-    return parse_sets(state.get("sets") or "", f"the sets applied in {netns}")
-
-
-def _applied_set(netns: str, name: str) -> tuple[dict, IpSet]:
-    state = read_state(netns)
-    if state is None:
-        raise LifecycleError(f"no rule set is applied in namespace {netns}")
-    sets = parse_sets(state.get("sets") or "", f"the sets applied in {netns}")
-    if name not in sets:
-        used = ", ".join(sets) or "none"
-        raise LifecycleError(
-            f"the rule set applied in namespace {netns} uses no set '{name}' (it uses: {used})"
-        )
-    return state, sets[name]
+    return state, parse_sets(state.get("sets") or "", f"the sets applied in {netns}")
 
 
 @serialised
@@ -130,7 +122,13 @@ def change_set(
     """`ipset add|del NAME ENTRY` (`exist`: -exist) on the copy of set `name` the rule set
     applied in `netns` reads: the map the programs look up and the state both change, or
     neither does. Returns how many members went in and out."""
-    state, table = _applied_set(netns, name)
+    state, sets = _applied(netns)
+    if name not in sets:
+        used = ", ".join(sets) or "none"
+        raise LifecycleError(
+            f"the rule set applied in namespace {netns} uses no set '{name}' (it uses: {used})"
+        )
+    table = sets[name]
     new, went_in, went_out = changed(table, entry, delete=delete, exist=exist)
     written, gone = changes(table, went_in, went_out)
     path = pin_dir(netns) / pin_name(name)
@@ -152,7 +150,6 @@ def change_set(
             raise LifecycleError(
                 f"the map of set '{name}' refused the change ({error.strerror}): nothing changed"
             ) from None
-        sets = parse_sets(state.get("sets") or "", f"the sets applied in {netns}")
         state["sets"] = save_text(SetTable({**sets.sets, name: new}))
         try:
             rewrite_state(netns, state)

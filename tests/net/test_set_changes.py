@@ -10,17 +10,14 @@ netfilter agree.
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from scapy.layers.inet import IP, TCP, UDP
-from scapy.layers.l2 import Ether
 
-from codegen.rules import evaluate, parse
+from codegen.rules import parse
 from codegen.rules.sets import SetError, SetTable
 from harness.deploy.lifecycle import apply, current, flush
 from harness.deploy.sets import applied_sets, change_set, namespace_sets
@@ -29,6 +26,7 @@ from harness.lab.waiting import until
 from netns import HostTopology
 from netns.namespace import CommandError
 from tests.net.test_ipt_blob import counters, restore, save
+from tests.net.test_set_vs_netfilter import Lab
 
 pytestmark = [
     pytest.mark.netns,
@@ -81,7 +79,6 @@ STEPS = (
     ("del h3 198.18.0.5", True),
 )
 SOURCES = ("198.18.0.5", "198.18.0.6", "198.18.0.9", "198.18.4.1", "198.18.5.1", "198.18.6.1")
-GAP = 0.01
 
 
 def _packets() -> list[bytes]:
@@ -100,42 +97,14 @@ def _members(sets: SetTable) -> dict[str, set]:
     }
 
 
-class Lab:
-    def __init__(self, lab: HostTopology):
-        self.lab = lab
-        self.host = lab.host.namespace
-        self.host.run(["sh", "-c", f"printf '%s' '{SETS}' | ipset restore"])
-        self.socket = lab.client.namespace.socket(
-            socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003)
-        )
-        self.socket.bind((lab.client.ifname, 0))
-
-    def send(self, packets: list[bytes]) -> None:
-        for packet in packets:
-            frame = Ether(src=self.lab.client.mac, dst=self.lab.host.mac, type=0x0800) / packet
-            self.socket.send(bytes(frame))
-            time.sleep(GAP)
-        time.sleep(0.2)
-
-    def expected(self, packets: list[bytes], sets: SetTable) -> dict:
-        ruleset = parse(RULES, "sets")
-        total = {key: (0, 0) for key in counters(ruleset) if key[1] != "policy"}
-        for packet in packets:
-            result = evaluate(ruleset, packet, "INPUT", "eth0", None, sets=sets)
-            for key, (count, size) in result.counters.items():
-                if key in total:
-                    total[key] = (total[key][0] + count, total[key][1] + size)
-        return total
-
-
 @pytest.fixture
 def lab():  # type: ignore[no-untyped-def]
     with HostTopology(ipv6=False) as topology:
-        built = Lab(topology)
+        built = Lab(topology, SETS)
         try:
             yield built
         finally:
-            built.socket.close()
+            built.close()
 
 
 def _ours(lab: Lab, words: str) -> bool:
@@ -174,7 +143,7 @@ def test_changes_in_place_agree_with_ipset(lab: Lab, backend: str, tmp_path: Pat
             assert _members(ours) == _members(namespace_sets(lab.host)), words
             start = current(lab.host.name)[1]
             lab.send(packets)
-            expected = lab.expected(packets, ours)
+            expected = lab.expected(packets, ours, RULES)
             moved = until(
                 lambda start=start, expected=expected: _moved(lab, start, expected),
                 lambda got, expected=expected: got == expected,
@@ -186,7 +155,7 @@ def test_changes_in_place_agree_with_ipset(lab: Lab, backend: str, tmp_path: Pat
         flush(lab.host.name)
     restore(lab.host, RULES, tmp_path)  # the twin, over the namespace's own ipsets
     lab.send(packets)
-    expected = lab.expected(packets, namespace_sets(lab.host))
+    expected = lab.expected(packets, namespace_sets(lab.host), RULES)
     kernel = until(
         lambda: counters(parse("\n".join(save(lab.host, counters=True)) + "\n", "kernel")),
         lambda kernel: {key: kernel[key] for key in expected} == expected,

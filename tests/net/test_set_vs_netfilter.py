@@ -26,6 +26,7 @@ from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
 from codegen.rules import RuleError, evaluate, parse
+from codegen.rules.sets import SetTable
 from harness.deploy.lifecycle import LifecycleError, apply, current, flush
 from harness.deploy.sets import namespace_sets
 from harness.lab.waiting import until
@@ -116,10 +117,13 @@ def _packets() -> list[bytes]:
 
 
 class Lab:
-    def __init__(self, lab: HostTopology):
+    """The host's sets made with ipset restore, and a raw socket on the client to send
+    frames to the host with."""
+
+    def __init__(self, lab: HostTopology, sets: str = SETS):
         self.lab = lab
         self.host = lab.host.namespace
-        self.load_sets(SETS)
+        self.load_sets(sets)
         self.socket = lab.client.namespace.socket(
             socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003)
         )
@@ -139,10 +143,13 @@ class Lab:
             time.sleep(GAP)
         time.sleep(0.2)
 
-    def expected(self, packets: list[bytes]) -> dict:
-        """Every rule's counters as the reference adds them up over the namespace's sets."""
-        ruleset = parse(RULES, "sets")
-        sets = namespace_sets(self.host)
+    def expected(
+        self, packets: list[bytes], sets: SetTable | None = None, rules: str = RULES
+    ) -> dict:
+        """Every rule's counters as the reference adds them up over `sets` (default: the
+        namespace's)."""
+        ruleset = parse(rules, "sets")
+        sets = namespace_sets(self.host) if sets is None else sets
         total = {key: (0, 0) for key in counters(ruleset) if key[1] != "policy"}
         for packet in packets:
             result = evaluate(ruleset, packet, "INPUT", "eth0", None, sets=sets)
