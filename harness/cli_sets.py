@@ -7,8 +7,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from codegen.rules.set_changes import save_text, shown
-from codegen.rules.sets import BITMAP_PORT, IpSet, SetTable
+from codegen.rules.set_changes import header, save_text, shown
+from codegen.rules.sets import IpSet, SetTable
 
 from . import environment
 from .cli_input import EXIT_OK, UsageError, require
@@ -75,14 +75,10 @@ def _set(args: argparse.Namespace) -> int:
 
 def listing(table: IpSet) -> str:
     """`table` as `ipset list NAME` prints it (without the lines about the kernel's memory)."""
-    if table.kind == BITMAP_PORT:
-        header = f"range {table.port_range[0]}-{table.port_range[1]}"
-    else:
-        header = f"family inet maxelem {table.maxelem}"
     lines = [
         f"Name: {table.name}",
         f"Type: {table.kind}",
-        f"Header: {header}",
+        f"Header: {header(table)}",
         f"Number of entries: {len(table.members)}",
         "Members:",
         *(shown(table, member, flag=True) for member in table.members),

@@ -232,11 +232,14 @@ class _Parser:
                 )
             start = end + 1
         # The shape of big generated rule sets is read in one step (codegen.rules.fast_lines).
-        if start == 0 and read_rule(line, raw, 1, self.staging, (0, 0)):
+        if counters is None:
+            fast = read_rule(line, raw, 1, self.staging, (0, 0))
+        else:
+            fast = raw[start : start + 4] == " -A " and read_rule(
+                line, raw[start + 1 :], start + 2, self.staging, counters
+            )
+        if fast:
             return
-        if start and raw[start : start + 4] == " -A " and counters is not None:
-            if read_rule(line, raw[start + 1 :], start + 2, self.staging, counters):
-                return
         tokens = tokenize(line, start)
         if not tokens:
             raise line.error("no command on this line", 1)

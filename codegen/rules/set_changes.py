@@ -8,11 +8,10 @@ from __future__ import annotations
 import socket
 from dataclasses import replace
 
-from codegen.rules.names import PROTOCOL_NUMBERS
+from codegen.rules.names import PROTOCOL_NAMES
 from codegen.rules.sets import (
     BITMAP_PORT,
     ICMP_NAMES,
-    PORT_NAMES,
     WITH_PORT,
     IpSet,
     LineReader,
@@ -66,16 +65,6 @@ def changed(
     return replace(table, members=tuple(members.values())), went_in, went_out
 
 
-def _protocol_name(protocol: int) -> str:
-    for name, number in PORT_NAMES.items():
-        if number == protocol:
-            return name
-    for name, number in PROTOCOL_NUMBERS.items():
-        if number == protocol:
-            return name
-    return str(protocol)
-
-
 def shown(table: IpSet, member: Member, *, flag: bool = False) -> str:
     """`member` as `ipset save` prints it (`flag`: with its nomatch flag)."""
     if table.kind == BITMAP_PORT:
@@ -90,18 +79,21 @@ def shown(table: IpSet, member: Member, *, flag: bool = False) -> str:
             port = named[0] if named else f"{code[0]}/{code[1]}"
         else:
             port = str(member.port)
-        text += f",{_protocol_name(member.protocol)}:{port}"
+        text += f",{PROTOCOL_NAMES.get(member.protocol, str(member.protocol))}:{port}"
     return f"{text} nomatch" if flag and member.nomatch else text
+
+
+def header(table: IpSet) -> str:
+    """The options of `table` as `ipset save` and `ipset list` print them."""
+    if table.kind == BITMAP_PORT:
+        return f"range {table.port_range[0]}-{table.port_range[1]}"
+    return f"family inet maxelem {table.maxelem}"
 
 
 def save_text(sets: SetTable) -> str:
     """`sets` as `ipset save` prints them (read back by parse_sets as they are)."""
     lines = []
     for table in sets.sets.values():
-        if table.kind == BITMAP_PORT:
-            first, last = table.port_range
-            lines.append(f"create {table.name} {table.kind} range {first}-{last}")
-        else:
-            lines.append(f"create {table.name} {table.kind} family inet maxelem {table.maxelem}")
+        lines.append(f"create {table.name} {table.kind} {header(table)}")
         lines += [f"add {table.name} {shown(table, member, flag=True)}" for member in table.members]
     return "".join(line + "\n" for line in lines)

@@ -29,7 +29,7 @@ from codegen.bpf.syscall import BpfError
 from codegen.rules.extensions.set import bound_sets
 from codegen.rules.model import Ruleset
 from codegen.rules.set_changes import changed, save_text
-from codegen.rules.sets import SetError, SetTable, parse_sets
+from codegen.rules.sets import IpSet, SetError, SetTable, parse_sets
 from codegen.tc.matches.set import changes, entries, map_name, map_shape
 from netns.namespace import CommandError, Namespace, NamespaceError
 
@@ -139,14 +139,13 @@ def change_set(
             f"the map of set '{name}' is not pinned at {path}: apply the rule set again"
         ) from None
     with held:
-        before = entries(table)
         try:
             for key, value in written.items():
                 held.update(key, value)
             for key in gone:
                 held.delete(key)
         except BpfError as error:
-            _restore(held, [*written, *gone], before)
+            _restore(held, [*written, *gone], table)
             raise LifecycleError(
                 f"the map of set '{name}' refused the change ({error.strerror}): nothing changed"
             ) from None
@@ -154,13 +153,15 @@ def change_set(
         try:
             rewrite_state(netns, state)
         except LifecycleError:
-            _restore(held, [*written, *gone], before)
+            _restore(held, [*written, *gone], table)
             raise
     return len(went_in), len(went_out)
 
 
-def _restore(held: Map, keys: list[bytes], before: dict[bytes, bytes]) -> None:
-    """Put `keys` of `held` back as `before` has them: nothing half-applied."""
+def _restore(held: Map, keys: list[bytes], table: IpSet) -> None:
+    """Put `keys` of `held` back as `table` (the set before the change) has them: nothing
+    half-applied."""
+    before = entries(table)
     for key in keys:
         if key in before:
             held.update(key, before[key])
