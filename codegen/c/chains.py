@@ -14,6 +14,7 @@ import re
 from collections.abc import Iterable, Mapping
 
 from codegen.rules.extensions import target_refusal
+from codegen.rules.extensions.connmark_target import ConnmarkTarget
 from codegen.rules.extensions.mark_target import MarkTarget
 from codegen.rules.extensions.reject import REJECT_WITH, Reject
 from codegen.rules.iptables_save import write_rule
@@ -26,6 +27,9 @@ from . import mark_target, matches
 from .entries import CCompileError
 from .source_text import Code, SpanMark, comment, indented, text_of
 from .targets import GENERATED_TARGETS, REFUSED_TARGETS, BuiltinTargets, FunctionTargets, Targets
+
+# Targets after which evaluation goes on with the next rule (XT_CONTINUE), besides none.
+CONTINUING = (Jump, MarkTarget, ConnmarkTarget, *log.LOGGING)
 
 # Rules after inlining every user chain at each of its call sites: past this, the C would be
 # too big for clang and the verifier to be worth trying.
@@ -173,6 +177,8 @@ class ChainWriter:
             code.append(f"log_event(skb, f, {slot});")  # and on with the next rule
         elif isinstance(target, MarkTarget):
             code += mark_target.set_mark(target)  # and on with the next rule
+        elif isinstance(target, ConnmarkTarget):
+            code += mark_target.connmark(target)  # and on with the next rule
         elif isinstance(target, Return):
             code += targets.return_()
         elif isinstance(target, Jump):
@@ -180,7 +186,7 @@ class ChainWriter:
         elif isinstance(target, Goto):
             code += targets.goto(self.functions[target.chain])
         if any(matches.can_hotdrop(match) for match in rule.matches):
-            if target is None or isinstance(target, (Jump, MarkTarget, *log.LOGGING)):
+            if target is None or isinstance(target, CONTINUING):
                 code.append(f"goto {miss};")  # past the hotdrop
             code += [f"{hotdrop}:", decided, *targets.hotdrop()]
         if any(f"goto {miss};" in line for line in code):

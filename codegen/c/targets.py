@@ -20,8 +20,8 @@ CONTINUE, ACCEPT, DROP = 0, 1, 2
 # The rule layer's target extensions (codegen.rules.extensions.TARGETS) this backend refuses,
 # each with the reason its refusal gives.
 # The ones it generates (REJECT: its answers come from codegen.tc.replies' program, see
-# codegen/c/programs.py; LOG, NFLOG: codegen/c/log.py; MARK: codegen/c/mark_target.py).
-GENERATED_TARGETS = frozenset({"REJECT", "LOG", "NFLOG", "MARK"})
+# codegen/c/programs.py; LOG, NFLOG: codegen/c/log.py; MARK, CONNMARK: codegen/c/mark_target.py).
+GENERATED_TARGETS = frozenset({"REJECT", "LOG", "NFLOG", "MARK", "CONNMARK"})
 REFUSED_TARGETS: dict[str, str] = {}
 
 

@@ -29,6 +29,8 @@ from pathlib import Path
 from codegen.bpf.isa import MapType
 from codegen.bpf.maps import Map
 from codegen.bpf.syscall import BpfError
+from codegen.rules.extensions.connmark import Connmark
+from codegen.rules.extensions.connmark_target import ConnmarkTarget
 from codegen.rules.extensions.conntrack import Conntrack
 from codegen.rules.extensions.state import State
 from codegen.rules.model import Rule, Ruleset
@@ -85,6 +87,7 @@ class Entry(ctypes.Structure):
         ("last_flags", ctypes.c_uint8),
         ("retrans", ctypes.c_uint8),
         ("pad", ctypes.c_uint8),
+        ("mark", ctypes.c_uint32),
         ("seen", Side * 2),
     ]
 
@@ -106,6 +109,7 @@ class Result(ctypes.Structure):
         ("orig", Tuple),
         ("reply", Tuple),
         ("pending", ctypes.c_uint32),
+        ("mark", ctypes.c_uint32),
     ]
 
 
@@ -123,13 +127,15 @@ def result_field(name: str, part: str | None = None) -> tuple[int, int]:
 
 
 def first_tracking_rule(ruleset: Ruleset) -> tuple[str, int, Rule] | None:
-    """The first rule that asks about connections, if any: its chain, 1-based index, itself."""
-    return ruleset.first_with((Conntrack, State))
+    """The first rule that asks about connections or marks them, if any: its chain, 1-based
+    index, itself."""
+    return ruleset.first_with((Conntrack, State, Connmark, ConnmarkTarget))
 
 
 def uses_conntrack(ruleset: Ruleset) -> bool:
-    """Whether any rule asks about connections: netfilter tracks them only then (a ct match
-    registers the conntrack hooks of the namespace), and so do the programs."""
+    """Whether any rule asks about connections or marks them: netfilter tracks them only
+    then (a ct match or target registers the conntrack hooks of the namespace), and so do the
+    programs."""
     return first_tracking_rule(ruleset) is not None
 
 
@@ -177,6 +183,7 @@ def source(prelude: Iterable[str], *, line_marker: bool = True) -> str:
 GLOBALS: dict[str, tuple[str | int, ...]] = {
     "ct_classify": ("ctx", ctypes.sizeof(Result)),
     "ct_confirm": (ctypes.sizeof(Result),),
+    "ct_set_mark": (ctypes.sizeof(Result), "scalar"),
     "ct_related": ("ctx", "scalar", "scalar", "scalar", ctypes.sizeof(Result)),
     "ct_tcp": (ctypes.sizeof(Entry), "scalar", SEGMENT_SIZE, "scalar"),
     "ct_tcp_window": (ctypes.sizeof(Entry), "scalar", SEGMENT_SIZE),

@@ -45,7 +45,7 @@ def entry_line(entry: Entry, now: int) -> str:
     line += _tuple(entry.proto, entry.reply)
     if entry.status & IPS_ASSURED:
         line += "[ASSURED] "
-    return line + "mark=0 use=1"
+    return line + f"mark={entry.mark} use=1"
 
 
 def table_lines(entries: list[Entry], now: int) -> list[str]:

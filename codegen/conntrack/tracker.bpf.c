@@ -92,6 +92,7 @@ struct ct_entry {
     __u8 proto, tcp_state, last_index, last_dir;
     __u32 last_seq, last_ack, last_end, last_win;
     __u8 last_wscale, last_flags, retrans, pad;
+    __u32 mark; /* ct->mark: -j CONNMARK writes it, -m connmark reads it */
     struct ct_side seen[2];
 };
 
@@ -120,6 +121,7 @@ struct ct_result {
     __u32 expires; /* whole seconds left, as xt_conntrack reads them */
     struct ct_tuple orig, reply;
     __u32 pending; /* 1: ct_confirm has an entry to put in the table */
+    __u32 mark;    /* the connection's mark (ct_set_mark keeps it equal to the entry's) */
 };
 
 CT_DECLARE_MAPS
@@ -770,6 +772,7 @@ static __always_inline void report(struct ct_result *res, const struct ct_entry 
         res->expires = (e->deadline - now) / CT_NS;
     res->orig = e->orig;
     res->reply = e->reply;
+    res->mark = e->mark;
 }
 
 /* nf_conntrack_inet_error: an ICMP error is RELATED to the connection whose packet it quotes,
@@ -942,5 +945,33 @@ CT_GLOBAL int ct_confirm(struct ct_result *res)
         return 0;
     pending->entry.status |= IPS_CONFIRMED;
     CT_INSERT(ct_table, &pending->key, &pending->entry);
+    return 0;
+}
+
+/* -j CONNMARK: the packet's connection's mark becomes `mark`: at once in the table for a known
+ * connection (whatever the verdict), in the entry the packet would create for a new one (kept
+ * only if ct_confirm puts it in the table). A packet without a connection has nothing to mark. */
+CT_GLOBAL int ct_set_mark(struct ct_result *res, __u32 mark)
+{
+    __u32 zero = 0;
+    struct ct_tuple inv;
+    struct ct_key key = {};
+    struct ct_pending *pending;
+    struct ct_entry *e;
+
+    if (!res || res->state == CT_STATE_INVALID)
+        return 0;
+    res->mark = mark;
+    if (res->pending) {
+        pending = CT_LOOKUP(ct_pending, &zero);
+        if (pending)
+            pending->entry.mark = mark;
+        return 0;
+    }
+    if (make_key(res->l4proto, &res->orig, &inv, &key))
+        return 0;
+    e = CT_LOOKUP(ct_table, &key);
+    if (e)
+        e->mark = mark;
     return 0;
 }

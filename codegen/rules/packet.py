@@ -73,7 +73,8 @@ class Connection:
     NULL), so that nothing else here is looked at. `direction` is the packet's (REPLY: it
     travels as the reply tuple says; NEW only exists in the original direction), `status` the
     entry's IPS_* bits (IPS_SRC_NAT and IPS_DST_NAT are what --ctstate SNAT and DNAT see),
-    `protocol` its layer-4 protocol and `expires` the seconds left before it times out."""
+    `protocol` its layer-4 protocol, `expires` the seconds left before it times out and
+    `mark` its ct->mark (-m connmark, -j CONNMARK)."""
 
     state: ConnectionState = "NEW"
     direction: Direction = "ORIGINAL"
@@ -82,6 +83,7 @@ class Connection:
     reply: ConnectionTuple = field(default_factory=ConnectionTuple)
     status: int = 0
     expires: int = 0
+    mark: int = 0
 
     def __post_init__(self) -> None:
         if self.state not in CONNECTION_STATES:
@@ -93,6 +95,7 @@ class Connection:
         check_uint(self.protocol, 8, "protocol")
         check_uint(self.status, 32, "status")
         check_uint(self.expires, 64, "expires")
+        check_uint(self.mark, 32, "connection mark")
 
     @property
     def tracked(self) -> bool:

@@ -82,6 +82,9 @@ class Evaluation:
     mark: int = 0
     # The mark each rule of `logged` saw when it fired (a LOG line's MARK=), in the same order.
     logged_marks: tuple[int, ...] = ()
+    # The mark of the packet's connection when the verdict was given, as `-j CONNMARK` rules on
+    # its way left it (None: the packet has no connection).
+    connection_mark: int | None = None
 
 
 class MatchMemory:
@@ -211,6 +214,7 @@ def evaluate(
             logged=tuple(logged),
             mark=parsed.mark,
             logged_marks=tuple(logged_marks),
+            connection_mark=_connection_mark(parsed),
             **more,
         )
 
@@ -273,6 +277,8 @@ def evaluate(
                 logged_marks.append(parsed.mark)
             if action.mark is not None:  # later rules, and the kernel after us, see it
                 parsed = replace(parsed, mark=action.mark)
+            if action.ctmark is not None and parsed.connection is not None:
+                parsed = replace(parsed, connection=replace(parsed.connection, mark=action.ctmark))
             if action.verdict is None:
                 index += 1  # XT_CONTINUE
             else:
@@ -280,6 +286,11 @@ def evaluate(
         else:
             raise TypeError(f"cannot evaluate target {target!r}")
     raise RuntimeError("evaluation did not end: the rule set has a loop (run validate first)")
+
+
+def _connection_mark(packet: Packet) -> int | None:
+    connection = packet.connection
+    return connection.mark if connection is not None and connection.tracked else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -339,6 +350,10 @@ def evaluate_flow(
             memory=memory,
             time=step.time,
         )
+        if classification.entry is not None and evaluation.connection_mark is not None:
+            # CONNMARK wrote the entry's mark: at once for a known connection, for a new one
+            # only if confirm keeps its entry.
+            classification.entry.mark = evaluation.connection_mark
         if evaluation.verdict == "ACCEPT":
             table.confirm(classification)
         results.append(FlowEvaluation(evaluation, classification.connection))

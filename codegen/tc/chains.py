@@ -23,6 +23,7 @@ from codegen.bpf import insn as I
 from codegen.bpf.asm import Item, Label
 from codegen.bpf.isa import R0, R1, R2, JmpOp, Size
 from codegen.rules.extensions import BY_MODEL, TARGETS_BY_MODEL, extension_of, target_refusal
+from codegen.rules.extensions.connmark_target import ConnmarkTarget
 from codegen.rules.extensions.mark_target import MarkTarget
 from codegen.rules.extensions.reject import REJECT_WITH, Reject
 from codegen.rules.iptables_save import write_rule
@@ -403,6 +404,9 @@ class ChainWriter:
             falls_through = True
         elif isinstance(target, MarkTarget):
             code += mark_target.set_mark(target)  # and on with the next rule
+            falls_through = True
+        elif isinstance(target, ConnmarkTarget):
+            code += mark_target.connmark(target, self.label)  # and on with the next rule
             falls_through = True
         elif isinstance(target, Return):
             code += targets.return_()

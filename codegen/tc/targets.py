@@ -24,8 +24,8 @@ RETURNED = 3  # a chunk's answer when its chain returns (RETURN, or a goto that 
 # The rule layer's target extensions (codegen.rules.extensions.TARGETS) this backend refuses,
 # each with the reason its refusal gives (REJECT it generates: codegen.tc.replies).
 REFUSED_TARGETS: dict[str, str] = {}
-# LOG, NFLOG: codegen.tc.log; MARK: codegen.tc.mark_target
-GENERATED_TARGETS = frozenset({"REJECT", "LOG", "NFLOG", "MARK"})
+# LOG, NFLOG: codegen.tc.log; MARK, CONNMARK: codegen.tc.mark_target
+GENERATED_TARGETS = frozenset({"REJECT", "LOG", "NFLOG", "MARK", "CONNMARK"})
 NewLabel = Callable[[str], str]
 
 

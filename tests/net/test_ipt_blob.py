@@ -297,8 +297,8 @@ def test_replacing_a_table_drops_the_old_rules_and_counters() -> None:
             "entry at offset 304: chain OUTPUT rule 1: target 'NFQUEUE' is not supported",
         ),
         (
-            "-A FORWARD -j CONNMARK --set-mark 1",
-            "entry at offset 152: chain FORWARD rule 1: target 'CONNMARK'",
+            "-A FORWARD -j CLASSIFY --set-class 1:1",
+            "entry at offset 152: chain FORWARD rule 1: target 'CLASSIFY'",
         ),
         ("-A INPUT -j QUEUE", "entry at offset 0: chain INPUT rule 1: QUEUE is not supported"),
         (

@@ -12,6 +12,8 @@ carry `-m limit` too (1/hour or 1/min, bursts of 1 to 3: no timing within a flow
 whose buckets both labs keep along the flow and refill at each load, and `-m hashlimit` (one
 table per rule set, 1/hour or 1/min, bursts of 1 to 3, keyed by nothing, the source, or the
 source and the ports; upto or above by rule), a bucket per key of the flow's two directions.
+Some rules mark: `-j CONNMARK` (every mode, masks and shifts) and `-j MARK`, read back by
+`-m connmark` and `-m mark` matches along the flow (a connection's mark lives in its entry).
 
 Both tables start empty: our rule set is flushed after each example (its table goes with its
 pins), the twin's filter table is emptied before each load (netfilter would keep a hashlimit
@@ -34,16 +36,20 @@ from scapy.layers.l2 import Ether
 from scapy.packet import Packet, Raw
 
 from codegen.rules import parse, write
+from codegen.rules.extensions.connmark import Connmark
+from codegen.rules.extensions.connmark_target import ConnmarkTarget
 from codegen.rules.extensions.conntrack import Conntrack
 from codegen.rules.extensions.ctinfo import STATUS_NAMES, AnyOf
 from codegen.rules.extensions.hashlimit import parse_rate as hashlimit_rate
 from codegen.rules.extensions.hashlimit_table import HASH_DPT, HASH_SIP, HASH_SPT, Hashlimit
 from codegen.rules.extensions.limit import Limit, parse_rate
+from codegen.rules.extensions.mark import Mark
+from codegen.rules.extensions.mark_target import MarkTarget
 from codegen.rules.extensions.ports import PortRange
 from codegen.rules.extensions.state import State
 from codegen.rules.extensions.tcp import TcpMatch
 from codegen.rules.extensions.udp import UdpMatch
-from codegen.rules.model import Accept, Chain, Drop, Protocol, Rule, Ruleset
+from codegen.rules.model import Accept, Chain, Drop, Protocol, Rule, Ruleset, Target
 from codegen.rules.names import BUILTIN_CHAINS
 from harness.deploy import lifecycle
 from harness.lab.observation import moved_counters
@@ -102,6 +108,35 @@ def hashlimits(draw: st.DrawFn) -> Hashlimit:
     return Hashlimit("drawn", avg, burst, mode=mode, expire=unit * 1000)
 
 
+_CTMARKS = st.sampled_from((0, 1, 2, 3, 0x10))
+_CTMASKS = st.sampled_from((0xFFFFFFFF, 0xFF, 3, 1, 0))
+
+
+@st.composite
+def connmarks(draw: st.DrawFn) -> Connmark:
+    return Connmark(draw(_CTMARKS), draw(_CTMASKS), draw(st.booleans()) and draw(st.booleans()))
+
+
+@st.composite
+def marks(draw: st.DrawFn) -> Mark:
+    """The packet's own mark, which --restore-mark and MARK write."""
+    return Mark(draw(_CTMARKS), draw(_CTMASKS), draw(st.booleans()) and draw(st.booleans()))
+
+
+@st.composite
+def stateful_targets(draw: st.DrawFn) -> Target:
+    """Mostly verdicts; now and then CONNMARK (each mode, masks, shifts) or MARK."""
+    kind = draw(st.integers(0, 9))
+    if kind < 6:
+        return Accept() if kind % 2 else Drop()
+    if kind == 6:
+        return MarkTarget(draw(_CTMARKS), draw(_CTMASKS))
+    mode = draw(st.sampled_from(("set", "set", "save", "restore")))
+    shift = draw(st.sampled_from((0, 0, 0, 1, 4)))
+    masks = draw(_CTMASKS), draw(_CTMASKS)
+    return ConnmarkTarget(mode, draw(_CTMARKS), *masks, draw(st.booleans()), shift)
+
+
 @st.composite
 def stateful_rulesets(draw: st.DrawFn, protocol: int) -> Ruleset:
     table = draw(hashlimits())
@@ -124,8 +159,10 @@ def stateful_rulesets(draw: st.DrawFn, protocol: int) -> Ruleset:
             if draw(st.integers(0, 3)) == 0:
                 hashlimit = replace(table, above=draw(st.booleans()))
                 matches.insert(draw(st.integers(0, len(matches))), hashlimit)
-            target = Accept() if draw(st.booleans()) else Drop()
-            rules.append(Rule(matches=tuple(matches), target=target))
+            if draw(st.integers(0, 3)) == 0:
+                mark = draw(connmarks()) if draw(st.integers(0, 2)) else draw(marks())
+                matches.insert(draw(st.integers(0, len(matches))), mark)
+            rules.append(Rule(matches=tuple(matches), target=draw(stateful_targets())))
         policy = "ACCEPT" if draw(st.integers(0, 2)) else "DROP"
         chains[name] = Chain(name, policy=policy, rules=rules)
     return Ruleset(chains=chains)
@@ -199,6 +236,33 @@ def _netfilter_moved(twin: Lab, before: dict) -> tuple[dict, dict]:
     return moved, now
 
 
+def _run_steps(
+    ours: Lab, twin: Lab, backend: str, text: str, pair: tuple[str, str], steps: list[Step]
+) -> None:
+    """Send each step through both labs: the same fate, the same counters moved."""
+    initiator, responder = pair
+    namespace = ours.holder_namespace.name
+    _, kernel_reading = _netfilter_moved(twin, {})
+    _, reading = _our_counters(namespace, {})
+    for number, step in enumerate(steps, 1):
+        source, destination = (initiator, responder) if step.forward else (responder, initiator)
+        packet = _quoting(ours, step, source, destination)
+        frame = ours.frame(source, destination, Ether() / IP() / packet)
+        ours_arrived = _fate(ours, source, destination, frame)
+        twin_arrived = _fate(twin, source, destination, frame)
+        moved, reading = _our_counters(namespace, reading)
+        kernel, kernel_reading = _netfilter_moved(twin, kernel_reading)
+        flow = "\n".join(
+            f"  {'>' if s.forward else '<'} {s.packet.summary()}" for s in steps[:number]
+        )
+        where = f"packet {number} {source}->{destination} ({backend})\n{text}flow:\n{flow}"
+        assert ours_arrived == twin_arrived, (
+            f"netfilter {'passed' if twin_arrived else 'dropped'} it, ours "
+            f"{'passed' if ours_arrived else 'dropped'} it: {where}"
+        )
+        assert moved == kernel, f"counters: ours {moved}, netfilter {kernel}: {where}"
+
+
 # Every dropped packet costs the lab's timeout in each lab: a sixth of the profile (16 in CI).
 EXAMPLES = max(16, settings().max_examples // 6)
 
@@ -219,25 +283,94 @@ def test_stateful_programs_do_what_netfilter_does(labs, backend, case) -> None:
     twin.load_filter_table("*filter\nCOMMIT\n")  # no hashlimit table lives on into this one
     twin.load_filter_table(text)
     twin.holder_namespace.run(["conntrack", "-F"], check=False)
-    _, kernel_reading = _netfilter_moved(twin, {})
-    _, reading = _our_counters(namespace, {})
     try:
-        for number, step in enumerate(steps, 1):
-            source, destination = (initiator, responder) if step.forward else (responder, initiator)
-            packet = _quoting(ours, step, source, destination)
-            frame = ours.frame(source, destination, Ether() / IP() / packet)
-            ours_arrived = _fate(ours, source, destination, frame)
-            twin_arrived = _fate(twin, source, destination, frame)
-            moved, reading = _our_counters(namespace, reading)
-            kernel, kernel_reading = _netfilter_moved(twin, kernel_reading)
-            flow = "\n".join(
-                f"  {'>' if s.forward else '<'} {s.packet.summary()}" for s in steps[:number]
-            )
-            where = f"packet {number} {source}->{destination} ({backend})\n{text}flow:\n{flow}"
-            assert ours_arrived == twin_arrived, (
-                f"netfilter {'passed' if twin_arrived else 'dropped'} it, ours "
-                f"{'passed' if ours_arrived else 'dropped'} it: {where}"
-            )
-            assert moved == kernel, f"counters: ours {moved}, netfilter {kernel}: {where}"
+        _run_steps(ours, twin, backend, text, (initiator, responder), steps)
+    finally:
+        lifecycle.flush(namespace)
+
+
+def _in_every_chain(rules: list[str], *extra: str) -> str:
+    lines = [f"-A {chain} {rule}" for chain in BUILTIN_CHAINS for rule in rules]
+    return "\n".join(["*filter", *extra, *lines, "COMMIT", ""])
+
+
+# The marks of connections, the same rules in every chain so that each pair's packets meet
+# them: restore the packet's mark, classify a NEW connection in a user chain and save its mark
+# (a NEW UDP packet is dropped after the save: its entry, and the mark, are never kept);
+# every ESTABLISHED packet flips a bit of its connection's mark, which the next packet's
+# counters read; every operation with shifts and masks, read back by -m connmark and -m mark.
+CONNMARK_RULESETS = {
+    "classify": _in_every_chain(
+        [
+            "-j CONNMARK --restore-mark --nfmask 0xff --ctmask 0xff",
+            "-m mark --mark 0x1/0xff",
+            "-m conntrack --ctstate NEW -j classify",
+            "-m connmark --mark 0x0/0xff",
+            "-m conntrack --ctstate ESTABLISHED,RELATED -j CONNMARK --xor-mark 0x100",
+            "-m connmark --mark 0x100/0x100",
+            "-m connmark ! --mark 0x0/0xffffff00 -j ACCEPT",
+        ],
+        ":classify - [0:0]",
+        "-A classify -p tcp -j MARK --set-xmark 0x1/0xff",
+        "-A classify -p icmp -j MARK --set-xmark 0x2/0xff",
+        "-A classify -j CONNMARK --save-mark --nfmask 0xff --ctmask 0xff",
+        "-A classify -p udp -m connmark --mark 0x0/0xff -j CONNMARK --set-mark 0x7",
+        "-A classify -p udp -m conntrack --ctdir ORIGINAL -m connmark --mark 0x7 -j DROP",
+    ),
+    "operations": _in_every_chain(
+        [
+            "-j CONNMARK --xor-mark 0x80000001",
+            "-m connmark --mark 0x1/0x1",
+            "-j CONNMARK --save-mark --nfmask 0xf0f --ctmask 0xffff --left-shift-mark 4",
+            "-m connmark --mark 0x0/0xffff",
+            "-j CONNMARK --or-mark 0x300",
+            "-p tcp -j CONNMARK --set-mark 0x40/0xf0 --right-shift-mark 1",
+            "-m connmark --mark 0x20/0x70",
+            "-j CONNMARK --restore-mark --ctmask 0xff0 --nfmask 0xff --right-shift-mark 4",
+            "-m mark --mark 0x2/0xf",
+            "-j MARK --set-xmark 0x9/0xf",
+            "-j CONNMARK --save-mark --mask 0xf",
+            "-m connmark --mark 0x9/0xf",
+        ]
+    ),
+}
+
+
+def _connmark_flows(pair_number: int) -> list[list[Step]]:
+    """A TCP connection, a UDP exchange and ICMP echoes with an error about them, each with
+    ports of its own so that connections of different flows and pairs never meet."""
+    sport = 41000 + pair_number * 10
+    ports = (sport, PORTS["responder"])
+
+    def tcp(forward: bool, flags: str, seq: int, ack: int) -> Step:
+        sport_, dport = ports if forward else ports[::-1]
+        return Step(forward, TCP(sport=sport_, dport=dport, flags=flags, seq=seq, ack=ack))
+
+    udp_ports = (sport + 1, 53)
+    return [
+        [tcp(True, "S", 1000, 0), tcp(False, "SA", 5000, 1001), tcp(True, "A", 1001, 5001),
+         tcp(True, "PA", 1001, 5001), tcp(False, "A", 5001, 1001), tcp(True, "FA", 1001, 5001)],
+        [Step(True, UDP(sport=udp_ports[0], dport=udp_ports[1]) / Raw(b"q")),
+         Step(True, UDP(sport=udp_ports[0], dport=udp_ports[1]) / Raw(b"q")),
+         Step(False, UDP(sport=udp_ports[1], dport=udp_ports[0]) / Raw(b"a"))],
+        [Step(True, ICMP(type=8, id=7, seq=1)), Step(False, ICMP(type=0, id=7, seq=1)),
+         Step(False, ICMP(type=3, code=3) / Raw(b"")), Step(True, ICMP(type=8, id=7, seq=2))],
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(CONNMARK_RULESETS))
+def test_connection_marks_do_what_netfilter_does(labs, backend: str, name: str) -> None:
+    ours, twin = labs
+    text = CONNMARK_RULESETS[name]
+    namespace = ours.holder_namespace.name
+    lifecycle.apply(text, name, namespace, backend=backend)
+    twin.load_filter_table("*filter\nCOMMIT\n")
+    twin.load_filter_table(text)
+    twin.holder_namespace.run(["conntrack", "-F"], check=False)
+    try:
+        for number, pair in enumerate(PAIRS):
+            for steps in _connmark_flows(number):
+                _run_steps(ours, twin, backend, text, pair, steps)
     finally:
         lifecycle.flush(namespace)

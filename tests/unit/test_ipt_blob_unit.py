@@ -633,8 +633,8 @@ DECODE_ERRORS = [
         "unknown target",
         patched(one_rule(), RULE_TARGET + 2, b"TCPMSS\0"),
         "chain INPUT rule 1: target 'TCPMSS' is not supported (supported: ACCEPT, DROP, RETURN,"
-        " REJECT (revision 0), LOG (revision 0), NFLOG (revision 0), MARK (revision 2), jumps"
-        " and gotos to user chains)",
+        " REJECT (revision 0), LOG (revision 0), NFLOG (revision 0), MARK (revision 2),"
+        " CONNMARK (revision 2), jumps and gotos to user chains)",
     ),
     (
         "extension target payload",  # ACCEPT's verdict, -2, read as a reject type

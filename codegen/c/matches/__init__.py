@@ -32,7 +32,7 @@ __all__ = [
 
 # The registration line: each name is a module here with MODEL and write(match, labels).
 FAMILIES = tuple(
-    "tcp udp icmp multiport iprange length ttl pkttype mark comment conntrack state limit"
+    "tcp udp icmp multiport iprange length ttl pkttype mark connmark comment conntrack state limit"
     " addrtype set hashlimit recent physdev".split()
 )
 # The rule layer's families this backend refuses on purpose, each with the reason its refusal

@@ -15,8 +15,8 @@ from codegen.rules.names import BUILTIN_CHAINS
 
 # The registration line. The order is the order error messages list the matches in.
 FAMILIES = (
-    "tcp udp icmp multiport iprange length ttl pkttype mark comment conntrack state limit"
-    " addrtype owner set hashlimit recent physdev policy"
+    "tcp udp icmp multiport iprange length ttl pkttype mark connmark comment conntrack state"
+    " limit addrtype owner set hashlimit recent physdev policy"
 ).split()
 
 
@@ -55,7 +55,7 @@ def supported_matches() -> str:
 
 
 # The targets' registration line (module names; each module's EXTENSION is a TargetExtension).
-TARGET_FAMILIES = "reject log nflog mark_target".split()
+TARGET_FAMILIES = "reject log nflog mark_target connmark_target".split()
 
 TARGETS: tuple[TargetExtension, ...] = _load(TARGET_FAMILIES)
 TARGETS_BY_NAME: dict[str, TargetExtension] = {extension.name: extension for extension in TARGETS}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 from dataclasses import dataclass
+from typing import Any
 
 from codegen.rules.extensions.base import MatchExtension
 from codegen.rules.model import UINT32_MAX, ExtensionMatch, check_uint
@@ -33,7 +34,10 @@ class XtMarkMtinfo1(ctypes.Structure):
 
 
 class MarkParser(SingleMatchParser):
+    """`--mark VALUE[/MASK]`, into `model` (connmark's parser is this one for its own model)."""
+
     name = "mark"
+    model: type = Mark
     options = {"mark": ("mark", True)}
     invertible = frozenset({"mark"})
     required = "--mark"
@@ -46,12 +50,14 @@ class MarkParser(SingleMatchParser):
         mask = strtoui(mask_text, 0xFFFFFFFF) if slash else 0xFFFFFFFF
         if value is None or mask is None:
             raise ctx.error(
-                f"mark: bad value '{ctx.value.text}' (VALUE[/MASK], 32-bit)", at_value=True
+                f"{self.name}: bad value '{ctx.value.text}' (VALUE[/MASK], 32-bit)", at_value=True
             )
-        self.match = Mark(value, mask, ctx.negated)
+        self.match = self.model(value, mask, ctx.negated)
 
 
-def _value(match: Mark) -> str:
+def mark_text(match: Any) -> str:
+    """`0xVALUE`, with `/0xMASK` unless the mask is 0xffffffff (print_mark of libxt_mark and
+    libxt_connmark)."""
     return f"0x{match.value:x}" + (f"/0x{match.mask:x}" if match.mask != UINT32_MAX else "")
 
 
@@ -64,10 +70,10 @@ class MarkExtension(MatchExtension):
     examples = ("-m mark --mark 0x1", "-m mark ! --mark 0x10/0xf0", "-m mark --mark 0x10/0x1")
 
     def save(self, match: Mark) -> list[str]:
-        return ["-m", "mark", *(["!"] if match.negated else []), "--mark", _value(match)]
+        return ["-m", "mark", *(["!"] if match.negated else []), "--mark", mark_text(match)]
 
     def describe(self, match: Mark) -> str:
-        return f" mark match{' !' if match.negated else ''} {_value(match)}"
+        return f" mark match{' !' if match.negated else ''} {mark_text(match)}"
 
     def encode(self, match: Mark) -> XtMarkMtinfo1:
         return XtMarkMtinfo1(match.value, match.mask, match.negated)

@@ -40,12 +40,14 @@ class TargetAction:
     with the next rule); `reply` names what the kernel sends back (None: nothing); `logged`
     says it logged the packet (the evaluator lists such rules in order; log_line.py writes
     their lines); `mark` is the packet's mark from now on (None: unchanged), which later rules
-    of the traversal match on (MARK)."""
+    of the traversal match on (MARK); `ctmark` is the packet's connection's mark from now on
+    (None: unchanged; CONNMARK)."""
 
     verdict: Literal["ACCEPT", "DROP"] | None
     reply: str | None = None
     logged: bool = False  # the target wrote a log line about the packet (LOG)
-    mark: int | None = None  # the skb mark the target wrote (MARK)
+    mark: int | None = None  # the skb mark the target wrote (MARK, CONNMARK --restore-mark)
+    ctmark: int | None = None  # the connection's mark the target wrote (CONNMARK)
 
 
 class TargetExtension:

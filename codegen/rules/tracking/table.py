@@ -65,6 +65,7 @@ class Entry:
     deadline: float = 0.0
     tcp: TcpState | None = None
     udp_stream_after: float = 0.0
+    mark: int = 0  # ct->mark (-j CONNMARK, -m connmark)
 
     @property
     def tcp_state(self) -> str | None:
@@ -328,4 +329,5 @@ def _connection(entry: Entry, state: ConnectionState, direction: int, now: float
         reply=entry.reply,
         status=entry.status,
         expires=expires,
+        mark=entry.mark,
     )

@@ -40,6 +40,7 @@ FAMILIES = (
     "ttl",
     "pkttype",
     "mark",
+    "connmark",
     "comment",
     "conntrack",
     "state",
