@@ -6,9 +6,10 @@ datagram to port 9 from 198.18.0.1 to 198.18.0.2, checked first to end where the
 (its rule, or INPUT's policy when the match does not hold). Stateful matches are timed on the
 path a repeated packet takes: `-m limit` and `-m hashlimit` over their rate (the bucket
 read, nothing to take), `-m recent --update` with the source already in the table, conntrack
-on a flow seen before. LOG is timed firing, with a ring large enough for every event of the
-trials (the drops would be another path), and again with a full ring: the event is lost and
-counted, the packet goes on. REJECT is timed building its answer in the packet.
+and CONNMARK on a flow seen before (the tracker runs for both). LOG is timed firing, with a
+ring large enough for every event of the trials (the drops would be another path), and again
+with a full ring: the event is lost and counted, the packet goes on. REJECT is timed building
+its answer in the packet.
 """
 
 from __future__ import annotations
@@ -79,6 +80,16 @@ CASES: tuple[Case, ...] = (
     Case(
         "-j MARK --set-mark 1, then ACCEPT",
         f"{RULE} -j MARK --set-mark 0x1\n{_one('')}",
+        ("INPUT", 2),
+    ),
+    Case(
+        "-j CONNMARK --save-mark, then ACCEPT",
+        f"{RULE} -j CONNMARK --save-mark\n{_one('')}",
+        ("INPUT", 2),
+    ),
+    Case(
+        "-m connmark --mark 0x1 (after --set-mark)",
+        f"{RULE} -j CONNMARK --set-mark 0x1\n{_one('-m connmark --mark 0x1')}",
         ("INPUT", 2),
     ),
     Case(

@@ -173,7 +173,12 @@ def test_a_connection_keeps_its_mark_along_the_flow() -> None:
     results = evaluate_flow(ruleset, steps, table)
     policy = ("INPUT", "policy")
     assert [r.evaluation.deciding for r in results] == [
-        policy, ("INPUT", 2), ("OUTPUT", "policy"), policy, ("INPUT", 4), policy
+        policy,
+        ("INPUT", 2),
+        ("OUTPUT", "policy"),
+        policy,
+        ("INPUT", 4),
+        policy,
     ]
     assert [r.evaluation.connection_mark for r in results] == [1, 1, 1, 2, 1, None]
     # A known connection's mark changes with the packet, dropped or not; the dropped NEW
