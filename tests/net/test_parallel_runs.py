@@ -1,5 +1,9 @@
-"""Two full pytest runs at once, each with two xdist workers, over the packet scripts: names,
-pins, rule-set state and iptables locks must not collide."""
+"""Two pytest runs at once, each with two xdist workers, over packet scripts: names, pins,
+rule-set state and iptables locks must not collide.
+
+The scripts are four of tests/scripts (which the suite runs whole anyway), chosen for what two
+runs share: each applies and flushes rule sets, two load netfilter twins (the xtables lock),
+one tracks connections (the tracker's pins), one runs commands in the namespaces."""
 
 from __future__ import annotations
 
@@ -13,6 +17,12 @@ import pytest
 pytestmark = [pytest.mark.netns, pytest.mark.privileged]
 
 ROOT = Path(__file__).resolve().parents[2]
+SCRIPTS = (
+    "host_input_basic",
+    "router_netfilter_both_ways",
+    "router_stateful_connections",
+    "host_commands",
+)
 
 
 def test_two_parallel_runs_do_not_collide(tmp_path):
@@ -29,7 +39,7 @@ def test_two_parallel_runs_do_not_collide(tmp_path):
         "no:cacheprovider",
         "-k",
         "bytecode",
-        "tests/scripts",
+        *(f"tests/scripts/{name}.toml" for name in SCRIPTS),
     ]
     runs = [
         subprocess.Popen(
