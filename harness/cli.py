@@ -454,7 +454,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from netns.namespace import NamespaceError
 
     from .deploy.lifecycle import LifecycleError
-    from .lab.scripts import ScriptError
+    from .lab.errors import ScriptError
 
     try:
         return args.run(args)

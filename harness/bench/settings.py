@@ -64,7 +64,7 @@ QUICK = Settings(
     largest=False,
     quick=True,
     testrun=TimingSettings(trials=3, repeat=10_000, budget_s=0.05),
-    throughput_trials=2,
+    throughput_trials=1,  # a smoke run of every case: one window each
     warmup_s=0.1,
     window_s=0.2,
     slow_load_budget_s=30.0,

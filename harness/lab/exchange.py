@@ -4,7 +4,8 @@ A packet script entry with `exchange = "tcp" | "udp" | "ping"` asks for one (see
 connections" in docs/packet-scripts.md). The outcome is what the initiator (`from`) sees:
 - "connects": the echo came back (TCP, UDP) or the echo reply did (ping);
 - "refused": an answer saying no: a TCP RST, or an ICMP error about the flow;
-- "times out": nothing within the time allowed (2 s for TCP, 1 s for UDP and ping).
+- "times out": nothing within the time allowed (1.5 s for TCP, time for
+  one retransmitted SYN; half a second for UDP and ping).
 
 The lab's nodes are quiet (their kernels' answers to crafted packets are dropped in the raw
 table). For the length of one exchange, every node's raw-table chain `bl_exchange`, which
@@ -28,8 +29,8 @@ from scapy.packet import Raw
 
 from .traffic import Lab, Node
 
-CONNECT_TIMEOUT = 2.0  # TCP: connect, and each read of the echo
-ANSWER_TIMEOUT = 1.0  # UDP and ping
+CONNECT_TIMEOUT = 1.5  # TCP: connect (a dropped SYN is sent again at 1 s), each read of the echo
+ANSWER_TIMEOUT = 0.5  # UDP and ping: a veth round trip between namespaces takes well under 1 ms
 RESPONDER_LIFETIME = 10.0  # a responder thread never outlives this, whatever happens
 SETTLE = 0.1  # after the exchange: the last packets (a TCP close) cross before the chain empties
 PAYLOAD = b"bpflab exchange"

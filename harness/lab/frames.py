@@ -18,13 +18,16 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from ipaddress import IPv4Address
+from typing import Protocol
 
-from netns import Endpoint
+from netns.namespace import Namespace
 
 from .twin import HOST_BROADCAST, LIMITED_BROADCAST, OracleError
 
 PROBE_ETHERTYPE = 0x88B5  # IEEE 802 local experimental: no protocol handler, no netfilter
 PROBE_MAGIC = b"bpflab-netfilter-probe"
+# A probe on the wire: Ethernet header, magic, an 8-byte sequence number (veth pads nothing).
+PROBE_FRAME_BYTES = 14 + len(PROBE_MAGIC) + 8
 ETH_P_IP = 0x0800
 ETH_P_ALL = 0x0003
 SOL_PACKET = 263
@@ -33,6 +36,13 @@ MAX_FRAMES = 256  # every receive loop is bounded in count as well as in time
 
 _MULTICAST_MAC_PREFIX = bytes.fromhex("01005e")
 _BROADCAST_MAC = b"\xff" * 6
+
+
+class Port(Protocol):
+    """Where frames go out and come in: a namespace's interface (a veth Endpoint, a lab Node)."""
+
+    namespace: Namespace
+    ifname: str
 
 
 class ObservationError(OracleError):
@@ -80,14 +90,14 @@ def ethernet(destination: bytes, source: bytes, ethertype: int) -> bytes:
     return destination + source + ethertype.to_bytes(2, "big")
 
 
-def sender(endpoint: Endpoint) -> socket.socket:
+def sender(endpoint: Port) -> socket.socket:
     """An AF_PACKET socket that sends whole frames out of `endpoint` and receives nothing."""
     sock = endpoint.namespace.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
     sock.bind((endpoint.ifname, 0))
     return sock
 
 
-def capture(endpoint: Endpoint, ethertype: int) -> socket.socket:
+def capture(endpoint: Port, ethertype: int) -> socket.socket:
     """A non-blocking AF_PACKET socket receiving incoming frames of `ethertype` on `endpoint`."""
     sock = endpoint.namespace.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ethertype))
     sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)

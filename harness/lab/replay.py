@@ -15,7 +15,7 @@ from scapy.utils import rdpcap
 from codegen.rules import write
 from codegen.rules.extensions import target_extension_of
 from codegen.rules.model import Accept, Drop, ExtensionTarget
-from codegen.tc.layout import Position
+from codegen.tc.layout import NOT_HANDLED, Position
 from netns import CommandError
 
 from ..backends import Backend
@@ -23,9 +23,10 @@ from ..deploy import lifecycle
 from ..deploy.sets import load_sets
 from .commands import EMPTY_TABLE, run_under_exec, same_table
 from .exchange import Outcome, run_exchange
+from .frames import PROBE_FRAME_BYTES
 from .packets import parse_packet
 from .scripts import PacketEntry, Script, ScriptError, unobservable
-from .traffic import Lab, field_diff, same_packet
+from .traffic import Lab, field_diff
 
 
 class ReplayError(ScriptError):
@@ -177,6 +178,16 @@ def _decides(target: object) -> bool:
     return isinstance(target, Accept | Drop)
 
 
+def _without_probes(
+    moved: dict[Position, tuple[int, int]], probes: int
+) -> dict[Position, tuple[int, int]]:
+    """`moved` less the lab's probe frames, which the programs count as not handled."""
+    packets, octets = moved.pop(NOT_HANDLED, (0, 0))
+    if packets > probes:
+        moved[NOT_HANDLED] = (packets - probes, octets - probes * PROBE_FRAME_BYTES)
+    return moved
+
+
 def _deciding(script: Script, moved: dict[Position, tuple[int, int]]) -> str:
     """The rule (or policy) that gave the verdict: the one terminal position that moved."""
     for (chain, index), _ in sorted(moved.items(), key=lambda item: str(item[0])):
@@ -186,7 +197,7 @@ def _deciding(script: Script, moved: dict[Position, tuple[int, int]]) -> str:
             continue
         if _decides(script.ruleset.chains[chain].rules[index - 1].target):
             return f"{chain}:{index}"
-    return "not handled" if ("", "not handled") in moved else "-"
+    return "not handled" if NOT_HANDLED in moved else "-"
 
 
 def replay(script: Script, *, backend: Backend = "bytecode") -> Report:
@@ -316,12 +327,9 @@ def _send(
     lab: Lab, script: Script, entry: PacketEntry, frame: Packet, expected: str, namespace: str
 ) -> PacketResult:
     before = lifecycle.current(namespace)[1]
-    with lab.receiver(entry.destination, entry.source, frame[IP].proto) as receiver:
-        for _ in range(entry.count):
-            lab.send(entry.source, entry.destination, frame)
-        arrived = receiver.collect(same_packet(frame), entry.count, lab.timeout)
-        seen = receiver.seen
-    moved = _moved(before, lifecycle.current(namespace)[1])
+    delivery = lab.deliver(entry.source, entry.destination, frame, entry.count)
+    arrived, seen = delivery.arrived, delivery.seen
+    moved = _without_probes(_moved(before, lifecycle.current(namespace)[1]), delivery.probes)
     summary = entry.description or frame[IP].payload.summary() or frame.summary()
     result = PacketResult(
         entry,
@@ -381,10 +389,7 @@ def _twin(script: Script, entry: PacketEntry) -> Iterator[Lab]:
 def _netfilter_verdict(twin: Lab, frame: Packet, entry: PacketEntry) -> str:
     """What netfilter does with `entry`'s copies of `frame`: sent the same way in the twin,
     "pass" when every copy arrives, "drop" when none does."""
-    with twin.receiver(entry.destination, entry.source, frame[IP].proto) as receiver:
-        for _ in range(entry.count):
-            twin.send(entry.source, entry.destination, frame)
-        arrived = len(receiver.collect(same_packet(frame), entry.count, twin.timeout))
+    arrived = len(twin.deliver(entry.source, entry.destination, frame, entry.count).arrived)
     if arrived not in (0, entry.count):
         raise ReplayError(
             entry,

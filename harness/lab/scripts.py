@@ -22,6 +22,7 @@ from codegen.rules.validation import validate
 from netns.namespace import NamespaceError
 
 from .commands import CommandError, argv_of, kernel_table
+from .errors import ScriptError
 from .packets import SpecError, parse_packet
 
 TOPOLOGIES = {"host": ("client", "host"), "router": ("client", "router", "server")}
@@ -44,14 +45,6 @@ TOP_KEYS = {
 PACKET_KEYS = {"from", "to", "packet", "pcap", "keep_addresses", "expect", "count", "description"}
 EXCHANGE_KEYS = {"from", "to", "exchange", "port", "listen", "expect", "description"}
 MAX_COUNT = 1000  # packets per entry: every traffic loop is bounded
-
-
-class ScriptError(ValueError):
-    """A script that cannot run; `str()` is `FILE:LINE: error: MESSAGE`."""
-
-    def __init__(self, path: str, line: int, message: str):
-        self.path, self.line, self.message = path, line, message
-        super().__init__(f"{path}:{line}: error: {message}")
 
 
 @dataclass

@@ -8,13 +8,18 @@ A `Lab` is one topology with quiet nodes (the kernel's own replies are kept out 
 a capture on every interface, running for the lab's life. Expectations name a node:
 - `expect_received(node, match)`: the frame arrived at a plain node (client, server), or the
   rule holder's stack (host, router) delivered it, which is after INPUT;
-- `expect_not_received(node, match)`: the same, not within the timeout.
-When one fails, every interface's capture is written as pcap under the artefacts folder and the
-message shows the closest frame field by field against what was expected.
+- `expect_not_received(node, match)`: the same, not arrived.
+"Not arrived" is decided without waiting (`Lab.deliver`): after the copies of a frame, a probe
+frame follows each link of their path (harness.lab.frames), and once the last probe is in, a
+copy not seen was dropped. The rule holder's programs pass the probes as "not handled", and the
+delivery says how many of them crossed its hooks. When one fails, every interface's capture is
+written as pcap under the artefacts folder and the message shows the closest frame field by
+field against what was expected.
 """
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import itertools
 import os
@@ -35,6 +40,17 @@ from scapy.utils import wrpcap
 from netns import HostTopology, RouterTopology
 from netns.namespace import Namespace
 
+from . import frames
+from .frames import (
+    PROBE_ETHERTYPE,
+    PROBE_MAGIC,
+    drain,
+    ethernet,
+    mac,
+    pinned,
+    sender,
+    until_probe,
+)
 from .twin import QUIET_RECEIVER, quiet_host
 
 LAB_NETWORKS = tuple(
@@ -50,6 +66,11 @@ MAX_CAPTURED = 20_000  # per interface: captures are bounded in count as well as
 EXCHANGE_CHAIN = "bl_exchange"
 EXCHANGE_PORTS = 49152  # first source port (and ping id) of the lab's exchanges
 Match = Callable[[Packet], bool]
+# Seconds to wait for one probe: they arrive in microseconds, so this is only reached when the
+# topology stopped moving frames (an ObservationError then says so).
+PROBE_TIMEOUT = 5.0
+MAX_QUEUED = 10_000  # datagrams read off a receiver per delivery: bounded in count
+PROBE_TYPE = PROBE_ETHERTYPE.to_bytes(2, "big")
 
 
 class ExpectationFailed(AssertionError):
@@ -105,6 +126,17 @@ class Capture:
         wrpcap(str(path), packets, linktype=DLT_EN10MB)  # an empty capture has no frame to tell
 
 
+@dataclass
+class Delivery:
+    """What `Lab.deliver` saw: the copies that arrived, everything the receiver saw (probes
+    aside), and how many probe frames crossed the rule holder's TC hooks (each moves its
+    programs' "not handled" counter once, by PROBE_FRAME_BYTES)."""
+
+    arrived: list[Packet]
+    seen: list[Packet]
+    probes: int
+
+
 class Lab:
     """A topology ("host" or "router") ready for traffic; a context manager."""
 
@@ -115,6 +147,8 @@ class Lab:
         self.timeout = timeout
         self._stack = ExitStack()
         self._ids = itertools.count(0x1000)
+        self._probes = itertools.count(1)
+        self._probe_sockets: dict[tuple[str, str, str], socket.socket] = {}
         self._ports = itertools.count(EXCHANGE_PORTS)
         self.captures: list[Capture] = []
 
@@ -258,6 +292,48 @@ class Lab:
         node = self.node(destination, source)
         return Receiver(node, protocol)
 
+    def deliver(self, source: str, destination: str, frame: Packet, count: int = 1) -> Delivery:
+        """Send `count` copies of `frame` from `source` to `destination` (as `send` does) and
+        see which arrived, without waiting for a timeout: the sending thread stays on one CPU
+        while a probe follows the copies over each link of their path, so that every copy has
+        been delivered or dropped when the last probe comes in (harness.lab.frames)."""
+        hops = self._hops(source, destination)
+        for _, target in hops:
+            drain(self._probe_socket("capture", target))
+        with self.receiver(destination, source, frame[IP].proto) as receiver:
+            with pinned():
+                for _ in range(count):
+                    self.send(source, destination, frame)
+                for origin, target in hops:
+                    probe = PROBE_MAGIC + next(self._probes).to_bytes(8, "big")
+                    header = ethernet(mac(target.mac), mac(origin.mac), PROBE_ETHERTYPE)
+                    self._probe_socket("sender", origin).send(header + probe)
+                    until_probe(self._probe_socket("capture", target), probe, PROBE_TIMEOUT)
+            arrived = receiver.queued(same_packet(frame), count)
+            seen = receiver.seen
+        probes = sum(node.holder for hop in hops for node in hop)
+        return Delivery(arrived, seen, probes)
+
+    def _hops(self, source: str, destination: str) -> list[tuple[Node, Node]]:
+        """The links a frame from `source` to `destination` crosses, as (sending end,
+        receiving end): one, or two through the router."""
+        if self.kind == "host" or "router" in (source, destination):
+            return [(self.node(source, destination), self.node(destination, source))]
+        return [
+            (self.node(source, "router"), self.node("router", source)),
+            (self.node("router", destination), self.node(destination, "router")),
+        ]
+
+    def _probe_socket(self, kind: str, node: Node) -> socket.socket:
+        """The lab's probe sender or probe capture on `node`'s interface, opened once."""
+        key = (kind, node.namespace.name, node.ifname)
+        sock = self._probe_sockets.get(key)
+        if sock is None:
+            sock = sender(node) if kind == "sender" else frames.capture(node, PROBE_ETHERTYPE)
+            self._stack.callback(sock.close)
+            self._probe_sockets[key] = sock
+        return sock
+
     def write_artefacts(self, label: str) -> Path:
         folder = ARTEFACTS / _safe(label)
         folder.mkdir(parents=True, exist_ok=True)
@@ -291,13 +367,34 @@ class Receiver:
                 data, address = self._sock.recvfrom(65535)
             except TimeoutError:
                 continue
-            if not self.node.holder and address[2] == socket.PACKET_OUTGOING:
-                continue
-            packet = IP(data) if self.node.holder else Ether(data)
-            self.seen.append(packet)
-            if match(packet):
-                found.append(packet)
+            self._take(data, address, match, found)
         return found
+
+    def queued(self, match: Match, wanted: int) -> list[Packet]:
+        """Packets matching `match` among those queued now (at most `wanted`): what
+        `Lab.deliver` reads once its probes said every copy was handled."""
+        found: list[Packet] = []
+        self._sock.setblocking(False)
+        for _ in range(MAX_QUEUED):
+            try:
+                data, address = self._sock.recvfrom(65535)
+            except BlockingIOError:
+                break
+            except OSError as error:
+                if error.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+                    break
+                continue  # a pending ICMP error on a raw socket, reported once: read on
+            self._take(data, address, match, found)
+        return found[:wanted]
+
+    def _take(self, data: bytes, address: tuple, match: Match, found: list[Packet]) -> None:
+        if not self.node.holder:
+            if address[2] == socket.PACKET_OUTGOING or data[12:14] == PROBE_TYPE:
+                return
+        packet = IP(data) if self.node.holder else Ether(data)
+        self.seen.append(packet)
+        if match(packet):
+            found.append(packet)
 
     def close(self) -> None:
         self._sock.close()
@@ -437,11 +534,8 @@ def expect_not_received(
 
 
 def _exchange(lab: Lab, source: str, destination: str, frame: Packet, count: int):
-    with lab.receiver(destination, source, frame[IP].proto) as receiver:
-        for _ in range(count):
-            lab.send(source, destination, frame)
-        arrived = receiver.collect(same_packet(frame), count, lab.timeout)
-        return arrived, receiver.seen
+    delivery = lab.deliver(source, destination, frame, count)
+    return delivery.arrived, delivery.seen
 
 
 def _fail(lab: Lab, label: str, message: str, frame: Packet, seen: list[Packet]) -> None:
