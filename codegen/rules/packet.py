@@ -169,6 +169,12 @@ class Packet:
     secpath: tuple[XfrmState, ...] | None = None
     bundle: tuple[XfrmState, ...] | None = None
 
+    @property
+    def tracked_connection(self) -> Connection | None:
+        """The packet's conntrack entry when it has one (nf_ct_get's ct), else None."""
+        connection = self.connection
+        return connection if connection is not None and connection.tracked else None
+
     def transport_header(self, size: int) -> bytes:
         """skb_header_pointer for the first `size` transport bytes; a short packet is
         hotdropped, as every match that needs a transport header does."""

@@ -289,8 +289,8 @@ def evaluate(
 
 
 def _connection_mark(packet: Packet) -> int | None:
-    connection = packet.connection
-    return connection.mark if connection is not None and connection.tracked else None
+    connection = packet.tracked_connection
+    return None if connection is None else connection.mark
 
 
 @dataclass(frozen=True, slots=True)

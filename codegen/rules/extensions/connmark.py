@@ -60,8 +60,8 @@ class ConnmarkExtension(MatchExtension):
         return Connmark(data.mark, data.mask, bool(data.invert))
 
     def matches(self, match: Connmark, packet: Packet) -> bool:
-        connection = packet.connection
-        if connection is None or not connection.tracked:
+        connection = packet.tracked_connection
+        if connection is None:
             return False
         return ((connection.mark & match.mask) == match.value) != match.negated
 

@@ -269,8 +269,8 @@ class ConnmarkTargetExtension(TargetExtension):
         )
 
     def act(self, target: ConnmarkTarget, packet: Packet) -> TargetAction:
-        connection = packet.connection
-        if connection is None or not connection.tracked:
+        connection = packet.tracked_connection
+        if connection is None:
             return TargetAction(None)  # nf_ct_get found no entry: nothing to mark
         ctmark, mark = target.marks(connection.mark, packet.mark)
         return TargetAction(

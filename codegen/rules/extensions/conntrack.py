@@ -414,10 +414,10 @@ class ConntrackExtension(MatchExtension):
     def matches(self, match: Conntrack, packet: Packet) -> bool:
         """conntrack_mt: with no entry only --ctstate is looked at, and the match holds only
         if it was given (and held)."""
-        connection = packet.connection
-        if match.state is not None and not match.state.matches(state_bits(connection)):
+        if match.state is not None and not match.state.matches(state_bits(packet.connection)):
             return False
-        if connection is None or not connection.tracked:
+        connection = packet.tracked_connection
+        if connection is None:
             return match.state is not None
         if match.direction is not None and connection.direction != match.direction:
             return False
