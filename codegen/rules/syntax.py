@@ -360,6 +360,23 @@ class MatchParser:
     def missing(self, line: Line, what: str) -> ParseError:
         return line.error(f"{self.name}: {what} must be specified", self.token.column)
 
+    def check_exclusions(
+        self, line: Line, table: tuple[tuple[str, int], ...], excludes: dict[str, frozenset[int]]
+    ) -> None:
+        """xtables_options_fcheck, once every option is read: the first option of `table`
+        ((name, xtables id) in the extension's table order) given with one it excludes is
+        refused, named with the excluded option of the lowest id."""
+        names = {number: name for name, number in table}
+        given = {number for name, number in table if name in self.given}
+        for name, number in table:
+            clash = sorted(excludes.get(name, frozenset()) & given - {number})
+            if name in self.given and clash:
+                raise line.error(
+                    f'{self.name}: option "--{name}" cannot be used together with '
+                    f'"--{names[clash[0]]}"',
+                    self.given[name].column,
+                )
+
 
 class TargetParser(MatchParser):
     """The options of one `-j NAME` of a target extension, read by the same getopt rules as a

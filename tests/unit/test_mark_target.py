@@ -43,7 +43,15 @@ def test_every_spelling_iptables_takes(options: str, saved: str) -> None:
 # (rule, column of the error, what the error says)
 REFUSED_RULES = [
     ("-A INPUT -j MARK", 10, "one of the --set-xmark, --{and,or,xor,set}-mark options"),
-    ("-A INPUT -j MARK --set-mark 1 --or-mark 2", 31, '"--set-mark" cannot be used together'),
+    ("-A INPUT -j MARK --set-mark 1 --or-mark 2", 18, '"--set-mark" cannot be used together'),
+    # xtables_options_fcheck after every option: the first of the table's order, named with
+    # the lowest xtables id it excludes; a bad value comes first (iptables-legacy 1.8.9).
+    (
+        "-A INPUT -j MARK --or-mark 1 --and-mark 2 --set-mark 3",
+        43,
+        '"--set-mark" cannot be used together with "--and-mark"',
+    ),
+    ("-A INPUT -j MARK --or-mark 1 --and-mark zz", 41, "bad value 'zz' for --and-mark"),
     ("-A INPUT -j MARK --xor-mark 1 --set-xmark 2", 31, '"--set-xmark" cannot be used together'),
     ("-A INPUT -j MARK --set-mark 1 --set-mark 2", 31, '"--set-mark" can only be used once'),
     ("-A INPUT -j MARK --set-xmark 0x1/", 30, "bad value '0x1/' for --set-xmark"),

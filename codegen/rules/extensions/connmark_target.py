@@ -53,8 +53,8 @@ _TABLE: tuple[tuple[str, int, bool], ...] = (
     ("nfmask", 10, True),
     ("mask", 11, True),
 )
-_ID = {name: number for name, number, _ in _TABLE}
-_NAME = {number: name for name, number, _ in _TABLE}
+_IDS = tuple((name, number) for name, number, _ in _TABLE)
+_ID = dict(_IDS)
 _OPERATIONS = ("set-xmark", "set-mark", "and-mark", "or-mark", "xor-mark", "save-mark",
                "restore-mark")  # fmt: skip
 # Each option's exclusions (xt_option_entry.excl) as xtables ids.
@@ -162,19 +162,9 @@ class ConnmarkTargetParser(TargetParser):
             fields["ctmark"], fields["ctmask"] = pair(key, value, mask)
 
     def finish(self, line: Line) -> ConnmarkTarget:
-        given = {_ID[key] for key in self.given}
         if not any(key in _OPERATIONS for key in self.given):
             raise line.error("CONNMARK target: No operation specified", self.token.column)
-        # xtables_options_fcheck: the first option of the table that was given with one it
-        # excludes, named with the excluded option of the lowest id.
-        for name, number, _ in _TABLE:
-            clash = sorted((_EXCLUDES.get(name, frozenset()) & given) - {number})
-            if number in given and clash:
-                raise line.error(
-                    f'CONNMARK: option "--{name}" cannot be used together with '
-                    f'"--{_NAME[clash[0]]}"',
-                    self.given[name].column,
-                )
+        self.check_exclusions(line, _IDS, _EXCLUDES)
         return ConnmarkTarget(**self.fields)  # type: ignore[arg-type]
 
 

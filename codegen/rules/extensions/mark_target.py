@@ -31,6 +31,9 @@ OPTIONS: tuple[tuple[str, bool], ...] = (
     ("xor-mark", False),
 )
 _TAKES_MASK = dict(OPTIONS)
+# Their xtables ids (O_SET_MARK = 0, ... O_SET_XMARK = 4); each excludes every other (F_ANY).
+_IDS = (("set-xmark", 4), ("set-mark", 0), ("and-mark", 1), ("or-mark", 2), ("xor-mark", 3))
+_EXCLUDES = {name: frozenset(range(5)) for name, _ in _IDS}
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,10 +84,6 @@ class MarkTargetParser(TargetParser):
         assert ctx.value is not None
         if key in self.given:
             raise ctx.error(f'MARK: option "--{key}" can only be used once')
-        if self.given:
-            # xtables checks the exclusions in its table's order.
-            first, second = sorted((next(iter(self.given)), key), key=list(_TAKES_MASK).index)
-            raise ctx.error(f'MARK: option "--{first}" cannot be used together with "--{second}"')
         text = ctx.value.text
         if _TAKES_MASK[key]:
             value_text, slash, mask_text = text.partition("/")
@@ -104,6 +103,7 @@ class MarkTargetParser(TargetParser):
                 "MARK: one of the --set-xmark, --{and,or,xor,set}-mark options is required",
                 self.token.column,
             )
+        self.check_exclusions(line, _IDS, _EXCLUDES)  # after every value, as xtables does
         return self.target
 
 
