@@ -39,7 +39,7 @@ def parse_rules(path: str):
     text, name = read_rules(path)
     dump = parse_dump(text, name)
     note_left_out(dump.left_out)
-    validate(dump.ruleset)
+    validate(dump.ruleset, parsed=True)  # its rules were checked as they were read
     return dump.ruleset
 
 

@@ -65,6 +65,16 @@ def validate_rule(rule: Rule, chain: str, ruleset: Ruleset | None = None) -> Non
     check_uint(rule.bytes, 64, "byte counter")
 
 
+def _check_in_ruleset(rule: Rule, chain: str, ruleset: Ruleset) -> None:
+    """What validate_rule checks that rules read later can change: the hooks that reach
+    `chain`, and that a jump's chain is there."""
+    _check_match_hooks(rule, chain, ruleset)
+    target = rule.target
+    if isinstance(target, Jump | Goto) and target.chain not in ruleset.chains:
+        verb = "jump to" if isinstance(target, Jump) else "goto"
+        raise RuleError(f"{verb} unknown chain '{target.chain}'", rule.source)
+
+
 def _check_match_hooks(rule: Rule, chain: str, ruleset: Ruleset | None) -> None:
     """What xt_check_match refuses by the hook mask: a match restricted to some hooks in a
     chain that others reach (a user chain takes every built-in chain that jumps or goes to
@@ -147,9 +157,11 @@ def _check_match(match: Match, rule: Rule, chain: str) -> None:
         extension.check(match, rule, chain)
 
 
-def validate(ruleset: Ruleset) -> None:
+def validate(ruleset: Ruleset, *, parsed: bool = False) -> None:
     """Raise the first RuleError iptables would report for this rule set, in file order;
-    loops are reported last, at the rule that closes them."""
+    loops are reported last, at the rule that closes them. `parsed`: the rule set comes from
+    the parser (codegen.rules.restore), which checked each rule as it read it; only what
+    depends on the rest of the rule set is checked again (`_check_in_ruleset`)."""
     for name in BUILTIN_CHAINS:
         chain = ruleset.chains.get(name)
         if chain is None:
@@ -171,7 +183,10 @@ def validate(ruleset: Ruleset) -> None:
         check_uint(chain.packets, 64, "packet counter")
         check_uint(chain.bytes, 64, "byte counter")
         for rule in chain.rules:
-            validate_rule(rule, chain.name, ruleset)
+            if parsed:
+                _check_in_ruleset(rule, chain.name, ruleset)
+            else:
+                validate_rule(rule, chain.name, ruleset)
     for extension in MATCHES:  # what a family refuses across rules (hashlimit's names)
         extension.check_ruleset(ruleset)
     loop = find_loop(ruleset)

@@ -152,7 +152,7 @@ def apply(
     IPT_SO_SET_REPLACE (`bpflab exec`, where iptables carries counters itself)."""
     dump = parse_dump(rules_text, filename)
     ruleset = dump.ruleset
-    validate(ruleset)
+    validate(ruleset, parsed=True)  # its rules were checked as parse_dump read them
     namespace = Namespace.existing(netns)
     if (refusal := physdev_refusal(ruleset, namespace)) is not None:
         raise LifecycleError(refusal)

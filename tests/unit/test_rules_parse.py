@@ -727,3 +727,21 @@ def test_set_counters_option_overrides_the_prefix() -> None:
 
 def test_parse_error_is_a_rule_error() -> None:
     assert issubclass(ParseError, RuleError)
+
+
+@pytest.mark.parametrize("parsed", [False, True])
+def test_a_jump_read_later_makes_a_user_chain_refuse_what_its_hooks_refuse(parsed) -> None:
+    # Each rule is fine as the parser reads it: the owner match is in a chain nothing reaches
+    # yet. The jump read after it brings INPUT to that chain, where -m owner is refused; the
+    # whole-set check finds it with or without the per-rule checks the parser already made.
+    from codegen.rules import validate
+    from codegen.rules.iptables_save import parse_dump
+
+    text = (
+        "*filter\n:mine - [0:0]\n-A mine -m owner --uid-owner 0 -j DROP\n-A INPUT -j mine\nCOMMIT\n"
+    )
+    ruleset = parse_dump(text, "f.rules").ruleset
+    with pytest.raises(RuleError) as caught:
+        validate(ruleset, parsed=parsed)
+    assert "(chain mine is reached from INPUT)" in caught.value.message
+    assert caught.value.source is not None and caught.value.source.line == 3
