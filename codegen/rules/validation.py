@@ -45,11 +45,7 @@ def validate_rule(rule: Rule, chain: str, ruleset: Ruleset | None = None) -> Non
     _check_match_hooks(rule, chain, ruleset)
     target = rule.target
     if isinstance(target, Jump | Goto):
-        verb = "jump to" if isinstance(target, Jump) else "goto"
-        if target.chain in BUILTIN_CHAINS:
-            raise RuleError(f"cannot {verb} built-in chain '{target.chain}'", source)
-        if ruleset is not None and target.chain not in ruleset.chains:
-            raise RuleError(f"{verb} unknown chain '{target.chain}'", source)
+        _check_jump(rule, ruleset)
     elif isinstance(target, ExtensionTarget):
         try:
             extension = target_extension_of(target)
@@ -65,14 +61,23 @@ def validate_rule(rule: Rule, chain: str, ruleset: Ruleset | None = None) -> Non
     check_uint(rule.bytes, 64, "byte counter")
 
 
+def _check_jump(rule: Rule, ruleset: Ruleset | None) -> None:
+    """A jump or goto names a user chain that is there."""
+    target = rule.target
+    assert isinstance(target, Jump | Goto)
+    verb = "jump to" if isinstance(target, Jump) else "goto"
+    if target.chain in BUILTIN_CHAINS:
+        raise RuleError(f"cannot {verb} built-in chain '{target.chain}'", rule.source)
+    if ruleset is not None and target.chain not in ruleset.chains:
+        raise RuleError(f"{verb} unknown chain '{target.chain}'", rule.source)
+
+
 def _check_in_ruleset(rule: Rule, chain: str, ruleset: Ruleset) -> None:
     """What validate_rule checks that rules read later can change: the hooks that reach
     `chain`, and that a jump's chain is there."""
     _check_match_hooks(rule, chain, ruleset)
-    target = rule.target
-    if isinstance(target, Jump | Goto) and target.chain not in ruleset.chains:
-        verb = "jump to" if isinstance(target, Jump) else "goto"
-        raise RuleError(f"{verb} unknown chain '{target.chain}'", rule.source)
+    if isinstance(rule.target, Jump | Goto):
+        _check_jump(rule, ruleset)
 
 
 def _check_match_hooks(rule: Rule, chain: str, ruleset: Ruleset | None) -> None:

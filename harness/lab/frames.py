@@ -121,15 +121,21 @@ def _receive(sock: socket.socket) -> bytes | None:
     return None
 
 
-def drain(sock: socket.socket) -> list[bytes]:
-    """Every datagram queued on `sock` now (at most MAX_FRAMES)."""
+def drain(sock: socket.socket, limit: int = MAX_FRAMES) -> list[bytes]:
+    """Every datagram queued on `sock` now (at most `limit`); `sock` must not block."""
     queued = []
-    for _ in range(MAX_FRAMES):
+    for _ in range(limit):
         data = _receive(sock)
         if data is None:
             break
         queued.append(data)
     return queued
+
+
+def probe_payload(number: int) -> bytes:
+    """The payload of probe frame `number`: the magic and the number, which until_probe
+    waits for."""
+    return PROBE_MAGIC + number.to_bytes(8, "big")
 
 
 def until_probe(sock: socket.socket, probe: bytes, timeout: float) -> list[bytes]:

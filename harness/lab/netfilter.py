@@ -54,7 +54,6 @@ from .frames import (
     ETH_P_ALL,
     ETH_P_IP,
     PROBE_ETHERTYPE,
-    PROBE_MAGIC,
     ObservationError,
     capture,
     destination_mac,
@@ -63,6 +62,7 @@ from .frames import (
     ip_payload,
     mac,
     pinned,
+    probe_payload,
     same_but_id,
     sender,
     until_probe,
@@ -388,7 +388,7 @@ class NetfilterOracle:
         )
 
     def _probe(self) -> bytes:
-        return PROBE_MAGIC + next(self._probes).to_bytes(8, "big")
+        return probe_payload(next(self._probes))
 
     def _input(self, packet: bytes, destination: IPv4Address) -> bool:
         client, host = self.host.client, self.host.host

@@ -34,14 +34,14 @@ from scapy.packet import Packet
 from netns import HostTopology, RouterTopology
 from netns.namespace import Namespace
 
-from . import frames
 from .frames import (
     PROBE_ETHERTYPE,
-    PROBE_MAGIC,
+    capture,
     drain,
     ethernet,
     mac,
     pinned,
+    probe_payload,
     sender,
     until_probe,
 )
@@ -234,10 +234,10 @@ class Lab:
                 for _ in range(count):
                     self.send(source, destination, frame)
                 for origin, target in hops:
-                    probe = PROBE_MAGIC + next(self._probes).to_bytes(8, "big")
+                    payload = probe_payload(next(self._probes))
                     header = ethernet(mac(target.mac), mac(origin.mac), PROBE_ETHERTYPE)
-                    self._probe_socket("sender", origin).send(header + probe)
-                    until_probe(self._probe_socket("capture", target), probe, PROBE_TIMEOUT)
+                    self._probe_socket("sender", origin).send(header + payload)
+                    until_probe(self._probe_socket("capture", target), payload, PROBE_TIMEOUT)
             arrived = receiver.queued(same_packet(frame), count)
             seen = receiver.seen
         probes = sum(node.holder for hop in hops for node in hop)
@@ -258,7 +258,7 @@ class Lab:
         key = (kind, node.namespace.name, node.ifname)
         sock = self._probe_sockets.get(key)
         if sock is None:
-            sock = sender(node) if kind == "sender" else frames.capture(node, PROBE_ETHERTYPE)
+            sock = sender(node) if kind == "sender" else capture(node, PROBE_ETHERTYPE)
             self._stack.callback(sock.close)
             self._probe_sockets[key] = sock
         return sock
@@ -266,8 +266,8 @@ class Lab:
     def write_artefacts(self, label: str) -> Path:
         folder = ARTEFACTS / _safe(label)
         folder.mkdir(parents=True, exist_ok=True)
-        for capture in self.captures:
-            capture.write_pcap(folder / f"{capture.namespace.name}-{capture.ifname}.pcap")
+        for taken in self.captures:
+            taken.write_pcap(folder / f"{taken.namespace.name}-{taken.ifname}.pcap")
         return folder
 
 

@@ -3,7 +3,6 @@ what reaches one node, and what one delivery saw (harness.lab.traffic sends)."""
 
 from __future__ import annotations
 
-import errno
 import socket
 import threading
 import time
@@ -18,7 +17,7 @@ from scapy.utils import wrpcap
 
 from netns.namespace import Namespace
 
-from .frames import PROBE_ETHERTYPE
+from .frames import PACKET_IGNORE_OUTGOING, PROBE_ETHERTYPE, SOL_PACKET, drain
 
 ETH_P_ALL = 0x0003
 DLT_EN10MB = 1  # pcap link type: Ethernet
@@ -100,6 +99,7 @@ class Receiver:
             self._sock = node.namespace.socket(
                 socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL)
             )
+            self._sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)  # incoming frames only
             self._sock.bind((node.ifname, 0))
         self._sock.settimeout(0.05)
         self.seen: list[Packet] = []
@@ -110,10 +110,10 @@ class Receiver:
         deadline = time.monotonic() + timeout
         while len(found) < wanted and time.monotonic() < deadline and len(self.seen) < 10_000:
             try:
-                data, address = self._sock.recvfrom(65535)
+                data = self._sock.recv(65535)
             except TimeoutError:
                 continue
-            self._take(data, address, match, found)
+            self._take(data, match, found)
         return found
 
     def queued(self, match: Match, wanted: int) -> list[Packet]:
@@ -121,22 +121,13 @@ class Receiver:
         `Lab.deliver` reads once its probes said every copy was handled."""
         found: list[Packet] = []
         self._sock.setblocking(False)
-        for _ in range(MAX_QUEUED):
-            try:
-                data, address = self._sock.recvfrom(65535)
-            except BlockingIOError:
-                break
-            except OSError as error:
-                if error.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
-                    break
-                continue  # a pending ICMP error on a raw socket, reported once: read on
-            self._take(data, address, match, found)
+        for data in drain(self._sock, MAX_QUEUED):
+            self._take(data, match, found)
         return found[:wanted]
 
-    def _take(self, data: bytes, address: tuple, match: Match, found: list[Packet]) -> None:
-        if not self.node.holder:
-            if address[2] == socket.PACKET_OUTGOING or data[12:14] == PROBE_TYPE:
-                return
+    def _take(self, data: bytes, match: Match, found: list[Packet]) -> None:
+        if not self.node.holder and data[12:14] == PROBE_TYPE:
+            return
         packet = IP(data) if self.node.holder else Ether(data)
         self.seen.append(packet)
         if match(packet):
