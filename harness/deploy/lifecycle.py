@@ -71,6 +71,7 @@ from netns.namespace import PIN_ROOT as PIN_ROOT  # re-exported: where the pins 
 from netns.namespace import Namespace
 
 from ..backends import Backend, Program, load_program
+from ..collector import collector_held_off
 from ..counters import CounterMap
 from ..log_reader import LogMaps
 from . import hashlimit as hashlimit_tables
@@ -86,6 +87,7 @@ from .state import fault as _fault
 from .state import journal_file as _journal_file
 from .state import pin_dir as _pin_dir
 from .state import previous_state as _previous
+from .state import saved_state as _saved_state
 from .state import stale as _stale
 from .state import state_file as _state_file
 from .state import write_journal as _write_state
@@ -135,6 +137,7 @@ def _identities(ruleset: Ruleset, layout: CounterLayout) -> dict[tuple, Position
 
 
 @serialised
+@collector_held_off  # harness.collector: its full passes cost 100,000 rules seconds
 def apply(
     rules_text: str,
     filename: str,
@@ -158,10 +161,18 @@ def apply(
         raise LifecycleError(refusal)
     # State left under this name by a namespace that is gone is removed before anything reads
     # it (its connection table, recent and hashlimit entries are not this namespace's).
-    stale = _stale(netns)
+    # The state file is read once (100,000 rules' identities are megabytes of JSON), and
+    # again only where what follows changed it.
+    try:
+        saved = _saved_state(netns)
+    except (OSError, ValueError):
+        saved = None  # unreadable: judged by the pins and journal alone, as stale() does
+    stale = _stale(netns, saved)
     if stale is not None:
         remove_stale(netns)
-    finish_killed(netns)  # an apply killed before its commit: whole again before this one
+        saved = None
+    if finish_killed(netns):  # an apply killed before its commit: whole again before this one
+        saved = _saved_state(netns)
     here = identity.of(netns)
     if uses_sets(ruleset):
         # -m set's sets as they are now, each copied into a map (harness.deploy.sets); a
@@ -173,7 +184,7 @@ def apply(
                 raise LifecycleError(str(error)) from None
         ruleset = bind_sets(ruleset, sets)
     targets = _devices(namespace, devices)
-    previous = _previous(netns)
+    previous = _previous(netns, saved)
     pins = _pin_dir(netns)
     layout = CounterLayout.of(ruleset)
     with ExitStack() as cleanup:

@@ -109,24 +109,26 @@ def pinned_counters_id(netns: str) -> int | None:
         close(fd)
 
 
-def previous_state(netns: str) -> dict | None:
-    """The state whose layout the pinned counters have: the state file's, or the journal's
-    when an apply killed before its commit had pinned its counters already."""
+def previous_state(netns: str, saved: dict | None = None) -> dict | None:
+    """The state whose layout the pinned counters have: the state file's (`saved`, if read
+    already), or the journal's when an apply killed before its commit had pinned its counters
+    already."""
     journal = saved_journal(netns)
     if journal is not None and journal.get("counters_id") == pinned_counters_id(netns):
         return journal
-    return saved_state(netns)
+    return saved if saved is not None else saved_state(netns)
 
 
 _finishing: set[str] = set()  # the namespaces whose killed apply this process is finishing
 
 
-def finish_killed(netns: str) -> None:
-    """Finish the apply a killed process left the journal of in `netns`, if one did."""
+def finish_killed(netns: str) -> bool:
+    """Finish the apply a killed process left the journal of in `netns`, if one did (whether
+    one did: the state file changed)."""
     if netns in _finishing or not journal_file(netns).exists():
-        return
+        return False
     if _applying(netns) or stale(netns) is not None:
-        return
+        return False
     _finishing.add(netns)
     try:
         finish(netns)
@@ -138,6 +140,7 @@ def finish_killed(netns: str) -> None:
         " there now",
         file=sys.stderr,
     )
+    return True
 
 
 def finish(netns: str) -> None:
@@ -170,17 +173,19 @@ def finish(netns: str) -> None:
         ) from None
 
 
-def stale(netns: str) -> str | None:
+def stale(netns: str, saved: dict | None = None) -> str | None:
     """Why the pins and state under the name `netns` belong to a namespace that is gone (the
-    end of a sentence), None if they do not or there are none."""
+    end of a sentence), None if they do not or there are none. `saved`: the state file, if
+    read already."""
     pins = pin_dir(netns)
-    if not any(path.exists() for path in (pins, state_file(netns), journal_file(netns))):
-        return None
-    try:
-        state = saved_state(netns)
-    except (OSError, ValueError):
-        state = None
-    return identity.gone(netns, state or saved_journal(netns), pins)
+    if saved is None:
+        if not any(path.exists() for path in (pins, state_file(netns), journal_file(netns))):
+            return None
+        try:
+            saved = saved_state(netns)
+        except (OSError, ValueError):
+            saved = None
+    return identity.gone(netns, saved or saved_journal(netns), pins)
 
 
 def remove_stale(netns: str) -> list[str]:
