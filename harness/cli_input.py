@@ -34,9 +34,9 @@ def read_rules(path: str) -> tuple[str, str]:
 
 def parse_rules(path: str):
     from codegen.rules import validate
+    from codegen.rules.iptables_save import parse_dump
 
     from .collector import held_off
-    from codegen.rules.iptables_save import parse_dump
 
     text, name = read_rules(path)
     with held_off():  # harness.collector
