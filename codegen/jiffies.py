@@ -39,7 +39,7 @@ def _from_config() -> int | None:
     return None
 
 
-def _jiffies_now() -> int:
+def jiffies_now() -> int:
     """The low 32 bits of bpf_jiffies64(), from a two-instruction program's test run."""
     from codegen.bpf import insn as I
     from codegen.bpf.isa import R0
@@ -52,9 +52,9 @@ def _jiffies_now() -> int:
 
 def measure_hz() -> int:
     """HZ from jiffies counted against CLOCK_MONOTONIC, rounded to a kernel's HZ value."""
-    start, first = time.monotonic(), _jiffies_now()
+    start, first = time.monotonic(), jiffies_now()
     time.sleep(MEASURE_SECONDS)
-    end, second = time.monotonic(), _jiffies_now()
+    end, second = time.monotonic(), jiffies_now()
     rate = ((second - first) & 0xFFFF_FFFF) / (end - start)
     nearest = min(KERNEL_HZ, key=lambda hz: abs(hz - rate))
     if abs(nearest - rate) > nearest * 0.2:

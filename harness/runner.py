@@ -48,7 +48,7 @@ DEFAULT_DEVICES = ("eth0", "eth1", "eth2")
 RUN_TABLE_ENTRIES = 4096  # connections one test run's table holds
 RUN_LOG_RING_SIZE = 64 * 1024  # bytes of the LOG records' ring: some 220 per run
 CLOCK_ORIGIN = 1 << 40  # ns: a given time 0 is this on the tracker's clock (0 is "monotonic")
-JIFFIES_ORIGIN = 1 << 32  # a given time 0 is this jiffy on -m limit's clock (0 is the real one)
+JIFFIES_ORIGIN = 1 << 32  # a given time 0 is this jiffy on the programs' clocks (0 is the real one)
 
 
 @dataclass(frozen=True)
@@ -196,7 +196,11 @@ class ChainRunner:
         if secpath != "dummy" and self.secpath is not None:
             cb_secpath(context.cb, secpath, self.secpath)
         if self.tracker is not None:
-            self.tracker.set_clock(0 if time is None else CLOCK_ORIGIN + round(time * 1e9))
+            if time is None:
+                self.tracker.set_clock(0)
+            else:  # xt_conntrack reads a new entry's timeout against the jiffies
+                at = JIFFIES_ORIGIN + seconds_to_jiffies(time, kernel_hz())
+                self.tracker.set_clock(CLOCK_ORIGIN + round(time * 1e9), at)
         if self.limits is not None and self.hz is not None:
             jiffies = None if time is None else JIFFIES_ORIGIN + seconds_to_jiffies(time, self.hz)
             set_clock(self.limits, jiffies)

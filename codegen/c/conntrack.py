@@ -27,7 +27,7 @@ def declarations(table_entries: int) -> list[str]:
     shapes = (
         ("lru_hash", "struct ct_key", "struct ct_entry", conntrack.CT_TABLE, table_entries),
         ("percpu_array", "u32", "struct ct_pending", conntrack.CT_PENDING, 1),
-        ("array", "u32", "u64", conntrack.CT_CLOCK, 1),
+        ("array", "u32", "u64", conntrack.CT_CLOCK, conntrack.CLOCK_ENTRIES),
     )
     return [
         f'BPF_TABLE_PINNED("{kind}", {key}, {value}, {name}, {entries}, PIN_DIR "/{name}");'

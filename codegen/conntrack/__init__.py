@@ -14,8 +14,9 @@ The maps (`MAPS`), shared by every program of a namespace, ingress and egress al
   tuples;
 - `ct_pending`: per-CPU array of one Pending: the entry a packet without one would create,
   which ct_confirm puts in the table when the chains accept the packet;
-- `ct_clock`: array of one u64: 0 for the monotonic clock, or a fixed time in ns that test
-  runs set per packet (a pcap's timestamps, a test's explicit clock).
+- `ct_clock`: array of two u64: 0 for the monotonic clock, or a fixed time in ns that test
+  runs set per packet (a pcap's timestamps, a test's explicit clock), and with a fixed time
+  the kernel's jiffies then (xt_conntrack reads a new entry's timeout against them).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pathlib import Path
 from codegen.bpf.isa import MapType
 from codegen.bpf.maps import Map
 from codegen.bpf.syscall import BpfError
+from codegen.jiffies import kernel_hz
 from codegen.rules.extensions.connmark import Connmark
 from codegen.rules.extensions.connmark_target import ConnmarkTarget
 from codegen.rules.extensions.conntrack import Conntrack
@@ -40,6 +42,7 @@ SOURCE = Path(__file__).with_name("tracker.bpf.c")
 CT_TABLE, CT_PENDING, CT_CLOCK = "ct_table", "ct_pending", "ct_clock"
 MAPS = (CT_TABLE, CT_PENDING, CT_CLOCK)
 SEGMENT_SIZE = 44  # struct ct_segment (scratch in Pending; the layout checks cover it)
+CLOCK_ENTRIES = 2  # ct_clock: a fixed time in ns, the jiffies then
 TABLE_ENTRIES = 65536  # nf_conntrack_max is 262144; an LRU map forgets the oldest first
 
 
@@ -140,10 +143,11 @@ def uses_conntrack(ruleset: Ruleset) -> bool:
 
 
 def defines(timeouts: Timeouts = DEFAULT_TIMEOUTS, *, loose: bool = True) -> dict[str, int]:
-    """The tracker's compile-time settings: the timeouts in seconds and the TCP knobs."""
+    """The tracker's compile-time settings: the timeouts in seconds, the TCP knobs, HZ."""
     values = {f"CT_TIMEOUT_{f.name.upper()}": getattr(timeouts, f.name) for f in fields(timeouts)}
     values["CT_TCP_MAX_RETRANS_COUNT"] = values.pop("CT_TIMEOUT_TCP_MAX_RETRANS_COUNT")
     values["CT_TCP_LOOSE"] = int(loose)
+    values["CT_HZ"] = kernel_hz()  # a new entry's expiry is read in the kernel's jiffies
     return values
 
 
@@ -237,7 +241,7 @@ class TrackerMaps:
             made[CT_PENDING] = Map(
                 MapType.PERCPU_ARRAY, 4, ctypes.sizeof(Pending), 1, name=CT_PENDING
             )
-            made[CT_CLOCK] = Map(MapType.ARRAY, 4, 8, 1, name=CT_CLOCK)
+            made[CT_CLOCK] = Map(MapType.ARRAY, 4, 8, CLOCK_ENTRIES, name=CT_CLOCK)
         except BaseException:
             for table in made.values():
                 table.close()
@@ -256,8 +260,10 @@ class TrackerMaps:
             for table in opened.values():
                 table.close()
             return None
-        table = opened[CT_TABLE]
-        if (table.key_size, table.value_size) != (ctypes.sizeof(Key), ctypes.sizeof(Entry)):
+        table, clock = opened[CT_TABLE], opened[CT_CLOCK]
+        if (table.key_size, table.value_size) != (ctypes.sizeof(Key), ctypes.sizeof(Entry)) or (
+            clock.max_entries != CLOCK_ENTRIES
+        ):
             for table in opened.values():
                 table.close()
             return None
@@ -267,8 +273,10 @@ class TrackerMaps:
         for name, table in self.maps.items():
             replace(directory / name, table.fd)
 
-    def set_clock(self, nanoseconds: int) -> None:
-        """Fix the tracker's clock (0: back to the monotonic clock)."""
+    def set_clock(self, nanoseconds: int, jiffies: int = 0) -> None:
+        """Fix the tracker's clock at `nanoseconds`, when the kernel's jiffies read `jiffies`
+        (0 nanoseconds: back to the monotonic clock and the real jiffies)."""
+        self.maps[CT_CLOCK].update(1, (jiffies & 0xFFFF_FFFF).to_bytes(8, "little"))
         self.maps[CT_CLOCK].update(0, nanoseconds.to_bytes(8, "little"))
 
     def entries(self) -> list[Entry]:

@@ -11,10 +11,11 @@
  *
  * The includer provides the types (__u8 ... __u64), the helper declarations, the maps
  * `ct_table` (LRU hash: struct ct_key -> struct ct_entry), `ct_pending` (per-CPU array of one
- * struct ct_pending) and `ct_clock` (array of one __u64: a fixed time in ns, or 0 for the
- * monotonic clock), declared by CT_DECLARE_MAPS once the structs are, used through CT_LOOKUP,
- * CT_INSERT (BPF_NOEXIST) and CT_DELETE; and the timeouts (CT_TIMEOUT_*, seconds),
- * CT_TCP_MAX_RETRANS_COUNT and CT_TCP_LOOSE as defines. Multi-byte values are in host order.
+ * struct ct_pending) and `ct_clock` (array of two __u64: a fixed time in ns, or 0 for the
+ * monotonic clock, and the kernel's jiffies at that fixed time), declared by the macro
+ * CT_DECLARE_MAPS once the structs are, used through CT_LOOKUP, CT_INSERT (BPF_NOEXIST) and
+ * CT_DELETE; and the timeouts (CT_TIMEOUT_*, seconds), CT_TCP_MAX_RETRANS_COUNT, CT_TCP_LOOSE
+ * and the kernel's HZ (CT_HZ) as defines. Multi-byte values are in host order.
  *
  * TCP follows nf_conntrack_proto_tcp.c with nf_conntrack_tcp_be_liberal=1: the window data is
  * kept (RST validation and the timeouts read it) but never refuses a segment.
@@ -760,6 +761,35 @@ static __always_inline struct ct_entry *find(struct ct_key *key, __u64 now)
     return e;
 }
 
+/* The kernel's jiffies, low 32 bits (nfct_time_stamp): the fixed clock's, or the real ones. */
+static __always_inline __u32 ct_jiffies(void)
+{
+    __u32 zero = 0, one = 1;
+    __u64 *fixed = CT_LOOKUP(ct_clock, &zero);
+    __u64 *jiffies = CT_LOOKUP(ct_clock, &one);
+
+    if (fixed && *fixed && jiffies)
+        return (__u32)*jiffies;
+    return (__u32)bpf_jiffies64();
+}
+
+/* Whole seconds left as xt_conntrack reads them (nf_ct_expires / HZ). A confirmed entry's
+ * timeout is a deadline. One not yet confirmed holds the timeout this packet set relative, in
+ * jiffies, and nf_ct_expires subtracts the clock from it all the same: max(0, (s32)(timeout -
+ * jiffies)) / HZ: 0 unless the u32 jiffies are at most the timeout (within 300 s + the
+ * timeout of boot: jiffies start 300 s before they wrap) or past 2^31 + the timeout (the later
+ * half of each wrap: from about 24.9 days up at HZ 1000, 99 days at HZ 250). */
+static __always_inline __u32 expires(const struct ct_entry *e, __u64 now)
+{
+    __u64 left = e->deadline > now ? e->deadline - now : 0;
+    __s32 ahead;
+
+    if (e->status & IPS_CONFIRMED)
+        return left / CT_NS;
+    ahead = (__s32)((__u32)((left + CT_NS - 1) / CT_NS * CT_HZ) - ct_jiffies());
+    return ahead > 0 ? (__u32)ahead / CT_HZ : 0;
+}
+
 static __always_inline void report(struct ct_result *res, const struct ct_entry *e, __u32 state,
                                    __u32 dir, __u64 now)
 {
@@ -767,9 +797,7 @@ static __always_inline void report(struct ct_result *res, const struct ct_entry 
     res->dir = dir;
     res->l4proto = e->proto;
     res->status = e->status;
-    res->expires = 0;
-    if (e->status & IPS_CONFIRMED && e->deadline > now)
-        res->expires = (e->deadline - now) / CT_NS;
+    res->expires = expires(e, now);
     res->orig = e->orig;
     res->reply = e->reply;
     res->mark = e->mark;

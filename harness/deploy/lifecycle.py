@@ -18,7 +18,8 @@ State lives where separate processes can find it:
 
 An apply compiles and verifies everything before it touches what is running; it then swaps each
 device's programs with a link update (atomic per hook) and rolls the links back if any step
-fails. Counters of rules that did not change are carried over by rule text.
+fails. Counters of rules that did not change are carried over by rule text
+(harness.deploy.carry).
 
 Both the state file and the pins record the kernel namespace they belong to (harness.deploy.
 identity; the `identity` pin): what a namespace deleted and made again under its name left is
@@ -36,7 +37,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections import Counter
 from contextlib import ExitStack, closing
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +50,7 @@ from codegen.conntrack import TrackerMaps, uses_conntrack
 from codegen.conntrack.listing import table_lines
 from codegen.rules import parse, write
 from codegen.rules.extensions.set import bind_sets, uses_sets
-from codegen.rules.iptables_save import parse_dump, write_rule
+from codegen.rules.iptables_save import parse_dump
 from codegen.rules.model import Ruleset
 from codegen.rules.sets import SetTable
 from codegen.rules.validation import validate
@@ -78,6 +78,7 @@ from . import hashlimit as hashlimit_tables
 from . import identity, recent
 from .addresses import fill_interface_map, interface_addresses, local_addresses
 from .bridges import physdev_refusal
+from .carry import carry_over, identities_of
 from .locking import serialised, serialised_last
 from .routes import address_types_map, namespace_routes
 from .sets import SetsUnavailable, applied_text, namespace_sets, pin_sets, set_maps
@@ -119,21 +120,6 @@ def _devices(namespace: Namespace, wanted: list[str] | None) -> dict[str, int]:
             )
         return {name: present[name] for name in wanted}
     return {name: index for name, index in present.items() if name != "lo"}
-
-
-def _identities(ruleset: Ruleset, layout: CounterLayout) -> dict[tuple, Position]:
-    """Rule identity for carrying counters over: chain, rule text and which repeat of it."""
-    seen: Counter[tuple[str, str]] = Counter()
-    identities: dict[tuple, Position] = {}
-    for position in layout.positions:
-        chain, index = position
-        if isinstance(index, int):
-            text = write_rule(chain, ruleset.chains[chain].rules[index - 1])
-            seen[(chain, text)] += 1
-            identities[(chain, text, seen[(chain, text)])] = position
-        else:
-            identities[position] = position
-    return identities
 
 
 @serialised
@@ -236,10 +222,10 @@ def apply(
                 )
             )
         _fault("after-compile")
-        identities = _identities(ruleset, layout)
+        identities = identities_of(ruleset, layout)
         carried = 0
         if previous is not None and carry_counters:
-            carried = _carry_counters(previous, identities, counters)
+            carried = carry_over(previous, identities, counters)
         pins.mkdir(parents=True, exist_ok=True)
         if here is not None:  # before any link is pinned: every link pin is judged by it
             identity.pin(pins, here, _replace_pin)
@@ -364,32 +350,6 @@ def forget_connections(netns: str) -> int:
 def _all_interfaces(namespace: Namespace) -> dict[str, int]:
     with namespace.ipr() as ipr:
         return {link.get_attr("IFLA_IFNAME"): link["index"] for link in ipr.get_links()}
-
-
-def _carry_counters(previous: dict, identities: dict[tuple, Position], counters: CounterMap) -> int:
-    """Copy the running counters of rules that are still there (by identity) into `counters`.
-    The old layout and identities come from the state file: no need to parse the old rules."""
-    pins = _pin_dir(previous["netns"])
-    try:
-        old_map = Map.from_pin(str(pins / "counters"))
-    except BpfError:
-        return 0
-    old_layout = CounterLayout(tuple(_position(p) for p in previous["positions"]))
-    with old_map, CounterMap(old_layout, fd=os.dup(old_map.fd)) as old:
-        values = old.read()
-    _fault("during-carry")
-    carried = {}
-    for key, position in previous["identities"]:
-        new_position = identities.get(_position(key))
-        if new_position is not None and _position(position) in values:
-            carried[new_position] = values[_position(position)]
-    counters.write(carried)
-    return sum(1 for position in carried if isinstance(position[1], int))
-
-
-def _position(saved: list) -> tuple:
-    """A position or identity back from JSON, where tuples became lists."""
-    return tuple(saved)
 
 
 def _attach_all(

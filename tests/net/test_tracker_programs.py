@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import pytest
 from scapy.layers.inet import IP, TCP
 
+from codegen.jiffies import kernel_hz
 from codegen.rules import ConnectionTable, FlowStep, evaluate_flow, parse
 from harness.backends import BACKENDS
 from harness.runner import ChainRunner, frame_for
@@ -88,3 +89,39 @@ def test_options_that_hold_for_any_entry_still_need_one(backend: str, port: int,
     with ChainRunner(ruleset, backend=backend) as runner:
         got = runner.run(frame_for(packet), "INPUT", "eth0", time=0.0)
     assert (got.verdict, got.deciding) == (want.evaluation.verdict, want.evaluation.deciding)
+
+
+EXPIRY_RULES = """*filter
+:INPUT ACCEPT [0:0]
+:FORWARD DROP [0:0]
+:OUTPUT ACCEPT [0:0]
+-A INPUT -p tcp -m conntrack --ctexpire 0 -j DROP
+-A INPUT -p tcp -m conntrack --ctexpire 1:119 -j DROP
+-A INPUT -p tcp -m conntrack --ctexpire 120 -j DROP
+-A INPUT -p tcp -m conntrack --ctexpire 121:4294967295 -j DROP
+COMMIT
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_new_entrys_expiry_is_read_against_the_jiffies(backend: str) -> None:
+    """A SYN's entry is unconfirmed in the chains: nf_ct_expires reads its relative 120 s
+    against the u32 jiffies, which the test runs' clock has at 0 when it reads 0 s."""
+    hz = kernel_hz()
+    times = {
+        0.0: 3,  # jiffies 0: the whole 120 s
+        30.0: 2,  # 90 s
+        10_000.0: 1,  # past the timeout: 0
+        ((1 << 31) + 200 * hz) / hz: 4,  # 80 s short of 2**31 jiffies ahead: 2**31 / HZ - 80
+    }
+    ruleset = parse(EXPIRY_RULES, "expiry.rules")
+    with ChainRunner(ruleset, backend=backend) as runner:
+        for number, (at, rule) in enumerate(times.items()):
+            packet = _flatten(
+                IP(src="198.18.0.1", dst="198.18.0.2") / TCP(sport=4000 + number, flags="S")
+            )
+            step = FlowStep(packet, "INPUT", "eth0", None, time=at)
+            (want,) = evaluate_flow(ruleset, [step], ConnectionTable())
+            got = runner.run(frame_for(packet), "INPUT", "eth0", time=at)
+            assert want.evaluation.deciding == ("INPUT", rule), at
+            assert (got.verdict, got.deciding) == ("DROP", ("INPUT", rule)), at

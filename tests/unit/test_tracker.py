@@ -5,6 +5,8 @@ same kinds of flows to the kernel itself."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.packet import Packet, Raw
@@ -203,7 +205,7 @@ def test_each_packet_gets_the_state_nf_conntrack_gives_it(name: str, steps: list
 
 # (packet, time, status bits, seconds to expiry) as xt_conntrack reads them in the chains.
 STATUS_AND_EXPIRY = [
-    (to_host(tcp(3000, 80, "S", 100)), 0, 0, 0),  # not confirmed yet: 0 s
+    (to_host(tcp(3000, 80, "S", 100)), 0, 0, 0),  # not confirmed yet, a kernel long up: 0 s
     (to_client(tcp(80, 3000, "SA", 500, 101)), 0.5, IPS_CONFIRMED | IPS_SEEN_REPLY, 60),
     (
         to_host(tcp(3000, 80, "A", 101, 501)),
@@ -234,7 +236,7 @@ STATUS_AND_EXPIRY = [
 
 
 def test_status_and_expiry_are_what_xt_conntrack_reads() -> None:
-    table = ConnectionTable()
+    table = ConnectionTable(jiffies_origin=1 << 30, hz=250)  # 49 days up at HZ 250
     got = []
     for packet, time, _, _ in STATUS_AND_EXPIRY:
         classification = table.classify(packet, time)
@@ -242,6 +244,31 @@ def test_status_and_expiry_are_what_xt_conntrack_reads() -> None:
         assert classification.connection is not None
         got.append((classification.connection.status, classification.connection.expires))
     assert got == [(status, expires) for _, _, status, expires in STATUS_AND_EXPIRY]
+
+
+@pytest.mark.parametrize(
+    ("origin", "syn", "udp"),
+    [
+        (0, 120, 20),  # 300 s up: jiffies 0; the SYN at 0 s reads its 120 s, UDP's 30 at 10 s
+        (30 * 250, 90, 0),  # 330 s up: both less by 30 s, UDP's past
+        (1 << 30, 0, 0),  # 49 days up: jiffies past every timeout
+        ((1 << 31) + 250_000, 8_589_054, 8_589_054 - 100),  # the later half of the wrap
+    ],
+)
+def test_a_new_entry_reads_its_relative_timeout_against_the_jiffies(
+    origin: int, syn: int, udp: int
+) -> None:
+    # nf_ct_expires of an unconfirmed entry, max(0, (s32)(timeout - jiffies)) / HZ, at HZ 250:
+    # at (1 << 31) + 250_000 jiffies the s32 of 30,000 - jiffies wraps to 2**31 - 220,000.
+    table = ConnectionTable(jiffies_origin=origin, hz=250)
+    first = table.classify(to_host(tcp(3000, 80, "S", 100)), 0)
+    later = table.classify(to_host(UDP(sport=3001, dport=53)), 10)
+    assert first.connection is not None and later.connection is not None
+    assert (first.connection.expires, later.connection.expires) == (syn, udp)
+    table.confirm(first)  # confirmed: its deadline, whatever the jiffies
+    assert first.entry is not None
+    again = table.classify(to_host(tcp(3000, 80, "S", 100)), 1).connection
+    assert again is not None and again.expires == math.floor(first.entry.deadline - 1)
 
 
 RULES = """*filter

@@ -11,7 +11,9 @@ first packet leaves nothing behind, while a dropped packet of a known connection
 changed it.
 
 Time is explicit (seconds, any origin, never decreasing): an entry whose deadline has come is
-gone, as nf_ct_is_expired makes lookups skip it.
+gone, as nf_ct_is_expired makes lookups skip it. The kernel's jiffies on that clock
+(`jiffies_origin`, `hz`) are read for one thing only: xt_conntrack's --ctexpire of an entry not
+yet confirmed, whose relative timeout nf_ct_expires reads against them (`_expires`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from codegen.jiffies import kernel_hz
+from codegen.rules.extensions.limit import seconds_to_jiffies
 from codegen.rules.packet import (
     IPS_ASSURED,
     IPS_CONFIRMED,
@@ -33,6 +37,7 @@ from codegen.rules.tracking.tcp_window import STATE_NAMES, TcpState, read_segmen
 from codegen.rules.tracking.timeouts import DEFAULT_TIMEOUTS, Timeouts
 
 IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP = 1, 6, 17
+U32 = 0xFFFF_FFFF
 # Protocols with trackers of their own in the kernel that this one does not follow.
 UNMODELLED = {33: "DCCP", 47: "GRE", 132: "SCTP", 136: "UDP-Lite"}
 # ICMP types (linux/icmp.h).
@@ -89,6 +94,10 @@ class ConnectionTable:
 
     timeouts: Timeouts = DEFAULT_TIMEOUTS
     loose: bool = True
+    # The kernel's jiffies (low 32 bits) when the table's clock reads 0, and its HZ (None: the
+    # running kernel's, found when first needed). 0: as the test runs' fixed clock has them.
+    jiffies_origin: int = 0
+    hz: int | None = None
     _entries: dict[Key, tuple[Entry, int]] = field(default_factory=dict)
 
     def entries(self, now: float) -> list[Entry]:
@@ -150,7 +159,7 @@ class ConnectionTable:
                 state = "RELATED"
             else:
                 state = "NEW"
-            return Classification(_connection(entry, state, direction, now), entry)
+            return Classification(self._connection(entry, state, direction, now), entry)
         raise AssertionError("a reopened TCP connection found its old entry again")
 
     def confirm(self, classification: Classification) -> None:
@@ -239,9 +248,40 @@ class ConnectionTable:
         entry, direction = found
         if (entry.reply if direction else entry.original).dst != outer_daddr:
             return Classification(None)
-        return Classification(_connection(entry, "RELATED", direction, now), entry)
+        return Classification(self._connection(entry, "RELATED", direction, now), entry)
 
     # -- the table itself -----------------------------------------------------------------
+
+    def _connection(
+        self, entry: Entry, state: ConnectionState, direction: int, now: float
+    ) -> Connection:
+        return Connection(
+            state=state,
+            direction="REPLY" if direction else "ORIGINAL",
+            protocol=entry.protocol,
+            original=entry.original,
+            reply=entry.reply,
+            status=entry.status,
+            expires=self._expires(entry, now),
+            mark=entry.mark,
+        )
+
+    def _expires(self, entry: Entry, now: float) -> int:
+        """Whole seconds left as xt_conntrack reads them (nf_ct_expires / HZ): a timeout
+        refreshed by this very packet reads in full, as conntrack and the chains run within one
+        jiffy. An entry not yet confirmed holds the timeout this packet set relative, in
+        jiffies, which nf_ct_expires reads against the u32 jiffies all the same: max(0,
+        (s32)(timeout - jiffies)) / HZ: 0 unless the u32 jiffies are at most the timeout
+        (within 300 s + the timeout of boot: jiffies start 300 s before they wrap) or past
+        2**31 + the timeout (the later half of each wrap)."""
+        left = max(0.0, entry.deadline - now)
+        if entry.status & IPS_CONFIRMED:
+            return math.floor(left)
+        if self.hz is None:
+            self.hz = kernel_hz()
+        jiffies = (self.jiffies_origin + seconds_to_jiffies(now, self.hz)) & U32
+        ahead = (math.ceil(round(left, 6)) * self.hz - jiffies) & U32
+        return 0 if ahead == 0 or ahead >= 1 << 31 else ahead // self.hz
 
     def _remove(self, entry: Entry) -> None:
         for key in ((entry.protocol, entry.original), (entry.protocol, entry.reply)):
@@ -314,20 +354,3 @@ def _invert(protocol: int, original: ConnectionTuple) -> ConnectionTuple | None:
     return ConnectionTuple(original.dst, original.src, original.dport, original.sport)
 
 
-def _connection(entry: Entry, state: ConnectionState, direction: int, now: float) -> Connection:
-    # xt_conntrack reads whole seconds left (jiffies / HZ): a timeout refreshed by this very
-    # packet reads in full, as conntrack and the chains run within one jiffy. An entry not yet
-    # confirmed holds its timeout relative to no clock, which xt_conntrack reads as 0.
-    expires = 0
-    if entry.status & IPS_CONFIRMED:
-        expires = max(0, math.floor(entry.deadline - now))
-    return Connection(
-        state=state,
-        direction="REPLY" if direction else "ORIGINAL",
-        protocol=entry.protocol,
-        original=entry.original,
-        reply=entry.reply,
-        status=entry.status,
-        expires=expires,
-        mark=entry.mark,
-    )
