@@ -73,6 +73,7 @@ def _short(reason: str) -> str:
 def markdown(results: dict) -> str:
     from .extensions import report_lines as extensions_lines
     from .one_rule import report_lines as one_rule_lines
+    from .shape_traffic import report_lines as shape_traffic_lines
     from .shaped import report_lines as shape_lines
 
     machine = results["machine"]
@@ -161,6 +162,7 @@ def markdown(results: dict) -> str:
 
     lines += extensions_lines(results)
     lines += shape_lines(results)
+    lines += shape_traffic_lines(results)
     filters = results["filters"]
     lines += [
         "## Throughput across a veth pair (Mpps delivered, median over rounds; in brackets the "
@@ -331,7 +333,7 @@ def _find_throughput(entries: list[dict], count: int, position: str) -> dict | N
 
 
 def plot(results: dict, directory: Path) -> list[Path]:
-    """Draw the three plots into `directory`; return their paths."""
+    """Draw the plots into `directory`; return their paths."""
     try:
         import matplotlib
     except ImportError as error:
@@ -464,4 +466,7 @@ def plot(results: dict, directory: Path) -> list[Path]:
     paths.append(directory / PLOTS["load_time"])
     figure.savefig(paths[-1], dpi=110)
     plt.close(figure)
+    from .shape_traffic import plot as plot_shapes
+
+    paths += plot_shapes(results, directory, plt, title)
     return paths

@@ -42,8 +42,9 @@ DEFAULT_OUTPUT = Path("bench/results")
 RESULTS_JSON = "bench.json"
 RESULTS_MARKDOWN = "bench.md"
 # 2: the stateful workload's section; 3: the fixed cost (`fixed`); 4: one rule added and
-# deleted (`one_rule`); 6: rule sets of real shapes (`shapes`)
-SCHEMA = 6
+# deleted (`one_rule`); 6: rule sets of real shapes (`shapes`); 7: their throughput over veth
+# (`shape_throughput`)
+SCHEMA = 7
 # The stateful workload runs at the sizes up to this (the largest set that loads is stateless).
 STATEFUL_LARGEST = 5000
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -94,6 +95,7 @@ def run_bench(settings: Settings, progress: Progress = _no_progress) -> dict:
         raise BenchError(reason)
     from .extensions import measure as measure_extensions
     from .one_rule import measure as measure_one_rule
+    from .shape_traffic import measure as measure_shape_traffic
     from .shaped import measure as measure_shapes
     from .stateful import per_packet as stateful_per_packet
     from .testrun import c_backend_problem, find_largest, time_floor
@@ -154,6 +156,9 @@ def run_bench(settings: Settings, progress: Progress = _no_progress) -> dict:
             stateful_throughput += _throughput(
                 traffic, count, STATEFUL_POSITIONS, settings, progress
             )
+        shape_throughput = measure_shape_traffic(
+            traffic, settings.shape_sizes, settings, clock, progress
+        )
         for count in settings.one_rule_sizes:
             one_rule.append(
                 measure_one_rule(
@@ -189,6 +194,7 @@ def run_bench(settings: Settings, progress: Progress = _no_progress) -> dict:
         "fixed": fixed,
         "extensions": extensions,
         "shapes": shapes,
+        "shape_throughput": shape_throughput,
         "largest": largest,
         "per_packet": per_packet,
         "throughput": throughput,

@@ -11,6 +11,10 @@ drawn rules, which cover the rest of the address space.
 - acl: a mixed ACL, `-s NET [-d NET] [-i IF] [-p tcp|udp --dport P or P:Q] -j ACCEPT|DROP`
   (policy DROP);
 - ranges: port ranges, `-p tcp --dport A:B -j DROP` (policy ACCEPT), widths from 1 to 1,024.
+
+`nft_rules` writes the same rule set for nftables: the ACL rule for rule, and each list shape
+(every rule DROP on one field, so their order does not matter) as one rule over an interval
+set, as people who have such lists write them for nftables.
 """
 
 from __future__ import annotations
@@ -131,3 +135,66 @@ def decided_by(shape: str, count: int, position: str) -> tuple[str, int | str]:
     if position == "none":
         return SHAPES[shape].policy, "policy"
     return verdict, 1 if position == "first" else count
+
+
+NFT_TABLE = "bpflab_bench"
+NFT_SET = "listed"
+# The list shapes' field, as an nftables set type and a rule's selector.
+NFT_LISTS = {"cidr": ("ipv4_addr", "ip saddr"), "ranges": ("inet_service", "tcp dport")}
+
+
+def _nft_rule(line: str) -> str:
+    """One rule of a shape's text (`-A INPUT ...`, the options the shapes write) for nft."""
+    words = line.split()[2:]
+    parts = []
+    verdict = None
+    at = 0
+    while at < len(words):
+        option, value = words[at], words[at + 1] if at + 1 < len(words) else ""
+        at += 2
+        if option == "-s":
+            parts.append(f"ip saddr {value}")
+        elif option == "-d":
+            parts.append(f"ip daddr {value}")
+        elif option == "-i":
+            parts.append(f'iifname "{value}"')
+        elif option == "-p":
+            protocol = value
+        elif option == "-m":
+            continue
+        elif option == "--dport":
+            parts.append(f"{protocol} dport {value.replace(':', '-')}")
+        elif option == "-j":
+            verdict = value.lower()
+        else:
+            raise ValueError(f"the shapes write no {option}: {line}")
+    if verdict is None:
+        raise ValueError(f"no verdict in {line}")
+    if "-p" in words and not any(part.startswith(("tcp ", "udp ")) for part in parts):
+        parts.append(f"ip protocol {protocol}")
+    return " ".join([*parts, verdict])
+
+
+def nft_rules(shape: str, count: int, *, replace: bool = False) -> str:
+    """The rule set of `rules(shape, count)` for `nft -f`; with `replace`, flushed first, so
+    that one transaction swaps the old rules and elements for the new."""
+    lines = [line for line in rules(shape, count).splitlines() if line.startswith("-A INPUT ")]
+    out = [f"flush table ip {NFT_TABLE}"] if replace else []
+    out += [f"table ip {NFT_TABLE} {{"]
+    policy = SHAPES[shape].policy.lower()
+    if shape in NFT_LISTS:
+        kind, selector = NFT_LISTS[shape]
+        values = [line.split()[-3].replace(":", "-") for line in lines]
+        out += [
+            f"\tset {NFT_SET} {{",
+            f"\t\ttype {kind}; flags interval; auto-merge;",
+            f"\t\telements = {{ {', '.join(values)} }}",
+            "\t}",
+        ]
+        body = [f"{selector} @{NFT_SET} drop"]
+    else:
+        body = [_nft_rule(line) for line in lines]
+    out += ["\tchain input {", f"\t\ttype filter hook input priority filter; policy {policy};"]
+    out += [f"\t\t{rule}" for rule in body]
+    out += ["\t}", "}", ""]
+    return "\n".join(out)

@@ -152,14 +152,23 @@ class Receiver:
     def load(self, count: int, clock: Callable[[], float], *, stateful: bool = False) -> dict:
         """Load `count` rules (of the stateful workload, with `stateful`) into a receiver that
         has none, then load them again over themselves (the atomic update); time both."""
-        self.clear()
-        figures: dict = {}
         rules = stateful_iptables_rules if stateful else iptables_rules
         nft = stateful_nft_rules if stateful else nft_rules
+        return self.load_texts(
+            str(count), rules(count), nft(count), nft(count, replace=True), clock
+        )
+
+    def load_texts(
+        self, name: str, text: str, nft: str, nft_again: str, clock: Callable[[], float]
+    ) -> dict:
+        """Load a rule set (`text` as iptables-save writes it; `nft` for nftables, and
+        `nft_again` to load over it in one transaction) into a receiver that has none, then
+        load it again over itself (the atomic update); time both."""
+        self.clear()
+        figures: dict = {}
         if self.filter == "bytecode":
             from ..deploy.lifecycle import apply
 
-            text = rules(count)
             started = clock()
             applied = apply(text, "bench.rules", self.host.name)
             figures["load_s"] = clock() - started
@@ -173,7 +182,7 @@ class Receiver:
                 ingress.stats.insns_processed if ingress.stats is not None else None
             )
         elif self.filter == "iptables-legacy":
-            path = self._write(f"{count}.rules", rules(count))
+            path = self._write(f"{name}.rules", text)
             started = clock()
             self._run(["iptables-legacy-restore", path])
             figures["load_s"] = clock() - started
@@ -182,8 +191,8 @@ class Receiver:
             self._run(["iptables-legacy-restore", path])
             figures["update_s"] = clock() - started
         elif self.filter == "nftables":
-            first = self._write(f"{count}.nft", nft(count))
-            again = self._write(f"{count}-replace.nft", nft(count, replace=True))
+            first = self._write(f"{name}.nft", nft)
+            again = self._write(f"{name}-replace.nft", nft_again)
             started = clock()
             self._run(["nft", "-f", first])
             figures["load_s"] = clock() - started
@@ -199,6 +208,11 @@ class Receiver:
             packet = stateful_packet(count, position, client.ipv4.ip, host.ipv4.ip)  # type: ignore[arg-type]
         else:
             packet = ip_packet(count, position, host.ipv4.ip)  # type: ignore[arg-type]
+        return self.framed(packet)
+
+    def framed(self, packet: bytes) -> bytes:
+        """An IPv4 packet in the Ethernet frame the client sends the host."""
+        client, host = self.topology.client, self.topology.host
         return ethernet_frame(packet, source_mac=client.mac, destination_mac=host.mac)
 
     def prime(self) -> None:
@@ -305,6 +319,15 @@ class TrafficBench:
             name: self.receivers[name].load(count, clock, stateful=stateful) for name in LOADABLE
         }
 
+    def load_texts(
+        self, name: str, text: str, nft: str, nft_again: str, clock: Callable[[], float]
+    ) -> dict[str, dict]:
+        """One rule set into every filter that loads one (Receiver.load_texts)."""
+        return {
+            filter_name: self.receivers[filter_name].load_texts(name, text, nft, nft_again, clock)
+            for filter_name in LOADABLE
+        }
+
     def throughput(
         self,
         count: int,
@@ -317,19 +340,42 @@ class TrafficBench:
     ) -> dict[str, dict]:
         """Every filter `trials` times, in an order rotated each trial so that none always
         follows the same one; medians and ratios to no filter."""
-        samples: dict[str, list[Sample]] = {name: [] for name in FILTERS}
         frames = {name: self.receivers[name].frame(count, position) for name in FILTERS}
+        return self.rates(
+            frames,
+            f"{count:>6,} rules, {position} rule",
+            trials=trials,
+            warmup_s=warmup_s,
+            window_s=window_s,
+            progress=progress,
+            prime=position == "established",
+        )
+
+    def rates(
+        self,
+        frames: dict[str, bytes],
+        label: str,
+        *,
+        trials: int,
+        warmup_s: float,
+        window_s: float,
+        progress: Progress,
+        prime: bool = False,
+    ) -> dict[str, dict]:
+        """Each filter's rate for its frame (`frames` by filter), as `throughput` measures it;
+        `prime`: the host writes to the client before each window (the frames are replies)."""
+        samples: dict[str, list[Sample]] = {name: [] for name in FILTERS}
         for trial in range(trials):
             order = FILTERS[trial % len(FILTERS) :] + FILTERS[: trial % len(FILTERS)]
             for name in order:
-                if position == "established":
+                if prime:
                     self.receivers[name].prime()
                 sample = self.receivers[name].measure(
                     frames[name], warmup_s=warmup_s, window_s=window_s
                 )
                 samples[name].append(sample)
             progress(
-                f"throughput {count:>6,} rules, {position} rule, trial {trial + 1}/{trials}: "
+                f"throughput {label}, trial {trial + 1}/{trials}: "
                 + ", ".join(f"{n} {samples[n][-1].delivered_pps / 1e6:.3f}" for n in FILTERS)
                 + " Mpps"
             )

@@ -54,6 +54,41 @@ def test_nft_rules_say_the_same_and_replace_in_one_file():
     assert nft_rules(3, replace=True).startswith("flush table ip ")
 
 
+@pytest.mark.parametrize(
+    ("line", "nft"),
+    [
+        ("-A INPUT -s 10.0.0.0/8 -j DROP", "ip saddr 10.0.0.0/8 drop"),
+        (
+            "-A INPUT -s 1.2.3.0/24 -d 5.6.7.8/32 -i eth1 -p udp -m udp --dport 10:20 -j ACCEPT",
+            'ip saddr 1.2.3.0/24 ip daddr 5.6.7.8/32 iifname "eth1" udp dport 10-20 accept',
+        ),
+        ("-A INPUT -p tcp -m tcp --dport 53 -j DROP", "tcp dport 53 drop"),
+    ],
+)
+def test_shape_rules_say_the_same_for_nft(line, nft):
+    assert bench_shapes._nft_rule(line) == nft
+
+
+@pytest.mark.parametrize("shape", list(bench_shapes.SHAPES))
+def test_a_shape_for_nft_keeps_every_rule_and_the_policy(shape):
+    count = 40
+    lines = [
+        line
+        for line in bench_shapes.rules(shape, count).splitlines()
+        if line.startswith("-A INPUT")
+    ]
+    text = bench_shapes.nft_rules(shape, count)
+    assert f"policy {bench_shapes.SHAPES[shape].policy.lower()};" in text
+    if shape in bench_shapes.NFT_LISTS:  # every rule DROP on one field: one interval set
+        (elements,) = [line for line in text.splitlines() if "elements = {" in line]
+        values = elements.split("{", 1)[1].strip(" }").split(", ")
+        assert values == [line.split()[-3].replace(":", "-") for line in lines]
+        assert text.count(" drop") == 1
+    else:
+        assert text.count(" accept\n") + text.count(" drop\n") == count
+    assert bench_shapes.nft_rules(shape, count, replace=True).startswith("flush table ip ")
+
+
 @pytest.mark.parametrize("count", [0, MAX_RULES + 1])
 def test_rule_counts_out_of_range_are_refused(count):
     with pytest.raises(WorkloadError):
@@ -183,6 +218,21 @@ def test_quick_bench_writes_json_markdown_and_plots(tmp_path, capsys):
         assert entry["apply_s"] > entry["parse_s"] > 0 and entry["reapply_s"] > 0
         assert all(hook["verifier_processed"] > 0 for hook in entry["hooks"].values())
     assert "## Rule sets of real shapes" in (tmp_path / bench.RESULTS_MARKDOWN).read_text()
+    # The same shapes over veth: every filter loaded them twice and delivered the packet the
+    # shape accepts after every rule (the bench stops otherwise); one panel per shape.
+    assert [(e["shape"], e["rules"]) for e in results["shape_throughput"]] == [
+        (shape, count) for shape in bench_shapes.SHAPES for count in bench.QUICK.shape_sizes
+    ]
+    for entry in results["shape_throughput"]:
+        assert set(entry["load"]) == {"bytecode", "iptables-legacy", "nftables"}
+        assert all(
+            times["load_s"] > 0 and times["update_s"] > 0 for times in entry["load"].values()
+        )
+        assert all(figures["best_pps"] > 0 for figures in entry["filters"].values())
+    assert (
+        "## Rule sets of real shapes over veth" in (tmp_path / bench.RESULTS_MARKDOWN).read_text()
+    )
+    assert (tmp_path / "shape_throughput.png").stat().st_size > 0
 
     backends = results["backends"]
     assert backends["bytecode"]["available"] is True
