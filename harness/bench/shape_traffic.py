@@ -2,13 +2,14 @@
 iptables-legacy and nftables, and each filter's load and re-load time.
 
 Per shape and size, every filter of traffic.TrafficBench holds the same rule set: our programs
-(`apply`), iptables-legacy (`iptables-legacy-restore` of the same text) and nftables (the ACL
-rule for rule; each list shape as one rule over an interval set, shapes.nft_rules). The packet
-is the one each shape lets through only after trying every rule: for the CIDR and port-range
-deny lists the packet no rule matches (accepted by the policy), for the ACL the packet its last
-rule accepts. Rates are measured as traffic.TrafficBench.rates measures them, against no filter
-in the same round; a filter that delivers nothing has dropped what its rules accept, and the
-section stops there (BenchCheckFailed).
+(`apply`), iptables-legacy (`iptables-legacy-restore` of the same text, after `ipset restore`
+of the set shape's set) and nftables (the ACL rule for rule; each list shape as one rule over an
+interval set, shapes.nft_rules). The packet is the one each shape lets through only after
+trying every rule: for the deny lists (CIDRs, port ranges, the set) the packet no rule or member
+matches, accepted by the policy; for the ACL the packet its last rule accepts. Rates are
+measured as traffic.TrafficBench.rates measures them, against no filter in the same round; a
+filter that delivers nothing has dropped what its rules accept, and the section stops there
+(BenchCheckFailed).
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .settings import Progress, Settings
-from .shapes import SHAPES, nft_rules, packet, rules
+from .shapes import SHAPES, nft_rules, packet, rules, sets
 from .testrun import BenchCheckFailed
 from .traffic import FILTERS, TrafficBench
 
 PLOT = "shape_throughput.png"
 # The packet each shape accepts only after every rule was tried (shapes.decided_by).
-THROUGH = {"cidr": "none", "acl": "last", "ranges": "none"}
+THROUGH = {"cidr": "none", "acl": "last", "ranges": "none", "set": "none"}
 
 
 def measure(
@@ -44,6 +45,7 @@ def measure(
                 nft_rules(shape, count),
                 nft_rules(shape, count, replace=True),
                 clock,
+                sets(shape, count),
             )
             progress(
                 f"shape load {shape:7} {count:>7,} rules: "

@@ -7,7 +7,8 @@ verified and loaded (`load_s`), checked to decide each packet by the rule the sh
 and timed with BPF_PROG_TEST_RUN as the rest of the bench times chain programs; then the whole
 rule set is applied to a namespace holding the devices the ACL names, two veth pairs (parse,
 both hooks' programs compiled, verified and attached: `apply_s`), and applied again over itself
-(`reapply_s`). Only the bytecode backend: the C backend stops near 1,600 rules (issue 14).
+(`reapply_s`). The set shape's N are its set's members, parsed with its one rule (`parse_s`).
+Only the bytecode backend: the C backend stops near 1,600 rules (issue 14).
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from codegen.rules import parse
+from codegen.rules.sets import parse_sets
 from netns import Namespace
 
 from ..runner import ChainRunner, frame_for
 from .report import _ns, _table
 from .settings import Progress, TimingSettings
-from .shapes import INTERFACES, SHAPES, decided_by, packet, rules
+from .shapes import INTERFACES, SHAPES, decided_by, packet, rules, sets
 from .testrun import BenchCheckFailed, ProgramFacts, time_program
 
 POSITIONS = ("first", "last", "none")
@@ -50,10 +52,12 @@ def measure_shape(
 ) -> dict:
     text = rules(shape, count)
     filename = f"bench-{shape}-{count}.rules"
+    listed = sets(shape, count)
     started = clock()
     ruleset = parse(text, filename)
+    table = None if listed is None else parse_sets(listed, f"bench-{shape}-{count}.sets")
     parse_s = clock() - started
-    with ChainRunner(ruleset) as runner:
+    with ChainRunner(ruleset, sets=table) as runner:
         started = clock()
         program = runner.program("INPUT")
         load_s = clock() - started
@@ -68,10 +72,10 @@ def measure_shape(
     with Namespace() as namespace:
         _namespace_devices(namespace)
         started = clock()
-        applied = apply(text, filename, namespace.name)
+        applied = apply(text, filename, namespace.name, sets=table)
         apply_s = clock() - started
         started = clock()
-        apply(text, filename, namespace.name)
+        apply(text, filename, namespace.name, sets=table)
         reapply_s = clock() - started
         ingress = applied.programs["ingress"]
         egress = applied.programs["egress"]

@@ -10,7 +10,9 @@ drawn rules, which cover the rest of the address space.
 - cidr: a deny list, `-s NET -j DROP` with prefix lengths drawn from /8 to /32 (policy ACCEPT);
 - acl: a mixed ACL, `-s NET [-d NET] [-i IF] [-p tcp|udp --dport P or P:Q] -j ACCEPT|DROP`
   (policy DROP);
-- ranges: port ranges, `-p tcp --dport A:B -j DROP` (policy ACCEPT), widths from 1 to 1,024.
+- ranges: port ranges, `-p tcp --dport A:B -j DROP` (policy ACCEPT), widths from 1 to 1,024;
+- set: the CIDR deny list as people who have one write it, one rule `-m set --match-set
+  bench_deny src -j DROP` over an ipset hash:net of N networks (`sets`; policy ACCEPT).
 
 `nft_rules` writes the same rule set for nftables: the ACL rule for rule, and each list shape
 (every rule DROP on one field, so their order does not matter) as one rule over an interval
@@ -49,8 +51,11 @@ SHAPES = {
         Shape("cidr", "ACCEPT", "-s NET -j DROP, prefixes /8-/32"),
         Shape("acl", "DROP", "-s NET [-d NET] [-i IF] [-p tcp|udp --dport P|P:Q]"),
         Shape("ranges", "ACCEPT", "-p tcp --dport A:B -j DROP"),
+        Shape("set", "ACCEPT", "-m set --match-set NAME src -j DROP, hash:net /8-/32"),
     )
 }
+SET_NAME = "bench_deny"
+SET_SHAPES = frozenset({"set"})  # the shapes whose N are a set's members, not rules
 
 
 def _network(draw: random.Random, shortest: int = 8) -> str:
@@ -101,18 +106,42 @@ def rules(shape: str, count: int, *, seed: int = SEED) -> str:
     if not 2 <= count <= MAX_SHAPE_RULES:
         raise ValueError(f"a shape holds 2 (the first and the last) to {MAX_SHAPE_RULES:,} rules")
     draw = random.Random(f"{seed}:{shape}:{count}")
+    if shape in SET_SHAPES:
+        body = [f"-A INPUT -m set --match-set {SET_NAME} src -j DROP"]
+    else:
+        body = [
+            f"-A INPUT {_aimed(shape, FIRST_NET, FIRST_PORT)}",
+            *(f"-A INPUT {_drawn(shape, draw)}" for _ in range(count - 2)),
+            f"-A INPUT {_aimed(shape, LAST_NET, LAST_PORT)}",
+        ]
     lines = [
         "*filter",
         f":INPUT {SHAPES[shape].policy} [0:0]",
         ":FORWARD ACCEPT [0:0]",
         ":OUTPUT ACCEPT [0:0]",
-        f"-A INPUT {_aimed(shape, FIRST_NET, FIRST_PORT)}",
-        *(f"-A INPUT {_drawn(shape, draw)}" for _ in range(count - 2)),
-        f"-A INPUT {_aimed(shape, LAST_NET, LAST_PORT)}",
+        *body,
         "COMMIT",
         "",
     ]
     return "\n".join(lines)
+
+
+def sets(shape: str, count: int, *, seed: int = SEED) -> str | None:
+    """The ipsets of `rules(shape, count)` as `ipset save` prints them (None: it uses none):
+    for the set shape, `count` distinct networks, the first and last ones the benchmark's
+    packets are aimed at around the drawn ones, as the CIDR deny list draws them."""
+    if shape not in SET_SHAPES:
+        return None
+    rules(shape, count)  # the same checks of the shape and the count
+    draw = random.Random(f"{seed}:{shape}:{count}")
+    members = {str(FIRST_NET): None}
+    while len(members) < count - 1:
+        members.setdefault(_network(draw), None)
+    members[str(LAST_NET)] = None
+    size = max(65536, count)
+    lines = [f"create {SET_NAME} hash:net family inet hashsize 1024 maxelem {size}"]
+    lines += [f"add {SET_NAME} {member}" for member in members]
+    return "\n".join([*lines, ""])
 
 
 def packet(shape: str, position: str) -> bytes:
@@ -131,16 +160,22 @@ def packet(shape: str, position: str) -> bytes:
 
 def decided_by(shape: str, count: int, position: str) -> tuple[str, int | str]:
     """The verdict and the rule (1-based, or "policy") that decides the packet for `position`."""
-    verdict = "DROP" if shape in ("cidr", "ranges") else "ACCEPT"
+    verdict = "ACCEPT" if shape == "acl" else "DROP"
     if position == "none":
         return SHAPES[shape].policy, "policy"
+    if shape in SET_SHAPES:  # one rule, whichever member the packet is in
+        return verdict, 1
     return verdict, 1 if position == "first" else count
 
 
 NFT_TABLE = "bpflab_bench"
 NFT_SET = "listed"
 # The list shapes' field, as an nftables set type and a rule's selector.
-NFT_LISTS = {"cidr": ("ipv4_addr", "ip saddr"), "ranges": ("inet_service", "tcp dport")}
+NFT_LISTS = {
+    "cidr": ("ipv4_addr", "ip saddr"),
+    "ranges": ("inet_service", "tcp dport"),
+    "set": ("ipv4_addr", "ip saddr"),
+}
 
 
 def _nft_rule(line: str) -> str:
@@ -184,7 +219,11 @@ def nft_rules(shape: str, count: int, *, replace: bool = False) -> str:
     policy = SHAPES[shape].policy.lower()
     if shape in NFT_LISTS:
         kind, selector = NFT_LISTS[shape]
-        values = [line.split()[-3].replace(":", "-") for line in lines]
+        listed = sets(shape, count)
+        if listed is not None:  # the set's members
+            values = [line.split()[2] for line in listed.splitlines()[1:] if line]
+        else:  # the value each rule drops
+            values = [line.split()[-3].replace(":", "-") for line in lines]
         out += [
             f"\tset {NFT_SET} {{",
             f"\t\ttype {kind}; flags interval; auto-merge;",

@@ -118,6 +118,7 @@ class Receiver:
         self.filter = filter_name
         self.directory = directory
         self.loaded = False
+        self.ipsets = False  # iptables-legacy's receiver holds ipsets
 
     @property
     def host(self) -> Namespace:
@@ -145,6 +146,9 @@ class Receiver:
             flush(self.host.name)
         elif self.filter == "iptables-legacy":
             self._run(["iptables-legacy-restore", self._write("empty.rules", EMPTY_IPTABLES)])
+            if self.ipsets:  # unreferenced now: every set of the receiver goes
+                self._run(["ipset", "destroy"])
+                self.ipsets = False
         elif self.filter == "nftables":
             self._run(["nft", "flush", "ruleset"])
         self.loaded = False
@@ -159,22 +163,33 @@ class Receiver:
         )
 
     def load_texts(
-        self, name: str, text: str, nft: str, nft_again: str, clock: Callable[[], float]
+        self,
+        name: str,
+        text: str,
+        nft: str,
+        nft_again: str,
+        clock: Callable[[], float],
+        sets: str | None = None,
     ) -> dict:
-        """Load a rule set (`text` as iptables-save writes it; `nft` for nftables, and
-        `nft_again` to load over it in one transaction) into a receiver that has none, then
-        load it again over itself (the atomic update); time both."""
+        """Load a rule set (`text` as iptables-save writes it, `sets` the ipsets its -m set
+        rules use as `ipset save` prints them; `nft` for nftables, and `nft_again` to load over
+        it in one transaction) into a receiver that has none, then load it again over itself
+        (the atomic update); time both. iptables-legacy's time includes `ipset restore`."""
         self.clear()
         figures: dict = {}
         if self.filter == "bytecode":
+            from codegen.rules.sets import parse_sets
+
             from ..deploy.lifecycle import apply
 
             started = clock()
-            applied = apply(text, "bench.rules", self.host.name)
+            table = None if sets is None else parse_sets(sets, f"{name}.sets")
+            applied = apply(text, "bench.rules", self.host.name, sets=table)
             figures["load_s"] = clock() - started
             self.loaded = True
             started = clock()
-            apply(text, "bench.rules", self.host.name)
+            table = None if sets is None else parse_sets(sets, f"{name}.sets")
+            apply(text, "bench.rules", self.host.name, sets=table)
             figures["update_s"] = clock() - started
             ingress = applied.programs["ingress"]
             figures["ingress_instructions"] = ingress.insn_count
@@ -183,12 +198,18 @@ class Receiver:
             )
         elif self.filter == "iptables-legacy":
             path = self._write(f"{name}.rules", text)
+            steps = [["iptables-legacy-restore", path]]
+            if sets is not None:  # -exist: the second load replaces nothing it has
+                steps.insert(0, ["ipset", "restore", "-exist", "-file", self._write(name, sets)])
             started = clock()
-            self._run(["iptables-legacy-restore", path])
+            for step in steps:
+                self._run(step)
             figures["load_s"] = clock() - started
             self.loaded = True
+            self.ipsets = sets is not None
             started = clock()
-            self._run(["iptables-legacy-restore", path])
+            for step in steps:
+                self._run(step)
             figures["update_s"] = clock() - started
         elif self.filter == "nftables":
             first = self._write(f"{name}.nft", nft)
@@ -320,11 +341,19 @@ class TrafficBench:
         }
 
     def load_texts(
-        self, name: str, text: str, nft: str, nft_again: str, clock: Callable[[], float]
+        self,
+        name: str,
+        text: str,
+        nft: str,
+        nft_again: str,
+        clock: Callable[[], float],
+        sets: str | None = None,
     ) -> dict[str, dict]:
         """One rule set into every filter that loads one (Receiver.load_texts)."""
         return {
-            filter_name: self.receivers[filter_name].load_texts(name, text, nft, nft_again, clock)
+            filter_name: self.receivers[filter_name].load_texts(
+                name, text, nft, nft_again, clock, sets
+            )
             for filter_name in LOADABLE
         }
 
