@@ -764,32 +764,36 @@ static __always_inline struct ct_entry *find(struct ct_key *key, __u64 now)
 /* The kernel's jiffies, low 32 bits (nfct_time_stamp): the fixed clock's, or the real ones. */
 static __always_inline __u32 ct_jiffies(void)
 {
-    __u32 zero = 0, one = 1;
-    __u64 *fixed = CT_LOOKUP(ct_clock, &zero);
-    __u64 *jiffies = CT_LOOKUP(ct_clock, &one);
+    __u32 key = 0;
+    __u64 *fixed = CT_LOOKUP(ct_clock, &key);
 
-    if (fixed && *fixed && jiffies)
-        return (__u32)*jiffies;
-    return (__u32)bpf_jiffies64();
+    if (!fixed || !*fixed)
+        return (__u32)bpf_jiffies64();
+    key = 1;
+    fixed = CT_LOOKUP(ct_clock, &key);
+    return fixed ? (__u32)*fixed : (__u32)bpf_jiffies64();
 }
 
-/* Whole seconds left as xt_conntrack reads them (nf_ct_expires / HZ). A confirmed entry's
- * timeout is a deadline. One not yet confirmed holds the timeout this packet set relative, in
- * jiffies, and nf_ct_expires subtracts the clock from it all the same: max(0, (s32)(timeout -
- * jiffies)) / HZ: 0 unless the u32 jiffies are at most the timeout (within 300 s + the
- * timeout of boot: jiffies start 300 s before they wrap) or past 2^31 + the timeout (the later
- * half of each wrap: from about 24.9 days up at HZ 1000, 99 days at HZ 250). */
-static __always_inline __u32 expires(const struct ct_entry *e, __u64 now)
+/* --ctexpire of an entry not yet confirmed (res->pending), from the whole seconds report() left
+ * in res->expires: nf_ct_expires reads the timeout such an entry holds relative, in jiffies,
+ * against the clock all the same, max(0, (s32)(timeout - jiffies)) / HZ. That is 0 unless the
+ * u32 jiffies are at most the timeout (within 300 s + the timeout of boot: jiffies start 300 s
+ * before they wrap) or past 2^31 + the timeout (the later half of each wrap: from about 24.9
+ * days up at HZ 1000, 99 days at HZ 250). A function of its own, called last: its frame is not
+ * in ct_classify's, under the TCP tracker's calls. */
+CT_GLOBAL int ct_pending_expiry(struct ct_result *res)
 {
-    __u64 left = e->deadline > now ? e->deadline - now : 0;
     __s32 ahead;
 
-    if (e->status & IPS_CONFIRMED)
-        return left / CT_NS;
-    ahead = (__s32)((__u32)((left + CT_NS - 1) / CT_NS * CT_HZ) - ct_jiffies());
-    return ahead > 0 ? (__u32)ahead / CT_HZ : 0;
+    if (!res)
+        return 0;
+    ahead = (__s32)(res->expires * CT_HZ - ct_jiffies());
+    res->expires = ahead > 0 ? (__u32)ahead / CT_HZ : 0;
+    return 0;
 }
 
+/* Whole seconds left (a confirmed entry's, as xt_conntrack reads them; one not yet confirmed
+ * holds the timeout this packet set, read by ct_pending_expiry). */
 static __always_inline void report(struct ct_result *res, const struct ct_entry *e, __u32 state,
                                    __u32 dir, __u64 now)
 {
@@ -797,7 +801,10 @@ static __always_inline void report(struct ct_result *res, const struct ct_entry 
     res->dir = dir;
     res->l4proto = e->proto;
     res->status = e->status;
-    res->expires = expires(e, now);
+    res->expires = 0;
+    if (e->deadline > now)
+        res->expires = e->status & IPS_CONFIRMED ? (e->deadline - now) / CT_NS
+                                                 : (e->deadline - now + CT_NS - 1) / CT_NS;
     res->orig = e->orig;
     res->reply = e->reply;
     res->mark = e->mark;
@@ -957,6 +964,8 @@ CT_GLOBAL int ct_classify(struct __sk_buff *skb, struct ct_result *res)
     res->pending = !(e->status & IPS_CONFIRMED);
     if (verdict == T_KILL)
         CT_DELETE(ct_table, &key);
+    if (res->pending)
+        ct_pending_expiry(res);
     return 0;
 }
 
