@@ -332,9 +332,15 @@ class ChainWriter:
             *targets.drop(),
         ]
         code = [*_annotated(code, note), Label(scan)]
+        rules = chain.rules[first - 1 : last]
         if last - first + 1 <= INLINE_SCAN:
             for index in range(first, last + 1):
                 code += self.annotated_rule(chain, index, targets)
+        elif all(entries := [classifier.entry(rule, self.interfaces) for rule in rules]):
+            # The run's records in order, tested by the classifier's loop: one call, however
+            # long the run (a scan's code would cost the verifier a few instructions a rule).
+            run = self.tables.add_list(entries, slots)  # type: ignore[arg-type]
+            code += classifier_code.call(run, targets, after, self.label)
         else:
             for function in self.scan_functions(chain, first, last):
                 scanned = self.label("scanned")

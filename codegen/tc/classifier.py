@@ -237,6 +237,19 @@ class Tables:
         self.trees = max(self.trees, len(groups))
         return head, all_first, len(packed)
 
+    def add_list(self, entries: Sequence[Entry], slots: Sequence[int]) -> tuple[int, int, int]:
+        """Add a run as add_run does, but with one tree that is a single leaf listing every
+        rule in order: every packet's records are the whole run, tested in order, for the
+        packets an exact run's lookup cannot answer for (later fragments, short transport
+        headers: codegen.tc.exact), which need no tree to be rare."""
+        live = [place for place, made in enumerate(entries) if not made.never]
+        first = len(self.records)
+        self.records += [RECORD.pack(*entries[p].record, p, slots[p]) for p in live]
+        head = len(self.nodes)
+        self.nodes.append(NODE.pack(TREES, 1, head + 1, 0))
+        self.nodes.append(NODE.pack(LEAF, 0, first, len(live)))
+        return head, first, len(live)
+
     def _tree(self, root: int, members: list[int], lows, highs, exact, packed) -> None:
         """A tree of `members` (places in the run, in order) at node `root`."""
         # The root's region is the hull of the rules' boxes: a packet outside it matches none.

@@ -27,7 +27,7 @@ def many_rules(count: int, chain: str = "INPUT") -> str:
     return "\n".join([*lines, "COMMIT", ""])
 
 
-@pytest.mark.parametrize("count", [1, 100, 1000, 5000])
+@pytest.mark.parametrize("count", [1, 100, 1000, 5000, 60_000])
 def test_rule_sets_load_and_decide(count):
     ruleset = parse(many_rules(count), f"{count}.rules")
     with ChainRunner(ruleset) as runner:
@@ -35,6 +35,13 @@ def test_rule_sets_load_and_decide(count):
             packet = bytes(IP(src=_address(index), dst="198.18.0.2") / TCP(dport=1000 + index))
             outcome = runner.run(frame_for(packet), "INPUT")
             assert (outcome.verdict, outcome.deciding) == ("ACCEPT", ("INPUT", index + 1))
+            # What the lookup cannot answer: a later fragment has no ports (no rule matches
+            # it), a TCP header cut short is hotdropped by the first rule its addresses match.
+            later = IP(src=_address(index), dst="198.18.0.2", proto=6, frag=100) / bytes(8)
+            assert runner.run(frame_for(bytes(later)), "INPUT").deciding == ("INPUT", "policy")
+            short = IP(src=_address(index), dst="198.18.0.2", proto=6) / bytes(8)
+            outcome = runner.run(frame_for(bytes(short)), "INPUT")
+            assert (outcome.verdict, outcome.deciding) == ("DROP", ("INPUT", index + 1))
         stranger = bytes(IP(src="198.19.0.1", dst="198.18.0.2") / TCP(dport=1000))
         assert runner.run(frame_for(stranger), "INPUT").deciding == ("INPUT", "policy")
         stats = runner.program("INPUT").stats
@@ -57,7 +64,9 @@ def test_hook_programs_load_with_5000_rules(hook):
             maps={COUNTERS_MAP: counters},
         )
         try:
-            assert program.insn_count > 5000 * 10
+            # One exact run: its lookup, and the classifier's loop over its records for what
+            # the lookup cannot answer, cost the verifier what a run of 300 rules does.
+            assert program.stats is not None and program.stats.insns_processed < 100_000
         finally:
             program.close()
 
