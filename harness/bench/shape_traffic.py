@@ -20,7 +20,7 @@ from pathlib import Path
 from .settings import Progress, Settings
 from .shapes import SHAPES, nft_rules, packet, rules, sets
 from .testrun import BenchCheckFailed
-from .traffic import FILTERS, TrafficBench
+from .traffic import FILTERS, RuleSetTexts, TrafficBench
 
 PLOT = "shape_throughput.png"
 # The packet each shape accepts only after every rule was tried (shapes.decided_by).
@@ -39,14 +39,14 @@ def measure(
     for shape in SHAPES:
         position = THROUGH[shape]
         for count in sorted(sizes):
-            load = traffic.load_texts(
+            texts = RuleSetTexts(
                 f"{shape}-{count}",
                 rules(shape, count),
                 nft_rules(shape, count),
                 nft_rules(shape, count, replace=True),
-                clock,
                 sets(shape, count),
             )
+            load = traffic.load_texts(texts, clock)
             progress(
                 f"shape load {shape:7} {count:>7,} rules: "
                 + ", ".join(

@@ -84,6 +84,17 @@ def missing_tools() -> str | None:
 
 
 @dataclass(frozen=True)
+class RuleSetTexts:
+    """One rule set as each filter loads it."""
+
+    name: str  # what the files written for it are called
+    iptables: str  # iptables-save text: `bpflab apply` and iptables-legacy-restore read it
+    nft: str  # for `nft -f`
+    nft_again: str  # the same, loading over `nft` in one transaction
+    sets: str | None = None  # the ipsets its -m set rules use, as `ipset save` prints them
+
+
+@dataclass(frozen=True)
 class Sample:
     delivered_pps: float
     offered_pps: float
@@ -158,25 +169,15 @@ class Receiver:
         has none, then load them again over themselves (the atomic update); time both."""
         rules = stateful_iptables_rules if stateful else iptables_rules
         nft = stateful_nft_rules if stateful else nft_rules
-        return self.load_texts(
-            str(count), rules(count), nft(count), nft(count, replace=True), clock
-        )
+        texts = RuleSetTexts(str(count), rules(count), nft(count), nft(count, replace=True))
+        return self.load_texts(texts, clock)
 
-    def load_texts(
-        self,
-        name: str,
-        text: str,
-        nft: str,
-        nft_again: str,
-        clock: Callable[[], float],
-        sets: str | None = None,
-    ) -> dict:
-        """Load a rule set (`text` as iptables-save writes it, `sets` the ipsets its -m set
-        rules use as `ipset save` prints them; `nft` for nftables, and `nft_again` to load over
-        it in one transaction) into a receiver that has none, then load it again over itself
-        (the atomic update); time both. iptables-legacy's time includes `ipset restore`."""
+    def load_texts(self, texts: RuleSetTexts, clock: Callable[[], float]) -> dict:
+        """Load a rule set into a receiver that has none, then load it again over itself (the
+        atomic update); time both. iptables-legacy's time includes `ipset restore`."""
         self.clear()
         figures: dict = {}
+        name, text, sets = texts.name, texts.iptables, texts.sets
         if self.filter == "bytecode":
             from codegen.rules.sets import parse_sets
 
@@ -212,8 +213,8 @@ class Receiver:
                 self._run(step)
             figures["update_s"] = clock() - started
         elif self.filter == "nftables":
-            first = self._write(f"{name}.nft", nft)
-            again = self._write(f"{name}-replace.nft", nft_again)
+            first = self._write(f"{name}.nft", texts.nft)
+            again = self._write(f"{name}-replace.nft", texts.nft_again)
             started = clock()
             self._run(["nft", "-f", first])
             figures["load_s"] = clock() - started
@@ -340,22 +341,9 @@ class TrafficBench:
             name: self.receivers[name].load(count, clock, stateful=stateful) for name in LOADABLE
         }
 
-    def load_texts(
-        self,
-        name: str,
-        text: str,
-        nft: str,
-        nft_again: str,
-        clock: Callable[[], float],
-        sets: str | None = None,
-    ) -> dict[str, dict]:
+    def load_texts(self, texts: RuleSetTexts, clock: Callable[[], float]) -> dict[str, dict]:
         """One rule set into every filter that loads one (Receiver.load_texts)."""
-        return {
-            filter_name: self.receivers[filter_name].load_texts(
-                name, text, nft, nft_again, clock, sets
-            )
-            for filter_name in LOADABLE
-        }
+        return {name: self.receivers[name].load_texts(texts, clock) for name in LOADABLE}
 
     def throughput(
         self,
