@@ -220,9 +220,11 @@ def find_largest(
 ) -> dict:
     """The largest rule count whose chain and ingress programs both load, to within 1%.
 
-    Verification grows linearly with the rule count (chains are cut into functions verified once
-    each), so two loads predict where the verifier's budget runs out; loads around the
-    prediction confirm it: the answer loads and the answer plus one step is refused.
+    Verification grows at most linearly with the rule count (chains are cut into functions
+    verified once each; exact and classified runs cost the same at any length), so two loads
+    predict where the verifier's budget runs out; loads around the prediction confirm it: the
+    answer loads and the answer plus one step is refused. Where verification does not grow,
+    the answer is the workload's largest rule set (MAX_RULES), if it loads.
     """
     points = []
     for count in probes:
@@ -233,12 +235,14 @@ def find_largest(
     (n1, p1), (n2, p2) = points
     per_rule = (p2 - p1) / (n2 - n1)
     fixed = p1 - per_rule * n1
-    predicted = int((VERIFIER_BUDGET - fixed) / per_rule)
+    if per_rule > 0:
+        predicted = int((VERIFIER_BUDGET - fixed) / per_rule)
+        why = f"{per_rule:.1f} processed instructions per rule predicts {predicted:,} rules"
+    else:  # verification does not grow with the rules: the workload's own limit
+        predicted = MAX_RULES
+        why = f"verification does not grow with the rules; trying the workload's {MAX_RULES:,}"
     step = max(1, round(predicted / 100))
-    progress(
-        f"largest: {per_rule:.1f} processed instructions per rule predicts {predicted:,} rules; "
-        f"checking in steps of {step:,}"
-    )
+    progress(f"largest: {why}; checking in steps of {step:,}")
     attempts = 0
     loaded: dict[int, int] = {}
     refused: dict[int, str] = {}
