@@ -122,7 +122,7 @@ def test_the_tree_finds_what_a_scan_in_rule_order_finds(min_group, texts, data):
         assert got == scanned, f"{texts}\nkey {key}"
 
 
-@pytest.mark.parametrize("replicated, trees", [(C.REPLICATED, 1), (0, 3)])
+@pytest.mark.parametrize("replicated, trees", [(C.REPLICATED, 1), (0, C.MAX_TREES)])
 def test_rules_wide_on_the_telling_field_and_narrowed_elsewhere_get_trees_of_their_own(
     monkeypatch, replicated, trees
 ):
