@@ -241,7 +241,7 @@ class Tables:
         """Add a run as add_run does, but with one tree that is a single leaf listing every
         rule in order: every packet's records are the whole run, tested in order, for the
         packets an exact run's lookup cannot answer for (later fragments, short transport
-        headers: codegen.tc.exact), which need no tree to be rare."""
+        headers: codegen.tc.exact), rare enough to need no tree."""
         live = [place for place, made in enumerate(entries) if not made.never]
         first = len(self.records)
         self.records += [RECORD.pack(*entries[p].record, p, slots[p]) for p in live]
