@@ -1,6 +1,7 @@
 """Rule-set sizes the verifier accepts, and the layout that gets them there: chains cut into
-global functions of CHUNK_RULES rules. The README's limit (about 20,000 rules of this shape, the
-verifier's million processed instructions) is measured by `bpflab bench`, not asserted here."""
+global functions of CHUNK_RULES rules, exact runs answered by a lookup and, for what it cannot
+answer, the classifier's loop over their records. The largest rule set that loads is measured
+by `bpflab bench`, not asserted here."""
 
 from __future__ import annotations
 
