@@ -115,11 +115,12 @@ class ChainRunner:
         self.limits = create_map(ruleset) if uses_limit(ruleset) else None
         # -m hashlimit's entries, none yet (codegen.tc.matches.hashlimit), on the same clock.
         self.hashlimits = create_hashlimit_map(ruleset) if uses_hashlimit(ruleset) else None
-        self.hz = kernel_hz() if self.limits is not None else None
         self.set_maps = set_maps(ruleset) if uses_sets(ruleset) else {}
         # -m recent's tables, empty, and their clock (codegen.tc.matches.recent).
         self.recent_maps = create_recent_maps(ruleset) if uses_recent(ruleset) else {}
-        self.recent_hz = kernel_hz() if self.recent_maps else None
+        # The clock a run fixes for the tracker, the limits and -m recent, in the kernel's HZ.
+        clocked = self.tracker is not None or self.limits is not None or self.recent_maps
+        self.hz = kernel_hz() if clocked else None
         self.owned = uses_owner(ruleset)  # -m owner: run() may give the packet's socket
         # -m policy: where run() gives a test's security path (codegen.tc.matches.policy).
         self.secpath = create_secpath_map() if uses_policy(ruleset) else None
@@ -195,18 +196,16 @@ class ChainRunner:
             cb_owner(context.cb, owner)
         if secpath != "dummy" and self.secpath is not None:
             cb_secpath(context.cb, secpath, self.secpath)
-        if self.tracker is not None:
-            if time is None:
-                self.tracker.set_clock(0)
-            else:  # xt_conntrack reads a new entry's timeout against the jiffies
-                at = JIFFIES_ORIGIN + seconds_to_jiffies(time, kernel_hz())
-                self.tracker.set_clock(CLOCK_ORIGIN + round(time * 1e9), at)
-        if self.limits is not None and self.hz is not None:
-            jiffies = None if time is None else JIFFIES_ORIGIN + seconds_to_jiffies(time, self.hz)
+        jiffies = None  # `time` on the kernel's jiffies, one clock for every map that keeps one
+        if time is not None and self.hz is not None:
+            jiffies = JIFFIES_ORIGIN + seconds_to_jiffies(time, self.hz)
+        if self.tracker is not None:  # xt_conntrack reads a new entry's timeout on the jiffies
+            nanoseconds = 0 if time is None else CLOCK_ORIGIN + round(time * 1e9)
+            self.tracker.set_clock(nanoseconds, jiffies or 0)
+        if self.limits is not None:
             set_clock(self.limits, jiffies)
-        if self.recent_hz is not None:
-            at = None if time is None else JIFFIES_ORIGIN + seconds_to_jiffies(time, self.recent_hz)
-            set_recent_clock(self.recent_maps[RECENT_CLOCK], at)
+        if self.recent_maps:
+            set_recent_clock(self.recent_maps[RECENT_CLOCK], jiffies)
         before = self.counters.read()
         result = prog_test_run(self.program(chain).fd, frame, context=context)
         after = self.counters.read()

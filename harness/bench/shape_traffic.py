@@ -114,7 +114,7 @@ def report_lines(results: dict) -> list[str]:
         "rules",
         "packet",
         "no filter",
-        *(f"{name}" for name in FILTERS[1:]),
+        *FILTERS[1:],
         *(f"load, again: {name}" for name in FILTERS[1:]),
     ]
     return [*lines, *_table(header, rows), ""]

@@ -126,21 +126,25 @@ def rules(shape: str, count: int, *, seed: int = SEED) -> str:
     return "\n".join(lines)
 
 
-def sets(shape: str, count: int, *, seed: int = SEED) -> str | None:
-    """The ipsets of `rules(shape, count)` as `ipset save` prints them (None: it uses none):
-    for the set shape, `count` distinct networks, the first and last ones the benchmark's
-    packets are aimed at around the drawn ones, as the CIDR deny list draws them."""
-    if shape not in SET_SHAPES:
-        return None
+def _members(shape: str, count: int, seed: int) -> list[str]:
+    """The set shape's `count` distinct networks: the first and last ones the benchmark's
+    packets are aimed at around the drawn ones, drawn as the CIDR deny list draws them."""
     rules(shape, count)  # the same checks of the shape and the count
     draw = random.Random(f"{seed}:{shape}:{count}")
     members = {str(FIRST_NET): None}
     while len(members) < count - 1:
         members.setdefault(_network(draw), None)
     members[str(LAST_NET)] = None
+    return list(members)
+
+
+def sets(shape: str, count: int, *, seed: int = SEED) -> str | None:
+    """The ipsets of `rules(shape, count)` as `ipset save` prints them (None: it uses none)."""
+    if shape not in SET_SHAPES:
+        return None
     size = max(65536, count)
     lines = [f"create {SET_NAME} hash:net family inet hashsize 1024 maxelem {size}"]
-    lines += [f"add {SET_NAME} {member}" for member in members]
+    lines += [f"add {SET_NAME} {member}" for member in _members(shape, count, seed)]
     return "\n".join([*lines, ""])
 
 
@@ -219,9 +223,8 @@ def nft_rules(shape: str, count: int, *, replace: bool = False) -> str:
     policy = SHAPES[shape].policy.lower()
     if shape in NFT_LISTS:
         kind, selector = NFT_LISTS[shape]
-        listed = sets(shape, count)
-        if listed is not None:  # the set's members
-            values = [line.split()[2] for line in listed.splitlines()[1:] if line]
+        if shape in SET_SHAPES:  # the set's members
+            values = _members(shape, count, SEED)
         else:  # the value each rule drops
             values = [line.split()[-3].replace(":", "-") for line in lines]
         out += [

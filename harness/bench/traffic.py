@@ -181,16 +181,18 @@ class Receiver:
         if self.filter == "bytecode":
             from codegen.rules.sets import parse_sets
 
-            from ..deploy.lifecycle import apply
+            from ..deploy.lifecycle import Applied, apply
+
+            def load() -> Applied:  # the sets read each time, as ipset restore reads them
+                table = None if sets is None else parse_sets(sets, f"{name}.sets")
+                return apply(text, "bench.rules", self.host.name, sets=table)
 
             started = clock()
-            table = None if sets is None else parse_sets(sets, f"{name}.sets")
-            applied = apply(text, "bench.rules", self.host.name, sets=table)
+            applied = load()
             figures["load_s"] = clock() - started
             self.loaded = True
             started = clock()
-            table = None if sets is None else parse_sets(sets, f"{name}.sets")
-            apply(text, "bench.rules", self.host.name, sets=table)
+            load()
             figures["update_s"] = clock() - started
             ingress = applied.programs["ingress"]
             figures["ingress_instructions"] = ingress.insn_count
