@@ -28,6 +28,7 @@ from codegen.tc.local import LocalAddresses
 
 from .compiler import BccUnavailable, CProgram, CVerifierError, load_programs
 from .source import CCompileError, CSource, Entry, Hook, RuleSpan, generate
+from .table import TABLE_FROM
 
 __all__ = [
     "BccUnavailable",
@@ -89,9 +90,17 @@ def load_c_programs(
     maps: Mapping[str, object],
     fastpath: bool = False,
     local: LocalAddresses | None = None,
+    table_from: int = TABLE_FROM,
 ) -> list[CProgram]:
     """Several programs from one C unit and one bcc compile (compiles take most of the time),
-    in the order of `entries`."""
+    in the order of `entries`; `table_from`: the shortest run of plain rules scanned from the
+    rule table (codegen/c/table.py)."""
     return load_programs(
-        ruleset, entries, interfaces=interfaces, maps=maps, fastpath=fastpath, local=local
+        ruleset,
+        entries,
+        interfaces=interfaces,
+        maps=maps,
+        fastpath=fastpath,
+        local=local,
+        table_from=table_from,
     )

@@ -23,7 +23,7 @@ from codegen.tc import log
 from codegen.tc.layout import CounterLayout
 from codegen.tc.matches.limit import slots as limit_slots
 
-from . import mark_target, matches
+from . import mark_target, matches, table
 from .entries import CCompileError
 from .source_text import Code, SpanMark, comment, indented, text_of
 from .targets import GENERATED_TARGETS, REFUSED_TARGETS, BuiltinTargets, FunctionTargets, Targets
@@ -74,7 +74,9 @@ def c_identifier(chain: str, number: int) -> str:
 
 class ChainWriter:
     """The code of a rule set's chains, for one unit: `functions` names the C function of each
-    user chain the unit holds."""
+    user chain the unit holds; `table`, the entries of the runs of plain rules that the
+    unit's chains (`builtins` and the user chains) scan from the rule table
+    (codegen/c/table.py: runs of `table_from` rules or more)."""
 
     def __init__(
         self,
@@ -82,6 +84,8 @@ class ChainWriter:
         layout: CounterLayout,
         interfaces: Mapping[str, int],
         user_chains: Iterable[str],
+        builtins: Iterable[str] = (),
+        table_from: int = table.TABLE_FROM,
     ):
         self.ruleset = ruleset
         self.layout = layout
@@ -89,6 +93,12 @@ class ChainWriter:
         self.slots = limit_slots(ruleset)  # each limit match's bucket
         numbers = {name: number for number, name in enumerate(ruleset.chains)}
         self.functions = {name: c_identifier(name, numbers[name]) for name in user_chains}
+        self.table = table.RuleTable(interfaces, table_from)
+        self.runs: dict[str, dict[int, table.Run]] = {}
+        for name in [*builtins, *self.functions]:
+            rules = ruleset.chains[name].rules
+            slots = [layout.slot((name, index)) for index in range(1, len(rules) + 1)]
+            self.runs[name] = {run.first: run for run in self.table.runs(rules, slots)}
 
     def user_chains(self) -> Code:
         """Every user chain's function, declared first so that chains may call each other in
@@ -111,8 +121,7 @@ class ChainWriter:
         chain = self.ruleset.chains[name]
         policy = f"policy_{name}"
         code: Code = [f"// Chain {name}, policy {chain.policy}."]
-        for index, rule in enumerate(chain.rules, start=1):
-            code += self.rule(chain, index, rule, BuiltinTargets(accept, policy, drop))
+        code += self.rules(chain, BuiltinTargets(accept, policy, drop))
         slot = self.layout.slot((name, "policy"))
         verdict = accept if chain.policy == "ACCEPT" else drop
         if f"goto {policy};" in text_of(code):
@@ -122,9 +131,7 @@ class ChainWriter:
         return [*code, f"f->decided = {slot};", f"goto counted_{verdict};"]
 
     def user_chain(self, chain: Chain) -> Code:
-        body: Code = []
-        for index, rule in enumerate(chain.rules, start=1):
-            body += self.rule(chain, index, rule, FunctionTargets())
+        body = self.rules(chain, FunctionTargets())
         inside: Code = ["int answer;", ""] if "answer = " in text_of(body) else []
         inside += [*body, "return CONTINUE;"]
         for verdict in ("accept", "drop"):
@@ -143,6 +150,22 @@ class ChainWriter:
             "}",
             "",
         ]
+
+    def rules(self, chain: Chain, targets: Targets) -> Code:
+        """A chain's rules in order: each inline, or a run of them as a scan of the table."""
+        code: Code = []
+        runs = self.runs.get(chain.name, {})
+        index = 1
+        while index <= len(chain.rules):
+            run = runs.get(index)
+            if run is None:
+                code += self.rule(chain, index, chain.rules[index - 1], targets)
+                index += 1
+                continue
+            texts = [write_rule(chain.name, rule) for rule in chain.rules[run.first - 1 : run.last]]
+            code += table.scan(chain.name, run, targets, texts)
+            index = run.last + 1
+        return code
 
     def rule(self, chain: Chain, index: int, rule: Rule, targets: Targets) -> Code:
         slot = self.layout.slot((chain.name, index))

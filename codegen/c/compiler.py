@@ -59,6 +59,8 @@ from .source import (
     RuleSpan,
     generate,
 )
+from .table import ENTRY as TABLE_ENTRY
+from .table import TABLE_FROM, TABLE_MAP
 
 PIN_ROOT = Path("/sys/fs/bpf/bpflab")
 STATS_LOG_SIZE = 1 << 16
@@ -141,9 +143,11 @@ def load_programs(
     maps: Mapping[str, object],
     fastpath: bool = False,
     local: LocalAddresses | None = None,
+    table_from: int = TABLE_FROM,
 ) -> list[CProgram]:
     """Generate one C unit for `entries`, compile it once with bcc and load every entry
-    (`local`: what the namespace delivers locally, for an ingress entry)."""
+    (`local`: what the namespace delivers locally, for an ingress entry; `table_from`: the
+    shortest run of plain rules scanned from the rule table, codegen/c/table.py)."""
     bcc, lib = _import_bcc()
     needed = [COUNTERS_MAP]
     if uses_conntrack(ruleset):
@@ -169,9 +173,6 @@ def load_programs(
         for identifier, (given, shape) in c_recent.map_shapes(ruleset).items():
             fds[identifier] = _map_fd(maps, given)
             sizes[identifier] = _check_shape(identifier, fds[identifier], shape)
-    replies = _reply_programs(entries, maps) if rejects(ruleset) else None
-    if replies is not None:
-        fds[REPLIES_MAP] = replies.fd
     _remove_stale_pins()
     pin_dir = PIN_ROOT / f"c_{os.getpid()}_{next(_compiles)}"
     source = generate(
@@ -182,8 +183,16 @@ def load_programs(
         pin_dir=str(pin_dir),
         map_entries=sizes,
         local=local,
+        table_from=table_from,
     )
+    replies = table = None
     try:
+        if rejects(ruleset):
+            replies = _reply_programs(entries, maps)
+            fds[REPLIES_MAP] = replies.fd
+        if source.table:
+            table = _rule_table(source)
+            fds[TABLE_MAP] = table.fd
         module = _compile(bcc, source, fds, pin_dir)
         try:
             programs = _load_all(bcc, lib, module, source)
@@ -196,9 +205,21 @@ def load_programs(
                 program.resources.append(held)
                 program.keep[REPLIES_MAP] = held.fd
     finally:
-        if replies is not None:
-            replies.close()
+        for own in (replies, table):  # the programs hold the table now
+            if own is not None:
+                own.close()
     return programs
+
+
+def _rule_table(source: CSource) -> Map:
+    """The unit's rule table, filled: an array of its own, not one of the caller's maps."""
+    table = Map(MapType.ARRAY, 4, TABLE_ENTRY.size, len(source.table), name=TABLE_MAP)
+    try:
+        table.update_batch(list(range(len(source.table))), list(source.table))
+    except BaseException:
+        table.close()
+        raise
+    return table
 
 
 def _reply_programs(entries: Sequence[Entry], maps: Mapping[str, object]) -> Map:

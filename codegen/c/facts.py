@@ -48,6 +48,8 @@ FACTS = [
     "    u8 src_address_type;  // -m addrtype's answers, found at the first rule that asks",
     "    u8 dst_address_type;  // (0: not yet; see codegen/c/matches/addrtype.py)",
     "    u8 log_hook;  // the hook LOG records name (codegen/c/log.py)",
+    "    u8 table_result;  // what the scan of a run in the rule table found (codegen/c/table.py)",
+    "    u32 table_at;  // the scan's next entry",
     "};",
     "// Kept in a one-slot per-CPU array rather than on the stack, and read through a",
     "// volatile pointer: every rule loads what it compares afresh, from memory whose",

@@ -42,6 +42,7 @@ from . import hashlimit as c_hashlimit
 from . import limit as c_limit
 from . import log as c_log
 from . import recent as c_recent
+from . import table as c_table
 from .chains import MAX_EXPANDED_RULES, ChainWriter, c_identifier, user_chains_reached
 from .entries import CCompileError, Entry, Hook
 from .facts import FACTS_MAP, HEADERS
@@ -86,6 +87,7 @@ class CSource:
     entries: tuple[Entry, ...]
     spans: tuple[RuleSpan, ...]
     layout: CounterLayout
+    table: tuple[bytes, ...] = ()  # the rule table's entries (codegen/c/table.py), if any
 
     def rule_at(self, line: int) -> RuleSpan | None:
         """The rule whose code holds `line` of the source, if any (every copy of an inlined
@@ -105,10 +107,12 @@ def generate(
     pin_dir: str = DEFAULT_PIN_DIR,
     map_entries: Mapping[str, int] | None = None,
     local: LocalAddresses | None = None,
+    table_from: int = c_table.TABLE_FROM,
 ) -> CSource:
     """The C translation unit for `entries`. `map_entries` gives the maps' max_entries as
     declared to bcc (default: the counter layout's size); `local`, what the namespace delivers
-    locally (codegen.tc.local; None: its STANDIN)."""
+    locally (codegen.tc.local; None: its STANDIN); runs of `table_from` plain rules or more
+    are scanned from the rule table (codegen/c/table.py)."""
     if not entries:
         raise CCompileError("no program to generate")
     names = [entry.function for entry in entries]
@@ -117,7 +121,8 @@ def generate(
     entries = tuple(entries)
     layout = CounterLayout.of(ruleset)
     roots = sorted({name for entry in entries for name in entry.builtins})
-    chains = ChainWriter(ruleset, layout, interfaces, user_chains_reached(ruleset, roots))
+    reached = user_chains_reached(ruleset, roots)
+    chains = ChainWriter(ruleset, layout, interfaces, reached, roots, table_from)
     text = SourceText()
     text.write(
         prologue(
@@ -144,7 +149,9 @@ def generate(
         text.write(c_set.declarations(ruleset, dict(map_entries or {})))
     if c_recent.matches_of(ruleset):
         text.write(c_recent.declarations(ruleset, dict(map_entries or {})))
+    if chains.table.entries:
+        text.write(c_table.declarations(len(chains.table.entries)))
     text.write(chains.user_chains())
     for slot, entry in enumerate(entries):
         text.write(entry_function(entry, chains, fastpath, slot))
-    return CSource(text.text, entries, tuple(text.spans), layout)
+    return CSource(text.text, entries, tuple(text.spans), layout, tuple(chains.table.entries))

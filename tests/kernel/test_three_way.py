@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from codegen.c import Entry, load_c_programs
+from codegen.c.table import TABLE_FROM
 from codegen.rules import Evaluation, Ruleset, evaluate, parse, write
 from codegen.rules.names import BUILTIN_CHAINS
 from codegen.tc import exact
@@ -42,11 +43,14 @@ SUPPRESSED = [HealthCheck.too_slow, HealthCheck.data_too_large]
 
 
 class OneCompileRunner(ChainRunner):
-    """A ChainRunner whose three C chain programs come from a single bcc compile."""
+    """A ChainRunner whose three C chain programs come from a single bcc compile; runs of
+    `table_from` plain rules or more are scanned from the C's rule table (codegen/c/table.py:
+    1 puts every plain rule there)."""
 
-    def __init__(self, ruleset: Ruleset, devices=()):
+    def __init__(self, ruleset: Ruleset, devices=(), table_from: int = TABLE_FROM):
         super().__init__(ruleset, devices, backend="c")
         self.c_programs: dict[str, object] | None = None
+        self.table_from = table_from
 
     def program(self, chain: str):
         if self.c_programs is None:
@@ -56,6 +60,7 @@ class OneCompileRunner(ChainRunner):
                 entries,
                 interfaces=self.interfaces,
                 maps={COUNTERS_MAP: self.counters},
+                table_from=self.table_from,
             )
             self.c_programs = dict(zip(BUILTIN_CHAINS, loaded, strict=True))
         return self.c_programs[chain]
@@ -100,8 +105,13 @@ def _examples(minimum: int, share: int) -> int:
     return max(minimum, settings.default.max_examples // share)
 
 
+def _tabled(runner: OneCompileRunner) -> bool:
+    """Whether the C of the runner's rule set scans a rule table (codegen/c/table.py)."""
+    return any(program.source.table for program in (runner.c_programs or {}).values())
+
+
 def test_evaluator_bytecode_and_c_agree():
-    ran = 0
+    ran = tabled = 0
 
     @given(
         ruleset=rulesets(),
@@ -114,11 +124,13 @@ def test_evaluator_bytecode_and_c_agree():
             }
         ),
         data=st.data(),
+        table_from=st.sampled_from([1, TABLE_FROM]),
     )
-    def three_agree(ruleset, traffic, data):
-        nonlocal ran
+    def three_agree(ruleset, traffic, data, table_from):
+        nonlocal ran, tabled
         ruleset = data.draw(aimed(ruleset, traffic))
-        with ChainRunner(ruleset, DEVICES) as bytecode, OneCompileRunner(ruleset, DEVICES) as c:
+        c_runner = OneCompileRunner(ruleset, DEVICES, table_from)
+        with ChainRunner(ruleset, DEVICES) as bytecode, c_runner as c:
             for chain, chain_cases in traffic.items():
                 for packet, in_iface, out_iface, mark, pkt_type in chain_cases:
                     frame = frame_for(packet)
@@ -138,10 +150,13 @@ def test_evaluator_bytecode_and_c_agree():
                     if problem is not None:
                         pytest.fail(problem, pytrace=False)
                     ran += 1
+            tabled += _tabled(c)
 
     examples = _examples(RULESETS, 10)
     settings(max_examples=examples, deadline=None, suppress_health_check=SUPPRESSED)(three_agree)()
     assert ran >= examples * 3 * PACKETS_PER_CHAIN >= MIN_CASES, f"only {ran} cases ran"
+    # Half the rule sets put every plain rule in the C's table: most of them have some.
+    assert tabled >= examples // 4, f"only {tabled} of {examples} rule sets scanned a table"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,7 +253,7 @@ def exact_packets(draw: st.DrawFn) -> bytes:
 
 
 def test_exact_runs_agree_three_ways():
-    ran = 0
+    ran = tabled = 0
     decided_in_runs = 0  # cases a rule of a run decided: the lookup answered
 
     @given(
@@ -253,9 +268,10 @@ def test_exact_runs_agree_three_ways():
                 for chain in BUILTIN_CHAINS
             }
         ),
+        table_from=st.sampled_from([1, TABLE_FROM]),
     )
-    def agree(ruleset, traffic):
-        nonlocal ran, decided_in_runs
+    def agree(ruleset, traffic, table_from):
+        nonlocal ran, decided_in_runs, tabled
         in_runs = {
             (name, index + 1)
             for name, chain in ruleset.chains.items()
@@ -263,7 +279,8 @@ def test_exact_runs_agree_three_ways():
             for index in range(first, last + 1)
         }
         devices = {"INPUT": ("eth0", None), "FORWARD": ("eth0", "eth1"), "OUTPUT": (None, "eth1")}
-        with ChainRunner(ruleset, DEVICES) as bytecode, OneCompileRunner(ruleset, DEVICES) as c:
+        c_runner = OneCompileRunner(ruleset, DEVICES, table_from)
+        with ChainRunner(ruleset, DEVICES) as bytecode, c_runner as c:
             for chain, batch in traffic.items():
                 in_iface, out_iface = devices[chain]
                 for packet in batch:
@@ -278,10 +295,12 @@ def test_exact_runs_agree_three_ways():
                         pytest.fail(problem, pytrace=False)
                     ran += 1
                     decided_in_runs += voices["evaluator"].deciding in in_runs
+            tabled += _tabled(c)
 
     examples = _examples(EXACT_RULESETS, 20)
     settings(max_examples=examples, deadline=None, suppress_health_check=SUPPRESSED)(agree)()
     assert ran >= examples * 3 * EXACT_PACKETS_PER_CHAIN
+    assert tabled >= examples // 4, f"only {tabled} of {examples} rule sets scanned a table"
     assert decided_in_runs >= ran // 20, f"only {decided_in_runs} of {ran} decided in a run"
 
 
