@@ -299,4 +299,7 @@ def namespace_log(
             yield record_event(record, ruleset, layout, names, ethernet, addresses)
         if not follow or stop() or (deadline is not None and time.monotonic() >= deadline):
             return
-        time.sleep(POLL_SECONDS)
+        # Woken as soon as a program commits a record; the timeout only bounds how late stop()
+        # and the deadline are seen.
+        left = POLL_SECONDS if deadline is None else min(POLL_SECONDS, deadline - time.monotonic())
+        maps.ring.wait(left)

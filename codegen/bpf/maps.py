@@ -10,6 +10,7 @@ import ctypes
 import errno
 import mmap
 import os
+import select
 import struct
 from collections.abc import Iterator
 
@@ -344,6 +345,13 @@ class RingBuffer(Map):
             consumer += (length + self._HEADER + 7) // 8 * 8
             struct.pack_into("<Q", self._consumer, 0, consumer)
         return out
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for a record to read (the kernel wakes a poller of the
+        ring when a program commits one); whether there is one."""
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        return bool(poller.poll(max(0, round(timeout * 1000))))
 
     def close(self) -> None:
         self._consumer.close()

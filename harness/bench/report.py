@@ -72,6 +72,7 @@ def _short(reason: str) -> str:
 
 def markdown(results: dict) -> str:
     from .extensions import report_lines as extensions_lines
+    from .log_rate import report_lines as log_rate_lines
     from .one_rule import report_lines as one_rule_lines
     from .shape_traffic import report_lines as shape_traffic_lines
     from .shaped import report_lines as shape_lines
@@ -161,6 +162,7 @@ def markdown(results: dict) -> str:
         ]
 
     lines += extensions_lines(results)
+    lines += log_rate_lines(results)
     lines += shape_lines(results)
     lines += shape_traffic_lines(results)
     filters = results["filters"]

@@ -44,7 +44,7 @@ RESULTS_MARKDOWN = "bench.md"
 # 2: the stateful workload's section; 3: the fixed cost (`fixed`); 4: one rule added and
 # deleted (`one_rule`); 6: rule sets of real shapes (`shapes`); 7: their throughput over veth
 # (`shape_throughput`)
-SCHEMA = 7
+SCHEMA = 8
 # The stateful workload runs at the sizes up to this (the largest set that loads is stateless).
 STATEFUL_LARGEST = 5000
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -94,6 +94,7 @@ def run_bench(settings: Settings, progress: Progress = _no_progress) -> dict:
     if (reason := missing_requirements()) is not None:
         raise BenchError(reason)
     from .extensions import measure as measure_extensions
+    from .log_rate import measure as measure_log_rate
     from .one_rule import measure as measure_one_rule
     from .shape_traffic import measure as measure_shape_traffic
     from .shaped import measure as measure_shapes
@@ -118,7 +119,10 @@ def run_bench(settings: Settings, progress: Progress = _no_progress) -> dict:
     progress(f"floor: empty program {floor.ns:.0f} ns per packet")
     fixed = _fixed(backends, settings, progress)
     extensions = measure_extensions(settings.testrun, progress)
-    shapes = measure_shapes(settings.shape_sizes, settings.testrun, clock, progress)
+    log_rate = measure_log_rate(progress)
+    shapes = measure_shapes(
+        settings.shape_sizes, settings.testrun, clock, progress, c_backend=c_problem is None
+    )
 
     sizes = sorted(set(settings.sizes))
     largest = None
@@ -193,6 +197,7 @@ def run_bench(settings: Settings, progress: Progress = _no_progress) -> dict:
         "floor": {**floor.to_json(), "instructions": floor_facts.xlated_instructions},
         "fixed": fixed,
         "extensions": extensions,
+        "log_rate": log_rate,
         "shapes": shapes,
         "shape_throughput": shape_throughput,
         "largest": largest,

@@ -8,7 +8,8 @@ and timed with BPF_PROG_TEST_RUN as the rest of the bench times chain programs; 
 rule set is applied to a namespace holding the devices the ACL names, two veth pairs (parse,
 both hooks' programs compiled, verified and attached: `apply_s`), and applied again over itself
 (`reapply_s`). The set shape's N are its set's members, parsed with its one rule (`parse_s`).
-Only the bytecode backend: the C backend stops near 1,600 rules (issue 14).
+The C backend's INPUT chain program (`c`: its rule table, scanned in rule order, the oracle the
+differential tests compare with) is loaded and timed on the same packets, when bcc is here.
 """
 
 from __future__ import annotations
@@ -47,8 +48,32 @@ def _check(runner: ChainRunner, frame: bytes, shape: str, count: int, position: 
         )
 
 
+def _chain_program(runner: ChainRunner, shape: str, count: int, settings, clock) -> dict:
+    """Load the INPUT chain program, check it on the shape's packets and time it on each."""
+    started = clock()
+    program = runner.program("INPUT")
+    load_s = clock() - started
+    facts = ProgramFacts.of(program.fd)
+    timing = {}
+    for position in POSITIONS:
+        frame = frame_for(packet(shape, position))
+        _check(runner, frame, shape, count, position)
+        timing[position] = time_program(program.fd, frame, settings).to_json()
+    return {
+        "load_s": load_s,
+        "instructions": facts.xlated_instructions,
+        "verifier_processed": facts.verifier_processed,
+        "ns_per_packet": {position: timing[position]["ns"] for position in POSITIONS},
+        "timing": timing,
+    }
+
+
 def measure_shape(
-    shape: str, count: int, settings: TimingSettings, clock: Callable[[], float]
+    shape: str,
+    count: int,
+    settings: TimingSettings,
+    clock: Callable[[], float],
+    c_backend: bool = False,
 ) -> dict:
     text = rules(shape, count)
     filename = f"bench-{shape}-{count}.rules"
@@ -58,15 +83,11 @@ def measure_shape(
     table = None if listed is None else parse_sets(listed, f"bench-{shape}-{count}.sets")
     parse_s = clock() - started
     with ChainRunner(ruleset, sets=table) as runner:
-        started = clock()
-        program = runner.program("INPUT")
-        load_s = clock() - started
-        facts = ProgramFacts.of(program.fd)
-        timing = {}
-        for position in POSITIONS:
-            frame = frame_for(packet(shape, position))
-            _check(runner, frame, shape, count, position)
-            timing[position] = time_program(program.fd, frame, settings).to_json()
+        bytecode = _chain_program(runner, shape, count, settings, clock)
+    c = None
+    if c_backend:
+        with ChainRunner(ruleset, sets=table, backend="c") as runner:
+            c = _chain_program(runner, shape, count, settings, clock)
     from ..deploy.lifecycle import apply
 
     with Namespace() as namespace:
@@ -90,14 +111,11 @@ def measure_shape(
         "shape": shape,
         "rules": count,
         "parse_s": parse_s,
-        "load_s": load_s,
+        **bytecode,
         "apply_s": apply_s,
         "reapply_s": reapply_s,
-        "instructions": facts.xlated_instructions,
-        "verifier_processed": facts.verifier_processed,
         "hooks": hooks,
-        "ns_per_packet": {position: timing[position]["ns"] for position in POSITIONS},
-        "timing": timing,
+        "c": c,
     }
 
 
@@ -106,12 +124,13 @@ def measure(
     settings: TimingSettings,
     clock: Callable[[], float],
     progress: Progress,
+    c_backend: bool = False,
 ) -> list[dict]:
-    """Every shape at every size, smallest first."""
+    """Every shape at every size, smallest first; with `c_backend`, its chain programs too."""
     entries = []
     for shape in SHAPES:
         for count in sorted(sizes):
-            entry = measure_shape(shape, count, settings, clock)
+            entry = measure_shape(shape, count, settings, clock, c_backend)
             entries.append(entry)
             ns = entry["ns_per_packet"]
             progress(
@@ -120,6 +139,13 @@ def measure(
                 f"{entry['parse_s']:.2f} s, chain program {entry['load_s']:.2f} s, apply "
                 f"{entry['apply_s']:.2f} s, again {entry['reapply_s']:.2f} s"
             )
+            if entry["c"] is not None:
+                ns = entry["c"]["ns_per_packet"]
+                progress(
+                    f"shape {shape:7} {count:>7,} rules, c: first {ns['first']:,.0f} ns, last "
+                    f"{ns['last']:,.0f} ns, no match {ns['none']:,.0f} ns; chain program "
+                    f"{entry['c']['load_s']:.2f} s"
+                )
     return entries
 
 
@@ -148,4 +174,30 @@ def report_lines(results: dict) -> list[str]:
         for entry in entries
     ]
     header = ["shape", "rules", "first", "last", "no match", "verifier", "parse", "apply", "again"]
-    return lines + _table(header, rows)
+    return lines + _table(header, rows) + _c_lines(entries)
+
+
+def _c_lines(entries: list[dict]) -> list[str]:
+    """The C backend's chain programs of the same shapes, where it was measured."""
+    measured = [entry for entry in entries if entry.get("c")]
+    if not measured:
+        return []
+    rows = [
+        [
+            entry["shape"],
+            f"{entry['rules']:,}",
+            *(_ns(entry["c"]["ns_per_packet"][position]) for position in POSITIONS),
+            f"{entry['c']['verifier_processed']:,}",
+            f"{entry['c']['load_s']:.2f} s",
+        ]
+        for entry in measured
+    ]
+    header = ["shape", "rules", "first", "last", "no match", "verifier", "chain program"]
+    return [
+        "",
+        "The C backend (bcc) on the same rule sets: the oracle, its runs of plain rules "
+        "scanned from a rule table in rule order (codegen/c/table.py), so a packet that "
+        "matches late pays for every rule before.",
+        "",
+        *_table(header, rows),
+    ]

@@ -175,6 +175,7 @@ def _require_bench_tools() -> None:
 
 @pytest.mark.privileged
 @pytest.mark.netns
+@pytest.mark.bcc
 def test_quick_bench_writes_json_markdown_and_plots(tmp_path, capsys):
     _require_bench_tools()
     args = _parser().parse_args(["bench", "--quick", "--output", str(tmp_path)])
@@ -210,6 +211,21 @@ def test_quick_bench_writes_json_markdown_and_plots(tmp_path, capsys):
     assert all(entry["ns"] > 0 for entry in extensions.values())
     assert extensions["-j LOG, firing"]["log_drops"] == 0
     assert extensions["-j LOG, ring full (event dropped)"]["log_drops"] > 0
+    # REJECT's answer replaces the packet: timed one run per call, so every run builds one
+    # (repeats would time the answer going through the chain), against a baseline timed alike.
+    # LOG events through the ring, read as `bpflab log --follow` reads them: at twice the
+    # reader's rate the ring overflows and counts the loss, well below it far less is lost
+    # (none on a quiet machine).
+    log_rate = results["log_rate"]
+    assert log_rate["held"] > 0 and log_rate["reader_events_per_s"] > 0
+    slow, *_, fast = log_rate["runs"]
+    assert slow["arrived"] > 0 and fast["dropped"] > slow["dropped"]
+    assert (
+        "## LOG events through the ring buffer" in (tmp_path / bench.RESULTS_MARKDOWN).read_text()
+    )
+    reject = extensions["-j REJECT (answer built)"]
+    assert reject["one_shot"] and reject["repeat"] == 1
+    assert reject["added_ns"] == reject["ns"] - reject["baseline_ns"]
     assert (
         "## What one rule of each extension adds" in (tmp_path / bench.RESULTS_MARKDOWN).read_text()
     )
@@ -222,7 +238,11 @@ def test_quick_bench_writes_json_markdown_and_plots(tmp_path, capsys):
         assert all(ns > 0 for ns in entry["ns_per_packet"].values())
         assert entry["apply_s"] > entry["parse_s"] > 0 and entry["reapply_s"] > 0
         assert all(hook["verifier_processed"] > 0 for hook in entry["hooks"].values())
-    assert "## Rule sets of real shapes" in (tmp_path / bench.RESULTS_MARKDOWN).read_text()
+        # The C backend's chain program on the same packets (bcc is here: the test needs it).
+        assert all(ns > 0 for ns in entry["c"]["ns_per_packet"].values())
+    markdown = (tmp_path / bench.RESULTS_MARKDOWN).read_text()
+    assert "## Rule sets of real shapes" in markdown
+    assert "The C backend (bcc) on the same rule sets" in markdown
     # The same shapes over veth: every filter loaded them twice and delivered the packet the
     # shape accepts after every rule (the bench stops otherwise); one panel per shape.
     assert [(e["shape"], e["rules"]) for e in results["shape_throughput"]] == [

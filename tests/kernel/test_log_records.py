@@ -7,6 +7,9 @@ tests/net/test_log_vs_netfilter.py."""
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -14,6 +17,7 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP
 
 from codegen.bpf.isa import MapType
 from codegen.bpf.maps import Map
+from codegen.bpf.testrun import prog_test_run
 from codegen.conntrack import TrackerMaps
 from codegen.rules import evaluate, parse, write
 from codegen.rules.extensions.log import Log
@@ -149,6 +153,27 @@ def test_a_full_ring_drops_events_not_packets_and_counts_them(backend: str) -> N
             assert all(got.counters[("INPUT", n)] == (1, len(packet)) for n in range(1, 21))
             assert [line.split(":")[0] for line in got.log] == [f"n{n}" for n in range(room)]
             assert runner.log_drops() == run * (20 - room)
+
+
+def test_a_reader_waiting_on_the_ring_is_woken_by_a_record() -> None:
+    """`bpflab log --follow` waits on the ring: the kernel wakes it when a program commits a
+    record, long before its timeout."""
+    ruleset = parse("*filter\n-A INPUT -j LOG\nCOMMIT\n", "wake")
+    with ChainRunner(ruleset) as runner:
+        assert runner.logging is not None
+        ring = runner.logging.ring
+        assert not ring.wait(0.05)  # nothing to read: it waits its timeout out
+        program = runner.program("INPUT")
+        woken: list[tuple[bool, float]] = []
+        waiter = threading.Thread(target=lambda: woken.append((ring.wait(20), time.monotonic())))
+        waiter.start()
+        time.sleep(0.2)
+        fired = time.monotonic()
+        prog_test_run(program.fd, frame_for(bytes(PACKETS["udp"])))
+        waiter.join(timeout=30)
+        ((ready, at),) = woken
+        assert ready and at - fired < 10, "woken by its timeout, not by the record"
+        assert len(ring.records()) == 1 and ring.wait(0) is False
 
 
 @settings(max_examples=60, deadline=None)

@@ -10,6 +10,7 @@ from scapy.layers.inet import IP, TCP
 
 from codegen.rules import parse
 from codegen.tc.generator import CHUNK_RULES, CompileError, compile_program
+from harness.bench import shapes
 from harness.runner import ChainRunner, frame_for, standin_interfaces
 
 pytestmark = pytest.mark.privileged
@@ -107,3 +108,21 @@ def test_nesting_beyond_the_call_frames_is_refused_naming_the_rule():
     message = str(caught.value)
     assert message.startswith("deep.rules:")
     assert "INPUT -> c0 -> c1" in message and "8 nested calls" in message
+
+
+@pytest.mark.bcc
+@pytest.mark.parametrize("shape", ["cidr", "acl", "ranges"])
+def test_the_c_backend_scans_long_rule_sets_from_its_table(shape):
+    """Past about 1,600 rules the C backend's inline code no longer loads; a run of plain rules
+    becomes entries of its rule table (codegen/c/table.py), whose loop the verifier checks
+    once, whatever the run's length."""
+    count = 20_000
+    ruleset = parse(shapes.rules(shape, count), f"{shape}.rules")
+    with ChainRunner(ruleset, shapes.INTERFACES, backend="c") as runner:
+        program = runner.program("INPUT")
+        assert len(program.source.table) == count
+        assert program.stats is not None and program.stats.insns_processed < 5_000
+        for position in ("first", "last", "none"):
+            outcome = runner.run(frame_for(shapes.packet(shape, position)), "INPUT", "eth1")
+            verdict, rule = shapes.decided_by(shape, count, position)
+            assert (outcome.verdict, outcome.deciding) == (verdict, ("INPUT", rule))
