@@ -61,7 +61,7 @@ def verify(args: argparse.Namespace) -> int:
             tracking[HASHLIMIT_MAP] = stack.enter_context(create_hashlimit_map(ruleset))
         if uses_policy(ruleset):  # a test's security path; the programs read the skb's
             tracking[SECPATH_MAP] = stack.enter_context(create_secpath_map())
-        for name, held in (set_maps(ruleset) if uses_sets(ruleset) else {}).items():
+        for name, held in (set_maps(ruleset, interfaces) if uses_sets(ruleset) else {}).items():
             tracking[name] = stack.enter_context(held)
         for name, held in (create_recent_maps(ruleset) if uses_recent(ruleset) else {}).items():
             tracking[name] = stack.enter_context(held)

@@ -16,12 +16,12 @@ from codegen.bpf.testrun import SkBuff, prog_test_run
 from codegen.conntrack import TrackerMaps, uses_conntrack
 from codegen.jiffies import kernel_hz
 from codegen.rules.extensions.limit import seconds_to_jiffies
-from codegen.rules.extensions.set import bind_sets, uses_sets
+from codegen.rules.extensions.set import SetMatch, bind_sets, uses_sets
 from codegen.rules.model import Interface, Ruleset
 from codegen.rules.names import PKT_TYPE_ALIASES, PKT_TYPES
 from codegen.rules.packet import SocketOwner, XfrmState
 from codegen.rules.routes import STANDIN_ROUTES, RouteTable
-from codegen.rules.sets import SetTable
+from codegen.rules.sets import HASH_NET_IFACE, SetTable, looked_up
 from codegen.tc.generator import COUNTERS_MAP
 from codegen.tc.layout import NOT_HANDLED, CounterLayout, Position
 from codegen.tc.log import logs
@@ -63,13 +63,21 @@ class Outcome:
 
 
 def standin_interfaces(ruleset: Ruleset, extra: Iterable[str] = ()) -> dict[str, int]:
-    """Stand-in ifindexes for every device the rules name (wildcards aside) and any extra ones."""
+    """Stand-in ifindexes for every device the rules name (wildcards aside), the members of
+    their hash:net,iface sets name, and any extra ones."""
     names = set(DEFAULT_DEVICES) | {name for name in extra if name}
     for chain in ruleset.chains.values():
         for rule in chain.rules:
             for match in rule.matches:
                 if isinstance(match, Interface) and not match.wildcard:
                     names.add(match.name)
+                elif isinstance(match, SetMatch) and match.bound is not None:
+                    names |= {
+                        member.iface
+                        for table in looked_up(match.bound)
+                        for member in table.members
+                        if table.kind == HASH_NET_IFACE and not member.wildcard
+                    }
     return {name: FIRST_STANDIN_IFINDEX + i for i, name in enumerate(sorted(names))}
 
 
@@ -115,7 +123,7 @@ class ChainRunner:
         self.limits = create_map(ruleset) if uses_limit(ruleset) else None
         # -m hashlimit's entries, none yet (codegen.tc.matches.hashlimit), on the same clock.
         self.hashlimits = create_hashlimit_map(ruleset) if uses_hashlimit(ruleset) else None
-        self.set_maps = set_maps(ruleset) if uses_sets(ruleset) else {}
+        self.set_maps = set_maps(ruleset, self.interfaces) if uses_sets(ruleset) else {}
         # -m recent's tables, empty, and their clock (codegen.tc.matches.recent).
         self.recent_maps = create_recent_maps(ruleset) if uses_recent(ruleset) else {}
         # The clock a run fixes for the tracker, the limits and -m recent, in the kernel's HZ.

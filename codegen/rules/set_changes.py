@@ -11,7 +11,9 @@ from dataclasses import replace
 from codegen.rules.names import PROTOCOL_NAMES
 from codegen.rules.sets import (
     BITMAP_PORT,
+    HASH_NET_IFACE,
     ICMP_NAMES,
+    LIST_SET,
     WITH_PORT,
     IpSet,
     LineReader,
@@ -37,6 +39,11 @@ def changed(
     words = split_words(entry.strip(), reader)
     if not words:
         raise reader.error("the entry is empty")
+    if table.kind == LIST_SET:
+        raise reader.error(
+            f"set '{table.name}' is a list:set: which sets it holds is compiled into the"
+            " programs (apply again to change it; its member sets change in place)"
+        )
     if delete and len(words) > 1:
         raise reader.error(f"'{words[1]}' after a member to delete is not supported", words[1])
     members = {member_identity(m): m for m in table.members}
@@ -69,6 +76,8 @@ def shown(table: IpSet, member: Member, *, flag: bool = False) -> str:
     """`member` as `ipset save` prints it (`flag`: with its nomatch flag)."""
     if table.kind == BITMAP_PORT:
         return str(member.port)
+    if table.kind == LIST_SET:
+        return member.member_set
     text = socket.inet_ntop(socket.AF_INET, member.network.to_bytes(4, "big"))
     if member.prefix != 32:
         text += f"/{member.prefix}"
@@ -80,6 +89,8 @@ def shown(table: IpSet, member: Member, *, flag: bool = False) -> str:
         else:
             port = str(member.port)
         text += f",{PROTOCOL_NAMES.get(member.protocol, str(member.protocol))}:{port}"
+    if table.kind == HASH_NET_IFACE:
+        text += f",{member.iface}{' wildcard' if member.wildcard else ''}"
     return f"{text} nomatch" if flag and member.nomatch else text
 
 
@@ -87,6 +98,8 @@ def header(table: IpSet) -> str:
     """The options of `table` as `ipset save` and `ipset list` print them."""
     if table.kind == BITMAP_PORT:
         return f"range {table.port_range[0]}-{table.port_range[1]}"
+    if table.kind == LIST_SET:
+        return f"size {table.size}"
     return f"family inet maxelem {table.maxelem}"
 
 

@@ -202,7 +202,7 @@ def apply(
         logging = cleanup.enter_context(LogMaps()) if logs(ruleset) else None
         if logging is not None:  # LOG rules' records (codegen.tc.log): a new ring each apply
             extra.update(logging.maps)
-        sets_held = set_maps(ruleset) if uses_sets(ruleset) else {}
+        sets_held = set_maps(ruleset, interfaces) if uses_sets(ruleset) else {}
         for name, held in sets_held.items():
             extra[name] = cleanup.enter_context(held)
         extra.update(recent.open_tables(ruleset, pins, cleanup, _replace_pin))  # deploy.recent

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -29,7 +29,7 @@ from codegen.bpf.syscall import BpfError
 from codegen.rules.extensions.set import bound_sets
 from codegen.rules.model import Ruleset
 from codegen.rules.set_changes import changed, save_text
-from codegen.rules.sets import IpSet, SetError, SetTable, parse_sets
+from codegen.rules.sets import HASH_NET_IFACE, LIST_SET, IpSet, SetError, SetTable, parse_sets
 from codegen.tc.matches.set import changes, entries, map_name, map_shape
 from netns.namespace import CommandError, Namespace, NamespaceError
 
@@ -62,17 +62,20 @@ def namespace_sets(namespace: Namespace) -> SetTable:
         ) from None
 
 
-def set_maps(ruleset: Ruleset) -> dict[str, Map]:
-    """A new map for each set `ruleset` (bound) uses, filled, by the name the programs use;
-    the caller closes them."""
+def set_maps(ruleset: Ruleset, interfaces: Mapping[str, int] | None = None) -> dict[str, Map]:
+    """A new map for each set `ruleset` (bound) uses, filled, by the name the programs use
+    (hash:net,iface members under the ifindexes of `interfaces`, name -> ifindex; a list:set
+    has none: its members do); the caller closes them."""
     maps: dict[str, Map] = {}
     with ExitStack() as undo:
         for name, table in bound_sets(ruleset).items():
-            kind, key_size, value_size, size, flags = map_shape(table)
+            if table.kind == LIST_SET:
+                continue
+            kind, key_size, value_size, size, flags = map_shape(table, interfaces)
             held = undo.enter_context(
                 Map(kind, key_size, value_size, size, flags=flags, name="bpflab_set")
             )
-            filled = entries(table)
+            filled = entries(table, None, interfaces)
             if filled:
                 held.update_batch(list(filled), list(filled.values()))
             maps[map_name(name)] = held
@@ -130,7 +133,8 @@ def change_set(
         )
     table = sets[name]
     new, went_in, went_out = changed(table, entry, delete=delete, exist=exist)
-    written, gone = changes(table, went_in, went_out)
+    interfaces = _devices(netns) if table.kind == HASH_NET_IFACE else None
+    written, gone = changes(table, went_in, went_out, interfaces)
     path = pin_dir(netns) / pin_name(name)
     try:
         held = Map.from_pin(str(path))
@@ -145,7 +149,7 @@ def change_set(
             for key in gone:
                 held.delete(key)
         except BpfError as error:
-            _restore(held, [*written, *gone], table)
+            _restore(held, [*written, *gone], table, interfaces)
             raise LifecycleError(
                 f"the map of set '{name}' refused the change ({error.strerror}): nothing changed"
             ) from None
@@ -153,15 +157,23 @@ def change_set(
         try:
             rewrite_state(netns, state)
         except LifecycleError:
-            _restore(held, [*written, *gone], table)
+            _restore(held, [*written, *gone], table, interfaces)
             raise
     return len(went_in), len(went_out)
 
 
-def _restore(held: Map, keys: list[bytes], table: IpSet) -> None:
+def _devices(netns: str) -> dict[str, int]:
+    """The devices of `netns` by name, as hash:net,iface members are put under them."""
+    with Namespace.existing(netns).ipr() as ipr:
+        return {link.get_attr("IFLA_IFNAME"): link["index"] for link in ipr.get_links()}
+
+
+def _restore(
+    held: Map, keys: list[bytes], table: IpSet, interfaces: Mapping[str, int] | None
+) -> None:
     """Put `keys` of `held` back as `table` (the set before the change) has them: nothing
     half-applied."""
-    before = entries(table)
+    before = entries(table, None, interfaces)
     for key in keys:
         if key in before:
             held.update(key, before[key])

@@ -236,3 +236,83 @@ def test_run_and_verify_take_sets_from_a_file(tmp_path) -> None:  # type: ignore
     bad = _bpflab("run", str(rules), "--chain", "INPUT", "--sets", str(sets), "--packet", "IP()")
     assert bad.returncode == 2 and bad.stderr.startswith(f"{sets}:2:")
     assert "Traceback" not in bad.stderr
+
+
+IFACE_SETS = parse_sets(
+    SETS_TEXT
+    + """\
+create ifnets hash:net,iface family inet hashsize 1024 maxelem 65536
+add ifnets 198.18.0.0/16,eth0
+add ifnets 198.18.5.0/24,eth0 nomatch
+add ifnets 198.18.5.9,eth0
+add ifnets 10.0.0.0/8,veth wildcard
+add ifnets 10.1.0.0/16,veth0 nomatch
+add ifnets 0.0.0.0/0,wg0
+create either list:set size 4
+add either hosts
+add either netports
+add either ifnets before netports
+""",
+    "iface-sets",
+)
+IFACE_MATCHES = [
+    "-m set --match-set ifnets src,src",
+    "-m set --match-set ifnets dst,dst",
+    "-m set --match-set ifnets src,dst --return-nomatch",
+    "-m set ! --match-set ifnets src,src",
+    "-m set --match-set ifnets src",  # fewer directions than its dimension: never
+    "-m set --match-set either src",  # only hosts has one dimension
+    "-m set --match-set either src,src",
+    "-m set --match-set either src,dst --return-nomatch",
+    "-m set ! --match-set either dst,dst",
+]
+IFACE_DEVICES = {
+    "INPUT": [("eth0", None), ("eth1", None), ("veth0", None), ("veth1", None), ("wg0", None)],
+    "FORWARD": [("eth0", "veth1"), ("veth0", "eth0"), ("wg0", "eth1"), ("eth1", "wg0")],
+    "OUTPUT": [(None, "eth0"), (None, "veth0"), (None, "wg0")],
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_net_iface_and_list_sets_agree_with_the_reference(backend: str) -> None:
+    """hash:net,iface by the device of its second direction (a wildcard member by prefix, a
+    device the packet lacks never), and a list:set through its members in order."""
+    rules = "".join(f"-A {chain} {match}\n" for chain in IFACE_DEVICES for match in IFACE_MATCHES)
+    ruleset = parse(f"*filter\n{rules}COMMIT\n", "iface")
+    sources = ("198.18.0.5", "198.18.5.9", "198.18.5.1", "10.1.2.3", "10.2.2.2", "198.19.0.1")
+    packets = [
+        bytes(IP(src=source, dst=destination) / TCP(sport=22, dport=22))
+        for source in sources
+        for destination in ("198.18.0.2", "10.1.1.1", "198.18.5.9")
+    ]
+    counted: dict = {}
+    with ChainRunner(ruleset, ["wg0", "veth1"], sets=IFACE_SETS, backend=backend) as runner:  # type: ignore[arg-type]
+        for chain, devices in IFACE_DEVICES.items():
+            for inside, outside in devices:
+                for packet in packets:
+                    expected = evaluate(ruleset, packet, chain, inside, outside, sets=IFACE_SETS)
+                    got = runner.run(frame_for(packet), chain, inside, outside)
+                    case = (chain, inside, outside, IP(packet).summary())
+                    assert (got.verdict, got.deciding, got.counters) == (
+                        expected.verdict,
+                        expected.deciding,
+                        expected.counters,
+                    ), case
+                    for position in expected.counters:
+                        counted[position] = counted.get(position, 0) + 1
+    # Each rule matched some packets and missed others, but where ifnets has no device to
+    # look at (too few directions; INPUT has no out-device, OUTPUT no in-device): never.
+    absent = {"INPUT": "dst", "FORWARD": "", "OUTPUT": "src"}
+    for chain, devices in IFACE_DEVICES.items():
+        total = len(devices) * len(packets)
+        for index, match in enumerate(IFACE_MATCHES, 1):
+            seen = counted.get((chain, index), 0)
+            words = match.split()
+            directions = words[words.index("--match-set") + 2].split(",")
+            deviceless = match.endswith("ifnets src") or (
+                "ifnets" in match and directions[-1] == absent[chain]
+            )
+            if deviceless:
+                assert seen == (total if "!" in match else 0), (chain, match, seen)
+            else:
+                assert 0 < seen < total, (chain, match, seen)

@@ -45,6 +45,8 @@ create np3 hash:net,port family inet
 add np3 198.18.4.0/24,udp:53
 create p3 bitmap:port range 0-1024
 add p3 22
+create ni3 hash:net,iface family inet
+add ni3 198.18.4.0/22,eth0
 """
 MATCHES = (
     "-m set --match-set h3 src",
@@ -53,6 +55,7 @@ MATCHES = (
     "-m set --match-set s3 src,dst",
     "-m set --match-set np3 src,dst",
     "-m set --match-set p3 dst",
+    "-m set --match-set ni3 src,src",
 )
 RULES = (
     "*filter\n"
@@ -77,6 +80,11 @@ STEPS = (
     ("del p3 22", True),
     ("add p3 2000", False),  # outside its range
     ("del h3 198.18.0.5", True),
+    ("add ni3 198.18.4.1,eth1", True),  # hides eth0's /22 from 198.18.4.1
+    ("add ni3 198.18.4.1,eth1", False),
+    ("add ni3 198.18.5.0/24,et wildcard", True),
+    ("add ni3 198.18.5.0/25,eth0 nomatch", True),
+    ("del ni3 198.18.4.1,eth1", True),
 )
 SOURCES = ("198.18.0.5", "198.18.0.6", "198.18.0.9", "198.18.4.1", "198.18.5.1", "198.18.6.1")
 
@@ -91,9 +99,12 @@ def _packets() -> list[bytes]:
 
 def _members(sets: SetTable) -> dict[str, set]:
     return {
-        name: {(m.network, m.prefix, m.protocol, m.port, m.nomatch) for m in table.members}
+        name: {
+            (m.network, m.prefix, m.protocol, m.port, m.nomatch, m.iface, m.wildcard)
+            for m in table.members
+        }
         for name, table in sets.sets.items()
-        if name in {"h3", "n3", "s3", "np3", "p3"}
+        if name in {"h3", "n3", "s3", "np3", "p3", "ni3"}
     }
 
 
@@ -150,7 +161,9 @@ def test_changes_in_place_agree_with_ipset(lab: Lab, backend: str, tmp_path: Pat
             )
             assert moved == expected, words
         # The steps changed what the rules see: every set rule counted something at some point.
-        assert all(current(lab.host.name)[1]["INPUT", n][0] > 0 for n in range(1, 7))
+        assert all(
+            current(lab.host.name)[1]["INPUT", n][0] > 0 for n in range(1, len(MATCHES) + 1)
+        )
     finally:
         flush(lab.host.name)
     restore(lab.host, RULES, tmp_path)  # the twin, over the namespace's own ipsets

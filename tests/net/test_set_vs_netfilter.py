@@ -6,8 +6,11 @@ time every rule's counters are what the reference evaluator says over the sets r
 the namespace. A changed set is seen by our programs at the next apply; a rule naming a set
 the namespace lacks is refused by both.
 
-Kernel facts this pins down: the longest prefix decides hash:net and hash:net,port, a
-`nomatch` member making an exception; --return-nomatch inverts that for those types only;
+Kernel facts this pins down: the longest prefix decides hash:net, hash:net,port and
+hash:net,iface, a `nomatch` member making an exception; --return-nomatch inverts that for
+those types only; hash:net,iface compares the in-device by name (a `wildcard` member by
+prefix) and never matches a device the packet has not (INPUT's out-device); a list:set
+answers through its members, each in the match's directions;
 fewer directions than a set's dimension never match; bitmap:port sees TCP and UDP ports
 only; ICMP's port is type << 8 | code; a protocol without ports has port 0, protocol 0 and a
 cut TCP header none.
@@ -60,6 +63,15 @@ create netports hash:net,port family inet
 add netports 198.18.0.0/16,tcp:22
 add netports 198.18.5.0/24,tcp:22 nomatch
 add netports 198.18.5.9,udp:53
+create ifnets hash:net,iface family inet
+add ifnets 198.18.0.0/16,eth0
+add ifnets 198.18.5.0/24,eth0 nomatch
+add ifnets 198.18.5.9,eth0
+add ifnets 198.19.0.0/16,eth wildcard
+add ifnets 198.18.0.5,lo
+create either list:set size 4
+add either hosts
+add either ifnets
 """
 MATCHES = (
     "-m set --match-set hosts src",
@@ -78,6 +90,12 @@ MATCHES = (
     "-m set --match-set netports src,dst",
     "-m set --match-set netports src,dst --return-nomatch",
     "-m set --match-set hosts src --return-nomatch",
+    "-m set --match-set ifnets src,src",
+    "-m set --match-set ifnets src,src --return-nomatch",
+    "-m set --match-set ifnets src,dst",
+    "-m set ! --match-set ifnets src,src",
+    "-m set --match-set either src",
+    "-m set --match-set either src,src",
 )
 # -m ttl keeps what the kernel sends itself out of the counts.
 RULES = (
@@ -171,7 +189,13 @@ def lab():  # type: ignore[no-untyped-def]
 
 def test_the_sets_read_back_as_created(lab: Lab) -> None:
     sets = namespace_sets(lab.host)
-    assert sorted(sets) == ["hosts", "netports", "nets", "ports", "services"]
+    assert sorted(sets) == ["either", "hosts", "ifnets", "netports", "nets", "ports", "services"]
+    assert [table.name for table in sets["either"].listed] == ["hosts", "ifnets"]
+    assert {(m.iface, m.wildcard) for m in sets["ifnets"].members} == {
+        ("eth0", False),
+        ("eth", True),
+        ("lo", False),
+    }
     assert {(m.protocol, m.port) for m in sets["services"].members} >= {(1, 0x800), (47, 0)}
     assert [m.nomatch for m in sets["nets"].members].count(True) == 1
 
@@ -189,6 +213,8 @@ def test_iptables_counts_what_the_reference_says(lab: Lab, tmp_path: Path) -> No
     # The packets told the rules apart.
     moved = [kernel["INPUT", index][0] for index in range(1, len(MATCHES) + 1)]
     assert len(set(moved)) > 6 and moved[10] == 0 and moved[11] == len(packets)
+    ifnets, _, outbound, _, either, either_2 = moved[16:22]
+    assert 0 < ifnets < len(packets) and outbound == 0 and either < either_2
 
 
 @pytest.mark.parametrize("backend", ["bytecode", pytest.param("c", marks=pytest.mark.bcc)])

@@ -171,7 +171,7 @@ BAD_SETS = [
     ("create x hash:ip family inet6\n", 1, 25, "only inet"),
     ("create x hash:ip timeout 60\n", 1, 18, "timeouts"),
     ("create x hash:ip counters\n", 1, 18, "counters"),
-    ("create x list:set\n", 1, 10, "not supported"),
+    ("create x hash:mac\n", 1, 10, "not supported"),
     ("create x hash:ip netmask 24\n", 1, 26, "netmask 32"),
     ("create x bitmap:port\n", 1, 1, "range"),
     ("create x bitmap:port range 0-10\nadd x 11\n", 2, 7, "outside"),
@@ -395,3 +395,125 @@ def test_the_map_changes_of_a_change() -> None:
     smaller, went_in, went_out = changed(SETS["ip1"], "198.18.0.2,udp:53", delete=True)
     written, gone = changes(SETS["ip1"], went_in, went_out)
     assert written == {} and set(entries(SETS["ip1"])) - set(gone) == set(entries(smaller))
+
+
+# -- hash:net,iface and list:set --------------------------------------------------------------
+
+# As ipset 7.17 saved them on this machine (bucketsize and initval aside).
+DEVICE_SETS = """\
+create ni hash:net,iface family inet hashsize 1024 maxelem 65536 bucketsize 12 initval 0xd71604c4
+add ni 198.18.0.128/25,eth0 nomatch
+add ni 198.18.0.0/24,eth0
+add ni 198.18.3.0/24,lo
+add ni 198.18.2.0/24,veth wildcard
+add ni 198.18.1.1,eth1
+add ni 198.18.1.0/24,eth0
+create h1 hash:ip family inet hashsize 1024 maxelem 65536 bucketsize 12 initval 0x99d8e45e
+add h1 198.18.9.9
+create l list:set size 8
+add l h1
+add l ni
+create l2 list:set size 4
+add l2 ni
+add l2 h1 before ni
+"""
+
+
+def test_device_and_list_sets_are_read_and_saved_back() -> None:
+    from codegen.rules.set_changes import save_text
+
+    sets = parse_sets(DEVICE_SETS, "devices")
+    members = sets["ni"].members
+    assert [(m.prefix, m.iface, m.wildcard, m.nomatch) for m in members[:4]] == [
+        (25, "eth0", False, True),
+        (24, "eth0", False, False),
+        (24, "lo", False, False),
+        (24, "veth", True, False),
+    ]
+    assert [t.name for t in sets["l"].listed] == ["h1", "ni"] and sets["l"].size == 8
+    assert [t.name for t in sets["l2"].listed] == ["h1", "ni"]  # `before` put it first
+    text = save_text(sets)
+    assert "add ni 198.18.2.0/24,veth wildcard\n" in text and "create l2 list:set size 4\n" in text
+    assert parse_sets(text, "again") == sets
+
+
+@pytest.mark.parametrize(
+    ("address", "device", "answer"),
+    [
+        ("198.18.0.1", "eth0", True),
+        ("198.18.0.129", "eth0", False),  # the nomatch /25 inside
+        ("198.18.0.1", "eth1", False),
+        ("198.18.2.7", "veth3", True),  # a wildcard member: a prefix of the name
+        ("198.18.2.7", "vet", False),
+        ("198.18.1.1", "eth1", True),
+        # The longest prefix any member holds decides: eth1's /32 hides eth0's /24 (multi).
+        ("198.18.1.1", "eth0", False),
+        ("198.18.1.2", "eth0", True),
+        ("198.18.0.1", "", False),  # no device there (OUTPUT's in-device)
+    ],
+)
+def test_what_a_device_set_answers(address: str, device: str, answer: bool) -> None:
+    table = parse_sets(DEVICE_SETS, "devices")["ni"]
+    value = int.from_bytes(bytes(int(part) for part in address.split(".")), "big")
+    assert table.test(value, None, False, device) is answer
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("create n hash:net,iface\nadd n 198.18.0.0/24,physdev:eth0\n", "physdev members"),
+        ("create n hash:net,iface\nadd n 198.18.0.0/24\n", "is not NET,DEVICE"),
+        ("create n hash:net,iface\nadd n 198.18.0.0/24,abcdefghijklmnop\n", "1-15 characters"),
+        ("create n hash:net\nadd n 198.18.0.0/24 wildcard\n", "'wildcard' after a member"),
+        ("create l list:set\nadd l nope\n", "set 'nope' is not created before"),
+        ("create a list:set\ncreate l list:set\nadd l a\n", "cannot be a member of list:set"),
+        ("create h hash:ip\ncreate l list:set\nadd l h\nadd l h\n", "already in list:set"),
+        (
+            "create h hash:ip\ncreate l list:set size 1\ncreate g hash:ip\nadd l h\nadd l g\n",
+            "full",
+        ),
+        ("create h hash:ip\ncreate l list:set\nadd l h after nope\n", "'nope' is not in list"),
+        ("create l list:set size 0\n", "size of set 'l' must be"),
+    ],
+)
+def test_device_and_list_sets_refuse_what_ipset_refuses(text: str, message: str) -> None:
+    with pytest.raises(SetError, match=message):
+        parse_sets(text, "bad")
+
+
+def test_a_list_set_matches_through_its_members_in_their_directions() -> None:
+    sets = parse_sets(DEVICE_SETS, "devices")
+    rules = "*filter\n-A INPUT -m set --match-set l src,src\n-A INPUT -m set --match-set l src\nCOMMIT\n"
+    ruleset = parse(rules, "list")
+    cases = {
+        ("198.18.9.9", "eth5"): {("INPUT", 1), ("INPUT", 2)},  # in h1
+        ("198.18.0.1", "eth0"): {("INPUT", 1)},  # in ni: two directions only
+        ("198.18.0.1", "eth5"): set(),
+    }
+    for (source, device), counted in cases.items():
+        packet = bytes(IP(src=source, dst="198.18.0.2") / UDP())
+        result = evaluate(ruleset, packet, "INPUT", device, None, sets=sets)
+        assert set(result.counters) - {("INPUT", "policy")} == counted, (source, device)
+
+
+def test_a_list_set_is_not_changed_in_place_and_device_keys_follow_their_members() -> None:
+    from codegen.rules.set_changes import changed
+    from codegen.tc.matches.set import changes, entries
+
+    sets = parse_sets(DEVICE_SETS, "devices")
+    with pytest.raises(SetError, match="is a list:set"):
+        changed(sets["l"], "h1")
+    devices = {"eth0": 2, "veth0": 3, "veth1": 4, "lo": 1}
+    table = sets["ni"]
+    held = entries(table, None, devices)
+    # One longest-prefix entry per network, and one per member and device: the wildcard's
+    # under veth0 and veth1; eth1 is not here, its member keeps only its network's entry (which
+    # still hides eth0's /24 from 198.18.1.1).
+    assert len(held) == 6 + 6
+    grown, went_in, went_out = changed(table, "198.18.2.0/24,veth0 nomatch")
+    written, gone = changes(table, went_in, went_out, devices)
+    assert gone == [] and list(written.values()) == [b"\x02"]  # veth0's key: NOMATCH now
+    assert entries(grown, None, devices) == {**held, **written}
+    smaller, went_in, went_out = changed(grown, "198.18.2.0/24,veth0", delete=True)
+    written, gone = changes(grown, went_in, went_out, devices)
+    assert gone == [] and list(written.values()) == [b"\x01"]  # the wildcard's again

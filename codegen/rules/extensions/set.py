@@ -39,6 +39,8 @@ from codegen.rules.model import ExtensionMatch, Rule, RuleError, Ruleset
 from codegen.rules.packet import Packet
 from codegen.rules.sets import (
     BITMAP_PORT,
+    HASH_NET_IFACE,
+    LIST_SET,
     NAME_MAX,
     PORT_HEADERS,
     STANDIN_SETS,
@@ -236,10 +238,15 @@ def set_answers(match: SetMatch, table: IpSet, packet: Packet) -> bool:
     """ip_set_test of `table` for `packet` in `match`'s directions (before any `!`)."""
     if len(match.directions) < table.dimension:
         return False
+    if table.kind == LIST_SET:  # list_set_ktest: the first member set that holds it
+        return any(set_answers(match, member, packet) for member in table.listed)
     first = match.directions[0] == "src"
     if table.kind == BITMAP_PORT:
         return table.test(0, port_of(packet, first), False)
     address = packet.saddr if first else packet.daddr
+    if table.kind == HASH_NET_IFACE:  # the device of the second direction, by name
+        device = packet.in_device if match.directions[1] == "src" else packet.out_device
+        return table.test(address, None, match.return_nomatch, device)
     port = port_of(packet, match.directions[1] == "src") if table.dimension > 1 else None
     return table.test(address, port, match.return_nomatch and table.kind in WITH_NOMATCH)
 
@@ -349,8 +356,8 @@ def uses_sets(ruleset: Ruleset) -> list[str]:
 
 
 def bound_sets(ruleset: Ruleset) -> dict[str, IpSet]:
-    """The sets `ruleset`'s set matches are bound to, by name; ValueError for one that is
-    not bound (bind_sets was not run)."""
+    """The sets `ruleset`'s set matches are bound to, by name, a list:set's members before
+    it; ValueError for one that is not bound (bind_sets was not run)."""
     found: dict[str, IpSet] = {}
     for chain in ruleset.chains.values():
         for rule in chain.rules:
@@ -358,6 +365,7 @@ def bound_sets(ruleset: Ruleset) -> dict[str, IpSet]:
                 if isinstance(match, SetMatch):
                     if match.bound is None:
                         raise ValueError(f"set match of '{match.name}' is not bound to a set")
+                    found.update((member.name, member) for member in match.bound.listed)
                     found[match.name] = match.bound
     return found
 

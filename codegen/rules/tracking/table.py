@@ -352,5 +352,3 @@ def _invert(protocol: int, original: ConnectionTuple) -> ConnectionTuple | None:
             original.dst, original.src, original.sport, inverse << 8 | original.dport & 0xFF
         )
     return ConnectionTuple(original.dst, original.src, original.dport, original.sport)
-
-
