@@ -483,7 +483,8 @@ def test_device_and_list_sets_refuse_what_ipset_refuses(text: str, message: str)
 
 def test_a_list_set_matches_through_its_members_in_their_directions() -> None:
     sets = parse_sets(DEVICE_SETS, "devices")
-    rules = "*filter\n-A INPUT -m set --match-set l src,src\n-A INPUT -m set --match-set l src\nCOMMIT\n"
+    rules = "*filter\n-A INPUT -m set --match-set l src,src\n-A INPUT -m set --match-set l src\n"
+    rules += "COMMIT\n"
     ruleset = parse(rules, "list")
     cases = {
         ("198.18.9.9", "eth5"): {("INPUT", 1), ("INPUT", 2)},  # in h1
