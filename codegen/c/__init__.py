@@ -67,10 +67,12 @@ def load_c_program(
     chain: str | None = None,
     fastpath: bool = False,
     local: LocalAddresses | None = None,
+    table_from: int = TABLE_FROM,
 ) -> CProgram:
     """Generate, compile (bcc) and load one program over the caller's maps ("counters", and
     those its matches read); `local`: what the namespace delivers locally, for ingress
-    (codegen.tc.local). The caller closes it."""
+    (codegen.tc.local); `table_from`: the shortest run of plain rules scanned from the rule
+    table (codegen/c/table.py). The caller closes it."""
     (program,) = load_programs(
         ruleset,
         [Entry(hook, chain)],
@@ -78,6 +80,7 @@ def load_c_program(
         maps=maps,
         fastpath=fastpath,
         local=local,
+        table_from=table_from,
     )
     return program
 

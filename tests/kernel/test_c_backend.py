@@ -33,6 +33,7 @@ from codegen.c import (
 from codegen.c import matches as c_matches
 from codegen.c.compiler import PIN_ROOT
 from codegen.c.source import MAX_EXPANDED_RULES, comment, user_chains_reached
+from codegen.c.table import TABLE_FROM
 from codegen.rules import extensions, parse, write
 from codegen.rules.extensions import BY_NAME, MATCHES
 from codegen.rules.extensions.base import MatchExtension
@@ -89,12 +90,21 @@ def _reached(ruleset, hook, chain):
     return [*roots, *user_chains_reached(ruleset, roots)]
 
 
+@pytest.mark.parametrize("table_from", [TABLE_FROM, 1], ids=["inline", "table"])
 @pytest.mark.parametrize("fastpath", [False, True], ids=["kernel-path", "fast-path"])
 @pytest.mark.parametrize(("hook", "chain"), HOOKS, ids=[h if not c else c for h, c in HOOKS])
-def test_every_match_and_target_compiles_and_loads(every_match, hook, chain, fastpath):
+def test_every_match_and_target_compiles_and_loads(every_match, hook, chain, fastpath, table_from):
+    """Also with every plain rule in the rule table (codegen/c/table.py), beside the C of
+    every family: no name of the table's clashes with theirs."""
     ruleset, interfaces, maps = every_match
     with load_c_program(
-        ruleset, hook, interfaces=interfaces, maps=maps, chain=chain, fastpath=fastpath
+        ruleset,
+        hook,
+        interfaces=interfaces,
+        maps=maps,
+        chain=chain,
+        fastpath=fastpath,
+        table_from=table_from,
     ) as program:
         assert program.fd >= 0
         assert program.name == (f"bpflab_{chain}" if chain else f"bpflab_{hook}")

@@ -126,3 +126,39 @@ def test_the_c_backend_scans_long_rule_sets_from_its_table(shape):
             outcome = runner.run(frame_for(shapes.packet(shape, position)), "INPUT", "eth1")
             verdict, rule = shapes.decided_by(shape, count, position)
             assert (outcome.verdict, outcome.deciding) == (verdict, ("INPUT", rule))
+
+
+@pytest.mark.bcc
+@pytest.mark.parametrize("hook", ["chain", "ingress", "egress"])
+def test_a_table_run_behind_a_conntrack_rule_loads_beside_the_tracker(hook):
+    """The common firewall: established traffic first, then a long deny list. In the C the
+    tracker and the rule table share one unit (their names must not clash) and, at ingress,
+    one 512-byte stack with the FIB lookup."""
+    from codegen.conntrack import TrackerMaps
+    from codegen.tc.generator import COUNTERS_MAP
+    from codegen.tc.layout import CounterLayout
+    from harness.backends import load_program
+    from harness.counters import CounterMap
+
+    chain = "OUTPUT" if hook == "egress" else "INPUT"
+    lines = shapes.rules("cidr", 2000).replace("-A INPUT", f"-A {chain}").splitlines()
+    at = lines.index(":OUTPUT ACCEPT [0:0]") + 1
+    lines.insert(at, f"-A {chain} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT")
+    ruleset = parse("\n".join(lines) + "\n", "stateful-list.rules")
+    with (
+        CounterMap(CounterLayout.of(ruleset)) as counters,
+        TrackerMaps.create(1024) as tracker,
+    ):
+        program = load_program(
+            ruleset,
+            hook,
+            interfaces=standin_interfaces(ruleset),
+            maps={COUNTERS_MAP: counters, **tracker.maps},
+            chain=chain if hook == "chain" else None,
+            backend="c",
+        )
+        try:
+            assert len(program.source.table) == 2000
+            assert program.stats is not None and program.stats.insns_processed < 1_000_000
+        finally:
+            program.close()
