@@ -94,8 +94,14 @@ def _address_box(address: int, mask: int, negated: bool) -> tuple[tuple[int, int
     return (address & mask, (address & mask) | inverse), True
 
 
-def entry(rule: Rule, interfaces: Mapping[str, int]) -> Entry | None:
-    """The rule as a run's entry, or None if it cannot join a classified run."""
+def classifiable(rule: Rule) -> bool:
+    """Whether the rule can join a classified run (what `entry` tells, without building it)."""
+    return _fields(rule, {}) is not None
+
+
+def _fields(rule: Rule, interfaces: Mapping[str, int]):
+    """What a run's entry is built from (the verdict, the addresses, devices and protocol, the
+    port ranges, whether it can match no packet), or None if it cannot join a run."""
     verdict = _verdict(rule)
     if verdict is None:
         return None
@@ -140,6 +146,15 @@ def entry(rule: Rule, interfaces: Mapping[str, int]) -> Entry | None:
                 return None
     if ranges is not None and protocol not in PORT_PROTOCOLS:
         return None
+    return verdict, addresses, devices, protocol, protocol_negated, ranges, never
+
+
+def entry(rule: Rule, interfaces: Mapping[str, int]) -> Entry | None:
+    """The rule as a run's entry, or None if it cannot join a classified run."""
+    found = _fields(rule, interfaces)
+    if found is None:
+        return None
+    verdict, addresses, devices, protocol, protocol_negated, ranges, never = found
     flags = 0
     box: list[tuple[int, int]] = []
     exact = True
@@ -201,7 +216,7 @@ def runs(rules: Sequence[Rule], taken: set[int]) -> list[tuple[int, int]]:
     start = 0
     while start < len(rules):
         end = start
-        while end < len(rules) and end not in taken and entry(rules[end], {}) is not None:
+        while end < len(rules) and end not in taken and classifiable(rules[end]):
             end += 1
         if end - start >= MIN_RUN:
             found.append((start + SCANNED_FIRST, end - 1))
@@ -385,6 +400,19 @@ def _best_cut(
     return at, threshold, left, right
 
 
+def _nth_of_two(first: list[int], second: list[int], n: int) -> int:
+    """sorted(first + second)[n] of two sorted lists, by bisecting how many come from `first`
+    (O(log) steps instead of a merge of both)."""
+    low, high = max(0, n + 1 - len(second)), min(n + 1, len(first))
+    while low < high:  # the fewest of `first` among the n + 1 smallest
+        taken = (low + high) // 2
+        if first[taken] < second[n - taken]:
+            low = taken + 1
+        else:
+            high = taken
+    return max(first[low - 1] if low else -1, second[n - low] if n - low >= 0 else -1)
+
+
 def _balanced(starts: list[int], ends: list[int], low: int, high: int) -> int:
     """The threshold in low..high-1 where the rules reaching the left half (starting at or
     below it) and the right half (ending above it) are closest to balanced.
@@ -392,7 +420,7 @@ def _balanced(starts: list[int], ends: list[int], low: int, high: int) -> int:
     Left minus right, #(starts <= t) - #(ends > t), grows with t and first reaches 0 at the
     n-th smallest of all 2n bounds; the best threshold is there or just below it."""
     count = len(starts)
-    crossing = min(max(sorted(starts + ends)[count - 1], low), high - 1)
+    crossing = min(max(_nth_of_two(starts, ends, count - 1), low), high - 1)
 
     def larger(t: int) -> int:
         return max(bisect_right(starts, t), count - bisect_right(ends, t))

@@ -39,6 +39,7 @@ def _rule(text: str):
 )
 def test_which_rules_join_a_run(text, joins):
     assert (C.entry(_rule(text), INTERFACES) is not None) == joins
+    assert C.classifiable(_rule(text)) == joins  # what the runs are cut by, devices unknown
 
 
 def test_a_record_says_what_its_rule_says():
@@ -154,3 +155,16 @@ def test_rules_wide_on_the_telling_field_and_narrowed_elsewhere_get_trees_of_the
     for place, key in cases:
         found = C.lookup(tables, (head, 0, len(entries)), key)
         assert found is not None and C.RECORD.unpack(found[0])[-2] == place, texts[place]
+
+
+@settings(max_examples=300)
+@given(
+    first=st.lists(st.integers(0, 40), max_size=12).map(sorted),
+    second=st.lists(st.integers(0, 40), min_size=1, max_size=12).map(sorted),
+    data=st.data(),
+)
+def test_the_nth_of_two_sorted_lists_is_that_of_their_merge(first, second, data):
+    n = data.draw(st.integers(0, len(first) + len(second) - 1))
+    assert C._nth_of_two(first, second, n) == sorted(first + second)[n]
+    assert C._nth_of_two(second, first, n) == sorted(first + second)[n]
+
