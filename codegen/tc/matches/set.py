@@ -171,11 +171,14 @@ def map_shape(
     table: IpSet, interfaces: Mapping[str, int] | None = None
 ) -> tuple[MapType, int, int, int, int]:
     """(type, key size, value size, entries, flags) of `table`'s map: room for as many
-    members as the set may hold (its maxelem, or the keys its members fill, a wildcard's one
-    per device), a hash allocating them as they come."""
+    members as the set may hold (its maxelem; hash:net,iface twice that, or the keys its
+    members fill if more: a wildcard's one per device), a hash allocating them as they come
+    (an LPM trie always does)."""
     kind, key_size = SHAPES[table.kind]
-    held = len(entries(table, None, interfaces)) if table.kind == HASH_NET_IFACE else 0
-    size = PORTS if table.kind == BITMAP_PORT else max(1, table.capacity, len(table.members), held)
+    room = table.capacity
+    if table.kind == HASH_NET_IFACE:  # a network's entry and its device's, per member at least
+        room = max(2 * table.capacity, len(entries(table, None, interfaces)))
+    size = PORTS if table.kind == BITMAP_PORT else max(1, room, len(table.members))
     return kind, key_size, 1, size, BPF_F_NO_PREALLOC if kind == MapType.HASH else 0
 
 
