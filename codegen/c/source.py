@@ -13,9 +13,11 @@ and each entry loads on its own. This module assembles a unit; its parts are:
 
 Facts live in a one-slot per-CPU array (the units' own map, `facts`) and are read through a
 volatile pointer, so that verification stays linear in the rule count (see the C's comment).
-Size: about 20 instructions per rule of the shape `-s ADDR -p tcp --dport PORT -j ACCEPT`, so
-a chain stops loading at about 1,600 such rules: clang as bcc drives it emits no `gotol`, and a
-jump across more than 32,767 instructions is refused ("jump out of range").
+Size: about 20 instructions per inline rule of the shape `-s ADDR -p tcp --dport PORT -j
+ACCEPT`, so inline code stops loading at about 1,600 such rules: clang as bcc drives it emits
+no `gotol`, and a jump across more than 32,767 instructions is refused ("jump out of range").
+Runs of `table_from` plain rules or more are not inline: they are entries of the rule table
+(table.py), scanned by one loop whatever their length.
 
 Counters: the same per-CPU array and slot layout as codegen.tc (codegen.tc.layout.CounterLayout),
 so every reader of counters works with either backend.
