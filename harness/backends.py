@@ -19,12 +19,12 @@ from codegen.tc.generator import (
     FRAGMENT_VALUE_SIZE,
     FRAGMENTS_MAP,
     FRAGMENTS_TRACKED,
-    NODES_MAP,
-    RECORDS_MAP,
     Hook,
     LocalAddresses,
     compile_program,
 )
+
+from . import classifier_tables
 
 Backend = Literal["bytecode", "c"]
 BACKENDS: tuple[Backend, ...] = ("bytecode", "c")
@@ -74,9 +74,10 @@ def load_program(
                 )
                 for key, value in compiled.exact.items():
                     table.update(key, value)
-            for name, values in ((NODES_MAP, compiled.nodes), (RECORDS_MAP, compiled.records)):
-                if values:
-                    own[name] = array_of(name, values)
+            layout = None
+            if compiled.heads:  # with room for patches (harness.deploy.patch)
+                made, layout = classifier_tables.make(compiled)
+                own.update(made)
             if FRAGMENTS_MAP in compiled.maps and FRAGMENTS_MAP not in maps:
                 own[FRAGMENTS_MAP] = Map(
                     MapType.LRU_HASH,
@@ -91,6 +92,7 @@ def load_program(
                 table.close()
             raise
         program.resources.extend(own.values())
+        program.layout = layout
         return program
     if backend == "c":
         from codegen.c import load_c_program
@@ -105,14 +107,3 @@ def load_program(
             local=local,
         )
     raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-
-
-def array_of(name: str, values: list[bytes]) -> Map:
-    """An array map holding `values` (all of one size) in order, written in one batch."""
-    table = Map(MapType.ARRAY, 4, len(values[0]), len(values), name=name)
-    try:
-        table.update_batch(list(range(len(values))), values)
-    except BaseException:
-        table.close()
-        raise
-    return table

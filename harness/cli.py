@@ -125,6 +125,10 @@ def _apply(args: argparse.Namespace) -> int:
     if applied.fresh is not None:
         print(f"bpflab: {applied.fresh}", file=sys.stderr)
     verb = "replaced" if applied.replaced else "attached"
+    if isinstance(applied.patched, int):  # harness.deploy.patch: the programs running stay
+        verb = f"{applied.patched} changed rules replaced in the maps of the programs running"
+        if not applied.patched:
+            verb = "no rule changed: the programs running stay"
     for hook, program in applied.programs.items():
         stats = program.stats
         processed = f", {stats.insns_processed} processed" if stats else ""

@@ -123,6 +123,7 @@ class LoadedProgram:
     log: str = ""
     maps: dict[str, int] = field(default_factory=dict)
     resources: list = field(default_factory=list)  # objects closed with the program (maps)
+    layout: dict | None = None  # its classifier maps' (harness.classifier_tables), as JSON
 
     @property
     def insn_count(self) -> int:

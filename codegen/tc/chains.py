@@ -198,6 +198,7 @@ class ChainWriter:
         self.pending: list[list[Item]] = []  # chunk functions, placed after the chains
         self.exact: dict[bytes, bytes] = {}
         self.tables = classifier.Tables()  # the classified runs' trees and records
+        self.runs: list[tuple[str, int, int]] = []  # by run number: chain, first, last rule
         self._runs = 0
         self.slots = limit_slots(ruleset)  # each limit match's bucket (codegen.tc.matches.limit)
         self.policy_bits = answer_bits(ruleset)  # codegen.tc.matches.policy
@@ -340,6 +341,7 @@ class ChainWriter:
             # The run's records in order, tested by the classifier's loop: one call, however
             # long the run (a scan's code would cost the verifier a few instructions a rule).
             run = self.tables.add_list(entries, slots)  # type: ignore[arg-type]
+            self.runs.append((chain.name, first, last))
             code += classifier_code.call(run, targets, after, self.label)
         else:
             for function in self.scan_functions(chain, first, last):
@@ -358,6 +360,7 @@ class ChainWriter:
         entries = [classifier.entry(rule, self.interfaces) for rule in rules]
         slots = [self.layout.slot((chain.name, i)) for i in range(first, last + 1)]
         run = self.tables.add_run(entries, slots)  # type: ignore[arg-type]
+        self.runs.append((chain.name, first, last))
         note = RuleNote(
             chain.name,
             first,

@@ -57,7 +57,10 @@ ACCEPT, DROP = 1, 2
 RECORD = struct.Struct("<IIIIIIHHHHBBBxII")
 NODE = struct.Struct("<IIII")  # field (LEAF for a leaf), threshold, left, right
 LEAF = 8  # a leaf's field: left is its first record, right how many
-TREES = 9  # a run's first node: threshold is how many trees, left the first one's root
+# A run's first node (TREES): threshold is how many trees, left the first one's root, right a
+# leaf listing every rule of the run in order. The program finds it by the run's number in an
+# array of heads, so a new tree for a run is made live by one store (harness.deploy.patch).
+TREES = 9
 # A run is split into at most MAX_TREES trees, each of rules narrow on one field more
 # (codegen.tc.classifier._groups); a rule is wide on a field if its part of the run's range
 # there is over 1/2**WIDE_SHIFT of it.
@@ -67,12 +70,15 @@ MIN_GROUP = MIN_RUN  # the fewest rules a tree of a split run holds
 REPLICATED = 4  # extra records per rule one tree may hold before a run is split
 
 
+Box = tuple[tuple[int, int], ...]  # a range per field of FIELDS
+
+
 @dataclass(frozen=True)
 class Entry:
     """One rule of a run: its record without the counter slot, and its box in the tree."""
 
     record: tuple[int, ...]
-    box: tuple[tuple[int, int], ...]
+    box: Box
     exact: bool  # every packet in the box matches the rule
     never: bool = False  # it names a device the namespace does not have: it cannot match
 
@@ -232,10 +238,13 @@ class Tables:
     records: list[bytes] = field(default_factory=list)
     depth: int = 0  # the deepest leaf of any tree (steps from its root)
     trees: int = 1  # the most trees any run has
+    heads: list[int] = field(default_factory=list)  # each run's first node, by run number
+    # Per run, what a patch needs (codegen.tc.classifier_patch): each place's tree ("0", "1",
+    # ...; "-" for a rule that cannot match) and each tree's hull; None for add_list's runs.
+    shapes: list[tuple[str, list[Box]] | None] = field(default_factory=list)
 
-    def add_run(self, entries: Sequence[Entry], slots: Sequence[int]) -> tuple[int, int, int]:
-        """Add a run (its entries in rule order, their counter slots): its first node (TREES),
-        and the first record and count of its list of all rules in order."""
+    def add_run(self, entries: Sequence[Entry], slots: Sequence[int]) -> int:
+        """Add a run (its entries in rule order, their counter slots); its number."""
         live = [place for place, made in enumerate(entries) if not made.never]
         packed = {place: RECORD.pack(*entries[place].record, place, slots[place]) for place in live}
         all_first = len(self.records)
@@ -245,25 +254,40 @@ class Tables:
         exact = [made.exact for made in entries]
         groups = _groups(live, lows, highs)
         head = len(self.nodes)
-        self.nodes.append(NODE.pack(TREES, len(groups), head + 1, 0))
+        every = head + 1 + len(groups)
+        self.nodes.append(NODE.pack(TREES, len(groups), head + 1, every))
         self.nodes += [b""] * len(groups)
+        self.nodes.append(NODE.pack(LEAF, 0, all_first, len(packed)))
         for number, members in enumerate(groups):
             self._tree(head + 1 + number, members, lows, highs, exact, packed)
         self.trees = max(self.trees, len(groups))
-        return head, all_first, len(packed)
+        tree_of = ["-"] * len(entries)
+        for number, members in enumerate(groups):
+            for place in members:
+                tree_of[place] = str(number)
+        self.shapes.append(("".join(tree_of), [_hull(m, lows, highs) for m in groups]))
+        self.heads.append(head)
+        return len(self.heads) - 1
 
-    def add_list(self, entries: Sequence[Entry], slots: Sequence[int]) -> tuple[int, int, int]:
-        """Add a run as add_run does, but with one tree that is a single leaf listing every
-        rule in order: every packet's records are the whole run, tested in order, for the
-        packets an exact run's lookup cannot answer for (later fragments, short transport
-        headers: codegen.tc.exact), rare enough to need no tree."""
+    def add_list(self, entries: Sequence[Entry], slots: Sequence[int]) -> int:
+        """Add a run as add_run does, but with one tree that is its list of every rule: every
+        packet's records are the whole run, tested in order, for the packets an exact run's
+        lookup cannot answer for (later fragments, short transport headers: codegen.tc.exact),
+        rare enough to need no tree."""
         live = [place for place, made in enumerate(entries) if not made.never]
         first = len(self.records)
         self.records += [RECORD.pack(*entries[p].record, p, slots[p]) for p in live]
         head = len(self.nodes)
-        self.nodes.append(NODE.pack(TREES, 1, head + 1, 0))
+        self.nodes.append(NODE.pack(TREES, 1, head + 1, head + 1))
         self.nodes.append(NODE.pack(LEAF, 0, first, len(live)))
-        return head, first, len(live)
+        self.shapes.append(None)
+        self.heads.append(head)
+        return len(self.heads) - 1
+
+    def every_rule(self, run: int) -> tuple[int, int]:
+        """The first record and count of a run's list of all its rules in order."""
+        every = NODE.unpack(self.nodes[self.heads[run]])[3]
+        return NODE.unpack(self.nodes[every])[2:]
 
     def _tree(self, root: int, members: list[int], lows, highs, exact, packed) -> None:
         """A tree of `members` (places in the run, in order) at node `root`."""
@@ -297,7 +321,7 @@ class Tables:
             work.append((right_node, right, _with(region, at, (threshold + 1, high)), depth + 1))
 
 
-def _hull(members: list[int], lows, highs) -> tuple[tuple[int, int], ...]:
+def _hull(members: list[int], lows, highs) -> Box:
     if not members:
         return tuple((0, 0) for _ in FIELDS)
     take = itemgetter(*members) if len(members) > 1 else lambda values: (values[members[0]],)
@@ -426,60 +450,3 @@ def _balanced(starts: list[int], ends: list[int], low: int, high: int) -> int:
         return max(bisect_right(starts, t), count - bisect_right(ends, t))
 
     return min((crossing, crossing - 1) if crossing > low else (crossing,), key=larger)
-
-
-def matches(record: bytes, key: Sequence[int]) -> str | None:
-    """What a record says of a packet's key (the FIELDS values): "match", "hotdrop" or None;
-    the program's record test, written again for the builder's tests."""
-    (saddr, smask, daddr, dmask, device_in, device_out, *ports, protocol, flags, _, _, _) = (
-        RECORD.unpack(record)
-    )
-    tests = (
-        ((key[0] & smask) == saddr, flags & INV_SADDR),
-        ((key[1] & dmask) == daddr, flags & INV_DADDR),
-        (not protocol or key[2] == protocol, protocol and flags & INV_PROTOCOL),
-        (not device_in or key[5] == device_in, device_in and flags & INV_IN),
-        (not device_out or key[6] == device_out, device_out and flags & INV_OUT),
-    )
-    if any(hit == bool(negated) for hit, negated in tests):
-        return None
-    if not flags & PORTS:
-        return "match"
-    if key[3] == HOT:
-        return "hotdrop"
-    if key[3] == ABSENT:
-        return None
-    sport = (ports[0] <= key[3] <= ports[1]) != bool(flags & INV_SPORT)
-    dport = (ports[2] <= key[4] <= ports[3]) != bool(flags & INV_DPORT)
-    return "match" if sport and dport else None
-
-
-def lookup(tables: Tables, run: tuple[int, int, int], key: Sequence[int]):
-    """The record that decides a packet's key in a run and what it says (None: no rule of the
-    run), by the trees or, for a HOT key, the run's list: the program's lookup, in Python.
-    Each tree's leaf is tested in order up to the first match, or to a rule after the best
-    match an earlier tree found."""
-    head, all_first, all_count = run
-    if key[3] == HOT:
-        lists = [(all_first, all_count)]
-    else:
-        lists = []
-        _, count, first_root, _ = NODE.unpack(tables.nodes[head])
-        for node in range(first_root, first_root + count):
-            while True:
-                at, threshold, left, right = NODE.unpack(tables.nodes[node])
-                if at == LEAF:
-                    lists.append((left, right))
-                    break
-                node = left if key[at] <= threshold else right
-    best = None
-    for first, count in lists:
-        for record in tables.records[first : first + count]:
-            place = RECORD.unpack(record)[-2]
-            if best is not None and place >= best[0]:
-                break
-            said = matches(record, key)
-            if said is not None:
-                best = (place, record, said)
-                break
-    return None if best is None else best[1:]

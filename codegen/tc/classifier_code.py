@@ -1,15 +1,15 @@
 """The code of classified runs (codegen.tc.classifier has their tables): one global function
 for every run of the program, and the record test it runs over a leaf's records with bpf_loop.
 
-`classify(facts, head, all_first, all_count)` builds the packet's key (the tree's seven fields,
-ports ABSENT or HOT where the transport header cannot be read), walks each of the run's trees
-(its first node, `head`, says where they are) to a leaf (a step is one array lookup and one
-compare; a walk is as many steps as the deepest tree has), tests the leaf's records in order
-up to the first match or to a rule no earlier than an earlier tree's match, and answers as a
-chain function does: CONTINUE
-when no rule of the run matched, else the verdict (HOTDROP for a hotdrop), with the deciding
-rule's counter slot in the facts (UNCOUNTED for a hotdrop). A packet whose ports are HOT takes
-the run's list of all its rules instead of the tree.
+`classify(facts, run)` finds the run's first node by its number in the heads array (so a run's
+trees are replaced by writing new nodes and one head: harness.deploy.patch), builds the
+packet's key (the tree's seven fields, ports ABSENT or HOT where the transport header cannot
+be read), walks each of the run's trees to a leaf (a step is one array lookup and one compare;
+a walk is as many steps as the deepest tree has), tests the leaf's records in order up to the
+first match or to a rule no earlier than an earlier tree's match, and answers as a chain
+function does: CONTINUE when no rule of the run matched, else the verdict (HOTDROP for a
+hotdrop), with the deciding rule's counter slot in the facts (UNCOUNTED for a hotdrop). A
+packet whose ports are HOT takes the run's list of all its rules instead of the tree.
 """
 
 from __future__ import annotations
@@ -26,32 +26,28 @@ from .targets import NewLabel, Targets
 
 CLASSIFY = "classifier"
 RECORD_TEST = "classifier:record"
+HEADS_MAP = "classifier_heads"
 NODES_MAP = "classifier_nodes"
 RECORDS_MAP = "classifier_records"
 HOTDROP = 4  # classify's answer beside CONTINUE, ACCEPT and DROP (RETURNED is 3)
 
 # classify's frame: the bpf_loop context (the key's eight words, then the leaf's first
 # record, and what the record test found: the verdict, the slot and the rule's place in the
-# run), then a map key, and the run's next tree and the end of its trees.
+# run), then a map key, the run's next tree, the end of its trees and its list of all rules.
 KEY = -48
 FIRST, RESULT, SLOT, BEST = KEY + 32, KEY + 36, KEY + 40, KEY + 44
 MAP_KEY = KEY - 8
-NEXT_TREE, END_TREES = KEY - 16, KEY - 24
+NEXT_TREE, END_TREES, EVERY_RULE = KEY - 16, KEY - 24, KEY - 32
 HEADER_BYTES = {header.protocol: header.size for header in TRANSPORT_HEADERS}
 
 
-def call(
-    run: tuple[int, int, int], targets: Targets, after: str, new_label: NewLabel
-) -> list[Item]:
-    """Call classify for a run (its root, and its list of all rules) and act on its answer as
-    on the deciding rule's verdict; on to `after` when no rule of the run matched."""
-    root, all_first, all_count = run
+def call(run: int, targets: Targets, after: str, new_label: NewLabel) -> list[Item]:
+    """Call classify for a run (its number) and act on its answer as on the deciding rule's
+    verdict; on to `after` when no rule of the run matched."""
     accepted, dropped = new_label("run_accepted"), new_label("run_dropped")
     return [
         I.mov64(R1, FACTS),
-        I.mov64(R2, root),
-        I.mov64(R3, all_first),
-        I.mov64(R4, all_count),
+        I.mov64(R2, run),
         I.call_local(CLASSIFY),
         I.jmp32(JmpOp.JEQ, R0, CONTINUE, after),
         I.jmp32(JmpOp.JEQ, R0, ACCEPT, accepted),
@@ -87,15 +83,29 @@ def _classify(depth: int, trees: int) -> list[Item]:
     ready, walk, hot = f"{CLASSIFY}:ready", f"{CLASSIFY}:walk", f"{CLASSIFY}:hot"
     none, finish = f"{CLASSIFY}:none", f"{CLASSIFY}:finish"
     code: list[Item] = [
-        Subprogram(CLASSIFY, "global", (Facts.SIZE, "scalar", "scalar", "scalar")),
+        Subprogram(CLASSIFY, "global", (Facts.SIZE, "scalar")),
         I.jmp(JmpOp.JNE, R1, 0, ready),
         I.mov64(R0, 0),
         I.exit_(),
         Label(ready),
         I.mov64(FACTS, R1),
-        I.mov64(R6, R2),  # the node
-        I.mov64(R7, R3),  # a list's first record
-        I.mov64(R8, R4),  # ... and its length
+        # The run's first node, and from it where its trees' roots and its list are.
+        I.stx(Size.W, R10, MAP_KEY, R2),
+        *map_and_key(HEADS_MAP, MAP_KEY),
+        I.call("map_lookup_elem"),
+        I.jmp(JmpOp.JEQ, R0, 0, none),
+        I.ldx(Size.W, R6, R0, 0),
+        I.stx(Size.W, R10, MAP_KEY, R6),
+        *map_and_key(NODES_MAP, MAP_KEY),
+        I.call("map_lookup_elem"),
+        I.jmp(JmpOp.JEQ, R0, 0, none),
+        I.ldx(Size.W, R6, R0, 8),
+        I.stx(Size.W, R10, NEXT_TREE, R6),
+        I.ldx(Size.W, R1, R0, 4),
+        I.alu64(AluOp.ADD, R1, R6),
+        I.stx(Size.W, R10, END_TREES, R1),
+        I.ldx(Size.W, R1, R0, 12),
+        I.stx(Size.W, R10, EVERY_RULE, R1),
     ]
     for number, fact in enumerate(
         (Facts.SADDR, Facts.DADDR, Facts.PROTOCOL, None, None, Facts.IN_IFINDEX, Facts.OUT_IFINDEX)
@@ -112,19 +122,20 @@ def _classify(depth: int, trees: int) -> list[Item]:
         I.st(Size.W, R10, BEST, -1),  # 0xffffffff: no rule yet
     ]
     code += _ports(hot, walk)
-    code += [Label(hot), I.st(Size.W, R10, KEY + 12, C.HOT), I.st(Size.W, R10, KEY + 16, C.HOT)]
-    code += [*_scan(), I.ja(finish), Label(walk)]
-    # The run's first node says where its trees' roots are.
     code += [
-        I.stx(Size.W, R10, MAP_KEY, R6),
+        Label(hot),
+        I.st(Size.W, R10, KEY + 12, C.HOT),
+        I.st(Size.W, R10, KEY + 16, C.HOT),
+        I.ldx(Size.W, R1, R10, EVERY_RULE),
+        I.stx(Size.W, R10, MAP_KEY, R1),
         *map_and_key(NODES_MAP, MAP_KEY),
         I.call("map_lookup_elem"),
         I.jmp(JmpOp.JEQ, R0, 0, none),
-        I.ldx(Size.W, R6, R0, 8),
-        I.stx(Size.W, R10, NEXT_TREE, R6),
-        I.ldx(Size.W, R1, R0, 4),
-        I.alu64(AluOp.ADD, R1, R6),
-        I.stx(Size.W, R10, END_TREES, R1),
+        I.ldx(Size.W, R7, R0, 8),
+        I.ldx(Size.W, R8, R0, 12),
+        *_scan(),
+        I.ja(finish),
+        Label(walk),
     ]
     for tree in range(trees):
         code += _tree(tree, depth, finish)

@@ -35,7 +35,7 @@ from .chains import (
     require_runtime,
     user_chains_called,
 )
-from .classifier_code import NODES_MAP, RECORDS_MAP
+from .classifier_code import HEADS_MAP, NODES_MAP, RECORDS_MAP
 from .counters import COUNTERS_MAP
 from .exact import EXACT_MAP
 from .fragments import (
@@ -67,6 +67,7 @@ __all__ = [
     "FRAGMENT_VALUE_SIZE",
     "INLINE_SCAN",
     "MAX_FRAMES",
+    "HEADS_MAP",
     "NODES_MAP",
     "RECORDS_MAP",
     "RETURNED",
@@ -110,7 +111,7 @@ def compile_program(
     if chains.exact:
         maps += (EXACT_MAP,)
     if chains.tables.nodes:
-        maps += (NODES_MAP, RECORDS_MAP)
+        maps += (HEADS_MAP, NODES_MAP, RECORDS_MAP)
     if uses_conntrack(ruleset):
         maps += conntrack.MAPS
     if hook == "ingress" and rejects(ruleset):
@@ -133,6 +134,9 @@ def compile_program(
         maps,
         chains.notes,
         chains.exact,
+        chains.tables.heads,
         chains.tables.nodes,
         chains.tables.records,
+        chains.runs,
+        chains.tables.shapes,
     )

@@ -49,9 +49,14 @@ class CompiledProgram:
     maps: tuple[str, ...]
     notes: list[RuleNote] = field(default_factory=list)
     exact: dict[bytes, bytes] = field(default_factory=dict)  # EXACT_MAP's entries
-    # The classified runs' tree nodes and records (codegen.tc.classifier), in array order.
+    # The classified runs' first nodes by run number, their tree nodes and their records
+    # (codegen.tc.classifier), in array order.
+    heads: list[int] = field(default_factory=list)
     nodes: list[bytes] = field(default_factory=list)
     records: list[bytes] = field(default_factory=list)
+    # By run number: its chain, first and last rule, and what a patch needs of it.
+    runs: list[tuple[str, int, int]] = field(default_factory=list)
+    shapes: list = field(default_factory=list)  # codegen.tc.classifier.Tables.shapes
 
 
 class Labels:

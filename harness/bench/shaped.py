@@ -6,8 +6,11 @@ Per shape and size: the text is parsed once (`parse_s`); the INPUT chain program
 verified and loaded (`load_s`), checked to decide each packet by the rule the shape aims it at,
 and timed with BPF_PROG_TEST_RUN as the rest of the bench times chain programs; then the whole
 rule set is applied to a namespace holding the devices the ACL names, two veth pairs (parse,
-both hooks' programs compiled, verified and attached: `apply_s`), and applied again over itself
-(`reapply_s`). The set shape's N are its set's members, parsed with its one rule (`parse_s`).
+both hooks' programs compiled, verified and attached: `apply_s`), applied again over itself
+(`reapply_s`: no rule changed, so the programs stay: harness.deploy.patch), and applied with
+its middle rule replaced by one of the same shape (`changed_s`, and `changed_in_place`: whether
+the programs stayed, the rule replaced in their maps, or the apply was whole). The set
+shape's N are its set's members, parsed with its one rule (`parse_s`).
 The C backend's INPUT chain program (`c`: its rule table, scanned in rule order, the oracle the
 differential tests compare with) is loaded and timed on the same packets, when bcc is here.
 """
@@ -23,7 +26,7 @@ from netns import Namespace
 from ..runner import ChainRunner, frame_for
 from .report import _ns, _table
 from .settings import Progress, TimingSettings
-from .shapes import INTERFACES, SHAPES, decided_by, packet, rules, sets
+from .shapes import INTERFACES, SEED, SHAPES, decided_by, packet, rules, sets
 from .testrun import BenchCheckFailed, ProgramFacts, time_program
 
 POSITIONS = ("first", "last", "none")
@@ -98,6 +101,12 @@ def measure_shape(
         started = clock()
         apply(text, filename, namespace.name, sets=table)
         reapply_s = clock() - started
+        changed_s = changed_in_place = None
+        if listed is None:  # the set shape has one rule: its changes are the set's
+            changed = _one_rule_changed(text, shape, count)
+            started = clock()
+            patched = apply(changed, filename, namespace.name, sets=table).patched
+            changed_s, changed_in_place = clock() - started, isinstance(patched, int)
         ingress = applied.programs["ingress"]
         egress = applied.programs["egress"]
         hooks = {
@@ -114,9 +123,21 @@ def measure_shape(
         **bytecode,
         "apply_s": apply_s,
         "reapply_s": reapply_s,
+        "changed_s": changed_s,
+        "changed_in_place": changed_in_place,
         "hooks": hooks,
         "c": c,
     }
+
+
+def _one_rule_changed(text: str, shape: str, count: int) -> str:
+    """The rule set with its middle INPUT rule replaced by the middle one of another draw of
+    the same shape."""
+    lines = text.splitlines()
+    other = [line for line in rules(shape, count, seed=SEED + 1).splitlines() if "-A INPUT" in line]
+    at = [number for number, line in enumerate(lines) if line.startswith("-A INPUT")]
+    lines[at[len(at) // 2]] = other[len(other) // 2]
+    return "\n".join(lines) + "\n"
 
 
 def measure(
@@ -137,7 +158,7 @@ def measure(
                 f"shape {shape:7} {count:>7,} rules: first {ns['first']:,.0f} ns, last "
                 f"{ns['last']:,.0f} ns, no match {ns['none']:,.0f} ns; parse "
                 f"{entry['parse_s']:.2f} s, chain program {entry['load_s']:.2f} s, apply "
-                f"{entry['apply_s']:.2f} s, again {entry['reapply_s']:.2f} s"
+                f"{entry['apply_s']:.2f} s, again {entry['reapply_s']:.2f} s" + _changed(entry)
             )
             if entry["c"] is not None:
                 ns = entry["c"]["ns_per_packet"]
@@ -158,7 +179,9 @@ def report_lines(results: dict) -> list[str]:
         "## Rule sets of real shapes (BPF_PROG_TEST_RUN, bytecode)",
         "",
         "The INPUT chain program on a packet decided by the first rule, the last, or the "
-        "policy; `apply` is parse, both hooks' programs compiled, verified and attached.",
+        "policy; `apply` is parse, both hooks' programs compiled, verified and attached; "
+        "`again` the same text applied again; `one rule changed` the middle rule replaced "
+        "(in the maps: the programs stayed, harness.deploy.patch).",
         "",
     ]
     rows = [
@@ -170,11 +193,21 @@ def report_lines(results: dict) -> list[str]:
             f"{entry['parse_s']:.2f} s",
             f"{entry['apply_s']:.2f} s",
             f"{entry['reapply_s']:.2f} s",
+            _changed(entry).removeprefix(", one rule changed "),
         ]
         for entry in entries
     ]
     header = ["shape", "rules", "first", "last", "no match", "verifier", "parse", "apply", "again"]
+    header.append("one rule changed")
     return lines + _table(header, rows) + _c_lines(entries)
+
+
+def _changed(entry: dict) -> str:
+    """The one-rule-changed apply's time and how it was made, if it was measured."""
+    if entry.get("changed_s") is None:
+        return ""
+    how = "in the maps" if entry["changed_in_place"] else "whole"
+    return f", one rule changed {entry['changed_s']:.2f} s ({how})"
 
 
 def _c_lines(entries: list[dict]) -> list[str]:

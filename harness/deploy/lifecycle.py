@@ -75,7 +75,7 @@ from ..collector import collector_held_off
 from ..counters import CounterMap
 from ..log_reader import LogMaps
 from . import hashlimit as hashlimit_tables
-from . import identity, recent
+from . import identity, patch, recent
 from .addresses import fill_interface_map, interface_addresses, local_addresses
 from .bridges import physdev_refusal
 from .carry import carry_over, identities_of
@@ -86,6 +86,7 @@ from .state import STATE_ROOT as STATE_ROOT  # re-exported: where the state file
 from .state import LifecycleError, finish_killed, read_state, remove_stale
 from .state import fault as _fault
 from .state import journal_file as _journal_file
+from .state import journal_state as _journal_state
 from .state import pin_dir as _pin_dir
 from .state import previous_state as _previous
 from .state import saved_state as _saved_state
@@ -106,6 +107,8 @@ class Applied:
     carried: int  # rules whose counters were carried over
     left_out: tuple[str, ...] = ()  # the other tables of a full dump, not applied
     fresh: str | None = None  # what was removed first: state of a namespace that is gone
+    # Rules replaced in the maps, the programs kept (harness.deploy.patch); if whole, why.
+    patched: int | str | None = None
 
 
 def _devices(namespace: Namespace, wanted: list[str] | None) -> dict[str, int]:
@@ -173,11 +176,45 @@ def apply(
     previous = _previous(netns, saved)
     pins = _pin_dir(netns)
     layout = CounterLayout.of(ruleset)
+    # Its local addresses as they are now, written into the ingress program: a change is
+    # seen at the next apply (codegen.tc.local).
+    local = local_addresses(namespace)
+    interfaces = _all_interfaces(namespace)
+    built_for = patch.applied_with(ruleset, interfaces, local)
+    identities = identities_of(ruleset, layout)
+    state = {
+        "netns": netns,
+        "rules_text": rules_text,
+        "filename": filename,
+        "targets": targets,
+        "fastpath": fastpath,
+        "layout": layout,
+        "identities": identities,
+        "belongs_to": here,
+        "backend": backend,
+        "carry_counters": carry_counters,
+        "applied_with": built_for,
+    }
+    patched: patch.Patched | str = "no rule set applied before"
+    if stale is None and previous is not None and previous is saved:
+        patched = patch.try_patch(
+            previous,
+            rules_text,
+            ruleset,
+            layout,
+            built_for,
+            backend=backend,
+            fastpath=fastpath,
+            devices=sorted(targets),
+            carry_counters=carry_counters,
+            new_state=_journal_state(**state, counters_id=previous.get("counters_id", 0)),
+        )
+        if isinstance(patched, patch.Patched):  # the programs stay: only rules of runs changed
+            kept = sum(isinstance(position[1], int) for position in layout.positions)
+            carried = kept - patched.rules
+            return Applied(sorted(targets), True, {}, carried, dump.left_out, None, patched.rules)
     with ExitStack() as cleanup:
         counters = cleanup.enter_context(CounterMap(layout))
-        # Its local addresses as they are now, written into the ingress program: a change is
-        # seen at the next apply (codegen.tc.local).
-        local = local_addresses(namespace)
         tracker = _tracker(ruleset, pins)
         if tracker is not None:
             cleanup.enter_context(tracker)
@@ -187,7 +224,6 @@ def apply(
             sources = cleanup.enter_context(Map(*shape, name=INTERFACE_ADDRESSES))
             fill_interface_map(sources, interface_addresses(namespace))
             extra[INTERFACE_ADDRESSES] = sources
-        interfaces = _all_interfaces(namespace)
         if uses_addrtype(ruleset):
             # -m addrtype's routes, as they are now: a route changed later is seen at the
             # next apply (codegen.tc.matches.addrtype).
@@ -222,7 +258,6 @@ def apply(
                 )
             )
         _fault("after-compile")
-        identities = identities_of(ruleset, layout)
         carried = 0
         if previous is not None and carry_counters:
             carried = carry_over(previous, identities, counters)
@@ -231,19 +266,15 @@ def apply(
             identity.pin(pins, here, _replace_pin)
         # The journal: the state this apply commits, written before the first link changes so
         # that a command after a SIGKILL from here to the commit finishes it (read_state).
+        layouts = {hook: getattr(program, "layout", None) for hook, program in programs.items()}
         _write_state(
             netns,
-            rules_text,
-            filename,
-            targets,
-            fastpath,
-            layout,
-            identities,
-            here,
-            backend=backend,
-            carry_counters=carry_counters,
-            counters_id=map_info(counters.fd).id,
-            sets=applied_text(ruleset) if sets_held else None,
+            _journal_state(
+                **state,
+                counters_id=map_info(counters.fd).id,
+                sets=applied_text(ruleset) if sets_held else None,
+                classifier={hook: found for hook, found in layouts.items() if found},
+            ),
         )
         try:
             _attach_all(namespace, targets, programs)
@@ -261,6 +292,7 @@ def apply(
         _fault("after-pinning-maps")
         (pins / "local").unlink(missing_ok=True)  # the local-address map of older versions
         _pin_kept(pins, programs)
+        patch.pin_tables(pins, programs, _replace_pin)
         if tracker is not None:
             tracker.pin(pins, _replace_pin)
         for name in LOG_PINS:
@@ -277,9 +309,8 @@ def apply(
                 f"the rule set state under the name {netns} belonged to a namespace that is "
                 "gone: removed it and started fresh"
             )
-        return Applied(
-            sorted(targets), previous is not None, programs, carried, dump.left_out, fresh
-        )
+        replaced = previous is not None
+        return Applied(sorted(targets), replaced, programs, carried, dump.left_out, fresh, patched)
 
 
 def _pin_kept(pins: Path, programs: dict[str, Program]) -> None:

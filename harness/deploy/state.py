@@ -216,7 +216,7 @@ def remove_stale(netns: str) -> list[str]:
     return removed
 
 
-def write_journal(
+def journal_state(
     netns: str,
     rules_text: str,
     filename: str,
@@ -230,10 +230,11 @@ def write_journal(
     carry_counters: bool = True,
     counters_id: int = 0,
     sets: str | None = None,
-) -> None:
-    """Write the journal of an apply (see apply); its commit renames it to the state file."""
-    STATE_ROOT.mkdir(parents=True, exist_ok=True)
-    state = {
+    applied_with: dict | None = None,
+    classifier: dict | None = None,
+) -> dict:
+    """The state an apply commits (see apply), for write_journal."""
+    return {
         "netns": netns,
         "identity": None if belongs_to is None else belongs_to.to_json(),
         "backend": backend,
@@ -247,7 +248,16 @@ def write_journal(
         "positions": [list(position) for position in layout.positions],
         "identities": [[list(key), list(position)] for key, position in identities.items()],
         "sets": sets,  # the -m set sets as applied (ipset save text; bpflab set changes them)
+        # What the programs were built for beside the rules, and their classifier maps'
+        # layouts by hook: what a later patch needs (harness.deploy.patch).
+        "applied_with": applied_with,
+        "classifier": classifier or {},
     }
+
+
+def write_journal(netns: str, state: dict) -> None:
+    """Write the journal of an apply (see apply); its commit renames it to the state file."""
+    STATE_ROOT.mkdir(parents=True, exist_ok=True)
     _write(journal_file(netns), state)
 
 

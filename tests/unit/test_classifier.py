@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from codegen.rules import parse
 from codegen.tc import classifier as C
+from codegen.tc import classifier_patch as P
 
 INTERFACES = {"eth0": 2, "eth1": 3}
 PREFIXES = [(0x0A000000, 8), (0x0A010000, 16), (0x0A010100, 24), (0x0A010180, 25), (0x0A010181, 32)]
@@ -114,11 +115,11 @@ def test_the_tree_finds_what_a_scan_in_rule_order_finds(min_group, texts, data):
         key = _key(data.draw)
         scanned = None
         for position, slot in enumerate(live):
-            said = C.matches(tables.records[run[1] + position], key)
+            said = P.matches(tables.records[tables.every_rule(run)[0] + position], key)
             if said is not None:
                 scanned = (slot, said)
                 break
-        found = C.lookup(tables, run, key)
+        found = P.lookup(tables, run, key)
         got = None if found is None else (C.RECORD.unpack(found[0])[-1], found[1])
         assert got == scanned, f"{texts}\nkey {key}"
 
@@ -142,7 +143,8 @@ def test_rules_wide_on_the_telling_field_and_narrowed_elsewhere_get_trees_of_the
     monkeypatch.setattr(C, "REPLICATED", replicated)
     entries = [C.entry(_rule(text), INTERFACES) for text in texts]
     tables = C.Tables()
-    head, _, _ = tables.add_run(entries, list(range(len(entries))))
+    run = tables.add_run(entries, list(range(len(entries))))
+    head = tables.heads[run]
     assert C.NODE.unpack(tables.nodes[head])[:3] == (C.TREES, trees, head + 1)
     assert tables.trees == trees
     # Each rule is found: the narrow one at its /24, the others by what narrows them.
@@ -153,7 +155,7 @@ def test_rules_wide_on_the_telling_field_and_narrowed_elsewhere_get_trees_of_the
         (220, (0x8C000001, 0, 1, C.ABSENT, C.ABSENT, 2, 0)),
     ]
     for place, key in cases:
-        found = C.lookup(tables, (head, 0, len(entries)), key)
+        found = P.lookup(tables, run, key)
         assert found is not None and C.RECORD.unpack(found[0])[-2] == place, texts[place]
 
 
@@ -167,4 +169,3 @@ def test_the_nth_of_two_sorted_lists_is_that_of_their_merge(first, second, data)
     n = data.draw(st.integers(0, len(first) + len(second) - 1))
     assert C._nth_of_two(first, second, n) == sorted(first + second)[n]
     assert C._nth_of_two(second, first, n) == sorted(first + second)[n]
-
