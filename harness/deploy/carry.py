@@ -59,3 +59,25 @@ def carry_over(previous: dict, identities: dict[tuple, Position], counters: Coun
 def _position(saved: list) -> tuple:
     """A position or identity back from JSON, where tuples became lists."""
     return tuple(saved)
+
+
+def identities_replaced(previous: dict, changes: list) -> dict[tuple, Position] | None:
+    """The identities of the previous state's rules with `changes` (harness.deploy.patch:
+    chain, index, new rule) made, without writing every rule's text again; None where a
+    changed rule's old or new text repeats in its chain (the repeats' numbers would move)."""
+    count: Counter[tuple[str, str]] = Counter()
+    identities: dict[tuple, Position] = {}
+    for key, position in previous["identities"]:
+        identities[_position(key)] = _position(position)
+        if len(key) == 3:
+            count[(key[0], key[1])] += 1
+    by_position = {position: key for key, position in identities.items()}
+    for change in changes:
+        old_key = by_position.get((change.chain, change.index))
+        text = write_rule(change.chain, change.new)
+        if old_key is None or count[old_key[:2]] != 1 or count[(change.chain, text)]:
+            return None
+        count[(change.chain, text)] += 1
+        del identities[old_key]
+        identities[(change.chain, text, 1)] = (change.chain, change.index)
+    return identities

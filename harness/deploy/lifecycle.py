@@ -181,7 +181,6 @@ def apply(
     local = local_addresses(namespace)
     interfaces = _all_interfaces(namespace)
     built_for = patch.applied_with(ruleset, interfaces, local)
-    identities = identities_of(ruleset, layout)
     state = {
         "netns": netns,
         "rules_text": rules_text,
@@ -189,7 +188,6 @@ def apply(
         "targets": targets,
         "fastpath": fastpath,
         "layout": layout,
-        "identities": identities,
         "belongs_to": here,
         "backend": backend,
         "carry_counters": carry_counters,
@@ -197,22 +195,12 @@ def apply(
     }
     patched: patch.Patched | str = "no rule set applied before"
     if stale is None and previous is not None and previous is saved:
-        patched = patch.try_patch(
-            previous,
-            rules_text,
-            ruleset,
-            layout,
-            built_for,
-            backend=backend,
-            fastpath=fastpath,
-            devices=sorted(targets),
-            carry_counters=carry_counters,
-            new_state=_journal_state(**state, counters_id=previous.get("counters_id", 0)),
-        )
+        patched = patch.try_patch(previous, ruleset, state)
         if isinstance(patched, patch.Patched):  # the programs stay: only rules of runs changed
             kept = sum(isinstance(position[1], int) for position in layout.positions)
             carried = kept - patched.rules
             return Applied(sorted(targets), True, {}, carried, dump.left_out, None, patched.rules)
+    identities = identities_of(ruleset, layout)
     with ExitStack() as cleanup:
         counters = cleanup.enter_context(CounterMap(layout))
         tracker = _tracker(ruleset, pins)
@@ -271,6 +259,7 @@ def apply(
             netns,
             _journal_state(
                 **state,
+                identities=identities,
                 counters_id=map_info(counters.fd).id,
                 sets=applied_text(ruleset) if sets_held else None,
                 classifier={hook: found for hook, found in layouts.items() if found},

@@ -33,12 +33,11 @@ from codegen.bpf.maps import Map, get_pinned
 from codegen.bpf.syscall import BpfError
 from codegen.rules import RuleError, parse
 from codegen.rules.extensions.set import uses_sets
-from codegen.rules.model import Ruleset
+from codegen.rules.iptables_save import write_rule
+from codegen.rules.model import Goto, Jump, Ruleset
 from codegen.tc import classifier
 from codegen.tc import classifier_patch as patching
-from codegen.tc.chains import user_chains_called
 from codegen.tc.classifier_code import HEADS_MAP, NODES_MAP, RECORDS_MAP
-from codegen.tc.layout import CounterLayout
 from codegen.tc.log import logs
 from codegen.tc.matches.addrtype import uses_addrtype
 from codegen.tc.matches.limit import uses_limit
@@ -46,7 +45,16 @@ from codegen.tc.replies import rejects
 
 from ..classifier_tables import MappedArray
 from ..counters import CounterMap
-from .state import journal_file, pin_dir, state_file, write_journal
+from .carry import identities_of, identities_replaced
+from .state import (
+    PATCH_FAULT,
+    fault,
+    journal_file,
+    journal_state,
+    pin_dir,
+    state_file,
+    write_journal,
+)
 
 HOOKS = {"ingress": ("INPUT", "FORWARD"), "egress": ("OUTPUT",)}
 PINNED = (HEADS_MAP, NODES_MAP, RECORDS_MAP)
@@ -104,8 +112,9 @@ def changed_rules(previous: dict, rules_text: str, ruleset: Ruleset) -> list[Cha
             before = parse(f"*filter\n:{chain} {policy} [0:0]\n{old}\nCOMMIT\n", "applied")
         except RuleError:
             return None
-        rule = ruleset.chains[chain].rules[index - 1]
-        changed.append(Changed(chain, index, before.chains[chain].rules[0], rule))
+        rule, old_rule = ruleset.chains[chain].rules[index - 1], before.chains[chain].rules[0]
+        if write_rule(chain, rule) != write_rule(chain, old_rule):  # not only respelled
+            changed.append(Changed(chain, index, old_rule, rule))
     return changed
 
 
@@ -129,22 +138,13 @@ class Patched:
     state: dict  # the state committed
 
 
-def try_patch(
-    previous: dict | None,
-    rules_text: str,
-    ruleset: Ruleset,
-    layout: CounterLayout,
-    built_for: dict,
-    *,
-    backend: str,
-    fastpath: bool,
-    devices: list[str],
-    carry_counters: bool,
-    new_state: dict,
-) -> Patched | str:
+def try_patch(previous: dict | None, ruleset: Ruleset, state: dict) -> Patched | str:
     """Make the re-apply of `ruleset` a patch of the maps, if it can be one (see the module
-    doc); if it cannot, why not (nothing was changed). `new_state`: the state to commit,
-    without its classifier layouts, which the patch fills in."""
+    doc); if it cannot, why not (nothing was changed). `state`: what the apply commits (the
+    keywords of harness.deploy.state.journal_state but the identities and ids)."""
+    rules_text, layout, built_for = state["rules_text"], state["layout"], state["applied_with"]
+    backend, fastpath = state["backend"], state["fastpath"]
+    devices, carry_counters = sorted(state["targets"]), state["carry_counters"]
     if previous is None or not carry_counters or backend != "bytecode":
         return "a first apply, counters not carried, or the C backend"
     if (previous.get("backend"), previous.get("fastpath")) != ("bytecode", fastpath):
@@ -164,7 +164,7 @@ def try_patch(
     with ExitStack() as held:
         work = []
         for hook, roots in HOOKS.items():
-            chains = {*roots, *user_chains_called(ruleset, roots)}
+            chains = _reached(ruleset, roots)
             touched = [change for change in changes if change.chain in chains]
             if not touched:
                 continue
@@ -181,14 +181,19 @@ def try_patch(
             if isinstance(made, str):
                 return made
             work.append((hook, tables, made))
-        state = {**new_state, "classifier": {**layouts}}
+        identities = identities_replaced(previous, changes) or identities_of(ruleset, layout)
+        committed = journal_state(
+            **state, identities=identities, counters_id=previous.get("counters_id", 0)
+        )
+        committed["classifier"] = {**layouts}
         for hook, _, (hook_layout, _) in work:
-            state["classifier"][hook] = hook_layout
+            committed["classifier"][hook] = hook_layout
         netns = previous["netns"]
-        write_journal(netns, state)
+        write_journal(netns, committed)
         try:
             for _, tables, (_, writes) in work:
                 writes.write(tables)
+            fault(PATCH_FAULT)
             counters = held.enter_context(CounterMap(layout, fd=get_pinned(str(pins / "counters"))))
             counters.write({(change.chain, change.index): (0, 0) for change in changes})
         except (BpfError, OSError):
@@ -196,7 +201,18 @@ def try_patch(
             # over this journal (which a command after a crash would apply whole too).
             return "writing the maps failed"
         os.replace(journal_file(netns), state_file(netns))
-    return Patched(len(changes), state)
+    return Patched(len(changes), committed)
+
+
+def _reached(ruleset: Ruleset, roots: tuple[str, ...]) -> set[str]:
+    """The chains a hook's program runs: its built-in chains and the user chains they call."""
+    reached, work = set(roots), list(roots)
+    while work:
+        for rule in ruleset.chains[work.pop()].rules:
+            if isinstance(rule.target, Jump | Goto) and rule.target.chain not in reached:
+                reached.add(rule.target.chain)
+                work.append(rule.target.chain)
+    return reached
 
 
 @dataclass

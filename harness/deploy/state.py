@@ -53,6 +53,7 @@ def journal_file(netns: str) -> Path:
 
 FAULT = "BPFLAB_FAULT"  # tests only: the point of apply where the process SIGKILLs itself
 FAULT_POINTS = ("after-compile", "during-carry", "between-hooks", "after-pinning-maps")
+PATCH_FAULT = "during-patch"  # a patched re-apply's: its maps written, its state not committed
 
 
 def fault(point: str) -> None:

@@ -271,3 +271,37 @@ def test_sigkill_of_replay_is_undone_by_the_next_cleanup():
         timeout=300,
     )
     assert again.returncode == 0, again.stdout + again.stderr
+
+
+# A run the classifier answers with a tree (64 rules and more), then a rule of it replaced.
+RUN = [f"-A INPUT -p udp -m udp --dport {6000 + i} -j DROP" for i in range(80)]
+PATCHED = [*RUN[:40], "-A INPUT -p udp -m udp --dport 5302 -j DROP", *RUN[41:]]
+
+
+def test_a_patch_killed_before_its_commit_is_applied_whole_by_the_next_command(tmp_path):
+    old, new = tmp_path / "old.rules", tmp_path / "new.rules"
+    old.write_text(rules(*RUN))
+    new.write_text(rules(*PATCHED))
+    with HostTopology(ipv6=False) as topology:
+        ns = topology.host.namespace.name
+        pins = PIN_ROOT / ns
+        try:
+            assert bpflab("apply", str(old), "--netns", ns).returncode == 0
+            program = _pinned_id(str(pins / "prog_ingress"), link=False)
+            patched = bpflab("apply", str(new), "--netns", ns)  # a patch, whole: the CLI says so
+            assert "1 changed rules replaced in the maps of the programs running" in patched.stdout
+            assert _pinned_id(str(pins / "prog_ingress"), link=False) == program
+            assert udp_exchange(topology.client, topology.host, [5302, 5303]) == {5302: 0, 5303: 1}
+            assert bpflab("apply", str(old), "--netns", ns).returncode == 0  # patched back
+            assert _killed_apply(new, ns, state.PATCH_FAULT).returncode == -signal.SIGKILL
+            assert state.journal_file(ns).exists()  # its maps written, not committed
+            listed = bpflab("list", "--netns", ns)
+            assert "completed an apply that was killed" in listed.stderr
+            assert not state.journal_file(ns).exists()
+            assert "--dport 5302" in bpflab("save", "--netns", ns).stdout
+            assert _pinned_id(str(pins / "prog_ingress"), link=False) != program  # whole
+            assert udp_exchange(topology.client, topology.host, [5302, 5303]) == {5302: 0, 5303: 1}
+            assert bpflab("flush", "--netns", ns).returncode == 0
+        finally:
+            state.state_file(ns).unlink(missing_ok=True)
+            state.journal_file(ns).unlink(missing_ok=True)
