@@ -12,7 +12,9 @@ State lives where separate processes can find it:
   entries (`hashlimit`), which a re-apply keeps for the names its rules still have, as
   netfilter keeps those tables across a table replace (codegen.tc.matches.hashlimit); -m set's
   sets, one map each (`set_<name in hex>`), which `bpflab set add|del` changes in place
-  (harness.deploy.sets);
+  (harness.deploy.sets); each bytecode program's classifier maps (`classifier_heads_HOOK`,
+  `classifier_nodes_HOOK`, `classifier_records_HOOK`), which a re-apply that only replaces
+  rules of tree runs patches in place, the programs kept (harness.deploy.patch);
 - `/run/bpflab/rulesets/NS.json`: the rule set text, the devices and the counter layout, which
   bpffs cannot hold and `list`/`save` need to put names on counters, and the sets' members.
 
