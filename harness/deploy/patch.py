@@ -177,7 +177,7 @@ def try_patch(previous: dict | None, ruleset: Ruleset, state: dict) -> Patched |
                 }
             except BpfError:
                 return f"the {hook} program's classifier maps are not pinned"
-            made = _patch_hook(layouts[hook], tables, touched, ruleset, layout, interfaces, held)
+            made = patch_hook(layouts[hook], tables, touched, ruleset, layout, interfaces, held)
             if isinstance(made, str):
                 return made
             work.append((hook, tables, made))
@@ -237,8 +237,10 @@ class _Writes:
             tables[HEADS_MAP].update(run, head.to_bytes(4, "little"))
 
 
-def _patch_hook(hook_layout, tables, touched, ruleset, layout, interfaces, held):
-    """The hook's new layout and what to write for `touched`, or why it cannot be done."""
+def patch_hook(hook_layout, tables, touched, ruleset, layout, interfaces, held):
+    """The new layout of a program's classifier maps (`hook_layout`: harness.classifier_tables;
+    `tables`: the maps by name) with the rules of `touched` replaced, and what to write for
+    it (their `write(tables)`), or why it cannot be done; `held` keeps the maps' memory."""
     runs = hook_layout["runs"]
     sizes = {
         NODES_MAP: (hook_layout["node_end"], classifier.NODE.size),

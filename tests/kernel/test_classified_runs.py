@@ -7,13 +7,17 @@ fragments, truncated headers)."""
 
 from __future__ import annotations
 
+from contextlib import ExitStack
+
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from codegen.rules import evaluate, parse, write
+from codegen.rules.iptables_save import write_rule
 from codegen.tc import classifier
 from codegen.tc.generator import compile_program
+from harness.deploy.patch import Changed, patch_hook
 from harness.runner import ChainRunner, frame_for, standin_interfaces
 
 pytestmark = pytest.mark.privileged
@@ -160,3 +164,55 @@ def test_the_classified_program_and_the_plain_scan_decide_alike(text, traffic):
         detail = f"\n{write(ruleset)}packet {packet.hex()}\n{tree}\n{scanned}"
         assert (tree.verdict, tree.deciding) == (scanned.verdict, scanned.deciding), detail
         assert tree.counters == scanned.counters, detail
+
+
+@settings(max_examples=30, deadline=None)
+@given(text=rulesets(), data=st.data(), traffic=st.lists(packets(), min_size=12, max_size=12))
+def test_runs_patched_in_their_maps_agree_with_the_evaluator_on_the_new_rules(text, data, traffic):
+    # The program stays; its maps are patched as a re-apply patches them (harness.deploy.
+    # patch), twice; each time the new rules decide every packet as the evaluator says.
+    ruleset = parse(text, "runs.rules")
+    with ChainRunner(ruleset, ["eth0", "eth1"]) as runner, ExitStack() as held:
+        program = runner.program("INPUT")
+        tables = {table.name: table for table in program.resources if hasattr(table, "name")}
+        layout = program.layout
+        assert layout is not None
+        in_trees = [
+            index
+            for run in layout["runs"]
+            if run["trees"] is not None
+            for index in range(run["first"], run["last"] + 1)
+        ]
+        patched = 0
+        for _ in range(2):
+            lines = write(ruleset).splitlines()
+            at = [number for number, line in enumerate(lines) if line.startswith("-A INPUT")]
+            chosen = data.draw(st.lists(st.sampled_from(in_trees), min_size=1, max_size=3))
+            for index in set(chosen):
+                lines[at[index - 1]] = f"-A INPUT {data.draw(rule_text())}"
+            new = parse("\n".join([*lines, ""]), "runs.rules")
+            changes = [
+                Changed("INPUT", index, old, now)
+                for index, (old, now) in enumerate(
+                    zip(ruleset.chains["INPUT"].rules, new.chains["INPUT"].rules, strict=True),
+                    start=1,
+                )
+                if write_rule("INPUT", old) != write_rule("INPUT", now)
+            ]
+            made = patch_hook(layout, tables, changes, new, runner.layout, runner.interfaces, held)
+            if isinstance(made, str):  # a rule naming a device the namespace lacks, ...
+                continue
+            layout, writes = made
+            writes.write(tables)
+            ruleset, patched = new, patched + 1
+            for packet in traffic:
+                for device in ("eth0", "eth1", None):
+                    expected = evaluate(ruleset, packet, "INPUT", device, None)
+                    got = runner.run(frame_for(packet), "INPUT", device)
+                    detail = f"\n{write(ruleset)}packet {packet.hex()} in {device}\n{got}"
+                    assert (got.verdict, got.deciding) == (
+                        expected.verdict,
+                        expected.deciding,
+                    ), f"{detail}\n{expected}"
+                    assert got.counters == expected.counters, detail
+        assume(patched)
