@@ -200,7 +200,7 @@ class ChainRunner:
         )
         context.cb[0] = self.interfaces.get(out_iface or "", 0)
         context.cb[2] = PKT_TYPES[PKT_TYPE_ALIASES.get(pkt_type, pkt_type)]
-        if owner != "dummy" and self.owned:  # only -m owner reads it (the C backend refuses it)
+        if owner != "dummy" and self.owned:  # only -m owner reads it
             cb_owner(context.cb, owner)
         if secpath != "dummy" and self.secpath is not None:
             cb_secpath(context.cb, secpath, self.secpath)

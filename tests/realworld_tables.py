@@ -51,7 +51,7 @@ BACKEND_REFUSALS: dict[str, dict[str, str | None]] = {
     "12": {"bytecode": None, "c": None},
     "13": {"bytecode": None, "c": None},
     "14": {"bytecode": None, "c": None},
-    "15": {"bytecode": None, "c": "'-m owner'"},
+    "15": {"bytecode": None, "c": None},
     "16": {"bytecode": None, "c": None},
     "17": {"bytecode": None, "c": None},
 }

@@ -28,6 +28,7 @@ from .facts import FACTS_MAP
 from .fragments import LATER_FRAGMENTS, LATER_FRAGMENTS_EGRESS, remember_first_fragment
 from .log import hook_statement, logs
 from .maps import REPLIES_MAP
+from .owner import uses_owner
 from .source_text import GOTO, Code, indented, text_of
 
 # A tail: its label and its statements.
@@ -41,7 +42,8 @@ def entry_function(entry: Entry, chains: ChainWriter, fastpath: bool, slot: int)
     if logs(chains.ruleset):  # which hook its LOG records name (codegen/c/log.py)
         logging = hook_statement(entry.hook, entry.builtins[0] if entry.hook == "chain" else None)
     own_answers = OWN_ANSWER if entry.hook == "ingress" and rejects(chains.ruleset) else []
-    body = [*own_answers, *_facts(entry), *logging, "", *_judgement(entry, chains, fastpath)]
+    body = [*own_answers, *_facts(entry), *_owner(entry, chains), *logging, ""]
+    body += _judgement(entry, chains, fastpath)
     answer = _reply(slot) if rejects(chains.ruleset) else []
     tails = _tails(entry, fastpath, uses_conntrack(chains.ruleset), answer)
     used = _tails_used(body, tails)
@@ -88,6 +90,14 @@ def _facts(entry: Entry) -> Code:
             "f->out_ifindex = skb->cb[0];",
         ]
     return code
+
+
+def _owner(entry: Entry, chains: ChainWriter) -> Code:
+    """-m owner's socket, read once where OUTPUT runs (codegen/c/owner.py)."""
+    runs_output = entry.hook == "egress" or entry.builtins == ("OUTPUT",)
+    if not runs_output or not uses_owner(chains.ruleset):
+        return []
+    return [f"owner_of(skb, f, {int(entry.hook == 'chain')});"]
 
 
 def _judgement(entry: Entry, chains: ChainWriter, fastpath: bool) -> Code:

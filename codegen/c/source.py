@@ -43,6 +43,7 @@ from codegen.tc.replies import rejects
 from . import hashlimit as c_hashlimit
 from . import limit as c_limit
 from . import log as c_log
+from . import owner as c_owner
 from . import recent as c_recent
 from . import table as c_table
 from .chains import MAX_EXPANDED_RULES, ChainWriter, c_identifier, user_chains_reached
@@ -144,6 +145,8 @@ def generate(
         text.write(c_log.declarations((map_entries or {}).get(c_log.LOG_EVENTS, RING_SIZE)))
     if uses_limit(ruleset):
         text.write(c_limit.declarations(ruleset))
+    if c_owner.uses_owner(ruleset):
+        text.write(c_owner.declarations())
     if uses_hashlimit(ruleset):
         held = (map_entries or {}).get(HASHLIMIT_MAP, hashlimit_entries(ruleset))
         text.write(c_hashlimit.declarations(held))

@@ -18,7 +18,7 @@ from codegen.rules.extensions import BY_MODEL, extension_of
 from codegen.rules.model import IP_PART, ExtensionMatch, Match
 
 from . import ip_header
-from .common import Labels, Writer
+from .common import Labels, UnsupportedMatch, Writer
 
 __all__ = [
     "FAMILIES",
@@ -33,13 +33,11 @@ __all__ = [
 # The registration line: each name is a module here with MODEL and write(match, labels).
 FAMILIES = tuple(
     "tcp udp icmp multiport iprange length ttl pkttype mark connmark comment conntrack state limit"
-    " addrtype set hashlimit recent physdev".split()
+    " addrtype set hashlimit recent physdev owner".split()
 )
 # The rule layer's families this backend refuses on purpose, each with the reason its refusal
 # gives: a family is either in FAMILIES or here.
 REFUSED: dict[str, str] = {
-    "owner": "its socket's owner is read through kernel functions (bpf_cast_to_kern_ctx,"
-    " bpf_rdonly_cast) that bcc cannot call; the bytecode backend generates it",
     "policy": "the protocol, mode and tunnel destination of its IPsec states are read through"
     " kernel functions (bpf_cast_to_kern_ctx, bpf_rdonly_cast) that bcc cannot call, and"
     " bpf_skb_get_xfrm_state gives none of them; the bytecode backend generates it",
@@ -51,10 +49,6 @@ WRITERS: dict[type, Writer] = ip_header.WRITERS | {
     module.MODEL: module.write for module in _FAMILY_MODULES
 }
 assert len(WRITERS) == len(ip_header.WRITERS) + len(FAMILIES), "two writers for one model"
-
-
-class UnsupportedMatch(ValueError):
-    """A match this backend has no writer for."""
 
 
 def can_hotdrop(match: Match) -> bool:

@@ -33,6 +33,10 @@ class Labels:
     slots: Mapping[tuple[str, int, int], int] = field(default_factory=dict)
 
 
+class UnsupportedMatch(ValueError):
+    """A match this backend has no writer for, or a form of one it refuses."""
+
+
 # A family's writer: the statements of one match of its model.
 Writer = Callable[[Match, Labels], list[str]]
 
