@@ -47,7 +47,7 @@ BACKEND_REFUSALS: dict[str, dict[str, str | None]] = {
     "08": {"bytecode": None, "c": None},
     "09": {"bytecode": None, "c": None},
     "10": {"bytecode": None, "c": None},
-    "11": {"bytecode": None, "c": "'-m policy'"},
+    "11": {"bytecode": None, "c": None},
     "12": {"bytecode": None, "c": None},
     "13": {"bytecode": None, "c": None},
     "14": {"bytecode": None, "c": None},

@@ -45,12 +45,14 @@ from codegen.tc.matches.hashlimit import KEY as HASHLIMIT_KEY
 from codegen.tc.matches.hashlimit import VALUE as HASHLIMIT_VALUE
 from codegen.tc.matches.limit import LIMIT_MAP, uses_limit
 from codegen.tc.matches.limit import value_size as limit_value_size
+from codegen.tc.matches.policy import SECPATH_MAP, SecpathValue
 from codegen.tc.replies import rejects
 
 from . import log as c_log
 from . import recent as c_recent
 from .maps import REPLIES_MAP
 from .matches import set as c_set
+from .policy import uses_policy
 from .source import (
     COUNTERS_MAP,
     CCompileError,
@@ -76,6 +78,7 @@ MAP_SHAPES = {
     conntrack.CT_PENDING: (MapType.PERCPU_ARRAY, 4, ctypes.sizeof(conntrack.Pending)),
     conntrack.CT_CLOCK: (MapType.ARRAY, 4, 8),
     ADDRESS_TYPES: (MapType.LPM_TRIE, ADDRESS_KEY.size, ADDRESS_VALUE.size),
+    SECPATH_MAP: (MapType.ARRAY, 4, ctypes.sizeof(SecpathValue)),
     **c_log.MAP_SHAPES,
 }
 _compiles = itertools.count(1)
@@ -156,6 +159,8 @@ def load_programs(
         needed.append(ADDRESS_TYPES)
     if c_log.logs(ruleset):
         needed += c_log.MAP_SHAPES
+    if uses_policy(ruleset) and any(entry.hook == "chain" for entry in entries):
+        needed.append(SECPATH_MAP)  # a test's security path (codegen/c/policy.py)
     fds = {name: _map_fd(maps, name) for name in needed}
     sizes = {name: _check_map(name, fd) for name, fd in fds.items()}
     if uses_sets(ruleset):  # -m set: each set's map, under its C name (codegen/c/matches/set)

@@ -8,17 +8,23 @@ comment written above its map for why (it keeps verification linear in the rule 
 
 from __future__ import annotations
 
+from . import policy as c_policy
+
 FACTS_MAP = "facts"  # the C programs' own scratch map
 HEADERS = 14 + 60 + 20  # the most any match looks at: Ethernet, IPv4 with options, TCP
 
 
-def facts_struct(tracking: bool) -> list[str]:
-    """The facts' declaration; with `tracking`, the packet's connection is one of them."""
-    if not tracking:
-        return FACTS
+def facts_struct(tracking: bool, policy: bool = False) -> list[str]:
+    """The facts' declaration; with `tracking`, the packet's connection is one of them, with
+    `policy` its IPsec states (codegen/c/policy.py)."""
     at = FACTS.index("};")
-    connection = "    struct ct_result ct;  // what ct_classify found (codegen/conntrack)"
-    return [*FACTS[:at], connection, *FACTS[at:]]
+    more = []
+    if tracking:
+        more.append("    struct ct_result ct;  // what ct_classify found (codegen/conntrack)")
+    if policy:
+        more += c_policy.FACTS
+    code = [*FACTS[:at], *more, *FACTS[at:]]
+    return [*c_policy.STATE_STRUCT, *code] if policy else code
 
 
 FACTS = [

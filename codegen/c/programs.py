@@ -29,6 +29,7 @@ from .fragments import LATER_FRAGMENTS, LATER_FRAGMENTS_EGRESS, remember_first_f
 from .log import hook_statement, logs
 from .maps import REPLIES_MAP
 from .owner import uses_owner
+from .policy import uses_policy
 from .source_text import GOTO, Code, indented, text_of
 
 # A tail: its label and its statements.
@@ -93,11 +94,16 @@ def _facts(entry: Entry) -> Code:
 
 
 def _owner(entry: Entry, chains: ChainWriter) -> Code:
-    """-m owner's socket, read once where OUTPUT runs (codegen/c/owner.py)."""
+    """-m owner's socket, read once where OUTPUT runs (codegen/c/owner.py), and -m policy's
+    IPsec states, read once where packets come in (codegen/c/policy.py)."""
+    test = int(entry.hook == "chain")
+    code = []
     runs_output = entry.hook == "egress" or entry.builtins == ("OUTPUT",)
-    if not runs_output or not uses_owner(chains.ruleset):
-        return []
-    return [f"owner_of(skb, f, {int(entry.hook == 'chain')});"]
+    if runs_output and uses_owner(chains.ruleset):
+        code.append(f"owner_of(skb, f, {test});")
+    if entry.hook != "egress" and uses_policy(chains.ruleset):
+        code.append(f"policy_of(skb, f, {test});")
+    return code
 
 
 def _judgement(entry: Entry, chains: ChainWriter, fastpath: bool) -> Code:

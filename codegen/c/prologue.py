@@ -39,13 +39,15 @@ def prologue(
     tracking: bool = False,
     rejects_here: bool = False,
     local: LocalAddresses | None = None,
+    policy: bool = False,
 ) -> list[str]:
     """What precedes the unit's functions. `map_entries` gives the caller's maps'
     max_entries (default: the counter layout's size); only a unit with an ingress program
     has the tests of `local`, the namespace's local addresses (codegen.tc.local; None: its
     STANDIN), and only one with an ingress or egress program (where INPUT and OUTPUT run) the
     fragments map; with `tracking`, the connection tracker and its maps come before the facts,
-    which hold its result; with `rejects_here`, REJECT's answer programs are declared."""
+    which hold its result; with `rejects_here`, REJECT's answer programs are declared; with
+    `policy`, the facts hold the packet's IPsec states (codegen/c/policy.py)."""
     programs = ", ".join(entry.function for entry in entries)
     code = [
         f"// bpfilter-lab, C backend (codegen/c): {programs}.",
@@ -80,7 +82,7 @@ def prologue(
     if tracking:
         code += [*tracker(map_entries.get(CT_TABLE, TABLE_ENTRIES)), ""]
     code += [
-        *facts_struct(tracking),
+        *facts_struct(tracking, policy),
         "",
         *counters_map(map_entries.get(COUNTERS_MAP, len(layout))),
     ]

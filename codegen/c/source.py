@@ -44,6 +44,7 @@ from . import hashlimit as c_hashlimit
 from . import limit as c_limit
 from . import log as c_log
 from . import owner as c_owner
+from . import policy as c_policy
 from . import recent as c_recent
 from . import table as c_table
 from .chains import MAX_EXPANDED_RULES, ChainWriter, c_identifier, user_chains_reached
@@ -136,8 +137,11 @@ def generate(
             uses_conntrack(ruleset),
             rejects(ruleset),
             local,
+            c_policy.uses_policy(ruleset),
         )
     )
+    if c_policy.uses_policy(ruleset):
+        text.write(c_policy.declarations(any(entry.hook == "chain" for entry in entries)))
     if uses_addrtype(ruleset):
         entries_held = (map_entries or {}).get(ADDRESS_TYPES, ADDRESS_TYPES_ENTRIES)
         text.write(addrtype.declarations(entries_held))

@@ -1,5 +1,5 @@
-"""`-m policy --dir in` in the bytecode programs under BPF_PROG_TEST_RUN against the reference
-evaluator: security paths of none to six states given through the test map, every option
+"""`-m policy --dir in` in the programs of both backends under BPF_PROG_TEST_RUN against the
+reference evaluator: security paths of none to six states given through the test map, every option
 negated or not, masks at their edges, --strict, a user chain and a chunk function, and the
 skb's own path (a test run's packets have none, which the program reads through the kernel's
 structures); random matches and paths (hypothesis). The ingress program loads with the walk,
@@ -25,6 +25,7 @@ from harness.counters import CounterMap
 from harness.runner import ChainRunner, frame_for
 
 pytestmark = pytest.mark.privileged
+BACKENDS = [pytest.param("bytecode"), pytest.param("c", marks=pytest.mark.bcc)]
 
 UDP = bytes.fromhex("4500001c0001000040110000c6120001c61200029c40138800080000")
 
@@ -75,16 +76,18 @@ def _agree(runner: ChainRunner, ruleset: Ruleset, secpath) -> None:  # type: ign
     ), secpath
 
 
-def test_every_path_through_every_option() -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_path_through_every_option(backend: str) -> None:
     ruleset = parse(RULES, "policy")
-    with ChainRunner(ruleset, devices=["eth0"]) as runner:
+    with ChainRunner(ruleset, devices=["eth0"], backend=backend) as runner:
         for secpath in PATHS:
             _agree(runner, ruleset, secpath)
 
 
-def test_a_test_runs_own_packet_has_no_security_path() -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_test_runs_own_packet_has_no_security_path(backend: str) -> None:
     ruleset = parse(RULES, "policy")
-    with ChainRunner(ruleset, devices=["eth0"]) as runner:
+    with ChainRunner(ruleset, devices=["eth0"], backend=backend) as runner:
         read = runner.run(frame_for(UDP), "INPUT", "eth0")  # the program walks the skb
         said = runner.run(frame_for(UDP), "INPUT", "eth0", secpath=None)
     assert (read.verdict, read.deciding, read.counters) == (
@@ -95,7 +98,8 @@ def test_a_test_runs_own_packet_has_no_security_path() -> None:
     assert read.verdict == "DROP" and read.deciding == ("INPUT", 15)
 
 
-def test_policy_matches_in_a_chunk_function() -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_policy_matches_in_a_chunk_function(backend: str) -> None:
     """Past CHUNK_RULES rules a chain is cut into functions that get only the facts: the
     answers found once in the entry function reach them."""
 
@@ -113,18 +117,23 @@ def test_policy_matches_in_a_chunk_function() -> None:
             "many": Chain("many", None, rules=rules),
         }
     )
-    with ChainRunner(ruleset, devices=["eth0"]) as runner:
+    with ChainRunner(ruleset, devices=["eth0"], backend=backend) as runner:
         for secpath in (None, (XfrmState(reqid=5),), (XfrmState(reqid=1),), ()):
             _agree(runner, ruleset, secpath)
 
 
-def test_the_ingress_program_loads_with_the_walk() -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_ingress_program_loads_with_the_walk(backend: str) -> None:
     """The ingress program reads the skb's path only (no test map): the verifier takes the
     walk through sk_buff, skb_ext, sec_path and xfrm_state."""
     ruleset = parse(RULES, "policy")
     with CounterMap(CounterLayout.of(ruleset)) as counters:
         program = load_program(
-            ruleset, "ingress", interfaces={"eth0": 2}, maps={COUNTERS_MAP: counters}
+            ruleset,
+            "ingress",
+            interfaces={"eth0": 2},
+            maps={COUNTERS_MAP: counters},
+            backend=backend,
         )
         program.close()
 
@@ -146,12 +155,23 @@ def test_what_the_bytecode_backend_refuses_names_the_rule(rule: str, reason: str
     assert "p.rules:2:1" in str(caught.value) and reason in str(caught.value)
 
 
-def test_the_c_backend_refuses_policy_in_one_sentence() -> None:
-    ruleset = parse("*filter\n-A INPUT -m policy --dir in --pol none -j DROP\nCOMMIT\n", "p.rules")
+@pytest.mark.parametrize(
+    ("rule", "reason"),
+    [
+        ("-A FORWARD -m policy --dir out --pol ipsec -j DROP", "'-m policy --dir out' because"),
+        (
+            "-A INPUT -m policy --dir in --strict --reqid 1 --next --reqid 2 -j DROP",
+            "more than one element",
+        ),
+    ],
+)
+def test_what_the_c_backend_refuses_is_one_sentence_at_the_rule(rule: str, reason: str) -> None:
+    ruleset = parse(f"*filter\n{rule}\nCOMMIT\n", "p.rules")
     with pytest.raises(CompileError) as caught:
         c_source(ruleset, "ingress", interfaces={})
-    assert "p.rules:2:1" in str(caught.value)
-    assert "refuses the '-m policy' match because" in str(caught.value)
+    message = str(caught.value)
+    assert message.startswith("p.rules:2:1: the C backend refuses") and reason in message
+    assert "\n" not in message
 
 
 addresses = st.sampled_from([0, 1, 0xC6120001, 0xC6120002, 0xC6130001, 0xFFFFFFFF]) | st.integers(
@@ -204,9 +224,10 @@ states = st.builds(
 paths = st.none() | st.lists(states, max_size=6).map(tuple)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(policies(), min_size=1, max_size=6), st.lists(paths, max_size=8))
-def test_random_policy_matches_agree_with_the_reference(matches, secpaths) -> None:  # type: ignore[no-untyped-def]
+def test_random_policy_matches_agree_with_the_reference(backend, matches, secpaths) -> None:  # type: ignore[no-untyped-def]
     rules = [Rule((match,), None) for match in matches]
     rules.append(Rule((matches[0],), Drop()))
     ruleset = Ruleset(
@@ -216,7 +237,7 @@ def test_random_policy_matches_agree_with_the_reference(matches, secpaths) -> No
             "OUTPUT": Chain("OUTPUT", "ACCEPT"),
         }
     )
-    with ChainRunner(ruleset, devices=["eth0"]) as runner:
+    with ChainRunner(ruleset, devices=["eth0"], backend=backend) as runner:
         for secpath in [None, *secpaths]:
             _agree(runner, ruleset, secpath)
 

@@ -1,6 +1,7 @@
 """`-m policy` against the kernel: the same traffic (UDP, ICMP and TCP from a client, on a
 host whose INPUT and a user chain hold policy matches) through iptables-legacy and through
-our attached programs (lifecycle apply), every rule's counters what the reference says.
+our attached programs (lifecycle apply, both backends), every rule's counters what the
+reference says.
 
 This machine's kernel has XFRM but no transform (CONFIG_INET_ESP, _AH and _IPCOMP are off:
 `ip xfrm state add ... proto esp` is refused), so no packet here ever carries a security
@@ -99,7 +100,12 @@ def test_this_kernel_has_no_ipsec_transform() -> None:
                 ns.run(state + [word for word in transform if word])
 
 
-def test_iptables_and_our_programs_count_what_the_reference_says(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "backend", [pytest.param("bytecode"), pytest.param("c", marks=pytest.mark.bcc)]
+)
+def test_iptables_and_our_programs_count_what_the_reference_says(
+    tmp_path: Path, backend: str
+) -> None:
     want = _expected()
     assert want["INPUT", 2][0] == 1 and want["INPUT", 6][0] == 1  # none holds: icmp, :5001
     assert want["vpn", 2][0] == 1 and want["INPUT", 1] == (0, 0)  # ipsec never does
@@ -114,7 +120,7 @@ def test_iptables_and_our_programs_count_what_the_reference_says(tmp_path: Path)
         assert {key: kernel[key] for key in want} == want
         host.run(["iptables-legacy", "-F"])
         host.run(["iptables-legacy", "-X"])
-        apply(RULES, "policy", host.name, backend="bytecode")
+        apply(RULES, "policy", host.name, backend=backend)
         try:
             _send(topology)
             ours = until(

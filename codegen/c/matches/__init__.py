@@ -33,15 +33,11 @@ __all__ = [
 # The registration line: each name is a module here with MODEL and write(match, labels).
 FAMILIES = tuple(
     "tcp udp icmp multiport iprange length ttl pkttype mark connmark comment conntrack state limit"
-    " addrtype set hashlimit recent physdev owner".split()
+    " addrtype set hashlimit recent physdev owner policy".split()
 )
 # The rule layer's families this backend refuses on purpose, each with the reason its refusal
 # gives: a family is either in FAMILIES or here.
-REFUSED: dict[str, str] = {
-    "policy": "the protocol, mode and tunnel destination of its IPsec states are read through"
-    " kernel functions (bpf_cast_to_kern_ctx, bpf_rdonly_cast) that bcc cannot call, and"
-    " bpf_skb_get_xfrm_state gives none of them; the bytecode backend generates it",
-}
+REFUSED: dict[str, str] = {}
 assert not set(REFUSED) & set(FAMILIES), "a family both written and refused"
 
 _FAMILY_MODULES = tuple(import_module(f"{__name__}.{family}") for family in FAMILIES)
