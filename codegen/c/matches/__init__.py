@@ -33,7 +33,7 @@ __all__ = [
 # The registration line: each name is a module here with MODEL and write(match, labels).
 FAMILIES = tuple(
     "tcp udp icmp multiport iprange length ttl pkttype mark connmark comment conntrack state limit"
-    " addrtype set hashlimit recent physdev owner policy".split()
+    " addrtype owner set hashlimit recent physdev policy".split()
 )
 # The rule layer's families this backend refuses on purpose, each with the reason its refusal
 # gives: a family is either in FAMILIES or here.
