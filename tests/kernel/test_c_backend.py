@@ -276,7 +276,8 @@ def test_a_rule_hotdrops_exactly_when_its_family_can(extension, example):
 def _model(example: str) -> ExtensionMatch:
     """The match an example of a family is, parsed where no hook check applies."""
     ruleset = parse(f"*filter\n:probe - [0:0]\n-A probe {example}\nCOMMIT\n")
-    (match,) = [m for m in ruleset.chains["probe"].rules[0].matches if isinstance(m, ExtensionMatch)]
+    matches = ruleset.chains["probe"].rules[0].matches
+    (match,) = [found for found in matches if isinstance(found, ExtensionMatch)]
     return match
 
 
