@@ -38,11 +38,10 @@ def test_every_table_that_loads_in_the_bytecode_backend_has_a_script_or_a_reason
     scripted = {TABLE.search(script.read_text()).group(1) for script in SCRIPTS}  # type: ignore[union-attr]
     # Their traffic would only meet the policy: pod networks (10.244/16, 172.7/16, k3s's
     # 10.42/16 behind rules that name each pod), docker0,
-    # marks set in mangle; the NAT-only OpenVPN table opens one UDP port to everything. Oracle
-    # Cloud's (15) judges OUTPUT by the socket's owner, which packet scripts cannot give yet.
+    # marks set in mangle; the NAT-only OpenVPN table opens one UDP port to everything.
     # Tailscale's (13) marks and accepts only what comes in on tailscale0, a device the labs'
     # topologies do not have (tests/net/test_mark_vs_netfilter.py runs its pattern).
-    unscripted = {"01", "04", "12", "13", "15", "17"}
+    unscripted = {"01", "04", "12", "13", "17"}
     loading = {prefix for prefix, refusals in BACKEND_REFUSALS.items() if not refusals["bytecode"]}
     assert loading - scripted == unscripted
 
