@@ -7,7 +7,7 @@ therefore compare equal, which is what the round trip through iptables-save text
 """
 
 import ipaddress
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -276,6 +276,18 @@ class Ruleset:
         chain, 1-based index and itself; None if there is none."""
         found = [place for kind, place in _first_of_kinds(self).items() if issubclass(kind, kinds)]
         return min(found, key=lambda place: place[0])[1:] if found else None
+
+    def matches_of(self, kind: type) -> Iterator[tuple[str, int, Rule, int, Match]]:
+        """Every match of `kind`, in rule-set order: its chain, its rule's 1-based index, the
+        rule, its place among the rule's matches and itself. A rule set without one is not
+        walked (first_with's cache answers)."""
+        if self.first_with(kind) is None:
+            return
+        for chain in self.chains.values():
+            for index, rule in enumerate(chain.rules, 1):
+                for number, match in enumerate(rule.matches):
+                    if isinstance(match, kind):
+                        yield chain.name, index, rule, number, match
 
     def first_rule(self, wanted: Callable[[Rule], bool]) -> tuple[str, int, Rule] | None:
         """The first rule (chain by chain, in order) for which `wanted` holds: its chain,

@@ -386,10 +386,12 @@ def _pruned(members: list[int], region, lows, highs, exact, fields) -> list[int]
     rule's box is the region's."""
     bounds = [(lows[at], highs[at], *region[at]) for at in fields]
     for position, member in enumerate(members):
-        if exact[member] and all(
-            rule_low[member] <= low and high <= rule_high[member]
-            for rule_low, rule_high, low, high in bounds
-        ):
+        if not exact[member]:
+            continue
+        for rule_low, rule_high, low, high in bounds:  # a loop, not all(): measured faster
+            if rule_low[member] > low or high > rule_high[member]:
+                break
+        else:
             return members[: position + 1]
     return members
 

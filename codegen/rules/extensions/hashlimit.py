@@ -422,22 +422,18 @@ class HashlimitExtension(MatchExtension):
         """Two matches of one name must agree on the table's settings: netfilter would take
         them from one of the two (the first to load, possibly from the table before)."""
         first: dict[str, tuple[Hashlimit, Rule]] = {}
-        for chain in ruleset.chains.values():
-            for rule in chain.rules:
-                for match in rule.matches:
-                    if not isinstance(match, Hashlimit):
-                        continue
-                    seen = first.setdefault(match.name, (match, rule))
-                    if seen[0].table != match.table:
-                        where = seen[1].source
-                        at = f" at line {where.line}" if where is not None else ""
-                        raise RuleError(
-                            f"hashlimit: --hashlimit-name {match.name} is used{at} with other"
-                            " settings; netfilter keeps one table per name, with one rule's"
-                            " rate, burst, mode, masks and htable options for both",
-                            rule.source,
-                            match,
-                        )
+        for _, _, rule, _, match in ruleset.matches_of(Hashlimit):
+            seen = first.setdefault(match.name, (match, rule))
+            if seen[0].table != match.table:
+                where = seen[1].source
+                at = f" at line {where.line}" if where is not None else ""
+                raise RuleError(
+                    f"hashlimit: --hashlimit-name {match.name} is used{at} with other"
+                    " settings; netfilter keeps one table per name, with one rule's"
+                    " rate, burst, mode, masks and htable options for both",
+                    rule.source,
+                    match,
+                )
 
 
 def _fields(match: Hashlimit) -> dict[str, object]:

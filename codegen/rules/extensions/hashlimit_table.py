@@ -308,21 +308,12 @@ def packet_key(match: Hashlimit, packet: Packet) -> tuple[int, int, int, int]:
 
 def hashlimit_names(ruleset: Ruleset) -> list[str]:
     """The table names of `ruleset`'s hashlimit matches, in rule-set order."""
-    names: dict[str, None] = {}
-    for chain in ruleset.chains.values():
-        for rule in chain.rules:
-            for match in rule.matches:
-                if isinstance(match, Hashlimit):
-                    names.setdefault(match.name)
-    return list(names)
+    return list(dict.fromkeys(match.name for *_, match in ruleset.matches_of(Hashlimit)))
 
 
 def tables(ruleset: Ruleset) -> dict[str, Hashlimit]:
     """Each table name's settings (the first match of the name), in rule-set order."""
     found: dict[str, Hashlimit] = {}
-    for chain in ruleset.chains.values():
-        for rule in chain.rules:
-            for match in rule.matches:
-                if isinstance(match, Hashlimit):
-                    found.setdefault(match.name, match)
+    for *_, match in ruleset.matches_of(Hashlimit):
+        found.setdefault(match.name, match)
     return found

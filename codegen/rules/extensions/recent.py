@@ -273,12 +273,9 @@ def table_settings(ruleset: Ruleset) -> dict[str, tuple[int, int]]:
     """Each table name's (mask, stamps per entry) as a fresh load makes them: the mask of the
     first match naming it, in rule-set order, and the largest ring any of them asks for."""
     found: dict[str, tuple[int, int]] = {}
-    for chain in ruleset.chains.values():
-        for rule in chain.rules:
-            for match in rule.matches:
-                if isinstance(match, Recent):
-                    mask, size = found.get(match.name, (match.mask, 0))
-                    found[match.name] = (mask, max(size, match.nstamps))
+    for *_, match in ruleset.matches_of(Recent):
+        mask, size = found.get(match.name, (match.mask, 0))
+        found[match.name] = (mask, max(size, match.nstamps))
     return found
 
 

@@ -346,13 +346,7 @@ EXTENSION = SetExtension()
 
 def uses_sets(ruleset: Ruleset) -> list[str]:
     """The names of the sets `ruleset`'s rules look up, in the order first used."""
-    names: dict[str, None] = {}
-    for chain in ruleset.chains.values():
-        for rule in chain.rules:
-            for match in rule.matches:
-                if isinstance(match, SetMatch):
-                    names.setdefault(match.name)
-    return list(names)
+    return list(dict.fromkeys(match.name for *_, match in ruleset.matches_of(SetMatch)))
 
 
 def bound_sets(ruleset: Ruleset) -> dict[str, IpSet]:

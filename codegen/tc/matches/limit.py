@@ -55,23 +55,15 @@ Place = tuple[str, int, int]  # chain, 1-based rule index, the match's place amo
 def slots(ruleset: Ruleset) -> dict[Place, int]:
     """Every limit match's bucket number, in rule-set order."""
     found: dict[Place, int] = {}
-    for chain in ruleset.chains.values():
-        for index, rule in enumerate(chain.rules, 1):
-            for number, match in enumerate(rule.matches):
-                if isinstance(match, Limit):
-                    found[chain.name, index, number] = len(found)
+    for chain, index, _, number, _ in ruleset.matches_of(Limit):
+        found[chain, index, number] = len(found)
     return found
 
 
 def uses_limit(ruleset: Ruleset) -> bool:
     """Whether `ruleset`'s programs need the bucket map: for limit matches' buckets, or for
     the clock in word 0, which -m hashlimit reads too (codegen.tc.matches.hashlimit)."""
-    return bool(slots(ruleset)) or any(
-        isinstance(match, Hashlimit)
-        for chain in ruleset.chains.values()
-        for rule in chain.rules
-        for match in rule.matches
-    )
+    return ruleset.first_with((Limit, Hashlimit)) is not None
 
 
 def value_size(ruleset: Ruleset) -> int:

@@ -124,14 +124,7 @@ def cb_secpath(cb: list[int], states: tuple[XfrmState, ...] | None, table: Map) 
 
 def distinct(ruleset: Ruleset) -> tuple[Policy, ...]:
     """The rule set's distinct policy matches, in rule-set order: match N answers in bit N."""
-    found = dict.fromkeys(
-        match
-        for chain in ruleset.chains.values()
-        for rule in chain.rules
-        for match in rule.matches
-        if isinstance(match, Policy)
-    )
-    return tuple(found)
+    return tuple(dict.fromkeys(match for *_, match in ruleset.matches_of(Policy)))
 
 
 def uses_policy(ruleset: Ruleset) -> bool:
