@@ -45,14 +45,13 @@ from codegen.tc.matches.hashlimit import KEY as HASHLIMIT_KEY
 from codegen.tc.matches.hashlimit import VALUE as HASHLIMIT_VALUE
 from codegen.tc.matches.limit import LIMIT_MAP, uses_limit
 from codegen.tc.matches.limit import value_size as limit_value_size
-from codegen.tc.matches.policy import SECPATH_MAP, SecpathValue
+from codegen.tc.matches.policy import SECPATH_MAP, SecpathValue, uses_policy
 from codegen.tc.replies import rejects
 
 from . import log as c_log
 from . import recent as c_recent
 from .maps import REPLIES_MAP
 from .matches import set as c_set
-from .policy import uses_policy
 from .source import (
     COUNTERS_MAP,
     CCompileError,

@@ -25,8 +25,6 @@ from __future__ import annotations
 from functools import cache
 
 from codegen.bpf.btf import vmlinux
-from codegen.rules.extensions.owner import Owner
-from codegen.rules.model import Ruleset
 from codegen.tc.matches.owner import (
     CB_OWNER_GID_WORD,
     CB_OWNER_STATE_SHIFT,
@@ -42,10 +40,6 @@ TCP_TIME_WAIT, TCP_NEW_SYN_RECV = 6, 12
 SUPPL_GROUPS_REFUSED = (
     "--suppl-groups is not generated (a cred's group list is up to 65,536 entries long)"
 )
-
-
-def uses_owner(ruleset: Ruleset) -> bool:
-    return ruleset.first_with(Owner) is not None
 
 
 @cache

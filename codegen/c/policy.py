@@ -21,8 +21,6 @@ from __future__ import annotations
 from functools import cache
 
 from codegen.bpf.btf import BtfError, vmlinux
-from codegen.rules.extensions.policy import Policy
-from codegen.rules.model import Ruleset
 from codegen.rules.packet import XFRM_MAX_DEPTH
 from codegen.tc.matches.policy import CB_MAP, CB_NONE, CB_SHIFT, CB_WORD, SECPATH_MAP
 
@@ -32,10 +30,6 @@ FACTS = [
     "    s32 sp_len;  // -m policy: how many states the security path holds, -1: no path",
     f"    struct xfrm_fields sp[{XFRM_MAX_DEPTH}];",
 ]
-
-
-def uses_policy(ruleset: Ruleset) -> bool:
-    return ruleset.first_with(Policy) is not None
 
 
 STATE_STRUCT = [

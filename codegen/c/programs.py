@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from codegen import reject
 from codegen.conntrack import uses_conntrack
+from codegen.tc.matches.owner import uses_owner
+from codegen.tc.matches.policy import uses_policy
 from codegen.tc.replies import REPLY_CB_DADDR, REPLY_CB_FIELDS, rejects
 
 from .chains import ChainWriter
@@ -28,8 +30,6 @@ from .facts import FACTS_MAP
 from .fragments import LATER_FRAGMENTS, LATER_FRAGMENTS_EGRESS, remember_first_fragment
 from .log import hook_statement, logs
 from .maps import REPLIES_MAP
-from .owner import uses_owner
-from .policy import uses_policy
 from .source_text import GOTO, Code, indented, text_of
 
 # A tail: its label and its statements.
@@ -43,7 +43,7 @@ def entry_function(entry: Entry, chains: ChainWriter, fastpath: bool, slot: int)
     if logs(chains.ruleset):  # which hook its LOG records name (codegen/c/log.py)
         logging = hook_statement(entry.hook, entry.builtins[0] if entry.hook == "chain" else None)
     own_answers = OWN_ANSWER if entry.hook == "ingress" and rejects(chains.ruleset) else []
-    body = [*own_answers, *_facts(entry), *_owner(entry, chains), *logging, ""]
+    body = [*own_answers, *_facts(entry), *_read_once(entry, chains), *logging, ""]
     body += _judgement(entry, chains, fastpath)
     answer = _reply(slot) if rejects(chains.ruleset) else []
     tails = _tails(entry, fastpath, uses_conntrack(chains.ruleset), answer)
@@ -93,7 +93,7 @@ def _facts(entry: Entry) -> Code:
     return code
 
 
-def _owner(entry: Entry, chains: ChainWriter) -> Code:
+def _read_once(entry: Entry, chains: ChainWriter) -> Code:
     """-m owner's socket, read once where OUTPUT runs (codegen/c/owner.py), and -m policy's
     IPsec states, read once where packets come in (codegen/c/policy.py)."""
     test = int(entry.hook == "chain")

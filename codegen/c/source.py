@@ -38,6 +38,8 @@ from codegen.tc.matches.addrtype import ADDRESS_TYPES, ADDRESS_TYPES_ENTRIES, us
 from codegen.tc.matches.hashlimit import HASHLIMIT_MAP, uses_hashlimit
 from codegen.tc.matches.hashlimit import map_entries as hashlimit_entries
 from codegen.tc.matches.limit import uses_limit
+from codegen.tc.matches.owner import uses_owner
+from codegen.tc.matches.policy import uses_policy
 from codegen.tc.replies import rejects
 
 from . import hashlimit as c_hashlimit
@@ -137,10 +139,10 @@ def generate(
             uses_conntrack(ruleset),
             rejects(ruleset),
             local,
-            c_policy.uses_policy(ruleset),
+            uses_policy(ruleset),
         )
     )
-    if c_policy.uses_policy(ruleset):
+    if uses_policy(ruleset):
         text.write(c_policy.declarations(any(entry.hook == "chain" for entry in entries)))
     if uses_addrtype(ruleset):
         entries_held = (map_entries or {}).get(ADDRESS_TYPES, ADDRESS_TYPES_ENTRIES)
@@ -149,7 +151,7 @@ def generate(
         text.write(c_log.declarations((map_entries or {}).get(c_log.LOG_EVENTS, RING_SIZE)))
     if uses_limit(ruleset):
         text.write(c_limit.declarations(ruleset))
-    if c_owner.uses_owner(ruleset):
+    if uses_owner(ruleset):
         text.write(c_owner.declarations())
     if uses_hashlimit(ruleset):
         held = (map_entries or {}).get(HASHLIMIT_MAP, hashlimit_entries(ruleset))
