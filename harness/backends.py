@@ -11,6 +11,8 @@ from typing import Literal, Protocol
 from codegen.bpf.isa import MapType
 from codegen.bpf.loader import VerifierStats, load
 from codegen.bpf.maps import Map
+from codegen.reject import limits as reject_limits
+from codegen.reject.limits import RateMaps
 from codegen.rules.model import Ruleset
 from codegen.tc import exact
 from codegen.tc.generator import (
@@ -23,6 +25,7 @@ from codegen.tc.generator import (
     LocalAddresses,
     compile_program,
 )
+from codegen.tc.replies import rejects
 
 from . import classifier_tables
 
@@ -36,6 +39,7 @@ class Program(Protocol):
     fd: int
     name: str
     stats: VerifierStats | None
+    resources: list  # objects closed with the program (maps)
 
     @property
     def insn_count(self) -> int: ...
@@ -55,7 +59,27 @@ def load_program(
     local: LocalAddresses | None = None,
 ) -> Program:
     """Generate, compile and load one program; `maps` by the names the generators use; `local`:
-    what the namespace delivers locally, which an ingress program compares inline."""
+    what the namespace delivers locally, which an ingress program compares inline. A program
+    with REJECT given no rate-limit maps (a namespace's: harness.deploy.icmp_limits; a test
+    run's) gets its own, unconfigured: its ICMP errors are not limited."""
+    if rejects(ruleset) and not all(name in maps for name in reject_limits.MAPS):
+        limits = RateMaps.create()
+        try:
+            program = load_program(
+                ruleset,
+                hook,
+                interfaces=interfaces,
+                maps={**maps, **limits.maps},
+                chain=chain,
+                fastpath=fastpath,
+                backend=backend,
+                local=local,
+            )
+        except BaseException:
+            limits.close()
+            raise
+        program.resources.extend(limits.maps.values())
+        return program
     if backend == "bytecode":
         compiled = compile_program(
             ruleset, hook, interfaces=interfaces, chain=chain, fastpath=fastpath, local=local

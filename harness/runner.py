@@ -15,8 +15,10 @@ from codegen.bpf.isa import TcAction
 from codegen.bpf.testrun import SkBuff, prog_test_run
 from codegen.conntrack import TrackerMaps, uses_conntrack
 from codegen.jiffies import kernel_hz
+from codegen.reject.limits import RateMaps
 from codegen.rules.extensions.limit import seconds_to_jiffies
 from codegen.rules.extensions.set import SetMatch, bind_sets, uses_sets
+from codegen.rules.icmp_rate import DRAW, IcmpSysctls
 from codegen.rules.model import Interface, Ruleset
 from codegen.rules.names import PKT_TYPE_ALIASES, PKT_TYPES
 from codegen.rules.packet import SocketOwner, XfrmState
@@ -36,6 +38,7 @@ from codegen.tc.matches.recent import CLOCK_MAP as RECENT_CLOCK
 from codegen.tc.matches.recent import create_maps as create_recent_maps
 from codegen.tc.matches.recent import set_clock as set_recent_clock
 from codegen.tc.matches.recent import uses_recent
+from codegen.tc.replies import rejects
 
 from .backends import Backend, Program, load_program
 from .counters import CounterMap
@@ -126,9 +129,21 @@ class ChainRunner:
         self.set_maps = set_maps(ruleset, self.interfaces) if uses_sets(ruleset) else {}
         # -m recent's tables, empty, and their clock (codegen.tc.matches.recent).
         self.recent_maps = create_recent_maps(ruleset) if uses_recent(ruleset) else {}
-        # The clock a run fixes for the tracker, the limits and -m recent, in the kernel's HZ.
-        clocked = self.tracker is not None or self.limits is not None or self.recent_maps
+        # REJECT's ICMP rate limits (codegen.reject.limits): the kernel's default sysctls, and
+        # the global credits an error takes fixed at the reference's (IcmpRateLimiter.draw).
+        self.icmp_limits = RateMaps.create() if rejects(ruleset) else None
+        # The clock a run fixes for the tracker, the limits, -m recent and REJECT, in the
+        # kernel's HZ.
+        clocked = (
+            self.tracker is not None
+            or self.limits is not None
+            or self.recent_maps
+            or self.icmp_limits is not None
+        )
         self.hz = kernel_hz() if clocked else None
+        if self.icmp_limits is not None:
+            assert self.hz is not None
+            self.icmp_limits.configure(IcmpSysctls(), self.hz, draw=DRAW)
         self.owned = uses_owner(ruleset)  # -m owner: run() may give the packet's socket
         # -m policy: where run() gives a test's security path (codegen.tc.matches.policy).
         self.secpath = create_secpath_map() if uses_policy(ruleset) else None
@@ -150,6 +165,7 @@ class ChainRunner:
                     **self.set_maps,
                     **self.recent_maps,
                     **({} if self.secpath is None else {SECPATH_MAP: self.secpath}),
+                    **({} if self.icmp_limits is None else self.icmp_limits.maps),
                 },
                 chain=chain,
                 backend=self.backend,
@@ -214,6 +230,10 @@ class ChainRunner:
             set_clock(self.limits, jiffies)
         if self.recent_maps:
             set_recent_clock(self.recent_maps[RECENT_CLOCK], jiffies)
+        if self.icmp_limits is not None:
+            if jiffies is None:  # as the reference's lone packet: no errors sent before it
+                self.icmp_limits.forget()
+            self.icmp_limits.set_clock(jiffies or 0)
         before = self.counters.read()
         result = prog_test_run(self.program(chain).fd, frame, context=context)
         after = self.counters.read()
@@ -269,6 +289,9 @@ class ChainRunner:
             self.limits.close()
         if self.hashlimits is not None:
             self.hashlimits.close()
+        if self.icmp_limits is not None:
+            self.icmp_limits.close()
+            self.icmp_limits = None
         for held in self.set_maps.values():
             held.close()
         self.set_maps = {}

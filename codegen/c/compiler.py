@@ -232,6 +232,7 @@ def _reply_programs(entries: Sequence[Entry], maps: Mapping[str, object]) -> Map
     it, in global functions the verifier checks once; bcc would inline it past what the
     verifier follows). The entry tail-calls it from its drop tail."""
     from codegen.bpf.loader import load
+    from codegen.reject import limits as reject_limits
     from codegen.tc.replies import INTERFACE_ADDRESSES, Unavailable, reply_program
 
     array = Map(MapType.PROG_ARRAY, 4, 4, len(entries), name=REPLIES_MAP)
@@ -242,6 +243,10 @@ def _reply_programs(entries: Sequence[Entry], maps: Mapping[str, object]) -> Map
             if ingress and INTERFACE_ADDRESSES not in maps:
                 raise CCompileError(f"REJECT at ingress needs the {INTERFACE_ADDRESSES} map")
             wanted = {INTERFACE_ADDRESSES: maps[INTERFACE_ADDRESSES]} if ingress else {}
+            for name in reject_limits.MAPS:  # the ICMP errors' rate limits
+                if name not in maps:
+                    raise CCompileError(f"REJECT needs the {name} map")
+                wanted[name] = maps[name]
             try:
                 items = reply_program(entry.hook, builtin)
             except Unavailable as error:

@@ -8,7 +8,8 @@ codegen/rules/extensions/reject.py) or the answer cannot be built. `with` is the
 ipt_reject_with value; `hook` is HOOK_INGRESS (the answer leaves by the device the packet came
 in on) or HOOK_EGRESS (the packet was leaving: the answer is delivered to our own stack);
 `icmp_source` the ICMP error's source address, host order; `pkt_type` the packet's (skb's, or
-the test-run context's), as only PACKET_HOST packets get ICMP errors. No maps.
+the test-run context's), as only PACKET_HOST packets get ICMP errors. An ICMP error goes
+only as the kernel's ICMP rate limits let it, kept in the maps of codegen.reject.limits.
 """
 
 from __future__ import annotations

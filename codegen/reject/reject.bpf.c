@@ -14,6 +14,11 @@
  * unreachable_sent), with one addition: a TCP or UDP checksum that holds only the pseudo
  * header's sum (CHECKSUM_PARTIAL traffic of a local socket, which TC cannot tell) is good.
  *
+ * An ICMP error is sent only as icmp.c's rate limits allow (rj_rate_allows): a global bucket
+ * and one per peer, kept in the maps `reject_rate` (array of one struct rj_rate: the
+ * namespace's icmp sysctls, the clock, the global bucket) and `reject_peers` (LRU hash: the
+ * peer's address, host order -> struct rj_peer), which every program of a namespace shares.
+ *
  * The includer provides the types (__u8 ... __u64, __s64), the helper declarations and the
  * uapi constants of <linux/bpf.h>. The frame is Ethernet with IPv4 at offset 14. Every packet
  * access goes through the helpers (no packet pointers are kept), so a paged skb is no matter.
@@ -181,6 +186,89 @@ static __always_inline int rj_send(struct __sk_buff *skb, __u32 hook)
     return bpf_redirect(skb->ifindex, hook ? BPF_F_INGRESS : 0);
 }
 
+/* The limits of icmp.c's __icmp_send (Linux 6.12 and later), with the namespace's sysctls as
+ * apply read them. `clock` is a fixed time in jiffies (a test run's) or 0 for bpf_jiffies64();
+ * `draw` is 0 to take the global credits each error costs at random (0, 1 or 2, as
+ * icmp_global_consume draws them) or 1 + a fixed count (a test run's, so that a reference can
+ * follow). `primed` is 0 until the global bucket first refills: the kernel's stamp is then 0,
+ * long before any jiffies it meets. */
+struct rj_rate {
+    __u64 clock;
+    __u32 ratelimit; /* icmp_ratelimit, in jiffies */
+    __u32 ratemask;  /* icmp_ratemask */
+    __u32 msgs_per_sec, msgs_burst, hz, draw;
+    __s32 credit; /* the global bucket: net->ipv4.icmp_global_credit and _stamp */
+    __u32 stamp, primed, pad;
+};
+
+struct rj_peer { /* inet_peer's rate_tokens and rate_last */
+    __u64 tokens, last;
+};
+
+extern int reject_rate, reject_peers;
+
+#define RJ_DEST_UNREACH 3
+#define RJ_XRLIM_BURST_FACTOR 6
+
+/* Whether an ICMP destination unreachable to `peer` may be sent now: icmpv4_global_allow, then
+ * icmpv4_xrlim_allow (the per-peer bucket, skipped when `local`: the answer's route is then
+ * loopback, as an OUTPUT REJECT's to our own socket is), then icmp_global_consume. */
+static __always_inline int rj_rate_allows(__u32 peer, __u32 local)
+{
+    __u32 zero = 0, hz, delta, incr, credits;
+    struct rj_rate *rate = bpf_map_lookup_elem(&reject_rate, &zero);
+    struct rj_peer *known, fresh;
+    __u64 now, token, cap;
+
+    if (!rate || !rate->hz || !(rate->ratemask & (1 << RJ_DEST_UNREACH)))
+        return 1; /* not configured; or icmpv4_mask_allow: type 3 is not limited */
+    hz = rate->hz;
+    now = rate->clock ? rate->clock : bpf_jiffies64();
+    if (rate->credit <= 0) { /* icmp_global_allow */
+        delta = rate->primed ? (__u32)now - rate->stamp : hz;
+        if (delta > hz)
+            delta = hz;
+        if (delta < hz / 50)
+            return 0;
+        incr = (__u64)rate->msgs_per_sec * delta / hz;
+        if (!incr)
+            return 0;
+        rate->stamp = (__u32)now;
+        rate->primed = 1;
+        rate->credit = rate->credit + (__s32)incr < (__s32)rate->msgs_burst
+                           ? rate->credit + (__s32)incr
+                           : (__s32)rate->msgs_burst;
+    }
+    if (!local) { /* inet_getpeer_v4, inet_peer_xrlim_allow */
+        known = bpf_map_lookup_elem(&reject_peers, &peer);
+        if (!known) {
+            fresh.tokens = 0;
+            fresh.last = now - 60 * (__u64)hz; /* a new peer's bucket starts full */
+            bpf_map_update_elem(&reject_peers, &peer, &fresh, BPF_NOEXIST);
+            known = bpf_map_lookup_elem(&reject_peers, &peer);
+        }
+        if (known) { /* none to be had: the kernel's !peer, allowed */
+            token = known->tokens;
+            if (now != known->last) {
+                token += now - known->last;
+                known->last = now;
+                cap = (__u64)RJ_XRLIM_BURST_FACTOR * rate->ratelimit;
+                if (token > cap)
+                    token = cap;
+            }
+            if (token < rate->ratelimit) {
+                known->tokens = token;
+                return 0;
+            }
+            known->tokens = token - rate->ratelimit;
+        }
+    }
+    credits = rate->draw ? rate->draw - 1 : bpf_get_prandom_u32() % 3;
+    if (credits)
+        __sync_fetch_and_sub(&rate->credit, (__s32)credits);
+    return 1;
+}
+
 /* nf_send_reset's RST, in place of the packet: a 54-byte frame. */
 static __always_inline int rj_reset(struct __sk_buff *skb, const __u8 *eth, const __u8 *ip,
                                     const __u8 *tcp, __u32 tot_len, __u32 ihl, __u32 hook)
@@ -338,5 +426,7 @@ RJ_GLOBAL int reject_reply(struct __sk_buff *skb, __u32 with, __u32 hook, __u32 
         return RJ_TC_ACT_SHOT; /* a group MAC still in the frame: the caller puts its own */
     if (with == RJ_TCP_RESET)
         return rj_reset(skb, eth, ip, tcp, tot_len, ihl, hook);
+    if (!rj_rate_allows(rj_be32(ip + 12), hook))
+        return RJ_TC_ACT_SHOT;
     return rj_unreach(skb, eth, ip, tot_len, code, hook, icmp_source);
 }

@@ -13,8 +13,9 @@ the kernel would send), is its module's (codegen.rules.extensions).
 between them: each is classified before its chain, as nf_conntrack_in does, and a new
 connection is confirmed only if the chain accepts its first packet.
 
-Stateful matches (`-m limit`: a token bucket per match, xt_limit's) keep their state between
-packets in a `MatchMemory`, one per table load (netfilter refills every bucket at each load):
+Stateful matches (`-m limit`: a token bucket per match, xt_limit's) and targets (REJECT: its
+ICMP errors' rate limits) keep their state between packets in a `MatchMemory`, one per table
+load (netfilter refills every bucket at each load):
 `evaluate_flow` keeps one along the flow, at each step's time. A single `evaluate` without
 one is the first packet after a load: each limit match finds its bucket full, at time 0 (the
 same match met twice in one traversal, through two jumps to its chain, takes from it twice).
@@ -271,7 +272,11 @@ def evaluate(
         elif isinstance(target, Goto):
             current, index = target.chain, 0
         elif isinstance(target, ExtensionTarget):
-            action = target_extension_of(target).act(target, parsed)
+            family = target_extension_of(target)
+            if family.stateful:  # its memory: the rule's, after its matches'
+                action = family.act_with(target, parsed, memory.memory((*position, -1), time))
+            else:
+                action = family.act(target, parsed)
             if action.logged:
                 logged.append(position)
                 logged_marks.append(parsed.mark)

@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from codegen import conntrack
 from codegen.bpf.asm import remove_unreachable
 from codegen.conntrack import uses_conntrack
+from codegen.reject import limits as reject_limits
 from codegen.rules.model import Ruleset
 from codegen.rules.names import BUILTIN_CHAINS
 
@@ -116,6 +117,8 @@ def compile_program(
         maps += conntrack.MAPS
     if hook == "ingress" and rejects(ruleset):
         maps += (INTERFACE_ADDRESSES,)
+    if rejects(ruleset):  # the ICMP errors' rate limits (codegen.reject.limits)
+        maps += reject_limits.MAPS
     if logs(ruleset):
         maps += (LOG_EVENTS, LOG_DROPS)
     if uses_addrtype(ruleset):

@@ -81,6 +81,7 @@ from . import identity, patch, recent
 from .addresses import fill_interface_map, interface_addresses, local_addresses
 from .bridges import physdev_refusal
 from .carry import carry_over, identities_of
+from .icmp_limits import open_limits
 from .locking import serialised, serialised_last
 from .routes import address_types_map, namespace_routes
 from .sets import SetsUnavailable, applied_text, namespace_sets, pin_sets, set_maps
@@ -199,6 +200,8 @@ def apply(
     if stale is None and previous is not None and previous is saved:
         patched = patch.try_patch(previous, ruleset, state)
         if isinstance(patched, patch.Patched):  # the programs stay: only rules of runs changed
+            if rejects(ruleset):  # the ICMP limits' sysctls as they are now
+                open_limits(pins, namespace).close()
             kept = sum(isinstance(position[1], int) for position in layout.positions)
             carried = kept - patched.rules
             return Applied(sorted(targets), True, {}, carried, dump.left_out, None, patched.rules)
@@ -214,6 +217,9 @@ def apply(
             sources = cleanup.enter_context(Map(*shape, name=INTERFACE_ADDRESSES))
             fill_interface_map(sources, interface_addresses(namespace))
             extra[INTERFACE_ADDRESSES] = sources
+        limits = cleanup.enter_context(open_limits(pins, namespace)) if rejects(ruleset) else None
+        if limits is not None:  # the ICMP errors' rate limits, kept across applies
+            extra.update(limits.maps)
         if uses_addrtype(ruleset):
             # -m addrtype's routes, as they are now: a route changed later is seen at the
             # next apply (codegen.tc.matches.addrtype).
@@ -286,6 +292,8 @@ def apply(
         patch.pin_tables(pins, programs, _replace_pin)
         if tracker is not None:
             tracker.pin(pins, _replace_pin)
+        if limits is not None:
+            limits.pin(pins, _replace_pin)
         for name in LOG_PINS:
             if logging is None:
                 (pins / name).unlink(missing_ok=True)

@@ -34,6 +34,7 @@ from codegen.c import matches as c_matches
 from codegen.c.compiler import PIN_ROOT
 from codegen.c.source import MAX_EXPANDED_RULES, comment, user_chains_reached
 from codegen.c.table import TABLE_FROM
+from codegen.reject.limits import RateMaps
 from codegen.rules import extensions, parse, write
 from codegen.rules.extensions import BY_NAME, MATCHES
 from codegen.rules.extensions.base import MatchExtension
@@ -562,9 +563,11 @@ def test_bytecode_and_c_agree_on_ingress_and_egress(router):
                     Map(MapType.HASH, 4, INTERFACE_VALUE_SIZE, 16, name=INTERFACE_ADDRESSES)
                 )
                 fill_interface_map(devices, sources)
+                limits = stack.enter_context(RateMaps.create())  # unconfigured: no limits
                 maps[backend] = {
                     COUNTERS_MAP: counters,
                     INTERFACE_ADDRESSES: devices,
+                    **limits.maps,
                 }
             programs = {
                 "bytecode": {

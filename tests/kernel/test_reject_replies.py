@@ -22,7 +22,10 @@ from codegen.bpf import insn as I
 from codegen.bpf.isa import R1, R2, R3, R4, R5, R6, Size
 from codegen.bpf.loader import LoadedProgram, load
 from codegen.bpf.testrun import SKB_OFFSETS, prog_test_run
+from codegen.jiffies import kernel_hz
+from codegen.reject.limits import Rate, RateMaps
 from codegen.rules.extensions.reject import REJECT_TYPES
+from codegen.rules.icmp_rate import IcmpRateLimiter, IcmpSysctls
 
 pytestmark = pytest.mark.privileged
 
@@ -35,7 +38,14 @@ TCP_RESET = 7
 
 
 @pytest.fixture(scope="module")
-def programs():
+def limits():
+    """The rate limits' maps, unconfigured (no limits) unless a test sets them."""
+    with RateMaps.create() as maps:
+        yield maps
+
+
+@pytest.fixture(scope="module")
+def programs(limits):
     loaded: dict[tuple[int, int, str], LoadedProgram] = {}
 
     def get(with_: int, hook: int = 0, source: str = ROUTER) -> LoadedProgram:
@@ -51,7 +61,8 @@ def programs():
                 I.call_local("reject_reply"),
                 I.exit_(),
             ]
-            loaded[key] = load([*entry, *reject.bytecode_functions()], name="reject_test")
+            items = [*entry, *reject.bytecode_functions()]
+            loaded[key] = load(items, name="reject_test", maps=limits.maps)
         return loaded[key]
 
     yield get
@@ -237,6 +248,47 @@ def test_egress_answers_the_same(programs) -> None:
     udp = ETH / IP(src=US, dst=PEER) / UDP(dport=9) / Raw(b"q")
     reply = answer(programs, udp, 3, 1, US)
     check_unreachable(reply, udp, 3, US)
+
+
+def test_icmp_errors_keep_to_the_kernels_rate_limits(programs, limits) -> None:
+    """rj_rate_allows against the reference's buckets (codegen.rules.icmp_rate), packet by
+    packet on a fixed clock, and against what the kernel did on this machine: a burst of 20
+    from one peer got 6 answers, a burst at once after it none, one a second later."""
+    hz = kernel_hz()
+    model = IcmpRateLimiter(hz)
+    limits.configure(IcmpSysctls(), hz, draw=model.draw)
+    start = 1 << 32  # a fixed clock, as the runner's
+
+    def burst(count: int, at: int, peer: str = PEER, hook: int = 0) -> tuple[int, int]:
+        limits.set_clock(start + at)
+        sent = ETH / IP(src=peer, dst=US) / UDP(sport=5, dport=9) / Raw(b"r")
+        ours = expected = 0
+        for _ in range(count):
+            result = prog_test_run(programs(3, hook, US).fd, bytes(sent))
+            ours += result.retval == TC_ACT_REDIRECT
+            address = int(ipaddress.IPv4Address(peer))
+            expected += model.allows(address, at, local=bool(hook))
+        return ours, expected
+
+    try:
+        assert burst(20, 0) == (6, 6)
+        assert burst(10, hz // 5) == (0, 0)
+        assert burst(10, hz // 5 + hz) == (1, 1)
+        assert burst(10, hz // 5 + 4 * hz) == (3, 3)
+        assert burst(10, 6 * hz, hook=1) == (10, 10)  # to our own socket: no peer's bucket
+        # Many peers at once, from fresh buckets: the global bucket's 50 credits, one an
+        # error here, run out.
+        limits.forget()
+        model = IcmpRateLimiter(hz)
+        many = [burst(2, 20 * hz, peer=f"198.18.9.{n}") for n in range(1, 60)]
+        assert sum(ours for ours, _ in many) == sum(want for _, want in many) == 50
+        assert [ours for ours, _ in many] == [want for _, want in many]
+        # 20 ms later the global bucket has refilled by 20 (1000 a second).
+        late = [burst(1, 20 * hz + hz // 50, peer=f"198.18.10.{n}") for n in range(1, 30)]
+        assert sum(ours for ours, _ in late) == sum(want for _, want in late) == 20
+    finally:
+        limits.maps["reject_rate"].update(0, bytes(Rate()))  # unconfigured: no limits
+        limits.forget()
 
 
 def bad_checksum(frame: Ether, layer) -> Ether:

@@ -15,8 +15,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 from codegen.rules.blob.structs import BlobError
-from codegen.rules.extensions.base import require_protocol
+from codegen.rules.extensions.base import Memory, require_protocol
+from codegen.rules.extensions.limit import seconds_to_jiffies
 from codegen.rules.extensions.target_base import TargetAction, TargetExtension
+from codegen.rules.icmp_rate import IcmpRateLimiter
 from codegen.rules.model import ExtensionTarget, Rule
 from codegen.rules.names import (
     IPPROTO_DCCP,
@@ -189,6 +191,9 @@ def unreachable_sent(packet: Packet) -> bool:
     return True
 
 
+ICMP_RATE = "icmp_rate"  # the namespace's ICMP buckets, in Memory.shared
+
+
 class RejectExtension(TargetExtension):
     name = "REJECT"
     revision = 0
@@ -196,6 +201,7 @@ class RejectExtension(TargetExtension):
     data = IptRejectInfo
     parser = RejectParser
     terminal = True
+    stateful = True  # its ICMP errors are rate limited
     examples = (
         "-j REJECT --reject-with icmp-port-unreachable",
         "-j REJECT --reject-with icmp-net-unreachable",
@@ -236,6 +242,21 @@ class RejectExtension(TargetExtension):
     def act(self, target: Reject, packet: Packet) -> TargetAction:
         sent = reset_sent if target.reply == "tcp-reset" else unreachable_sent
         return TargetAction("DROP", target.reply if sent(packet) else None)
+
+    def act_with(self, target: Reject, packet: Packet, memory: Memory) -> TargetAction:
+        """`act`, with an ICMP error sent only as the namespace's ICMP rate limits allow
+        (codegen.rules.icmp_rate; the buckets in `memory.shared`, made at the first error)."""
+        action = self.act(target, packet)
+        if action.reply is None or action.reply == "tcp-reset":
+            return action
+        limiter = memory.shared.get(ICMP_RATE)
+        if not isinstance(limiter, IcmpRateLimiter):
+            limiter = memory.shared[ICMP_RATE] = IcmpRateLimiter(memory.hz)
+        now = seconds_to_jiffies(memory.time, memory.hz)
+        # An OUTPUT packet (no in-device) is answered to our own socket, over loopback.
+        if limiter.allows(packet.saddr, now, local=packet.in_device is None):
+            return action
+        return TargetAction("DROP")
 
 
 EXTENSION = RejectExtension()

@@ -14,7 +14,8 @@ A target family (iptables' `libxt_NAME.c` / `libipt_NAME.c` and the kernel's `xt
 - kernel blob: its name, revision and `data` struct (the xt_entry_target payload), `encode`
   and `decode`;
 - meaning: `terminal` (whether evaluation stops at it) and `act`, the verdict it gives and
-  what the kernel sends back for a packet;
+  what the kernel sends back for a packet (`act_with` for a `stateful` family, whose answer
+  depends on what went before: REJECT's ICMP rate limits);
 - `examples`: target options showing every feature (each a whole `-j ...` with the rule
   options it needs before it), which the registry tests take through every layer.
 
@@ -28,6 +29,7 @@ import ctypes
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
+from codegen.rules.extensions.base import Memory
 from codegen.rules.model import ExtensionTarget, Rule
 from codegen.rules.names import BUILTIN_CHAINS
 from codegen.rules.packet import Packet
@@ -61,6 +63,7 @@ class TargetExtension:
     parser: ClassVar[type[TargetParser]]
     terminal: ClassVar[bool]  # whether `act` always gives a verdict
     hooks: ClassVar[frozenset[str]] = frozenset(BUILTIN_CHAINS)
+    stateful: ClassVar[bool] = False  # `act_with` is given what it keeps between packets
     # Each a `-j NAME ...` with what the rule needs before it (`-p tcp -j REJECT ...`).
     examples: ClassVar[tuple[str, ...]] = ()
 
@@ -88,3 +91,8 @@ class TargetExtension:
     def act(self, target: ExtensionTarget, packet: Packet) -> TargetAction:
         """What the kernel's target function does with `packet`."""
         raise NotImplementedError
+
+    def act_with(self, target: ExtensionTarget, packet: Packet, memory: Memory) -> TargetAction:
+        """`act` for a packet at `memory.time`, with what the family keeps between packets
+        (for a `stateful` family)."""
+        return self.act(target, packet)

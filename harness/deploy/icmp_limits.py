@@ -1,0 +1,50 @@
+"""REJECT's ICMP rate limits in a namespace (codegen.reject.limits): the buckets are pinned and
+kept across applies, as the kernel keeps its own across table loads, and each apply sets them
+to the namespace's net.ipv4.icmp_* sysctls as they are then (a change is seen at the next
+apply)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from codegen.jiffies import HzUnknown, kernel_hz
+from codegen.reject.limits import RateMaps
+from codegen.rules.icmp_rate import IcmpSysctls
+from netns.namespace import Namespace
+
+from .state import LifecycleError
+
+_SYSCTLS = {
+    "ratelimit_ms": "icmp_ratelimit",
+    "ratemask": "icmp_ratemask",
+    "msgs_per_sec": "icmp_msgs_per_sec",
+    "msgs_burst": "icmp_msgs_burst",
+}
+
+
+def namespace_sysctls(namespace: Namespace) -> IcmpSysctls:
+    """The namespace's icmp sysctls; one the kernel does not have keeps its default."""
+    read: dict[str, int] = {}
+    with namespace.enter():  # /proc/sys/net shows the namespace of the thread reading it
+        for field, name in _SYSCTLS.items():
+            try:
+                read[field] = int(Path("/proc/sys/net/ipv4", name).read_text())
+            except (FileNotFoundError, ValueError):
+                continue
+    return IcmpSysctls(**read)
+
+
+def open_limits(pins: Path, namespace: Namespace) -> RateMaps:
+    """The namespace's buckets (the pinned ones, or new), set to its sysctls now; LifecycleError
+    when the kernel's HZ, which they count in, is unknown."""
+    try:
+        hz = kernel_hz()
+    except HzUnknown as error:
+        raise LifecycleError(f"REJECT's ICMP rate limits count in jiffies, but {error}") from None
+    limits = RateMaps.kept_or_new(pins)
+    try:
+        limits.configure(namespace_sysctls(namespace), hz)
+    except BaseException:
+        limits.close()
+        raise
+    return limits
