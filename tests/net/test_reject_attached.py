@@ -12,7 +12,7 @@ from contextlib import ExitStack, closing
 from pathlib import Path
 
 import pytest
-from scapy.layers.inet import ICMP, IP, TCP
+from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.l2 import Ether
 
 from harness.deploy.lifecycle import apply, current, flush
@@ -55,6 +55,22 @@ class Host:
             if address[2] != socket.PACKET_OUTGOING and IP in frame and frame[IP].src == HOST:
                 answers.append(frame)
         return answers
+
+    def burst(self, packet: bytes, count: int) -> int:
+        """Send `count` copies of `packet` at once; how many ICMP errors came back."""
+        frame = bytes(Ether(src=self.lab.client.mac, dst=self.lab.host.mac) / IP(packet))
+        for _ in range(count):
+            self.sock.send(frame)
+        errors, deadline = 0, time.monotonic() + ANSWER_WAIT
+        while time.monotonic() < deadline:
+            try:
+                data, address = self.sock.recvfrom(65535)
+            except TimeoutError:
+                continue
+            answer = Ether(data)
+            if address[2] != socket.PACKET_OUTGOING and ICMP in answer:
+                errors += answer[IP].src == HOST
+        return errors
 
 
 @pytest.fixture(scope="module")
@@ -141,5 +157,38 @@ def test_output_rejects_reach_the_local_socket_at_once(backend: str) -> None:
             counters = current(lab.host.namespace.name)[1]
             assert counters[("INPUT", "policy")] == (0, 0)
             assert counters[("OUTPUT", 1)][0] == 1 and counters[("OUTPUT", 2)][0] == 1
+        finally:
+            flush(lab.host.namespace.name)
+
+
+@pytest.mark.parametrize("backend", ["bytecode", "c"])
+def test_icmp_errors_are_rate_limited_as_the_kernels(backend: str, tmp_path: Path) -> None:
+    """Bursts of rejected datagrams from one peer, to the kernel's REJECT and to ours, both
+    namespaces at their default sysctls: 6 errors for the first burst (a new peer's bucket),
+    none for one right after, one a second later; and all of a burst once icmp_ratelimit is 0
+    (ours reads it at the next apply)."""
+    datagram = bytes(IP(src=CLIENT, dst=HOST) / UDP(sport=5000, dport=1) / b"x")
+    with (
+        HostTopology(ipv6=False) as kernel_lab,
+        HostTopology(ipv6=False) as lab,
+        ExitStack() as stack,
+    ):
+        restore(kernel_lab.host.namespace, RULES, tmp_path)
+        apply(RULES, "reject.rules", lab.host.namespace.name, backend=backend)
+        try:
+            hosts = {"kernel": Host(kernel_lab, stack), "ours": Host(lab, stack)}
+            counts: dict[str, list[int]] = {name: [] for name in hosts}
+            for name, host in hosts.items():  # one after the other: each on its own clock
+                counts[name].append(host.burst(datagram, 20))
+                counts[name].append(host.burst(datagram, 10))
+                time.sleep(1.2 - ANSWER_WAIT)
+                counts[name].append(host.burst(datagram, 10))
+            for lab_of in (kernel_lab, lab):
+                lab_of.host.namespace.sysctl("net.ipv4.icmp_ratelimit", 0)
+            apply(RULES, "reject.rules", lab.host.namespace.name, backend=backend)
+            for name, host in hosts.items():
+                counts[name].append(host.burst(datagram, 20))
+            assert counts["kernel"] == [6, 0, 1, 20], "the kernel's limits are not as measured"
+            assert counts["ours"] == counts["kernel"]
         finally:
             flush(lab.host.namespace.name)

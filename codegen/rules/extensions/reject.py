@@ -254,7 +254,7 @@ class RejectExtension(TargetExtension):
             limiter = memory.shared[ICMP_RATE] = IcmpRateLimiter(memory.hz)
         now = seconds_to_jiffies(memory.time, memory.hz)
         # An OUTPUT packet (no in-device) is answered to our own socket, over loopback.
-        if limiter.allows(packet.saddr, now, local=packet.in_device is None):
+        if limiter.allows(packet.saddr, now, local=not packet.in_device):
             return action
         return TargetAction("DROP")
 
