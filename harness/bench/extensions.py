@@ -12,7 +12,9 @@ with a full ring: the event is lost and counted, the packet goes on. REJECT is t
 its answer in the packet: the answer replaces the packet, and BPF_PROG_TEST_RUN's repeats run
 on the packet the previous repeat left (they would time the answer going through the chain),
 so it is timed one run per call, median of ONE_SHOT_TRIALS calls, against the baseline timed
-the same way (a lone run also pays for the kernel's clock reads around it).
+the same way (a lone run also pays for the kernel's clock reads around it). Its ICMP rate
+limits are set to let every answer go (icmp_ratelimit 0, no global credit taken): their check
+is timed with the answer, and no run takes the refused path instead.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from dataclasses import dataclass, replace
 from scapy.layers.inet import IP, UDP
 
 from codegen.rules import parse
+from codegen.rules.icmp_rate import IcmpSysctls
 
 from ..runner import ChainRunner, frame_for
 from .report import _ns, _table
@@ -136,6 +139,8 @@ def measure_case(case: Case, settings: TimingSettings) -> dict:
                 f" {case.ends}"
             )
         program = runner.program("INPUT")
+        if runner.icmp_limits is not None and runner.hz is not None:
+            runner.icmp_limits.configure(IcmpSysctls(ratelimit_ms=0), runner.hz, draw=0)
         if case.ring == "full":  # fill the ring first
             time_program(program.fd, frame_for(PACKET), settings)
         if case.one_shot:
