@@ -26,6 +26,7 @@ from codegen.rules.routes import STANDIN_ROUTES, RouteTable
 from codegen.rules.sets import HASH_NET_IFACE, SetTable, looked_up
 from codegen.tc.generator import COUNTERS_MAP
 from codegen.tc.layout import NOT_HANDLED, CounterLayout, Position
+from codegen.tc.local import from_routes
 from codegen.tc.log import logs
 from codegen.tc.matches.addrtype import ADDRESS_TYPES, uses_addrtype
 from codegen.tc.matches.hashlimit import HASHLIMIT_MAP, uses_hashlimit
@@ -169,6 +170,7 @@ class ChainRunner:
                 },
                 chain=chain,
                 backend=self.backend,
+                local=from_routes(self.routes),  # its broadcasts: REJECT answers none to them
             )
         return self._programs[chain]
 

@@ -36,7 +36,7 @@ from codegen.bpf.syscall import BpfError, close, error_for
 from codegen.conntrack import uses_conntrack
 from codegen.rules.extensions.set import uses_sets
 from codegen.rules.model import Ruleset
-from codegen.tc.local import LocalAddresses
+from codegen.tc.local import STANDIN, LocalAddresses
 from codegen.tc.matches.addrtype import ADDRESS_TYPES, uses_addrtype
 from codegen.tc.matches.addrtype import KEY as ADDRESS_KEY
 from codegen.tc.matches.addrtype import VALUE as ADDRESS_VALUE
@@ -192,7 +192,7 @@ def load_programs(
     replies = table = None
     try:
         if rejects(ruleset):
-            replies = _reply_programs(entries, maps)
+            replies = _reply_programs(entries, maps, STANDIN if local is None else local)
             fds[REPLIES_MAP] = replies.fd
         if source.table:
             table = _rule_table(source)
@@ -226,7 +226,9 @@ def _rule_table(source: CSource) -> Map:
     return table
 
 
-def _reply_programs(entries: Sequence[Entry], maps: Mapping[str, object]) -> Map:
+def _reply_programs(
+    entries: Sequence[Entry], maps: Mapping[str, object], local: LocalAddresses
+) -> Map:
     """A program array holding, for each entry, the bytecode program that sends REJECT's
     answers for it (codegen.tc.replies.reply_program: the C answer builder as clang compiles
     it, in global functions the verifier checks once; bcc would inline it past what the
@@ -248,7 +250,7 @@ def _reply_programs(entries: Sequence[Entry], maps: Mapping[str, object]) -> Map
                     raise CCompileError(f"REJECT needs the {name} map")
                 wanted[name] = maps[name]
             try:
-                items = reply_program(entry.hook, builtin)
+                items = reply_program(entry.hook, builtin, local)
             except Unavailable as error:
                 raise CCompileError(str(error)) from None
             with load(items, name="bpflab_reply", maps=wanted) as program:

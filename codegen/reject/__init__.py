@@ -8,7 +8,8 @@ codegen/rules/extensions/reject.py) or the answer cannot be built. `with` is the
 ipt_reject_with value; `hook` is HOOK_INGRESS (the answer leaves by the device the packet came
 in on) or HOOK_EGRESS (the packet was leaving: the answer is delivered to our own stack);
 `icmp_source` the ICMP error's source address, host order; `pkt_type` the packet's (skb's, or
-the test-run context's), as only PACKET_HOST packets get ICMP errors. An ICMP error goes
+the test-run context's), as only PACKET_HOST packets get ICMP errors, with BROADCAST_ROUTE
+or'd in for a packet to a broadcast address of the namespace. An ICMP error goes
 only as the kernel's ICMP rate limits let it, kept in the maps of codegen.reject.limits.
 """
 
@@ -24,6 +25,9 @@ HOOK_INGRESS, HOOK_EGRESS = 0, 1
 # program lets it by unjudged (codegen.tc.hooks, codegen.c.programs).
 OWN_ANSWER = 0xBF1A
 TC_ACT_SHOT, TC_ACT_REDIRECT = 2, 7
+# Or'd into reject_reply's `pkt_type` when the packet's destination is one of the namespace's
+# broadcast addresses (a subnet's): its route is RTCF_BROADCAST, which no answer is sent to.
+BROADCAST_ROUTE = 0x100
 
 
 def source(prelude: Iterable[str], *, line_marker: bool = True) -> str:
@@ -47,6 +51,7 @@ CLANG_PRELUDE = (
     "#include <linux/bpf.h>",
     "#include <bpf/bpf_helpers.h>",
     f"#define RJ_OWN_ANSWER {OWN_ANSWER:#x}",
+    f"#define RJ_BROADCAST_ROUTE {BROADCAST_ROUTE:#x}",
 )
 
 

@@ -6,7 +6,9 @@
  *   5, 6, 8: an ICMP destination unreachable; 7: a TCP RST); `hook` 0 when the packet came in on
  *   skb->ifindex (TC ingress: the answer goes back out of it), 1 when it is leaving through it
  *   (TC egress: the answer is delivered to our own stack); `icmp_source` the source address of
- *   an ICMP error, in host order. It returns the TC action: bpf_redirect's (TC_ACT_REDIRECT)
+ *   an ICMP error, in host order; `pkt_type` the packet's, with RJ_BROADCAST_ROUTE (given by
+ *   the includer) or'd in when the caller found its destination a broadcast address of the
+ *   namespace (a subnet's). It returns the TC action: bpf_redirect's (TC_ACT_REDIRECT)
  *   when the packet was rewritten into the answer, TC_ACT_SHOT when no answer is due or none
  *   can be built (the packet is then dropped, as REJECT drops it).
  *
@@ -387,7 +389,7 @@ RJ_GLOBAL int reject_reply(struct __sk_buff *skb, __u32 with, __u32 hook, __u32 
         return RJ_TC_ACT_SHOT; /* not the first fragment */
     proto = ip[9];
     daddr = rj_be32(ip + 16);
-    if (daddr == 0xFFFFFFFF || daddr >> 28 == 0xE)
+    if (daddr == 0xFFFFFFFF || daddr >> 28 == 0xE || pkt_type & RJ_BROADCAST_ROUTE)
         return RJ_TC_ACT_SHOT; /* a broadcast or multicast route */
     /* The transport's sum, whatever the protocol and whether it is checked: taken before the
      * paths part, the loop that sums is verified once where this function is inlined. */

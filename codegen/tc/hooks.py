@@ -176,7 +176,8 @@ class ProgramWriter:
                 code += self.confirm()
             code += _report(report)
             if label == "drop" and self.answering:
-                code += [*reply_tail(self.hook, self.builtin, "plain_drop"), Label("plain_drop")]
+                tail = reply_tail(self.hook, self.builtin, "plain_drop", self.local)
+                code += [*tail, Label("plain_drop")]
             code += [I.mov64(R0, action), I.exit_()]
         slot = self.chains.layout.slot(NOT_HANDLED)
         code += [

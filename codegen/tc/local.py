@@ -21,12 +21,24 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from codegen.bpf import insn as I
 from codegen.bpf.asm import Item, Label
 from codegen.bpf.isa import JmpOp, Reg
+from codegen.rules.routes import BROADCAST, LOCAL, RouteTable
 
 from .layout import Local
 
 LocalAddresses = Mapping[int, int]
 LINEAR = 4  # at most this many addresses are compared one after the other
 STANDIN: LocalAddresses = {0xC6120002: Local.ADDRESS, 0xFFFFFFFF: Local.BROADCAST}  # 198.18.0.2
+
+
+def from_routes(routes: RouteTable) -> LocalAddresses:
+    """What a namespace of these routes delivers locally, as far as its host routes tell (a
+    test run's stand-in namespace: its local and broadcast /32s, and the limited broadcast)."""
+    kinds = {LOCAL: Local.ADDRESS, BROADCAST: Local.BROADCAST}
+    local = {0xFFFFFFFF: Local.BROADCAST}
+    for route in routes.routes:
+        if route.length == 32 and route.type in kinds:
+            local.setdefault(route.network, kinds[route.type])
+    return local
 
 
 def _multicast(address: int) -> bool:
@@ -41,6 +53,11 @@ def own_addresses(local: LocalAddresses) -> list[int]:
 def unicast_destinations(local: LocalAddresses) -> list[int]:
     """The destinations other than multicast that go through INPUT: addresses, broadcasts."""
     return sorted(address for address in local if not _multicast(address))
+
+
+def broadcasts(local: LocalAddresses) -> list[int]:
+    """The namespace's broadcast destinations: a packet to one has a broadcast route."""
+    return sorted(address for address, kind in local.items() if kind == Local.BROADCAST)
 
 
 def joined_groups(local: LocalAddresses) -> list[int]:

@@ -17,6 +17,8 @@ packet's destination.
 
 from __future__ import annotations
 
+import itertools
+
 from codegen import reject
 from codegen.bpf import insn as I
 from codegen.bpf.asm import Item, Label
@@ -26,6 +28,7 @@ from codegen.rules.extensions.reject import Reject
 from codegen.rules.model import Rule, Ruleset
 
 from .layout import FACTS, SCRATCH_OFFSET, Facts, map_and_key
+from .local import LocalAddresses, broadcasts, membership
 from .parser import PACKET_HOST
 from .program import Hook
 
@@ -47,11 +50,15 @@ def rejects(ruleset: Ruleset) -> bool:
     return first_reject_rule(ruleset) is not None
 
 
-def reply_tail(hook: Hook, builtin: str | None, plain_drop: str) -> list[Item]:
+def reply_tail(
+    hook: Hook, builtin: str | None, plain_drop: str, local: LocalAddresses
+) -> list[Item]:
     """At the drop tail: jump to `plain_drop` unless a REJECT dropped the packet; else answer
     it and return what reject_reply says (a redirect, or TC_ACT_SHOT when no answer is due).
-    `builtin` is the chain program's chain. Keeps to registers (r7: the device's entry, r8:
-    the reject type) and the one scratch slot: the tracker's calls leave the frame no room."""
+    `builtin` is the chain program's chain; `local` what the namespace delivers locally, whose
+    broadcast addresses have broadcast routes (no answer to a packet to one). Keeps to
+    registers (r7: the device's entry, r8: the reject type) and the one scratch slot: the
+    tracker's calls leave the frame no room."""
     outgoing = hook == "egress" or builtin == "OUTPUT"
     call = "reply_call"
     code: list[Item] = [
@@ -89,12 +96,26 @@ def reply_tail(hook: Hook, builtin: str | None, plain_drop: str) -> list[Item]:
             I.ldx(Size.W, R4, R7, 0),  # FORWARD: from the device's address
             Label("reply_source"),
         ]
+    code.append(I.ldx(Size.B, R5, FACTS, Facts.PKT_TYPE.offset))
+    directed = broadcasts(local)
+    if directed:  # a subnet's broadcast: RTCF_BROADCAST, which reject_reply is told of
+        numbers = itertools.count()
+
+        def label(stem: str) -> str:
+            return f"reply_{stem}_{next(numbers)}"
+
+        code += [
+            I.ldx(Size.W, R1, FACTS, Facts.DADDR.offset),
+            *membership(R1, directed, "reply_broadcast", "reply_go", label),
+            Label("reply_broadcast"),
+            I.alu32(AluOp.OR, R5, reject.BROADCAST_ROUTE),
+            Label("reply_go"),
+        ]
     return [
         *code,
         I.mov64(R1, R6),
         I.mov64(R2, R8),
         I.mov64(R3, int(outgoing)),
-        I.ldx(Size.B, R5, FACTS, Facts.PKT_TYPE.offset),
         I.call_local("reject_reply"),
         I.exit_(),
     ]
@@ -112,10 +133,11 @@ REPLY_CB_FIELDS, REPLY_CB_DADDR = 3, 4
 TC_ACT_SHOT = 2
 
 
-def reply_program(hook: Hook, builtin: str | None) -> list[Item]:
+def reply_program(hook: Hook, builtin: str | None, local: LocalAddresses) -> list[Item]:
     """A whole program answering the REJECT a tail-calling program of `hook` (and chain
     `builtin`, for the chain program) noted in the skb's control block: the facts reply_tail
-    reads are rebuilt on the stack from it, then reply_tail answers, or the packet is dropped."""
+    reads are rebuilt on the stack from it, then reply_tail answers, or the packet is dropped.
+    `local` as reply_tail takes it."""
     cb = SKB_OFFSETS["cb"]
     zero = [I.st(Size.DW, FACTS, offset, 0) for offset in range(0, Facts.SIZE, 8)]
     return [
@@ -135,7 +157,7 @@ def reply_program(hook: Hook, builtin: str | None) -> list[Item]:
         # context's ingress_ifindex in the chain program.
         I.ldx(Size.W, R1, R6, SKB_OFFSETS["ifindex" if hook == "ingress" else "ingress_ifindex"]),
         I.stx(Size.W, FACTS, Facts.IN_IFINDEX.offset, R1),
-        *reply_tail(hook, builtin, "reply_shot"),
+        *reply_tail(hook, builtin, "reply_shot", local),
         Label("reply_shot"),
         I.mov64(R0, TC_ACT_SHOT),
         I.exit_(),

@@ -25,6 +25,7 @@ from codegen.rules import Evaluation, Ruleset, evaluate, parse, write
 from codegen.rules.names import BUILTIN_CHAINS
 from codegen.tc import exact
 from codegen.tc.generator import COUNTERS_MAP
+from codegen.tc.local import from_routes
 from harness.lab.netfilter import NetfilterOracle
 from harness.lab.observation import Observation, disagreement
 from harness.runner import ChainRunner, Outcome, frame_for
@@ -59,8 +60,12 @@ class OneCompileRunner(ChainRunner):
                 self.ruleset,
                 entries,
                 interfaces=self.interfaces,
-                maps={COUNTERS_MAP: self.counters},
+                maps={
+                    COUNTERS_MAP: self.counters,
+                    **({} if self.icmp_limits is None else self.icmp_limits.maps),
+                },
                 table_from=self.table_from,
+                local=from_routes(self.routes),
             )
             self.c_programs = dict(zip(BUILTIN_CHAINS, loaded, strict=True))
         return self.c_programs[chain]

@@ -18,7 +18,14 @@ from scapy.layers.l2 import Ether
 from harness.deploy.lifecycle import apply, current, flush
 from netns import HostTopology
 from tests.net.test_ipt_blob import restore
-from tests.net.test_reject_vs_netfilter import ANSWER_WAIT, CASES, ETH_P_ALL, RULES, _layer
+from tests.net.test_reject_vs_netfilter import (
+    ANSWER_WAIT,
+    CASES,
+    ETH_P_ALL,
+    RULES,
+    _layer,
+    destination_of,
+)
 from tests.net.test_tc_attached import rules
 
 pytestmark = [pytest.mark.netns, pytest.mark.privileged]
@@ -45,6 +52,10 @@ class Host:
             except TimeoutError:
                 break
         self.sock.send(bytes(Ether(src=self.lab.client.mac, dst=destination) / IP(packet)))
+        return self.answers()
+
+    def answers(self) -> list[Ether]:
+        """The frames from the host that come within ANSWER_WAIT."""
         answers, deadline = [], time.monotonic() + ANSWER_WAIT
         while time.monotonic() < deadline:
             try:
@@ -52,7 +63,7 @@ class Host:
             except TimeoutError:
                 continue
             frame = Ether(data)
-            if address[2] != socket.PACKET_OUTGOING and IP in frame and frame[IP].src == HOST:
+            if address[2] != socket.PACKET_OUTGOING and IP in frame and frame[IP].src != CLIENT:
                 answers.append(frame)
         return answers
 
@@ -61,16 +72,7 @@ class Host:
         frame = bytes(Ether(src=self.lab.client.mac, dst=self.lab.host.mac) / IP(packet))
         for _ in range(count):
             self.sock.send(frame)
-        errors, deadline = 0, time.monotonic() + ANSWER_WAIT
-        while time.monotonic() < deadline:
-            try:
-                data, address = self.sock.recvfrom(65535)
-            except TimeoutError:
-                continue
-            answer = Ether(data)
-            if address[2] != socket.PACKET_OUTGOING and ICMP in answer:
-                errors += answer[IP].src == HOST
-        return errors
+        return sum(ICMP in answer for answer in self.answers())
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +108,8 @@ def test_answers_on_the_wire_are_the_kernels(twin: Host, backend: str) -> None:
         try:
             failures = []
             for name, kind, protocol, broadcast in CASES:
-                header = IP(src=CLIENT, dst=HOST, **({"proto": protocol} if protocol else {}))
+                to = destination_of(name)
+                header = IP(src=CLIENT, dst=to, **({"proto": protocol} if protocol else {}))
                 packet = bytes(header / _layer(kind))
                 kernel = twin.send(packet, broadcast)
                 mine = ours.send(packet, broadcast)

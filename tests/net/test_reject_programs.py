@@ -11,7 +11,7 @@ from scapy.layers.l2 import Ether
 
 from codegen.rules import evaluate, parse
 from harness.runner import ChainRunner, frame_for
-from tests.net.test_reject_vs_netfilter import _CODES, CASES, RULES, _layer
+from tests.net.test_reject_vs_netfilter import _CODES, CASES, RULES, _layer, destination_of
 
 pytestmark = pytest.mark.privileged
 
@@ -53,7 +53,7 @@ def runner(request: pytest.FixtureRequest):
 def test_programs_answer_as_the_reference_says_the_kernel_does(
     runner: ChainRunner, name: str, kind, protocol, broadcast: bool
 ) -> None:
-    header = IP(src=CLIENT, dst=HOST, **({"proto": protocol} if protocol else {}))
+    header = IP(src=CLIENT, dst=destination_of(name), **({"proto": protocol} if protocol else {}))
     packet = bytes(header / _layer(kind))
     pkt_type = "broadcast" if broadcast else "host"
     want = evaluate(runner.ruleset, packet, "INPUT", "eth0", None, pkt_type=pkt_type)

@@ -62,7 +62,19 @@ CASES = [
     ),
     ("icmp-type-40", ICMP(type=40), None, False),
     ("gre", b"\x00\x00\x08\x00" + b"\x00" * 8, 47, False),
+    ("udp-to-subnet-broadcast", UDP(sport=5003, dport=1) / b"x", None, False),
+    ("tcp-syn-to-subnet-broadcast-reset", TCP(sport=40008, dport=2, flags="S"), None, False),
 ]
+# The destination of a case other than the host's own address: its subnet's broadcast, to the
+# host's MAC (a broadcast route, which neither an ICMP error nor a RST is sent to).
+DESTINATIONS = {
+    "udp-to-subnet-broadcast": "198.18.0.255",
+    "tcp-syn-to-subnet-broadcast-reset": "198.18.0.255",
+}
+
+
+def destination_of(name: str) -> str:
+    return DESTINATIONS.get(name, "198.18.0.2")
 
 
 def _layer(kind):  # type: ignore[no-untyped-def]
@@ -99,7 +111,9 @@ def test_replies_are_what_the_kernel_sends(tmp_path: Path) -> None:
             for name, kind, protocol, broadcast in CASES:
                 layer = _layer(kind)
                 header = IP(
-                    src="198.18.0.1", dst="198.18.0.2", **({"proto": protocol} if protocol else {})
+                    src="198.18.0.1",
+                    dst=destination_of(name),
+                    **({"proto": protocol} if protocol else {}),
                 )
                 packet = bytes(header / layer)
                 destination = "ff:ff:ff:ff:ff:ff" if broadcast else host.mac

@@ -31,6 +31,7 @@ from codegen.rules.extensions.reject import Reject
 from codegen.rules.extensions.target_base import TargetExtension
 from codegen.rules.ipt_blob import BlobError, decode_table, encode_table
 from codegen.rules.model import ExtensionTarget
+from codegen.rules.routes import RTN, Route, RouteTable
 from codegen.rules.syntax import TargetParser
 from codegen.tc import log as tc_log
 from codegen.tc.generator import CompileError, compile_program
@@ -333,3 +334,24 @@ def test_a_payload_iptables_never_writes_is_refused(patch, message: str) -> None
         decode_table(patch(blob, at))
     assert message in str(caught.value)
     assert "chain INPUT rule 1:" in str(caught.value)
+
+
+def test_reject_sends_nothing_to_a_broadcast_route() -> None:
+    """A subnet's broadcast address has a broadcast route (RTCF_BROADCAST): neither a RST nor
+    an ICMP error goes to a packet sent to it, as neither goes to 255.255.255.255. Which
+    addresses are broadcasts is the namespace's routes' (the stand-in's by default)."""
+    ruleset = parse(
+        "*filter\n-A INPUT -p tcp -j REJECT --reject-with tcp-reset\n-A INPUT -j REJECT\nCOMMIT\n"
+    )
+
+    def reply(destination: str, layer, routes=None) -> str | None:  # type: ignore[no-untyped-def]
+        packet = bytes(IP(src="198.18.0.1", dst=destination) / layer)
+        return evaluate(ruleset, packet, "INPUT", "eth0", None, routes=routes).reply
+
+    syn, datagram = TCP(sport=1, dport=2, flags="S"), UDP(sport=1, dport=2)
+    for broadcast in ("198.18.0.255", "198.18.1.255", "255.255.255.255"):
+        assert reply(broadcast, syn) is None and reply(broadcast, datagram) is None
+    assert reply("198.18.0.2", syn) == "tcp-reset"
+    assert reply("198.18.0.2", datagram) == "icmp-port-unreachable"
+    elsewhere = RouteTable((Route(0xC6120002, 32, RTN["LOCAL"], "eth0"),))  # no broadcasts
+    assert reply("198.18.0.255", datagram, elsewhere) == "icmp-port-unreachable"

@@ -29,6 +29,7 @@ from codegen.rules.names import (
     IPPROTO_UDPLITE,
 )
 from codegen.rules.packet import PACKET_TYPES, Packet
+from codegen.rules.routes import BROADCAST, STANDIN_ROUTES
 from codegen.rules.syntax import Line, OptionContext, TargetParser, Token
 
 RejectType = Literal[
@@ -149,9 +150,15 @@ def _checksum_ok(packet: Packet) -> bool:
     return _sum16(payload, start) == 0xFFFF
 
 
-def _broadcast_route(address: int) -> bool:
-    # RTCF_BROADCAST | RTCF_MULTICAST, as far as the address alone tells.
-    return address == 0xFFFFFFFF or address >> 28 == 0xE
+def _broadcast_route(packet: Packet) -> bool:
+    """RTCF_BROADCAST | RTCF_MULTICAST: the limited broadcast, a group, or a broadcast
+    address of the namespace's (a subnet's: its routes, or the stand-in's)."""
+    address = packet.daddr
+    if address == 0xFFFFFFFF or address >> 28 == 0xE:
+        return True
+    routes = STANDIN_ROUTES if packet.routes is None else packet.routes
+    found = routes.lookup(address)
+    return found is not None and found.length == 32 and found.type == BROADCAST
 
 
 def reset_sent(packet: Packet) -> bool:
@@ -164,7 +171,7 @@ def reset_sent(packet: Packet) -> bool:
         and len(header) == 20
         and not header[13] & 0x04
         and _checksum_ok(packet)
-        and not _broadcast_route(packet.daddr)
+        and not _broadcast_route(packet)
     )
 
 
@@ -174,7 +181,7 @@ def unreachable_sent(packet: Packet) -> bool:
     (PACKET_HOST) on a unicast route, unless it is itself an ICMP error."""
     if packet.fragment_offset or packet.pkt_type != PACKET_TYPES["host"]:
         return False
-    if _broadcast_route(packet.daddr):
+    if _broadcast_route(packet):
         return False
     transport = packet.data[packet.transport :]
     verify = packet.protocol not in _UNVERIFIED
