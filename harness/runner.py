@@ -32,7 +32,14 @@ from codegen.tc.matches.addrtype import ADDRESS_TYPES, uses_addrtype
 from codegen.tc.matches.hashlimit import HASHLIMIT_MAP, uses_hashlimit
 from codegen.tc.matches.hashlimit import create_map as create_hashlimit_map
 from codegen.tc.matches.limit import LIMIT_MAP, create_map, set_clock, uses_limit
-from codegen.tc.matches.owner import cb_owner, uses_owner
+from codegen.tc.matches.owner import (
+    GROUPS_MAP,
+    cb_owner,
+    create_groups_map,
+    groups_value,
+    uses_groups,
+    uses_owner,
+)
 from codegen.tc.matches.policy import SECPATH_MAP, cb_secpath, uses_policy
 from codegen.tc.matches.policy import create_map as create_secpath_map
 from codegen.tc.matches.recent import CLOCK_MAP as RECENT_CLOCK
@@ -146,6 +153,9 @@ class ChainRunner:
             assert self.hz is not None
             self.icmp_limits.configure(IcmpSysctls(), self.hz, draw=DRAW)
         self.owned = uses_owner(ruleset)  # -m owner: run() may give the packet's socket
+        # --suppl-groups: where run() gives the socket's groups, and the ones it last wrote.
+        self.groups = create_groups_map() if uses_groups(ruleset) else None
+        self._groups_written: tuple[int, ...] | None = None
         # -m policy: where run() gives a test's security path (codegen.tc.matches.policy).
         self.secpath = create_secpath_map() if uses_policy(ruleset) else None
         self._programs: dict[str, Program] = {}
@@ -166,6 +176,7 @@ class ChainRunner:
                     **self.set_maps,
                     **self.recent_maps,
                     **({} if self.secpath is None else {SECPATH_MAP: self.secpath}),
+                    **({} if self.groups is None else {GROUPS_MAP: self.groups}),
                     **({} if self.icmp_limits is None else self.icmp_limits.maps),
                 },
                 chain=chain,
@@ -220,6 +231,8 @@ class ChainRunner:
         context.cb[2] = PKT_TYPES[PKT_TYPE_ALIASES.get(pkt_type, pkt_type)]
         if owner != "dummy" and self.owned:  # only -m owner reads it
             cb_owner(context.cb, owner)
+            if self.groups is not None and owner is not None and owner.file:
+                self._give_groups(owner.groups)
         if secpath != "dummy" and self.secpath is not None:
             cb_secpath(context.cb, secpath, self.secpath)
         jiffies = None  # `time` on the kernel's jiffies, one clock for every map that keeps one
@@ -303,6 +316,16 @@ class ChainRunner:
         if self.secpath is not None:
             self.secpath.close()
             self.secpath = None
+        if self.groups is not None:
+            self.groups.close()
+            self.groups = None
+
+    def _give_groups(self, groups: tuple[int, ...]) -> None:
+        """Write a test's supplementary groups in the groups map, unless it holds them."""
+        assert self.groups is not None
+        if groups != self._groups_written:
+            self.groups.update(0, groups_value(groups))
+            self._groups_written = groups
 
     def __enter__(self) -> ChainRunner:
         return self

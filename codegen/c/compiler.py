@@ -45,6 +45,7 @@ from codegen.tc.matches.hashlimit import KEY as HASHLIMIT_KEY
 from codegen.tc.matches.hashlimit import VALUE as HASHLIMIT_VALUE
 from codegen.tc.matches.limit import LIMIT_MAP, uses_limit
 from codegen.tc.matches.limit import value_size as limit_value_size
+from codegen.tc.matches.owner import GROUPS_MAP, uses_groups
 from codegen.tc.matches.policy import SECPATH_MAP, SecpathValue, uses_policy
 from codegen.tc.replies import rejects
 
@@ -52,6 +53,7 @@ from . import log as c_log
 from . import recent as c_recent
 from .maps import REPLIES_MAP
 from .matches import set as c_set
+from .owner import groups_value_size
 from .source import (
     COUNTERS_MAP,
     CCompileError,
@@ -166,6 +168,10 @@ def load_programs(
         for identifier, (given, shape) in c_set.map_shapes(ruleset).items():
             fds[identifier] = _map_fd(maps, given)
             sizes[identifier] = _check_shape(identifier, fds[identifier], shape)
+    if uses_groups(ruleset) and any(entry.hook == "chain" for entry in entries):
+        # a test's supplementary groups, as a group_info (codegen/c/owner.py)
+        fds[GROUPS_MAP] = _map_fd(maps, GROUPS_MAP)
+        _check_shape(GROUPS_MAP, fds[GROUPS_MAP], (MapType.ARRAY, 4, groups_value_size()))
     if uses_limit(ruleset):  # one value, a word per limit match besides the clock's
         fds[LIMIT_MAP] = _map_fd(maps, LIMIT_MAP)
         _check_shape(LIMIT_MAP, fds[LIMIT_MAP], (MapType.ARRAY, 4, limit_value_size(ruleset)))

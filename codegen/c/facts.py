@@ -59,6 +59,7 @@ FACTS = [
     "    u8 owner_state;  // -m owner's socket, its file's fsuid and fsgid (codegen/c/owner.py)",
     "    u32 owner_uid;",
     "    u32 owner_gid;",
+    "    u64 owner_groups;  // with --suppl-groups: the address of the cred's group_info",
     "};",
     "// Kept in a one-slot per-CPU array rather than on the stack, and read through a",
     "// volatile pointer: every rule loads what it compares afresh, from memory whose",

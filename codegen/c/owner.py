@@ -16,8 +16,13 @@ holds) takes the owner a test gives from the control block, as harness.runner.Ch
 puts it there (codegen.tc.matches.owner.cb_owner's words: byte 1 of cb[2] is 0, walk the
 socket, or 1 + the state; cb[3] the uid, cb[4] the gid).
 
-`--suppl-groups` is refused, as in the bytecode backend: a cred's group list holds up to
-65,536 entries, more than a bounded loop here should walk per packet.
+`--suppl-groups`: the cred's group_info address goes in the facts with the ids, and a rule
+asks `owner_in_groups` when the fsgid is outside its range: a binary search of the sorted
+gid array (setgroups sorts it) for the first group at or above the range's start, at most 17
+probes for NGROUPS_MAX groups, read with bpf_probe_read_kernel. The search is the rule's own,
+where the bytecode backend answers every range once per packet. A test gives the chain
+program its groups in the `owner_groups` map, laid out as a group_info
+(codegen.tc.matches.owner.groups_value); the facts then hold the map value's address.
 """
 
 from __future__ import annotations
@@ -30,17 +35,15 @@ from codegen.tc.matches.owner import (
     CB_OWNER_STATE_SHIFT,
     CB_OWNER_STATE_WORD,
     CB_OWNER_UID_WORD,
+    GROUPS_MAP,
+    SEARCH_STEPS,
+    groups_value,
 )
 
 # What the facts' owner_state says: no socket (or none a struct socket holds), a socket no
 # file holds (the kernel's own), a file's.
 NONE, NO_FILE, FILE = 0, 1, 2
 TCP_TIME_WAIT, TCP_NEW_SYN_RECV = 6, 12
-
-SUPPL_GROUPS_REFUSED = (
-    "--suppl-groups is not generated (a cred's group list is up to 65,536 entries long)"
-)
-
 
 @cache
 def _offsets() -> dict[str, int]:
@@ -57,14 +60,25 @@ def _offsets() -> dict[str, int]:
         "FILE_CRED": ("file", "f_cred"),
         "CRED_FSUID": ("cred", "fsuid"),
         "CRED_FSGID": ("cred", "fsgid"),
+        "CRED_GROUP_INFO": ("cred", "group_info"),
+        "GI_NGROUPS": ("group_info", "ngroups"),
+        "GI_GID": ("group_info", "gid"),
     }
     return {name: vmlinux().member_offset(*where)[0] for name, where in members.items()}
 
 
-def declarations() -> list[str]:
-    """The offsets and `owner_of`, for a unit whose rule set has -m owner."""
+def groups_value_size() -> int:
+    """The bytes of the chain program's test groups map's value (a group_info's)."""
+    return len(groups_value(()))
+
+
+def declarations(groups: bool, test_map: bool) -> list[str]:
+    """The offsets and `owner_of`, for a unit whose rule set has -m owner; with `groups`
+    (--suppl-groups) the group_info's address in the facts and `owner_in_groups`, and with
+    `test_map` too the chain program's map of a test's groups."""
     defines = [f"#define OWNER_{name} {offset}" for name, offset in _offsets().items()]
-    return [
+    test_groups = groups and test_map
+    code = [
         "// -m owner: the packet's socket and its file's credentials (codegen/c/owner.py).",
         *defines,
         f"#define OWNER_NONE {NONE}",
@@ -91,6 +105,7 @@ def declarations() -> list[str]:
         "            f->owner_state = given - 1;",
         f"            f->owner_uid = skb->cb[{CB_OWNER_UID_WORD}];",
         f"            f->owner_gid = skb->cb[{CB_OWNER_GID_WORD}];",
+        *(_TEST_GROUPS if test_groups else []),
         "            return;",
         "        }",
         "    }",
@@ -131,6 +146,59 @@ def declarations() -> list[str]:
         "    bpf_probe_read_kernel(&id, sizeof(id), (void *)(cred + OWNER_CRED_FSGID));",
         "    f->owner_gid = id;",
         "    f->owner_state = OWNER_FILE;",
+        *(["    f->owner_groups = owner_pointer(cred, OWNER_CRED_GROUP_INFO);"] if groups else []),
+        "}",
+        "",
+    ]
+    if test_groups:
+        code[:0] = [
+            f"struct owner_groups_value {{ u8 bytes[{groups_value_size()}]; }};",
+            f'BPF_TABLE_PINNED("array", u32, struct owner_groups_value, {GROUPS_MAP}, 1,',
+            f'                 PIN_DIR "/{GROUPS_MAP}");',
+        ]
+    return [*code, *(_search() if groups else [])]
+
+
+# The chain program: a test's groups are the map's value, whose address the facts keep as a
+# number (the facts are a map value: a pointer stored there reads back as one).
+_TEST_GROUPS = [
+    "            if (f->owner_state == OWNER_FILE) {",
+    "                u32 zero = 0;",
+    "",
+    f"                f->owner_groups = (u64)(long){GROUPS_MAP}.lookup(&zero);",
+    "            }",
+]
+
+
+def _search() -> list[str]:
+    """`owner_in_groups`."""
+    return [
+        "// Whether one of the sorted groups of the group_info at `groups` lies in [first, last]:",
+        "// a binary search for the first group >= first that answers when a probe is inside.",
+        "static __always_inline int owner_in_groups(u64 groups, u32 first, u32 last)",
+        "{",
+        "    u32 count = 0;",
+        "    u64 counted = groups + OWNER_GI_NGROUPS;",
+        "",
+        "    if (groups == 0 || bpf_probe_read_kernel(&count, sizeof(count), (void *)counted))",
+        "        return 0;",
+        "    u64 lo = 0, hi = count;",
+        "",
+        f"    for (int step = 0; step < {SEARCH_STEPS} && lo < hi; step++) {{",
+        "        u64 mid = (lo + hi) / 2;",
+        "        u32 gid = 0;",
+        "        u64 at = groups + OWNER_GI_GID + 4 * mid;",
+        "",
+        "        if (bpf_probe_read_kernel(&gid, sizeof(gid), (void *)at))",
+        "            return 0;",
+        "        if (gid < first)",
+        "            lo = mid + 1;",
+        "        else if (gid <= last)",
+        "            return 1;",
+        "        else",
+        "            hi = mid;",
+        "    }",
+        "    return 0;",
         "}",
         "",
     ]

@@ -38,7 +38,7 @@ from codegen.tc.matches.addrtype import ADDRESS_TYPES, ADDRESS_TYPES_ENTRIES, us
 from codegen.tc.matches.hashlimit import HASHLIMIT_MAP, uses_hashlimit
 from codegen.tc.matches.hashlimit import map_entries as hashlimit_entries
 from codegen.tc.matches.limit import uses_limit
-from codegen.tc.matches.owner import uses_owner
+from codegen.tc.matches.owner import uses_groups, uses_owner
 from codegen.tc.matches.policy import uses_policy
 from codegen.tc.replies import rejects
 
@@ -152,7 +152,8 @@ def generate(
     if uses_limit(ruleset):
         text.write(c_limit.declarations(ruleset))
     if uses_owner(ruleset):
-        text.write(c_owner.declarations())
+        tested = any(entry.hook == "chain" for entry in entries)
+        text.write(c_owner.declarations(uses_groups(ruleset), tested))
     if uses_hashlimit(ruleset):
         held = (map_entries or {}).get(HASHLIMIT_MAP, hashlimit_entries(ruleset))
         text.write(c_hashlimit.declarations(held))

@@ -45,6 +45,7 @@ from . import classifier, classifier_code, exact, log, mark_target, matches, rep
 from .counters import COUNT
 from .layout import CONTINUE, FACTS, SCRATCH_OFFSET, UNCOUNTED, CounterLayout, Facts
 from .matches.limit import slots as limit_slots
+from .matches.owner import group_bits
 from .matches.policy import answer_bits
 from .program import CompileError, Labels, RuleNote, where
 from .segments import CHUNK_RULES, INLINE_SCAN, Segment, pieces
@@ -202,6 +203,7 @@ class ChainWriter:
         self._runs = 0
         self.slots = limit_slots(ruleset)  # each limit match's bucket (codegen.tc.matches.limit)
         self.policy_bits = answer_bits(ruleset)  # codegen.tc.matches.policy
+        self.owner_bits = group_bits(ruleset)  # codegen.tc.matches.owner's --suppl-groups
 
     def builtin_chain(self, name: str, accept: str, drop: str = "drop") -> list[Item]:
         chain = self.ruleset.chains[name]
@@ -387,6 +389,7 @@ class ChainWriter:
             slots=self.slots,
             ruleset=self.ruleset,
             policy_bits=self.policy_bits,
+            owner_bits=self.owner_bits,
         )
         code = matches.emit(rule.matches, context)
         target = rule.target

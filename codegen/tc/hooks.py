@@ -130,10 +130,10 @@ class ProgramWriter:
             Label("classify"),
         ]
         runs_output = self.hook == "egress" or (self.hook == "chain" and builtins[0] == "OUTPUT")
-        if runs_output and uses_owner(self.chains.ruleset):
-            code += owner_facts(self.hook, self.label)  # -m owner's socket, read once
+        if runs_output and uses_owner(self.chains.ruleset):  # -m owner's socket, read once
+            code += owner_facts(self.hook, self.label, tuple(self.chains.owner_bits))
         bits = self.chains.policy_bits
-        if self.hook != "egress" and bits:  # -m policy's answers, found once
+        if not runs_output and bits:  # -m policy's answers, found once
             code += policy_facts(self.hook, self.chains.ruleset, bits, self.label)
         if self.hook == "ingress":
             code += self.ingress()

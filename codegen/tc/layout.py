@@ -66,6 +66,10 @@ class Facts:
     # -m policy's answers (codegen.tc.matches.policy, rule sets with policy matches): bit N
     # is whether the rule set's Nth distinct policy match holds.
     POLICY = Field(OWNER_GID.offset + 4, Size.W)
+    # The same word where OUTPUT runs, which -m policy --dir in never does: bit N is whether
+    # the fsgid or a supplementary group lies in the rule set's Nth distinct --suppl-groups
+    # gid range (codegen.tc.matches.owner).
+    OWNER_GROUPS = POLICY
     SIZE = POLICY.offset + 4 + 7 & ~7
 
     @staticmethod

@@ -256,8 +256,8 @@ def test_a_refused_family_is_refused_with_its_reason_before_anything_compiles(mo
 def test_a_rule_hotdrops_exactly_when_its_family_can(extension, example):
     """The hotdrop tail is written when the rule registry says a family can hotdrop, and the
     family's writer jumps to it then and only then. Each example is put in the first built-in
-    chain the kernel lets it run in; a form the C refuses on purpose (owner's --suppl-groups,
-    policy's --dir out) is refused in one sentence naming the rule."""
+    chain the kernel lets it run in; a form the C refuses on purpose (policy's --dir out) is
+    refused in one sentence naming the rule."""
     chain = next(
         name for name in ("INPUT", "FORWARD", "OUTPUT") if name in extension.hooks(_model(example))
     )
@@ -267,7 +267,7 @@ def test_a_rule_hotdrops_exactly_when_its_family_can(extension, example):
     except CCompileError as refused:
         assert str(refused).startswith("e.rules:2:1: the C backend refuses "), refused
         assert "\n" not in str(refused) and example in str(refused)
-        assert "--suppl-groups" in example or "--dir out" in example
+        assert "--dir out" in example
         return
     hotdrop = f"rule_{CounterLayout.of(ruleset).slot((chain, 1))}_hotdrop"
     assert (f"goto {hotdrop};" in text) == extension.can_hotdrop

@@ -1,20 +1,17 @@
 """`-m owner` (xt_owner.c's owner_mt, revision 1) over the facts codegen/c/owner.py's
-`owner_of` filled: the socket's state first, then the file's fsuid and fsgid ranges."""
+`owner_of` filled: the socket's state first, then the file's fsuid and fsgid ranges (with
+--suppl-groups, the fsgid's or a supplementary group's, `owner_in_groups`)."""
 
 from __future__ import annotations
 
 from codegen.rules.extensions.owner import OWNER_GID, OWNER_SOCKET, OWNER_UID, Owner
 
-from ..owner import SUPPL_GROUPS_REFUSED
-from .common import UINT32_MAX, Labels, UnsupportedMatch, in_range, negation
+from .common import UINT32_MAX, Labels, in_range, negation
 
 MODEL = Owner
 
 
 def write(match: Owner, labels: Labels) -> list[str]:
-    if match.supplementary:
-        refusal = f"the C backend refuses this '-m owner' because {SUPPL_GROUPS_REFUSED}"
-        raise UnsupportedMatch(refusal)
     flags, invert = match.flags
     miss = f"goto {labels.miss};"
     code: list[str] = []
@@ -30,6 +27,10 @@ def write(match: Owner, labels: Labels) -> list[str]:
         if ids is None:
             continue
         inside = in_range(field, ids.first, ids.last, UINT32_MAX)
+        if field == "f->owner_gid" and match.supplementary and inside not in ("0", "1"):
+            # or one of the supplementary groups (an empty range holds none of them either)
+            groups = f"owner_in_groups(f->owner_groups, {ids.first}u, {ids.last}u)"
+            inside = f"({inside}) || {groups}"
         outside = inside if ids.negated else negation(inside)
         if outside in ("0", "!(1)"):
             continue  # every id holds

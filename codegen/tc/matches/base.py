@@ -49,6 +49,8 @@ class Context:
     ruleset: Any = None
     # The bit of the facts' POLICY word each distinct -m policy match answers in.
     policy_bits: Mapping[Any, int] = field(default_factory=dict)
+    # The bit of the facts' OWNER_GROUPS word each distinct --suppl-groups range answers in.
+    owner_bits: Mapping[tuple[int, int], int] = field(default_factory=dict)
 
     def with_miss(self, miss: str) -> Context:
         return replace(self, miss=miss)

@@ -19,25 +19,37 @@ One difference stays: netfilter's OUTPUT runs when the packet is sent, TC egress
 leaves, which for a packet held for neighbour resolution is later; a socket closed meanwhile
 has lost its struct socket (the lab's links have permanent neighbours, so it never shows).
 
-`--suppl-groups` is refused: the groups of a cred are an array of up to 65536 entries, which
-would need a loop the verifier bounds by the array's length, not written yet.
+`--suppl-groups`: a cred's supplementary groups are its group_info's gid array, up to
+NGROUPS_MAX (65,536) of them, kept sorted (setgroups sorts them; the kernel's own
+groups_search relies on it). owner_facts answers every distinct gid range of the rule set's
+--suppl-groups matches once per packet of a file's socket, into the facts' OWNER_GROUPS word
+(bit N: the fsgid or a supplementary group lies in range N, which is what owner_mt asks
+before it applies `!`): one binary search per range for the first group at or above the
+range's start, at most 17 probes (bpf_probe_read_kernel: the array's length is a variable, so
+it is read by address, not through BTF). The search's indexes are plain numbers the verifier
+need not track, so it walks the loop once per step. The chain program's test gives the
+groups in the `owner_groups` map, laid out as a group_info, whose address the same search
+reads (ChainRunner.run's `owner`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, MutableSequence
+import struct
+from collections.abc import Callable, Iterable, MutableSequence
 from functools import cache
 
 from codegen.bpf import insn as I
 from codegen.bpf.asm import Item, Label
 from codegen.bpf.btf import vmlinux
-from codegen.bpf.isa import R0, R1, R2, R6, R7, R8, AluOp, JmpOp, Size
+from codegen.bpf.isa import R0, R1, R2, R3, R6, R7, R8, R10, AluOp, JmpOp, MapType, Reg, Size
+from codegen.bpf.maps import Map
 from codegen.bpf.testrun import SKB_OFFSETS
 from codegen.rules.extensions.owner import OWNER_GID, OWNER_SOCKET, OWNER_UID, Owner
 from codegen.rules.model import Ruleset
 from codegen.rules.packet import SocketOwner
 
-from ..layout import FACTS, Facts
+from ..layout import FACTS, FIB_PARAMS_OFFSET, SCRATCH_OFFSET, Facts
+from ..program import CompileError, where
 from .base import UINT32_MAX, Context, Emitter, in_range, load
 
 NO_SOCKET, NO_FILE, FILE = 0, 1, 2
@@ -45,17 +57,19 @@ TCP_TIME_WAIT, TCP_NEW_SYN_RECV = 6, 12
 # The chain program's control-block words for a test's owner (see the module's docstring).
 CB_OWNER_STATE_WORD, CB_OWNER_STATE_SHIFT, CB_OWNER_UID_WORD, CB_OWNER_GID_WORD = 2, 8, 3, 4
 
-REFUSED_OPTIONS = {
-    "supplementary": "--suppl-groups is not generated (the bytecode backend does not walk a"
-    " cred's group list yet)",
-}
+# --suppl-groups: a cred holds at most NGROUPS_MAX groups, which a binary search covers in
+# SEARCH_STEPS probes; the facts' OWNER_GROUPS word answers up to MAX_DISTINCT gid ranges.
+NGROUPS_MAX, SEARCH_STEPS, MAX_DISTINCT = 65536, 17, 32
+GROUPS_MAP = "owner_groups"  # the chain program's test groups, laid out as a group_info
+# The search's step count, a stack slot of its own (a helper's write into a slot forgets
+# what was spilled there): the route lookup's parameters' first word, free while owner_facts
+# runs (OUTPUT looks no route up; the fragments' key built there is built later).
+STEPS_OFFSET = FIB_PARAMS_OFFSET
 
 
 def cb_owner(cb: MutableSequence[int], owner: SocketOwner | None) -> None:
     """Put a test's owner in the chain program's control block (cb[2]'s byte 0, the packet
-    type, is kept)."""
-    if owner is not None and owner.groups:
-        raise ValueError("the chain program takes no supplementary groups (no --suppl-groups)")
+    type, is kept); its supplementary groups go in the groups map (`groups_value`)."""
     state = NO_SOCKET if owner is None else FILE if owner.file else NO_FILE
     word = cb[CB_OWNER_STATE_WORD] & ~(0xFF << CB_OWNER_STATE_SHIFT)
     cb[CB_OWNER_STATE_WORD] = word | (1 + state) << CB_OWNER_STATE_SHIFT
@@ -67,9 +81,54 @@ def uses_owner(ruleset: Ruleset) -> bool:
     return ruleset.first_with(Owner) is not None
 
 
-def refusal(match: Owner) -> str | None:
-    """Why this backend refuses an owner match it cannot generate exactly, else None."""
-    return REFUSED_OPTIONS["supplementary"] if match.supplementary else None
+def group_ranges(ruleset: Ruleset) -> tuple[tuple[int, int], ...]:
+    """The distinct gid ranges (first, last) of the rule set's --suppl-groups matches, in
+    rule-set order: range N answers in bit N of the facts' OWNER_GROUPS word."""
+    return tuple(
+        dict.fromkeys(
+            (match.gid.first, match.gid.last)
+            for *_, match in ruleset.matches_of(Owner)
+            if match.supplementary and match.gid is not None
+        )
+    )
+
+
+def group_bits(ruleset: Ruleset) -> dict[tuple[int, int], int]:
+    """The OWNER_GROUPS bit each distinct --suppl-groups range answers in; more ranges than
+    the word has bits are refused at the rule holding the first one too many."""
+    ranges = group_ranges(ruleset)
+    if len(ranges) > MAX_DISTINCT:
+        extra = ranges[MAX_DISTINCT]
+        for *_, rule, _, match in ruleset.matches_of(Owner):
+            if match.supplementary and match.gid and (match.gid.first, match.gid.last) == extra:
+                raise CompileError(
+                    f"{where(rule)}the bytecode backend answers at most {MAX_DISTINCT} distinct"
+                    f" --gid-owner ranges with --suppl-groups, and this rule holds number"
+                    f" {MAX_DISTINCT + 1} of {len(ranges)}"
+                )
+    return {extent: bit for bit, extent in enumerate(ranges)}
+
+
+def uses_groups(ruleset: Ruleset) -> bool:
+    """Whether the chain program reads a test's supplementary groups (the groups map)."""
+    return bool(group_ranges(ruleset))
+
+
+def groups_value(groups: Iterable[int]) -> bytes:
+    """The groups map's value for a test's supplementary groups: a group_info (its ngroups and
+    gid array where the running kernel's BTF has them), sorted as setgroups sorts them."""
+    k = _kernel_layout()
+    ordered = sorted(groups)
+    if len(ordered) > NGROUPS_MAX:
+        raise ValueError(f"a cred holds at most {NGROUPS_MAX} supplementary groups")
+    value = bytearray(k["gid"] + 4 * NGROUPS_MAX)
+    struct.pack_into("=I", value, k["ngroups"], len(ordered))
+    struct.pack_into(f"={len(ordered)}I", value, k["gid"], *ordered)
+    return bytes(value)
+
+
+def create_groups_map() -> Map:
+    return Map(MapType.ARRAY, 4, len(groups_value(())), 1, name=GROUPS_MAP)
 
 
 @cache
@@ -89,22 +148,31 @@ def _kernel_layout() -> dict[str, int]:
         "file_cred": ("file", "f_cred"),
         "fsuid": ("cred", "fsuid"),
         "fsgid": ("cred", "fsgid"),
+        "group_info": ("cred", "group_info"),
+        "ngroups": ("group_info", "ngroups"),
+        "gid": ("group_info", "gid"),
     }
-    layout = {name: btf.member_offset(*where)[0] for name, where in paths.items()}
+    layout = {name: btf.member_offset(*path)[0] for name, path in paths.items()}
     layout["sock_id"] = btf.struct_id("sock")
     return layout
 
 
-def owner_facts(hook: str, new_label: Callable[[str], str]) -> list[Item]:
-    """Fill the facts' owner fields (r6: the context; clobbers r0-r5, r7, r8)."""
+def owner_facts(
+    hook: str, new_label: Callable[[str], str], ranges: tuple[tuple[int, int], ...] = ()
+) -> list[Item]:
+    """Fill the facts' owner fields, and with `ranges` (`group_ranges`) their answers in
+    OWNER_GROUPS (r6: the context; clobbers r0-r5, r7, r8)."""
     known = new_label("owner_known")
     full = new_label("owner_full_socket")
+    search = new_label("owner_groups")
     cb = SKB_OFFSETS["cb"]
     code: list[Item] = [
         I.st(Size.B, FACTS, Facts.OWNER_STATE.offset, NO_SOCKET),
         I.st(Size.W, FACTS, Facts.OWNER_UID.offset, 0),
         I.st(Size.W, FACTS, Facts.OWNER_GID.offset, 0),
     ]
+    if ranges:
+        code.append(I.st(Size.W, FACTS, Facts.OWNER_GROUPS.offset, 0))
     if hook == "chain":
         walk = new_label("owner_walk")
         code += [
@@ -114,13 +182,20 @@ def owner_facts(hook: str, new_label: Callable[[str], str]) -> list[Item]:
             I.jmp32(JmpOp.JEQ, R1, 0, walk),
             I.alu32(AluOp.SUB, R1, 1),
             I.stx(Size.B, FACTS, Facts.OWNER_STATE.offset, R1),
-            I.ldx(Size.W, R1, R6, cb + 4 * CB_OWNER_UID_WORD),
-            I.stx(Size.W, FACTS, Facts.OWNER_UID.offset, R1),
-            I.ldx(Size.W, R1, R6, cb + 4 * CB_OWNER_GID_WORD),
-            I.stx(Size.W, FACTS, Facts.OWNER_GID.offset, R1),
-            I.ja(known),
-            Label(walk),
+            I.ldx(Size.W, R2, R6, cb + 4 * CB_OWNER_UID_WORD),
+            I.stx(Size.W, FACTS, Facts.OWNER_UID.offset, R2),
+            I.ldx(Size.W, R2, R6, cb + 4 * CB_OWNER_GID_WORD),
+            I.stx(Size.W, FACTS, Facts.OWNER_GID.offset, R2),
         ]
+        if ranges:  # a file's: the test's groups, from the map, as a group_info's address
+            code += [
+                I.jmp32(JmpOp.JNE, R1, FILE, known),
+                I.ld_map_value(R1, GROUPS_MAP, 0),
+                I.stx(Size.DW, R10, SCRATCH_OFFSET, R1),
+                *_read_address(R10, SCRATCH_OFFSET, known),
+                I.ja(search),
+            ]
+        code += [I.ja(known), Label(walk)]
     k = _kernel_layout()
     code += [
         I.mov64(R1, R6),
@@ -157,9 +232,127 @@ def owner_facts(hook: str, new_label: Callable[[str], str]) -> list[Item]:
         I.ldx(Size.W, R2, R1, k["fsgid"]),
         I.stx(Size.W, FACTS, Facts.OWNER_GID.offset, R2),
         I.st(Size.B, FACTS, Facts.OWNER_STATE.offset, FILE),
-        Label(known),
     ]
-    return code
+    if ranges:
+        code += [
+            I.alu64(AluOp.ADD, R1, k["group_info"]),  # the address of cred->group_info
+            *_read_address(R1, 0, known),
+            Label(search),
+            I.jmp(JmpOp.JEQ, R7, 0, known),
+        ]
+        for bit, (first, last) in enumerate(ranges):
+            code += _groups_answer(first, last, bit, new_label)
+    return [*code, Label(known)]
+
+
+def _read_address(base: Reg, offset: int, fail: str) -> list[Item]:
+    """r7 = the 8 bytes at `base + offset`, read with bpf_probe_read_kernel so that r7 is a
+    plain number: the search adds indexes to it, which on a pointer the verifier would track
+    (and split its states on) at every probe. Jumps to `fail` if the read fails."""
+    return [
+        I.mov64(R3, base),
+        I.alu64(AluOp.ADD, R3, offset),
+        I.mov64(R1, R10),
+        I.alu64(AluOp.ADD, R1, SCRATCH_OFFSET),
+        I.mov64(R2, 8),
+        I.call("probe_read_kernel"),
+        I.jmp(JmpOp.JNE, R0, 0, fail),
+        I.ldx(Size.DW, R7, R10, SCRATCH_OFFSET),
+    ]
+
+
+def _probe(offset_register: Reg, offset: int, fail: str) -> list[Item]:
+    """The u32 at r7 + `offset_register` + `offset` into the scratch word; `fail` if unread."""
+    return [
+        I.mov64(R3, offset_register),
+        I.alu64(AluOp.ADD, R3, R7),
+        I.alu64(AluOp.ADD, R3, offset),
+        I.mov64(R1, R10),
+        I.alu64(AluOp.ADD, R1, SCRATCH_OFFSET),
+        I.mov64(R2, 4),
+        I.call("probe_read_kernel"),
+        I.jmp(JmpOp.JNE, R0, 0, fail),
+    ]
+
+
+def _groups_answer(
+    first: int, last: int, bit: int, new_label: Callable[[str], str]
+) -> list[Item]:
+    """Set OWNER_GROUPS' `bit` if the fsgid or one of the sorted groups of the group_info at
+    r7 lies in [first, last]: a binary search for the first group >= first, answering at once
+    when a probed group is inside. r8 holds the search's bounds, lo in its low half and hi in
+    its high half; the slot at STEPS_OFFSET counts the steps (the verifier's bound)."""
+    label = new_label
+    held, done, lookup, loop, upper = (
+        label(f"owner_groups_{n}") for n in ("held", "done", "lookup", "loop", "upper")
+    )
+    steps = STEPS_OFFSET
+    gid = _kernel_layout()["gid"]
+    if first > last:  # an empty range: nothing lies in it
+        return []
+    code: list[Item] = [load(Facts.OWNER_GID)]
+    if first > 0:
+        code.append(I.jmp32(JmpOp.JLT, R1, first, lookup))
+    if last < UINT32_MAX:
+        code.append(I.jmp32(JmpOp.JGT, R1, last, lookup))
+    code += [
+        I.ja(held),
+        Label(lookup),
+        I.mov64(R1, 0),
+        *_probe(R1, _kernel_layout()["ngroups"], done),
+        # hi = ngroups, unclamped: a constant here would make the verifier follow the
+        # search value by value (a cred holds at most NGROUPS_MAX, which 17 steps cover).
+        I.ldx(Size.W, R8, R10, SCRATCH_OFFSET),
+        I.alu64(AluOp.LSH, R8, 32),
+        I.st(Size.DW, R10, steps, 0),
+        Label(loop),
+        I.ldx(Size.DW, R1, R10, steps),
+        I.jmp(JmpOp.JGE, R1, SEARCH_STEPS, done),
+        I.alu64(AluOp.ADD, R1, 1),
+        I.stx(Size.DW, R10, steps, R1),
+        *_middle(),
+        I.jmp(JmpOp.JGE, R1, R2, done),  # lo == hi: no group at or above `first` is inside
+        I.alu64(AluOp.ADD, R1, R2),
+        I.alu64(AluOp.RSH, R1, 1),
+        I.alu64(AluOp.LSH, R1, 2),
+        *_probe(R1, gid, done),
+        *_middle(),
+        I.alu64(AluOp.ADD, R1, R2),
+        I.alu64(AluOp.RSH, R1, 1),  # mid
+        I.ldx(Size.W, R3, R10, SCRATCH_OFFSET),  # its group
+    ]
+    if first > 0:
+        code += [
+            I.jmp32(JmpOp.JGE, R3, first, upper),
+            I.alu64(AluOp.ADD, R1, 1),  # below the range: lo = mid + 1
+            I.alu64(AluOp.LSH, R2, 32),
+            I.alu64(AluOp.OR, R2, R1),
+            I.mov64(R8, R2),
+            I.ja(loop),
+        ]
+    code.append(Label(upper))
+    if last < UINT32_MAX:
+        code += [
+            I.jmp32(JmpOp.JLE, R3, last, held),
+            I.alu64(AluOp.LSH, R1, 32),  # above it: hi = mid
+            I.mov32(R2, R8),
+            I.alu64(AluOp.OR, R1, R2),
+            I.mov64(R8, R1),
+            I.ja(loop),
+        ]
+    return [
+        *code,
+        Label(held),
+        I.ldx(Size.W, R1, FACTS, Facts.OWNER_GROUPS.offset),
+        I.alu32(AluOp.OR, R1, 1 << bit),
+        I.stx(Size.W, FACTS, Facts.OWNER_GROUPS.offset, R1),
+        Label(done),
+    ]
+
+
+def _middle() -> list[Item]:
+    """r1 = lo, r2 = hi, from r8."""
+    return [I.mov32(R1, R8), I.mov64(R2, R8), I.alu64(AluOp.RSH, R2, 32)]
 
 
 def owner(match: Owner, ctx: Context) -> list[Item]:
@@ -176,9 +369,16 @@ def owner(match: Owner, ctx: Context) -> list[Item]:
     no_file_holds = (flags ^ invert) & (OWNER_UID | OWNER_GID) == 0
     code.append(I.jmp32(JmpOp.JEQ, R1, NO_FILE, matched if no_file_holds else ctx.miss))
     for field, ids in ((Facts.OWNER_UID, match.uid), (Facts.OWNER_GID, match.gid)):
-        if ids is not None:
+        if ids is None:
+            continue
+        if field is Facts.OWNER_GID and match.supplementary:  # answered in owner_facts
+            bit = 1 << ctx.owner_bits[(ids.first, ids.last)]
+            unless = JmpOp.JNE if ids.negated else JmpOp.JEQ
+            code += [load(Facts.OWNER_GROUPS), I.alu32(AluOp.AND, R1, bit)]
+            code.append(I.jmp32(unless, R1, 0, ctx.miss))
+        else:
             code += [load(field), *in_range(ids.first, ids.last, ids.negated, UINT32_MAX, ctx)]
     return [*code, Label(matched)]
 
 
-EMITTER = Emitter(Owner, owner, refusal=refusal)
+EMITTER = Emitter(Owner, owner)
