@@ -28,7 +28,7 @@ from .cli_input import (
     require,
 )
 from .cli_recent import recent
-from .cli_run import OWNER_HELP, run, verify
+from .cli_run import OWNER_HELP, OWNER_METAVAR, run, verify
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -355,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--pcap", metavar="FILE", help="frames from a capture")
     sub.add_argument("--in", dest="in_iface", metavar="IF")
     sub.add_argument("--out", dest="out_iface", metavar="IF")
-    sub.add_argument("--owner", metavar="UID:GID|kernel|none", help=OWNER_HELP)
+    sub.add_argument("--owner", metavar=OWNER_METAVAR, help=OWNER_HELP)
     sub.add_argument("--json", action="store_true", help="one JSON object per line")
     sets_argument(sub, "default: the stand-in sets")
 

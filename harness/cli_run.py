@@ -135,9 +135,11 @@ def answer_kind(frame: bytes) -> str:
 
 
 OWNER_HELP = (
-    "the socket OUTPUT's packets carry, for -m owner: a process's fsuid and fsgid, the kernel's"
-    " own (no file), or none (default: test-run's, which is no socket to it)"
+    "the socket OUTPUT's packets carry, for -m owner: a process's fsuid and fsgid (and its"
+    " supplementary groups, for --suppl-groups), the kernel's own (no file), or none (default:"
+    " test-run's, which is no socket to it)"
 )
+OWNER_METAVAR = "UID:GID[:GROUP,...]|kernel|none"
 
 
 def parse_owner(text: str | None) -> object:
@@ -150,12 +152,15 @@ def parse_owner(text: str | None) -> object:
         return None
     if text == "kernel":
         return SocketOwner(file=False)
-    uid, colon, gid = text.partition(":")
+    uid, _, rest = text.partition(":")
+    gid, _, groups = rest.partition(":")
     try:
-        return SocketOwner(int(uid), int(gid))
+        listed = tuple(int(group) for group in groups.split(",")) if groups else ()
+        return SocketOwner(int(uid), int(gid), listed)
     except ValueError:
         raise UsageError(
-            f"--owner {text!r}: give UID:GID (numbers up to 4294967295), kernel or none"
+            f"--owner {text!r}: give UID:GID or UID:GID:GROUP,GROUP,... (numbers up to"
+            " 4294967295), kernel or none"
         ) from None
 
 

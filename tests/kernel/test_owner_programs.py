@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scapy.layers.inet import IP, TCP
+from scapy.layers.inet import UDP as UDP_LAYER
 
 import codegen.c.owner as c_owner_module
 import codegen.tc.matches.owner as owner_module
@@ -264,25 +265,30 @@ def _bpflab(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.parametrize(
-    ("given", "owner"),
+    ("text", "given", "owner"),
     [
-        (None, None),  # test-run's socket: none to -m owner
-        ("none", None),
-        ("kernel", SocketOwner(file=False)),
-        ("0:0", SocketOwner(0, 0)),
-        ("1500:2500", SocketOwner(1500, 2500)),
-        ("1500:7", SocketOwner(1500, 7)),
+        (RULES, None, None),  # test-run's socket: none to -m owner
+        (RULES, "none", None),
+        (RULES, "kernel", SocketOwner(file=False)),
+        (RULES, "0:0", SocketOwner(0, 0)),
+        (RULES, "1500:2500", SocketOwner(1500, 2500)),
+        (RULES, "1500:7", SocketOwner(1500, 7)),
+        (GROUP_RULES, "1:1:5", SocketOwner(1, 1, (5,))),
+        (GROUP_RULES, "1:1:150,3", SocketOwner(1, 1, (150, 3))),
+        (GROUP_RULES, "1:1", SocketOwner(1, 1)),
     ],
 )
-def test_bpflab_run_takes_the_owner(given: str | None, owner, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_bpflab_run_takes_the_owner(text: str, given: str | None, owner, tmp_path) -> None:  # type: ignore[no-untyped-def]
     rules = tmp_path / "owner.rules"
-    rules.write_text(RULES)
+    rules.write_text(text)
     extra = [] if given is None else ["--owner", given]
-    spec = "Ether()/IP(src='198.18.0.2', dst='198.18.0.1', id=2)/TCP(sport=54321, dport=22)"
+    # GROUP_RULES tell the groups apart on UDP (its chain `grouped`)
+    transport = TCP(sport=54321, dport=22) if text is RULES else UDP_LAYER(sport=5, dport=22)
+    spec = f"Ether()/IP(src='198.18.0.2', dst='198.18.0.1', id=2)/{transport.command()}"
     result = _bpflab("run", str(rules), "--chain", "OUTPUT", "--packet", spec, *extra)
     assert result.returncode == 0, result.stderr
-    packet = bytes(IP(src="198.18.0.2", dst="198.18.0.1", id=2) / TCP(sport=54321, dport=22))
-    expected = evaluate(parse(RULES, "owner"), packet, "OUTPUT", None, None, owner=owner)
+    packet = bytes(IP(src="198.18.0.2", dst="198.18.0.1", id=2) / transport)
+    expected = evaluate(parse(text, "owner"), packet, "OUTPUT", None, None, owner=owner)
     chain, index = expected.deciding
     where = f"{chain} policy" if index == "policy" else f"{chain} rule {index}"
     assert result.stdout.splitlines()[0] == f"packet 1: {expected.verdict:6} by {where}"

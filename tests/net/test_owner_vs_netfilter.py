@@ -1,6 +1,7 @@
 """`-m owner` against the kernel: a host whose processes, running as different users and
 groups (forked, setgroups/setgid/setuid in the child), send datagrams to a client; a raw
-IPPROTO_RAW packet; a socket made by root and then used by a process that dropped to another
+IPPROTO_RAW packet; processes with supplementary groups, up to the most a cred holds
+(--suppl-groups); a socket made by root and then used by a process that dropped to another
 user; a socket fchown'd to another user (its sk_uid changes, the file's credentials do not:
 what bpf_get_socket_uid answers is not what xt_owner reads); the kernel's own packets (an echo
 reply and a RST, sent from its control sockets, which no file holds); and a SYN-ACK, which
@@ -54,6 +55,10 @@ RULES = """\
 -A OUTPUT -m owner ! --uid-owner 0 ! --gid-owner 0
 -A OUTPUT -m owner --uid-owner 65534
 -A OUTPUT -p icmp -m owner --socket-exists
+-A OUTPUT -m owner --gid-owner 2000 --suppl-groups
+-A OUTPUT -m owner ! --gid-owner 4000-4999 --suppl-groups
+-A OUTPUT -m owner --gid-owner 70000 --suppl-groups
+-A OUTPUT -m owner --uid-owner 1500 --gid-owner 9 --suppl-groups
 -A OUTPUT -p tcp -j owned
 -A OUTPUT -p udp -m owner --uid-owner 3000 -j DROP
 -A owned -m owner --uid-owner 1500 -j RETURN
@@ -177,11 +182,17 @@ class Lab:
             (3000, 3000, [2000], 5003, 13),  # a supplementary group is not the fsgid
             (65534, 65534, [], 5004, 14),
             (999, 2999, [], 5005, 15),
+            # --suppl-groups: the kernel sorts the list; the longest a cred may hold
+            # (NGROUPS_MAX), with 70000 deep inside, and every even id up to 131070.
+            (1500, 2500, [9], 5006, 16),
+            (1600, 1600, [4500, 20, 10], 5007, 17),
+            (1700, 1700, list(range(5000, 5000 + 65536)), 5008, 18),
+            (1800, 1800, list(range(0, 2 * 65536, 2)), 5009, 19),
         )
         for uid, gid, groups, port, size in senders:
             failed = _run_as(self.host, uid, gid, groups, _udp_sender(port, size))
             self.errors[uid] = failed
-            sent.append(Sent(_datagram(port, size), SocketOwner(uid, gid)))
+            sent.append(Sent(_datagram(port, size), SocketOwner(uid, gid, tuple(groups))))
         # Made by root, used as 1500:2500: the file keeps root's credentials.
         _run_as(self.host, 1500, 2500, [], _made_by_root_then_used(5010, 20, None))
         sent.append(Sent(_datagram(5010, 20), SocketOwner(0, 0)))
@@ -352,11 +363,19 @@ def test_iptables_counts_what_the_reference_says(lab: Lab, tmp_path: Path) -> No
     )
     assert {key: kernel[key] for key in want} == want
     # netfilter's DROP in OUTPUT fails the send (our TC programs drop after it returned).
-    assert lab.errors == {0: 0, 1500: 0, 3000: errno.EPERM, 65534: 0, 999: 0}
+    assert lab.errors == {
+        **{0: 0, 1500: 0, 3000: errno.EPERM, 65534: 0, 999: 0},
+        **{1600: 0, 1700: 0, 1800: 0},
+    }
     # The traffic told the owners apart: root, a user range, a socket no file holds.
     assert kernel["OUTPUT", 1][0] == 4  # root's datagram, the used, fchown'd and raw ones
     assert kernel["OUTPUT", 7][0] == 1  # ! --socket-exists: the orphaned socket's ACK
     assert kernel["OUTPUT", 11][0] == 1  # the echo reply: a socket, but no file
+    # --suppl-groups: 2000 is 1500:2000's fsgid and in 3000's and 1800's groups; 70000 in
+    # 1700's and 1800's; 9 in the groups of one of the sockets of 1500 (as 1500:2500).
+    assert kernel["OUTPUT", 12][0] == 3
+    assert kernel["OUTPUT", 14][0] == 2
+    assert kernel["OUTPUT", 15][0] == 1
 
 
 @pytest.mark.parametrize(
