@@ -15,6 +15,12 @@ so it is timed one run per call, median of ONE_SHOT_TRIALS calls, against the ba
 the same way (a lone run also pays for the kernel's clock reads around it). Its ICMP rate
 limits are set to let every answer go (icmp_ratelimit 0, no global credit taken): their check
 is timed with the answer, and no run takes the refused path instead.
+
+`-m owner` is timed in OUTPUT's chain program, on the same datagram with a socket given as a
+test gives it (the control block's uid and gid, the groups map's list), against OUTPUT's
+own baseline: what it adds is the owner's facts and the comparisons, with `--suppl-groups`
+the binary search over the groups (its probes read the map value as they read a
+group_info), not the walk from the skb to the cred, which no test-run packet has.
 """
 
 from __future__ import annotations
@@ -25,11 +31,13 @@ from scapy.layers.inet import IP, UDP
 
 from codegen.rules import parse
 from codegen.rules.icmp_rate import IcmpSysctls
+from codegen.rules.packet import SocketOwner
+from codegen.tc.matches.owner import NGROUPS_MAX, cb_owner
 
 from ..runner import ChainRunner, frame_for
 from .report import _ns, _table
 from .settings import Progress, TimingSettings
-from .testrun import BenchCheckFailed, time_program
+from .testrun import BenchCheckFailed, time_program, unicast_context
 
 RULE = "-A INPUT -p udp -m udp --dport 9"
 PACKET = bytes(
@@ -48,10 +56,23 @@ class Case:
     # None: the default ring, for cases that log nothing.
     ring: str | None = None
     one_shot: bool = False  # the program rewrites the packet: one run per call
+    owner: SocketOwner | None = None  # the socket an OUTPUT case's packet carries
+
+    @property
+    def chain(self) -> str:
+        return self.ends[0]
 
 
-def _one(options: str, target: str = "ACCEPT") -> str:
-    return f"{RULE} {options} -j {target}".replace("  ", " ")
+def _one(options: str, target: str = "ACCEPT", chain: str = "INPUT") -> str:
+    return f"{RULE} {options} -j {target}".replace("  ", " ").replace("INPUT", chain)
+
+
+def _owned(options: str, groups: int, ends: int | str = 1) -> Case:
+    """An OUTPUT case whose packet's socket is 1000:1000's, with `groups` supplementary
+    groups from 5000 up (none in the cases' ranges, so that a search runs to its end)."""
+    owner = SocketOwner(1000, 1000, tuple(range(5000, 5000 + groups)))
+    name = f"-m owner {options}" + (f", {groups:,} groups" if groups else "")
+    return Case(name, _one(f"-m owner {options}", chain="OUTPUT"), ("OUTPUT", ends), owner=owner)
 
 
 CASES: tuple[Case, ...] = (
@@ -113,6 +134,9 @@ CASES: tuple[Case, ...] = (
         ring="full",
     ),
     Case("-j REJECT (answer built)", _one("", "REJECT"), ("INPUT", 1), one_shot=True),
+    _owned("--uid-owner 1000", 0),
+    _owned("--gid-owner 3 --suppl-groups", 8, "policy"),
+    _owned("--gid-owner 3 --suppl-groups", NGROUPS_MAX, "policy"),
 )
 BASELINE = CASES[0]
 
@@ -130,22 +154,26 @@ def measure_case(case: Case, settings: TimingSettings) -> dict:
     text = f"*filter\n:INPUT ACCEPT [0:0]\n{case.rules}\nCOMMIT\n"
     ruleset = parse(text, f"bench-{case.name}.rules")
     ring = {"log_ring_size": _ring_for(settings)} if case.ring == "roomy" else {}
+    given = {} if case.owner is None else {"owner": case.owner}
+    context = unicast_context()
+    if case.owner is not None:
+        cb_owner(context.cb, case.owner)
     with ChainRunner(ruleset, **ring) as runner:
         for _ in range(2):  # twice: the second finds what the first left (buckets, entries)
-            outcome = runner.run(frame_for(PACKET), "INPUT")
+            outcome = runner.run(frame_for(PACKET), case.chain, **given)
         if outcome.deciding != case.ends:
             raise BenchCheckFailed(
                 f"extension case {case.name!r}: the packet ended at {outcome.deciding}, not"
                 f" {case.ends}"
             )
-        program = runner.program("INPUT")
+        program = runner.program(case.chain)
         if runner.icmp_limits is not None and runner.hz is not None:
             runner.icmp_limits.configure(IcmpSysctls(ratelimit_ms=0), runner.hz, draw=0)
         if case.ring == "full":  # fill the ring first
             time_program(program.fd, frame_for(PACKET), settings)
         if case.one_shot:
             settings = replace(settings, trials=ONE_SHOT_TRIALS, repeat=1)
-        timing = time_program(program.fd, frame_for(PACKET), settings)
+        timing = time_program(program.fd, frame_for(PACKET), settings, context=context)
         lost = runner.log_drops()
     return {
         "case": case.name,
@@ -153,21 +181,29 @@ def measure_case(case: Case, settings: TimingSettings) -> dict:
         **timing.to_json(),
         "log_drops": lost,
         "one_shot": case.one_shot,
+        "chain": case.chain,
     }
 
 
 def measure(settings: TimingSettings, progress: Progress) -> list[dict]:
     """Every case, in order, with what it adds to the baseline's cost (timed as it is)."""
     entries = []
-    baselines: dict[bool, float] = {}
+    baselines: dict[tuple[str, bool], float] = {}
     for case in CASES:
         entry = measure_case(case, settings)
+        kind = (case.chain, case.one_shot)
         if case is BASELINE:
-            baselines[case.one_shot] = entry["ns"]
-        elif case.one_shot not in baselines:
-            baseline = replace(BASELINE, one_shot=case.one_shot)
-            baselines[case.one_shot] = measure_case(baseline, settings)["ns"]
-        entry["baseline_ns"] = baselines[case.one_shot]
+            baselines[kind] = entry["ns"]
+        elif kind not in baselines:  # the baseline rule in the case's chain, timed alike
+            baseline = replace(
+                BASELINE,
+                rules=_one("", chain=case.chain),
+                ends=(case.chain, 1),
+                one_shot=case.one_shot,
+                owner=case.owner,
+            )
+            baselines[kind] = measure_case(baseline, settings)["ns"]
+        entry["baseline_ns"] = baselines[kind]
         entry["added_ns"] = entry["ns"] - entry["baseline_ns"]
         entries.append(entry)
         progress(f"extension  {case.name:42} {entry['ns']:7.1f} ns ({entry['added_ns']:+.1f} ns)")
@@ -197,6 +233,9 @@ def report_lines(results: dict) -> list[str]:
 def _note(entry: dict) -> str:
     if entry.get("log_drops"):
         return f"{entry['log_drops']:,} events dropped"
+    if entry.get("chain", "INPUT") != "INPUT":  # absent before the owner cases
+        baseline = _ns(entry["baseline_ns"])
+        return f"{entry['chain']}'s chain program, against its baseline ({baseline})"
     if entry.get("one_shot"):  # absent in results of schema 7 and before
         return f"one run per call, against the baseline timed alike ({_ns(entry['baseline_ns'])})"
     return ""

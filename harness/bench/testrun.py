@@ -82,7 +82,7 @@ def c_backend_problem() -> str | None:
     return missing_bcc()
 
 
-def _context() -> SkBuff:
+def unicast_context() -> SkBuff:
     """The context ChainRunner.run gives an INPUT packet with no interfaces: a unicast packet."""
     context = SkBuff()
     context.cb[2] = PKT_TYPES["unicast"]
@@ -96,7 +96,7 @@ def time_program(
     than the budget. `context` defaults to a chain program's for a unicast packet."""
 
     def made() -> SkBuff:
-        return _context() if context is None else SkBuff.from_buffer_copy(context)
+        return unicast_context() if context is None else SkBuff.from_buffer_copy(context)
 
     estimate = prog_test_run(fd, frame, repeat=CALIBRATION_REPEAT, context=made()).duration_ns
     repeat = settings.repeat
