@@ -225,6 +225,9 @@ def test_quick_bench_writes_json_markdown_and_plots(tmp_path, capsys):
     )
     reject = extensions["-j REJECT (answer built)"]
     assert reject["one_shot"] and reject["repeat"] == 1
+    # -m owner runs in OUTPUT's chain program, against OUTPUT's bare rule.
+    owned = [entry for name, entry in extensions.items() if name.startswith("-m owner")]
+    assert len(owned) == 3 and all(entry["chain"] == "OUTPUT" for entry in owned)
     assert reject["added_ns"] == reject["ns"] - reject["baseline_ns"]
     assert (
         "## What one rule of each extension adds" in (tmp_path / bench.RESULTS_MARKDOWN).read_text()
