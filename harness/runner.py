@@ -247,8 +247,9 @@ class ChainRunner:
             set_recent_clock(self.recent_maps[RECENT_CLOCK], jiffies)
         if self.icmp_limits is not None:
             if jiffies is None:  # as the reference's lone packet: no errors sent before it
-                self.icmp_limits.forget()
-            self.icmp_limits.set_clock(jiffies or 0)
+                self.icmp_limits.forget(clock=0)
+            else:
+                self.icmp_limits.set_clock(jiffies)
         before = self.counters.read()
         result = prog_test_run(self.program(chain).fd, frame, context=context)
         after = self.counters.read()

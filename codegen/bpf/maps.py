@@ -12,7 +12,8 @@ import mmap
 import os
 import select
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
 
 from .info import map_info
 from .isa import MapType
@@ -270,6 +271,26 @@ class Map:
             name=info.name.decode(),
             fd=fd,
         )
+
+
+def open_pins(
+    directory: Path,
+    names: Iterable[str],
+    fits: Callable[[Mapping[str, Map]], bool] = lambda opened: True,
+) -> dict[str, Map] | None:
+    """The maps pinned in `directory` under `names`, if every one is there and `fits` says
+    they have the shapes their user needs; else None, with whatever was opened closed."""
+    opened: dict[str, Map] = {}
+    try:
+        for name in names:
+            opened[name] = Map.from_pin(str(directory / name))
+        if fits(opened):
+            return opened
+    except (BpfError, FileNotFoundError):
+        pass
+    for table in opened.values():
+        table.close()
+    return None
 
 
 def sum_percpu(values: list[bytes], fmt: str = "<QQ") -> tuple[int, ...]:

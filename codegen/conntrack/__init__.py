@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import ctypes
 import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import fields
 from pathlib import Path
 
 from codegen.bpf.isa import MapType
-from codegen.bpf.maps import Map
-from codegen.bpf.syscall import BpfError
+from codegen.bpf.maps import Map, open_pins
 from codegen.jiffies import kernel_hz
 from codegen.rules.extensions.connmark import Connmark
 from codegen.rules.extensions.connmark_target import ConnmarkTarget
@@ -253,22 +252,16 @@ class TrackerMaps:
     def from_pins(cls, directory: Path) -> TrackerMaps | None:
         """The maps pinned in `directory` (by their names), or None if any is missing or not
         of the shape this tracker uses (then a new table starts)."""
-        opened: dict[str, Map] = {}
-        try:
-            for name in MAPS:
-                opened[name] = Map.from_pin(str(directory / name))
-        except (BpfError, FileNotFoundError):
-            for table in opened.values():
-                table.close()
-            return None
-        table, clock = opened[CT_TABLE], opened[CT_CLOCK]
-        if (table.key_size, table.value_size) != (ctypes.sizeof(Key), ctypes.sizeof(Entry)) or (
-            clock.max_entries != CLOCK_ENTRIES
-        ):
-            for table in opened.values():
-                table.close()
-            return None
-        return cls(opened)
+
+        def fits(opened: Mapping[str, Map]) -> bool:
+            table, clock = opened[CT_TABLE], opened[CT_CLOCK]
+            shape = (ctypes.sizeof(Key), ctypes.sizeof(Entry))
+            return (table.key_size, table.value_size) == shape and (
+                clock.max_entries == CLOCK_ENTRIES
+            )
+
+        opened = open_pins(directory, MAPS, fits)
+        return None if opened is None else cls(opened)
 
     def pin(self, directory: Path, replace: Callable[[Path, int], None]) -> None:
         for name, table in self.maps.items():

@@ -13,12 +13,11 @@ as the kernel keeps its buckets across table loads:
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from codegen.bpf.isa import MapType
-from codegen.bpf.maps import Map
-from codegen.bpf.syscall import BpfError
+from codegen.bpf.maps import Map, open_pins
 from codegen.rules.icmp_rate import IcmpSysctls
 
 RATE_MAP, PEERS_MAP = "reject_rate", "reject_peers"
@@ -69,20 +68,13 @@ class RateMaps:
     @classmethod
     def kept_or_new(cls, directory: Path) -> RateMaps:
         """The maps pinned in `directory` if both are there in this shape, else new ones."""
-        opened: dict[str, Map] = {}
-        try:
-            for name in MAPS:
-                opened[name] = Map.from_pin(str(directory / name))
-        except (BpfError, FileNotFoundError):
-            opened.clear()
         shapes = {RATE_MAP: ctypes.sizeof(Rate), PEERS_MAP: ctypes.sizeof(Peer)}
-        if len(opened) == len(MAPS) and all(
-            opened[name].value_size == size for name, size in shapes.items()
-        ):
-            return cls(opened)
-        for table in opened.values():
-            table.close()
-        return cls.create()
+
+        def fits(opened: Mapping[str, Map]) -> bool:
+            return all(opened[name].value_size == size for name, size in shapes.items())
+
+        opened = open_pins(directory, MAPS, fits)
+        return cls.create() if opened is None else cls(opened)
 
     def pin(self, directory: Path, replace: Callable[[Path, int], None]) -> None:
         for name, table in self.maps.items():
@@ -113,10 +105,13 @@ class RateMaps:
         rate.clock = jiffies
         self.maps[RATE_MAP].update(0, bytes(rate))
 
-    def forget(self) -> None:
-        """Every bucket as a new namespace has it: full peers, an unprimed global one."""
+    def forget(self, clock: int | None = None) -> None:
+        """Every bucket as a new namespace has it: full peers, an unprimed global one; and
+        the clock set to `clock` (jiffies; None: kept), in the same write."""
         rate = self.rate()
         rate.credit = rate.stamp = rate.primed = 0
+        if clock is not None:
+            rate.clock = clock
         self.maps[RATE_MAP].update(0, bytes(rate))
         peers = self.maps[PEERS_MAP]
         for key in list(peers.keys()):

@@ -7,11 +7,10 @@ names the new rule set lacks and pins it once the new programs are attached."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from codegen.bpf.maps import Map
-from codegen.bpf.syscall import BpfError
+from codegen.bpf.maps import Map, open_pins
 from codegen.rules.model import Ruleset
 from codegen.tc.matches.hashlimit import HASHLIMIT_PIN, create_map, prune, reusable, uses_hashlimit
 
@@ -21,17 +20,11 @@ def kept_or_new(ruleset: Ruleset, pins: Path) -> Map | None:
     namespace's rule set had if it fits, else a new one with every key fresh."""
     if not uses_hashlimit(ruleset):
         return None
-    pinned = pins / HASHLIMIT_PIN
-    if pinned.exists():
-        try:
-            kept = Map.from_pin(str(pinned))
-        except BpfError:
-            kept = None
-        if kept is not None:
-            if reusable(kept, ruleset):
-                return kept
-            kept.close()
-    return create_map(ruleset)
+    def fits(opened: Mapping[str, Map]) -> bool:
+        return reusable(opened[HASHLIMIT_PIN], ruleset)
+
+    kept = open_pins(pins, (HASHLIMIT_PIN,), fits)
+    return create_map(ruleset) if kept is None else kept[HASHLIMIT_PIN]
 
 
 def keep(
