@@ -29,8 +29,14 @@ pytestmark = pytest.mark.privileged
 BACKENDS = ("bytecode", "c")
 
 
-def _udp(number: int, source: str = "198.18.0.5", sport: int = 4000, dport: int = 53) -> bytes:
-    return bytes(IP(src=source, dst="198.18.1.1", id=number) / UDP(sport=sport, dport=dport) / b"q")
+def _udp(
+    number: int, source: str = "198.18.0.5", sport: int = 4000, dport: int = 53, size: int = 29
+) -> bytes:
+    """A datagram of `size` bytes, its IP header included."""
+    payload = b"q" * (size - 28)
+    return bytes(
+        IP(src=source, dst="198.18.1.1", id=number) / UDP(sport=sport, dport=dport) / payload
+    )
 
 
 def _table(rules: str, chains: str = "") -> str:
@@ -117,6 +123,33 @@ CASES = [
             " --hashlimit-name wrap -j ACCEPT"
         ),
         [("INPUT", t, _udp(n)) for n, t in enumerate([0.0] * 10 + [3600.0] * 5)],
+    ),
+    (
+        "a byte rate per source: datagrams of every size, a second's credit each, refilled",
+        _table(
+            "-A INPUT -m hashlimit --hashlimit-upto 2kb/s --hashlimit-mode srcip"
+            " --hashlimit-name bytes -j ACCEPT"
+        ),
+        [
+            ("INPUT", n / 25, _udp(n, SOURCES[n % 2], size=(29, 1500, 600, 15, 40)[n % 5]))
+            for n in range(80)
+        ],
+    ),
+    (
+        "a byte rate's burst: refills of a second's credit, then the rate; above inverting",
+        _table(
+            "-A INPUT -m hashlimit --hashlimit-above 1kb/s --hashlimit-burst 3kb"
+            " --hashlimit-name refills --hashlimit-htable-expire 2000 -j DROP\n-A INPUT -j ACCEPT"
+        ),
+        [
+            ("INPUT", t, _udp(n, size=1000))
+            for n, t in enumerate([0.0] * 6 + [0.5, 1.0, 1.004, 1.5, 2.0, 4.5, 4.5, 4.5])
+        ],
+    ),
+    (
+        "16b/s: a datagram's price is capped at a second's credit",
+        _table("-A INPUT -m hashlimit --hashlimit-upto 16b/s --hashlimit-name tiny -j ACCEPT"),
+        [("INPUT", t, _udp(n, size=1500)) for n, t in enumerate([0.0, 0.0, 0.5, 1.0, 1.0])],
     ),
     (
         "a truncated UDP header with a port mode is dropped on the spot",

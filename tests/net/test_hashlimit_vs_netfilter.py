@@ -2,7 +2,8 @@
 of the client (198.18.0.1 and 198.18.0.3, one link) to a host that filters with
 iptables-legacy, and to its twin that runs our attached programs, in both backends. The same
 number must arrive from each source, and every rule's counter must agree. The rates are ones
-no sub-second timing can change the count of (1/hour, 1/min, 7/day).
+no sub-second timing can change the count of (1/hour, 1/min, 7/day; byte rates whose next
+datagram needs a third of a second's refill or more).
 """
 
 from __future__ import annotations
@@ -62,6 +63,22 @@ CASES = [
             "-A INPUT -p udp --dport 5002 -m hashlimit --hashlimit-upto 1/hour"
             " --hashlimit-burst 6 --hashlimit-mode srcip --hashlimit-name both -j ACCEPT",
             "-A INPUT -p udp -j DROP",
+        ),
+    ),
+    (
+        "128b/s per source with a burst of two refills: 3 datagrams a second's credit",
+        rules(
+            "-A INPUT -p udp -m hashlimit --hashlimit-upto 128b/s --hashlimit-burst 256b"
+            " --hashlimit-mode srcip --hashlimit-name bytes -j ACCEPT",
+            "-A INPUT -p udp -j DROP",
+        ),
+    ),
+    (
+        "above 16b/s per destination port: a datagram's price capped at a second's credit",
+        rules(
+            "-A INPUT -p udp -m hashlimit --hashlimit-above 16b/s --hashlimit-burst 64b"
+            " --hashlimit-mode dstport --hashlimit-name tiny -j DROP",
+            "-A INPUT -p udp -j ACCEPT",
         ),
     ),
     (

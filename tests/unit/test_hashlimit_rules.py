@@ -10,10 +10,13 @@ import ctypes
 import pytest
 
 from codegen.rules import RuleError, evaluate, parse, write
+from codegen.rules.extensions import hashlimit_bytes
 from codegen.rules.extensions.hashlimit import EXTENSION
+from codegen.rules.extensions.hashlimit_bytes import bytes_to_cost, cost_to_bytes
 from codegen.rules.extensions.hashlimit_table import (
     BYTES,
     INVERT,
+    RATE_MATCH,
     Hashlimit,
     cost,
     credit_cap,
@@ -199,10 +202,17 @@ REFUSED = [
     ("--hashlimit-above 5/sx --hashlimit-name a", "5/sx", 'Bad value for "--hashlimit-above"'),
     ("--hashlimit-upto 1000001/s --hashlimit-name a", "1000001/s", "Rate too fast"),
     (
-        "--hashlimit-upto 10kb/s --hashlimit-name a",
-        "10kb/s",
-        "byte rates ('10kb/s') are not supported",
+        "--hashlimit-upto 512kb/s --hashlimit-burst 100 --hashlimit-name a",
+        "100",
+        "burst cannot be smaller than 524288b",
     ),
+    (
+        "--hashlimit-upto 1kb/s --hashlimit-burst 2000000 --hashlimit-name a",
+        "2000000",
+        "out of range (1-1000000)",
+    ),
+    ("--hashlimit-upto 15b/s --hashlimit-name a", "15b/s", "below 16 bytes a second"),
+    ("--hashlimit-upto 0kb/s --hashlimit-name a", "0kb/s", 'Bad value for "--hashlimit-upto"'),
     (
         "--hashlimit-upto 1/s --hashlimit-name a --hashlimit-rate-match",
         "--hashlimit-rate",
@@ -288,9 +298,32 @@ def test_the_blob_is_revision_3_and_reads_back() -> None:
     assert int.from_bytes(raw[288:292], "little") == 1234
     assert raw[296:298] == bytes([24, 32])
     assert EXTENSION.decode(type(data).from_buffer_copy(raw)) == match
-    data.cfg.mode |= BYTES
-    with pytest.raises(Exception, match="byte rate"):
+    data.cfg.mode |= RATE_MATCH
+    with pytest.raises(Exception, match="rate matching"):
         EXTENSION.decode(data)
+
+
+def test_a_byte_rate_is_a_cost_and_its_burst_refills() -> None:
+    """libxt_hashlimit's numbers: 512kb/s is the cost UINT32_MAX / (32768 + 1), a 1mb burst
+    two seconds' worth; the expire defaults to 60 s with a burst, 15 s without."""
+    match = _match(H + "--hashlimit-upto 512kb/s --hashlimit-burst 1mb --hashlimit-name b")
+    assert (match.bytes, match.avg, match.burst, match.expire) == (True, 131068, 2, 60000)
+    assert _match(H + "--hashlimit-upto 512kb/s --hashlimit-name b").expire == 15000
+    data = EXTENSION.encode(match)
+    assert data.cfg.mode == BYTES and EXTENSION.decode(data) == match
+    # 100b/s stands for 96b/s; a burst of 100 bytes is two seconds' worth, printed as 192b.
+    slow = _match(H + "--hashlimit-upto 100b/s --hashlimit-burst 100 --hashlimit-name s")
+    assert EXTENSION.save(slow)[3:6] == ["96b/s", "--hashlimit-burst", "192b"]
+    assert EXTENSION.describe(slow).startswith(" limit: up to 96b/s burst 192b")
+    assert (cost_to_bytes(bytes_to_cost(5000 << 20)), cost_to_bytes(1 << 31)) == (5286113568, 0)
+    # xt_hashlimit at HZ 250: 2^24 credits a jiffy, a second's 4194304000; a 16-byte chunk
+    # of 512kb/s costs 127995 of them.
+    assert (hashlimit_bytes.credits_per_jiffy(250), hashlimit_bytes.full(250)) == (
+        1 << 24,
+        4194304000,
+    )
+    assert hashlimit_bytes.chunk_cost(131068, 250) == 131068 * 250 * (1 << 24) >> 32
+    assert hashlimit_bytes.packet_cost(1500, 131068, 250) == 94 * (131068 * 250 * (1 << 24) >> 32)
 
 
 def test_the_kernels_own_credits() -> None:
@@ -317,10 +350,12 @@ def test_table_sizes_as_htable_create_makes_them() -> None:
     assert table_max(capped) == 100  # never fewer than size
 
 
-def _udp(source: str, sport: int = 4000, dport: int = 53) -> bytes:
+def _udp(source: str, sport: int = 4000, dport: int = 53, size: int = 29) -> bytes:
+    """A datagram of `size` bytes (IP header included)."""
     from scapy.layers.inet import IP, UDP
 
-    return bytes(IP(src=source, dst="198.18.1.1") / UDP(sport=sport, dport=dport) / b"q")
+    payload = b"q" * (size - 28)
+    return bytes(IP(src=source, dst="198.18.1.1") / UDP(sport=sport, dport=dport) / payload)
 
 
 def _accepted(rules: str, packets: list[tuple[float, bytes]], hz: int = 250) -> str:
@@ -385,6 +420,33 @@ SEQUENCES = [
         " --hashlimit-htable-size 16 --hashlimit-htable-max 16 -j ACCEPT",
         [(0.0, _udp(f"198.18.0.{n}")) for n in range(1, 18)] + [(0.0, _udp("198.18.0.1"))],
         "A" * 16 + "HA",
+    ),
+    (
+        "1kb/s: a second's credit holds one 1000-byte datagram (63 chunks of 16 bytes)",
+        "-A INPUT -m hashlimit --hashlimit-upto 1kb/s --hashlimit-mode srcip --hashlimit-name b"
+        " -j ACCEPT",
+        [(0.0, _udp(A, size=1000)), (0.0, _udp(A, size=1000)), (0.0, _udp(B, size=1000))]
+        + [(0.5, _udp(A, size=1000)), (1.0, _udp(A, size=1000))],
+        "AdAdA",
+    ),
+    (
+        "a burst of 2kb is two refills of a second's credit each",
+        "-A INPUT -m hashlimit --hashlimit-upto 1kb/s --hashlimit-burst 2kb --hashlimit-name b"
+        " -j ACCEPT",
+        [(0.0, _udp(A, size=1000))] * 4 + [(1.0, _udp(A, size=1000))] * 2,
+        "AAAdAd",
+    ),
+    (
+        "small datagrams cost less: 2 chunks each, 32 of them in a second's credit",
+        "-A INPUT -m hashlimit --hashlimit-upto 1kb/s --hashlimit-name b -j ACCEPT",
+        [(0.0, _udp(A, size=29))] * 33,
+        "A" * 32 + "d",
+    ),
+    (
+        "above: what is over a byte rate",
+        "-A INPUT -m hashlimit --hashlimit-above 1kb/s --hashlimit-name b -j ACCEPT",
+        [(0.0, _udp(A, size=1000))] * 3,
+        "dAA",
     ),
 ]
 

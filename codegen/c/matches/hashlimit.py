@@ -1,11 +1,13 @@
-"""`-m hashlimit` (xt_hashlimit.c revision 3, packet mode): the packet's key as the mode and the
-masks make it, then its bucket (codegen/c/hashlimit.py); a packet whose ports the mode needs
-but that is too short to hold them, or for which no entry can be made, is dropped on the spot.
+"""`-m hashlimit` (xt_hashlimit.c revision 3, packet and byte rates): the packet's key as the
+mode and the masks make it, then its bucket (codegen/c/hashlimit.py); a packet whose ports the
+mode needs but that is too short to hold them, or for which no entry can be made, is dropped
+on the spot.
 Cost, cap and the expiry in jiffies at the kernel's HZ; AH's SPI and a later fragment's
 payload are ports 0, as in the bytecode backend (codegen.tc.matches.hashlimit)."""
 
 from __future__ import annotations
 
+from codegen.rules.extensions import hashlimit_bytes as byte_arithmetic
 from codegen.rules.extensions.hashlimit_table import (
     HASH_DIP,
     HASH_DPT,
@@ -41,7 +43,7 @@ def write(match: Hashlimit, labels: Labels) -> list[str]:
     code = [
         "{",
         "    struct hashlimit_key key = {};",
-        f"    key.table = 0x{table_id(match.name):x}u;",
+        f"    key.table = 0x{table_id(match):x}u;",
     ]
     if mode & HASH_SIP:
         code.append(f"    key.saddr = {_address('f->saddr', match.srcmask)};")
@@ -60,9 +62,17 @@ def write(match: Hashlimit, labels: Labels) -> list[str]:
             "    }",
         ]
     expire = msecs_to_jiffies(match.expire, ticks)
-    price, cap = cost(match, ticks), credit_cap(match, ticks)
+    if match.bytes:  # a byte rate: the datagram's chunks, a second's credit, the refills
+        chunk = byte_arithmetic.chunk_cost(match.avg, ticks)
+        taken = (
+            f"hashlimit_take_bytes(&key, {expire}ull, f->tot_len, {chunk}ull,"
+            f" {byte_arithmetic.full(ticks)}ull, {match.burst}ull)"
+        )
+    else:
+        price, cap = cost(match, ticks), credit_cap(match, ticks)
+        taken = f"hashlimit_take(&key, {expire}ull, {price}ull, {cap}ull)"
     code += [
-        f"    int taken = hashlimit_take(&key, {expire}ull, {price}ull, {cap}ull);",
+        f"    int taken = {taken};",
         f"    if (taken < 0) goto {labels.hotdrop};",
         f"    if ({'taken' if match.above else '!taken'}) goto {labels.miss};",
         "}",

@@ -8,11 +8,13 @@ and the other way round), one of them and `--hashlimit-name` required. RATE is `
 a prefix of second, minute, hour or day in any case (seconds without `/`), N as atoll reads it
 (`5abc/s` is 5/s); iptables stores the period `avg = 1000000 * seconds_per_unit / N`
 (XT_HASHLIMIT_SCALE_v2) and refuses N = 0 and a period of 0 ("Rate too fast": more than
-1000000/sec). A byte rate (`kb/s`, XT_HASHLIMIT_BYTES) and --hashlimit-rate-match are refused
-here, in one sentence. `--hashlimit-burst` is a number in base 0 (any text after it ignored, but
-`k` and `m` multiply by 1024 and 1024^2, as libxt_hashlimit's parse_burst does), 1 to 1000000;
-default 5. `--hashlimit-mode` is names split at `,` or `|`; the masks 0-32 (the kernel refuses
-more, EINVAL), default 32; `--hashlimit-htable-size/-max/-gcinterval/-expire` u32 in base 0,
+1000000/sec). A byte rate (`512kb/s`, XT_HASHLIMIT_BYTES) is read, written and counted as
+codegen.rules.extensions.hashlimit_bytes says; --hashlimit-rate-match is refused here, in one
+sentence. `--hashlimit-burst` is a number in base 0 (any text after it ignored, but `k` and `m`
+multiply by 1024 and 1024^2, as libxt_hashlimit's parse_burst does), 1 to 1000000 (a byte
+rate's burst, a byte count, may be more when `k` or `m` follows); default 5.
+`--hashlimit-mode` is names split at `,` or `|`; the masks 0-32 (the kernel refuses more,
+EINVAL), default 32; `--hashlimit-htable-size/-max/-gcinterval/-expire` u32 in base 0,
 defaults 0 (sized by the machine's memory), 0 (8 * size), 1000 ms and the rate's unit in ms
 (1000 for /sec, 60000 for /min, ...); the kernel refuses a gcinterval or expire of 0 and a name
 with `/`, `.` or `..` (EINVAL), and a burst whose credits overflow (ERANGE, at any HZ here, as
@@ -38,6 +40,14 @@ import ctypes
 
 from codegen.rules.blob.structs import BlobError
 from codegen.rules.extensions.base import MatchExtension, Memory
+from codegen.rules.extensions.hashlimit_bytes import (
+    EXPIRE_BURST_S,
+    EXPIRE_S,
+    burst_refills,
+    is_byte_rate,
+    parse_bytes,
+    print_bytes,
+)
 from codegen.rules.extensions.hashlimit_table import (
     _MODE_NAMES,
     _MODE_ORDER,
@@ -109,12 +119,6 @@ def _atoll(text: str) -> int:
     return strtol_clamped(text) & UINT64
 
 
-def is_byte_rate(text: str) -> bool:
-    """parse_bytes' test: `b/s` somewhere after the first character."""
-    found = text.find("b/s")
-    return found > 0
-
-
 def parse_rate(text: str) -> tuple[int, int] | str:
     """libxt_hashlimit's parse_rate (revision 2 and 3): the period (avg, microseconds) and the
     unit's seconds, or why iptables refuses it."""
@@ -129,9 +133,10 @@ def parse_rate(text: str) -> tuple[int, int] | str:
 
 
 def parse_burst(text: str) -> int | None:
-    """parse_burst (revision 2+) in packet mode: a base-0 number of at least 1 at the start
-    (anything after it ignored), times 1024 or 1024^2 if `k` or `m` follows it; None when not
-    1 to 1000000."""
+    """parse_burst (revision 2+): a base-0 number of at least 1 at the start (anything after
+    it ignored; at most 1000000 when nothing follows), times 1024 or 1024^2 if `k` or `m`
+    follows it (in 64 bits); None when refused. A packet rate's burst is checked against
+    BURST_MAX again at the end (hashlimit_mt_check)."""
     body = text.lstrip(" \t\n\v\f\r")
     if body.startswith("+"):
         body = body[1:]
@@ -151,8 +156,7 @@ def parse_burst(text: str) -> int | None:
     rest = body[end:]
     if value < 1 or value > UINT64 or (not rest and value > BURST_MAX):
         return None
-    value *= {"m": 1024 * 1024, "k": 1024}.get(rest[:1], 1)
-    return value if value <= BURST_MAX else None
+    return value * {"m": 1024 * 1024, "k": 1024}.get(rest[:1], 1) & UINT64
 
 
 def mode_names(mode: int, separator: str) -> str:
@@ -206,16 +210,15 @@ class HashlimitParser(SingleMatchParser):
         text = ctx.value.text
         self.tokens[key] = ctx.value
         if key in ("upto", "above"):
-            if is_byte_rate(text):
-                raise ctx.error(
-                    f"hashlimit: byte rates ('{text}') are not supported, only packets per"
-                    " second, minute, hour or day",
-                    at_value=True,
-                )
-            parsed = parse_rate(text)
+            cost = parse_bytes(text, _atoll) if is_byte_rate(text) else None
+            parsed = parse_rate(text) if cost is None else cost
             if isinstance(parsed, str):
                 raise ctx.error(f"hashlimit: {parsed.replace('upto', key)}", at_value=True)
-            self.values["avg"], self.multiplier = parsed
+            if isinstance(parsed, int):  # a byte rate's cost
+                self.values["avg"], self.values["bytes"] = parsed, True
+                self.multiplier = EXPIRE_S
+            else:
+                self.values["avg"], self.multiplier = parsed
             self.values["above"] = (key == "above") != ctx.negated
         elif key == "burst":
             burst = parse_burst(text)
@@ -277,6 +280,22 @@ class HashlimitParser(SingleMatchParser):
         if "name" not in self.values:
             raise self.missing(line, 'option "--hashlimit-name"')
         values = dict(self.values)
+        burst = self.tokens.get("burst")
+        if values.get("bytes"):  # the burst in bytes: how many seconds' worth it refills
+            refills = 0
+            if burst is not None:
+                refills = burst_refills(values["burst"], values["avg"])  # type: ignore[arg-type]
+                if isinstance(refills, str):
+                    raise ParseError(f"hashlimit: {refills}", line.source(burst.column))
+                self.multiplier = EXPIRE_BURST_S
+            values["burst"] = refills
+        elif values.get("burst", 0) > BURST_MAX:  # type: ignore[operator]
+            assert burst is not None
+            raise ParseError(
+                f'hashlimit: bad value for option "--hashlimit-burst", or out of range'
+                f" (1-{BURST_MAX})",
+                line.source(burst.column),
+            )
         values.setdefault("expire", self.multiplier * 1000)
         match = Hashlimit(**values)  # type: ignore[arg-type]
         problem = kernel_refusal(match)
@@ -310,17 +329,20 @@ class HashlimitExtension(MatchExtension):
         "-m hashlimit --hashlimit-upto 7/day --hashlimit-burst 1000000 --hashlimit-name e",
         "-m hashlimit --hashlimit-above 1000000/sec --hashlimit-burst 5 --hashlimit-mode"
         " srcport,dstport --hashlimit-name ports",
+        "-m hashlimit --hashlimit-upto 512kb/s --hashlimit-mode srcip --hashlimit-name bytes",
+        "-m hashlimit --hashlimit-above 1mb/s --hashlimit-burst 2mb --hashlimit-mode dstip"
+        " --hashlimit-name bulk",
+        "-m hashlimit --hashlimit-upto 96b/s --hashlimit-burst 192b --hashlimit-name slow"
+        " --hashlimit-htable-expire 1000",
     )
 
     def save(self, match: Hashlimit) -> list[str]:
-        rate, quantum = print_rate(match.avg)
+        limit, quantum = _limit_words(match, "--hashlimit-")
         words = [
             "-m",
             "hashlimit",
             "--hashlimit-above" if match.above else "--hashlimit-upto",
-            rate,
-            "--hashlimit-burst",
-            str(match.burst),
+            *limit,
         ]
         if match.mode:
             words += ["--hashlimit-mode", mode_names(match.mode, ",")]
@@ -339,8 +361,8 @@ class HashlimitExtension(MatchExtension):
         return words
 
     def describe(self, match: Hashlimit) -> str:
-        rate, quantum = print_rate(match.avg)
-        text = f" limit: {'above' if match.above else 'up to'} {rate} burst {match.burst}"
+        limit, quantum = _limit_words(match, "")
+        text = f" limit: {'above' if match.above else 'up to'} {' '.join(limit)}"
         if match.mode:
             text += f" mode {mode_names(match.mode, '-')}"
         for option, value, default in (
@@ -356,6 +378,13 @@ class HashlimitExtension(MatchExtension):
         return text
 
     def as_saved(self, match: Hashlimit) -> Hashlimit:
+        if match.bytes:  # the rate reads back as itself; the burst as its printed bytes
+            words, _ = _limit_words(match, "--hashlimit-")
+            if match.burst == 0:
+                return match
+            refills = burst_refills(parse_burst(words[2]) or 0, match.avg)
+            burst = refills if isinstance(refills, int) else match.burst
+            return Hashlimit(**{**_fields(match), "burst": burst})
         parsed = parse_rate(match.rate)
         if isinstance(parsed, str):
             return match
@@ -371,7 +400,7 @@ class HashlimitExtension(MatchExtension):
         data.name = match.name.encode()
         cfg = data.cfg
         cfg.avg, cfg.burst = match.avg, match.burst
-        cfg.mode = match.mode | (INVERT if match.above else 0)
+        cfg.mode = match.mode | (INVERT if match.above else 0) | (BYTES if match.bytes else 0)
         cfg.size, cfg.max = match.size, match.max
         cfg.gc_interval, cfg.expire = match.gc_interval, match.expire
         cfg.srcmask, cfg.dstmask = match.srcmask, match.dstmask
@@ -379,9 +408,9 @@ class HashlimitExtension(MatchExtension):
 
     def decode(self, data: XtHashlimitMtinfo3) -> Hashlimit:
         cfg = data.cfg
-        if cfg.mode & (BYTES | RATE_MATCH):
-            raise BlobError("hashlimit match: a byte rate or rate matching (not supported)")
-        if cfg.mode & ~(MODE_BITS | INVERT):
+        if cfg.mode & RATE_MATCH:
+            raise BlobError("hashlimit match: rate matching (not supported)")
+        if cfg.mode & ~(MODE_BITS | INVERT | BYTES):
             raise BlobError(f"hashlimit match: unknown mode bits 0x{cfg.mode:x}")
         try:
             name = bytes(data.name).decode()
@@ -397,6 +426,7 @@ class HashlimitExtension(MatchExtension):
                 max=cfg.max,
                 gc_interval=cfg.gc_interval,
                 expire=cfg.expire,
+                bytes=bool(cfg.mode & BYTES),
             )
         except (UnicodeDecodeError, ValueError) as error:
             raise BlobError(f"hashlimit match: {error}") from None
@@ -416,7 +446,7 @@ class HashlimitExtension(MatchExtension):
         if table is None:
             table = tables[match.name] = Table(match, memory.hz)
         now = seconds_to_jiffies(memory.time, memory.hz)
-        return table.take(key, now) != match.above
+        return table.take(key, now, packet.total_length) != match.above
 
     def check_ruleset(self, ruleset: Ruleset) -> None:
         """Two matches of one name must agree on the table's settings: netfilter would take
@@ -434,6 +464,15 @@ class HashlimitExtension(MatchExtension):
                     rule.source,
                     match,
                 )
+
+
+def _limit_words(match: Hashlimit, prefix: str) -> tuple[list[str], int]:
+    """The rate and burst as save (`prefix` "--hashlimit-") or -L ("") print them, and the
+    expire (ms) they leave unprinted."""
+    if match.bytes:
+        return print_bytes(match.avg, match.burst, prefix)
+    rate, quantum = print_rate(match.avg)
+    return [rate, f"{prefix}burst", str(match.burst)], quantum
 
 
 def _fields(match: Hashlimit) -> dict[str, object]:

@@ -1,4 +1,5 @@
-"""`-m hashlimit`'s model and meaning (codegen.rules.extensions.hashlimit has its text and blob).
+"""`-m hashlimit`'s model and meaning (codegen.rules.extensions.hashlimit has its text and blob;
+a byte rate's arithmetic is codegen.rules.extensions.hashlimit_bytes').
 
 Meaning (xt_hashlimit's hashlimit_mt_common, packet mode): the tables are the kernel's, by
 name: every hashlimit match of one name shares one table (validation refuses two that differ
@@ -22,6 +23,8 @@ import os
 from dataclasses import dataclass, field
 from functools import cache
 
+from codegen.rules.extensions import hashlimit_bytes as byte_arithmetic
+from codegen.rules.extensions.hashlimit_bytes import print_bytes
 from codegen.rules.extensions.limit import KERNEL_HZ
 from codegen.rules.model import ExtensionMatch, Ruleset, check_uint
 from codegen.rules.packet import HotDrop, Packet
@@ -70,6 +73,9 @@ class Hashlimit(ExtensionMatch):
     max: int = 0
     gc_interval: int = DEFAULT_GC_INTERVAL
     expire: int = 1000
+    # A byte rate (XT_HASHLIMIT_BYTES, codegen.rules.extensions.hashlimit_bytes): `avg` is
+    # then the cost of a byte rate, `burst` the refills a key's bucket may take.
+    bytes: bool = False
 
     def __post_init__(self) -> None:
         check_uint(self.avg, 64, "hashlimit avg")
@@ -84,6 +90,8 @@ class Hashlimit(ExtensionMatch):
 
     @property
     def rate(self) -> str:
+        if self.bytes:
+            return print_bytes(self.avg, 0, "")[0][0]
         return print_rate(self.avg)[0]
 
     @property
@@ -99,6 +107,7 @@ class Hashlimit(ExtensionMatch):
             self.max,
             self.gc_interval,
             self.expire,
+            self.bytes,
         )
 
 
@@ -180,6 +189,8 @@ def kernel_refusal(match: Hashlimit) -> str | None:
         )
     if match.srcmask > 32 or match.dstmask > 32:
         return "hashlimit: the kernel refuses a mask of more than 32 bits (Invalid argument)"
+    if match.bytes:
+        return _byte_refusal(match) or name_refusal(match.name)
     if match.burst > BURST_MAX:
         return (
             f'hashlimit: bad value for option "--hashlimit-burst", or out of range (1-{BURST_MAX})'
@@ -194,6 +205,20 @@ def kernel_refusal(match: Hashlimit) -> str | None:
             f"credits: the kernel refuses it at HZ {at} (Numerical result out of range)"
         )
     return name_refusal(match.name)
+
+
+def _byte_refusal(match: Hashlimit) -> str | None:
+    """hashlimit_mt_check_common in byte mode: a cost whose chunk is worth no credit."""
+    refusing = [hz for hz in KERNEL_HZ if byte_arithmetic.chunk_cost(match.avg, hz) == 0]
+    if refusing:
+        at = ", ".join(str(hz) for hz in refusing)
+        return (
+            f"hashlimit: the kernel refuses a byte rate of {match.rate} at HZ {at} (overflow,"
+            " rate too high: Invalid argument)"
+        )
+    if match.burst > UINT32:
+        return f"hashlimit: a byte rate's burst of {match.burst} refills is more than a u32"
+    return None
 
 
 def msecs_to_jiffies(msecs: int, hz: int) -> int:
@@ -244,6 +269,7 @@ class Entry:
     prev: int
     credit: int
     seen: int
+    bucket: byte_arithmetic.Bucket | None = None  # byte mode's credit and refills
 
 
 @dataclass
@@ -255,25 +281,33 @@ class Table:
     hz: int
     entries: dict[tuple[int, int, int, int], Entry] = field(default_factory=dict)
 
-    def take(self, key: tuple[int, int, int, int], now: int) -> bool:
-        """hashlimit_mt_common for a packet of `key` at jiffies `now`: whether it is under
-        the limit (the caller inverts for --hashlimit-above); HotDrop when the table is full."""
+    def take(self, key: tuple[int, int, int, int], now: int, length: int) -> bool:
+        """hashlimit_mt_common for a packet of `key` (an IP datagram of `length` bytes) at
+        jiffies `now`: whether it is under the limit (the caller inverts for
+        --hashlimit-above); HotDrop when the table is full."""
         match, hz = self.match, self.hz
         expire = msecs_to_jiffies(match.expire, hz)
         for old in [k for k, e in self.entries.items() if now - e.seen >= expire]:
             del self.entries[old]
         entry = self.entries.get(key)
-        cap = credit_cap(match, hz)
+        cap = 0 if match.bytes else credit_cap(match, hz)
         if entry is None:
             if len(self.entries) >= table_max(match):
                 raise HotDrop
             entry = self.entries[key] = Entry(now, cap, now)
+            if match.bytes:
+                entry.bucket = byte_arithmetic.Bucket.new(match.burst, hz)
         elif now < entry.prev:
             raise ValueError(f"the clock went back from jiffy {entry.prev} to {now}")
+        elif entry.bucket is not None:
+            entry.bucket.refill(now - entry.prev, hz)
+            entry.prev = now
         elif now != entry.prev:
             credit = (entry.credit + (now - entry.prev) * credits_per_jiffy(hz)) & UINT64
             entry.credit, entry.prev = min(credit, cap), now
         entry.seen = now
+        if entry.bucket is not None:
+            return entry.bucket.take(length, match.avg, hz)
         price = cost(match, hz)
         if entry.credit >= price:
             entry.credit -= price

@@ -1,5 +1,5 @@
-"""`-m hashlimit` (xt_hashlimit revision 3, packet mode): a token bucket per key, in one LRU hash
-every program of a rule set shares, updated with xt_hashlimit's arithmetic exactly.
+"""`-m hashlimit` (xt_hashlimit revision 3, packet and byte rates): a token bucket per key, in one
+LRU hash every program of a rule set shares, updated with xt_hashlimit's arithmetic exactly.
 
 The map (`hashlimit`) holds every table of the rule set: its key is the table (the first 32 bits
 of the SHA-256 of its name, checked to differ between the rule set's names) and the masked
@@ -17,6 +17,10 @@ the kernel does when it cannot allocate one. The entry is locked by a compare-an
 credit taken), refilled by `(now - last) * CPJ` (CPJ a power of two: a shift) wrapping in 64
 bits as rateinfo_recalc does, capped, charged the cost if it holds that much, and released by
 an exchange that writes `now` into `last`.
+
+A byte rate's entry (codegen.rules.extensions.hashlimit_bytes) keeps the credit in the low half
+of the second word (a second's credit is below 2^32) and the refills its burst has left in the
+high half; its table number differs from a packet rate's of the same name (`table_id`).
 
 Costs, caps, CPJ and the expiry in jiffies are constants of the program, at the running kernel's
 HZ when it is built. An apply keeps the map the namespace's rule set had (pinned), without the
@@ -41,6 +45,7 @@ from codegen.bpf import insn as I
 from codegen.bpf.asm import Item, Label
 from codegen.bpf.isa import R0, R1, R2, R3, R4, R5, R10, AluOp, AtomicOp, JmpOp, MapType, Size
 from codegen.bpf.maps import Map
+from codegen.rules.extensions import hashlimit_bytes as byte_arithmetic
 from codegen.rules.extensions.hashlimit_table import (
     HASH_DIP,
     HASH_DPT,
@@ -74,13 +79,16 @@ _PORTED = sorted(protocol for protocol, offset in PORT_OFFSETS.items() if offset
 _AH = next(protocol for protocol, offset in PORT_OFFSETS.items() if offset == 4)
 
 
-def table_id(name: str) -> int:
+def table_id(match: Hashlimit) -> int:
+    """The number of the match's table in the key: of its name, and of its mode (a byte
+    rate's entries hold another bucket, so a name that changes mode starts afresh)."""
+    name = match.name + ("\0bytes" if match.bytes else "")
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "little")
 
 
 def table_ids(ruleset: Ruleset) -> dict[str, int]:
     """Each table name's number in the key; CompileError if two names share one."""
-    found = {name: table_id(name) for name in tables(ruleset)}
+    found = {name: table_id(match) for name, match in tables(ruleset).items()}
     if len(set(found.values())) != len(found):
         raise CompileError("two --hashlimit-name values share a table number: rename one")
     return found
@@ -114,7 +122,7 @@ def key_code(match: Hashlimit, key: int, ctx: Context) -> list[Item]:
     """The packet's key at `key` on the stack (KEY.size bytes); hotdrop for a packet whose
     ports the mode needs but whose transport header is too short to hold them."""
     mode = match.mode
-    code: list[Item] = [I.st(Size.W, R10, key, table_id(match.name))]
+    code: list[Item] = [I.st(Size.W, R10, key, table_id(match))]
     for bit, fact, bits, offset in (
         (HASH_SIP, Facts.SADDR, match.srcmask, 4),
         (HASH_DIP, Facts.DADDR, match.dstmask, 8),
@@ -151,18 +159,20 @@ def key_code(match: Hashlimit, key: int, ctx: Context) -> list[Item]:
     ]
 
 
+def _shift(per_jiffy: int) -> int:
+    shift = per_jiffy.bit_length() - 1
+    assert per_jiffy == 1 << shift, f"credits per jiffy {per_jiffy}"
+    return shift
+
+
 def hashlimit(match: Hashlimit, ctx: Context) -> list[Item]:
     hz = _hz()
-    per_jiffy = credits_per_jiffy(hz)
-    shift = per_jiffy.bit_length() - 1
-    assert per_jiffy == 1 << shift, f"credits per jiffy {per_jiffy} at HZ {hz}"
-    price, cap = cost(match, hz), credit_cap(match, hz)
     expire = msecs_to_jiffies(match.expire, hz)
     # 32 bytes of the frame: the key slot and the 8 bytes below it (free while matches run).
     key = ctx.key_offset - 8
     value = key + KEY.size
-    names = ("found", "now", "retry", "busy", "locked", "fresh", "capped", "short", "over", "done")
-    found, have_now, retry, busy, locked, fresh, capped, short, over, done = (
+    names = ("found", "now", "retry", "busy", "locked", "fresh", "short", "over", "done")
+    found, have_now, retry, busy, locked, fresh, short, over, done = (
         ctx.new_label(f"hashlimit_{name}") for name in names
     )
     code = key_code(match, key, ctx)
@@ -208,8 +218,27 @@ def hashlimit(match: Hashlimit, ctx: Context) -> list[Item]:
         I.alu64(AluOp.SUB, R2, R1),
         I.ld_imm64(R0, expire),
         I.jmp(JmpOp.JGE, R2, R0, fresh),  # idle for htable-expire: gone, a new entry
+        *(_byte_bucket if match.bytes else _packet_bucket)(match, hz, fresh, short, ctx),
+        I.atomic(Size.DW, AtomicOp.XCHG, R3, 0, R4),  # unlock, last = now
+        I.ja(ctx.miss if match.above else done),
+        Label(short),
+        I.atomic(Size.DW, AtomicOp.XCHG, R3, 0, R4),
+        Label(over),
+    ]
+    if not match.above:
+        code.append(I.ja(ctx.miss))
+    return [*code, Label(done)]
+
+
+def _packet_bucket(match: Hashlimit, hz: int, fresh: str, short: str, ctx: Context) -> list[Item]:
+    """rateinfo_recalc and the charge in packet mode (r2: the jiffies since the last packet,
+    r3: the locked entry): the credit refilled, capped, the cost taken if it holds that much,
+    written back; `short` (the credit written) if it does not."""
+    price, cap = cost(match, hz), credit_cap(match, hz)
+    capped = ctx.new_label("hashlimit_capped")
+    return [
         I.ldx(Size.DW, R0, R3, 8),
-        I.alu64(AluOp.LSH, R2, shift),
+        I.alu64(AluOp.LSH, R2, _shift(credits_per_jiffy(hz))),
         I.alu64(AluOp.ADD, R0, R2),
         I.ld_imm64(R2, cap),
         I.jmp(JmpOp.JLE, R0, R2, capped),
@@ -217,19 +246,61 @@ def hashlimit(match: Hashlimit, ctx: Context) -> list[Item]:
         I.ld_imm64(R0, cap),
         Label(capped),  # r0: the credit
         I.ld_imm64(R2, price),
+        I.stx(Size.DW, R3, 8, R0),
         I.jmp(JmpOp.JLT, R0, R2, short),
         I.alu64(AluOp.SUB, R0, R2),
         I.stx(Size.DW, R3, 8, R0),
-        I.atomic(Size.DW, AtomicOp.XCHG, R3, 0, R4),  # unlock, last = now
-        I.ja(ctx.miss if match.above else done),
-        Label(short),
-        I.stx(Size.DW, R3, 8, R0),
-        I.atomic(Size.DW, AtomicOp.XCHG, R3, 0, R4),
-        Label(over),
     ]
-    if not match.above:
-        code.append(I.ja(ctx.miss))
-    return [*code, Label(done)]
+
+
+def _byte_bucket(match: Hashlimit, hz: int, fresh: str, short: str, ctx: Context) -> list[Item]:
+    """The same in byte mode (codegen.rules.extensions.hashlimit_bytes): the entry's second
+    word holds the credit in its low half and the refills left in its high half; the price
+    is the datagram's 16-byte chunks, at most a second's credit; a short credit takes a refill
+    if one is left."""
+    full = byte_arithmetic.full(hz)
+    chunk = byte_arithmetic.chunk_cost(match.avg, hz)
+    names = ("refilled", "priced", "refill", "enough")
+    refilled, priced, refill, enough = (ctx.new_label(f"hashlimit_{name}") for name in names)
+    return [
+        I.ldx(Size.DW, R0, R3, 8),
+        I.mov64(R5, R0),
+        I.alu64(AluOp.RSH, R5, 32),  # r5: the refills left
+        I.mov32(R0, R0),  # r0: the credit
+        I.alu64(AluOp.LSH, R2, _shift(byte_arithmetic.credits_per_jiffy(hz))),
+        I.alu64(AluOp.ADD, R0, R2),
+        I.ld_imm64(R2, full),
+        I.jmp(JmpOp.JLE, R0, R2, refilled),
+        I.mov64(R0, R2),
+        I.ja(refilled),
+        Label(fresh),
+        I.ld_imm64(R0, full),
+        I.ld_imm64(R5, match.burst),
+        Label(refilled),  # the price: ((len >> 4) + 1) chunks, at most a second's credit
+        load(Facts.TOT_LEN),
+        I.alu64(AluOp.RSH, R1, byte_arithmetic.BYTE_SHIFT),
+        I.alu64(AluOp.ADD, R1, 1),
+        I.ld_imm64(R2, chunk),
+        I.alu64(AluOp.MUL, R1, R2),
+        I.ld_imm64(R2, full),
+        I.jmp(JmpOp.JLE, R1, R2, priced),
+        I.mov64(R1, R2),
+        Label(priced),
+        I.jmp(JmpOp.JGE, R0, R1, enough),
+        I.jmp(JmpOp.JNE, R5, 0, refill),
+        I.alu64(AluOp.LSH, R5, 32),  # short, no refill left: written back as it is
+        I.alu64(AluOp.OR, R0, R5),
+        I.stx(Size.DW, R3, 8, R0),
+        I.ja(short),
+        Label(refill),  # a second's credit again, which covers any price
+        I.alu64(AluOp.SUB, R5, 1),
+        I.ld_imm64(R0, full),
+        Label(enough),
+        I.alu64(AluOp.SUB, R0, R1),
+        I.alu64(AluOp.LSH, R5, 32),
+        I.alu64(AluOp.OR, R0, R5),
+        I.stx(Size.DW, R3, 8, R0),
+    ]
 
 
 EMITTER = Emitter(Hashlimit, hashlimit)
