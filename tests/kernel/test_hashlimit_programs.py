@@ -13,6 +13,8 @@ import threading
 import time
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 
 from codegen.bpf.testrun import prog_test_run
@@ -292,3 +294,61 @@ def test_bpflab_run_counts_on_the_captures_clock(tmp_path, backend: str) -> None
         for parity in (0, 1)
     ]
     assert counts == [5, 5, 3, 3]
+
+
+_BYTE_RATES = {"16b/s": 16, "100b/s": 100, "1kb/s": 1024, "3kb/s": 3072, "64kb/s": 65536}
+_PACKET_RATES = st.sampled_from(("3/sec", "20/sec", "1/min"))
+
+
+@st.composite
+def _byte_or_packet_rule(draw: st.DrawFn) -> str:
+    """A hashlimit rule with a byte rate (and maybe a burst in bytes) or a packet rate."""
+    words = [
+        "-A INPUT -m hashlimit",
+        draw(st.sampled_from(("--hashlimit-upto", "--hashlimit-above"))),
+    ]
+    if draw(st.booleans()):
+        rate = draw(st.sampled_from(sorted(_BYTE_RATES)))
+        words.append(rate)
+        if draw(st.booleans()):  # one to four seconds' worth, and a little more
+            seconds = draw(st.integers(1, 4))
+            burst = seconds * _BYTE_RATES[rate] + draw(st.integers(0, 9))
+            words.append(f"--hashlimit-burst {burst}b")
+    else:
+        words += [draw(_PACKET_RATES), f"--hashlimit-burst {draw(st.integers(1, 6))}"]
+    mode = draw(st.sampled_from(("", "--hashlimit-mode srcip", "--hashlimit-mode dstport")))
+    return " ".join([*words, mode, "--hashlimit-name drawn -j ACCEPT"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    _byte_or_packet_rule(),
+    st.lists(
+        st.tuples(
+            st.integers(0, 3),  # source
+            st.sampled_from((29, 44, 200, 576, 1000, 1500)),  # datagram size
+            st.sampled_from((0.0, 0.001, 0.05, 0.3, 1.0)),  # seconds since the last
+        ),
+        min_size=5,
+        max_size=40,
+    ),
+)
+def test_drawn_rates_and_datagrams_count_as_the_reference(backend, rule, sent) -> None:  # type: ignore[no-untyped-def]
+    """Drawn rates (bytes or packets), bursts, modes and datagrams of drawn sizes at drawn
+    times: the programs decide every one as the reference does."""
+    ruleset = parse(_table(rule), "drawn.rules")
+    clock, packets = 0.0, []
+    for number, (source, size, gap) in enumerate(sent):
+        clock += gap
+        packets.append(
+            ("INPUT", clock, _udp(number, SOURCES[source], dport=53 + source % 2, size=size))
+        )
+    steps = _steps(packets)
+    expected = evaluate_flow(ruleset, steps, memory=MatchMemory(kernel_hz()))
+    with ChainRunner(ruleset, backend=backend) as runner:
+        for number, (step, reference) in enumerate(zip(steps, expected, strict=True), 1):
+            outcome = runner.run(
+                frame_for(step.packet), step.chain, step.in_iface, step.out_iface, time=step.time
+            )
+            assert outcome.verdict == reference.evaluation.verdict, (rule, number)
