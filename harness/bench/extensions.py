@@ -97,6 +97,13 @@ CASES: tuple[Case, ...] = (
         ("INPUT", "policy"),
     ),
     Case(
+        "-m hashlimit srcip, a byte rate, over it",
+        _one(
+            "-m hashlimit --hashlimit-upto 16b/s --hashlimit-mode srcip --hashlimit-name b"
+        ),
+        ("INPUT", "policy"),
+    ),
+    Case(
         "-m recent --update, source seen",
         f"{RULE} -m recent --set\n" + _one("-m recent --update --seconds 60"),
         ("INPUT", 2),

@@ -235,7 +235,7 @@ def _packet_bucket(match: Hashlimit, hz: int, fresh: str, short: str, ctx: Conte
     r3: the locked entry): the credit refilled, capped, the cost taken if it holds that much,
     written back; `short` (the credit written) if it does not."""
     price, cap = cost(match, hz), credit_cap(match, hz)
-    capped = ctx.new_label("hashlimit_capped")
+    capped, enough = ctx.new_label("hashlimit_capped"), ctx.new_label("hashlimit_enough")
     return [
         I.ldx(Size.DW, R0, R3, 8),
         I.alu64(AluOp.LSH, R2, _shift(credits_per_jiffy(hz))),
@@ -246,8 +246,10 @@ def _packet_bucket(match: Hashlimit, hz: int, fresh: str, short: str, ctx: Conte
         I.ld_imm64(R0, cap),
         Label(capped),  # r0: the credit
         I.ld_imm64(R2, price),
+        I.jmp(JmpOp.JGE, R0, R2, enough),
         I.stx(Size.DW, R3, 8, R0),
-        I.jmp(JmpOp.JLT, R0, R2, short),
+        I.ja(short),
+        Label(enough),
         I.alu64(AluOp.SUB, R0, R2),
         I.stx(Size.DW, R3, 8, R0),
     ]
