@@ -252,11 +252,7 @@ def _read_address(base: Reg, offset: int, fail: str) -> list[Item]:
     return [
         I.mov64(R3, base),
         I.alu64(AluOp.ADD, R3, offset),
-        I.mov64(R1, R10),
-        I.alu64(AluOp.ADD, R1, SCRATCH_OFFSET),
-        I.mov64(R2, 8),
-        I.call("probe_read_kernel"),
-        I.jmp(JmpOp.JNE, R0, 0, fail),
+        *_read(8, fail),
         I.ldx(Size.DW, R7, R10, SCRATCH_OFFSET),
     ]
 
@@ -267,9 +263,16 @@ def _probe(offset_register: Reg, offset: int, fail: str) -> list[Item]:
         I.mov64(R3, offset_register),
         I.alu64(AluOp.ADD, R3, R7),
         I.alu64(AluOp.ADD, R3, offset),
+        *_read(4, fail),
+    ]
+
+
+def _read(size: int, fail: str) -> list[Item]:
+    """`size` bytes at the address in r3 into the scratch slot, or a jump to `fail`."""
+    return [
         I.mov64(R1, R10),
         I.alu64(AluOp.ADD, R1, SCRATCH_OFFSET),
-        I.mov64(R2, 4),
+        I.mov64(R2, size),
         I.call("probe_read_kernel"),
         I.jmp(JmpOp.JNE, R0, 0, fail),
     ]
