@@ -63,10 +63,17 @@ def make(compiled: CompiledProgram) -> tuple[dict[str, Map], dict]:
 
 def _array(name: str, values: list[bytes], size: int, flags: int) -> Map:
     """An array map of `size` entries, the first ones `values` (all of one size), written in
-    one batch."""
+    one batch, or as one copy into its memory when it is mmapable."""
     table = Map(MapType.ARRAY, 4, len(values[0]), size, name=name, flags=flags)
     try:
-        table.update_batch(list(range(len(values))), values)
+        if flags & BPF_F_MMAPABLE:
+            memory = MappedArray(table)
+            try:
+                memory.write(values)
+            finally:
+                memory.close()
+        else:
+            table.update_batch(list(range(len(values))), values)
     except BaseException:
         table.close()
         raise
@@ -97,6 +104,15 @@ class MappedArray:
             raise IndexError(f"{self.table.name} has no element {index} of {len(value)} bytes")
         at = index * self.stride
         self.memory[at : at + len(value)] = value
+
+    def write(self, values: list[bytes]) -> None:
+        """Elements 0.. set to `values` (each of the value size) in one copy."""
+        size = self.table.value_size
+        if len(values) > self.table.max_entries or any(len(value) != size for value in values):
+            raise IndexError(f"{self.table.name} takes {self.table.max_entries} of {size} bytes")
+        padding = b"\0" * (self.stride - size)
+        joined = padding.join(values) + padding if padding else b"".join(values)
+        self.memory[: len(joined)] = joined
 
     def copy(self, source: int, target: int, count: int) -> None:
         """Elements source.. copied to target.. (the stretches must not overlap)."""

@@ -170,7 +170,10 @@ class Map:
             return
         if any(len(value) != self.stride for value in values):
             raise ValueError(f"map {self.name!r} values are {self.stride} bytes")
-        key_bytes = b"".join(self._key(key).raw for key in keys)
+        if self.key_size in _INT_KEYS and all(type(key) is int for key in keys):
+            key_bytes = struct.pack(f"<{len(keys)}{_INT_KEYS[self.key_size]}", *keys)
+        else:
+            key_bytes = b"".join(self._key(key).raw for key in keys)
         key_buffer = ctypes.create_string_buffer(key_bytes, len(key_bytes))
         value_bytes = b"".join(values)
         value_buffer = ctypes.create_string_buffer(value_bytes, len(value_bytes))
@@ -271,6 +274,9 @@ class Map:
             name=info.name.decode(),
             fd=fd,
         )
+
+
+_INT_KEYS = {4: "I", 8: "Q"}  # struct codes of the integer keys update_batch packs at once
 
 
 def open_pins(

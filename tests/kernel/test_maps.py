@@ -110,3 +110,31 @@ def test_pin_and_open_again(tmp_path):
         os.rmdir(directory)
     with pytest.raises(BpfError, match="No such file"):
         Map.from_pin(path)
+
+
+def test_batches_take_keys_as_bytes_and_eight_byte_numbers() -> None:
+    with Map(MapType.HASH, 8, 8, 8, name="t_batch8") as table:
+        table.update_batch([7, (1 << 40) + 3], [b"a" * 8, b"b" * 8])  # type: ignore[list-item]
+        table.update_batch([(9).to_bytes(8, "little")], [b"c" * 8])
+        assert dict(table.items()) == {
+            (7).to_bytes(8, "little"): b"a" * 8,
+            ((1 << 40) + 3).to_bytes(8, "little"): b"b" * 8,
+            (9).to_bytes(8, "little"): b"c" * 8,
+        }
+
+
+def test_an_mmapable_array_is_written_in_one_copy_with_its_padding() -> None:
+    """Elements of 12 bytes sit 16 apart in an mmapable array's memory: the copy pads each,
+    and the map's own lookups read back what was written."""
+    from harness.classifier_tables import BPF_F_MMAPABLE, MappedArray
+
+    values = [bytes([n]) * 12 for n in range(1, 6)]
+    with Map(MapType.ARRAY, 4, 12, 8, name="t_mmap", flags=BPF_F_MMAPABLE) as table:
+        memory = MappedArray(table)
+        try:
+            memory.write(values)
+            with pytest.raises(IndexError):
+                memory.write([b"x" * 11])
+        finally:
+            memory.close()
+        assert [table.lookup(n) for n in range(7)] == [*values, bytes(12), bytes(12)]
