@@ -987,7 +987,8 @@ CT_GLOBAL int ct_confirm(struct ct_result *res)
 
 /* -j CONNMARK: the packet's connection's mark becomes `mark`: at once in the table for a known
  * connection (whatever the verdict), in the entry the packet would create for a new one (kept
- * only if ct_confirm puts it in the table). A packet without a connection has nothing to mark. */
+ * only if ct_confirm puts it in the table). A packet without a connection has nothing to mark;
+ * one whose connection has that mark already writes nothing (xt_CONNMARK does not either). */
 CT_GLOBAL int ct_set_mark(struct ct_result *res, __u32 mark)
 {
     __u32 zero = 0;
@@ -996,7 +997,7 @@ CT_GLOBAL int ct_set_mark(struct ct_result *res, __u32 mark)
     struct ct_pending *pending;
     struct ct_entry *e;
 
-    if (!res || res->state == CT_STATE_INVALID)
+    if (!res || res->state == CT_STATE_INVALID || res->mark == mark)
         return 0;
     res->mark = mark;
     if (res->pending) {
