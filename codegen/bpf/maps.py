@@ -14,6 +14,7 @@ import select
 import struct
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import Self
 
 from .info import map_info
 from .isa import MapType
@@ -274,6 +275,42 @@ class Map:
             name=info.name.decode(),
             fd=fd,
         )
+
+
+class MapGroup:
+    """The maps one component's programs share (a namespace's, or a test run's), by the names
+    the programs use: made, pinned and closed together."""
+
+    def __init__(self, maps: dict[str, Map]):
+        self.maps = maps
+
+    @classmethod
+    def made(cls, shapes: Mapping[str, tuple[MapType, int, int, int]]) -> Self:
+        """New maps of these (type, key size, value size, entries); none left open if one
+        cannot be made."""
+        made: dict[str, Map] = {}
+        try:
+            for name, (kind, key_size, value_size, entries) in shapes.items():
+                made[name] = Map(kind, key_size, value_size, entries, name=name)
+        except BaseException:
+            for table in made.values():
+                table.close()
+            raise
+        return cls(made)
+
+    def pin(self, directory: Path, replace: Callable[[Path, int], None]) -> None:
+        for name, table in self.maps.items():
+            replace(directory / name, table.fd)
+
+    def close(self) -> None:
+        for table in self.maps.values():
+            table.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 _INT_KEYS = {4: "I", 8: "Q"}  # struct codes of the integer keys update_batch packs at once

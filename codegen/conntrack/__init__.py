@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import ctypes
 import functools
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import fields
 from pathlib import Path
 
 from codegen.bpf.isa import MapType
-from codegen.bpf.maps import Map, open_pins
+from codegen.bpf.maps import Map, MapGroup, open_pins
 from codegen.jiffies import kernel_hz
 from codegen.rules.extensions.connmark import Connmark
 from codegen.rules.extensions.connmark_target import ConnmarkTarget
@@ -224,29 +224,19 @@ def bytecode_functions() -> tuple:
         raise TrackerUnavailable(str(error)) from error
 
 
-class TrackerMaps:
+class TrackerMaps(MapGroup):
     """The three maps of one namespace's tracker (or of one test run's), created anew or
     opened from their pins; `maps` gives them by the names the programs use."""
 
-    def __init__(self, maps: dict[str, Map]):
-        self.maps = maps
-
     @classmethod
     def create(cls, entries: int = TABLE_ENTRIES) -> TrackerMaps:
-        made: dict[str, Map] = {}
-        try:
-            made[CT_TABLE] = Map(
-                MapType.LRU_HASH, ctypes.sizeof(Key), ctypes.sizeof(Entry), entries, name=CT_TABLE
-            )
-            made[CT_PENDING] = Map(
-                MapType.PERCPU_ARRAY, 4, ctypes.sizeof(Pending), 1, name=CT_PENDING
-            )
-            made[CT_CLOCK] = Map(MapType.ARRAY, 4, 8, CLOCK_ENTRIES, name=CT_CLOCK)
-        except BaseException:
-            for table in made.values():
-                table.close()
-            raise
-        return cls(made)
+        return cls.made(
+            {
+                CT_TABLE: (MapType.LRU_HASH, ctypes.sizeof(Key), ctypes.sizeof(Entry), entries),
+                CT_PENDING: (MapType.PERCPU_ARRAY, 4, ctypes.sizeof(Pending), 1),
+                CT_CLOCK: (MapType.ARRAY, 4, 8, CLOCK_ENTRIES),
+            }
+        )
 
     @classmethod
     def from_pins(cls, directory: Path) -> TrackerMaps | None:
@@ -263,10 +253,6 @@ class TrackerMaps:
         opened = open_pins(directory, MAPS, fits)
         return None if opened is None else cls(opened)
 
-    def pin(self, directory: Path, replace: Callable[[Path, int], None]) -> None:
-        for name, table in self.maps.items():
-            replace(directory / name, table.fd)
-
     def set_clock(self, nanoseconds: int, jiffies: int = 0) -> None:
         """Fix the tracker's clock at `nanoseconds`, when the kernel's jiffies read `jiffies`
         (0 nanoseconds: back to the monotonic clock and the real jiffies)."""
@@ -281,13 +267,3 @@ class TrackerMaps:
         for key in keys:
             self.maps[CT_TABLE].delete(key)
         return len(keys)
-
-    def close(self) -> None:
-        for table in self.maps.values():
-            table.close()
-
-    def __enter__(self) -> TrackerMaps:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

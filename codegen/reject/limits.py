@@ -13,11 +13,11 @@ as the kernel keeps its buckets across table loads:
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 from codegen.bpf.isa import MapType
-from codegen.bpf.maps import Map, open_pins
+from codegen.bpf.maps import Map, MapGroup, open_pins
 from codegen.rules.icmp_rate import IcmpSysctls
 
 RATE_MAP, PEERS_MAP = "reject_rate", "reject_peers"
@@ -49,21 +49,17 @@ class Peer(ctypes.Structure):
     _fields_ = [("tokens", ctypes.c_uint64), ("last", ctypes.c_uint64)]
 
 
-class RateMaps:
+class RateMaps(MapGroup):
     """One namespace's (or one test run's) two maps; `maps` gives them by the programs' names."""
-
-    def __init__(self, maps: dict[str, Map]):
-        self.maps = maps
 
     @classmethod
     def create(cls) -> RateMaps:
-        rate = Map(MapType.ARRAY, 4, ctypes.sizeof(Rate), 1, name=RATE_MAP)
-        try:
-            peers = Map(MapType.LRU_HASH, 4, ctypes.sizeof(Peer), PEER_ENTRIES, name=PEERS_MAP)
-        except BaseException:
-            rate.close()
-            raise
-        return cls({RATE_MAP: rate, PEERS_MAP: peers})
+        return cls.made(
+            {
+                RATE_MAP: (MapType.ARRAY, 4, ctypes.sizeof(Rate), 1),
+                PEERS_MAP: (MapType.LRU_HASH, 4, ctypes.sizeof(Peer), PEER_ENTRIES),
+            }
+        )
 
     @classmethod
     def kept_or_new(cls, directory: Path) -> RateMaps:
@@ -75,10 +71,6 @@ class RateMaps:
 
         opened = open_pins(directory, MAPS, fits)
         return cls.create() if opened is None else cls(opened)
-
-    def pin(self, directory: Path, replace: Callable[[Path, int], None]) -> None:
-        for name, table in self.maps.items():
-            replace(directory / name, table.fd)
 
     def rate(self) -> Rate:
         raw = self.maps[RATE_MAP].lookup(0)
@@ -116,13 +108,3 @@ class RateMaps:
         peers = self.maps[PEERS_MAP]
         for key in list(peers.keys()):
             peers.delete(key)
-
-    def close(self) -> None:
-        for table in self.maps.values():
-            table.close()
-
-    def __enter__(self) -> RateMaps:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
