@@ -16,11 +16,13 @@ from codegen.reject.limits import RateMaps
 from codegen.rules.model import Ruleset
 from codegen.tc import exact
 from codegen.tc.generator import (
+    BRIDGE_PORTS,
     EXACT_MAP,
     FRAGMENT_KEY_SIZE,
     FRAGMENT_VALUE_SIZE,
     FRAGMENTS_MAP,
     FRAGMENTS_TRACKED,
+    PORT_STAMP,
     Hook,
     LocalAddresses,
     compile_program,
@@ -28,6 +30,7 @@ from codegen.tc.generator import (
 from codegen.tc.replies import rejects
 
 from . import classifier_tables
+from .deploy.bridges import bridge_maps
 
 Backend = Literal["bytecode", "c"]
 BACKENDS: tuple[Backend, ...] = ("bytecode", "c")
@@ -102,6 +105,8 @@ def load_program(
             if compiled.heads:  # with room for patches (harness.deploy.patch)
                 made, layout = classifier_tables.make(compiled)
                 own.update(made)
+            if {BRIDGE_PORTS, PORT_STAMP} & set(compiled.maps) - set(maps):  # no bridge here
+                own.update(bridge_maps({}))
             if FRAGMENTS_MAP in compiled.maps and FRAGMENTS_MAP not in maps:
                 own[FRAGMENTS_MAP] = Map(
                     MapType.LRU_HASH,

@@ -86,3 +86,30 @@ def map_info(fd: int, what: str = "a map") -> MapInfo:
     info = MapInfo()
     _get(fd, info, f"reading the info of {what}")
     return info
+
+
+class _LinkInfo(ctypes.Structure):
+    """The head of struct bpf_link_info: enough for the program a link runs."""
+
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("prog_id", ctypes.c_uint32),
+        ("_union", ctypes.c_uint64 * 4),
+    ]
+
+
+class _ProgIdAttr(ctypes.Structure):
+    _fields_ = [
+        ("prog_id", ctypes.c_uint32),
+        ("next_id", ctypes.c_uint32),
+        ("open_flags", ctypes.c_uint32),
+    ]
+
+
+def linked_program(link_fd: int) -> int:
+    """A new fd of the program the link `link_fd` runs now."""
+    info = _LinkInfo()
+    _get(link_fd, info, "reading a link's info")
+    attr = _ProgIdAttr(prog_id=info.prog_id)
+    return bpf(Command.PROG_GET_FD_BY_ID, attr, "opening a link's program")

@@ -49,6 +49,7 @@ from codegen.tc.matches.owner import GROUPS_MAP, uses_groups
 from codegen.tc.matches.policy import SECPATH_MAP, SecpathValue, uses_policy
 from codegen.tc.replies import rejects
 
+from . import bridges as c_bridges
 from . import log as c_log
 from . import recent as c_recent
 from .maps import REPLIES_MAP
@@ -81,6 +82,7 @@ MAP_SHAPES = {
     ADDRESS_TYPES: (MapType.LPM_TRIE, ADDRESS_KEY.size, ADDRESS_VALUE.size),
     SECPATH_MAP: (MapType.ARRAY, 4, ctypes.sizeof(SecpathValue)),
     **c_log.MAP_SHAPES,
+    **c_bridges.MAP_SHAPES,
 }
 _compiles = itertools.count(1)
 _DIAGNOSTIC = re.compile(r"^(?P<file>[^:\s]+):(?P<line>\d+):(?P<column>\d+): error: (?P<text>.*)$")
@@ -160,6 +162,8 @@ def load_programs(
         needed.append(ADDRESS_TYPES)
     if c_log.logs(ruleset):
         needed += c_log.MAP_SHAPES
+    if c_bridges.needed(ruleset, entries):
+        needed += c_bridges.MAP_SHAPES
     if uses_policy(ruleset) and any(entry.hook == "chain" for entry in entries):
         needed.append(SECPATH_MAP)  # a test's security path (codegen/c/policy.py)
     fds = {name: _map_fd(maps, name) for name in needed}

@@ -13,7 +13,7 @@ from typing import Literal
 from codegen.rules.names import BUILTIN_CHAINS
 from codegen.tc.generator import CompileError
 
-Hook = Literal["ingress", "egress", "chain"]
+Hook = Literal["ingress", "egress", "chain", "bridged", "port_ingress"]
 
 
 class CCompileError(CompileError):
@@ -32,18 +32,20 @@ class Entry:
         if self.hook == "chain":
             if self.chain not in BUILTIN_CHAINS:
                 raise CCompileError(f"only a built-in chain can run on its own, not {self.chain!r}")
-        elif self.hook in ("ingress", "egress"):
+        elif self.hook in ("ingress", "egress", "bridged", "port_ingress"):
             if self.chain is not None:
                 raise CCompileError(f"the {self.hook} program takes no chain ({self.chain!r})")
         else:
-            raise CCompileError(f"unknown hook {self.hook!r}: ingress, egress or chain")
+            raise CCompileError(
+                f"unknown hook {self.hook!r}: ingress, egress, bridged, port_ingress or chain"
+            )
 
     @property
     def function(self) -> str:
         """The C function, which is also the program's name (at most 15 characters)."""
         if self.hook == "chain":
             return f"bpflab_{self.chain}"
-        return f"bpflab_{self.hook}"
+        return "bpflab_port_in" if self.hook == "port_ingress" else f"bpflab_{self.hook}"
 
     @property
     def builtins(self) -> tuple[str, ...]:
@@ -51,5 +53,9 @@ class Entry:
             return ("INPUT", "FORWARD")
         if self.hook == "egress":
             return ("OUTPUT",)
+        if self.hook == "bridged":
+            return ("FORWARD",)
+        if self.hook == "port_ingress":
+            return ()
         assert self.chain is not None
         return (self.chain,)

@@ -60,6 +60,8 @@ FACTS = [
     "    u32 owner_uid;",
     "    u32 owner_gid;",
     "    u64 owner_groups;  // with --suppl-groups: the address of the cred's group_info",
+    "    u32 physin;  // -m physdev's bridge ports (0: none; codegen/c/bridges.py)",
+    "    u32 physout;",
     "};",
     "// Kept in a one-slot per-CPU array rather than on the stack, and read through a",
     "// volatile pointer: every rule loads what it compares afresh, from memory whose",

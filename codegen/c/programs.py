@@ -7,6 +7,8 @@
   goes through FORWARD (TTL as ip_forward leaves it, out-interface from the lookup; with the
   fast path an ACCEPT forwards the packet here); anything else is not handled.
 - egress: OUTPUT for packets made here (ingress_ifindex 0); forwarded ones pass untouched.
+- bridged: on a bridge port's egress, FORWARD for a packet bridged from another port of the
+  same bridge; port_ingress: the stamp of each frame a port receives (codegen/c/bridges.py).
 - chain: one built-in chain for BPF_PROG_TEST_RUN: in-interface from ingress_ifindex,
   out-interface from cb[0], packet type from cb[2]; the deciding counter slot goes to cb[1].
 
@@ -19,10 +21,12 @@ from __future__ import annotations
 
 from codegen import reject
 from codegen.conntrack import uses_conntrack
+from codegen.rules.extensions.physdev import uses_physdev
 from codegen.tc.matches.owner import uses_owner
 from codegen.tc.matches.policy import uses_policy
 from codegen.tc.replies import REPLY_CB_DADDR, REPLY_CB_FIELDS, rejects
 
+from . import bridges
 from .chains import ChainWriter
 from .conntrack import CLASSIFY, CONFIRM
 from .entries import Entry
@@ -39,13 +43,17 @@ Tail = tuple[str, list[str]]
 def entry_function(entry: Entry, chains: ChainWriter, fastpath: bool, slot: int) -> Code:
     """The C function of `entry`, named as its program; `slot` is its answer program's in
     REPLIES_MAP, where its rule set REJECTs."""
+    if entry.hook == "port_ingress":
+        return bridges.port_ingress_function(entry.function)
     logging = []
     if logs(chains.ruleset):  # which hook its LOG records name (codegen/c/log.py)
-        logging = hook_statement(entry.hook, entry.builtins[0] if entry.hook == "chain" else None)
+        builtin = entry.builtins[0] if entry.hook in ("chain", "bridged") else None
+        logging = hook_statement(entry.hook, builtin)
     own_answers = OWN_ANSWER if entry.hook == "ingress" and rejects(chains.ruleset) else []
-    body = [*own_answers, *_facts(entry), *_read_once(entry, chains), *logging, ""]
+    facts = _facts(entry, uses_physdev(chains.ruleset))
+    body = [*own_answers, *facts, *_read_once(entry, chains), *logging, ""]
     body += _judgement(entry, chains, fastpath)
-    answer = _reply(slot) if rejects(chains.ruleset) else []
+    answer = _reply(slot) if rejects(chains.ruleset) and entry.hook != "bridged" else []
     tails = _tails(entry, fastpath, uses_conntrack(chains.ruleset), answer)
     used = _tails_used(body, tails)
     code: Code = [f"int {entry.function}(struct __sk_buff *skb)", "{"]
@@ -57,8 +65,9 @@ def entry_function(entry: Entry, chains: ChainWriter, fastpath: bool, slot: int)
     return [*code, "}", ""]
 
 
-def _facts(entry: Entry) -> Code:
-    """Parse the packet, and set what the hook knows of its devices."""
+def _facts(entry: Entry, physdev: bool) -> Code:
+    """Parse the packet, and set what the hook knows of its devices (with `physdev`, the
+    bridge port a frame the ingress program sees came in by)."""
     hook = entry.hook
     code: Code = []
     if hook == "egress":
@@ -67,6 +76,8 @@ def _facts(entry: Entry) -> Code:
             "if (skb->ingress_ifindex != 0)",
             "    return TC_ACT_OK;",
         ]
+    if hook == "bridged":
+        code += bridges.BRIDGED_CHECK
     pkt_type = "skb->cb[2]" if hook == "chain" else "skb->pkt_type"
     code += [
         f"f = {FACTS_MAP}.lookup(&zero);",
@@ -82,6 +93,10 @@ def _facts(entry: Entry) -> Code:
             "    goto not_handled;",
             "f->in_ifindex = skb->ifindex;",
         ]
+        if physdev:
+            code += bridges.STAMPED_PORT
+    elif hook == "bridged":
+        code += bridges.BRIDGED_FACTS
     elif hook == "egress":
         code.append("f->out_ifindex = skb->ifindex;")
     else:

@@ -42,6 +42,7 @@ from codegen.tc.matches.owner import uses_groups, uses_owner
 from codegen.tc.matches.policy import uses_policy
 from codegen.tc.replies import rejects
 
+from . import bridges as c_bridges
 from . import hashlimit as c_hashlimit
 from . import limit as c_limit
 from . import log as c_log
@@ -161,6 +162,8 @@ def generate(
         text.write(c_set.declarations(ruleset, dict(map_entries or {})))
     if c_recent.matches_of(ruleset):
         text.write(c_recent.declarations(ruleset, dict(map_entries or {})))
+    if c_bridges.needed(ruleset, entries):
+        text.write(c_bridges.declarations())
     if chains.table.entries:
         text.write(c_table.declarations(len(chains.table.entries)))
     text.write(chains.user_chains())

@@ -168,6 +168,10 @@ class Packet:
     # applied first), and those its route will encapsulate it with; None: none.
     secpath: tuple[XfrmState, ...] | None = None
     bundle: tuple[XfrmState, ...] | None = None
+    # -m physdev: the bridge ports br_netfilter recorded (nf_bridge's physindev, physoutdev);
+    # physin None: the packet crossed no bridge that hands its traffic to iptables.
+    physin: str | None = None
+    physout: str | None = None
 
     @property
     def tracked_connection(self) -> Connection | None:
@@ -196,6 +200,7 @@ def read_packet(
     owner: SocketOwner | None = None,
     sets: SetTable | None = None,
     secpath: tuple[XfrmState, ...] | None = None,
+    bridge_ports: tuple[str, str | None] | None = None,
 ) -> Packet:
     if len(packet) < 20:
         raise PacketError(f"packet is {len(packet)} bytes, shorter than an IPv4 header")
@@ -209,7 +214,13 @@ def read_packet(
         raise PacketError(f"IP total length {total_length} exceeds the {len(packet)} bytes given")
     if total_length < ihl * 4:
         raise PacketError(f"IP total length {total_length} is shorter than its header")
-    for name, device in (("in_iface", in_iface), ("out_iface", out_iface)):
+    physin, physout = (None, None) if bridge_ports is None else bridge_ports
+    for name, device in (
+        ("in_iface", in_iface),
+        ("out_iface", out_iface),
+        ("physin", physin),
+        ("physout", physout),
+    ):
         if device is not None and len(device) > 15:
             raise ValueError(f"{name} {device!r} is longer than 15 characters")
     if not 0 <= mark <= 0xFFFFFFFF:
@@ -236,4 +247,6 @@ def read_packet(
         owner=owner,
         sets=sets,
         secpath=secpath,
+        physin=physin,
+        physout=physout,
     )

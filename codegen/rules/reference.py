@@ -173,6 +173,7 @@ def evaluate(
     owner: SocketOwner | None = None,
     sets: SetTable | None = None,
     secpath: tuple[XfrmState, ...] | None = None,
+    bridge_ports: tuple[str, str | None] | None = None,
 ) -> Evaluation:
     """Run `packet` (IPv4, from the IP header on) through built-in `chain` as ipt_do_table
     would, with `connection` the conntrack entry it carries (None: none, which connection
@@ -183,7 +184,9 @@ def evaluate(
     the first packet after a load. `owner` is the socket the packet carries (-m owner; None:
     none). `sets` are the ipsets -m set looks up (None: those bound to the matches, else
     codegen.rules.sets.STANDIN_SETS). `secpath` is the IPsec states that decapsulated the
-    packet (-m policy --dir in; None: none)."""
+    packet (-m policy --dir in; None: none). `bridge_ports` is the bridge port the packet came
+    in by and the one it leaves by (None: not bridged), as br_netfilter records them for
+    -m physdev; None: it crossed no bridge that hands its traffic to iptables."""
     if chain not in BUILTIN_CHAINS or chain not in ruleset.chains:
         raise ValueError(f"chain must be one of {', '.join(BUILTIN_CHAINS)}, not {chain!r}")
     parsed = read_packet(
@@ -197,6 +200,7 @@ def evaluate(
         owner=owner,
         sets=sets,
         secpath=secpath,
+        bridge_ports=bridge_ports,
     )
     counters: dict[Position, tuple[int, int]] = {}
     memory = MatchMemory() if memory is None else memory

@@ -24,9 +24,11 @@ from codegen import conntrack
 from codegen.bpf.asm import remove_unreachable
 from codegen.conntrack import uses_conntrack
 from codegen.reject import limits as reject_limits
+from codegen.rules.extensions.physdev import uses_physdev
 from codegen.rules.model import Ruleset
 from codegen.rules.names import BUILTIN_CHAINS
 
+from .bridges import BRIDGE_PORTS, BRIDGE_PORTS_ENTRIES, PORT_STAMP, STAMP_VALUE_SIZE, stamp_program
 from .chains import (
     CHUNK_RULES,
     INLINE_SCAN,
@@ -58,6 +60,10 @@ from .replies import INTERFACE_ADDRESSES, rejects
 from .targets import RETURNED
 
 __all__ = [
+    "BRIDGE_PORTS",
+    "BRIDGE_PORTS_ENTRIES",
+    "PORT_STAMP",
+    "STAMP_VALUE_SIZE",
     "CHUNK_RULES",
     "COUNTERS_MAP",
     "EXACT_MAP",
@@ -94,12 +100,15 @@ def compile_program(
     """Generate the program for `hook` (for `chain`, name the built-in chain to run). `local`:
     what the namespace delivers locally, which the ingress program compares inline
     (codegen.tc.local; None: its STANDIN)."""
+    if hook == "port_ingress":  # no chains: a stamp for the bridge device (codegen.tc.bridges)
+        layout = CounterLayout.of(ruleset)
+        return CompiledProgram("bpflab_port_in", hook, (), stamp_program(), layout, (PORT_STAMP,))
     if hook == "chain":
         if chain not in BUILTIN_CHAINS:
             raise CompileError(f"only a built-in chain can run on its own, not {chain!r}")
         builtins: tuple[str, ...] = (chain,)
     else:
-        builtins = ("INPUT", "FORWARD") if hook == "ingress" else ("OUTPUT",)
+        builtins = {"ingress": ("INPUT", "FORWARD"), "bridged": ("FORWARD",)}.get(hook, ("OUTPUT",))
     refuse_unsupported(ruleset, (*builtins, *user_chains_called(ruleset, builtins)))
     require_runtime(ruleset)
     chains = ChainWriter(ruleset, CounterLayout.of(ruleset), interfaces, Labels())
@@ -109,6 +118,10 @@ def compile_program(
         "ingress": (COUNTERS_MAP, FRAGMENTS_MAP),
         "egress": (COUNTERS_MAP, FRAGMENTS_MAP),
     }.get(hook, (COUNTERS_MAP,))
+    if hook == "bridged":
+        maps += (BRIDGE_PORTS,)
+    elif hook == "ingress" and uses_physdev(ruleset):
+        maps += (BRIDGE_PORTS, PORT_STAMP)
     if chains.exact:
         maps += (EXACT_MAP,)
     if chains.tables.nodes:
@@ -117,7 +130,7 @@ def compile_program(
         maps += conntrack.MAPS
     if hook == "ingress" and rejects(ruleset):
         maps += (INTERFACE_ADDRESSES,)
-    if rejects(ruleset):  # the ICMP errors' rate limits (codegen.reject.limits)
+    if rejects(ruleset) and hook != "bridged":  # the ICMP errors' limits (codegen.reject.limits)
         maps += reject_limits.MAPS
     if logs(ruleset):
         maps += (LOG_EVENTS, LOG_DROPS)
@@ -127,7 +140,8 @@ def compile_program(
         maps += (LIMIT_MAP,)
     if uses_hashlimit(ruleset):
         maps += (HASHLIMIT_MAP,)
-    name = {"ingress": "bpflab_ingress", "egress": "bpflab_egress"}.get(hook, f"bpflab_{chain}")
+    names = {"ingress": "bpflab_ingress", "egress": "bpflab_egress", "bridged": "bpflab_bridged"}
+    name = names.get(hook, f"bpflab_{chain}")
     return CompiledProgram(
         name[:15],
         hook,

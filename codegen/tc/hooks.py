@@ -9,6 +9,8 @@
   With the fast path, what FORWARD accepts is forwarded here (TTL, checksum, MACs,
   bpf_redirect).
 - `egress`: OUTPUT, for packets generated here (skb ingress_ifindex 0); forwarded ones pass.
+- `bridged`: on a bridge port's egress, FORWARD for a packet bridged from another port of the
+  same bridge (codegen.tc.bridges); everything else passes untouched.
 - `chain`: one built-in chain on its own, for BPF_PROG_TEST_RUN: in-interface from the
   context's ingress_ifindex, out-interface from cb[0], packet type from cb[2]; the deciding
   counter slot comes back in cb[1].
@@ -29,8 +31,9 @@ from codegen.bpf.asm import Item, Label
 from codegen.bpf.isa import R0, R1, R2, R3, R4, R6, R7, R10, AluOp, FibResult, JmpOp, Size, TcAction
 from codegen.bpf.testrun import SKB_OFFSETS
 from codegen.conntrack import uses_conntrack
+from codegen.rules.extensions.physdev import uses_physdev
 
-from . import classifier_code, replies
+from . import bridges, classifier_code, replies
 from .chains import ChainWriter, user_chains_called
 from .counters import COUNT, add_bytes_subprogram, count_decided, count_subprogram
 from .fragments import first_fragment_verdicts, later_fragments
@@ -65,7 +68,9 @@ class ProgramWriter:
         self.label = chains.label
         # Connections are tracked only for rule sets that ask about them, as in netfilter.
         self.tracking = uses_conntrack(chains.ruleset)
-        self.answering = rejects(chains.ruleset)  # some rule REJECTs: the drop tail answers
+        # Some rule REJECTs: the drop tail answers (a bridged packet's REJECT only drops).
+        self.answering = rejects(chains.ruleset) and hook != "bridged"
+        self.physdev = uses_physdev(chains.ruleset)
         self.builtin: str | None = None  # the chain program's chain
 
     def track(self) -> list[Item]:
@@ -96,9 +101,11 @@ class ProgramWriter:
         ]
 
     def entry(self, builtins: tuple[str, ...]) -> list[Item]:
-        if self.hook == "chain":
+        if self.hook in ("chain", "bridged"):
             self.builtin = builtins[0]
         code: list[Item] = [I.mov64(R6, R1)]
+        if self.hook == "bridged":
+            code += bridges.bridged_prologue()
         if self.hook == "ingress" and self.answering:
             # An OUTPUT REJECT's answer, delivered to our stack (codegen.reject): unjudged, as
             # netfilter's reaches the socket over lo.
@@ -129,6 +136,12 @@ class ProgramWriter:
             *self.tails(),
             Label("classify"),
         ]
+        if self.hook == "bridged":
+            code += bridges.bridged_facts()
+        elif self.physdev:  # -m physdev's ports: on the bridge device, its frame's in-port
+            code += bridges.no_ports()
+            if self.hook == "ingress":
+                code += bridges.stamped_port(self.label("stamp_read"))
         runs_output = self.hook == "egress" or (self.hook == "chain" and builtins[0] == "OUTPUT")
         if runs_output and uses_owner(self.chains.ruleset):  # -m owner's socket, read once
             code += owner_facts(self.hook, self.label, tuple(self.chains.owner_bits))
@@ -144,7 +157,7 @@ class ProgramWriter:
                 *self.chains.builtin_chain("OUTPUT", "whole_accept", "whole_drop"),
                 *first_fragment_verdicts(self.label),
             ]
-        else:
+        else:  # one chain: the chain program's, or a bridged packet's FORWARD
             code += [*self.track(), *self.chains.builtin_chain(builtins[0], "accept")]
         ruleset = self.chains.ruleset
         for name in user_chains_called(ruleset, builtins):

@@ -120,6 +120,7 @@ def parse(hook: Hook, tracking: bool = False) -> list[Item]:
         "ingress": (SKB_OFFSETS["ifindex"], None),
         "egress": (None, SKB_OFFSETS["ifindex"]),
         "chain": (SKB_OFFSETS["ingress_ifindex"], SKB_OFFSETS["cb"]),
+        "bridged": (None, None),  # the bridge (codegen.tc.bridges)
     }[hook]
     for offset, fact in zip(interfaces, (Facts.IN_IFINDEX, Facts.OUT_IFINDEX), strict=True):
         if offset is not None:

@@ -13,7 +13,7 @@ from codegen.rules.model import Rule
 
 from .layout import CounterLayout
 
-Hook = Literal["ingress", "egress", "chain"]
+Hook = Literal["ingress", "egress", "chain", "bridged", "port_ingress"]
 
 
 class CompileError(ValueError):

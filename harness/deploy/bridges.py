@@ -1,50 +1,83 @@
-"""Whether a namespace hands bridged packets to iptables: a bridge device, and br_netfilter's
-`bridge-nf-call-iptables` on inside it. There netfilter sees the bridge ports packets cross
-(`-m physdev`) and filters bridged traffic in FORWARD; the programs here see neither, as they
-run on the namespace's devices and judge routed packets only (codegen.rules.extensions.physdev).
+"""A namespace's bridges, as the programs need them: which devices are bridge ports (they get
+the port programs, not the routed ones: a port is no IP device of its own), and which ports
+belong to a bridge whose IPv4 traffic br_netfilter hands to iptables (`bridge-nf-call-iptables`
+on inside the namespace): there netfilter filters bridged packets in FORWARD and -m physdev
+sees the ports (codegen.tc.bridges).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from codegen.rules.extensions.physdev import uses_physdev
-from codegen.rules.model import Ruleset
+from codegen.bpf.isa import MapType
+from codegen.bpf.maps import Map
+from codegen.tc.generator import BRIDGE_PORTS, BRIDGE_PORTS_ENTRIES, PORT_STAMP, STAMP_VALUE_SIZE
 from netns.namespace import Namespace
 
 CALL_IPTABLES = Path("/proc/sys/net/bridge/bridge-nf-call-iptables")
 
 
-def _bridge(link) -> bool:
+class BridgeError(Exception):
+    """The namespace's bridges cannot be given to the programs."""
+
+
+@dataclass(frozen=True)
+class Bridges:
+    """`ports`: every bridge port's ifindex -> its bridge's; `filtering`: the ports whose bridge
+    hands IPv4 traffic to iptables, the same way; `names`: the filtering bridges' names."""
+
+    ports: dict[int, int] = field(default_factory=dict)
+    filtering: dict[int, int] = field(default_factory=dict)
+    names: tuple[str, ...] = ()
+
+
+def _kind(link) -> str | None:
     info = link.get_attr("IFLA_LINKINFO")
-    return info is not None and info.get_attr("IFLA_INFO_KIND") == "bridge"
+    return None if info is None else info.get_attr("IFLA_INFO_KIND")
 
 
-def filtering_bridges(namespace: Namespace) -> list[str]:
-    """The namespace's bridge devices when br_netfilter passes their IPv4 traffic to
-    iptables there, else none."""
-    with namespace.ipr() as ipr:
-        bridges = [link.get_attr("IFLA_IFNAME") for link in ipr.get_links() if _bridge(link)]
-    if not bridges:
-        return []
+def _calls_iptables(namespace: Namespace) -> bool:
     with namespace.enter():  # /proc/sys/net shows the namespace of the thread reading it
         try:
-            enabled = CALL_IPTABLES.read_text().strip() != "0"
+            return CALL_IPTABLES.read_text().strip() != "0"
         except FileNotFoundError:  # no br_netfilter in this kernel
-            enabled = False
-    return sorted(bridges) if enabled else []
+            return False
 
 
-def physdev_refusal(ruleset: Ruleset, namespace: Namespace) -> str | None:
-    """Why `ruleset` cannot be applied in `namespace` (None: it can): its -m physdev would
-    need bridge ports the programs do not see."""
-    if not uses_physdev(ruleset):
-        return None
-    bridges = filtering_bridges(namespace)
-    if not bridges:
-        return None
-    return (
-        f"-m physdev cannot be judged in namespace {namespace.name}: it bridges"
-        f" ({', '.join(bridges)}) with bridge-nf-call-iptables on, and the programs do not see"
-        " the bridge ports packets cross"
-    )
+def namespace_bridges(namespace: Namespace) -> Bridges:
+    """The bridges of `namespace` as they are now."""
+    with namespace.ipr() as ipr:
+        links = ipr.get_links()
+    bridges = {
+        link["index"]: link.get_attr("IFLA_IFNAME") for link in links if _kind(link) == "bridge"
+    }
+    ports = {
+        link["index"]: link.get_attr("IFLA_MASTER")
+        for link in links
+        if link.get_attr("IFLA_MASTER") in bridges
+    }
+    if not bridges or not _calls_iptables(namespace):
+        return Bridges(ports)
+    if len(ports) > BRIDGE_PORTS_ENTRIES:
+        raise BridgeError(
+            f"namespace {namespace.name} has {len(ports)} bridge ports; the programs know at"
+            f" most {BRIDGE_PORTS_ENTRIES}"
+        )
+    return Bridges(ports, dict(ports), tuple(sorted(bridges.values())))
+
+
+def bridge_maps(filtering: dict[int, int]) -> dict[str, Map]:
+    """The `bridge_ports` map holding `filtering`, and an empty `port_stamp` slot."""
+    made: dict[str, Map] = {}
+    try:
+        shape = (MapType.HASH, 4, 4, BRIDGE_PORTS_ENTRIES)
+        made[BRIDGE_PORTS] = ports = Map(*shape, name=BRIDGE_PORTS)
+        for port, bridge in filtering.items():
+            ports.update(port.to_bytes(4, "little"), bridge.to_bytes(4, "little"))
+        made[PORT_STAMP] = Map(MapType.PERCPU_ARRAY, 4, STAMP_VALUE_SIZE, 1, name=PORT_STAMP)
+    except BaseException:
+        for table in made.values():
+            table.close()
+        raise
+    return made

@@ -45,12 +45,13 @@ from pathlib import Path
 
 from codegen.bpf.info import map_info
 from codegen.bpf.isa import MapType
-from codegen.bpf.links import TcAttachment, attach_tc
+from codegen.bpf.links import TcAttachment
 from codegen.bpf.maps import Map, get_pinned, pin
-from codegen.bpf.syscall import BpfError, close
+from codegen.bpf.syscall import BpfError
 from codegen.conntrack import TrackerMaps, uses_conntrack
 from codegen.conntrack.listing import table_lines
 from codegen.rules import parse, write
+from codegen.rules.extensions.physdev import uses_physdev
 from codegen.rules.extensions.set import bind_sets, uses_sets
 from codegen.rules.iptables_save import parse_dump
 from codegen.rules.model import Ruleset
@@ -76,10 +77,10 @@ from ..backends import Backend, Program, load_program
 from ..collector import collector_held_off
 from ..counters import CounterMap
 from ..log_reader import LogMaps
+from . import attach, identity, patch, recent
 from . import hashlimit as hashlimit_tables
-from . import identity, patch, recent
 from .addresses import fill_interface_map, interface_addresses, local_addresses
-from .bridges import physdev_refusal
+from .bridges import BridgeError, bridge_maps, namespace_bridges
 from .carry import carry_over, identities_of
 from .icmp_limits import open_limits
 from .locking import serialised, serialised_last
@@ -149,8 +150,10 @@ def apply(
     ruleset = dump.ruleset
     validate(ruleset, parsed=True)  # its rules were checked as parse_dump read them
     namespace = Namespace.existing(netns)
-    if (refusal := physdev_refusal(ruleset, namespace)) is not None:
-        raise LifecycleError(refusal)
+    try:
+        bridges = namespace_bridges(namespace)
+    except BridgeError as error:
+        raise LifecycleError(str(error)) from None
     # State left under this name by a namespace that is gone is removed before anything reads
     # it (its connection table, recent and hashlimit entries are not this namespace's).
     # The state file is read once (100,000 rules' identities are megabytes of JSON), and
@@ -183,7 +186,8 @@ def apply(
     # seen at the next apply (codegen.tc.local).
     local = local_addresses(namespace)
     interfaces = _all_interfaces(namespace)
-    built_for = patch.applied_with(ruleset, interfaces, local)
+    built_for = patch.applied_with(ruleset, interfaces, local, bridges.ports)
+    hooks = attach.roles(targets, bridges.ports)
     state = {
         "netns": netns,
         "rules_text": rules_text,
@@ -238,8 +242,12 @@ def apply(
         for name, held in sets_held.items():
             extra[name] = cleanup.enter_context(held)
         extra.update(recent.open_tables(ruleset, pins, cleanup, _replace_pin))  # deploy.recent
+        needed = [hook for hook in attach.HOOKS if any(hook in pair for pair in hooks.values())]
+        if bridges.ports or uses_physdev(ruleset):  # the bridge ports' (codegen.tc.bridges)
+            for name, made in bridge_maps(bridges.filtering).items():
+                extra[name] = cleanup.enter_context(made)
         programs: dict[str, Program] = {}
-        for hook in ("ingress", "egress"):
+        for hook in needed:
             programs[hook] = cleanup.enter_context(
                 closing(
                     load_program(
@@ -274,18 +282,18 @@ def apply(
             ),
         )
         try:
-            _attach_all(namespace, targets, programs)
+            attach.attach_all(namespace, pins, targets, hooks, programs)
         except BaseException:
             _journal_file(netns).unlink(missing_ok=True)  # rolled back: nothing to finish
             raise
         # Attached: from here on the new objects replace the pinned ones.
         pins.mkdir(parents=True, exist_ok=True)
-        for name, fd in (
-            ("counters", counters.fd),
-            ("prog_ingress", programs["ingress"].fd),
-            ("prog_egress", programs["egress"].fd),
-        ):
-            _replace_pin(pins / name, fd)
+        _replace_pin(pins / "counters", counters.fd)
+        for hook in attach.HOOKS:  # what the links run, for bpftool's eyes
+            if hook in programs:
+                _replace_pin(pins / f"prog_{hook}", programs[hook].fd)
+            else:
+                (pins / f"prog_{hook}").unlink(missing_ok=True)
         _fault("after-pinning-maps")
         (pins / "local").unlink(missing_ok=True)  # the local-address map of older versions
         _pin_kept(pins, programs)
@@ -380,53 +388,6 @@ def forget_connections(netns: str) -> int:
 def _all_interfaces(namespace: Namespace) -> dict[str, int]:
     with namespace.ipr() as ipr:
         return {link.get_attr("IFLA_IFNAME"): link["index"] for link in ipr.get_links()}
-
-
-def _attach_all(
-    namespace: Namespace,
-    targets: dict[str, int],
-    programs: dict[str, Program],
-) -> None:
-    """Attach or swap every device's two programs; on any failure, undo what was done."""
-    pins = _pin_dir(namespace.name)
-    done: list[tuple[TcAttachment, int | None, Path]] = []  # attachment, old program, pin
-    try:
-        with namespace.enter():
-            for device, ifindex in sorted(targets.items()):
-                for direction in ("ingress", "egress"):
-                    program = programs[direction]
-                    link_pin = pins / f"link_{device}_{direction}"
-                    if link_pin.exists():
-                        link = TcAttachment(ifindex, direction, "tcx", get_pinned(str(link_pin)))
-                        try:
-                            old = get_pinned(str(pins / f"prog_{direction}"))
-                        except BpfError:  # a first apply killed before pinning its programs:
-                            old = None  # undone, if need be, by detaching
-                        link.replace(program.fd, program.name)
-                        done.append((link, old, link_pin))
-                    else:
-                        link = attach_tc(program.fd, ifindex, direction, mode="tcx")
-                        pins.mkdir(parents=True, exist_ok=True)
-                        pin(link.link_fd, str(link_pin))
-                        done.append((link, None, link_pin))
-                    if direction == "ingress":
-                        _fault("between-hooks")
-    except BaseException:
-        for link, old, link_pin in reversed(done):
-            try:
-                if old is None:
-                    link.detach()
-                    link_pin.unlink(missing_ok=True)
-                else:
-                    link.replace(old)
-            except BpfError:
-                pass
-        raise
-    finally:
-        for link, old, _ in done:
-            link.close()
-            if old is not None:
-                close(old)
 
 
 def _replace_pin(path: Path, fd: int) -> None:

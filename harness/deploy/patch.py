@@ -118,12 +118,16 @@ def changed_rules(previous: dict, rules_text: str, ruleset: Ruleset) -> list[Cha
     return changed
 
 
-def applied_with(ruleset: Ruleset, interfaces: dict[str, int], local: dict[int, int]) -> dict:
+def applied_with(
+    ruleset: Ruleset, interfaces: dict[str, int], local: dict[int, int], ports: dict[int, int]
+) -> dict:
     """What the programs of an apply were built for, beside the rules (kept in its state):
-    a patch is made only while the namespace still has all of it."""
+    a patch is made only while the namespace still has all of it. `ports`: the bridge ports
+    (ifindex -> bridge), whose programs get no patches."""
     return {
         "interfaces": dict(sorted(interfaces.items())),
         "local": sorted([address, int(kind)] for address, kind in local.items()),
+        "bridge_ports": sorted([port, bridge] for port, bridge in ports.items()),
     }
 
 
@@ -151,6 +155,8 @@ def try_patch(previous: dict | None, ruleset: Ruleset, state: dict) -> Patched |
         return "the programs running were built with another backend or fast path"
     if previous.get("devices") != devices or previous.get("applied_with") != built_for:
         return "other devices, interfaces or local addresses than the programs were built for"
+    if built_for["bridge_ports"]:
+        return "bridge ports, whose programs are not patched"
     layouts = previous.get("classifier")
     if not layouts or refreshes_more(ruleset):
         return "no classified runs, or an apply refreshes more than rules"

@@ -1,15 +1,43 @@
-"""`-m physdev` (xt_physdev.c): constant here, as no program sees the bridge ports a packet
-crossed (codegen.rules.extensions.physdev): it falls through when every option given is
-negated, else the rule is missed."""
+"""`-m physdev` (xt_physdev.c) over the facts' bridge ports (codegen/c/bridges.py): physin 0 is
+a packet no bridge handed to iptables, which xt_physdev answers from the options alone
+(codegen.rules.extensions.physdev); physout is 0 unless the packet is bridged. An output port
+option holds where there is no output port, as in the kernel."""
 
 from __future__ import annotations
 
-from codegen.rules.extensions.physdev import Physdev, no_bridge_answer
+from codegen.rules.extensions.physdev import Physdev, PortName, no_bridge_answer
 
 from .common import Labels
 
 MODEL = Physdev
 
 
+def _port_test(field: str, port: PortName, labels: Labels) -> list[str]:
+    """Statements going to the miss unless `field` holds the port (or not, when negated)."""
+    if port.name.endswith("+"):
+        prefix = port.name[:-1]
+        indexes = sorted(i for name, i in labels.interfaces.items() if name.startswith(prefix))
+    else:
+        indexes = [labels.interfaces[port.name]] if port.name in labels.interfaces else []
+    held = " || ".join(f"{field} == {index}" for index in indexes) or "0"
+    return [f"if ({'' if port.negated else '!'}({held}))", f"    goto {labels.miss};"]
+
+
 def write(match: Physdev, labels: Labels) -> list[str]:
-    return [] if no_bridge_answer(match) else [f"goto {labels.miss};  // no bridge port here"]
+    miss = f"goto {labels.miss};"
+    code = ["if (f->physin == 0) {"]
+    code += [] if no_bridge_answer(match) else [f"    {miss}  // no bridge port: xt_physdev"]
+    code.append("} else {")
+    inner: list[str] = []
+    if match.is_in is False:  # a packet with bridge information has an input port
+        inner.append(miss)
+    for given in (match.is_bridged, match.is_out):  # each: whether there is an output port
+        if given is not None:
+            inner += [f"if ({'!' if given else ''}f->physout)", f"    {miss}"]
+    if match.in_port is not None:
+        inner += _port_test("f->physin", match.in_port, labels)
+    if match.out_port is not None:
+        inner.append("if (f->physout != 0) {")
+        inner += [f"    {line}" for line in _port_test("f->physout", match.out_port, labels)]
+        inner.append("}")
+    return [*code, *(f"    {line}" for line in inner), "}"]

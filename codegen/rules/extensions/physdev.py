@@ -4,11 +4,9 @@ bridge ports a packet came in through and goes out by, for packets that br_netfi
 iptables.
 
 Only a packet that crossed a bridge of its namespace, with br_netfilter's
-`bridge-nf-call-iptables` on, carries the ports (skb's nf_bridge info). For every other packet
-xt_physdev answers from the options alone: it matches when each option given is negated. That
-is the only case this lab has: its programs run on a namespace's devices and see routed
-packets, never the bridge ports they crossed, so `apply` refuses -m physdev in a namespace that
-bridges with br_netfilter on (harness.deploy.lifecycle), and here a packet has no ports.
+`bridge-nf-call-iptables` on, carries the ports (skb's nf_bridge info): the port it came in by,
+and for a bridged packet (FORWARD from port to port) the port it leaves by. For every other
+packet xt_physdev answers from the options alone: it matches when each option given is negated.
 """
 
 from __future__ import annotations
@@ -238,7 +236,7 @@ class PhysdevExtension(MatchExtension):
         )
 
     def matches(self, match: Physdev, packet: Packet) -> bool:
-        return no_bridge_answer(match)
+        return physdev_matches(match, packet.physin, packet.physout)
 
 
 def uses_physdev(ruleset: Ruleset) -> bool:
@@ -248,10 +246,35 @@ def uses_physdev(ruleset: Ruleset) -> bool:
 
 
 def no_bridge_answer(match: Physdev) -> bool:
-    """xt_physdev for a packet without bridge ports (the only kind the lab's programs judge):
-    whether every option given is negated."""
+    """xt_physdev for a packet without bridge ports: whether every option given is negated."""
     bitmask, invert = match.flags
     return bitmask & ~invert == 0
+
+
+def port_matches(port: PortName, device: str) -> bool:
+    """ifname_compare_aligned under the option's mask: the name, or its prefix before `+`."""
+    hit = device.startswith(port.name[:-1]) if port.name.endswith("+") else device == port.name
+    return hit != port.negated
+
+
+def physdev_matches(match: Physdev, physin: str | None, physout: str | None) -> bool:
+    """physdev_mt for a packet whose nf_bridge info names `physin` (None: no such info) and
+    `physout` (None: not bridged). An output port option holds when there is no output port,
+    as in the kernel."""
+    if physin is None:
+        return no_bridge_answer(match)
+    for given, present in (
+        (match.is_bridged, physout is not None),
+        (match.is_in, True),
+        (match.is_out, physout is not None),
+    ):
+        if given is not None and present != given:
+            return False
+    if match.in_port is not None and not port_matches(match.in_port, physin):
+        return False
+    if match.out_port is not None and physout is not None:
+        return port_matches(match.out_port, physout)
+    return True
 
 
 EXTENSION = PhysdevExtension()

@@ -1,22 +1,67 @@
-"""`-m physdev` (xt_physdev.c): the programs never see the bridge ports a packet crossed, so a
-match is constant (codegen.rules.extensions.physdev): always true when every option given is
-negated, else never. A constant match pins nothing and keeps its rule in an exact run."""
+"""`-m physdev` (xt_physdev.c) over the facts' bridge ports (codegen.tc.bridges): PHYS_IN is 0
+for a packet no bridge handed to iptables, which xt_physdev answers from the options alone
+(codegen.rules.extensions.physdev); PHYS_OUT is 0 unless the packet is bridged. Port names are
+resolved to the ifindexes present when the program is built, as -i's are."""
 
 from __future__ import annotations
 
-from codegen.bpf import insn as I
-from codegen.bpf.asm import Item
-from codegen.rules.extensions.physdev import Physdev, no_bridge_answer
+from collections.abc import Mapping
 
-from .base import Context, Emitter, Pins
+from codegen.bpf import insn as I
+from codegen.bpf.asm import Item, Label
+from codegen.bpf.isa import R1, JmpOp
+from codegen.rules.extensions.physdev import Physdev, PortName, no_bridge_answer
+
+from ..layout import Facts, Field
+from .base import Context, Emitter, load
+
+
+def _indexes(port: PortName, interfaces: Mapping[str, int]) -> list[int]:
+    if port.name.endswith("+"):
+        prefix = port.name[:-1]
+        return sorted(index for name, index in interfaces.items() if name.startswith(prefix))
+    return [interfaces[port.name]] if port.name in interfaces else []
+
+
+def _port(field: Field, port: PortName, ctx: Context) -> list[Item]:
+    """To the miss unless the port in `field` (not 0) is `port`'s, or is not when negated."""
+    indexes = _indexes(port, ctx.interfaces)
+    if not indexes:
+        return [] if port.negated else [I.ja(ctx.miss)]
+    if port.negated:
+        return [load(field), *(I.jmp32(JmpOp.JEQ, R1, index, ctx.miss) for index in indexes)]
+    hit = ctx.new_label("port")
+    return [
+        load(field),
+        *(I.jmp32(JmpOp.JEQ, R1, index, hit) for index in indexes),
+        I.ja(ctx.miss),
+        Label(hit),
+    ]
 
 
 def physdev(match: Physdev, ctx: Context) -> list[Item]:
-    return [] if no_bridge_answer(match) else [I.ja(ctx.miss)]
+    bridged = ctx.new_label("physdev_bridged")
+    done = ctx.new_label("physdev_done")
+    without = [] if no_bridge_answer(match) else [I.ja(ctx.miss)]
+    code: list[Item] = [
+        load(Facts.PHYS_IN),
+        I.jmp32(JmpOp.JNE, R1, 0, bridged),
+        *without,
+        I.ja(done),
+        Label(bridged),
+    ]
+    if match.is_in is False:  # a packet with bridge information has an input port
+        code.append(I.ja(ctx.miss))
+    for given in (match.is_bridged, match.is_out):  # both: whether there is an output port
+        if given is not None:
+            unless = JmpOp.JEQ if given else JmpOp.JNE
+            code += [load(Facts.PHYS_OUT), I.jmp32(unless, R1, 0, ctx.miss)]
+    if match.in_port is not None:
+        code += _port(Facts.PHYS_IN, match.in_port, ctx)
+    if match.out_port is not None:  # holds where there is no output port, as in the kernel
+        code += [load(Facts.PHYS_OUT), I.jmp32(JmpOp.JEQ, R1, 0, done)]
+        code += _port(Facts.PHYS_OUT, match.out_port, ctx)
+    return [*code, Label(done)]
 
 
-def pins(match: Physdev) -> Pins | None:
-    return Pins() if no_bridge_answer(match) else None
-
-
-EMITTER = Emitter(Physdev, physdev, pins)
+EMITTER = Emitter(Physdev, physdev)
