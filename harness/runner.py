@@ -209,6 +209,7 @@ class ChainRunner:
         time: float | None = None,
         owner: SocketOwner | None | Literal["dummy"] = "dummy",
         secpath: tuple[XfrmState, ...] | None | Literal["dummy"] = "dummy",
+        bridge_ports: tuple[str, str | None] | None = None,
     ) -> Outcome:
         """Run `frame` through `chain`'s program. `time` (seconds, any origin, never going
         back) is the connection tracker's and -m limit's clock for this packet; None: the
@@ -216,8 +217,11 @@ class ChainRunner:
         no socket); "dummy": the one test-run gives every packet, which no struct socket
         holds (xt_owner sees it as none), read by the program itself. `secpath` is the IPsec
         states that decapsulated the packet, for -m policy (None: none); "dummy": the skb's
-        own, which a test run's never has."""
-        for name in (in_iface, out_iface):
+        own, which a test run's never has. `bridge_ports`: the bridge ports -m physdev sees
+        in INPUT and FORWARD (codegen.rules.reference.evaluate's; None: none), by names the
+        programs were built with."""
+        physin, physout = bridge_ports or (None, None)
+        for name in (in_iface, out_iface, physin, physout):
             if name and name not in self.interfaces:
                 raise ValueError(
                     f"device {name!r} was not known when the programs were built; pass it in "
@@ -229,6 +233,9 @@ class ChainRunner:
         )
         context.cb[0] = self.interfaces.get(out_iface or "", 0)
         context.cb[2] = PKT_TYPES[PKT_TYPE_ALIASES.get(pkt_type, pkt_type)]
+        if bridge_ports is not None and chain != "OUTPUT":  # cb[3], cb[4] are OUTPUT's owner's
+            context.cb[3] = self.interfaces[bridge_ports[0]]
+            context.cb[4] = self.interfaces.get(physout or "", 0)
         if owner != "dummy" and self.owned:  # only -m owner reads it
             cb_owner(context.cb, owner)
             if self.groups is not None and owner is not None and owner.file:

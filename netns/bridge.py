@@ -59,8 +59,10 @@ class BridgeTopology(Topology):
         for port, address in zip(self.ports, CLIENTS, strict=True):
             client = self._namespace(stack)
             mac = mac_for(address.ip)
-            run(["ip", "link", "add", port, "address", port_mac(address), "type", "veth"]
-                + ["peer", "name", "eth0", "address", mac, "netns", client.name])
+            run(
+                ["ip", "link", "add", port, "address", port_mac(address), "type", "veth"]
+                + ["peer", "name", "eth0", "address", mac, "netns", client.name]
+            )
             run(["ip", "link", "set", port, "master", self.bridge, "up"])
             for feature in ("rx", "tx", "tso", "gso", "gro"):
                 run(["ethtool", "-K", port, feature, "off"])
@@ -68,8 +70,10 @@ class BridgeTopology(Topology):
             client.run(["ip", "address", "add", str(address), "dev", "eth0"])
             client.run(["ip", "link", "set", "eth0", "up"])
             run(["bridge", "fdb", "replace", mac, "dev", port, "master", "static"])
-            run(["ip", "neigh", "replace", str(address.ip), "lladdr", mac, "dev", self.bridge]
-                + ["nud", "permanent"])
+            run(
+                ["ip", "neigh", "replace", str(address.ip), "lladdr", mac, "dev", self.bridge]
+                + ["nud", "permanent"]
+            )
             client.run(["ip", "route", "add", "default", "via", str(BRIDGE.ip)])
             clients.append(client)
         for client, address in zip(clients, CLIENTS, strict=True):
@@ -77,8 +81,10 @@ class BridgeTopology(Topology):
                 (other, mac_for(other.ip)) for other in CLIENTS if other != address
             ]
             for other, mac in others:
-                client.run(["ip", "neigh", "replace", str(other.ip), "lladdr", mac, "dev", "eth0"]
-                           + ["nud", "permanent"])
+                client.run(
+                    ["ip", "neigh", "replace", str(other.ip), "lladdr", mac, "dev", "eth0"]
+                    + ["nud", "permanent"]
+                )
         self.clients = tuple(  # type: ignore[assignment]
             _endpoint(client, address) for client, address in zip(clients, CLIENTS, strict=True)
         )

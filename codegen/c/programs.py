@@ -105,6 +105,8 @@ def _facts(entry: Entry, physdev: bool) -> Code:
             "f->in_ifindex = skb->ingress_ifindex;",
             "f->out_ifindex = skb->cb[0];",
         ]
+        if physdev and entry.builtins != ("OUTPUT",):  # INPUT and FORWARD's bridge ports
+            code += ["f->physin = skb->cb[3];", "f->physout = skb->cb[4];"]
     return code
 
 

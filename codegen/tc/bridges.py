@@ -109,6 +109,17 @@ def no_ports() -> list[Item]:
     ]
 
 
+def tested_ports() -> list[Item]:
+    """The chain program's ports, for INPUT and FORWARD (harness.runner): PHYS_IN from cb[3],
+    PHYS_OUT from cb[4]."""
+    return [
+        I.ldx(Size.W, R1, R6, SKB_OFFSETS["cb"] + 12),
+        I.stx(Size.W, FACTS, Facts.PHYS_IN.offset, R1),
+        I.ldx(Size.W, R1, R6, SKB_OFFSETS["cb"] + 16),
+        I.stx(Size.W, FACTS, Facts.PHYS_OUT.offset, R1),
+    ]
+
+
 def stamped_port(done: str) -> list[Item]:
     """On an ingress device: PHYS_IN = the port of the stamp, taken, when its frame length
     matches and its bridge is this device; else it stays 0 and the stamp stays."""
@@ -141,4 +152,3 @@ def stamped_port(done: str) -> list[Item]:
         I.st(Size.W, R0, 0, 0),
         Label(done),
     ]
-

@@ -138,6 +138,8 @@ class ProgramWriter:
         ]
         if self.hook == "bridged":
             code += bridges.bridged_facts()
+        elif self.physdev and self.hook == "chain" and builtins[0] != "OUTPUT":
+            code += bridges.tested_ports()
         elif self.physdev:  # -m physdev's ports: on the bridge device, its frame's in-port
             code += bridges.no_ports()
             if self.hook == "ingress":

@@ -116,7 +116,7 @@ class Lab:
             namespace = endpoint.namespace
             quiet = namespace is self.holder_namespace
             text = quiet_host(os.geteuid()) if quiet else QUIET_RECEIVER
-            _restore(namespace, with_exchange_chain(text))
+            restore(namespace, with_exchange_chain(text))
 
     def namespaces(self) -> list[Namespace]:
         """Every namespace of the lab, once each (the router has two sides)."""
@@ -140,14 +140,14 @@ class Lab:
         lines += [f"-A {EXCHANGE_CHAIN} {rule}" for rule in rules]
         text = "*raw\n" + "\n".join(lines) + "\nCOMMIT\n"
         for namespace in self.namespaces():
-            _restore(namespace, text, noflush=True)
+            restore(namespace, text, noflush=True)
 
     def load_filter_table(self, text: str) -> None:
         """Make this lab a netfilter twin: the filter table `text` (iptables-save text) goes
         into the rule holder's netfilter with iptables-legacy-restore.
 
         Raises netns.CommandError when iptables-legacy-restore refuses it."""
-        _restore(self.holder_namespace, text)
+        restore(self.holder_namespace, text)
 
     # Nodes and frames ---------------------------------------------------------------------
 
@@ -271,7 +271,7 @@ class Lab:
         return folder
 
 
-def _restore(namespace: Namespace, text: str, *, noflush: bool = False) -> None:
+def restore(namespace: Namespace, text: str, *, noflush: bool = False) -> None:
     """iptables-legacy-restore `text` in `namespace` (Namespace.run has no stdin: a file)."""
     with tempfile.NamedTemporaryFile("w", prefix="bpflab-", suffix=".rules") as rules:
         rules.write(text)

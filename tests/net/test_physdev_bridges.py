@@ -1,7 +1,9 @@
-"""`-m physdev` where a namespace bridges with br_netfilter on: netfilter would see the bridge
-ports there and the programs cannot, so `bpflab apply` refuses the rule set in one sentence
-(exit 2) and changes nothing; the same rules apply where the namespace has no bridge, and
-where br_netfilter does not hand the bridge's traffic to iptables."""
+"""Bridge ports in `bpflab apply`: a port gets the port programs (the frame's stamp on ingress,
+bridged FORWARD on egress), every other device the routed pair; a device enslaved after an
+apply gets the port programs at the next one, in place. With br_netfilter off in the
+namespace, netfilter filters no bridged packet and sees no port: the programs pass bridged
+traffic whatever FORWARD says, and -m physdev holds only where every option is negated, as
+the twin lab shows."""
 
 from __future__ import annotations
 
@@ -9,60 +11,71 @@ from pathlib import Path
 
 import pytest
 
-from harness.deploy.lifecycle import flush, read_state
+from codegen.bpf.info import linked_program, program_info
+from codegen.bpf.maps import get_pinned
+from codegen.bpf.syscall import close
+from harness.deploy.lifecycle import PIN_ROOT, flush
+from netns.bridge import BridgeTopology
 from netns.namespace import Namespace
+from tests.net.test_bridge_vs_netfilter import _case, quiet
 from tests.net.test_cli_lifecycle import bpflab
 
 pytestmark = [pytest.mark.netns, pytest.mark.privileged]
 
 RULES = """*filter
 :INPUT ACCEPT [0:0]
-:FORWARD ACCEPT [0:0]
+:FORWARD DROP [0:0]
 :OUTPUT ACCEPT [0:0]
 -A FORWARD -m physdev --physdev-is-bridged -j DROP
+-A FORWARD -m physdev ! --physdev-is-in
+-A FORWARD -i br0 -o eth1 -j ACCEPT
+-A FORWARD -i eth1 -o br0 -j ACCEPT
 COMMIT
 """
-CALL_IPTABLES = "net.bridge.bridge-nf-call-iptables"
 
 
-def _call_iptables_here() -> bool:
-    return Path("/proc/sys/net/bridge/bridge-nf-call-iptables").exists()
+def _running(netns: str, device: str, direction: str) -> str:
+    """The name of the program the pinned link of `device` runs."""
+    link = get_pinned(str(PIN_ROOT / netns / f"link_{device}_{direction}"))
+    try:
+        program = linked_program(link)
+        try:
+            return program_info(program).name.decode()
+        finally:
+            close(program)
+    finally:
+        close(link)
 
 
-def test_physdev_is_refused_where_the_namespace_bridges_into_iptables(tmp_path):
-    rules = tmp_path / "physdev.rules"
+def test_ports_get_the_port_programs(tmp_path: Path) -> None:
+    rules = tmp_path / "bridge.rules"
     rules.write_text(RULES)
     with Namespace() as namespace:
-        namespace.run(["ip", "link", "add", "blbr0", "type", "bridge"])
-        namespace.run(["ip", "link", "set", "blbr0", "up"])
+        run = namespace.run
+        run(["ip", "link", "add", "br0", "type", "bridge"])
+        run(["ip", "link", "add", "port1", "type", "veth", "peer", "name", "port2"])
         try:
-            if not _call_iptables_here():  # no br_netfilter: nothing hands bridged packets over
-                assert bpflab("apply", str(rules), "--netns", namespace.name).returncode == 0
-                return
-            namespace.sysctl(CALL_IPTABLES, 1)
-            refused = bpflab("apply", str(rules), "--netns", namespace.name)
-            assert refused.returncode == 2, refused.stdout + refused.stderr
-            message = refused.stderr.strip()
-            assert "-m physdev cannot be judged" in message and "blbr0" in message
-            assert len(message.splitlines()) == 1 and "Traceback" not in message
-            assert read_state(namespace.name) is None  # nothing applied
-            # br_netfilter off in this namespace: bridged packets skip iptables, and so do
-            # the bridge ports; the rules apply.
-            namespace.sysctl(CALL_IPTABLES, 0)
+            assert bpflab("apply", str(rules), "--netns", namespace.name).returncode == 0
+            assert _running(namespace.name, "port1", "egress") == "bpflab_egress"
+            # Enslaved: the next apply swaps each link's program for the port's.
+            run(["ip", "link", "set", "port1", "master", "br0"])
             applied = bpflab("apply", str(rules), "--netns", namespace.name)
             assert applied.returncode == 0, applied.stderr
+            assert _running(namespace.name, "port1", "ingress") == "bpflab_port_in"
+            assert _running(namespace.name, "port1", "egress") == "bpflab_bridged"
+            assert _running(namespace.name, "br0", "ingress") == "bpflab_ingress"
+            assert _running(namespace.name, "port2", "egress") == "bpflab_egress"
         finally:
             flush(namespace.name)
 
 
-def test_physdev_applies_where_the_namespace_has_no_bridge(tmp_path):
-    rules = tmp_path / "physdev.rules"
-    rules.write_text(RULES)
-    with Namespace() as namespace:
-        namespace.run(["ip", "link", "add", "blveth0", "type", "veth", "peer", "blveth1"])
-        try:
-            applied = bpflab("apply", str(rules), "--netns", namespace.name)
-            assert applied.returncode == 0, applied.stderr
-            assert read_state(namespace.name) is not None
-        finally:
-            flush(namespace.name)
+@pytest.fixture(scope="module")
+def unfiltered_labs():
+    with BridgeTopology(call_iptables=False) as ours, BridgeTopology(call_iptables=False) as twin:
+        quiet(ours, twin)
+        yield ours, twin
+
+
+@pytest.mark.parametrize("backend", ["bytecode", pytest.param("c", marks=pytest.mark.bcc)])
+def test_without_br_netfilter_bridged_traffic_is_not_filtered(unfiltered_labs, backend) -> None:
+    _case(unfiltered_labs, backend, RULES, reference=False)

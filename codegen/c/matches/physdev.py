@@ -1,7 +1,8 @@
 """`-m physdev` (xt_physdev.c) over the facts' bridge ports (codegen/c/bridges.py): physin 0 is
 a packet no bridge handed to iptables, which xt_physdev answers from the options alone
-(codegen.rules.extensions.physdev); physout is 0 unless the packet is bridged. An output port
-option holds where there is no output port, as in the kernel."""
+(codegen.rules.extensions.physdev); physout is 0 unless the packet is bridged. With bridge
+information but no output port, an output port option fails, negated or not, as in the
+kernel."""
 
 from __future__ import annotations
 
@@ -37,7 +38,6 @@ def write(match: Physdev, labels: Labels) -> list[str]:
     if match.in_port is not None:
         inner += _port_test("f->physin", match.in_port, labels)
     if match.out_port is not None:
-        inner.append("if (f->physout != 0) {")
-        inner += [f"    {line}" for line in _port_test("f->physout", match.out_port, labels)]
-        inner.append("}")
+        inner += ["if (f->physout == 0)", f"    {miss}"]
+        inner += _port_test("f->physout", match.out_port, labels)
     return [*code, *(f"    {line}" for line in inner), "}"]

@@ -259,8 +259,9 @@ def port_matches(port: PortName, device: str) -> bool:
 
 def physdev_matches(match: Physdev, physin: str | None, physout: str | None) -> bool:
     """physdev_mt for a packet whose nf_bridge info names `physin` (None: no such info) and
-    `physout` (None: not bridged). An output port option holds when there is no output port,
-    as in the kernel."""
+    `physout` (None: not bridged). With bridge information but no output port, an output port
+    option fails whether negated or not, as in the kernel (a packet routed on from a bridge:
+    `! --physdev-out X` does not hold for it)."""
     if physin is None:
         return no_bridge_answer(match)
     for given, present in (
@@ -272,8 +273,8 @@ def physdev_matches(match: Physdev, physin: str | None, physout: str | None) -> 
             return False
     if match.in_port is not None and not port_matches(match.in_port, physin):
         return False
-    if match.out_port is not None and physout is not None:
-        return port_matches(match.out_port, physout)
+    if match.out_port is not None:
+        return physout is not None and port_matches(match.out_port, physout)
     return True
 
 

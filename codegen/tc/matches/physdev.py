@@ -1,7 +1,9 @@
 """`-m physdev` (xt_physdev.c) over the facts' bridge ports (codegen.tc.bridges): PHYS_IN is 0
 for a packet no bridge handed to iptables, which xt_physdev answers from the options alone
 (codegen.rules.extensions.physdev); PHYS_OUT is 0 unless the packet is bridged. Port names are
-resolved to the ifindexes present when the program is built, as -i's are."""
+resolved to the ifindexes present when the program is built, as -i's are. With bridge
+information but no output port, an output port option fails, negated or not, as in the
+kernel."""
 
 from __future__ import annotations
 
@@ -58,8 +60,8 @@ def physdev(match: Physdev, ctx: Context) -> list[Item]:
             code += [load(Facts.PHYS_OUT), I.jmp32(unless, R1, 0, ctx.miss)]
     if match.in_port is not None:
         code += _port(Facts.PHYS_IN, match.in_port, ctx)
-    if match.out_port is not None:  # holds where there is no output port, as in the kernel
-        code += [load(Facts.PHYS_OUT), I.jmp32(JmpOp.JEQ, R1, 0, done)]
+    if match.out_port is not None:
+        code += [load(Facts.PHYS_OUT), I.jmp32(JmpOp.JEQ, R1, 0, ctx.miss)]
         code += _port(Facts.PHYS_OUT, match.out_port, ctx)
     return [*code, Label(done)]
 
