@@ -13,6 +13,7 @@ from codegen.bpf.loader import VerifierStats, load
 from codegen.bpf.maps import Map
 from codegen.reject import limits as reject_limits
 from codegen.reject.limits import RateMaps
+from codegen.rules.extensions.physdev import uses_physdev
 from codegen.rules.model import Ruleset
 from codegen.tc import exact
 from codegen.tc.generator import (
@@ -22,7 +23,6 @@ from codegen.tc.generator import (
     FRAGMENT_VALUE_SIZE,
     FRAGMENTS_MAP,
     FRAGMENTS_TRACKED,
-    PORT_STAMP,
     Hook,
     LocalAddresses,
     compile_program,
@@ -60,32 +60,49 @@ def load_program(
     fastpath: bool = False,
     backend: Backend = "bytecode",
     local: LocalAddresses | None = None,
+    bridges: bool = True,
 ) -> Program:
     """Generate, compile and load one program; `maps` by the names the generators use; `local`:
-    what the namespace delivers locally, which an ingress program compares inline. A program
+    what the namespace delivers locally, which an ingress program compares inline; `bridges`:
+    whether a bridge may hand packets to iptables (-m physdev reads ports). A program
     with REJECT given no rate-limit maps (a namespace's: harness.deploy.icmp_limits; a test
-    run's) gets its own, unconfigured: its ICMP errors are not limited."""
+    run's) gets its own, unconfigured: its ICMP errors are not limited; one that reads bridge
+    ports given no bridge maps gets its own, empty: it knows no bridge."""
+    standins: dict[str, Map] = {}
     if rejects(ruleset) and not all(name in maps for name in reject_limits.MAPS):
-        limits = RateMaps.create()
+        standins.update(RateMaps.create().maps)
+    ports = hook == "ingress" and uses_physdev(ruleset) and bridges
+    bridged = hook in ("bridged", "port_ingress") or ports
+    if bridged and BRIDGE_PORTS not in maps:
+        standins.update(bridge_maps({}))
+    if standins:
         try:
             program = load_program(
                 ruleset,
                 hook,
                 interfaces=interfaces,
-                maps={**maps, **limits.maps},
+                maps={**maps, **standins},
                 chain=chain,
                 fastpath=fastpath,
                 backend=backend,
                 local=local,
+                bridges=bridges,
             )
         except BaseException:
-            limits.close()
+            for table in standins.values():
+                table.close()
             raise
-        program.resources.extend(limits.maps.values())
+        program.resources.extend(standins.values())
         return program
     if backend == "bytecode":
         compiled = compile_program(
-            ruleset, hook, interfaces=interfaces, chain=chain, fastpath=fastpath, local=local
+            ruleset,
+            hook,
+            interfaces=interfaces,
+            chain=chain,
+            fastpath=fastpath,
+            local=local,
+            bridges=bridges,
         )
         # Maps of the program's own, built here: the hash of exact-match runs, and on ingress
         # the datagrams whose first fragment INPUT accepted.
@@ -105,8 +122,6 @@ def load_program(
             if compiled.heads:  # with room for patches (harness.deploy.patch)
                 made, layout = classifier_tables.make(compiled)
                 own.update(made)
-            if {BRIDGE_PORTS, PORT_STAMP} & set(compiled.maps) - set(maps):  # no bridge here
-                own.update(bridge_maps({}))
             if FRAGMENTS_MAP in compiled.maps and FRAGMENTS_MAP not in maps:
                 own[FRAGMENTS_MAP] = Map(
                     MapType.LRU_HASH,
@@ -134,5 +149,6 @@ def load_program(
             chain=chain,
             fastpath=fastpath,
             local=local,
+            bridges=bridges,
         )
     raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")

@@ -77,6 +77,16 @@ def _check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def bridged_argument(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument(
+        "--bridged",
+        action="store_true",
+        help="build for a namespace whose bridge hands its traffic to iptables (br_netfilter):"
+        " -m physdev reads the ports, and verify loads the bridge ports' program too; by"
+        " default, a namespace without one",
+    )
+
+
 def _compile(args: argparse.Namespace) -> int:
     from codegen.bpf.asm import assemble
     from codegen.bpf.disasm import listing
@@ -89,9 +99,14 @@ def _compile(args: argparse.Namespace) -> int:
     if args.backend == "c":
         from codegen.c import c_source
 
-        print(c_source(ruleset, args.hook, interfaces=interfaces, fastpath=args.fastpath), end="")
+        source = c_source(
+            ruleset, args.hook, interfaces=interfaces, fastpath=args.fastpath, bridges=args.bridged
+        )
+        print(source, end="")
         return EXIT_OK
-    compiled = compile_program(ruleset, args.hook, interfaces=interfaces, fastpath=args.fastpath)
+    compiled = compile_program(
+        ruleset, args.hook, interfaces=interfaces, fastpath=args.fastpath, bridges=args.bridged
+    )
     assembly = assemble(compiled.items)
     print(listing(list(assembly.insns)))
     per_rule: dict[object, int] = {}
@@ -326,14 +341,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command("compile", _compile, "print the annotated disassembly of a generated program")
     rules_argument(sub)
     backend_argument(sub)
-    sub.add_argument("--hook", choices=["ingress", "egress"], default="ingress")
+    sub.add_argument("--hook", choices=["ingress", "egress", "bridged"], default="ingress")
     sub.add_argument("--fastpath", action="store_true", help="forward ACCEPTed FORWARD traffic")
+    bridged_argument(sub)
 
     sub = command("verify", verify, "load both programs into the verifier and print its stats")
     rules_argument(sub)
     backend_argument(sub)
     sub.add_argument("--fastpath", action="store_true")
     sets_argument(sub, "default: the stand-in sets")
+    bridged_argument(sub)
 
     sub = command("run", run, "run one chain's program on packets with BPF_PROG_TEST_RUN")
     rules_argument(sub)

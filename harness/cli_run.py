@@ -65,7 +65,7 @@ def verify(args: argparse.Namespace) -> int:
             tracking[name] = stack.enter_context(held)
         for name, held in (create_recent_maps(ruleset) if uses_recent(ruleset) else {}).items():
             tracking[name] = stack.enter_context(held)
-        for hook in ("ingress", "egress"):
+        for hook in ("ingress", "egress", *(["bridged"] if args.bridged else [])):
             program = load_program(
                 ruleset,
                 hook,
@@ -73,6 +73,7 @@ def verify(args: argparse.Namespace) -> int:
                 maps={COUNTERS_MAP: counters, **tracking},
                 fastpath=args.fastpath,
                 backend=args.backend,
+                bridges=args.bridged,
             )
             try:
                 stats = program.stats

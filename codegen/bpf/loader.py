@@ -232,8 +232,13 @@ def _btf_name(name: str) -> str:
     return cleaned if cleaned[:1].isalpha() or cleaned[:1] == "_" else f"f_{cleaned}"
 
 
+# What the verifier fails a program with, beside a failure of the call: ENOMEM too, for "The
+# sequence of 8193 jumps is too complex" and for jumps its rewrites push past 16 bits.
+REFUSALS = (errno.EACCES, errno.EINVAL, errno.E2BIG, errno.ENOSPC, errno.EFAULT, errno.ENOMEM)
+
+
 def _raise_refusal(failure: int, name: str, assembly: Assembly, attempt) -> None:
-    if failure not in (errno.EACCES, errno.EINVAL, errno.E2BIG, errno.ENOSPC, errno.EFAULT):
+    if failure not in REFUSALS:
         raise error_for(failure, f"loading program {name!r}")
     # Refused: ask again for the whole log, growing the buffer until it fits.
     size = FAILURE_LOG_SIZE

@@ -52,10 +52,14 @@ def c_source(
     interfaces: Mapping[str, int],
     chain: str | None = None,
     fastpath: bool = False,
+    bridges: bool = True,
 ) -> str:
     """The C for one program, as `bpflab compile --backend c` prints it: each rule's code under
     a comment holding the rule's iptables-save text."""
-    return generate(ruleset, [Entry(hook, chain)], interfaces=interfaces, fastpath=fastpath).text
+    source = generate(
+        ruleset, [Entry(hook, chain)], interfaces=interfaces, fastpath=fastpath, bridges=bridges
+    )
+    return source.text
 
 
 def load_c_program(
@@ -68,11 +72,13 @@ def load_c_program(
     fastpath: bool = False,
     local: LocalAddresses | None = None,
     table_from: int = TABLE_FROM,
+    bridges: bool = True,
 ) -> CProgram:
     """Generate, compile (bcc) and load one program over the caller's maps ("counters", and
     those its matches read); `local`: what the namespace delivers locally, for ingress
     (codegen.tc.local); `table_from`: the shortest run of plain rules scanned from the rule
-    table (codegen/c/table.py). The caller closes it."""
+    table (codegen/c/table.py); `bridges`: whether a bridge may hand packets to iptables
+    (-m physdev reads the ports). The caller closes it."""
     (program,) = load_programs(
         ruleset,
         [Entry(hook, chain)],
@@ -81,6 +87,7 @@ def load_c_program(
         fastpath=fastpath,
         local=local,
         table_from=table_from,
+        bridges=bridges,
     )
     return program
 
@@ -94,6 +101,7 @@ def load_c_programs(
     fastpath: bool = False,
     local: LocalAddresses | None = None,
     table_from: int = TABLE_FROM,
+    bridges: bool = True,
 ) -> list[CProgram]:
     """Several programs from one C unit and one bcc compile (compiles take most of the time),
     in the order of `entries`; `table_from`: the shortest run of plain rules scanned from the
@@ -106,4 +114,5 @@ def load_c_programs(
         fastpath=fastpath,
         local=local,
         table_from=table_from,
+        bridges=bridges,
     )

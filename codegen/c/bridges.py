@@ -23,11 +23,12 @@ MAP_SHAPES = {
 }
 
 
-def needed(ruleset: Ruleset, entries: Sequence[Entry]) -> bool:
-    """Whether a unit of `entries` reads the bridge maps."""
+def needed(ruleset: Ruleset, entries: Sequence[Entry], bridges: bool) -> bool:
+    """Whether a unit of `entries` reads the bridge maps (`bridges`: whether a bridge may hand
+    packets to iptables)."""
     hooks = {entry.hook for entry in entries}
     return bool(hooks & {"bridged", "port_ingress"}) or (
-        "ingress" in hooks and uses_physdev(ruleset)
+        "ingress" in hooks and uses_physdev(ruleset) and bridges
     )
 
 

@@ -86,8 +86,10 @@ class ChainWriter:
         user_chains: Iterable[str],
         builtins: Iterable[str] = (),
         table_from: int = table.TABLE_FROM,
+        bridges: bool = True,
     ):
         self.ruleset = ruleset
+        self.bridges = bridges  # whether -m physdev reads the facts' ports
         self.layout = layout
         self.interfaces = interfaces
         self.slots = limit_slots(ruleset)  # each limit match's bucket
@@ -172,7 +174,12 @@ class ChainWriter:
         miss, hotdrop = f"rule_{slot}_next", f"rule_{slot}_hotdrop"
         text = write_rule(chain.name, rule)
         labels = matches.Labels(
-            miss, hotdrop, self.interfaces, rule=(chain.name, index), slots=self.slots
+            miss,
+            hotdrop,
+            self.interfaces,
+            rule=(chain.name, index),
+            slots=self.slots,
+            bridge_ports=self.bridges,
         )
         where = f"{rule.source}: " if rule.source is not None else ""
         refusal = target_refusal(rule.target, REFUSED_TARGETS, GENERATED_TARGETS)

@@ -30,7 +30,13 @@ from pathlib import Path
 from codegen import conntrack
 from codegen.bpf.info import map_info, program_info
 from codegen.bpf.isa import MapType, ProgType
-from codegen.bpf.loader import FAILURE_LOG_SIZE, VerifierError, VerifierStats, failing_slot
+from codegen.bpf.loader import (
+    FAILURE_LOG_SIZE,
+    REFUSALS,
+    VerifierError,
+    VerifierStats,
+    failing_slot,
+)
 from codegen.bpf.maps import Map, pin
 from codegen.bpf.syscall import BpfError, close, error_for
 from codegen.conntrack import uses_conntrack
@@ -150,6 +156,7 @@ def load_programs(
     fastpath: bool = False,
     local: LocalAddresses | None = None,
     table_from: int = TABLE_FROM,
+    bridges: bool = True,
 ) -> list[CProgram]:
     """Generate one C unit for `entries`, compile it once with bcc and load every entry
     (`local`: what the namespace delivers locally, for an ingress entry; `table_from`: the
@@ -162,7 +169,7 @@ def load_programs(
         needed.append(ADDRESS_TYPES)
     if c_log.logs(ruleset):
         needed += c_log.MAP_SHAPES
-    if c_bridges.needed(ruleset, entries):
+    if c_bridges.needed(ruleset, entries, bridges):
         needed += c_bridges.MAP_SHAPES
     if uses_policy(ruleset) and any(entry.hook == "chain" for entry in entries):
         needed.append(SECPATH_MAP)  # a test's security path (codegen/c/policy.py)
@@ -198,6 +205,7 @@ def load_programs(
         map_entries=sizes,
         local=local,
         table_from=table_from,
+        bridges=bridges,
     )
     replies = table = None
     try:
@@ -459,7 +467,7 @@ def _load(bcc, lib, module, source: CSource, name: str) -> CProgram:
     if fd >= 0:
         return CProgram(fd, name, VerifierStats.from_log(log), size // 8, source, log)
     code = code or errno.EINVAL
-    if code not in (errno.EACCES, errno.EINVAL, errno.E2BIG, errno.ENOSPC, errno.EFAULT):
+    if code not in REFUSALS:
         raise error_for(code, f"loading program {name!r}")
     # The kernel keeps the end of a log that overflows: where it stopped, and why.
     fd, _, log = attempt(LOG_LEVEL_VERBOSE | LOG_LEVEL_STATS, FAILURE_LOG_SIZE * 4)

@@ -50,7 +50,7 @@ def entry_function(entry: Entry, chains: ChainWriter, fastpath: bool, slot: int)
         builtin = entry.builtins[0] if entry.hook in ("chain", "bridged") else None
         logging = hook_statement(entry.hook, builtin)
     own_answers = OWN_ANSWER if entry.hook == "ingress" and rejects(chains.ruleset) else []
-    facts = _facts(entry, uses_physdev(chains.ruleset))
+    facts = _facts(entry, uses_physdev(chains.ruleset) and chains.bridges)
     body = [*own_answers, *facts, *_read_once(entry, chains), *logging, ""]
     body += _judgement(entry, chains, fastpath)
     answer = _reply(slot) if rejects(chains.ruleset) and entry.hook != "bridged" else []

@@ -115,11 +115,13 @@ def generate(
     map_entries: Mapping[str, int] | None = None,
     local: LocalAddresses | None = None,
     table_from: int = c_table.TABLE_FROM,
+    bridges: bool = True,
 ) -> CSource:
     """The C translation unit for `entries`. `map_entries` gives the maps' max_entries as
     declared to bcc (default: the counter layout's size); `local`, what the namespace delivers
     locally (codegen.tc.local; None: its STANDIN); runs of `table_from` plain rules or more
-    are scanned from the rule table (codegen/c/table.py)."""
+    are scanned from the rule table (codegen/c/table.py); `bridges`: whether a bridge may hand
+    packets to iptables (-m physdev reads the ports)."""
     if not entries:
         raise CCompileError("no program to generate")
     names = [entry.function for entry in entries]
@@ -129,7 +131,7 @@ def generate(
     layout = CounterLayout.of(ruleset)
     roots = sorted({name for entry in entries for name in entry.builtins})
     reached = user_chains_reached(ruleset, roots)
-    chains = ChainWriter(ruleset, layout, interfaces, reached, roots, table_from)
+    chains = ChainWriter(ruleset, layout, interfaces, reached, roots, table_from, bridges)
     text = SourceText()
     text.write(
         prologue(
@@ -162,7 +164,7 @@ def generate(
         text.write(c_set.declarations(ruleset, dict(map_entries or {})))
     if c_recent.matches_of(ruleset):
         text.write(c_recent.declarations(ruleset, dict(map_entries or {})))
-    if c_bridges.needed(ruleset, entries):
+    if c_bridges.needed(ruleset, entries, bridges):
         text.write(c_bridges.declarations())
     if chains.table.entries:
         text.write(c_table.declarations(len(chains.table.entries)))

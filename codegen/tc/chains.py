@@ -204,6 +204,7 @@ class ChainWriter:
         self.slots = limit_slots(ruleset)  # each limit match's bucket (codegen.tc.matches.limit)
         self.policy_bits = answer_bits(ruleset)  # codegen.tc.matches.policy
         self.owner_bits = group_bits(ruleset)  # codegen.tc.matches.owner's --suppl-groups
+        self.bridge_ports = True  # whether the facts hold -m physdev's ports (not at OUTPUT)
 
     def builtin_chain(self, name: str, accept: str, drop: str = "drop") -> list[Item]:
         chain = self.ruleset.chains[name]
@@ -390,6 +391,7 @@ class ChainWriter:
             ruleset=self.ruleset,
             policy_bits=self.policy_bits,
             owner_bits=self.owner_bits,
+            bridge_ports=self.bridge_ports,
         )
         code = matches.emit(rule.matches, context)
         target = rule.target

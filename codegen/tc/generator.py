@@ -96,10 +96,13 @@ def compile_program(
     chain: str | None = None,
     fastpath: bool = False,
     local: LocalAddresses | None = None,
+    bridges: bool = True,
 ) -> CompiledProgram:
     """Generate the program for `hook` (for `chain`, name the built-in chain to run). `local`:
     what the namespace delivers locally, which the ingress program compares inline
-    (codegen.tc.local; None: its STANDIN)."""
+    (codegen.tc.local; None: its STANDIN). `bridges`: whether a bridge of the namespace may hand
+    packets to iptables; without one, -m physdev is the constant answer for no bridge
+    information (codegen.tc.bridges)."""
     if hook == "port_ingress":  # no chains: a stamp for the bridge device (codegen.tc.bridges)
         layout = CounterLayout.of(ruleset)
         return CompiledProgram("bpflab_port_in", hook, (), stamp_program(), layout, (PORT_STAMP,))
@@ -112,7 +115,7 @@ def compile_program(
     refuse_unsupported(ruleset, (*builtins, *user_chains_called(ruleset, builtins)))
     require_runtime(ruleset)
     chains = ChainWriter(ruleset, CounterLayout.of(ruleset), interfaces, Labels())
-    writer = ProgramWriter(chains, hook, fastpath, STANDIN if local is None else local)
+    writer = ProgramWriter(chains, hook, fastpath, STANDIN if local is None else local, bridges)
     items = remove_unreachable(writer.entry(builtins))
     maps = {
         "ingress": (COUNTERS_MAP, FRAGMENTS_MAP),
@@ -120,7 +123,7 @@ def compile_program(
     }.get(hook, (COUNTERS_MAP,))
     if hook == "bridged":
         maps += (BRIDGE_PORTS,)
-    elif hook == "ingress" and uses_physdev(ruleset):
+    elif hook == "ingress" and uses_physdev(ruleset) and bridges:
         maps += (BRIDGE_PORTS, PORT_STAMP)
     if chains.exact:
         maps += (EXACT_MAP,)

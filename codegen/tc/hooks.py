@@ -59,7 +59,12 @@ class ProgramWriter:
     """The entry function of one hook's program, then its chain functions and subprograms."""
 
     def __init__(
-        self, chains: ChainWriter, hook: Hook, fastpath: bool, local: LocalAddresses
+        self,
+        chains: ChainWriter,
+        hook: Hook,
+        fastpath: bool,
+        local: LocalAddresses,
+        bridges: bool = True,
     ) -> None:
         self.chains = chains
         self.local = local  # what the namespace delivers locally (codegen.tc.local)
@@ -70,7 +75,8 @@ class ProgramWriter:
         self.tracking = uses_conntrack(chains.ruleset)
         # Some rule REJECTs: the drop tail answers (a bridged packet's REJECT only drops).
         self.answering = rejects(chains.ruleset) and hook != "bridged"
-        self.physdev = uses_physdev(chains.ruleset)
+        # -m physdev reads the ports only where a bridge may hand packets to iptables.
+        self.physdev = uses_physdev(chains.ruleset) and bridges
         self.builtin: str | None = None  # the chain program's chain
 
     def track(self) -> list[Item]:
@@ -136,15 +142,14 @@ class ProgramWriter:
             *self.tails(),
             Label("classify"),
         ]
+        runs_output = self.hook == "egress" or (self.hook == "chain" and builtins[0] == "OUTPUT")
+        self.chains.bridge_ports = self.physdev and not runs_output  # the facts hold the ports
         if self.hook == "bridged":
             code += bridges.bridged_facts()
-        elif self.physdev and self.hook == "chain" and builtins[0] != "OUTPUT":
+        elif self.physdev and self.hook == "chain" and not runs_output:
             code += bridges.tested_ports()
-        elif self.physdev:  # -m physdev's ports: on the bridge device, its frame's in-port
-            code += bridges.no_ports()
-            if self.hook == "ingress":
-                code += bridges.stamped_port(self.label("stamp_read"))
-        runs_output = self.hook == "egress" or (self.hook == "chain" and builtins[0] == "OUTPUT")
+        elif self.physdev and self.hook == "ingress":  # on a bridge device, its frame's in-port
+            code += [*bridges.no_ports(), *bridges.stamped_port(self.label("stamp_read"))]
         if runs_output and uses_owner(self.chains.ruleset):  # -m owner's socket, read once
             code += owner_facts(self.hook, self.label, tuple(self.chains.owner_bits))
         bits = self.chains.policy_bits

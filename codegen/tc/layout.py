@@ -70,11 +70,14 @@ class Facts:
     # the fsgid or a supplementary group lies in the rule set's Nth distinct --suppl-groups
     # gid range (codegen.tc.matches.owner).
     OWNER_GROUPS = POLICY
-    # -m physdev's bridge ports (ifindexes; codegen.tc.bridges): the port the packet came in
-    # by (0: no bridge handed it to iptables) and, for a bridged packet, the one it leaves by.
-    PHYS_IN = Field(POLICY.offset + 4, Size.W)
-    PHYS_OUT = Field(PHYS_IN.offset + 4, Size.W)
-    SIZE = PHYS_OUT.offset + 4 + 7 & ~7
+    # -m physdev's bridge ports (ifindexes; codegen.tc.bridges), where INPUT and FORWARD run,
+    # in the owner's words, which only OUTPUT reads (OUTPUT never has bridge information): the
+    # port the packet came in by (0: no bridge handed it to iptables) and, for a bridged
+    # packet, the one it leaves by. The frame has no 8 bytes to spare: the tracker's deepest
+    # calls stand at the verifier's 512-byte stack limit.
+    PHYS_IN = OWNER_UID
+    PHYS_OUT = OWNER_GID
+    SIZE = POLICY.offset + 4 + 7 & ~7
 
     @staticmethod
     def connection(name: str, part: str | None = None) -> Field:

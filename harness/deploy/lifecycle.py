@@ -258,6 +258,7 @@ def apply(
                         fastpath=fastpath,
                         backend=backend,
                         local=local,
+                        bridges=bool(bridges.filtering),
                     )
                 )
             )

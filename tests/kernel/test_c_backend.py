@@ -574,7 +574,8 @@ def test_bytecode_and_c_agree_on_ingress_and_egress(router):
                     hook: stack.enter_context(
                         closing(
                             load_program(ruleset, hook, interfaces=interfaces,
-                                         maps=maps["bytecode"], fastpath=fastpath, local=local)
+                                         maps=maps["bytecode"], fastpath=fastpath, local=local,
+                                         bridges=False)
                         )
                     )
                     for hook in ("ingress", "egress")
@@ -584,7 +585,8 @@ def test_bytecode_and_c_agree_on_ingress_and_egress(router):
                         ("ingress", "egress"),
                         [stack.enter_context(closing(program)) for program in load_c_programs(
                             ruleset, [Entry("ingress"), Entry("egress")], interfaces=interfaces,
-                            maps=maps["c"], fastpath=fastpath, local=local)],
+                            maps=maps["c"], fastpath=fastpath, local=local,
+                            bridges=False)],  # the router bridges nothing
                         strict=True,
                     )
                 ),

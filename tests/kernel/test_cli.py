@@ -113,6 +113,26 @@ def test_verify_prints_statistics(rules_file):
     assert "processed" in lines[0] and "states" in lines[0]
 
 
+def test_verify_bridged_reads_the_ports_and_loads_the_ports_program(tmp_path):
+    rules = tmp_path / "physdev.rules"
+    rules.write_text(
+        "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n"
+        "-A FORWARD -m physdev --physdev-is-bridged --physdev-in eth0 -j DROP\nCOMMIT\n"
+    )
+    plain = bpflab("verify", str(rules))
+    bridged = bpflab("verify", str(rules), "--bridged")
+    assert plain.returncode == bridged.returncode == 0, plain.stderr + bridged.stderr
+    assert len(plain.stdout.splitlines()) == 2
+    lines = bridged.stdout.splitlines()
+    assert len(lines) == 3 and lines[2].startswith("bridged  bpflab_bridged: accepted;")
+
+    def instructions(line: str) -> int:
+        return int(line.split("accepted; ")[1].split()[0])
+
+    # Without a bridge the match is a constant miss; with one, it reads the ports.
+    assert instructions(lines[0]) > instructions(plain.stdout.splitlines()[0])
+
+
 def test_run_prints_one_json_object_per_packet_then_counters(rules_file):
     result = bpflab(
         "run",

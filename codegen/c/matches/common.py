@@ -31,6 +31,7 @@ class Labels:
     rule: tuple[str, int] = ("", 0)
     place: tuple[str, int, int] = ("", 0, 0)
     slots: Mapping[tuple[str, int, int], int] = field(default_factory=dict)
+    bridge_ports: bool = True  # whether the facts' physin and physout may hold bridge ports
 
 
 class UnsupportedMatch(ValueError):

@@ -26,6 +26,8 @@ def _port_test(field: str, port: PortName, labels: Labels) -> list[str]:
 
 def write(match: Physdev, labels: Labels) -> list[str]:
     miss = f"goto {labels.miss};"
+    if not labels.bridge_ports:  # no bridge hands packets to iptables: never any port
+        return [] if no_bridge_answer(match) else [f"{miss}  // no bridge port here"]
     code = ["if (f->physin == 0) {"]
     code += [] if no_bridge_answer(match) else [f"    {miss}  // no bridge port: xt_physdev"]
     code.append("} else {")

@@ -51,6 +51,9 @@ class Context:
     policy_bits: Mapping[Any, int] = field(default_factory=dict)
     # The bit of the facts' OWNER_GROUPS word each distinct --suppl-groups range answers in.
     owner_bits: Mapping[tuple[int, int], int] = field(default_factory=dict)
+    # Whether the facts hold -m physdev's bridge ports (PHYS_IN, PHYS_OUT); not where OUTPUT
+    # runs, which never has bridge information.
+    bridge_ports: bool = True
 
     def with_miss(self, miss: str) -> Context:
         return replace(self, miss=miss)

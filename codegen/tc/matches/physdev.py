@@ -42,9 +42,11 @@ def _port(field: Field, port: PortName, ctx: Context) -> list[Item]:
 
 
 def physdev(match: Physdev, ctx: Context) -> list[Item]:
+    without = [] if no_bridge_answer(match) else [I.ja(ctx.miss)]
+    if not ctx.bridge_ports:  # OUTPUT: the facts' words are the owner's
+        return without
     bridged = ctx.new_label("physdev_bridged")
     done = ctx.new_label("physdev_done")
-    without = [] if no_bridge_answer(match) else [I.ja(ctx.miss)]
     code: list[Item] = [
         load(Facts.PHYS_IN),
         I.jmp32(JmpOp.JNE, R1, 0, bridged),
