@@ -28,7 +28,14 @@ from .cli_input import (
     require,
 )
 from .cli_recent import recent
-from .cli_run import OWNER_HELP, OWNER_METAVAR, run, verify
+from .cli_run import (
+    OWNER_HELP,
+    OWNER_METAVAR,
+    bridged_argument,
+    compile_program_listing,
+    run,
+    verify,
+)
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -74,49 +81,6 @@ def _check(args: argparse.Namespace) -> int:
     from codegen.rules import write
 
     print(write(parse_rules(args.rules)), end="")
-    return EXIT_OK
-
-
-def bridged_argument(sub: argparse.ArgumentParser) -> None:
-    sub.add_argument(
-        "--bridged",
-        action="store_true",
-        help="build for a namespace whose bridge hands its traffic to iptables (br_netfilter):"
-        " -m physdev reads the ports, and verify loads the bridge ports' program too; by"
-        " default, a namespace without one",
-    )
-
-
-def _compile(args: argparse.Namespace) -> int:
-    from codegen.bpf.asm import assemble
-    from codegen.bpf.disasm import listing
-    from codegen.tc.generator import compile_program
-
-    from .runner import standin_interfaces
-
-    ruleset = parse_rules(args.rules)
-    interfaces = standin_interfaces(ruleset)
-    if args.backend == "c":
-        from codegen.c import c_source
-
-        source = c_source(
-            ruleset, args.hook, interfaces=interfaces, fastpath=args.fastpath, bridges=args.bridged
-        )
-        print(source, end="")
-        return EXIT_OK
-    compiled = compile_program(
-        ruleset, args.hook, interfaces=interfaces, fastpath=args.fastpath, bridges=args.bridged
-    )
-    assembly = assemble(compiled.items)
-    print(listing(list(assembly.insns)))
-    per_rule: dict[object, int] = {}
-    for insn in assembly.insns:
-        if insn.annotation is not None:
-            per_rule[insn.annotation] = per_rule.get(insn.annotation, 0) + insn.slots
-    print(
-        f"\n; {compiled.name}: {assembly.slot_count} instructions, "
-        f"{len(per_rule)} rules compiled, chains {', '.join(compiled.chains)}"
-    )
     return EXIT_OK
 
 
@@ -338,7 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command("check", _check, "parse and validate RULES and print their canonical form")
     rules_argument(sub)
 
-    sub = command("compile", _compile, "print the annotated disassembly of a generated program")
+    sub = command(
+        "compile", compile_program_listing, "print the annotated disassembly of a generated program"
+    )
     rules_argument(sub)
     backend_argument(sub)
     sub.add_argument("--hook", choices=["ingress", "egress", "bridged"], default="ingress")

@@ -11,6 +11,50 @@ from . import environment
 from .cli_input import EXIT_OK, UsageError, parse_rules, read_sets, require
 
 
+def bridged_argument(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument(
+        "--bridged",
+        action="store_true",
+        help="build for a namespace whose bridge hands its traffic to iptables (br_netfilter):"
+        " -m physdev reads the ports, and verify loads the bridge ports' program too; by"
+        " default, a namespace without one",
+    )
+
+
+def compile_program_listing(args: argparse.Namespace) -> int:
+    """`bpflab compile`: the annotated disassembly of one program, or its C."""
+    from codegen.bpf.asm import assemble
+    from codegen.bpf.disasm import listing
+    from codegen.tc.generator import compile_program
+
+    from .runner import standin_interfaces
+
+    ruleset = parse_rules(args.rules)
+    interfaces = standin_interfaces(ruleset)
+    if args.backend == "c":
+        from codegen.c import c_source
+
+        source = c_source(
+            ruleset, args.hook, interfaces=interfaces, fastpath=args.fastpath, bridges=args.bridged
+        )
+        print(source, end="")
+        return EXIT_OK
+    compiled = compile_program(
+        ruleset, args.hook, interfaces=interfaces, fastpath=args.fastpath, bridges=args.bridged
+    )
+    assembly = assemble(compiled.items)
+    print(listing(list(assembly.insns)))
+    per_rule: dict[object, int] = {}
+    for insn in assembly.insns:
+        if insn.annotation is not None:
+            per_rule[insn.annotation] = per_rule.get(insn.annotation, 0) + insn.slots
+    print(
+        f"\n; {compiled.name}: {assembly.slot_count} instructions, "
+        f"{len(per_rule)} rules compiled, chains {', '.join(compiled.chains)}"
+    )
+    return EXIT_OK
+
+
 def verify(args: argparse.Namespace) -> int:
     require(environment.missing_bpf)
     if args.backend == "c":

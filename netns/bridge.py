@@ -35,10 +35,12 @@ def port_mac(client: IPv4Interface) -> str:
 
 class BridgeTopology(Topology):
     """See the module doc. `host`: the bridge host's namespace; `clients`: the two clients'
-    ends; `ports`: the port names, in the clients' order; `uplink`, `server`: the routed link."""
+    ends; `ports`: the port names, in the clients' order; `bridge_side`: the bridge device as
+    the clients see the host; `uplink`, `server`: the routed link."""
 
     host: Namespace
     clients: tuple[Endpoint, Endpoint]
+    bridge_side: Endpoint
     ports: tuple[str, str] = ("port1", "port2")
     bridge: str = "br0"
     uplink: Endpoint
@@ -55,6 +57,7 @@ class BridgeTopology(Topology):
         run(["ip", "link", "set", self.bridge, "type", "bridge", "stp_state", "0"])
         run(["ip", "address", "add", str(BRIDGE), "dev", self.bridge])
         run(["ip", "link", "set", self.bridge, "up"])
+        self.bridge_side = _endpoint(host, self.bridge, BRIDGE)
         clients = []
         for port, address in zip(self.ports, CLIENTS, strict=True):
             client = self._namespace(stack)
@@ -86,7 +89,8 @@ class BridgeTopology(Topology):
                     + ["nud", "permanent"]
                 )
         self.clients = tuple(  # type: ignore[assignment]
-            _endpoint(client, address) for client, address in zip(clients, CLIENTS, strict=True)
+            _endpoint(client, "eth0", address)
+            for client, address in zip(clients, CLIENTS, strict=True)
         )
         server = self._namespace(stack)
         self.uplink, self.server = create_veth_pair(
@@ -96,7 +100,7 @@ class BridgeTopology(Topology):
         host.sysctl("net.bridge.bridge-nf-call-iptables", int(self.call_iptables))
 
 
-def _endpoint(namespace: Namespace, address: IPv4Interface) -> Endpoint:
+def _endpoint(namespace: Namespace, ifname: str, address: IPv4Interface) -> Endpoint:
     with namespace.ipr() as ipr:
-        ifindex = ipr.link_lookup(ifname="eth0")[0]
-    return Endpoint(namespace, "eth0", ifindex, mac_for(address.ip), address, None)
+        ifindex = ipr.link_lookup(ifname=ifname)[0]
+    return Endpoint(namespace, ifname, ifindex, mac_for(address.ip), address, None)

@@ -353,15 +353,15 @@ def _send(
 
 
 def _forwarding_problem(lab: Lab, entry: PacketEntry, sent: Packet, got: Packet) -> str:
-    """A forwarded frame must arrive with its TTL decremented and its MACs rewritten."""
-    router = lab.node("router", entry.destination)
-    destination = lab.node(entry.destination, "router")
+    """A routed frame must arrive with its TTL decremented and its MACs rewritten; a bridged
+    one as it was sent."""
+    taken, source, destination = lab.forwarding(entry.source, entry.destination)
     problems = []
-    if got[IP].ttl != sent[IP].ttl - 1:
-        problems.append(f"TTL {got[IP].ttl}, expected {sent[IP].ttl - 1}")
-    if got[Ether].src != router.mac or got[Ether].dst != destination.mac:
+    if got[IP].ttl != sent[IP].ttl - taken:
+        problems.append(f"TTL {got[IP].ttl}, expected {sent[IP].ttl - taken}")
+    if got[Ether].src != source or got[Ether].dst != destination:
         problems.append(
-            f"MACs {got[Ether].src} -> {got[Ether].dst}, expected {router.mac} -> {destination.mac}"
+            f"MACs {got[Ether].src} -> {got[Ether].dst}, expected {source} -> {destination}"
         )
     if IP(bytes(got[IP])).chksum != got[IP].chksum:
         problems.append("IP header checksum is wrong")

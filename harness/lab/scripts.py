@@ -25,8 +25,12 @@ from .commands import CommandError, argv_of, kernel_table
 from .errors import ScriptError
 from .packets import SpecError, parse_packet
 
-TOPOLOGIES = {"host": ("client", "host"), "router": ("client", "router", "server")}
-RULE_HOLDER = {"host": "host", "router": "router"}
+TOPOLOGIES = {
+    "host": ("client", "host"),
+    "router": ("client", "router", "server"),
+    "bridge": ("client1", "client2", "host", "server"),  # netns.bridge: the host bridges
+}
+RULE_HOLDER = {"host": "host", "router": "router", "bridge": "host"}
 EXPECTATIONS = ("pass", "drop", "netfilter")
 EXCHANGES = ("tcp", "udp", "ping")  # real connections through the kernels' own stacks
 OUTCOMES = ("connects", "refused", "times out")
@@ -152,7 +156,8 @@ def load_script(path: str | Path) -> Script:
         raise fail(unknown[0], f"unknown key {unknown[0]!r} (known: {', '.join(sorted(TOP_KEYS))})")
     topology = data.get("topology", "host")
     if topology not in TOPOLOGIES:
-        raise fail("topology", f"topology must be 'host' or 'router', not {topology!r}")
+        known = ", ".join(f"'{name}'" for name in TOPOLOGIES)
+        raise fail("topology", f"topology must be one of {known}, not {topology!r}")
     fastpath = data.get("fastpath", False)
     if not isinstance(fastpath, bool):
         raise fail("fastpath", "fastpath must be true or false")

@@ -32,6 +32,7 @@ from scapy.layers.l2 import Ether
 from scapy.packet import Packet
 
 from netns import HostTopology, RouterTopology
+from netns.bridge import BridgeTopology
 from netns.namespace import Namespace
 
 from .frames import (
@@ -49,13 +50,16 @@ from .twin import QUIET_RECEIVER, quiet_host
 from .watching import Capture, Delivery, Match, Node, Receiver
 
 LAB_NETWORKS = tuple(
-    ipaddress.IPv4Network(n) for n in ("198.18.0.0/24", "198.18.1.0/24", "198.18.2.0/24")
+    ipaddress.IPv4Network(n)
+    for n in ("198.18.0.0/24", "198.18.1.0/24", "198.18.2.0/24", "198.18.4.0/24", "198.18.5.0/24")
 )
+TOPOLOGIES = ("host", "router", "bridge")
 ARTEFACTS = Path(os.environ.get("BPFLAB_ARTEFACTS", "artefacts"))
 # The raw-table chain every node jumps to first from PREROUTING and OUTPUT: empty (no effect)
 # except during a real exchange (harness.lab.exchange), when it accepts that exchange's packets
 # ahead of the quiet rules.
 EXCHANGE_CHAIN = "bl_exchange"
+QUIET_NODE = "*raw\n:PREROUTING DROP [0:0]\n:OUTPUT DROP [0:0]\nCOMMIT\n"
 EXCHANGE_PORTS = 49152  # first source port (and ping id) of the lab's exchanges
 # Seconds to wait for one probe: they arrive in microseconds, so this is only reached when the
 # topology stopped moving frames (an ObservationError then says so).
@@ -67,11 +71,12 @@ class ExpectationFailed(AssertionError):
 
 
 class Lab:
-    """A topology ("host" or "router") ready for traffic; a context manager."""
+    """A topology ("host", "router" or "bridge": netns.bridge, its host the rule holder) ready
+    for traffic; a context manager."""
 
     def __init__(self, topology: str, *, timeout: float = 0.5):
-        if topology not in ("host", "router"):
-            raise ValueError(f"topology must be 'host' or 'router', not {topology!r}")
+        if topology not in TOPOLOGIES:
+            raise ValueError(f"topology must be one of {', '.join(TOPOLOGIES)}, not {topology!r}")
         self.kind = topology
         self.timeout = timeout
         self._stack = ExitStack()
@@ -86,6 +91,9 @@ class Lab:
             if self.kind == "host":
                 self.topology = self._stack.enter_context(HostTopology(ipv6=False))
                 self.holder_namespace = self.topology.host.namespace
+            elif self.kind == "bridge":
+                self.topology = self._stack.enter_context(BridgeTopology())
+                self.holder_namespace = self.topology.host
             else:
                 self.topology = self._stack.enter_context(RouterTopology(ipv6=False))
                 self.holder_namespace = self.topology.router.namespace
@@ -106,16 +114,22 @@ class Lab:
         t = self.topology
         if self.kind == "host":
             return [t.client, t.host]
+        if self.kind == "bridge":
+            return [*t.clients, t.bridge_side, t.uplink, t.server]
         return [t.client, t.router.client_side, t.router.server_side, t.server]
 
     def _quiet(self) -> None:
         """Keep the kernel's own answers (RSTs, ICMP errors, echo replies) out of the traffic
         and the counters: plain nodes never answer, the rule holder sends only what our
-        sockets send. The raw table runs before anything else in netfilter."""
+        sockets send. The raw table runs before anything else in netfilter. On a bridge the
+        plain nodes send nothing of their own either (the IGMP reports of their new devices
+        would cross the bridge's FORWARD): their frames are sent on the wire, their exchanges
+        let through by the exchange chain."""
         for endpoint in self._endpoints():
             namespace = endpoint.namespace
             quiet = namespace is self.holder_namespace
-            text = quiet_host(os.geteuid()) if quiet else QUIET_RECEIVER
+            plain = QUIET_NODE if self.kind == "bridge" else QUIET_RECEIVER
+            text = quiet_host(os.geteuid()) if quiet else plain
             restore(namespace, with_exchange_chain(text))
 
     def namespaces(self) -> list[Namespace]:
@@ -157,6 +171,12 @@ class Lab:
         if self.kind == "host":
             endpoint = {"client": t.client, "host": t.host}[name]
             return _node(name, endpoint, holder=name == "host")
+        if self.kind == "bridge":
+            if name == "host":
+                side = t.uplink if peer == "server" else t.bridge_side
+                return _node(name, side, holder=True)
+            ends = {"client1": t.clients[0], "client2": t.clients[1], "server": t.server}
+            return _node(name, ends[name], holder=False)
         if name == "router":
             side = t.router.client_side if peer == "client" else t.router.server_side
             return _node(name, side, holder=True)
@@ -164,9 +184,29 @@ class Lab:
 
     def next_hop_mac(self, source: str, destination: str) -> str:
         """The MAC a frame from `source` to `destination` is addressed to on the first link."""
-        if self.kind == "host" or "router" in (source, destination):
+        if self.kind == "host" or self.holder in (source, destination) or self.bridged(
+            source, destination
+        ):
             return self.node(destination, source).mac
-        return self.node("router", source).mac
+        return self.node(self.holder, source).mac
+
+    @property
+    def holder(self) -> str:
+        """The rule holder's node name."""
+        return {"host": "host", "router": "router", "bridge": "host"}[self.kind]
+
+    def bridged(self, source: str, destination: str) -> bool:
+        """Whether frames from `source` to `destination` cross the bridge host's bridge from
+        port to port (the two clients of the bridge topology)."""
+        return self.kind == "bridge" and {source, destination} == {"client1", "client2"}
+
+    def forwarding(self, source: str, destination: str) -> tuple[int, str, str]:
+        """What forwarding does to a frame from `source` to `destination` through the rule
+        holder: the TTL taken off, and the MACs it arrives with (bridged: unchanged)."""
+        if self.bridged(source, destination):
+            return 0, self.node(source, destination).mac, self.node(destination, source).mac
+        router = self.node(self.holder, destination)
+        return 1, router.mac, self.node(destination, self.holder).mac
 
     def frame(
         self,
@@ -240,17 +280,23 @@ class Lab:
                     until_probe(self._probe_socket("capture", target), payload, PROBE_TIMEOUT)
             arrived = receiver.queued(same_packet(frame), count)
             seen = receiver.seen
+        # A probe the rule holder's programs see counts there as not handled: at each end of a
+        # hop that is the holder, and on the out-port of a bridged hop.
         probes = sum(node.holder for hop in hops for node in hop)
+        probes += self.bridged(source, destination)
         return Delivery(arrived, seen, probes)
 
     def _hops(self, source: str, destination: str) -> list[tuple[Node, Node]]:
         """The links a frame from `source` to `destination` crosses, as (sending end,
-        receiving end): one, or two through the router."""
-        if self.kind == "host" or "router" in (source, destination):
+        receiving end): one (bridged from port to port, too), or two through the holder."""
+        holder = self.holder
+        if self.kind == "host" or holder in (source, destination) or self.bridged(
+            source, destination
+        ):
             return [(self.node(source, destination), self.node(destination, source))]
         return [
-            (self.node(source, "router"), self.node("router", source)),
-            (self.node("router", destination), self.node(destination, "router")),
+            (self.node(source, holder), self.node(holder, source)),
+            (self.node(holder, destination), self.node(destination, holder)),
         ]
 
     def _probe_socket(self, kind: str, node: Node) -> socket.socket:

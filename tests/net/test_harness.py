@@ -108,7 +108,8 @@ def test_replay_exit_codes(tmp_path):
     bad.write_text('topology = "mesh"\n')
     refused = bpflab("replay", str(bad))
     assert refused.returncode == 2
-    assert refused.stderr == f"{bad}:1: error: topology must be 'host' or 'router', not 'mesh'\n"
+    known = "'host', 'router', 'bridge'"
+    assert refused.stderr == f"{bad}:1: error: topology must be one of {known}, not 'mesh'\n"
 
 
 @pytest.mark.xdist_group("reaper")  # with the reaper tests of test_netns.py, never beside them

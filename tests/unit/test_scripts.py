@@ -77,7 +77,12 @@ BAD = [
         4,
         "unknown key 'speed'",
     ),
-    ("bad topology", replace('"router"', '"mesh"'), 2, "topology must be 'host' or 'router'"),
+    (
+        "bad topology",
+        replace('"router"', '"mesh"'),
+        2,
+        "topology must be one of 'host', 'router', 'bridge'",
+    ),
     (
         "fastpath on host",
         replace('topology = "router"', 'topology = "host"'),
@@ -157,5 +162,5 @@ def test_every_bundled_script_loads():
     topologies = {script.topology for script in scripts}
     fastpaths = {script.fastpath for script in scripts if script.topology == "router"}
     assert chains == {"INPUT", "FORWARD", "OUTPUT"}
-    assert topologies == {"host", "router"}
+    assert topologies == {"host", "router", "bridge"}
     assert fastpaths == {True, False}
