@@ -14,7 +14,11 @@ The cases:
   FORWARD is empty, so its policy decides);
 - `martian`: from a multicast source, which ip_route_input drops before any hook: not handled;
 - `fragment`: a later fragment to the local address, which INPUT's fragment map decides;
-- `output`: a packet made here (no ingress device), through OUTPUT (the egress program).
+- `output`: a packet made here (no ingress device), through OUTPUT (the egress program);
+- `bridged`: a packet bridged from one port to another, through FORWARD on the out-port's
+  egress (the `bridged` program: its two bridge-port lookups, then the chain; the test-run
+  device, lo, stands for the out-port and the veth device for the in-port, both ports of a
+  stand-in bridge in the program's `bridge_ports`).
 
 The fixed cost is the ingress program's `local` figure less the chain program's: what the
 classification in front of INPUT's rules costs.
@@ -34,6 +38,7 @@ from netns.veth import prepare_namespace
 
 from ..backends import Backend, load_program
 from ..counters import CounterMap
+from ..deploy.bridges import bridge_maps
 from ..runner import frame_for, standin_interfaces
 from .settings import TimingSettings
 from .testrun import BenchCheckFailed, time_program
@@ -42,14 +47,17 @@ from .workload import ip_packet, iptables_rules
 LOCAL = IPv4Address("198.18.0.2")
 BEHIND = IPv4Address("198.18.9.2")  # behind the veth device's 198.18.9.0/24
 DEVICE, PEER = "blfixed0", "blfixed1"
-CASES = ("local", "forwarded", "martian", "fragment", "output")
+CASES = ("local", "forwarded", "martian", "fragment", "output", "bridged")
+HOOKS = {"output": "egress", "bridged": "bridged"}  # the rest: ingress
 # What decides each case: a counter position the programs move.
 DECIDING = {
     "local": ("INPUT", 1),
     "forwarded": ("FORWARD", "policy"),
     "martian": NOT_HANDLED,
     "output": ("OUTPUT", "policy"),
+    "bridged": ("FORWARD", "policy"),
 }
+LOOPBACK, STANDIN_BRIDGE = 1, 999  # test-run's device (the out-port), the bridge's ifindex
 
 
 def _packets() -> dict[str, bytes]:
@@ -72,11 +80,13 @@ def _packets() -> dict[str, bytes]:
         "martian": bytes(martian),
         "fragment": bytes(fragment),
         "output": first,
+        "bridged": forwarded,
     }
 
 
-def _lab(namespace: Namespace) -> None:
-    """A namespace where the test-run device (lo) forwards to a veth device's subnet."""
+def _lab(namespace: Namespace) -> int:
+    """A namespace where the test-run device (lo) forwards to a veth device's subnet; the veth
+    device's ifindex."""
     prepare_namespace(namespace, ipv6=False, forwarding=True)
     namespace.sysctl("net.ipv4.conf.lo.forwarding", 1)
     with namespace.ipr() as ipr:
@@ -87,6 +97,7 @@ def _lab(namespace: Namespace) -> None:
             ipr.link("set", index=ipr.link_lookup(ifname=name)[0], state="up")
         # A neighbour, so that the lookup answers SUCCESS as for a resolved next hop.
         ipr.neigh("add", dst=str(BEHIND), lladdr="02:00:00:00:09:02", ifindex=index, state=0x80)
+    return index
 
 
 def measure_fixed(settings: TimingSettings, backend: Backend = "bytecode") -> dict:
@@ -101,8 +112,9 @@ def measure_fixed(settings: TimingSettings, backend: Backend = "bytecode") -> di
         Namespace() as namespace,
         CounterMap(layout) as counters,
     ):
-        _lab(namespace)
-        maps = {COUNTERS_MAP: counters}
+        port = _lab(namespace)
+        bridged = bridge_maps({LOOPBACK: STANDIN_BRIDGE, port: STANDIN_BRIDGE})
+        maps = {COUNTERS_MAP: counters, **bridged}
         programs = {
             hook: load_program(
                 ruleset,
@@ -113,14 +125,20 @@ def measure_fixed(settings: TimingSettings, backend: Backend = "bytecode") -> di
                 backend=backend,
                 local={int(LOCAL): Local.ADDRESS},
             )
-            for hook, chain in (("ingress", None), ("egress", None), ("chain", "INPUT"))
+            for hook, chain in (
+                ("ingress", None),
+                ("egress", None),
+                ("bridged", None),
+                ("chain", "INPUT"),
+            )
         }
         try:
             with namespace.enter():
                 for case in CASES:
-                    hook = "egress" if case == "output" else "ingress"
+                    hook = HOOKS.get(case, "ingress")
                     frame = frame_for(packets[case])
-                    context = SkBuff()  # ingress_ifindex 0: made here (the egress case)
+                    # ingress_ifindex 0: made here (the egress case); bridged: the in-port.
+                    context = SkBuff(ingress_ifindex=port if case == "bridged" else 0)
                     _check(counters, layout, programs[hook].fd, frame, context, case)
                     figures[case] = time_program(
                         programs[hook].fd, frame, settings, context=context
@@ -129,6 +147,8 @@ def measure_fixed(settings: TimingSettings, backend: Backend = "bytecode") -> di
         finally:
             for program in programs.values():
                 program.close()
+            for table in bridged.values():
+                table.close()
     return {
         "backend": backend,
         "cases": {case: figures[case]["ns"] for case in CASES},

@@ -217,6 +217,7 @@ FIXED_CASES = {
     "martian": "martian",
     "fragment": "later fragment",
     "output": "output (egress)",
+    "bridged": "bridged (port egress)",
 }
 
 

@@ -200,7 +200,8 @@ def test_quick_bench_writes_json_markdown_and_plots(tmp_path, capsys):
         name for name, info in results["backends"].items() if info["available"]
     ]
     for entry in results["fixed"]:
-        assert set(entry["cases"]) == {"local", "forwarded", "martian", "fragment", "output"}
+        cases = {"local", "forwarded", "martian", "fragment", "output", "bridged"}
+        assert set(entry["cases"]) == cases
         assert entry["fixed_ns"] == entry["cases"]["local"] - entry["chain_ns"]
         assert all(ns > 0 for ns in entry["cases"].values())
     assert "## Fixed cost" in (tmp_path / bench.RESULTS_MARKDOWN).read_text()
