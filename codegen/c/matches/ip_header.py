@@ -7,7 +7,16 @@ from __future__ import annotations
 
 from codegen.rules.model import Address, Fragment, Interface, Protocol
 
-from .common import UINT32_MAX, Labels, Writer, always_miss, hex_literal, require, unless
+from .common import (
+    UINT32_MAX,
+    Labels,
+    Writer,
+    always_miss,
+    hex_literal,
+    interface_indexes,
+    require,
+    unless,
+)
 
 
 def write_address(match: Address, labels: Labels) -> list[str]:
@@ -22,11 +31,7 @@ def write_address(match: Address, labels: Labels) -> list[str]:
 def write_interface(match: Interface, labels: Labels) -> list[str]:
     """Device names become the ifindexes known when the program is built (`eth+`: every known
     device whose name starts with `eth`); a name nobody has matches no packet."""
-    if match.wildcard:
-        prefix = match.name[:-1]
-        indexes = sorted(i for name, i in labels.interfaces.items() if name.startswith(prefix))
-    else:
-        indexes = [labels.interfaces[match.name]] if match.name in labels.interfaces else []
+    indexes = interface_indexes(match.name, labels.interfaces)
     field = "f->in_ifindex" if match.direction == "in" else "f->out_ifindex"
     if not indexes:
         return [] if match.negated else always_miss(labels)

@@ -8,18 +8,14 @@ from __future__ import annotations
 
 from codegen.rules.extensions.physdev import Physdev, PortName, no_bridge_answer
 
-from .common import Labels
+from .common import Labels, interface_indexes
 
 MODEL = Physdev
 
 
 def _port_test(field: str, port: PortName, labels: Labels) -> list[str]:
     """Statements going to the miss unless `field` holds the port (or not, when negated)."""
-    if port.name.endswith("+"):
-        prefix = port.name[:-1]
-        indexes = sorted(i for name, i in labels.interfaces.items() if name.startswith(prefix))
-    else:
-        indexes = [labels.interfaces[port.name]] if port.name in labels.interfaces else []
+    indexes = interface_indexes(port.name, labels.interfaces)
     held = " || ".join(f"{field} == {index}" for index in indexes) or "0"
     return [f"if ({'' if port.negated else '!'}({held}))", f"    goto {labels.miss};"]
 

@@ -114,6 +114,15 @@ class Emitter(Generic[M]):
     refusal: Callable[[M], str | None] = lambda match: None
 
 
+
+def interface_indexes(name: str, interfaces: Mapping[str, int]) -> list[int]:
+    """The ifindexes a device name stands for among those known when the program is built: the
+    device's own, or with a trailing `+` every device whose name starts with what precedes it;
+    none for a name nobody has."""
+    if name.endswith("+"):
+        return sorted(index for known, index in interfaces.items() if known.startswith(name[:-1]))
+    return [interfaces[name]] if name in interfaces else []
+
 def load(field: Field) -> Item:
     return I.ldx(field.size, R1, FACTS, field.offset)
 

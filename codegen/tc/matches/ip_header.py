@@ -10,7 +10,7 @@ from codegen.bpf.isa import R1, JmpOp
 from codegen.rules.model import Address, Fragment, Interface, Protocol
 
 from ..layout import Facts
-from .base import Context, Emitter, jump_unless, load, masked_equal
+from .base import Context, Emitter, interface_indexes, jump_unless, load, masked_equal
 
 
 def address(match: Address, ctx: Context) -> list[Item]:
@@ -23,11 +23,7 @@ def address(match: Address, ctx: Context) -> list[Item]:
 def interface(match: Interface, ctx: Context) -> list[Item]:
     """Names are resolved to the ifindexes present when the program is built; `eth+` becomes
     every such device whose name starts with `eth`."""
-    if match.wildcard:
-        prefix = match.name[:-1]
-        indexes = sorted(i for name, i in ctx.interfaces.items() if name.startswith(prefix))
-    else:
-        indexes = [ctx.interfaces[match.name]] if match.name in ctx.interfaces else []
+    indexes = interface_indexes(match.name, ctx.interfaces)
     field = Facts.IN_IFINDEX if match.direction == "in" else Facts.OUT_IFINDEX
     if not indexes:
         return [] if match.negated else [I.ja(ctx.miss)]

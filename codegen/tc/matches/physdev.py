@@ -7,27 +7,18 @@ kernel."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 from codegen.bpf import insn as I
 from codegen.bpf.asm import Item, Label
 from codegen.bpf.isa import R1, JmpOp
 from codegen.rules.extensions.physdev import Physdev, PortName, no_bridge_answer
 
 from ..layout import Facts, Field
-from .base import Context, Emitter, load
-
-
-def _indexes(port: PortName, interfaces: Mapping[str, int]) -> list[int]:
-    if port.name.endswith("+"):
-        prefix = port.name[:-1]
-        return sorted(index for name, index in interfaces.items() if name.startswith(prefix))
-    return [interfaces[port.name]] if port.name in interfaces else []
+from .base import Context, Emitter, interface_indexes, load
 
 
 def _port(field: Field, port: PortName, ctx: Context) -> list[Item]:
     """To the miss unless the port in `field` (not 0) is `port`'s, or is not when negated."""
-    indexes = _indexes(port, ctx.interfaces)
+    indexes = interface_indexes(port.name, ctx.interfaces)
     if not indexes:
         return [] if port.negated else [I.ja(ctx.miss)]
     if port.negated:
