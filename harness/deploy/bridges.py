@@ -24,12 +24,16 @@ class BridgeError(Exception):
 
 @dataclass(frozen=True)
 class Bridges:
-    """`ports`: every bridge port's ifindex -> its bridge's; `filtering`: the ports whose bridge
-    hands IPv4 traffic to iptables, the same way; `names`: the filtering bridges' names."""
+    """`ports`: every bridge port's ifindex -> its bridge's; `calls_iptables`: whether
+    br_netfilter hands the bridges' IPv4 traffic to iptables (the namespace's sysctl)."""
 
     ports: dict[int, int] = field(default_factory=dict)
-    filtering: dict[int, int] = field(default_factory=dict)
-    names: tuple[str, ...] = ()
+    calls_iptables: bool = False
+
+    @property
+    def filtering(self) -> dict[int, int]:
+        """The ports whose bridge hands its traffic to iptables, as `ports`."""
+        return self.ports if self.calls_iptables else {}
 
 
 def _kind(link) -> str | None:
@@ -49,9 +53,7 @@ def namespace_bridges(namespace: Namespace) -> Bridges:
     """The bridges of `namespace` as they are now."""
     with namespace.ipr() as ipr:
         links = ipr.get_links()
-    bridges = {
-        link["index"]: link.get_attr("IFLA_IFNAME") for link in links if _kind(link) == "bridge"
-    }
+    bridges = {link["index"] for link in links if _kind(link) == "bridge"}
     ports = {
         link["index"]: link.get_attr("IFLA_MASTER")
         for link in links
@@ -64,7 +66,7 @@ def namespace_bridges(namespace: Namespace) -> Bridges:
             f"namespace {namespace.name} has {len(ports)} bridge ports; the programs know at"
             f" most {BRIDGE_PORTS_ENTRIES}"
         )
-    return Bridges(ports, dict(ports), tuple(sorted(bridges.values())))
+    return Bridges(ports, calls_iptables=True)
 
 
 def bridge_maps(filtering: dict[int, int]) -> dict[str, Map]:

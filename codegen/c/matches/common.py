@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from codegen.rules.model import Match
+from codegen.tc.matches.base import interface_indexes
 
 UINT32_MAX, UINT16_MAX, UINT8_MAX = 0xFFFF_FFFF, 0xFFFF, 0xFF
 
@@ -41,15 +42,6 @@ class UnsupportedMatch(ValueError):
 # A family's writer: the statements of one match of its model.
 Writer = Callable[[Match, Labels], list[str]]
 
-
-
-def interface_indexes(name: str, interfaces: Mapping[str, int]) -> list[int]:
-    """The ifindexes a device name stands for among those known when the program is built: the
-    device's own, or with a trailing `+` every device whose name starts with what precedes it;
-    none for a name nobody has."""
-    if name.endswith("+"):
-        return sorted(index for known, index in interfaces.items() if known.startswith(name[:-1]))
-    return [interfaces[name]] if name in interfaces else []
 
 def hex_literal(value: int) -> str:
     return f"0x{value:x}u"
@@ -79,6 +71,16 @@ def unless(condition: str, labels: Labels) -> list[str]:
 
 def always_miss(labels: Labels) -> list[str]:
     return [f"goto {labels.miss};"]
+
+
+def device_test(field: str, name: str, negated: bool, labels: Labels) -> list[str]:
+    """Miss unless the ifindex in `field` is one `name` stands for among the devices known when
+    the program is built (a trailing `+`: a prefix), or, `negated`, unless it is none of them;
+    a name nobody has matches no packet: -i/-o, and -m physdev's ports."""
+    indexes = interface_indexes(name, labels.interfaces)
+    if not indexes:
+        return [] if negated else always_miss(labels)
+    return require(" || ".join(f"{field} == {index}" for index in indexes), negated, labels)
 
 
 def in_range(value: str, first: int, last: int, top: int) -> str:

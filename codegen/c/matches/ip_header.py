@@ -12,8 +12,8 @@ from .common import (
     Labels,
     Writer,
     always_miss,
+    device_test,
     hex_literal,
-    interface_indexes,
     require,
     unless,
 )
@@ -31,12 +31,8 @@ def write_address(match: Address, labels: Labels) -> list[str]:
 def write_interface(match: Interface, labels: Labels) -> list[str]:
     """Device names become the ifindexes known when the program is built (`eth+`: every known
     device whose name starts with `eth`); a name nobody has matches no packet."""
-    indexes = interface_indexes(match.name, labels.interfaces)
     field = "f->in_ifindex" if match.direction == "in" else "f->out_ifindex"
-    if not indexes:
-        return [] if match.negated else always_miss(labels)
-    known = " || ".join(f"{field} == {index}" for index in indexes)
-    return require(known, match.negated, labels)
+    return device_test(field, match.name, match.negated, labels)
 
 
 def write_protocol(match: Protocol, labels: Labels) -> list[str]:

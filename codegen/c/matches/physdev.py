@@ -6,18 +6,11 @@ kernel."""
 
 from __future__ import annotations
 
-from codegen.rules.extensions.physdev import Physdev, PortName, no_bridge_answer
+from codegen.rules.extensions.physdev import Physdev, no_bridge_answer
 
-from .common import Labels, interface_indexes
+from .common import Labels, device_test
 
 MODEL = Physdev
-
-
-def _port_test(field: str, port: PortName, labels: Labels) -> list[str]:
-    """Statements going to the miss unless `field` holds the port (or not, when negated)."""
-    indexes = interface_indexes(port.name, labels.interfaces)
-    held = " || ".join(f"{field} == {index}" for index in indexes) or "0"
-    return [f"if ({'' if port.negated else '!'}({held}))", f"    goto {labels.miss};"]
 
 
 def write(match: Physdev, labels: Labels) -> list[str]:
@@ -34,8 +27,8 @@ def write(match: Physdev, labels: Labels) -> list[str]:
         if given is not None:
             inner += [f"if ({'!' if given else ''}f->physout)", f"    {miss}"]
     if match.in_port is not None:
-        inner += _port_test("f->physin", match.in_port, labels)
+        inner += device_test("f->physin", match.in_port.name, match.in_port.negated, labels)
     if match.out_port is not None:
         inner += ["if (f->physout == 0)", f"    {miss}"]
-        inner += _port_test("f->physout", match.out_port, labels)
+        inner += device_test("f->physout", match.out_port.name, match.out_port.negated, labels)
     return [*code, *(f"    {line}" for line in inner), "}"]

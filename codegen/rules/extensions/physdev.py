@@ -16,7 +16,14 @@ from dataclasses import dataclass
 
 from codegen.rules.blob.structs import IFNAMSIZ, BlobError, field_bytes, name_bytes
 from codegen.rules.extensions.base import MatchExtension
-from codegen.rules.model import INTERFACE_NAME_MAX, ExtensionMatch, Rule, RuleError, Ruleset
+from codegen.rules.model import (
+    INTERFACE_NAME_MAX,
+    ExtensionMatch,
+    Interface,
+    Rule,
+    RuleError,
+    Ruleset,
+)
 from codegen.rules.packet import Packet
 from codegen.rules.syntax import Line, MatchParser, OptionContext, Token
 
@@ -251,12 +258,6 @@ def no_bridge_answer(match: Physdev) -> bool:
     return bitmask & ~invert == 0
 
 
-def port_matches(port: PortName, device: str) -> bool:
-    """ifname_compare_aligned under the option's mask: the name, or its prefix before `+`."""
-    hit = device.startswith(port.name[:-1]) if port.name.endswith("+") else device == port.name
-    return hit != port.negated
-
-
 def physdev_matches(match: Physdev, physin: str | None, physout: str | None) -> bool:
     """physdev_mt for a packet whose nf_bridge info names `physin` (None: no such info) and
     `physout` (None: not bridged). With bridge information but no output port, an output port
@@ -271,11 +272,16 @@ def physdev_matches(match: Physdev, physin: str | None, physout: str | None) -> 
     ):
         if given is not None and present != given:
             return False
-    if match.in_port is not None and not port_matches(match.in_port, physin):
+    if match.in_port is not None and not _device(match.in_port).matches(physin):
         return False
     if match.out_port is not None:
-        return physout is not None and port_matches(match.out_port, physout)
+        return physout is not None and _device(match.out_port).matches(physout)
     return True
+
+
+def _device(port: PortName) -> Interface:
+    """A port name compares as -i's does (ifname_compare_aligned under its mask)."""
+    return Interface("in", port.name, port.negated)
 
 
 EXTENSION = PhysdevExtension()

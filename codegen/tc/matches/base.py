@@ -114,7 +114,6 @@ class Emitter(Generic[M]):
     refusal: Callable[[M], str | None] = lambda match: None
 
 
-
 def interface_indexes(name: str, interfaces: Mapping[str, int]) -> list[int]:
     """The ifindexes a device name stands for among those known when the program is built: the
     device's own, or with a trailing `+` every device whose name starts with what precedes it;
@@ -122,6 +121,27 @@ def interface_indexes(name: str, interfaces: Mapping[str, int]) -> list[int]:
     if name.endswith("+"):
         return sorted(index for known, index in interfaces.items() if known.startswith(name[:-1]))
     return [interfaces[name]] if name in interfaces else []
+
+
+def device_is(field: Field, name: str, negated: bool, ctx: Context) -> list[Item]:
+    """To the miss unless the ifindex in `field` is one `name` stands for (interface_indexes),
+    or, `negated`, unless it is none of them: -i/-o, and -m physdev's ports."""
+    indexes = interface_indexes(name, ctx.interfaces)
+    if not indexes:
+        return [] if negated else [I.ja(ctx.miss)]
+    code: list[Item] = [load(field)]
+    if negated:
+        return [*code, *(I.jmp32(JmpOp.JEQ, R1, index, ctx.miss) for index in indexes)]
+    if len(indexes) == 1:
+        return [*code, I.jmp32(JmpOp.JNE, R1, indexes[0], ctx.miss)]
+    hit = ctx.new_label("iface")
+    return [
+        *code,
+        *(I.jmp32(JmpOp.JEQ, R1, index, hit) for index in indexes),
+        I.ja(ctx.miss),
+        Label(hit),
+    ]
+
 
 def load(field: Field) -> Item:
     return I.ldx(field.size, R1, FACTS, field.offset)

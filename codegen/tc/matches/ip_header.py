@@ -5,12 +5,12 @@ takes these emitters as they are."""
 from __future__ import annotations
 
 from codegen.bpf import insn as I
-from codegen.bpf.asm import Item, Label
+from codegen.bpf.asm import Item
 from codegen.bpf.isa import R1, JmpOp
 from codegen.rules.model import Address, Fragment, Interface, Protocol
 
 from ..layout import Facts
-from .base import Context, Emitter, interface_indexes, jump_unless, load, masked_equal
+from .base import Context, Emitter, device_is, jump_unless, load, masked_equal
 
 
 def address(match: Address, ctx: Context) -> list[Item]:
@@ -23,22 +23,8 @@ def address(match: Address, ctx: Context) -> list[Item]:
 def interface(match: Interface, ctx: Context) -> list[Item]:
     """Names are resolved to the ifindexes present when the program is built; `eth+` becomes
     every such device whose name starts with `eth`."""
-    indexes = interface_indexes(match.name, ctx.interfaces)
     field = Facts.IN_IFINDEX if match.direction == "in" else Facts.OUT_IFINDEX
-    if not indexes:
-        return [] if match.negated else [I.ja(ctx.miss)]
-    code: list[Item] = [load(field)]
-    if match.negated:
-        return [*code, *(I.jmp32(JmpOp.JEQ, R1, index, ctx.miss) for index in indexes)]
-    if len(indexes) == 1:
-        return [*code, I.jmp32(JmpOp.JNE, R1, indexes[0], ctx.miss)]
-    hit = ctx.new_label("iface")
-    return [
-        *code,
-        *(I.jmp32(JmpOp.JEQ, R1, index, hit) for index in indexes),
-        I.ja(ctx.miss),
-        Label(hit),
-    ]
+    return device_is(field, match.name, match.negated, ctx)
 
 
 def protocol(match: Protocol, ctx: Context) -> list[Item]:

@@ -10,26 +10,10 @@ from __future__ import annotations
 from codegen.bpf import insn as I
 from codegen.bpf.asm import Item, Label
 from codegen.bpf.isa import R1, JmpOp
-from codegen.rules.extensions.physdev import Physdev, PortName, no_bridge_answer
+from codegen.rules.extensions.physdev import Physdev, no_bridge_answer
 
-from ..layout import Facts, Field
-from .base import Context, Emitter, interface_indexes, load
-
-
-def _port(field: Field, port: PortName, ctx: Context) -> list[Item]:
-    """To the miss unless the port in `field` (not 0) is `port`'s, or is not when negated."""
-    indexes = interface_indexes(port.name, ctx.interfaces)
-    if not indexes:
-        return [] if port.negated else [I.ja(ctx.miss)]
-    if port.negated:
-        return [load(field), *(I.jmp32(JmpOp.JEQ, R1, index, ctx.miss) for index in indexes)]
-    hit = ctx.new_label("port")
-    return [
-        load(field),
-        *(I.jmp32(JmpOp.JEQ, R1, index, hit) for index in indexes),
-        I.ja(ctx.miss),
-        Label(hit),
-    ]
+from ..layout import Facts
+from .base import Context, Emitter, device_is, load
 
 
 def physdev(match: Physdev, ctx: Context) -> list[Item]:
@@ -52,10 +36,10 @@ def physdev(match: Physdev, ctx: Context) -> list[Item]:
             unless = JmpOp.JEQ if given else JmpOp.JNE
             code += [load(Facts.PHYS_OUT), I.jmp32(unless, R1, 0, ctx.miss)]
     if match.in_port is not None:
-        code += _port(Facts.PHYS_IN, match.in_port, ctx)
+        code += device_is(Facts.PHYS_IN, match.in_port.name, match.in_port.negated, ctx)
     if match.out_port is not None:
         code += [load(Facts.PHYS_OUT), I.jmp32(JmpOp.JEQ, R1, 0, ctx.miss)]
-        code += _port(Facts.PHYS_OUT, match.out_port, ctx)
+        code += device_is(Facts.PHYS_OUT, match.out_port.name, match.out_port.negated, ctx)
     return [*code, Label(done)]
 
 
