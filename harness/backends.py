@@ -13,7 +13,7 @@ from codegen.bpf.loader import VerifierStats, load
 from codegen.bpf.maps import Map
 from codegen.reject import limits as reject_limits
 from codegen.reject.limits import RateMaps
-from codegen.rules.extensions.physdev import uses_physdev
+from codegen.rules.extensions.physdev import reads_ports
 from codegen.rules.model import Ruleset
 from codegen.tc import exact
 from codegen.tc.generator import (
@@ -71,7 +71,7 @@ def load_program(
     standins: dict[str, Map] = {}
     if rejects(ruleset) and not all(name in maps for name in reject_limits.MAPS):
         standins.update(RateMaps.create().maps)
-    ports = hook == "ingress" and uses_physdev(ruleset) and bridges
+    ports = hook == "ingress" and reads_ports(ruleset) and bridges
     bridged = hook in ("bridged", "port_ingress") or ports
     if bridged and BRIDGE_PORTS not in maps:
         standins.update(bridge_maps({}))

@@ -48,10 +48,12 @@ class LogRecord:
     skb_len: int  # the frame's length, Ethernet header included
     time_ns: int  # CLOCK_MONOTONIC
     data: bytes  # the frame's first bytes
+    phys_in: int = 0  # the bridge ports br_netfilter knows (0: none)
+    phys_out: int = 0
 
     @classmethod
     def decode(cls, raw: bytes) -> LogRecord:
-        slot, hook, _, captured, in_ifindex, out_ifindex, mark, skb_len, time_ns = (
+        slot, hook, _, captured, in_ifindex, out_ifindex, mark, skb_len, time_ns, *ports = (
             HEADER.unpack_from(raw)
         )
         data = raw[HEADER.size : HEADER.size + captured]
@@ -67,6 +69,7 @@ class LogRecord:
             skb_len,
             time_ns,
             data,
+            *ports,
         )
 
     def packet(
@@ -96,8 +99,10 @@ class LogRecord:
         if self.received and len(ip) > 20:
             own = ip[16:20] if self.hook == "INPUT" else (addresses or {}).get(self.in_ifindex)
             ip = _record_route(ip, own or bytes(4))
-        in_device = names.get(self.in_ifindex, "") if self.in_ifindex else ""
-        out_device = names.get(self.out_ifindex, "") if self.out_ifindex else ""
+        in_device, out_device, phys_in, phys_out = (
+            names.get(index, "") if index else ""
+            for index in (self.in_ifindex, self.out_ifindex, self.phys_in, self.phys_out)
+        )
         return LoggedPacket(
             ip,
             in_device,
@@ -105,6 +110,8 @@ class LogRecord:
             mac=self.data[:ETH_HLEN] if len(self.data) >= ETH_HLEN else None,
             ethernet=ethernet.get(self.in_ifindex, True),
             mark=self.mark,
+            phys_in=phys_in,
+            phys_out=phys_out,
         )
 
 
@@ -294,7 +301,7 @@ def namespace_log(
     while True:
         for raw in maps.ring.records():
             record = LogRecord.decode(raw)
-            if {record.in_ifindex, record.out_ifindex} - {0} - names.keys():
+            if {record.in_ifindex, record.out_ifindex, record.phys_in} - {0} - names.keys():
                 names, ethernet, addresses = devices_of(netns)  # a device added since
             yield record_event(record, ruleset, layout, names, ethernet, addresses)
         if not follow or stop() or (deadline is not None and time.monotonic() >= deadline):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from codegen.bpf.isa import MapType
-from codegen.rules.extensions.physdev import uses_physdev
+from codegen.rules.extensions.physdev import reads_ports
 from codegen.rules.model import Ruleset
 from codegen.tc.generator import BRIDGE_PORTS, BRIDGE_PORTS_ENTRIES, PORT_STAMP, STAMP_VALUE_SIZE
 
@@ -28,7 +28,7 @@ def needed(ruleset: Ruleset, entries: Sequence[Entry], bridges: bool) -> bool:
     packets to iptables)."""
     hooks = {entry.hook for entry in entries}
     return bool(hooks & {"bridged", "port_ingress"}) or (
-        "ingress" in hooks and uses_physdev(ruleset) and bridges
+        "ingress" in hooks and reads_ports(ruleset) and bridges
     )
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from codegen import reject
 from codegen.conntrack import uses_conntrack
-from codegen.rules.extensions.physdev import uses_physdev
+from codegen.rules.extensions.physdev import reads_ports
 from codegen.tc.matches.owner import uses_owner
 from codegen.tc.matches.policy import uses_policy
 from codegen.tc.replies import REPLY_CB_DADDR, REPLY_CB_FIELDS, rejects
@@ -50,7 +50,7 @@ def entry_function(entry: Entry, chains: ChainWriter, fastpath: bool, slot: int)
         builtin = entry.builtins[0] if entry.hook in ("chain", "bridged") else None
         logging = hook_statement(entry.hook, builtin)
     own_answers = OWN_ANSWER if entry.hook == "ingress" and rejects(chains.ruleset) else []
-    facts = _facts(entry, uses_physdev(chains.ruleset) and chains.bridges)
+    facts = _facts(entry, reads_ports(chains.ruleset) and chains.bridges)
     body = [*own_answers, *facts, *_read_once(entry, chains), *logging, ""]
     body += _judgement(entry, chains, fastpath)
     answer = _reply(slot) if rejects(chains.ruleset) and entry.hook != "bridged" else []

@@ -24,7 +24,7 @@ from codegen import conntrack
 from codegen.bpf.asm import remove_unreachable
 from codegen.conntrack import uses_conntrack
 from codegen.reject import limits as reject_limits
-from codegen.rules.extensions.physdev import uses_physdev
+from codegen.rules.extensions.physdev import reads_ports
 from codegen.rules.model import Ruleset
 from codegen.rules.names import BUILTIN_CHAINS
 
@@ -123,7 +123,7 @@ def compile_program(
     }.get(hook, (COUNTERS_MAP,))
     if hook == "bridged":
         maps += (BRIDGE_PORTS,)
-    elif hook == "ingress" and uses_physdev(ruleset) and bridges:
+    elif hook == "ingress" and reads_ports(ruleset) and bridges:
         maps += (BRIDGE_PORTS, PORT_STAMP)
     if chains.exact:
         maps += (EXACT_MAP,)

@@ -31,7 +31,7 @@ from codegen.bpf.asm import Item, Label
 from codegen.bpf.isa import R0, R1, R2, R3, R4, R6, R7, R10, AluOp, FibResult, JmpOp, Size, TcAction
 from codegen.bpf.testrun import SKB_OFFSETS
 from codegen.conntrack import uses_conntrack
-from codegen.rules.extensions.physdev import uses_physdev
+from codegen.rules.extensions.physdev import reads_ports
 
 from . import bridges, classifier_code, replies
 from .chains import ChainWriter, user_chains_called
@@ -75,8 +75,8 @@ class ProgramWriter:
         self.tracking = uses_conntrack(chains.ruleset)
         # Some rule REJECTs: the drop tail answers (a bridged packet's REJECT only drops).
         self.answering = rejects(chains.ruleset) and hook != "bridged"
-        # -m physdev reads the ports only where a bridge may hand packets to iptables.
-        self.physdev = uses_physdev(chains.ruleset) and bridges
+        # -m physdev and LOG read the ports only where a bridge may hand packets to iptables.
+        self.physdev = reads_ports(chains.ruleset) and bridges
         self.builtin: str | None = None  # the chain program's chain
 
     def track(self) -> list[Item]:

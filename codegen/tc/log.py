@@ -22,6 +22,8 @@ the packet, and adds one to LOG_DROPS (a per-CPU array of one u64 the reader sum
     u16 captured      packet bytes in `data` (0 if they could not be read)
     u32 in_ifindex    u32 out_ifindex    u32 mark    u32 skb_len (the frame, Ethernet included)
     u64 time          bpf_ktime_get_ns
+    u32 phys_in       u32 phys_out: the bridge ports (ifindexes, 0: none) of a packet a
+                      bridge handed to iptables, where INPUT and FORWARD run (PHYSIN=, PHYSOUT=)
     u8  data[CAPTURE] the frame from its Ethernet header on
 
 CAPTURE is 256 bytes: Ethernet (14) + an IP header with options (60) + TCP with options (60)
@@ -37,7 +39,7 @@ import struct
 
 from codegen.bpf import insn as I
 from codegen.bpf.asm import Item, Label, Subprogram
-from codegen.bpf.isa import R0, R1, R2, R3, R4, R6, R7, R8, R9, R10, AluOp, JmpOp, Size
+from codegen.bpf.isa import R0, R1, R2, R3, R4, R6, R7, R8, R9, R10, AluOp, JmpOp, Reg, Size
 from codegen.bpf.testrun import SKB_OFFSETS
 from codegen.rules.extensions.log import Log
 from codegen.rules.extensions.nflog import NfLog
@@ -50,7 +52,7 @@ LOG_DROPS = "log_drops"  # BPF_MAP_TYPE_PERCPU_ARRAY, 1 entry of u64: events the
 LOG_EVENT = "log_event"  # the subprogram's name, for call_local
 RING_SIZE = 256 * 1024  # bytes of an applied rule set's ring: some 880 records
 CAPTURE = 256
-HEADER = struct.Struct("<IBBHIIIIQ")
+HEADER = struct.Struct("<IBBHIIIIQII")
 RECORD_SIZE = HEADER.size + CAPTURE
 HOOK_IDS = {"INPUT": 0, "FORWARD": 1, "OUTPUT": 2}
 TTL_PENDING = 0x80
@@ -123,6 +125,7 @@ def log_subprogram(hook: str, builtin: str | None) -> list[Item]:
         I.stx(Size.W, record, 20, R1),
         I.call("ktime_get_ns"),
         I.stx(Size.DW, record, 24, R0),
+        *_ports(record, hook, builtin),
         I.ldx(Size.W, R4, R6, SKB_OFFSETS["len"]),
         I.jmp(JmpOp.JLE, R4, CAPTURE, captured),
         I.mov64(R4, CAPTURE),
@@ -156,4 +159,15 @@ def log_subprogram(hook: str, builtin: str | None) -> list[Item]:
         I.mov64(R0, 0),
         I.exit_(),
     ]
+    return code
+
+
+def _ports(record: Reg, hook: str, builtin: str | None) -> list[Item]:
+    """The record's bridge ports: the facts' (zero where the program reads none), but never
+    at OUTPUT, whose facts hold the socket's owner in those words."""
+    if hook == "egress" or builtin == "OUTPUT":
+        return [I.st(Size.W, record, 32, 0), I.st(Size.W, record, 36, 0)]
+    code: list[Item] = []
+    for offset, fact in ((32, Facts.PHYS_IN), (36, Facts.PHYS_OUT)):
+        code += [I.ldx(Size.W, R1, R7, fact.offset), I.stx(Size.W, record, offset, R1)]
     return code

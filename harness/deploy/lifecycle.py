@@ -51,7 +51,7 @@ from codegen.bpf.syscall import BpfError
 from codegen.conntrack import TrackerMaps, uses_conntrack
 from codegen.conntrack.listing import table_lines
 from codegen.rules import parse, write
-from codegen.rules.extensions.physdev import uses_physdev
+from codegen.rules.extensions.physdev import reads_ports
 from codegen.rules.extensions.set import bind_sets, uses_sets
 from codegen.rules.iptables_save import parse_dump
 from codegen.rules.model import Ruleset
@@ -243,7 +243,7 @@ def apply(
             extra[name] = cleanup.enter_context(held)
         extra.update(recent.open_tables(ruleset, pins, cleanup, _replace_pin))  # deploy.recent
         needed = [hook for hook in attach.HOOKS if any(hook in pair for pair in hooks.values())]
-        if bridges.ports or uses_physdev(ruleset):  # the bridge ports' (codegen.tc.bridges)
+        if bridges.ports or reads_ports(ruleset):  # the bridge ports' (codegen.tc.bridges)
             for name, made in bridge_maps(bridges.filtering).items():
                 extra[name] = cleanup.enter_context(made)
         programs: dict[str, Program] = {}

@@ -139,12 +139,48 @@ def test_a_log_rule_in_a_long_chain_logs(backend: str) -> None:
     assert got.log == lines and [line.split(":")[0] for line in lines] == ["chunk", "after"]
 
 
+BRIDGED = {  # chain -> the devices and the bridge ports br_netfilter gives it (None: none)
+    "INPUT": ("br0", None, ("port1", None)),
+    "FORWARD": ("br0", "br0", ("port1", "port2")),
+    "routed FORWARD": ("br0", "eth1", ("port1", None)),
+    "OUTPUT": (None, "br0", None),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("where", list(BRIDGED))
+def test_the_records_carry_the_bridge_ports(where: str, backend: str) -> None:
+    """A packet a bridge handed to iptables: its lines name the ports (PHYSIN=, PHYSOUT=), as
+    the evaluator's do, in a rule set without -m physdev."""
+    ruleset = parse(RULES, "log")
+    chain = where.split()[-1]
+    in_iface, out_iface, ports = BRIDGED[where]
+    packet = bytes(PACKETS["udp"])
+    evaluation = evaluate(ruleset, packet, chain, in_iface, out_iface, bridge_ports=ports)
+    phys_in, phys_out = ports or ("", "")
+    seen = LoggedPacket(
+        packet,
+        in_iface or "",
+        out_iface or "",
+        mac=frame_for(packet)[:14],
+        phys_in=phys_in or "",
+        phys_out=phys_out or "",
+    )
+    lines = logged_lines(ruleset, evaluation.logged, seen, evaluation.logged_marks)
+    devices = ("br0", "eth1", "port1", "port2")
+    with ChainRunner(ruleset, devices, backend=backend) as runner:
+        got = runner.run(frame_for(packet), chain, in_iface, out_iface, bridge_ports=ports)
+    assert got.log == tuple(lines) and lines
+    assert all(("PHYSIN=port1 " in line) == (ports is not None) for line in lines), lines
+    assert all(("PHYSOUT=port2 " in line) == (where == "FORWARD") for line in lines), lines
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_full_ring_drops_events_not_packets_and_counts_them(backend: str) -> None:
     logs = "".join(f'-A INPUT -j LOG --log-prefix "n{n}: "\n' for n in range(20))
     ruleset = parse(f"*filter\n{logs}-A INPUT -p udp -j DROP\nCOMMIT\n", "full")
     room = 4096 // (RECORD_SIZE + 8)  # records of a one-page ring, each with its 8-byte header
-    assert room == 13 and HEADER.size == 32
+    assert room == 13 and HEADER.size == 40
     packet = bytes(PACKETS["udp"])
     with ChainRunner(ruleset, log_ring_size=4096, backend=backend) as runner:
         for run in range(1, 4):

@@ -293,6 +293,31 @@ CASES = [
         {"out_device": "eth1", "mac": MAC},
         "IN= OUT=eth1 " + HEAD + "LEN=20 TOS=0x00 PREC=0x00 TTL=9 ID=7 PROTO=47 ",
     ),
+    (
+        "bridged: both ports after the bridge",
+        bytes(ip(proto=47)),
+        0,
+        {"in_device": "br0", "out_device": "br0", "phys_in": "p1", "phys_out": "p2", "mac": MAC},
+        "IN=br0 OUT=br0 PHYSIN=p1 PHYSOUT=p2 MAC=" + MAC.hex(":") + " " + HEAD
+        + "LEN=20 TOS=0x00 PREC=0x00 TTL=9 ID=7 PROTO=47 ",
+    ),
+    (
+        "to the bridge: the in-port alone",
+        bytes(ip(proto=47)),
+        MACDECODE,
+        {"in_device": "br0", "phys_in": "p1", "mac": MAC},
+        "IN=br0 OUT= PHYSIN=p1 MACSRC=" + MAC[6:12].hex(":") + " MACDST=" + MAC[:6].hex(":")
+        + " MACPROTO=" + MAC[12:14].hex() + " " + HEAD
+        + "LEN=20 TOS=0x00 PREC=0x00 TTL=9 ID=7 PROTO=47 ",
+    ),
+    (
+        "a port that is the device itself is not repeated",
+        bytes(ip(proto=47)),
+        0,
+        {"in_device": "p1", "phys_in": "p1", "mac": MAC},
+        "IN=p1 OUT= MAC=" + MAC.hex(":") + " " + HEAD
+        + "LEN=20 TOS=0x00 PREC=0x00 TTL=9 ID=7 PROTO=47 ",
+    ),
 ]
 
 

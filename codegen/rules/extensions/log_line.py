@@ -58,7 +58,8 @@ class LoggedPacket:
     length (an Ethernet frame's padding) are cut off, as ip_rcv does. `mac`: the link-layer
     header the frame came with (MAC=, only printed for a packet with an in-device), None if it
     has none; `ethernet`: whether the in-device is an Ethernet one (ARPHRD_ETHER:
-    `--log-macdecode` decodes its header). `mark`: skb->mark."""
+    `--log-macdecode` decodes its header). `mark`: skb->mark. `phys_in`, `phys_out`: the
+    bridge ports of a packet a bridge handed to iptables (br_netfilter's), "" for none."""
 
     ip: bytes
     in_device: str = ""
@@ -66,12 +67,21 @@ class LoggedPacket:
     mac: bytes | None = None
     ethernet: bool = True
     mark: int = 0
+    phys_in: str = ""
+    phys_out: str = ""
 
 
 def log_line(target: Log, packet: LoggedPacket) -> str:
     """The text the kernel's LOG target prints for `packet` (every field ends with a space),
     without the syslog level in front."""
     parts = [f"{target.prefix}IN={packet.in_device} OUT={packet.out_device} "]
+    # nf_log_dump_packet_common: a bridge port, unless it is the hook's device itself.
+    for name, port, device in (
+        ("PHYSIN", packet.phys_in, packet.in_device),
+        ("PHYSOUT", packet.phys_out, packet.out_device),
+    ):
+        if port and port != device:
+            parts.append(f"{name}={port} ")
     if packet.in_device:
         parts.append(_mac_header(target.flags, packet))
     data = packet.ip

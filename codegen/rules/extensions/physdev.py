@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from codegen.rules.blob.structs import IFNAMSIZ, BlobError, field_bytes, name_bytes
 from codegen.rules.extensions.base import MatchExtension
+from codegen.rules.extensions.log import Log
 from codegen.rules.model import (
     INTERFACE_NAME_MAX,
     ExtensionMatch,
@@ -250,6 +251,12 @@ def uses_physdev(ruleset: Ruleset) -> bool:
     """Whether a rule of `ruleset` has a physdev match."""
     found = ruleset.first_with(Physdev)
     return found is not None
+
+
+def reads_ports(ruleset: Ruleset) -> bool:
+    """Whether the programs of `ruleset` need the bridge ports of a packet that a bridge hands
+    to iptables: -m physdev matches them, and -j LOG prints them (PHYSIN=, PHYSOUT=)."""
+    return ruleset.first_with((Physdev, Log)) is not None
 
 
 def no_bridge_answer(match: Physdev) -> bool:
