@@ -181,7 +181,7 @@ class ProgramWriter:
         if self.answering:
             code += replies.functions()
         if logs(ruleset):
-            code += log_subprogram(self.hook, self.builtin)
+            code += log_subprogram(self.hook, self.builtin, self.chains.bridge_ports)
         return code
 
     def tails(self) -> list[Item]:

@@ -84,10 +84,11 @@ def log_call(slot: int) -> list[Item]:
     return [I.mov64(R1, R6), I.mov64(R2, FACTS), I.mov64(R3, slot), I.call_local(LOG_EVENT)]
 
 
-def log_subprogram(hook: str, builtin: str | None) -> list[Item]:
+def log_subprogram(hook: str, builtin: str | None, ports: bool) -> list[Item]:
     """log_event(r1 = ctx, r2 = facts, r3 = slot): one record into LOG_EVENTS, or one more
     in LOG_DROPS when the ring is full. A static subprogram: verified at each call, where r1
-    is the context (the entry function's r6, or a chain function's second argument)."""
+    is the context (the entry function's r6, or a chain function's second argument).
+    `ports`: whether the facts hold the bridge ports (ChainWriter.bridge_ports)."""
     record = R9
     full, captured, submit, done = "log_full", "log_captured", "log_submit", "log_done"
     code: list[Item] = [
@@ -125,7 +126,7 @@ def log_subprogram(hook: str, builtin: str | None) -> list[Item]:
         I.stx(Size.W, record, 20, R1),
         I.call("ktime_get_ns"),
         I.stx(Size.DW, record, 24, R0),
-        *_ports(record, hook, builtin),
+        *_ports(record, ports),
         I.ldx(Size.W, R4, R6, SKB_OFFSETS["len"]),
         I.jmp(JmpOp.JLE, R4, CAPTURE, captured),
         I.mov64(R4, CAPTURE),
@@ -162,10 +163,10 @@ def log_subprogram(hook: str, builtin: str | None) -> list[Item]:
     return code
 
 
-def _ports(record: Reg, hook: str, builtin: str | None) -> list[Item]:
-    """The record's bridge ports: the facts' (zero where the program reads none), but never
-    at OUTPUT, whose facts hold the socket's owner in those words."""
-    if hook == "egress" or builtin == "OUTPUT":
+def _ports(record: Reg, ports: bool) -> list[Item]:
+    """The record's bridge ports: the facts', where the program reads them (`ports`); zero
+    elsewhere, where those words are unwritten or hold OUTPUT's socket owner."""
+    if not ports:
         return [I.st(Size.W, record, 32, 0), I.st(Size.W, record, 36, 0)]
     code: list[Item] = []
     for offset, fact in ((32, Facts.PHYS_IN), (36, Facts.PHYS_OUT)):
