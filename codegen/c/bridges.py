@@ -64,10 +64,13 @@ def port_ingress_function(name: str) -> Code:
     ]
 
 
-# Before the facts: on unless the packet came in by a port of the same bridge.
+# Before the facts: on unless the packet came in by another port of the same bridge.
 BRIDGED_CHECK = [
     "// Bridged from another port of this port's bridge, or passed: OUTPUT and routed",
-    "// FORWARD judged it on the bridge device.",
+    "// FORWARD judged it on the bridge device, and what leaves by the port it came in on",
+    "// is no bridged packet (a bridge sends none back; a REJECT answer of ours).",
+    "if (skb->ingress_ifindex == skb->ifindex)",
+    "    return TC_ACT_OK;",
     "u32 port = skb->ifindex;",
     f"u32 *bridge = {BRIDGE_PORTS}.lookup(&port);",
     "if (!bridge)",

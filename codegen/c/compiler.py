@@ -259,9 +259,9 @@ def _reply_programs(
     try:
         for slot, entry in enumerate(entries):
             builtin = entry.chain if entry.hook == "chain" else None
-            ingress = entry.hook == "ingress"
+            ingress = entry.hook in ("ingress", "bridged")  # the devices' addresses and MACs
             if ingress and INTERFACE_ADDRESSES not in maps:
-                raise CCompileError(f"REJECT at ingress needs the {INTERFACE_ADDRESSES} map")
+                raise CCompileError(f"REJECT at {entry.hook} needs the {INTERFACE_ADDRESSES} map")
             wanted = {INTERFACE_ADDRESSES: maps[INTERFACE_ADDRESSES]} if ingress else {}
             for name in reject_limits.MAPS:  # the ICMP errors' rate limits
                 if name not in maps:

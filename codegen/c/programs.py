@@ -24,7 +24,7 @@ from codegen.conntrack import uses_conntrack
 from codegen.rules.extensions.physdev import reads_ports
 from codegen.tc.matches.owner import uses_owner
 from codegen.tc.matches.policy import uses_policy
-from codegen.tc.replies import REPLY_CB_DADDR, REPLY_CB_FIELDS, rejects
+from codegen.tc.replies import REPLY_CB_DADDR, REPLY_CB_DEVICE, REPLY_CB_FIELDS, rejects
 
 from . import bridges
 from .chains import ChainWriter
@@ -53,7 +53,7 @@ def entry_function(entry: Entry, chains: ChainWriter, fastpath: bool, slot: int)
     facts = _facts(entry, reads_ports(chains.ruleset) and chains.bridges)
     body = [*own_answers, *facts, *_read_once(entry, chains), *logging, ""]
     body += _judgement(entry, chains, fastpath)
-    answer = _reply(slot) if rejects(chains.ruleset) and entry.hook != "bridged" else []
+    answer = _reply(slot) if rejects(chains.ruleset) else []
     tails = _tails(entry, fastpath, uses_conntrack(chains.ruleset), answer)
     used = _tails_used(body, tails)
     code: Code = [f"int {entry.function}(struct __sk_buff *skb)", "{"]
@@ -221,6 +221,7 @@ def _reply(slot: int) -> Code:
         f"    skb->cb[{REPLY_CB_FIELDS}] = f->reject | (f->pkt_type << 8) |",
         "                  ((f->out_ifindex != 0) << 16);",
         f"    skb->cb[{REPLY_CB_DADDR}] = f->daddr;",
+        f"    skb->cb[{REPLY_CB_DEVICE}] = f->in_ifindex;",
         f"    {REPLIES_MAP}.call(skb, {slot});",
         "}",
     ]

@@ -6,10 +6,12 @@ ipt_REJECT sends for it (a TCP RST, or an ICMP destination unreachable quoting i
 bpf_redirect's TC_ACT_REDIRECT, or TC_ACT_SHOT where the kernel sends nothing (the rules of
 codegen/rules/extensions/reject.py) or the answer cannot be built. `with` is the enum
 ipt_reject_with value; `hook` is HOOK_INGRESS (the answer leaves by the device the packet came
-in on) or HOOK_EGRESS (the packet was leaving: the answer is delivered to our own stack);
+in on), HOOK_EGRESS (the packet was leaving: the answer is delivered to our own stack) or
+HOOK_BRIDGED (a bridge forwards it from port to port: the answer leaves by its in-port);
 `icmp_source` the ICMP error's source address, host order; `pkt_type` the packet's (skb's, or
 the test-run context's), as only PACKET_HOST packets get ICMP errors, with BROADCAST_ROUTE
-or'd in for a packet to a broadcast address of the namespace. An ICMP error goes
+or'd in for a packet to a broadcast address of the namespace and FORWARDED for one the
+kernel routes. An ICMP error goes
 only as the kernel's ICMP rate limits let it, kept in the maps of codegen.reject.limits.
 """
 
@@ -20,7 +22,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("reject.bpf.c")
-HOOK_INGRESS, HOOK_EGRESS = 0, 1
+HOOK_INGRESS, HOOK_EGRESS, HOOK_BRIDGED = 0, 1, 2
 # skb->tc_index of an answer delivered to our own stack (an OUTPUT REJECT's): the ingress
 # program lets it by unjudged (codegen.tc.hooks, codegen.c.programs).
 OWN_ANSWER = 0xBF1A
@@ -28,6 +30,9 @@ TC_ACT_SHOT, TC_ACT_REDIRECT = 2, 7
 # Or'd into reject_reply's `pkt_type` when the packet's destination is one of the namespace's
 # broadcast addresses (a subnet's): its route is RTCF_BROADCAST, which no answer is sent to.
 BROADCAST_ROUTE = 0x100
+# Or'd into `pkt_type` for a packet the kernel routes (FORWARD at TC ingress): ip_forward took
+# one off its TTL before FORWARD, and the ICMP error quotes it so.
+FORWARDED = 0x200
 
 
 def source(prelude: Iterable[str], *, line_marker: bool = True) -> str:
@@ -52,6 +57,9 @@ CLANG_PRELUDE = (
     "#include <bpf/bpf_helpers.h>",
     f"#define RJ_OWN_ANSWER {OWN_ANSWER:#x}",
     f"#define RJ_BROADCAST_ROUTE {BROADCAST_ROUTE:#x}",
+    f"#define RJ_FORWARDED {FORWARDED:#x}",
+    f"#define RJ_HOOK_EGRESS {HOOK_EGRESS}",
+    f"#define RJ_HOOK_BRIDGED {HOOK_BRIDGED}",
 )
 
 

@@ -4,11 +4,14 @@
  * One function, called by the generated programs of both backends:
  * - reject_reply(skb, with, hook, icmp_source): `with` is the enum ipt_reject_with value (0..3,
  *   5, 6, 8: an ICMP destination unreachable; 7: a TCP RST); `hook` 0 when the packet came in on
- *   skb->ifindex (TC ingress: the answer goes back out of it), 1 when it is leaving through it
- *   (TC egress: the answer is delivered to our own stack); `icmp_source` the source address of
- *   an ICMP error, in host order; `pkt_type` the packet's, with RJ_BROADCAST_ROUTE (given by
+ *   skb->ifindex (TC ingress: the answer goes back out of it), RJ_HOOK_EGRESS (1) when it is
+ *   leaving through it (TC egress: the answer is delivered to our own stack), RJ_HOOK_BRIDGED
+ *   (2) when a bridge forwards it out of skb->ifindex, a port, from the port
+ *   skb->ingress_ifindex (the answer goes back out of that); `icmp_source` the source address
+ *   of an ICMP error, in host order; `pkt_type` the packet's, with RJ_BROADCAST_ROUTE (given by
  *   the includer) or'd in when the caller found its destination a broadcast address of the
- *   namespace (a subnet's). It returns the TC action: bpf_redirect's (TC_ACT_REDIRECT)
+ *   namespace (a subnet's), and RJ_FORWARDED when the kernel routed it (its error quotes it
+ *   with the TTL ip_forward decremented). It returns the TC action: bpf_redirect's (TC_ACT_REDIRECT)
  *   when the packet was rewritten into the answer, TC_ACT_SHOT when no answer is due or none
  *   can be built (the packet is then dropped, as REJECT drops it).
  *
@@ -183,9 +186,34 @@ static __always_inline int rj_icmp_error(__u32 type)
  * the local socket over lo, a device the rule sets we see let everything through. */
 static __always_inline int rj_send(struct __sk_buff *skb, __u32 hook)
 {
-    if (hook)
+    if (hook == RJ_HOOK_EGRESS) {
         skb->tc_index = RJ_OWN_ANSWER;
-    return bpf_redirect(skb->ifindex, hook ? BPF_F_INGRESS : 0);
+        return bpf_redirect(skb->ifindex, BPF_F_INGRESS);
+    }
+    /* A bridged packet's answer goes back by the port it came in on, as br_netfilter's
+     * nf_send_reset sends it (physindev) and the bridge sends an ICMP error to its sender.
+     * Both fields are read whatever the hook, each fixed in a register (the empty asm) so that
+     * clang does not fold the choice into the load: the verifier refuses a load from a chosen
+     * context offset. */
+    __u32 device = skb->ifindex, port = skb->ingress_ifindex;
+
+    asm volatile("" : "+r"(device));
+    asm volatile("" : "+r"(port));
+    return bpf_redirect(hook == RJ_HOOK_BRIDGED ? port : device, 0);
+}
+
+/* ip_forward's ip_decrease_ttl, which came before FORWARD: the datagram an ICMP error about a
+ * forwarded packet quotes has its TTL one less, and its header checksum with it. */
+static __always_inline int rj_decrease_ttl(struct __sk_buff *skb, const __u8 *ip)
+{
+    __u8 was[2] = {ip[8], ip[9]}, now[2] = {(__u8)(ip[8] - 1), ip[9]};
+    __u16 from, to;
+
+    __builtin_memcpy(&from, was, 2);
+    __builtin_memcpy(&to, now, 2);
+    if (bpf_l3_csum_replace(skb, RJ_ETH_HLEN + 10, from, to, 2))
+        return -1;
+    return bpf_skb_store_bytes(skb, RJ_ETH_HLEN + 8, now, 1, 0);
 }
 
 /* The limits of icmp.c's __icmp_send (Linux 6.12 and later), with the namespace's sysctls as
@@ -330,7 +358,8 @@ static __always_inline int rj_reset(struct __sk_buff *skb, const __u8 *eth, cons
 /* __icmp_send's destination unreachable, in place of the packet: new IP and ICMP headers
  * before the packet's own IP datagram, cut so that the answer is at most 576 bytes. */
 static __always_inline int rj_unreach(struct __sk_buff *skb, const __u8 *eth, const __u8 *ip,
-                                      __u32 tot_len, __u32 code, __u32 hook, __u32 source)
+                                      __u32 tot_len, __u32 code, __u32 hook, __u32 source,
+                                      __u32 forwarded)
 {
     __u8 frame[48] __attribute__((aligned(8))) = {};
     __u8 *iph = frame + RJ_ETH_HLEN, *icmp = frame + RJ_ETH_HLEN + 20;
@@ -355,6 +384,8 @@ static __always_inline int rj_unreach(struct __sk_buff *skb, const __u8 *eth, co
     icmp[0] = 3; /* destination unreachable */
     icmp[1] = code;
 
+    if (forwarded && rj_decrease_ttl(skb, ip))
+        return RJ_TC_ACT_SHOT;
     /* The datagram alone (no Ethernet padding), cut to the quote; then room for 28 bytes. */
     if (bpf_skb_change_tail(skb, RJ_ETH_HLEN + quote, 0))
         return RJ_TC_ACT_SHOT;
@@ -375,6 +406,9 @@ RJ_GLOBAL int reject_reply(struct __sk_buff *skb, __u32 with, __u32 hook, __u32 
 {
     __u8 eth[RJ_ETH_HLEN], ip[20], tcp[20] = {};
     __u32 tot_len, ihl, proto, daddr, code = 0, verify = 1, data_sum = 0;
+    __u32 forwarded = pkt_type & RJ_FORWARDED, route = pkt_type & RJ_BROADCAST_ROUTE;
+
+    pkt_type &= 0xFF;
 
     if (bpf_skb_load_bytes(skb, 0, eth, RJ_ETH_HLEN) ||
         bpf_skb_load_bytes(skb, RJ_ETH_HLEN, ip, 20))
@@ -389,7 +423,7 @@ RJ_GLOBAL int reject_reply(struct __sk_buff *skb, __u32 with, __u32 hook, __u32 
         return RJ_TC_ACT_SHOT; /* not the first fragment */
     proto = ip[9];
     daddr = rj_be32(ip + 16);
-    if (daddr == 0xFFFFFFFF || daddr >> 28 == 0xE || pkt_type & RJ_BROADCAST_ROUTE)
+    if (daddr == 0xFFFFFFFF || daddr >> 28 == 0xE || route)
         return RJ_TC_ACT_SHOT; /* a broadcast or multicast route */
     /* The transport's sum, whatever the protocol and whether it is checked: taken before the
      * paths part, the loop that sums is verified once where this function is inlined. */
@@ -424,11 +458,11 @@ RJ_GLOBAL int reject_reply(struct __sk_buff *skb, __u32 with, __u32 hook, __u32 
     }
     if (verify && !rj_checksum_ok(skb, ip, proto, RJ_ETH_HLEN + ihl, tot_len - ihl, data_sum))
         return RJ_TC_ACT_SHOT;
-    if (eth[0] & 1 && !hook)
+    if (eth[0] & 1 && hook != RJ_HOOK_EGRESS)
         return RJ_TC_ACT_SHOT; /* a group MAC still in the frame: the caller puts its own */
     if (with == RJ_TCP_RESET)
         return rj_reset(skb, eth, ip, tcp, tot_len, ihl, hook);
-    if (!rj_rate_allows(rj_be32(ip + 12), hook))
+    if (!rj_rate_allows(rj_be32(ip + 12), hook == RJ_HOOK_EGRESS))
         return RJ_TC_ACT_SHOT;
-    return rj_unreach(skb, eth, ip, tot_len, code, hook, icmp_source);
+    return rj_unreach(skb, eth, ip, tot_len, code, hook, icmp_source, forwarded);
 }

@@ -65,10 +65,14 @@ def stamp_program() -> list[Item]:
 
 
 def bridged_prologue() -> list[Item]:
-    """Before the parser, on a port's egress: on unless the packet came in by a port of the
-    same bridge; what is not bridged passes untouched (OUTPUT and routed FORWARD judged it on
-    the bridge device)."""
+    """Before the parser, on a port's egress: on unless the packet came in by another port of
+    the same bridge; what is not bridged passes untouched (OUTPUT and routed FORWARD judged it
+    on the bridge device), and so does what leaves by the port it came in on (a bridge sends
+    nothing back that way: it is a REJECT's answer, codegen.tc.replies)."""
     return [
+        I.ldx(Size.W, R1, R6, SKB_OFFSETS["ifindex"]),
+        I.ldx(Size.W, R2, R6, SKB_OFFSETS["ingress_ifindex"]),
+        I.jmp32(JmpOp.JEQ, R1, R2, "not_bridged"),
         *_lookup(BRIDGE_PORTS, SKB_OFFSETS["ifindex"], "not_bridged"),
         I.ldx(Size.W, R1, R0, 0),
         I.stx(Size.W, R10, BRIDGE, R1),

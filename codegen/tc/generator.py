@@ -131,9 +131,9 @@ def compile_program(
         maps += (HEADS_MAP, NODES_MAP, RECORDS_MAP)
     if uses_conntrack(ruleset):
         maps += conntrack.MAPS
-    if hook == "ingress" and rejects(ruleset):
+    if hook in ("ingress", "bridged") and rejects(ruleset):
         maps += (INTERFACE_ADDRESSES,)
-    if rejects(ruleset) and hook != "bridged":  # the ICMP errors' limits (codegen.reject.limits)
+    if rejects(ruleset):  # the ICMP errors' limits (codegen.reject.limits)
         maps += reject_limits.MAPS
     if logs(ruleset):
         maps += (LOG_EVENTS, LOG_DROPS)

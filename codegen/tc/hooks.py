@@ -73,8 +73,8 @@ class ProgramWriter:
         self.label = chains.label
         # Connections are tracked only for rule sets that ask about them, as in netfilter.
         self.tracking = uses_conntrack(chains.ruleset)
-        # Some rule REJECTs: the drop tail answers (a bridged packet's REJECT only drops).
-        self.answering = rejects(chains.ruleset) and hook != "bridged"
+        # Some rule REJECTs: the drop tail answers.
+        self.answering = rejects(chains.ruleset)
         # -m physdev and LOG read the ports only where a bridge may hand packets to iptables.
         self.physdev = reads_ports(chains.ruleset) and bridges
         self.builtin: str | None = None  # the chain program's chain

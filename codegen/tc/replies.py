@@ -24,7 +24,7 @@ from codegen.bpf import insn as I
 from codegen.bpf.asm import Item, Label
 from codegen.bpf.isa import R0, R1, R2, R3, R4, R5, R6, R7, R8, R10, AluOp, JmpOp, Size
 from codegen.bpf.testrun import SKB_OFFSETS
-from codegen.rules.extensions.reject import Reject
+from codegen.rules.extensions.reject import REJECT_WITH, Reject
 from codegen.rules.model import Rule, Ruleset
 
 from .layout import FACTS, SCRATCH_OFFSET, Facts, map_and_key
@@ -36,6 +36,7 @@ from .program import Hook
 INTERFACE_ADDRESSES = "interface_addresses"
 INTERFACE_VALUE_SIZE = 12
 INTERFACE_ADDRESSES_ENTRIES = 256
+RESET = REJECT_WITH["tcp-reset"]  # ipt_reject_with's IPT_TCP_RESET
 
 
 Unavailable = reject.RejectUnavailable
@@ -59,7 +60,12 @@ def reply_tail(
     broadcast addresses have broadcast routes (no answer to a packet to one). Keeps to
     registers (r7: the device's entry, r8: the reject type) and the one scratch slot: the
     tracker's calls leave the frame no room."""
-    outgoing = hook == "egress" or builtin == "OUTPUT"
+    bridged = hook == "bridged"
+    way = reject.HOOK_INGRESS
+    if hook == "egress" or builtin == "OUTPUT":
+        way = reject.HOOK_EGRESS
+    elif bridged:
+        way = reject.HOOK_BRIDGED
     call = "reply_call"
     code: list[Item] = [
         I.ldx(Size.B, R8, FACTS, Facts.REJECT.offset),
@@ -67,18 +73,31 @@ def reply_tail(
         I.alu32(AluOp.SUB, R8, 1),
         I.mov64(R7, 0),
     ]
-    if hook == "ingress":
-        # The device the packet came in on: its address answers a forwarded packet, and its
-        # MAC a frame that came to a group MAC (reject_reply swaps the frame's two).
+    if hook in ("ingress", "bridged"):
+        # The device the packet came in on (a bridged packet's: the bridge): its address
+        # answers a forwarded packet, and its MAC a frame that came to a group MAC (reject_reply
+        # swaps the frame's two). The bridge's ICMP error always comes from the bridge's MAC
+        # (it is routed out of the bridge), its RST from the MAC the packet went to.
         code += [
             I.ldx(Size.W, R1, FACTS, Facts.IN_IFINDEX.offset),
             I.stx(Size.W, R10, SCRATCH_OFFSET, R1),
             *map_and_key(INTERFACE_ADDRESSES, SCRATCH_OFFSET),
             I.call("map_lookup_elem"),
             I.mov64(R7, R0),
-            I.jmp(JmpOp.JEQ, R7, 0, call),
-            I.ldx(Size.B, R1, FACTS, Facts.PKT_TYPE.offset),
-            I.jmp32(JmpOp.JEQ, R1, PACKET_HOST, call),
+            I.jmp(JmpOp.JEQ, R7, 0, plain_drop if bridged else call),
+        ]
+        if bridged:
+            code += [
+                I.jmp32(JmpOp.JEQ, R8, RESET, call),
+                I.ldx(Size.W, R1, R7, 0),
+                I.jmp32(JmpOp.JEQ, R1, 0, plain_drop),  # no address: no route back to it
+            ]
+        else:
+            code += [
+                I.ldx(Size.B, R1, FACTS, Facts.PKT_TYPE.offset),
+                I.jmp32(JmpOp.JEQ, R1, PACKET_HOST, call),
+            ]
+        code += [
             I.mov64(R1, R6),
             I.mov64(R2, 0),
             I.mov64(R3, R7),
@@ -87,16 +106,23 @@ def reply_tail(
             I.mov64(R5, 0),
             I.call("skb_store_bytes"),
         ]
-    code += [Label(call), I.ldx(Size.W, R4, FACTS, Facts.DADDR.offset)]
+    code += [
+        Label(call),
+        I.ldx(Size.W, R4, FACTS, Facts.DADDR.offset),
+        I.ldx(Size.B, R5, FACTS, Facts.PKT_TYPE.offset),
+    ]
     if hook == "ingress":
         code += [
-            I.jmp(JmpOp.JEQ, R7, 0, "reply_source"),
             I.ldx(Size.W, R1, FACTS, Facts.OUT_IFINDEX.offset),
             I.jmp32(JmpOp.JEQ, R1, 0, "reply_source"),  # INPUT: from the destination
+            I.alu32(AluOp.OR, R5, reject.FORWARDED),
+        ]
+    if hook in ("ingress", "bridged"):
+        code += [
+            I.jmp(JmpOp.JEQ, R7, 0, "reply_source"),
             I.ldx(Size.W, R4, R7, 0),  # FORWARD: from the device's address
             Label("reply_source"),
         ]
-    code.append(I.ldx(Size.B, R5, FACTS, Facts.PKT_TYPE.offset))
     directed = broadcasts(local)
     if directed:  # a subnet's broadcast: RTCF_BROADCAST, which reject_reply is told of
         numbers = itertools.count()
@@ -115,7 +141,7 @@ def reply_tail(
         *code,
         I.mov64(R1, R6),
         I.mov64(R2, R8),
-        I.mov64(R3, int(outgoing)),
+        I.mov64(R3, way),
         I.call_local("reject_reply"),
         I.exit_(),
     ]
@@ -127,9 +153,10 @@ def functions() -> tuple:
 
 # The C backend's programs (codegen/c) answer through a program of ours, tail-called from
 # their drop tail with what reply_tail reads from the facts put in the skb's control block:
-# cb[3] = the facts' REJECT byte | PKT_TYPE << 8 | (1 if FORWARD, at ingress) << 16, and
-# cb[4] = the destination address (host order). The chain program's cb[0..2] are its own.
-REPLY_CB_FIELDS, REPLY_CB_DADDR = 3, 4
+# cb[3] = the facts' REJECT byte | PKT_TYPE << 8 | (1 if FORWARD, at ingress) << 16,
+# cb[4] = the destination address (host order) and cb[2] = the in-interface (the device at
+# ingress, the bridge of a bridged packet; the chain program's cb[2] was an input, read by now).
+REPLY_CB_DEVICE, REPLY_CB_FIELDS, REPLY_CB_DADDR = 2, 3, 4
 TC_ACT_SHOT = 2
 
 
@@ -153,9 +180,7 @@ def reply_program(hook: Hook, builtin: str | None, local: LocalAddresses) -> lis
         I.stx(Size.W, FACTS, Facts.OUT_IFINDEX.offset, R1),  # non-zero: it was forwarded
         I.ldx(Size.W, R1, R6, cb + 4 * REPLY_CB_DADDR),
         I.stx(Size.W, FACTS, Facts.DADDR.offset, R1),
-        # The in-interface as the tail-calling program took it: the device at ingress, the
-        # context's ingress_ifindex in the chain program.
-        I.ldx(Size.W, R1, R6, SKB_OFFSETS["ifindex" if hook == "ingress" else "ingress_ifindex"]),
+        I.ldx(Size.W, R1, R6, cb + 4 * REPLY_CB_DEVICE),
         I.stx(Size.W, FACTS, Facts.IN_IFINDEX.offset, R1),
         *reply_tail(hook, builtin, "reply_shot", local),
         Label("reply_shot"),
