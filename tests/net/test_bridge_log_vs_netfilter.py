@@ -24,6 +24,7 @@ from harness.deploy.lifecycle import apply, flush
 from harness.lab.traffic import restore
 from harness.lab.twin import quiet_host
 from netns.bridge import BRIDGE, CLIENTS, SERVER, BridgeTopology
+from tests.net.test_bridge_vs_netfilter import _namespace
 from tests.net.test_log_vs_netfilter import (  # noqa: F401 (a fixture)
     OPTIONS,
     TAG,
@@ -71,15 +72,6 @@ CASES = [
     ("routed to the bridge", "server", IP(src=SRV, dst=C1, id=66) / UDP(sport=7, dport=8), "f"),
     ("from the host", "host", IP(src=HOST, dst=C2, id=67) / UDP(sport=9, dport=10), "o"),
 ]
-
-
-def _namespace(lab: BridgeTopology, node: str):
-    return {
-        "client1": lab.clients[0].namespace,
-        "client2": lab.clients[1].namespace,
-        "host": lab.host,
-        "server": lab.server.namespace,
-    }[node]
 
 
 def _send(lab: BridgeTopology, node: str, packet: bytes) -> None:
