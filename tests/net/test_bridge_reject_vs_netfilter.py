@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import socket
-import time
 from collections.abc import Iterator
 from contextlib import ExitStack, closing
 from ipaddress import IPv4Address
@@ -27,8 +26,8 @@ from harness.lab.traffic import restore
 from harness.lab.twin import quiet_host
 from netns.bridge import BRIDGE, CLIENTS, SERVER, BridgeTopology
 from netns.veth import mac_for
-from tests.net.test_reject_attached import _fields
-from tests.net.test_reject_vs_netfilter import ANSWER_WAIT, ETH_P_ALL
+from tests.net.test_reject_attached import _fields, answers_on
+from tests.net.test_reject_vs_netfilter import ETH_P_ALL
 
 pytestmark = [pytest.mark.netns, pytest.mark.privileged]
 
@@ -94,17 +93,7 @@ class Node:
         named = {None: BROADCAST_MAC, "uplink": self.uplink}
         destination = named[to] if to in named else mac_for(IPv4Address(to))
         self.sock.send(bytes(Ether(src=self.endpoint.mac, dst=destination) / IP(packet)))
-        answers, deadline = [], time.monotonic() + ANSWER_WAIT
-        while time.monotonic() < deadline:
-            try:
-                data, address = self.sock.recvfrom(65535)
-            except TimeoutError:
-                continue
-            frame = Ether(data)
-            if address[2] == socket.PACKET_OUTGOING or IP not in frame or frame[IP].proto == 2:
-                continue  # its own, or the bridge host's IGMP
-            answers.append(frame)
-        return answers
+        return answers_on(self.sock, lambda frame: frame[IP].proto != 2)  # not the host's IGMP
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import errno
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, closing
 from pathlib import Path
 
@@ -33,6 +33,21 @@ pytestmark = [pytest.mark.netns, pytest.mark.privileged]
 CLIENT, HOST = "198.18.0.1", "198.18.0.2"
 
 
+def answers_on(sock: socket.socket, wanted: Callable[[Ether], bool]) -> list[Ether]:
+    """The IP frames that come to the packet socket `sock` within ANSWER_WAIT (not the ones it
+    sent) and that `wanted` keeps."""
+    answers, deadline = [], time.monotonic() + ANSWER_WAIT
+    while time.monotonic() < deadline:
+        try:
+            data, address = sock.recvfrom(65535)
+        except TimeoutError:
+            continue
+        frame = Ether(data)
+        if address[2] != socket.PACKET_OUTGOING and IP in frame and wanted(frame):
+            answers.append(frame)
+    return answers
+
+
 class Host:
     """A client and a host; `send` puts a frame on the wire and returns what came back."""
 
@@ -56,16 +71,7 @@ class Host:
 
     def answers(self) -> list[Ether]:
         """The frames from the host that come within ANSWER_WAIT."""
-        answers, deadline = [], time.monotonic() + ANSWER_WAIT
-        while time.monotonic() < deadline:
-            try:
-                data, address = self.sock.recvfrom(65535)
-            except TimeoutError:
-                continue
-            frame = Ether(data)
-            if address[2] != socket.PACKET_OUTGOING and IP in frame and frame[IP].src != CLIENT:
-                answers.append(frame)
-        return answers
+        return answers_on(self.sock, lambda frame: frame[IP].src != CLIENT)
 
     def burst(self, packet: bytes, count: int) -> int:
         """Send `count` copies of `packet` at once; how many ICMP errors came back."""

@@ -247,12 +247,6 @@ class PhysdevExtension(MatchExtension):
         return physdev_matches(match, packet.physin, packet.physout)
 
 
-def uses_physdev(ruleset: Ruleset) -> bool:
-    """Whether a rule of `ruleset` has a physdev match."""
-    found = ruleset.first_with(Physdev)
-    return found is not None
-
-
 def reads_ports(ruleset: Ruleset) -> bool:
     """Whether the programs of `ruleset` need the bridge ports of a packet that a bridge hands
     to iptables: -m physdev matches them, and -j LOG prints them (PHYSIN=, PHYSOUT=)."""
