@@ -6,7 +6,8 @@
   otherwise bpf_fib_lookup decides: SUCCESS or NO_NEIGH, addressed to us at layer 2 and TTL > 1
   goes through FORWARD (TTL as ip_forward leaves it, out-interface from the lookup; with the
   fast path an ACCEPT forwards the packet here); anything else is not handled.
-- egress: OUTPUT for packets made here (ingress_ifindex 0); forwarded ones pass untouched.
+- egress: OUTPUT for packets made here (ingress_ifindex 0) and for REJECT's answers to packets
+  that came in (marked, codegen.reject); forwarded ones pass untouched.
 - bridged: on a bridge port's egress, FORWARD for a packet bridged from another port of the
   same bridge; port_ingress: the stamp of each frame a port receives (codegen/c/bridges.py).
 - chain: one built-in chain for BPF_PROG_TEST_RUN: in-interface from ingress_ifindex,
@@ -28,7 +29,7 @@ from codegen.tc.replies import REPLY_CB_DADDR, REPLY_CB_DEVICE, REPLY_CB_FIELDS,
 
 from . import bridges
 from .chains import ChainWriter
-from .conntrack import CLASSIFY, CONFIRM
+from .conntrack import CLASSIFY, CONFIRM, RESULT
 from .entries import Entry
 from .facts import FACTS_MAP
 from .fragments import LATER_FRAGMENTS, LATER_FRAGMENTS_EGRESS, remember_first_fragment
@@ -50,7 +51,7 @@ def entry_function(entry: Entry, chains: ChainWriter, fastpath: bool, slot: int)
         builtin = entry.builtins[0] if entry.hook in ("chain", "bridged") else None
         logging = hook_statement(entry.hook, builtin)
     own_answers = OWN_ANSWER if entry.hook == "ingress" and rejects(chains.ruleset) else []
-    facts = _facts(entry, reads_ports(chains.ruleset) and chains.bridges)
+    facts = _facts(entry, reads_ports(chains.ruleset) and chains.bridges, rejects(chains.ruleset))
     body = [*own_answers, *facts, *_read_once(entry, chains), *logging, ""]
     body += _judgement(entry, chains, fastpath)
     answer = _reply(slot) if rejects(chains.ruleset) else []
@@ -65,15 +66,18 @@ def entry_function(entry: Entry, chains: ChainWriter, fastpath: bool, slot: int)
     return [*code, "}", ""]
 
 
-def _facts(entry: Entry, physdev: bool) -> Code:
+def _facts(entry: Entry, physdev: bool, answering: bool) -> Code:
     """Parse the packet, and set what the hook knows of its devices (with `physdev`, the
-    bridge port a frame the ingress program sees came in by)."""
+    bridge port a frame the ingress program sees came in by; `answering`: the rule set
+    REJECTs, and egress judges the answers to what came in)."""
     hook = entry.hook
     code: Code = []
     if hook == "egress":
+        ours = f" && skb->tc_index != {ROUTED_ANSWER}" if answering else ""
         code += [
-            "// Forwarded packets had their FORWARD verdict on ingress; OUTPUT is for ours.",
-            "if (skb->ingress_ifindex != 0)",
+            "// Forwarded packets had their FORWARD verdict on ingress; OUTPUT is for ours, and",
+            "// for our answers to what came in.",
+            f"if (skb->ingress_ifindex != 0{ours})",
             "    return TC_ACT_OK;",
         ]
     if hook == "bridged":
@@ -118,6 +122,8 @@ def _read_once(entry: Entry, chains: ChainWriter) -> Code:
     runs_output = entry.hook == "egress" or entry.builtins == ("OUTPUT",)
     if runs_output and uses_owner(chains.ruleset):
         code.append(f"owner_of(skb, f, {test});")
+        if entry.hook == "egress" and rejects(chains.ruleset):
+            code += ANSWER_SOCKET
     if entry.hook != "egress" and uses_policy(chains.ruleset):
         code.append(f"policy_of(skb, f, {test});")
     return code
@@ -129,6 +135,8 @@ def _judgement(entry: Entry, chains: ChainWriter, fastpath: bool) -> Code:
     if entry.hook == "ingress":
         return _ingress(chains, fastpath, track)
     if entry.hook == "egress":
+        if rejects(chains.ruleset):
+            track = _answer_tracked(track)
         output = chains.builtin_chain("OUTPUT", "whole_accept", "whole_drop")
         return [*LATER_FRAGMENTS_EGRESS, *track, *output]
     return [*track, *chains.builtin_chain(entry.builtins[0], "accept")]
@@ -209,6 +217,27 @@ OWN_ANSWER = [
     "    return TC_ACT_OK;",
     "}",
 ]
+
+
+ROUTED_ANSWER = f"{reject.ROUTED_ANSWER:#x}"
+# -m owner of an answer to what came in: an ICMP error's socket is the namespace's ICMP socket,
+# which no file holds (icmp_send's); a RST has none (nf_send_reset), as owner_of found.
+ANSWER_SOCKET = [
+    f"if (skb->tc_index == {ROUTED_ANSWER} && f->protocol == 1)  // ICMP",
+    "    f->owner_state = OWNER_NO_FILE;",
+]
+
+
+def _answer_tracked(track: Code) -> Code:
+    """At egress, an answer to what came in has the connection nf_ct_attach gave it (the
+    tracker's ct_answer), and loses its mark once what OUTPUT reads of it is read."""
+    answer = [f"ct_answer(skb, {RESULT});  // nf_ct_attach: its packet's, RELATED"] if track else []
+    return [
+        f"if (skb->tc_index == {ROUTED_ANSWER}) {{",
+        *indented(answer),
+        "    skb->tc_index = 0;",
+        *(["} else {", *indented(track), "}"] if track else ["}"]),
+    ]
 
 
 def _reply(slot: int) -> Code:

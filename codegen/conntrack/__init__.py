@@ -189,6 +189,7 @@ GLOBALS: dict[str, tuple[str | int, ...]] = {
     "ct_set_mark": (ctypes.sizeof(Result), "scalar"),
     "ct_pending_expiry": (ctypes.sizeof(Result),),
     "ct_related": ("ctx", "scalar", "scalar", "scalar", ctypes.sizeof(Result)),
+    "ct_answer": ("ctx", ctypes.sizeof(Result)),
     "ct_tcp": (ctypes.sizeof(Entry), "scalar", SEGMENT_SIZE, "scalar"),
     "ct_tcp_window": (ctypes.sizeof(Entry), "scalar", SEGMENT_SIZE),
     "ct_tcp_segment": ("ctx", "scalar", "scalar", SEGMENT_SIZE),

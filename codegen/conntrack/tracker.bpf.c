@@ -8,6 +8,8 @@
  *   no entry gets a new one in the per-CPU slot `ct_pending`, not yet in the table.
  * - ct_confirm(res) is nf_confirm: called when the chains finally accept the packet, it puts
  *   the pending entry in the table. A dropped first packet leaves nothing behind.
+ * - ct_answer(skb, res) stands for ct_classify where OUTPUT judges REJECT's answer to a packet
+ *   that came in: nf_ct_attach gave it that packet's connection.
  *
  * The includer provides the types (__u8 ... __u64), the helper declarations, the maps
  * `ct_table` (LRU hash: struct ct_key -> struct ct_entry), `ct_pending` (per-CPU array of one
@@ -810,6 +812,23 @@ static __always_inline void report(struct ct_result *res, const struct ct_entry 
     res->mark = e->mark;
 }
 
+/* The tuple of the datagram an ICMP error quotes at `inner` (its IP header), and its protocol;
+ * -1 if the quote is short or of a fragment that is not the first. */
+static __always_inline int quoted_tuple(struct __sk_buff *skb, __u32 inner, __u32 tot_len,
+                                        __u32 *proto, struct ct_tuple *quoted)
+{
+    __u8 ip[20];
+    __u32 transport;
+
+    if (inner + 20 > tot_len || load(skb, CT_ETH_HLEN + inner, ip, 20))
+        return -1;
+    transport = inner + (ip[0] & 0x0F) * 4;
+    if (be16(ip + 6) & 0x1FFF || transport > tot_len)
+        return -1;
+    *proto = ip[9];
+    return read_tuple(skb, ip[9], transport, tot_len, be32(ip + 12), be32(ip + 16), quoted);
+}
+
 /* nf_conntrack_inet_error: an ICMP error is RELATED to the connection whose packet it quotes,
  * if that connection's packet in that direction went to the error's target. A function of its
  * own: its frame would otherwise sit under the TCP tracker's calls, past the stack's 512. */
@@ -817,19 +836,12 @@ CT_GLOBAL int ct_related(struct __sk_buff *skb, __u32 inner, __u32 tot_len, __u3
                          struct ct_result *res)
 {
     __u64 now = ct_now();
-    __u8 ip[20];
     struct ct_tuple quoted, inverted, inv;
     struct ct_key key = {};
     struct ct_entry *e;
-    __u32 proto, transport, dir;
+    __u32 proto = 0, dir;
 
-    if (!res || inner + 20 > tot_len || load(skb, CT_ETH_HLEN + inner, ip, 20))
-        return 0;
-    transport = inner + (ip[0] & 0x0F) * 4;
-    if (be16(ip + 6) & 0x1FFF || transport > tot_len)
-        return 0;
-    proto = ip[9];
-    if (read_tuple(skb, proto, transport, tot_len, be32(ip + 12), be32(ip + 16), &quoted))
+    if (!res || quoted_tuple(skb, inner, tot_len, &proto, &quoted))
         return 0;
     if (invert(proto, &quoted, &inverted) || make_key(proto, &inverted, &inv, &key))
         return 0;
@@ -840,6 +852,67 @@ CT_GLOBAL int ct_related(struct __sk_buff *skb, __u32 inner, __u32 tot_len, __u3
     if ((dir ? e->reply.dst : e->orig.dst) != outer_daddr)
         return 0;
     report(res, e, CT_STATE_RELATED, dir, now);
+    return 0;
+}
+
+/* nf_ct_attach, for REJECT's answer to a packet that came in (codegen/reject), judged by OUTPUT
+ * as the kernel's is: it carries the connection of the packet it answers, RELATED, in the other
+ * direction, and conntrack leaves a packet that has a connection alone (no state moves, nothing
+ * to confirm). That packet's tuple is read back from the answer: an ICMP error quotes it, a RST
+ * swaps its addresses and ports. A packet that had no entry had a new one, which REJECT's drop
+ * left unconfirmed: the per-CPU pending slot still holds it if it is that tuple's (the answer
+ * leaves at once, on the CPU that judged the packet), or it is made again, as a new one. */
+CT_GLOBAL int ct_answer(struct __sk_buff *skb, struct ct_result *res)
+{
+    __u8 ip[20];
+    __u32 tot_len, transport, proto, zero = 0;
+    struct ct_tuple answer, tuple, inv;
+    struct ct_key key = {};
+    struct ct_pending *pending;
+    struct ct_entry *e;
+    __u64 now = ct_now();
+
+    if (!res)
+        return 0;
+    __builtin_memset(res, 0, sizeof(*res));
+    res->state = CT_STATE_INVALID;
+    if (load(skb, CT_ETH_HLEN, ip, 20) || ip[0] >> 4 != 4 || (ip[0] & 0x0F) < 5)
+        return 0;
+    tot_len = be16(ip + 2);
+    transport = (ip[0] & 0x0F) * 4;
+    if (tot_len < transport || CT_ETH_HLEN + tot_len > skb->len)
+        return 0;
+    proto = ip[9];
+    if (proto == CT_ICMP) {
+        if (quoted_tuple(skb, transport + 8, tot_len, &proto, &tuple))
+            return 0;
+    } else if (read_tuple(skb, proto, transport, tot_len, be32(ip + 12), be32(ip + 16), &answer) ||
+               invert(proto, &answer, &tuple)) {
+        return 0;
+    }
+    if (make_key(proto, &tuple, &inv, &key))
+        return 0;
+    e = find(&key, now);
+    if (e) {
+        report(res, e, CT_STATE_RELATED, !tuple_eq(&tuple, &e->reply), now);
+        return 0;
+    }
+    pending = CT_LOOKUP(ct_pending, &zero);
+    if (!pending)
+        return 0;
+    e = &pending->entry;
+    if (pending->key.proto == key.proto && tuple_eq(&pending->key.tuple, &key.tuple) &&
+        tuple_eq(&e->orig, &tuple) && !(e->status & IPS_CONFIRMED)) {
+        report(res, e, CT_STATE_RELATED, 1, now);
+        ct_pending_expiry(res);
+        return 0;
+    }
+    __builtin_memset(e, 0, sizeof(*e));
+    e->orig = tuple;
+    e->reply = inv;
+    e->proto = proto;
+    pending->key = key;
+    report(res, e, CT_STATE_RELATED, 1, now);
     return 0;
 }
 

@@ -26,6 +26,11 @@ HOOK_INGRESS, HOOK_EGRESS, HOOK_BRIDGED = 0, 1, 2
 # skb->tc_index of an answer delivered to our own stack (an OUTPUT REJECT's): the ingress
 # program lets it by unjudged (codegen.tc.hooks, codegen.c.programs).
 OWN_ANSWER = 0xBF1A
+# skb->tc_index of the answer to a packet that came in (INPUT's or FORWARD's), sent back out
+# of its device: the egress program judges it with OUTPUT, as the kernel's answer passes OUTPUT
+# (ip_local_out) with the packet's connection attached, RELATED (codegen.tc.hooks,
+# codegen.c.programs; the tracker's ct_answer).
+ROUTED_ANSWER = 0xBF1B
 TC_ACT_SHOT, TC_ACT_REDIRECT = 2, 7
 # Or'd into reject_reply's `pkt_type` when the packet's destination is one of the namespace's
 # broadcast addresses (a subnet's): its route is RTCF_BROADCAST, which no answer is sent to.
@@ -56,6 +61,7 @@ CLANG_PRELUDE = (
     "#include <linux/bpf.h>",
     "#include <bpf/bpf_helpers.h>",
     f"#define RJ_OWN_ANSWER {OWN_ANSWER:#x}",
+    f"#define RJ_ROUTED_ANSWER {ROUTED_ANSWER:#x}",
     f"#define RJ_BROADCAST_ROUTE {BROADCAST_ROUTE:#x}",
     f"#define RJ_FORWARDED {FORWARDED:#x}",
     f"#define RJ_HOOK_EGRESS {HOOK_EGRESS}",

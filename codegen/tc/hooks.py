@@ -8,7 +8,8 @@
   the kernel drops or does not filter: it passes untouched and is counted as "not handled".
   With the fast path, what FORWARD accepts is forwarded here (TTL, checksum, MACs,
   bpf_redirect).
-- `egress`: OUTPUT, for packets generated here (skb ingress_ifindex 0); forwarded ones pass.
+- `egress`: OUTPUT, for packets generated here (skb ingress_ifindex 0) and for REJECT's answers
+  to packets that came in (marked, codegen.reject); forwarded ones pass.
 - `bridged`: on a bridge port's egress, FORWARD for a packet bridged from another port of the
   same bridge (codegen.tc.bridges); everything else passes untouched.
 - `chain`: one built-in chain on its own, for BPF_PROG_TEST_RUN: in-interface from the
@@ -28,7 +29,22 @@ import socket
 from codegen import conntrack, reject
 from codegen.bpf import insn as I
 from codegen.bpf.asm import Item, Label
-from codegen.bpf.isa import R0, R1, R2, R3, R4, R6, R7, R10, AluOp, FibResult, JmpOp, Size, TcAction
+from codegen.bpf.isa import (
+    R0,
+    R1,
+    R2,
+    R3,
+    R4,
+    R6,
+    R7,
+    R10,
+    AluOp,
+    FibResult,
+    JmpOp,
+    Reg,
+    Size,
+    TcAction,
+)
 from codegen.bpf.testrun import SKB_OFFSETS
 from codegen.conntrack import uses_conntrack
 from codegen.rules.extensions.physdev import reads_ports
@@ -46,7 +62,7 @@ from .layout import (
 )
 from .local import LocalAddresses, joined_groups, membership, own_addresses, unicast_destinations
 from .log import log_subprogram, logs
-from .matches.owner import owner_facts, uses_owner
+from .matches.owner import NO_FILE, owner_facts, uses_owner
 from .matches.policy import policy_facts
 from .parser import ETH_HLEN, PACKET_HOST, ip_header_within, parse
 from .program import Hook
@@ -80,15 +96,54 @@ class ProgramWriter:
         self.builtin: str | None = None  # the chain program's chain
 
     def track(self) -> list[Item]:
-        """nf_conntrack_in before the chains: ct_classify fills the facts' connection."""
+        """nf_conntrack_in before the chains: ct_classify fills the facts' connection (at
+        egress, ct_answer for an answer to what came in: nf_ct_attach gave it its connection).
+        An answer's mark is taken off here, once what OUTPUT reads of it is read."""
+        answers = self.hook == "egress" and self.answering
         if not self.tracking:
-            return []
+            if not answers:
+                return []
+            seen = self.label("answer_seen")
+            return [
+                *_tc_index(),
+                I.jmp32(JmpOp.JNE, R1, reject.ROUTED_ANSWER, seen),
+                *self.answer_seen(),
+                Label(seen),
+            ]
+        code = [I.mov64(R1, R6), I.mov64(R2, FACTS), I.alu64(AluOp.ADD, R2, Facts.CONNECTION)]
+        if not answers:
+            return [*code, I.call_local("ct_classify")]
+        classify, tracked = self.label("ct_classify"), self.label("ct_tracked")
         return [
-            I.mov64(R1, R6),
-            I.mov64(R2, FACTS),
-            I.alu64(AluOp.ADD, R2, Facts.CONNECTION),
+            *code,
+            *_tc_index(R3),
+            I.jmp32(JmpOp.JNE, R3, reject.ROUTED_ANSWER, classify),
+            I.call_local("ct_answer"),
+            *self.answer_seen(),
+            I.ja(tracked),
+            Label(classify),
             I.call_local("ct_classify"),
+            Label(tracked),
         ]
+
+    def answer_socket(self) -> list[Item]:
+        """-m owner of an answer: an ICMP error's socket is the namespace's ICMP socket, which
+        no file holds (icmp_send's); a RST has none (nf_send_reset), as owner_facts found."""
+        done = self.label("answer_socket")
+        return [
+            *_tc_index(),
+            I.jmp32(JmpOp.JNE, R1, reject.ROUTED_ANSWER, done),
+            I.ldx(Size.B, R1, FACTS, Facts.PROTOCOL.offset),
+            I.jmp32(JmpOp.JNE, R1, socket.IPPROTO_ICMP, done),
+            I.st(Size.B, FACTS, Facts.OWNER_STATE.offset, NO_FILE),
+            Label(done),
+        ]
+
+    @staticmethod
+    def answer_seen() -> list[Item]:
+        """The answer's mark off, so that nothing past this program takes it for one (the
+        verifier refuses BPF_ST into the context)."""
+        return [I.mov64(R1, 0), I.stx(Size.W, R6, SKB_OFFSETS["tc_index"], R1)]
 
     def confirm(self) -> list[Item]:
         """nf_confirm on a final ACCEPT: the connection the packet would create joins the
@@ -125,7 +180,10 @@ class ProgramWriter:
                 Label("judged"),
             ]
         if self.hook == "egress":
-            # Forwarded packets left their FORWARD verdict on ingress; OUTPUT is for ours.
+            # Forwarded packets left their FORWARD verdict on ingress; OUTPUT is for ours, and
+            # for our answers to what came in.
+            if self.answering:
+                code += [*_tc_index(), I.jmp32(JmpOp.JEQ, R1, reject.ROUTED_ANSWER, "local_output")]
             code += [
                 I.ldx(Size.W, R1, R6, SKB_OFFSETS["ingress_ifindex"]),
                 I.jmp(JmpOp.JEQ, R1, 0, "local_output"),
@@ -152,6 +210,8 @@ class ProgramWriter:
             code += [*bridges.no_ports(), *bridges.stamped_port(self.label("stamp_read"))]
         if runs_output and uses_owner(self.chains.ruleset):  # -m owner's socket, read once
             code += owner_facts(self.hook, self.label, tuple(self.chains.owner_bits))
+            if self.hook == "egress" and self.answering:
+                code += self.answer_socket()
         bits = self.chains.policy_bits
         if not runs_output and bits:  # -m policy's answers, found once
             code += policy_facts(self.hook, self.chains.ruleset, bits, self.label)
@@ -322,6 +382,11 @@ class ProgramWriter:
             *first_fragment_verdicts(self.label),
         ]
         return code
+
+
+def _tc_index(register: Reg = R1) -> list[Item]:
+    """The packet's tc_index into `register` (an answer's mark, codegen.reject)."""
+    return [I.ldx(Size.W, register, R6, SKB_OFFSETS["tc_index"])]
 
 
 def _report(enabled: bool) -> list[Item]:
