@@ -135,7 +135,8 @@ def test_bridged_and_routed_answers_are_the_kernels(twin: BridgeTopology, backen
                 if _fields(theirs) != _fields(answer):
                     failures.append(f"{name}: kernel {_fields(theirs)}\n  ours {_fields(answer)}")
         saved = twin.host.run(["iptables-legacy-save", "-c", "-t", "filter"]).stdout
-        # OUTPUT aside: the kernel's answers pass it, ours do not (README, What does not work).
+        # OUTPUT aside: the kernel's ICMP errors about bridged packets pass it, ours do not
+        # (README, What does not work).
         moved = moved_counters(parse(saved, "<iptables-legacy-save>"))
         kernel_counters = {where: value for where, value in moved.items() if where[0] != "OUTPUT"}
         _, now = current(ours.host.name)
