@@ -230,12 +230,15 @@ ANSWER_SOCKET = [
 
 def _answer_tracked(track: Code) -> Code:
     """At egress, an answer to what came in has the connection nf_ct_attach gave it (the
-    tracker's ct_answer), and loses its mark once what OUTPUT reads of it is read."""
+    tracker's ct_answer), and loses its tc_index mark once what OUTPUT reads of it is read;
+    its packet mark is 0, as the kernel's answers' (IP4_REPLY_MARK, net.ipv4.fwmark_reflect
+    off)."""
     answer = [f"ct_answer(skb, {RESULT});  // nf_ct_attach: its packet's, RELATED"] if track else []
     return [
         f"if (skb->tc_index == {ROUTED_ANSWER}) {{",
         *indented(answer),
         "    skb->tc_index = 0;",
+        "    skb->mark = f->mark = 0;",
         *(["} else {", *indented(track), "}"] if track else ["}"]),
     ]
 

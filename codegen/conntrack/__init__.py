@@ -145,6 +145,7 @@ def defines(timeouts: Timeouts = DEFAULT_TIMEOUTS, *, loose: bool = True) -> dic
     """The tracker's compile-time settings: the timeouts in seconds, the TCP knobs, HZ."""
     values = {f"CT_TIMEOUT_{f.name.upper()}": getattr(timeouts, f.name) for f in fields(timeouts)}
     values["CT_TCP_MAX_RETRANS_COUNT"] = values.pop("CT_TIMEOUT_TCP_MAX_RETRANS_COUNT")
+    values["CT_TCP_BE_LIBERAL"] = values.pop("CT_TIMEOUT_TCP_BE_LIBERAL")
     values["CT_TCP_LOOSE"] = int(loose)
     values["CT_HZ"] = kernel_hz()  # a new entry's expiry is read in the kernel's jiffies
     return values

@@ -16,11 +16,12 @@
  * struct ct_pending) and `ct_clock` (array of two __u64: a fixed time in ns, or 0 for the
  * monotonic clock, and the kernel's jiffies at that fixed time), declared by the macro
  * CT_DECLARE_MAPS once the structs are, used through CT_LOOKUP, CT_INSERT (BPF_NOEXIST) and
- * CT_DELETE; and the timeouts (CT_TIMEOUT_*, seconds), CT_TCP_MAX_RETRANS_COUNT, CT_TCP_LOOSE
- * and the kernel's HZ (CT_HZ) as defines. Multi-byte values are in host order.
+ * CT_DELETE; and the timeouts (CT_TIMEOUT_*, seconds), CT_TCP_MAX_RETRANS_COUNT, CT_TCP_LOOSE,
+ * CT_TCP_BE_LIBERAL and the kernel's HZ (CT_HZ) as defines. Multi-byte values are in host order.
  *
- * TCP follows nf_conntrack_proto_tcp.c with nf_conntrack_tcp_be_liberal=1: the window data is
- * kept (RST validation and the timeouts read it) but never refuses a segment.
+ * TCP follows nf_conntrack_proto_tcp.c, window tracking included: with CT_TCP_BE_LIBERAL 0 (the
+ * kernel's default nf_conntrack_tcp_be_liberal) a segment out of window is INVALID or ignored
+ * (it passes with its entry unmoved) as tcp_in_window decides; with 1 it is accepted.
  */
 
 /* The functions the verifier checks once each, whatever calls them (BTF-described global
@@ -360,14 +361,20 @@ static __always_inline void init_sender(struct ct_side *sender, struct ct_side *
         sender->td_scale = receiver->td_scale = 0;
 }
 
-/* tcp_in_window with be_liberal: accept everything, skip the bookkeeping when out of window. */
+/* What tcp_in_window decides: W_ACCEPT, W_IGNORE (the packet passes with its entry, which does
+ * not move) or W_INVALID (it carries none). */
+enum { W_ACCEPT, W_IGNORE, W_INVALID };
+
+/* tcp_in_window: W_ACCEPT and the window data moved for a segment in window; for one out of
+ * window, W_IGNORE or W_INVALID as the kernel would have it where it is not liberal (the
+ * caller's liberal_window). */
 CT_GLOBAL int ct_tcp_window(struct ct_entry *e, __u32 dir, const struct ct_segment *seg)
 {
     struct ct_side *sender, *receiver;
     __u32 seq, ack, window, end, sack, swin, maxackwindow;
 
     if (!e || !seg)
-        return 0;
+        return W_ACCEPT;
     sender = side_of(e, dir);
     receiver = side_of(e, !dir);
     seq = seg->seq;
@@ -379,7 +386,7 @@ CT_GLOBAL int ct_tcp_window(struct ct_entry *e, __u32 dir, const struct ct_segme
         if (seg->flags & TH_SYN) {
             init_sender(sender, receiver, seg, dir);
             if (!(seg->flags & TH_ACK))
-                return 0;
+                return W_ACCEPT;
         } else {
             __u32 scaled = window << (sender->td_scale & 0x1F);
 
@@ -395,7 +402,7 @@ CT_GLOBAL int ct_tcp_window(struct ct_entry *e, __u32 dir, const struct ct_segme
                (e->tcp_state == sSS || e->tcp_state == sSR)) {
         init_sender(sender, receiver, seg, dir);
         if (dir == 1 && !(seg->flags & TH_ACK))
-            return 0;
+            return W_ACCEPT;
     }
     if (!(seg->flags & TH_ACK) || ((seg->flags & (TH_ACK | TH_RST)) == (TH_ACK | TH_RST) && ack == 0))
         ack = sack = receiver->td_end;
@@ -410,15 +417,16 @@ CT_GLOBAL int ct_tcp_window(struct ct_entry *e, __u32 dir, const struct ct_segme
             before(sack, receiver->td_end + 1)) {
             sender->td_end = end;
             sender->flags |= F_DATA_UNACKNOWLEDGED;
+            return W_IGNORE; /* more bytes than the window */
         }
-        return 0;
+        return W_INVALID; /* SEQ over the upper bound */
     }
     if (!before(sack, receiver->td_end + 1))
-        return 0;
+        return W_INVALID; /* ACK over the upper bound */
     if (receiver->td_maxwin && !after(end, sender->td_end - receiver->td_maxwin - 1))
-        return 0;
+        return W_IGNORE; /* SEQ under the lower bound */
     if (!after(sack, receiver->td_end - maxackwindow - 1))
-        return 0;
+        return W_IGNORE; /* ACK under the lower bound */
     if (!(seg->flags & TH_SYN))
         window <<= sender->td_scale & 0x1F;
     swin = window + (sack - ack);
@@ -455,7 +463,7 @@ CT_GLOBAL int ct_tcp_window(struct ct_entry *e, __u32 dir, const struct ct_segme
             e->retrans = 0;
         }
     }
-    return 0;
+    return W_ACCEPT;
 }
 
 /* tcp_new: a new entry's TCP state for a segment without one; -1 if it may not create one. */
@@ -478,8 +486,8 @@ static __always_inline int tcp_new(struct ct_entry *e, const struct ct_segment *
     return 0;
 }
 
-/* What tcp_packet decides. */
-enum { T_ACCEPT, T_INVALID, T_REPEAT, T_KILL };
+/* What tcp_packet decides (T_WINDOW: INVALID, out of window; ct_tcp makes it T_INVALID). */
+enum { T_ACCEPT, T_INVALID, T_REPEAT, T_KILL, T_WINDOW };
 
 /* tcp_packet's RST checks: -1 for an invalid RST, else the new state; *skip: no window check. */
 static __always_inline int check_rst(struct ct_entry *e, __u32 dir, const struct ct_segment *seg,
@@ -546,6 +554,33 @@ static __always_inline int tcp_ignore(struct ct_entry *e, __u32 dir, const struc
     return T_ACCEPT;
 }
 
+/* nf_tcp_log_invalid: a segment out of window is accepted (its bookkeeping skipped) where the
+ * namespace is liberal (CT_TCP_BE_LIBERAL) or its sender is (a picked-up connection). */
+static __always_inline int liberal_window(const struct ct_entry *e, __u32 dir, int window)
+{
+    if (CT_TCP_BE_LIBERAL || side_of((struct ct_entry *)e, dir)->flags & F_BE_LIBERAL)
+        return W_ACCEPT;
+    return window;
+}
+
+/* nf_tcp_handle_invalid, for a segment out of window: an assured connection whose FIN or RST
+ * answers the other side's (out of sync with conntrack, likely dead) keeps at most the
+ * unacknowledged timeout, when it had 120 s or more; any other FIN or RST is remembered. */
+static __always_inline void tcp_invalid(struct ct_entry *e, __u32 dir, __u32 index, __u64 now)
+{
+    __u64 expires = e->deadline > now ? e->deadline - now : 0;
+
+    if (!(e->status & IPS_ASSURED) || (index != RST_SET && index != FIN_SET))
+        return;
+    if (e->last_dir != dir && (e->last_index == FIN_SET || e->last_index == RST_SET)) {
+        if (expires >= 120 * CT_NS && expires > CT_TIMEOUT_TCP_UNACKNOWLEDGED * CT_NS)
+            e->deadline = now + CT_TIMEOUT_TCP_UNACKNOWLEDGED * CT_NS;
+    } else {
+        e->last_index = index;
+        e->last_dir = dir;
+    }
+}
+
 /* tcp_packet: moves the entry; *timeout gets the refresh in seconds (0: none). */
 static __always_inline int tcp_packet(struct ct_entry *e, __u32 dir, const struct ct_segment *seg,
                                       __u64 *timeout, int *assure)
@@ -600,8 +635,14 @@ static __always_inline int tcp_packet(struct ct_entry *e, __u32 dir, const struc
             return T_INVALID;
         state = checked;
     }
-    if (!skip)
-        ct_tcp_window(e, dir, seg);
+    if (!skip) {
+        int window = liberal_window(e, dir, ct_tcp_window(e, dir, seg));
+
+        if (window == W_IGNORE)
+            return T_ACCEPT; /* passes with its entry, which does not move */
+        if (window == W_INVALID)
+            return T_WINDOW;
+    }
 
     e->last_index = index;
     e->last_dir = dir;
@@ -647,6 +688,10 @@ CT_GLOBAL int ct_tcp(struct ct_entry *e, __u32 dir, const struct ct_segment *seg
     if (!(e->status & IPS_CONFIRMED) && tcp_new(e, seg))
         return T_INVALID;
     verdict = tcp_packet(e, dir, seg, &timeout, &assure);
+    if (verdict == T_WINDOW) {
+        tcp_invalid(e, dir, seg->index, now);
+        return T_INVALID;
+    }
     if (verdict == T_INVALID || verdict == T_REPEAT)
         return verdict;
     if (timeout)

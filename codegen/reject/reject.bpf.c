@@ -185,11 +185,9 @@ static __always_inline int rj_icmp_error(__u32 type)
  * the includer) so that the ingress program lets it by unjudged, as netfilter's answer reaches
  * the local socket over lo, a device the rule sets we see let everything through. An answer
  * out of the device is marked RJ_ROUTED_ANSWER: the egress program judges it with OUTPUT, as
- * the kernel's passes OUTPUT (ip_local_out). No answer keeps the packet's mark: the kernel's
- * carry IP4_REPLY_MARK, 0 with net.ipv4.fwmark_reflect off (its default). */
+ * the kernel's passes OUTPUT (ip_local_out). */
 static __always_inline int rj_send(struct __sk_buff *skb, __u32 hook)
 {
-    skb->mark = 0;
     if (hook == RJ_HOOK_EGRESS) {
         skb->tc_index = RJ_OWN_ANSWER;
         return bpf_redirect(skb->ifindex, BPF_F_INGRESS);

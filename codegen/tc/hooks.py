@@ -141,9 +141,15 @@ class ProgramWriter:
 
     @staticmethod
     def answer_seen() -> list[Item]:
-        """The answer's mark off, so that nothing past this program takes it for one (the
-        verifier refuses BPF_ST into the context)."""
-        return [I.mov64(R1, 0), I.stx(Size.W, R6, SKB_OFFSETS["tc_index"], R1)]
+        """The answer's tc_index mark off, so that nothing past this program takes it for one
+        (the verifier refuses BPF_ST into the context), and its packet mark: the kernel's
+        answers carry IP4_REPLY_MARK, 0 with net.ipv4.fwmark_reflect off (its default)."""
+        return [
+            I.mov64(R1, 0),
+            I.stx(Size.W, R6, SKB_OFFSETS["tc_index"], R1),
+            I.stx(Size.W, R6, SKB_OFFSETS["mark"], R1),
+            I.stx(Size.W, FACTS, Facts.MARK.offset, R1),
+        ]
 
     def confirm(self) -> list[Item]:
         """nf_confirm on a final ACCEPT: the connection the packet would create joins the

@@ -1,7 +1,7 @@
 """Stateful rule sets on real traffic: our programs against netfilter's conntrack, flow by flow.
 
 One router lab runs our programs, its twin the same filter table in iptables-legacy with the
-kernel's conntrack (nf_conntrack_tcp_be_liberal=1 there, the setting our tracker follows). Each
+kernel's conntrack (its default nf_conntrack_tcp_be_liberal=0, as our tracker's). Each
 example draws a rule set of conntrack and state matches (states, directions, statuses, the
 connection's protocol, mixed with ports and protocols) and a short flow: several packets of one
 connection, both ways, between two nodes of the lab (client and server through FORWARD, or either
@@ -211,7 +211,6 @@ def cases(draw: st.DrawFn):
 @pytest.fixture(scope="module")
 def labs() -> Iterator[tuple[Lab, Lab]]:
     with Lab("router") as ours, Lab("router") as twin:
-        twin.holder_namespace.sysctl("net.netfilter.nf_conntrack_tcp_be_liberal", 1)
         yield ours, twin
 
 

@@ -13,8 +13,9 @@ packets, timed as they were sent.
 
 Noise stays out: the host's raw OUTPUT drops what its kernel sends on its own (RSTs, ICMP
 errors, echo replies) before conntrack sees it (the raw table hooks first), and the client drops
-everything in its raw PREROUTING, so it never answers. The host runs with
-nf_conntrack_tcp_be_liberal=1, the setting the tracker stands for.
+everything in its raw PREROUTING, so it never answers. The host runs with the kernel's
+default nf_conntrack_tcp_be_liberal=0, as the tracker does: a segment out of window is INVALID
+or passes ignored.
 """
 
 from __future__ import annotations
@@ -338,7 +339,6 @@ def host() -> Iterator[Host]:
         _restore(lab.host.namespace, quiet_host(os.geteuid()))
         with lab.host.namespace.enter():
             write_table(parse(RULES, "tracker.rules"))
-        lab.host.namespace.sysctl("net.netfilter.nf_conntrack_tcp_be_liberal", 1)
         yield Host(lab, stack)
 
 

@@ -194,6 +194,10 @@ class ConnectionTable:
                 assured=bool(entry.status & IPS_ASSURED),
                 timeouts=timeouts,
             )
+            if outcome.shrink:  # nf_tcp_handle_invalid
+                left = entry.deadline - now
+                if left >= 120 and left > timeouts.tcp_unacknowledged:
+                    entry.deadline = now + timeouts.tcp_unacknowledged
             if outcome.verdict != "accept":
                 return outcome.verdict
             if outcome.kill:

@@ -1,7 +1,7 @@
 """TCP as nf_conntrack_proto_tcp.c tracks it: tcp_error's flag check (`read_segment`),
 tcp_new's pickup rule (`new`), and the tcp_conntracks state table with tcp_packet's special
-cases (`track`): reopening, ignored segments, RST validation, the timeouts, ASSURED. The window
-bookkeeping is `tcp_window`'s; checksums are assumed correct.
+cases (`track`): reopening, ignored segments, RST validation, what is out of window, the
+timeouts, ASSURED. The window bookkeeping is `tcp_window`'s; checksums are assumed correct.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from codegen.rules.tracking.tcp_window import (
     CLOSE_WAIT,
     ESTABLISHED,
     EXP_CHALLENGE_ACK,
+    FIN_SET,
     FIN_WAIT,
     FLAG_BE_LIBERAL,
     FLAG_CLOSE_INIT,
@@ -21,6 +22,7 @@ from codegen.rules.tracking.tcp_window import (
     FLAG_MAXACK_SET,
     FLAG_SACK_PERM,
     FLAG_WINDOW_SCALE,
+    IGNORE,
     LAST_ACK,
     NONE,
     NONE_SET,
@@ -41,6 +43,7 @@ from codegen.rules.tracking.tcp_window import (
     in_window,
     read_options,
 )
+from codegen.rules.tracking.tcp_window import INVALID as WINDOW_INVALID
 from codegen.rules.tracking.timeouts import Timeouts
 
 sNO, sSS, sSR, sES, sFW, sCW, sLA, sTW, sCL, sS2, sIV, sIG = range(12)
@@ -70,12 +73,14 @@ class Outcome:
     """What tcp_packet returns: `verdict` is "accept", "invalid" (-NF_ACCEPT: the packet
     carries no entry) or "repeat" (kill the entry and look up again); on accept, `timeout` is
     the refresh (None: not refreshed), `assured` whether to set ASSURED, `kill` whether the
-    entry dies (a RST before any reply)."""
+    entry dies (a RST before any reply); on invalid, `shrink` whether the entry keeps at most
+    the unacknowledged timeout if it has 120 s or more left (nf_tcp_handle_invalid)."""
 
     verdict: str
     timeout: int | None = None
     assured: bool = False
     kill: bool = False
+    shrink: bool = False
 
 
 INVALID = Outcome("invalid")
@@ -184,7 +189,11 @@ def track(
             return INVALID
         new_state, skip_window = checked
     if not skip_window:
-        in_window(tcp, direction, segment)
+        action = in_window(tcp, direction, segment, bool(timeouts.tcp_be_liberal))
+        if action == IGNORE:
+            return IGNORED  # passes with its entry, which does not move
+        if action == WINDOW_INVALID:
+            return _invalid(tcp, direction, index, assured)
     return _commit(
         tcp, direction, index, segment, old_state, new_state, seen_reply, assured, timeouts
     )
@@ -228,6 +237,17 @@ def _check_rst(
     ):
         return new_state, True
     return new_state, False
+
+
+def _invalid(tcp: TcpState, direction: int, index: int, assured: bool) -> Outcome:
+    """nf_tcp_handle_invalid, for a segment out of window: an assured connection's FIN or RST
+    that answers the other side's shrinks its timeout (`shrink`); another is remembered."""
+    if not assured or index not in (RST_SET, FIN_SET):
+        return INVALID
+    if tcp.last_dir != direction and tcp.last_index in (FIN_SET, RST_SET):
+        return Outcome("invalid", shrink=True)
+    tcp.last_index, tcp.last_dir = index, direction
+    return INVALID
 
 
 def _commit(

@@ -2,9 +2,10 @@
 the state enum, flags and sequence arithmetic, the per-direction window data (td_end,
 td_maxend, td_maxwin, td_maxack, the flags) that RST validation and the timeouts read.
 
-Window tracking is followed but never refuses a segment: the tracker stands for a netfilter
-running with `nf_conntrack_tcp_be_liberal=1`, where tcp_in_window accepts what is out of window
-(it only skips its bookkeeping for it).
+tcp_in_window decides ACCEPT, IGNORE (the segment passes with its entry, which does not move)
+or INVALID (it carries none) for a segment out of window, as nf_tcp_log_invalid does: with
+`nf_conntrack_tcp_be_liberal=1`, or for a sender marked liberal (a picked-up connection),
+what is out of window is accepted and only its bookkeeping skipped.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ SIMULTANEOUS_OPEN = 0x80
 MAX_WSCALE = 14
 MAXACKWINCONST = 66000
 U32 = 0xFFFFFFFF
+# What tcp_in_window decides (enum nf_ct_tcp_action).
+ACCEPT, IGNORE, INVALID = "accept", "ignore", "invalid"
 
 
 def before(a: int, b: int) -> bool:
@@ -191,10 +194,15 @@ def _init_sender(sender: Side, receiver: Side, segment: Segment, direction: int)
         sender.td_scale = receiver.td_scale = 0
 
 
-def in_window(tcp: TcpState, direction: int, segment: Segment) -> None:
-    """tcp_in_window under nf_conntrack_tcp_be_liberal=1: every segment is accepted, and one
-    out of window skips the bookkeeping (as the kernel returns before it)."""
+def in_window(tcp: TcpState, direction: int, segment: Segment, liberal: bool) -> str:
+    """tcp_in_window: ACCEPT, IGNORE or INVALID; a segment out of window skips the bookkeeping
+    (as the kernel returns before it), and is accepted where `liberal`
+    (nf_conntrack_tcp_be_liberal) or its sender is."""
     sender, receiver = tcp.seen[direction], tcp.seen[1 - direction]
+
+    def out_of_window(action: str) -> str:
+        return ACCEPT if liberal or sender.flags & FLAG_BE_LIBERAL else action
+
     seq, ack, window = segment.seq, segment.ack, segment.window
     end = segment.end
     sack = _sack(segment.options, ack) if receiver.flags & FLAG_SACK_PERM else ack
@@ -202,7 +210,7 @@ def in_window(tcp: TcpState, direction: int, segment: Segment) -> None:
         if segment.has(SYN):
             _init_sender(sender, receiver, segment, direction)
             if not segment.has(ACK):
-                return
+                return ACCEPT
         else:
             sender.td_end = end
             scaled = window << sender.td_scale
@@ -215,7 +223,7 @@ def in_window(tcp: TcpState, direction: int, segment: Segment) -> None:
     elif segment.has(SYN) and after(end, sender.td_end) and tcp.state in (SYN_SENT, SYN_RECV):
         _init_sender(sender, receiver, segment, direction)
         if direction == 1 and not segment.has(ACK):
-            return
+            return ACCEPT
     if not segment.has(ACK) or (segment.flags & (ACK | RST) == ACK | RST and ack == 0):
         ack = sack = receiver.td_end
     if segment.has(RST) and seq == 0 and tcp.state == SYN_SENT:
@@ -234,13 +242,14 @@ def in_window(tcp: TcpState, direction: int, segment: Segment) -> None:
         ):
             sender.td_end = end
             sender.flags |= FLAG_DATA_UNACKNOWLEDGED
-        return
+            return out_of_window(IGNORE)  # more bytes than the window
+        return out_of_window(INVALID)  # SEQ over the upper bound
     if not before(sack, receiver.td_end + 1):
-        return
+        return out_of_window(INVALID)  # ACK over the upper bound
     if receiver.td_maxwin and not after(end, sender.td_end - receiver.td_maxwin - 1):
-        return
+        return out_of_window(IGNORE)  # SEQ under the lower bound
     if not after(sack, receiver.td_end - maxackwindow - 1):
-        return
+        return out_of_window(IGNORE)  # ACK under the lower bound
     if not segment.has(SYN):
         window <<= sender.td_scale
     swin = window + ((sack - ack) & U32)
@@ -267,3 +276,4 @@ def in_window(tcp: TcpState, direction: int, segment: Segment) -> None:
         else:
             tcp.last_dir, tcp.last_seq, tcp.last_ack = direction, seq, ack
             tcp.last_end, tcp.last_win, tcp.retrans = end, segment.window, 0
+    return ACCEPT

@@ -20,6 +20,9 @@ class Timeouts:
     tcp_max_retrans: int = 300
     tcp_unacknowledged: int = 300
     tcp_max_retrans_count: int = 3  # nf_conntrack_tcp_max_retrans
+    # nf_conntrack_tcp_be_liberal: 0, a TCP segment out of window is INVALID or ignored
+    # (tcp_in_window); 1, it is accepted.
+    tcp_be_liberal: int = 0
     udp: int = 30
     udp_stream: int = 120
     icmp: int = 30
