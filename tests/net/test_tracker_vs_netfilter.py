@@ -104,6 +104,20 @@ WAIT = "wait"  # a step that only lets time pass (UDP_STREAM_WAIT seconds)
 # flow so that flows never share an entry.
 FLOWS = [
     (
+        "tcp out of window: INVALID over the upper bounds, ignored under the lower ones",
+        [
+            to_host(tcp(40020, 80, "S", 1000)),
+            to_client(tcp(80, 40020, "SA", 5000, 1001)),
+            to_host(tcp(40020, 80, "A", 1001, 5001)),
+            to_host(tcp(40020, 80, "PA", 101001, 5001, b"far")),  # SEQ over the upper bound
+            to_host(tcp(40020, 80, "A", 1001, 55001)),  # ACK of data never sent
+            to_host(tcp(40020, 80, "PA", 0xFFFFB1E9, 5001, b"old")),  # SEQ under the lower bound
+            to_client(tcp(80, 40020, "A", 5001, 0xFFFE7961)),  # ACK under the lower bound
+            to_host(tcp(40020, 80, "PA", 1001, 5001, b"in")),
+            to_client(tcp(80, 40020, "A", 5001, 1003)),
+        ],
+    ),
+    (
         "tcp handshake, data, FIN close, reopen",
         [
             to_host(tcp(40001, 80, "S", 1000)),

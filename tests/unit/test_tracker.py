@@ -19,6 +19,7 @@ from codegen.rules import (
     parse,
 )
 from codegen.rules.packet import IPS_ASSURED, IPS_CONFIRMED, IPS_SEEN_REPLY
+from codegen.rules.tracking import Timeouts
 
 CLIENT, HOST = "198.18.0.1", "198.18.0.2"
 
@@ -342,3 +343,29 @@ def test_loose_zero_picks_nothing_up() -> None:
     table = ConnectionTable(loose=False)
     assert table.classify(to_host(tcp(1000, 80, "A", 1, 1)), 0).connection is None
     assert table.classify(to_host(tcp(1000, 80, "S", 1)), 0).connection is not None
+
+
+OUT_OF_WINDOW = [
+    (to_host(tcp(4000, 80, "S", 1000)), "NEW O SYN_SENT"),
+    (to_client(tcp(80, 4000, "SA", 5000, 1001)), "ESTABLISHED R SYN_RECV"),
+    (to_host(tcp(4000, 80, "A", 1001, 5001)), "ESTABLISHED O ESTABLISHED"),
+    (to_host(tcp(4000, 80, "PA", 101001, 5001, b"far")), "INVALID"),  # SEQ over the upper bound
+    (to_host(tcp(4000, 80, "A", 1001, 55001)), "INVALID"),  # ACK of data never sent
+    (to_host(tcp(4000, 80, "FA", 0xFFFFB1E9, 5001)), "ESTABLISHED O ESTABLISHED"),  # too old
+    (to_host(tcp(4000, 80, "PA", 1001, 5001, b"in")), "ESTABLISHED O ESTABLISHED"),
+]
+
+
+@pytest.mark.parametrize("liberal", [0, 1])
+def test_a_segment_out_of_window_is_what_be_liberal_makes_it(liberal: int) -> None:
+    """nf_conntrack_tcp_be_liberal=0 (the kernel's default): over the window's upper bounds a
+    segment is INVALID; under its lower bounds it passes with the entry unmoved (the old FIN
+    closes nothing). With 1 every one is accepted, and the far segment and the old FIN move
+    the state as any other would."""
+    table = ConnectionTable(timeouts=Timeouts(tcp_be_liberal=liberal))
+    got = [_describe(table, packet, 0) for packet, _ in OUT_OF_WINDOW]
+    if not liberal:
+        assert got == [expected for _, expected in OUT_OF_WINDOW]
+    else:
+        assert "INVALID" not in got
+        assert got[5] == "ESTABLISHED O FIN_WAIT"

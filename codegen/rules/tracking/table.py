@@ -90,7 +90,7 @@ class Classification:
 @dataclass(slots=True)
 class ConnectionTable:
     """IPv4 connection tracking as nf_conntrack follows it, with `nf_conntrack_tcp_loose`
-    (`loose`) and `nf_conntrack_tcp_be_liberal=1` (no window refuses a TCP segment)."""
+    (`loose`) and the timeouts and `nf_conntrack_tcp_be_liberal` of `timeouts`."""
 
     timeouts: Timeouts = DEFAULT_TIMEOUTS
     loose: bool = True
