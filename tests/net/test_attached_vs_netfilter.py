@@ -165,6 +165,14 @@ def _attached_case(labs, backend: str, case) -> None:
                 f"netfilter {'passed' if twin_arrived else 'dropped'} it, ours "
                 f"{'passed' if ours_arrived else 'dropped'} it: {where}"
             )
+            if chain != "OUTPUT":
+                # Our REJECT answers pass OUTPUT as the kernel's do; the twin's quiet raw
+                # OUTPUT drops the kernel's before its filter table sees them, so OUTPUT is
+                # not compared here (tests/net/test_reject_output_vs_netfilter.py does).
+                moved, kernel = (
+                    {place: value for place, value in counts.items() if place[0] != "OUTPUT"}
+                    for counts in (moved, kernel)
+                )
             assert moved == kernel, f"counters: ours {moved}, netfilter {kernel}: {where}"
     finally:
         lifecycle.flush(namespace)
