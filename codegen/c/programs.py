@@ -25,7 +25,13 @@ from codegen.conntrack import uses_conntrack
 from codegen.rules.extensions.physdev import reads_ports
 from codegen.tc.matches.owner import uses_owner
 from codegen.tc.matches.policy import uses_policy
-from codegen.tc.replies import REPLY_CB_DADDR, REPLY_CB_DEVICE, REPLY_CB_FIELDS, rejects
+from codegen.tc.replies import (
+    REPLY_CB_DADDR,
+    REPLY_CB_DEVICE,
+    REPLY_CB_FIELDS,
+    REPLY_CB_NO_CONNECTION,
+    rejects,
+)
 
 from . import bridges
 from .chains import ChainWriter
@@ -54,7 +60,7 @@ def entry_function(entry: Entry, chains: ChainWriter, fastpath: bool, slot: int)
     facts = _facts(entry, reads_ports(chains.ruleset) and chains.bridges, rejects(chains.ruleset))
     body = [*own_answers, *facts, *_read_once(entry, chains), *logging, ""]
     body += _judgement(entry, chains, fastpath)
-    answer = _reply(slot) if rejects(chains.ruleset) else []
+    answer = _reply(slot, uses_conntrack(chains.ruleset)) if rejects(chains.ruleset) else []
     tails = _tails(entry, fastpath, uses_conntrack(chains.ruleset), answer)
     used = _tails_used(body, tails)
     code: Code = [f"int {entry.function}(struct __sk_buff *skb)", "{"]
@@ -73,7 +79,7 @@ def _facts(entry: Entry, physdev: bool, answering: bool) -> Code:
     hook = entry.hook
     code: Code = []
     if hook == "egress":
-        ours = f" && skb->tc_index != {ROUTED_ANSWER}" if answering else ""
+        ours = f" && {NOT_ROUTED_ANSWER}" if answering else ""
         code += [
             "// Forwarded packets had their FORWARD verdict on ingress; OUTPUT is for ours, and",
             "// for our answers to what came in.",
@@ -219,39 +225,57 @@ OWN_ANSWER = [
 ]
 
 
-ROUTED_ANSWER = f"{reject.ROUTED_ANSWER:#x}"
+# The answer to a packet that came in, with its connection (ROUTED_ANSWER) or without
+# (BARE_ANSWER), or not.
+ROUTED_ANSWER = f"skb->tc_index == {reject.ROUTED_ANSWER:#x}"
+IS_ROUTED_ANSWER = f"(skb->tc_index | {reject.BARE_BIT}) == {reject.BARE_ANSWER:#x}"
+NOT_ROUTED_ANSWER = f"(skb->tc_index | {reject.BARE_BIT}) != {reject.BARE_ANSWER:#x}"
 # -m owner of an answer to what came in: an ICMP error's socket is the namespace's ICMP socket,
 # which no file holds (icmp_send's); a RST has none (nf_send_reset), as owner_of found.
 ANSWER_SOCKET = [
-    f"if (skb->tc_index == {ROUTED_ANSWER} && f->protocol == 1)  // ICMP",
+    f"if ({IS_ROUTED_ANSWER} && f->protocol == 1)  // ICMP",
     "    f->owner_state = OWNER_NO_FILE;",
 ]
 
 
 def _answer_tracked(track: Code) -> Code:
     """At egress, an answer to what came in has the connection nf_ct_attach gave it (the
-    tracker's ct_answer), and loses its tc_index mark once what OUTPUT reads of it is read;
-    its packet mark is 0, as the kernel's answers' (IP4_REPLY_MARK, net.ipv4.fwmark_reflect
-    off)."""
-    answer = [f"ct_answer(skb, {RESULT});  // nf_ct_attach: its packet's, RELATED"] if track else []
+    tracker's ct_answer), or, where its packet had none, is tracked as any packet of ours; it
+    loses its tc_index mark once what OUTPUT reads of it is read; its packet mark is 0, as the
+    kernel's answers' (IP4_REPLY_MARK, net.ipv4.fwmark_reflect off)."""
+    code: Code = []
+    if track:
+        code += [
+            f"if ({ROUTED_ANSWER})",
+            f"    ct_answer(skb, {RESULT});  // nf_ct_attach: its packet's, RELATED",
+            "else",
+            *indented(track),
+        ]
     return [
-        f"if (skb->tc_index == {ROUTED_ANSWER}) {{",
-        *indented(answer),
+        *code,
+        f"if ({IS_ROUTED_ANSWER}) {{",
         "    skb->tc_index = 0;",
         "    skb->mark = f->mark = 0;",
-        *(["} else {", *indented(track), "}"] if track else ["}"]),
+        "}",
     ]
 
 
-def _reply(slot: int) -> Code:
+def _reply(slot: int, tracking: bool) -> Code:
     """REJECT's answer, at the drop tail: the program in REPLIES_MAP's `slot` (codegen.tc.replies'
     reply_program, with the answer builder that bcc's inlining cannot verify) turns the packet
     into the answer and sends it; it reads what it needs from the control block. A tail call
     does not come back unless it fails: then the packet is dropped without an answer."""
+    fields = f"skb->cb[{REPLY_CB_FIELDS}]"
+    invalid = []
+    if tracking:  # a packet of no connection: its answer has none attached (codegen.reject)
+        invalid = [
+            f"    if (({RESULT})->state == CT_STATE_INVALID)",
+            f"        {fields} |= 1 << {REPLY_CB_NO_CONNECTION};",
+        ]
     return [
         "if (f->reject) {",
-        f"    skb->cb[{REPLY_CB_FIELDS}] = f->reject | (f->pkt_type << 8) |",
-        "                  ((f->out_ifindex != 0) << 16);",
+        f"    {fields} = f->reject | (f->pkt_type << 8) | ((f->out_ifindex != 0) << 16);",
+        *invalid,
         f"    skb->cb[{REPLY_CB_DADDR}] = f->daddr;",
         f"    skb->cb[{REPLY_CB_DEVICE}] = f->in_ifindex;",
         f"    {REPLIES_MAP}.call(skb, {slot});",

@@ -906,7 +906,9 @@ CT_GLOBAL int ct_related(struct __sk_buff *skb, __u32 inner, __u32 tot_len, __u3
  * to confirm). That packet's tuple is read back from the answer: an ICMP error quotes it, a RST
  * swaps its addresses and ports. A packet that had no entry had a new one, which REJECT's drop
  * left unconfirmed: the per-CPU pending slot still holds it if it is that tuple's (the answer
- * leaves at once, on the CPU that judged the packet), or it is made again, as a new one. */
+ * leaves at once, on the CPU that judged the packet), or it is made again, as a new one. The
+ * answer to a packet that had no connection (INVALID) is not given here: nothing was attached
+ * to it, and ct_classify tracks it as any packet of ours (codegen/reject's BARE_ANSWER). */
 CT_GLOBAL int ct_answer(struct __sk_buff *skb, struct ct_result *res)
 {
     __u8 ip[20];

@@ -31,6 +31,13 @@ OWN_ANSWER = 0xBF1A
 # (ip_local_out) with the packet's connection attached, RELATED (codegen.tc.hooks,
 # codegen.c.programs; the tracker's ct_answer).
 ROUTED_ANSWER = 0xBF1B
+# skb->tc_index of such an answer to a packet that had no connection (conntrack found it
+# INVALID): nothing is attached to it, so OUTPUT's conntrack tracks it as any packet the host
+# sends (a RST of no connection is INVALID, an ICMP error RELATED to the connection it quotes,
+# if any). It is ROUTED_ANSWER with BARE_BIT set: `tc_index | BARE_BIT == BARE_ANSWER` is
+# true of both.
+BARE_BIT = 0x4
+BARE_ANSWER = ROUTED_ANSWER | BARE_BIT
 TC_ACT_SHOT, TC_ACT_REDIRECT = 2, 7
 # Or'd into reject_reply's `pkt_type` when the packet's destination is one of the namespace's
 # broadcast addresses (a subnet's): its route is RTCF_BROADCAST, which no answer is sent to.
@@ -38,6 +45,8 @@ BROADCAST_ROUTE = 0x100
 # Or'd into `pkt_type` for a packet the kernel routes (FORWARD at TC ingress): ip_forward took
 # one off its TTL before FORWARD, and the ICMP error quotes it so.
 FORWARDED = 0x200
+# Or'd into `pkt_type` for a packet conntrack found INVALID: its answer is marked BARE_ANSWER.
+NO_CONNECTION = 0x400
 
 
 def source(prelude: Iterable[str], *, line_marker: bool = True) -> str:
@@ -62,6 +71,8 @@ CLANG_PRELUDE = (
     "#include <bpf/bpf_helpers.h>",
     f"#define RJ_OWN_ANSWER {OWN_ANSWER:#x}",
     f"#define RJ_ROUTED_ANSWER {ROUTED_ANSWER:#x}",
+    f"#define RJ_BARE_ANSWER {BARE_ANSWER:#x}",
+    f"#define RJ_NO_CONNECTION {NO_CONNECTION:#x}",
     f"#define RJ_BROADCAST_ROUTE {BROADCAST_ROUTE:#x}",
     f"#define RJ_FORWARDED {FORWARDED:#x}",
     f"#define RJ_HOOK_EGRESS {HOOK_EGRESS}",

@@ -11,7 +11,8 @@
  *   of an ICMP error, in host order; `pkt_type` the packet's, with RJ_BROADCAST_ROUTE (given by
  *   the includer) or'd in when the caller found its destination a broadcast address of the
  *   namespace (a subnet's), and RJ_FORWARDED when the kernel routed it (its error quotes it
- *   with the TTL ip_forward decremented). It returns the TC action: bpf_redirect's (TC_ACT_REDIRECT)
+ *   with the TTL ip_forward decremented), and RJ_NO_CONNECTION when conntrack found it INVALID
+ *   (nf_ct_attach has nothing to give its answer). It returns the TC action: bpf_redirect's (TC_ACT_REDIRECT)
  *   when the packet was rewritten into the answer, TC_ACT_SHOT when no answer is due or none
  *   can be built (the packet is then dropped, as REJECT drops it).
  *
@@ -184,9 +185,10 @@ static __always_inline int rj_icmp_error(__u32 type)
  * into our own stack through the device's ingress, marked in tc_index (RJ_OWN_ANSWER, given by
  * the includer) so that the ingress program lets it by unjudged, as netfilter's answer reaches
  * the local socket over lo, a device the rule sets we see let everything through. An answer
- * out of the device is marked RJ_ROUTED_ANSWER: the egress program judges it with OUTPUT, as
- * the kernel's passes OUTPUT (ip_local_out). */
-static __always_inline int rj_send(struct __sk_buff *skb, __u32 hook)
+ * out of the device is marked `routed` (RJ_ROUTED_ANSWER, or RJ_BARE_ANSWER for the answer to
+ * a packet of no connection): the egress program judges it with OUTPUT, as the kernel's passes
+ * OUTPUT (ip_local_out). */
+static __always_inline int rj_send(struct __sk_buff *skb, __u32 hook, __u32 routed)
 {
     if (hook == RJ_HOOK_EGRESS) {
         skb->tc_index = RJ_OWN_ANSWER;
@@ -202,7 +204,7 @@ static __always_inline int rj_send(struct __sk_buff *skb, __u32 hook)
     asm volatile("" : "+r"(device));
     asm volatile("" : "+r"(port));
     if (hook != RJ_HOOK_BRIDGED)
-        skb->tc_index = RJ_ROUTED_ANSWER;
+        skb->tc_index = routed;
     return bpf_redirect(hook == RJ_HOOK_BRIDGED ? port : device, 0);
 }
 
@@ -305,7 +307,8 @@ static __always_inline int rj_rate_allows(__u32 peer, __u32 local)
 
 /* nf_send_reset's RST, in place of the packet: a 54-byte frame. */
 static __always_inline int rj_reset(struct __sk_buff *skb, const __u8 *eth, const __u8 *ip,
-                                    const __u8 *tcp, __u32 tot_len, __u32 ihl, __u32 hook)
+                                    const __u8 *tcp, __u32 tot_len, __u32 ihl, __u32 hook,
+                                    __u32 routed)
 {
     __u8 frame[56] __attribute__((aligned(8))) = {};
     __u8 pseudo[12];
@@ -356,14 +359,14 @@ static __always_inline int rj_reset(struct __sk_buff *skb, const __u8 *eth, cons
     sum = rj_sum_mem(th, 20, 0);
     if (bpf_l4_csum_replace(skb, RJ_ETH_HLEN + 20 + 16, 0, sum, 0))
         return RJ_TC_ACT_SHOT;
-    return rj_send(skb, hook);
+    return rj_send(skb, hook, routed);
 }
 
 /* __icmp_send's destination unreachable, in place of the packet: new IP and ICMP headers
  * before the packet's own IP datagram, cut so that the answer is at most 576 bytes. */
 static __always_inline int rj_unreach(struct __sk_buff *skb, const __u8 *eth, const __u8 *ip,
                                       __u32 tot_len, __u32 code, __u32 hook, __u32 source,
-                                      __u32 forwarded)
+                                      __u32 forwarded, __u32 routed)
 {
     __u8 frame[48] __attribute__((aligned(8))) = {};
     __u8 *iph = frame + RJ_ETH_HLEN, *icmp = frame + RJ_ETH_HLEN + 20;
@@ -402,7 +405,7 @@ static __always_inline int rj_unreach(struct __sk_buff *skb, const __u8 *eth, co
     __builtin_memcpy(icmp + 2, &check, 2);
     if (bpf_skb_store_bytes(skb, 0, frame, RJ_ETH_HLEN + 28, BPF_F_RECOMPUTE_CSUM))
         return RJ_TC_ACT_SHOT;
-    return rj_send(skb, hook);
+    return rj_send(skb, hook, routed);
 }
 
 RJ_GLOBAL int reject_reply(struct __sk_buff *skb, __u32 with, __u32 hook, __u32 icmp_source,
@@ -411,6 +414,7 @@ RJ_GLOBAL int reject_reply(struct __sk_buff *skb, __u32 with, __u32 hook, __u32 
     __u8 eth[RJ_ETH_HLEN], ip[20], tcp[20] = {};
     __u32 tot_len, ihl, proto, daddr, code = 0, verify = 1, data_sum = 0;
     __u32 forwarded = pkt_type & RJ_FORWARDED, route = pkt_type & RJ_BROADCAST_ROUTE;
+    __u32 routed = pkt_type & RJ_NO_CONNECTION ? RJ_BARE_ANSWER : RJ_ROUTED_ANSWER;
 
     pkt_type &= 0xFF;
 
@@ -465,8 +469,8 @@ RJ_GLOBAL int reject_reply(struct __sk_buff *skb, __u32 with, __u32 hook, __u32 
     if (eth[0] & 1 && hook != RJ_HOOK_EGRESS)
         return RJ_TC_ACT_SHOT; /* a group MAC still in the frame: the caller puts its own */
     if (with == RJ_TCP_RESET)
-        return rj_reset(skb, eth, ip, tcp, tot_len, ihl, hook);
+        return rj_reset(skb, eth, ip, tcp, tot_len, ihl, hook, routed);
     if (!rj_rate_allows(rj_be32(ip + 12), hook == RJ_HOOK_EGRESS))
         return RJ_TC_ACT_SHOT;
-    return rj_unreach(skb, eth, ip, tot_len, code, hook, icmp_source, forwarded);
+    return rj_unreach(skb, eth, ip, tot_len, code, hook, icmp_source, forwarded, routed);
 }

@@ -104,15 +104,12 @@ class ProgramWriter:
             if not answers:
                 return []
             seen = self.label("answer_seen")
-            return [
-                *_tc_index(),
-                I.jmp32(JmpOp.JNE, R1, reject.ROUTED_ANSWER, seen),
-                *self.answer_seen(),
-                Label(seen),
-            ]
+            return [*_routed_answer(JmpOp.JNE, seen), *self.answer_seen(), Label(seen)]
         code = [I.mov64(R1, R6), I.mov64(R2, FACTS), I.alu64(AluOp.ADD, R2, Facts.CONNECTION)]
         if not answers:
             return [*code, I.call_local("ct_classify")]
+        # The answer to a packet of no connection has nothing attached: it is tracked as any
+        # packet of ours (reject.BARE_ANSWER).
         classify, tracked = self.label("ct_classify"), self.label("ct_tracked")
         return [
             *code,
@@ -123,6 +120,9 @@ class ProgramWriter:
             I.ja(tracked),
             Label(classify),
             I.call_local("ct_classify"),
+            *_tc_index(),
+            I.jmp32(JmpOp.JNE, R1, reject.BARE_ANSWER, tracked),
+            *self.answer_seen(),
             Label(tracked),
         ]
 
@@ -131,8 +131,7 @@ class ProgramWriter:
         no file holds (icmp_send's); a RST has none (nf_send_reset), as owner_facts found."""
         done = self.label("answer_socket")
         return [
-            *_tc_index(),
-            I.jmp32(JmpOp.JNE, R1, reject.ROUTED_ANSWER, done),
+            *_routed_answer(JmpOp.JNE, done),
             I.ldx(Size.B, R1, FACTS, Facts.PROTOCOL.offset),
             I.jmp32(JmpOp.JNE, R1, socket.IPPROTO_ICMP, done),
             I.st(Size.B, FACTS, Facts.OWNER_STATE.offset, NO_FILE),
@@ -189,7 +188,7 @@ class ProgramWriter:
             # Forwarded packets left their FORWARD verdict on ingress; OUTPUT is for ours, and
             # for our answers to what came in.
             if self.answering:
-                code += [*_tc_index(), I.jmp32(JmpOp.JEQ, R1, reject.ROUTED_ANSWER, "local_output")]
+                code += _routed_answer(JmpOp.JEQ, "local_output")
             code += [
                 I.ldx(Size.W, R1, R6, SKB_OFFSETS["ingress_ifindex"]),
                 I.jmp(JmpOp.JEQ, R1, 0, "local_output"),
@@ -262,7 +261,7 @@ class ProgramWriter:
                 code += self.confirm()
             code += _report(report)
             if label == "drop" and self.answering:
-                tail = reply_tail(self.hook, self.builtin, "plain_drop", self.local)
+                tail = reply_tail(self.hook, self.builtin, "plain_drop", self.local, self.tracking)
                 code += [*tail, Label("plain_drop")]
             code += [I.mov64(R0, action), I.exit_()]
         slot = self.chains.layout.slot(NOT_HANDLED)
@@ -393,6 +392,16 @@ class ProgramWriter:
 def _tc_index(register: Reg = R1) -> list[Item]:
     """The packet's tc_index into `register` (an answer's mark, codegen.reject)."""
     return [I.ldx(Size.W, register, R6, SKB_OFFSETS["tc_index"])]
+
+
+def _routed_answer(op: JmpOp, label: str) -> list[Item]:
+    """Jump to `label` if (JEQ) or unless (JNE) the packet is the answer to a packet that came
+    in, with its connection or without (reject.ROUTED_ANSWER, reject.BARE_ANSWER). Uses r1."""
+    return [
+        *_tc_index(),
+        I.alu32(AluOp.OR, R1, reject.BARE_BIT),
+        I.jmp32(op, R1, reject.BARE_ANSWER, label),
+    ]
 
 
 def _report(enabled: bool) -> list[Item]:

@@ -24,6 +24,7 @@ from codegen.bpf import insn as I
 from codegen.bpf.asm import Item, Label
 from codegen.bpf.isa import R0, R1, R2, R3, R4, R5, R6, R7, R8, R10, AluOp, JmpOp, Size
 from codegen.bpf.testrun import SKB_OFFSETS
+from codegen.rules.extensions.ctinfo import STATE_INVALID
 from codegen.rules.extensions.reject import REJECT_WITH, Reject
 from codegen.rules.model import Rule, Ruleset
 
@@ -52,12 +53,14 @@ def rejects(ruleset: Ruleset) -> bool:
 
 
 def reply_tail(
-    hook: Hook, builtin: str | None, plain_drop: str, local: LocalAddresses
+    hook: Hook, builtin: str | None, plain_drop: str, local: LocalAddresses, tracking: bool
 ) -> list[Item]:
     """At the drop tail: jump to `plain_drop` unless a REJECT dropped the packet; else answer
     it and return what reject_reply says (a redirect, or TC_ACT_SHOT when no answer is due).
     `builtin` is the chain program's chain; `local` what the namespace delivers locally, whose
-    broadcast addresses have broadcast routes (no answer to a packet to one). Keeps to
+    broadcast addresses have broadcast routes (no answer to a packet to one); `tracking`: the
+    facts hold the packet's connection (an answer sent back out of its device to a packet of
+    none is marked so: reject.NO_CONNECTION). Keeps to
     registers (r7: the device's entry, r8: the reject type) and the one scratch slot: the
     tracker's calls leave the frame no room."""
     bridged = hook == "bridged"
@@ -111,6 +114,14 @@ def reply_tail(
         I.ldx(Size.W, R4, FACTS, Facts.DADDR.offset),
         I.ldx(Size.B, R5, FACTS, Facts.PKT_TYPE.offset),
     ]
+    if tracking and way == reject.HOOK_INGRESS:
+        state = Facts.connection("state")
+        code += [
+            I.ldx(state.size, R1, FACTS, state.offset),
+            I.jmp32(JmpOp.JNE, R1, STATE_INVALID, "reply_tracked"),
+            I.alu32(AluOp.OR, R5, reject.NO_CONNECTION),
+            Label("reply_tracked"),
+        ]
     if hook == "ingress":
         code += [
             I.ldx(Size.W, R1, FACTS, Facts.OUT_IFINDEX.offset),
@@ -153,10 +164,12 @@ def functions() -> tuple:
 
 # The C backend's programs (codegen/c) answer through a program of ours, tail-called from
 # their drop tail with what reply_tail reads from the facts put in the skb's control block:
-# cb[3] = the facts' REJECT byte | PKT_TYPE << 8 | (1 if FORWARD, at ingress) << 16,
-# cb[4] = the destination address (host order) and cb[2] = the in-interface (the device at
-# ingress, the bridge of a bridged packet; the chain program's cb[2] was an input, read by now).
+# cb[3] = the facts' REJECT byte | PKT_TYPE << 8 | (1 if FORWARD, at ingress) << 16 |
+# (1 if conntrack found the packet INVALID) << REPLY_CB_NO_CONNECTION, cb[4] = the destination
+# address (host order) and cb[2] = the in-interface (the device at ingress, the bridge of a
+# bridged packet; the chain program's cb[2] was an input, read by now).
 REPLY_CB_DEVICE, REPLY_CB_FIELDS, REPLY_CB_DADDR = 2, 3, 4
+REPLY_CB_NO_CONNECTION = 17
 TC_ACT_SHOT = 2
 
 
@@ -165,7 +178,7 @@ def reply_program(hook: Hook, builtin: str | None, local: LocalAddresses) -> lis
     `builtin`, for the chain program) noted in the skb's control block: the facts reply_tail
     reads are rebuilt on the stack from it, then reply_tail answers, or the packet is dropped.
     `local` as reply_tail takes it."""
-    cb = SKB_OFFSETS["cb"]
+    cb, state = SKB_OFFSETS["cb"], Facts.connection("state")
     zero = [I.st(Size.DW, FACTS, offset, 0) for offset in range(0, Facts.SIZE, 8)]
     return [
         I.mov64(R6, R1),
@@ -177,12 +190,18 @@ def reply_program(hook: Hook, builtin: str | None, local: LocalAddresses) -> lis
         I.alu32(AluOp.RSH, R1, 8),
         I.stx(Size.B, FACTS, Facts.PKT_TYPE.offset, R1),
         I.alu32(AluOp.RSH, R1, 8),
-        I.stx(Size.W, FACTS, Facts.OUT_IFINDEX.offset, R1),  # non-zero: it was forwarded
+        I.mov32(R2, R1),
+        I.alu32(AluOp.AND, R2, 1),
+        I.stx(Size.W, FACTS, Facts.OUT_IFINDEX.offset, R2),  # non-zero: it was forwarded
+        I.alu32(AluOp.RSH, R1, REPLY_CB_NO_CONNECTION - 16),
+        I.jmp32(JmpOp.JEQ, R1, 0, "reply_connection"),
+        I.st(state.size, FACTS, state.offset, STATE_INVALID),
+        Label("reply_connection"),
         I.ldx(Size.W, R1, R6, cb + 4 * REPLY_CB_DADDR),
         I.stx(Size.W, FACTS, Facts.DADDR.offset, R1),
         I.ldx(Size.W, R1, R6, cb + 4 * REPLY_CB_DEVICE),
         I.stx(Size.W, FACTS, Facts.IN_IFINDEX.offset, R1),
-        *reply_tail(hook, builtin, "reply_shot", local),
+        *reply_tail(hook, builtin, "reply_shot", local, tracking=True),
         Label("reply_shot"),
         I.mov64(R0, TC_ACT_SHOT),
         I.exit_(),

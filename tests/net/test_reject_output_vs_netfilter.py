@@ -175,6 +175,11 @@ CASES: list[tuple[str, list[Step], list[str]]] = [
         ["proto udp", "icmp 3/13"],
     ),
     ("answer dropped by OUTPUT", [_send(UDP(sport=5200, dport=8) / b"n")], []),
+    # A packet conntrack finds INVALID (SYN and FIN together) has no connection to attach to
+    # the answer: OUTPUT's conntrack sees the RST as a packet of no connection, INVALID, and
+    # finds none for the tuple the ICMP error quotes, INVALID too.
+    ("invalid syn+fin reset", [_send(TCP(sport=40002, dport=2, flags="SF"))], ["tcp RA"]),
+    ("invalid syn+fin unreachable", [_send(TCP(sport=40003, dport=3, flags="SF"))], ["icmp 3/3"]),
     # The host's RST at the end is the listener's close resetting the connection it holds.
     ("rst in a connection", [_reset_connection], ["tcp SA", "tcp R", "tcp RA"]),
 ]
