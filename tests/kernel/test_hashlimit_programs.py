@@ -154,6 +154,38 @@ CASES = [
         [("INPUT", t, _udp(n, size=1500)) for n, t in enumerate([0.0, 0.0, 0.5, 1.0, 1.0])],
     ),
     (
+        "rate match per source: a window takes burst + rate; the one after a busy window none",
+        _table(
+            "-A INPUT -m hashlimit --hashlimit-upto 4/sec --hashlimit-burst 2 --hashlimit-mode"
+            " srcip --hashlimit-name window --hashlimit-rate-match --hashlimit-htable-expire"
+            " 60000 -j ACCEPT"
+        ),
+        [
+            ("INPUT", t, _udp(n, SOURCES[n % 2]))
+            for n, t in enumerate([0.0] * 16 + [0.99] * 2 + [1.0] * 4 + [2.5] * 8 + [4.0] * 2)
+        ],
+    ),
+    (
+        "rate match above a byte rate, 2-second windows counted in bytes",
+        _table(
+            "-A INPUT -m hashlimit --hashlimit-above 1kb/s --hashlimit-burst 2kb --hashlimit-name"
+            " bytewin --hashlimit-rate-match --hashlimit-rate-interval 2 -j DROP\n"
+            "-A INPUT -j ACCEPT"
+        ),
+        [("INPUT", n / 4, _udp(n, size=(29, 1500, 600, 300)[n % 4])) for n in range(40)],
+    ),
+    (
+        "rate match 3/min: 60-second windows, their entries gone after 60 s idle",
+        _table(
+            "-A INPUT -m hashlimit --hashlimit-upto 3/min --hashlimit-name minutes"
+            " --hashlimit-rate-match -j ACCEPT"
+        ),
+        [
+            ("INPUT", t, _udp(n))
+            for n, t in enumerate([0.0] * 10 + [59.0, 60.0, 119.0, 120.0, 200.0])
+        ],
+    ),
+    (
         "a truncated UDP header with a port mode is dropped on the spot",
         _table(
             "-A INPUT -m hashlimit --hashlimit-upto 5/sec --hashlimit-mode dstport"
@@ -317,6 +349,11 @@ def _byte_or_packet_rule(draw: st.DrawFn) -> str:
     else:
         words += [draw(_PACKET_RATES), f"--hashlimit-burst {draw(st.integers(1, 6))}"]
     mode = draw(st.sampled_from(("", "--hashlimit-mode srcip", "--hashlimit-mode dstport")))
+    if draw(st.booleans()):  # rate matching, in windows of a drawn length
+        words += ["--hashlimit-rate-match"]
+        words += draw(
+            st.sampled_from(([], ["--hashlimit-rate-interval 1"], ["--hashlimit-rate-interval 2"]))
+        )
     return " ".join([*words, mode, "--hashlimit-name drawn -j ACCEPT"])
 
 

@@ -3,7 +3,8 @@ of the client (198.18.0.1 and 198.18.0.3, one link) to a host that filters with
 iptables-legacy, and to its twin that runs our attached programs, in both backends. The same
 number must arrive from each source, and every rule's counter must agree. The rates are ones
 no sub-second timing can change the count of (1/hour, 1/min, 7/day; byte rates whose next
-datagram needs a third of a second's refill or more).
+datagram needs a third of a second's refill or more; rate matching in windows of a minute or
+more).
 """
 
 from __future__ import annotations
@@ -78,6 +79,23 @@ CASES = [
         rules(
             "-A INPUT -p udp -m hashlimit --hashlimit-above 16b/s --hashlimit-burst 64b"
             " --hashlimit-mode dstport --hashlimit-name tiny -j DROP",
+            "-A INPUT -p udp -j ACCEPT",
+        ),
+    ),
+    (
+        "rate match 3/min per source: a 60-second window takes the burst and the rate",
+        rules(
+            "-A INPUT -p udp -m hashlimit --hashlimit-upto 3/min --hashlimit-mode srcip"
+            " --hashlimit-name window --hashlimit-rate-match -j ACCEPT",
+            "-A INPUT -p udp -j DROP",
+        ),
+    ),
+    (
+        "rate match above 256b/s per destination port: a 100-second window counts bytes",
+        rules(
+            "-A INPUT -p udp -m hashlimit --hashlimit-above 256b/s --hashlimit-mode dstport"
+            " --hashlimit-name bytewin --hashlimit-rate-match --hashlimit-rate-interval 100"
+            " -j DROP",
             "-A INPUT -p udp -j ACCEPT",
         ),
     ),

@@ -130,6 +130,34 @@ SAVED = [
         "--hashlimit-upto 7/day --hashlimit-burst 1000000 --hashlimit-name e",
         "--hashlimit-upto 7/day --hashlimit-burst 1000000 --hashlimit-name e",
     ),
+    # Rate matching: a packet rate's period per its unit's second, the interval that unit.
+    (
+        "--hashlimit-upto 3/min --hashlimit-name r --hashlimit-rate-match",
+        "--hashlimit-upto 3/sec --hashlimit-burst 5 --hashlimit-name r --hashlimit-htable-expire"
+        " 60000 --hashlimit-rate-match --hashlimit-rate-interval 60",
+    ),
+    (
+        "--hashlimit-upto 40/sec --hashlimit-name r --hashlimit-rate-interval 10",
+        "--hashlimit-upto 40/sec --hashlimit-burst 5 --hashlimit-name r",
+    ),
+    (
+        "--hashlimit-upto 40mb/s --hashlimit-name r --hashlimit-rate-match"
+        " --hashlimit-rate-interval 3 --hashlimit-burst 100mb",
+        "--hashlimit-upto 40mb/s --hashlimit-burst 120mb --hashlimit-name r"
+        " --hashlimit-rate-match --hashlimit-rate-interval 3",
+    ),
+    (
+        "--hashlimit-above 5/sec --hashlimit-name r --hashlimit-rate-match"
+        " --hashlimit-rate-interval 10abc --hashlimit-mode srcip,dstport --hashlimit-srcmask 24",
+        "--hashlimit-above 5/sec --hashlimit-burst 5 --hashlimit-mode srcip,dstport"
+        " --hashlimit-name r --hashlimit-srcmask 24 --hashlimit-rate-match"
+        " --hashlimit-rate-interval 10",
+    ),
+    (  # atoi: the long's low 32 bits, 1
+        "--hashlimit-upto 5/sec --hashlimit-name r --hashlimit-rate-match"
+        " --hashlimit-rate-interval 4294967297",
+        "--hashlimit-upto 5/sec --hashlimit-burst 5 --hashlimit-name r --hashlimit-rate-match",
+    ),
 ]
 
 
@@ -159,6 +187,26 @@ LISTED = [
     (
         "--hashlimit-upto 7/day --hashlimit-burst 1000000 --hashlimit-name e",
         " limit: up to 7/day burst 1000000",
+    ),
+    # -L prints the period times the interval, rate matching or not.
+    (
+        "--hashlimit-upto 3/min --hashlimit-name r --hashlimit-rate-match",
+        " limit: up to 4320/day burst 5 htable-expire 60000 rate-match rate-interval 60",
+    ),
+    (
+        "--hashlimit-upto 40/sec --hashlimit-name r --hashlimit-rate-interval 10",
+        " limit: up to 4/sec burst 5",
+    ),
+    (
+        "--hashlimit-upto 40mb/s --hashlimit-name r --hashlimit-rate-match"
+        " --hashlimit-rate-interval 3 --hashlimit-burst 100mb",
+        " limit: up to 40mb/s burst 120mb rate-match rate-interval 3",
+    ),
+    (
+        "--hashlimit-above 5/sec --hashlimit-name r --hashlimit-rate-match"
+        " --hashlimit-rate-interval 10 --hashlimit-mode srcip,dstport --hashlimit-srcmask 24",
+        " limit: above 30/min burst 5 mode srcip-dstport htable-expire 1000 srcmask 24"
+        " rate-match rate-interval 10",
     ),
 ]
 
@@ -213,10 +261,23 @@ REFUSED = [
     ),
     ("--hashlimit-upto 15b/s --hashlimit-name a", "15b/s", "below 16 bytes a second"),
     ("--hashlimit-upto 0kb/s --hashlimit-name a", "0kb/s", 'Bad value for "--hashlimit-upto"'),
+    *(
+        (
+            f"--hashlimit-upto 1/s --hashlimit-name a --hashlimit-rate-interval {interval}",
+            interval,
+            'Bad value for "--hashlimit-rate-interval" option',
+        )
+        for interval in ("0", "0x10", "4294967295", "-3", "x")
+    ),
     (
-        "--hashlimit-upto 1/s --hashlimit-name a --hashlimit-rate-match",
-        "--hashlimit-rate",
-        "rate matching",
+        "--hashlimit-upto 1/s --hashlimit-name a --hashlimit-rate-match --hashlimit-rate-match",
+        "--hashlimit-rate-match",
+        "can only be used once",
+    ),
+    (
+        "--hashlimit-upto 1000001/day --hashlimit-name a --hashlimit-rate-match",
+        "1000001/day",
+        "Numerical result out of range",
     ),
     (
         "--hashlimit-upto 1/s --hashlimit-name a --hashlimit-mode srcip,bogus",
@@ -298,9 +359,12 @@ def test_the_blob_is_revision_3_and_reads_back() -> None:
     assert int.from_bytes(raw[288:292], "little") == 1234
     assert raw[296:298] == bytes([24, 32])
     assert EXTENSION.decode(type(data).from_buffer_copy(raw)) == match
-    data.cfg.mode |= RATE_MATCH
-    with pytest.raises(Exception, match="rate matching"):
-        EXTENSION.decode(data)
+    windowed = _match(H + "--hashlimit-upto 3/min --hashlimit-name w --hashlimit-rate-match")
+    raw = bytes(EXTENSION.encode(windowed))
+    assert int.from_bytes(raw[256:264], "little") == 333_333  # 20000000 / 60 seconds
+    assert int.from_bytes(raw[272:276], "little") == RATE_MATCH
+    assert int.from_bytes(raw[292:296], "little") == 60  # the interval
+    assert EXTENSION.decode(type(data).from_buffer_copy(raw)) == windowed
 
 
 def test_a_byte_rate_is_a_cost_and_its_burst_refills() -> None:
@@ -447,6 +511,28 @@ SEQUENCES = [
         "-A INPUT -m hashlimit --hashlimit-above 1kb/s --hashlimit-name b -j ACCEPT",
         [(0.0, _udp(A, size=1000))] * 3,
         "dAA",
+    ),
+    (
+        "rate match 2/sec burst 1: a window takes 3; the one after a busy window none",
+        "-A INPUT -m hashlimit --hashlimit-upto 2/sec --hashlimit-burst 1 --hashlimit-mode srcip"
+        " --hashlimit-name w --hashlimit-rate-match --hashlimit-htable-expire 60000 -j ACCEPT",
+        [(0.0, _udp(A))] * 4 + [(0.0, _udp(B))] + [(1.0, _udp(A))] * 2 + [(2.0, _udp(A))],
+        "AAAdA" + "dd" + "A",
+    ),
+    (
+        "rate match 1kb/s: a second's window counts 1024 bytes",
+        "-A INPUT -m hashlimit --hashlimit-upto 1kb/s --hashlimit-name w --hashlimit-rate-match"
+        " -j ACCEPT",
+        [(0.0, _udp(A, size=400))] * 3 + [(0.999, _udp(A, size=29))],
+        "AAdd",
+    ),
+    (
+        "rate match above 1/sec, 4-second windows: past 1 + 1, and all of the next window",
+        "-A INPUT -m hashlimit --hashlimit-above 1/sec --hashlimit-burst 1 --hashlimit-name w"
+        " --hashlimit-rate-match --hashlimit-rate-interval 4 --hashlimit-htable-expire 60000"
+        " -j ACCEPT",
+        [(0.0, _udp(A))] * 3 + [(3.9, _udp(A)), (4.0, _udp(A)), (8.0, _udp(A))],
+        "ddAAAd",
     ),
 ]
 

@@ -542,7 +542,6 @@ REFUSED = [
     ("-A INPUT -j MASQUERADE", 13, "supported targets: ACCEPT, DROP, RETURN"),
     ("-A INPUT -m set --match-set x src --packets-gt 1", 35, "compares a member's counters"),
     ("-A INPUT -m string --algo bm --string x", 10, "supported matches: tcp, udp, icmp"),
-    ("-A INPUT -m hashlimit --hashlimit-rate-match", 23, "--hashlimit-rate-match is not"),
     ("-A INPUT -p sctp --dport 1", 18, "needs the sctp match, which is not supported"),
     ("-A INPUT -p tcp --tcp-option 2", 17, "--tcp-option is not supported"),
     ("-A INPUT -s localhost", 13, "host names are not supported"),

@@ -8,6 +8,7 @@ payload are ports 0, as in the bytecode backend (codegen.tc.matches.hashlimit)."
 from __future__ import annotations
 
 from codegen.rules.extensions import hashlimit_bytes as byte_arithmetic
+from codegen.rules.extensions.hashlimit_rate import interval_jiffies, window_burst, window_rate
 from codegen.rules.extensions.hashlimit_table import (
     HASH_DIP,
     HASH_DPT,
@@ -19,10 +20,10 @@ from codegen.rules.extensions.hashlimit_table import (
     credit_cap,
     msecs_to_jiffies,
 )
-from codegen.tc.matches.hashlimit import table_id
+from codegen.tc.matches.hashlimit import WINDOW_START_BITS, table_id
 
 from ..limit import hz
-from .common import Labels
+from .common import Labels, UnsupportedMatch
 
 MODEL = Hashlimit
 _PORTED = sorted(protocol for protocol, offset in PORT_OFFSETS.items() if offset == 0)
@@ -62,7 +63,19 @@ def write(match: Hashlimit, labels: Labels) -> list[str]:
             "    }",
         ]
     expire = msecs_to_jiffies(match.expire, ticks)
-    if match.bytes:  # a byte rate: the datagram's chunks, a second's credit, the refills
+    if match.rate_match:  # windows (codegen.rules.extensions.hashlimit_rate)
+        length = interval_jiffies(match, ticks)
+        if length >> WINDOW_START_BITS:
+            raise UnsupportedMatch(
+                f"the C backend refuses --hashlimit-rate-interval {match.interval} because"
+                f" its {length} jiffies are more than its windows keep (2^{WINDOW_START_BITS} - 1)"
+            )
+        counted = "f->tot_len" if match.bytes else "1"
+        taken = (
+            f"hashlimit_window(&key, {expire}ull, {length}ull, {window_rate(match)}ull,"
+            f" {window_burst(match)}ull, {counted})"
+        )
+    elif match.bytes:  # a byte rate: the datagram's chunks, a second's credit, the refills
         chunk = byte_arithmetic.chunk_cost(match.avg, ticks)
         taken = (
             f"hashlimit_take_bytes(&key, {expire}ull, f->tot_len, {chunk}ull,"

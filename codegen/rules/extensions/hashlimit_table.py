@@ -8,7 +8,8 @@ met for the first time gets a full bucket (rateinfo_init: credit = credit_cap = 
 avg * burst), cost = user2credits(avg), with revision 3's 64-bit credits: CPJ =
 POW2_BELOW64(2^64 / (HZ * 86400)), 2^39 at HZ 250); each packet adds `(jiffies - prev) * CPJ`
 (wrapping in 64 bits), caps, and matches if credit >= cost, taking cost (--hashlimit-above
-answers the opposite). An entry idle for htable-expire ms is gone (the kernel's gc removes it
+answers the opposite; rate matching counts windows instead: codegen.rules.extensions.
+hashlimit_rate). An entry idle for htable-expire ms is gone (the kernel's gc removes it
 at its next run, up to gcinterval later: this model removes it at once) and the key starts
 again full; a new key when htable-max entries live is dropped (hotdrop), as is a packet whose
 ports the mode needs but which is too short to hold them. The ports are the two 16-bit words
@@ -25,6 +26,8 @@ from functools import cache
 
 from codegen.rules.extensions import hashlimit_bytes as byte_arithmetic
 from codegen.rules.extensions.hashlimit_bytes import print_bytes
+from codegen.rules.extensions.hashlimit_rate import Window
+from codegen.rules.extensions.hashlimit_rate import refusal as rate_refusal
 from codegen.rules.extensions.limit import KERNEL_HZ
 from codegen.rules.model import ExtensionMatch, Ruleset, check_uint
 from codegen.rules.packet import HotDrop, Packet
@@ -76,6 +79,10 @@ class Hashlimit(ExtensionMatch):
     # A byte rate (XT_HASHLIMIT_BYTES, codegen.rules.extensions.hashlimit_bytes): `avg` is
     # then the cost of a byte rate, `burst` the refills a key's bucket may take.
     bytes: bool = False
+    # Rate matching (XT_HASHLIMIT_RATE_MATCH, codegen.rules.extensions.hashlimit_rate): windows
+    # of `interval` seconds (the blob's, stored and ignored without rate matching).
+    rate_match: bool = False
+    interval: int = 0
 
     def __post_init__(self) -> None:
         check_uint(self.avg, 64, "hashlimit avg")
@@ -83,7 +90,7 @@ class Hashlimit(ExtensionMatch):
         check_uint(self.mode, 4, "hashlimit mode")
         for name in ("srcmask", "dstmask"):
             check_uint(getattr(self, name), 8, f"hashlimit {name}")
-        for name in ("size", "max", "gc_interval", "expire"):
+        for name in ("size", "max", "gc_interval", "expire", "interval"):
             check_uint(getattr(self, name), 32, f"hashlimit {name}")
         if not isinstance(self.name, str) or not 0 < len(self.name.encode()) < NAME_MAX:
             raise ValueError(f"hashlimit name must be 1 to {NAME_MAX - 1} bytes: {self.name!r}")
@@ -108,6 +115,8 @@ class Hashlimit(ExtensionMatch):
             self.gc_interval,
             self.expire,
             self.bytes,
+            self.rate_match,
+            self.interval,
         )
 
 
@@ -189,12 +198,15 @@ def kernel_refusal(match: Hashlimit) -> str | None:
         )
     if match.srcmask > 32 or match.dstmask > 32:
         return "hashlimit: the kernel refuses a mask of more than 32 bits (Invalid argument)"
+    if match.rate_match:  # no credits to overflow (libxt_hashlimit still bounds the burst)
+        problem = rate_refusal(match)
+        if problem is None and not match.bytes and match.burst > BURST_MAX:
+            problem = _burst_refusal()
+        return problem or name_refusal(match.name)
     if match.bytes:
         return _byte_refusal(match) or name_refusal(match.name)
     if match.burst > BURST_MAX:
-        return (
-            f'hashlimit: bad value for option "--hashlimit-burst", or out of range (1-{BURST_MAX})'
-        )
+        return _burst_refusal()
     refusing = [
         hz for hz in KERNEL_HZ if match.burst == 0 or credit_cap(match, hz) < cost(match, hz)
     ]
@@ -205,6 +217,10 @@ def kernel_refusal(match: Hashlimit) -> str | None:
             f"credits: the kernel refuses it at HZ {at} (Numerical result out of range)"
         )
     return name_refusal(match.name)
+
+
+def _burst_refusal() -> str:
+    return f'hashlimit: bad value for option "--hashlimit-burst", or out of range (1-{BURST_MAX})'
 
 
 def _byte_refusal(match: Hashlimit) -> str | None:
@@ -270,6 +286,7 @@ class Entry:
     credit: int
     seen: int
     bucket: byte_arithmetic.Bucket | None = None  # byte mode's credit and refills
+    window: Window | None = None  # rate matching's window
 
 
 @dataclass
@@ -295,10 +312,14 @@ class Table:
             if len(self.entries) >= table_max(match):
                 raise HotDrop
             entry = self.entries[key] = Entry(now, cap, now)
-            if match.bytes:
+            if match.rate_match:
+                entry.window = Window(now)
+            elif match.bytes:
                 entry.bucket = byte_arithmetic.Bucket.new(match.burst, hz)
         elif now < entry.prev:
             raise ValueError(f"the clock went back from jiffy {entry.prev} to {now}")
+        elif entry.window is not None:
+            entry.prev = now
         elif entry.bucket is not None:
             entry.bucket.refill(now - entry.prev, hz)
             entry.prev = now
@@ -306,6 +327,8 @@ class Table:
             credit = (entry.credit + (now - entry.prev) * credits_per_jiffy(hz)) & UINT64
             entry.credit, entry.prev = min(credit, cap), now
         entry.seen = now
+        if entry.window is not None:
+            return entry.window.take(now, length if match.bytes else 1, match, hz)
         if entry.bucket is not None:
             return entry.bucket.take(length, match.avg, hz)
         price = cost(match, hz)

@@ -20,7 +20,10 @@ an exchange that writes `now` into `last`.
 
 A byte rate's entry (codegen.rules.extensions.hashlimit_bytes) keeps the credit in the low half
 of the second word (a second's credit is below 2^32) and the refills its burst has left in the
-high half; its table number differs from a packet rate's of the same name (`table_id`).
+high half; its table number differs from a packet rate's of the same name (`table_id`). A rate
+matching entry's second word is its window (`_window`): a count that stops at UINT32_MAX (the
+kernel's is 64 bits: a burst above that is never reached here), and windows shorter than 2^31
+jiffies (a longer --hashlimit-rate-interval is refused).
 
 Costs, caps, CPJ and the expiry in jiffies are constants of the program, at the running kernel's
 HZ when it is built. An apply keeps the map the namespace's rule set had (pinned), without the
@@ -40,12 +43,14 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from collections.abc import Callable
 
 from codegen.bpf import insn as I
 from codegen.bpf.asm import Item, Label
 from codegen.bpf.isa import R0, R1, R2, R3, R4, R5, R10, AluOp, AtomicOp, JmpOp, MapType, Size
 from codegen.bpf.maps import Map
 from codegen.rules.extensions import hashlimit_bytes as byte_arithmetic
+from codegen.rules.extensions.hashlimit_rate import interval_jiffies, window_burst, window_rate
 from codegen.rules.extensions.hashlimit_table import (
     HASH_DIP,
     HASH_DPT,
@@ -72,6 +77,9 @@ HASHLIMIT_PIN = "hashlimit"  # the pin an apply keeps the map under (harness.dep
 KEY = struct.Struct("<IIIHH")  # table, source, destination, source port, destination port
 VALUE = struct.Struct("<QQ")  # last (jiffies; 0 new, all ones locked), credit
 LOCKED = (1 << 64) - 1
+# Rate matching's window word (the value's second word; codegen/c/hashlimit.py reads it too).
+WINDOW_START_BITS, WINDOW_START_SHIFT, WINDOW_OVER = 31, 33, 1 << 32
+UINT32 = 0xFFFF_FFFF
 TRIES = 16
 MAX_ENTRIES = 1 << 20  # the most entries the map holds, whatever the tables' htable-max
 BPF_NOEXIST = 1
@@ -82,7 +90,7 @@ _AH = next(protocol for protocol, offset in PORT_OFFSETS.items() if offset == 4)
 def table_id(match: Hashlimit) -> int:
     """The number of the match's table in the key: of its name, and of its mode (a byte
     rate's entries hold another bucket, so a name that changes mode starts afresh)."""
-    name = match.name + ("\0bytes" if match.bytes else "")
+    name = match.name + ("\0bytes" if match.bytes else "") + ("\0rate" if match.rate_match else "")
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "little")
 
 
@@ -218,7 +226,7 @@ def hashlimit(match: Hashlimit, ctx: Context) -> list[Item]:
         I.alu64(AluOp.SUB, R2, R1),
         I.ld_imm64(R0, expire),
         I.jmp(JmpOp.JGE, R2, R0, fresh),  # idle for htable-expire: gone, a new entry
-        *(_byte_bucket if match.bytes else _packet_bucket)(match, hz, fresh, short, ctx),
+        *_bucket(match)(match, hz, fresh, short, ctx),
         I.atomic(Size.DW, AtomicOp.XCHG, R3, 0, R4),  # unlock, last = now
         I.ja(ctx.miss if match.above else done),
         Label(short),
@@ -228,6 +236,76 @@ def hashlimit(match: Hashlimit, ctx: Context) -> list[Item]:
     if not match.above:
         code.append(I.ja(ctx.miss))
     return [*code, Label(done)]
+
+
+def _bucket(match: Hashlimit) -> Callable[[Hashlimit, int, str, str, Context], list[Item]]:
+    if match.rate_match:
+        return _window
+    return _byte_bucket if match.bytes else _packet_bucket
+
+
+def _window(match: Hashlimit, hz: int, fresh: str, short: str, ctx: Context) -> list[Item]:
+    """Rate matching (codegen.rules.extensions.hashlimit_rate), the entry's second word
+    holding the window: its count in the low 32 bits (stopping at UINT32_MAX), whether the
+    window before was over in bit 32, the low 31 bits of the jiffy it started at above (a
+    window lasts less than 2^31 jiffies, so that they and the last packet's jiffy give its
+    age). r2: the jiffies since the last packet, r3: the locked entry, r4: now."""
+    length = interval_jiffies(match, hz)
+    if length >= 1 << WINDOW_START_BITS:
+        raise CompileError(
+            f"hashlimit: a --hashlimit-rate-interval of {match.interval} s is {length} jiffies,"
+            f" more than the programs' windows keep (2^{WINDOW_START_BITS} - 1)"
+        )
+    count, calm = ctx.new_label("hashlimit_count"), ctx.new_label("hashlimit_calm")
+    mask = (1 << WINDOW_START_BITS) - 1
+    cost = (
+        [load(Facts.TOT_LEN), I.alu64(AluOp.ADD, R2, R1)]
+        if match.bytes
+        else [I.alu64(AluOp.ADD, R2, 1)]
+    )
+    return [
+        I.mov64(R1, R4),
+        I.alu64(AluOp.SUB, R1, R2),  # r1: the last packet's jiffy
+        I.ldx(Size.DW, R0, R3, 8),  # r0: the window word
+        I.mov64(R5, R0),
+        I.alu64(AluOp.RSH, R5, WINDOW_START_SHIFT),
+        I.alu64(AluOp.SUB, R1, R5),
+        I.alu64(AluOp.AND, R1, mask),  # the last packet's age in the window
+        I.alu64(AluOp.ADD, R2, R1),  # r2: the window's age now
+        I.jmp(JmpOp.JEQ, R2, 0, count),
+        I.ld_imm64(R5, length),
+        I.jmp(JmpOp.JLT, R2, R5, count),
+        # A new window from now; the one that ended was over if count * length > age * rate.
+        I.mov32(R1, R0),
+        I.alu64(AluOp.MUL, R1, R5),
+        I.ld_imm64(R5, window_rate(match)),
+        I.alu64(AluOp.MUL, R2, R5),
+        I.mov64(R0, R4),
+        I.alu64(AluOp.LSH, R0, WINDOW_START_SHIFT),
+        I.jmp(JmpOp.JLE, R1, R2, count),
+        I.ld_imm64(R1, WINDOW_OVER),
+        I.alu64(AluOp.OR, R0, R1),
+        I.ja(count),
+        Label(fresh),
+        I.mov64(R0, R4),
+        I.alu64(AluOp.LSH, R0, WINDOW_START_SHIFT),
+        Label(count),  # r0: the window word; the packet's cost added to its count
+        I.mov32(R2, R0),
+        *cost,
+        I.ld_imm64(R1, UINT32),
+        I.jmp(JmpOp.JLE, R2, R1, calm),
+        I.mov64(R2, R1),
+        Label(calm),
+        I.alu64(AluOp.RSH, R0, 32),
+        I.alu64(AluOp.LSH, R0, 32),
+        I.alu64(AluOp.OR, R0, R2),
+        I.stx(Size.DW, R3, 8, R0),
+        I.alu64(AluOp.RSH, R0, 32),
+        I.alu64(AluOp.AND, R0, 1),
+        I.jmp(JmpOp.JNE, R0, 0, short),  # the window before was over
+        I.ld_imm64(R1, window_burst(match)),
+        I.jmp(JmpOp.JGT, R2, R1, short),
+    ]
 
 
 def _packet_bucket(match: Hashlimit, hz: int, fresh: str, short: str, ctx: Context) -> list[Item]:
