@@ -1,20 +1,21 @@
-"""What one rule of each extension adds per packet: the INPUT chain program of a one-rule
-table timed with BPF_PROG_TEST_RUN, beside the same rule without the extension.
+"""What one rule of each extension adds per packet: the INPUT chain program of a one-rule table
+timed with BPF_PROG_TEST_RUN, beside the same rule without the extension.
 
 Every case's rule is `-A INPUT -p udp --dport 9 [EXTENSION] -j TARGET`, timed on one UDP
-datagram to port 9 from 198.18.0.1 to 198.18.0.2, checked first to end where the case says
-(its rule, or INPUT's policy when the match does not hold). Stateful matches are timed on the
-path a repeated packet takes: `-m limit` and `-m hashlimit` over their rate (the bucket
-read, nothing to take), `-m recent --update` with the source already in the table, conntrack
-and CONNMARK on a flow seen before (the tracker runs for both). LOG is timed firing, with a
-ring large enough for every event of the trials (the drops would be another path), and again
-with a full ring: the event is lost and counted, the packet goes on. REJECT is timed building
-its answer in the packet: the answer replaces the packet, and BPF_PROG_TEST_RUN's repeats run
-on the packet the previous repeat left (they would time the answer going through the chain),
-so it is timed one run per call, median of ONE_SHOT_TRIALS calls, against the baseline timed
-the same way (a lone run also pays for the kernel's clock reads around it). Its ICMP rate
-limits are set to let every answer go (icmp_ratelimit 0, no global credit taken): their check
-is timed with the answer, and no run takes the refused path instead.
+datagram to port 9 from 198.18.0.1 to 198.18.0.2, checked first to end where the case says (its
+rule, or INPUT's policy when the match does not hold). Stateful matches are timed on the path a
+repeated packet takes: `-m limit` and `-m hashlimit` over their rate (the bucket read, nothing
+to take; a rate-match window counting past its burst), `-m recent --update` with the source
+already in the table, conntrack and CONNMARK on a flow seen before (the tracker runs for both).
+LOG is timed firing, with a ring large enough for every event of the trials (the drops would be
+another path), and again with a full ring: the event is lost and counted, the packet goes on.
+REJECT is timed building its answer in the packet: the answer replaces the packet, and
+BPF_PROG_TEST_RUN's repeats run on the packet the previous repeat left (they would time the
+answer going through the chain), so it is timed one run per call, median of ONE_SHOT_TRIALS
+calls, against the baseline timed the same way (a lone run also pays for the kernel's clock
+reads around it). Its ICMP rate limits are set to let every answer go (icmp_ratelimit 0, no
+global credit taken): their check is timed with the answer, and no run takes the refused path
+instead.
 
 `-m owner` is timed in OUTPUT's chain program, on the same datagram with a socket given as a
 test gives it (the control block's uid and gid, the groups map's list), against OUTPUT's
@@ -100,6 +101,14 @@ CASES: tuple[Case, ...] = (
         "-m hashlimit srcip, a byte rate, over it",
         _one(
             "-m hashlimit --hashlimit-upto 16b/s --hashlimit-mode srcip --hashlimit-name b"
+        ),
+        ("INPUT", "policy"),
+    ),
+    Case(
+        "-m hashlimit srcip --hashlimit-rate-match, a byte rate's window, over it",
+        _one(
+            "-m hashlimit --hashlimit-upto 16b/s --hashlimit-mode srcip --hashlimit-name b"
+            " --hashlimit-rate-match"
         ),
         ("INPUT", "policy"),
     ),
