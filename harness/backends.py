@@ -15,6 +15,7 @@ from codegen.reject import limits as reject_limits
 from codegen.reject.limits import RateMaps
 from codegen.rules.extensions.physdev import reads_ports
 from codegen.rules.model import Ruleset
+from codegen.rules.tracking.timeouts import DEFAULT_TIMEOUTS, Timeouts
 from codegen.tc import exact
 from codegen.tc.generator import (
     BRIDGE_PORTS,
@@ -61,10 +62,12 @@ def load_program(
     backend: Backend = "bytecode",
     local: LocalAddresses | None = None,
     bridges: bool = True,
+    timeouts: Timeouts = DEFAULT_TIMEOUTS,
 ) -> Program:
     """Generate, compile and load one program; `maps` by the names the generators use; `local`:
     what the namespace delivers locally, which an ingress program compares inline; `bridges`:
-    whether a bridge may hand packets to iptables (-m physdev reads ports). A program
+    whether a bridge may hand packets to iptables (-m physdev reads ports); `timeouts`: the
+    connection tracker's settings (the namespace's conntrack sysctls). A program
     with REJECT given no rate-limit maps (a namespace's: harness.deploy.icmp_limits; a test
     run's) gets its own, unconfigured: its ICMP errors are not limited; one that reads bridge
     ports given no bridge maps gets its own, empty: it knows no bridge."""
@@ -87,6 +90,7 @@ def load_program(
                 backend=backend,
                 local=local,
                 bridges=bridges,
+                timeouts=timeouts,
             )
         except BaseException:
             for table in standins.values():
@@ -103,6 +107,7 @@ def load_program(
             fastpath=fastpath,
             local=local,
             bridges=bridges,
+            timeouts=timeouts,
         )
         # Maps of the program's own, built here: the hash of exact-match runs, and on ingress
         # the datagrams whose first fragment INPUT accepted.
@@ -150,5 +155,6 @@ def load_program(
             fastpath=fastpath,
             local=local,
             bridges=bridges,
+            timeouts=timeouts,
         )
     raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")

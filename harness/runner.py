@@ -24,6 +24,7 @@ from codegen.rules.names import PKT_TYPE_ALIASES, PKT_TYPES
 from codegen.rules.packet import SocketOwner, XfrmState
 from codegen.rules.routes import STANDIN_ROUTES, RouteTable
 from codegen.rules.sets import HASH_NET_IFACE, SetTable, looked_up
+from codegen.rules.tracking.timeouts import DEFAULT_TIMEOUTS, Timeouts
 from codegen.tc.generator import COUNTERS_MAP
 from codegen.tc.layout import NOT_HANDLED, CounterLayout, Position
 from codegen.tc.local import from_routes
@@ -109,11 +110,14 @@ class ChainRunner:
         routes: RouteTable | None = None,
         log_ring_size: int = RUN_LOG_RING_SIZE,
         sets: SetTable | None = None,
+        timeouts: Timeouts = DEFAULT_TIMEOUTS,
     ):
         """`routes`: what `-m addrtype` looks addresses up in (None: STANDIN_ROUTES, which
         the reference evaluator also takes when given none); its devices are known ones.
         `sets`: the ipsets `-m set` looks up (None: STANDIN_SETS); RuleError for a rule
-        naming a set they do not hold."""
+        naming a set they do not hold. `timeouts`: the connection tracker's settings (the
+        kernel's defaults, as the reference's)."""
+        self.timeouts = timeouts
         # -m set's matches bound to their sets, each copied into a map of its own.
         ruleset = bind_sets(ruleset, sets)
         self.ruleset = ruleset
@@ -182,6 +186,7 @@ class ChainRunner:
                 chain=chain,
                 backend=self.backend,
                 local=from_routes(self.routes),  # its broadcasts: REJECT answers none to them
+                timeouts=self.timeouts,
             )
         return self._programs[chain]
 

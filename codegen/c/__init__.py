@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from codegen.rules.model import Ruleset
+from codegen.rules.tracking.timeouts import DEFAULT_TIMEOUTS, Timeouts
 from codegen.tc.local import LocalAddresses
 
 from .compiler import BccUnavailable, CProgram, CVerifierError, load_programs
@@ -73,12 +74,14 @@ def load_c_program(
     local: LocalAddresses | None = None,
     table_from: int = TABLE_FROM,
     bridges: bool = True,
+    timeouts: Timeouts = DEFAULT_TIMEOUTS,
 ) -> CProgram:
     """Generate, compile (bcc) and load one program over the caller's maps ("counters", and
     those its matches read); `local`: what the namespace delivers locally, for ingress
     (codegen.tc.local); `table_from`: the shortest run of plain rules scanned from the rule
     table (codegen/c/table.py); `bridges`: whether a bridge may hand packets to iptables
-    (-m physdev reads the ports). The caller closes it."""
+    (-m physdev reads the ports); `timeouts`: the connection tracker's settings. The caller
+    closes it."""
     (program,) = load_programs(
         ruleset,
         [Entry(hook, chain)],
@@ -88,6 +91,7 @@ def load_c_program(
         local=local,
         table_from=table_from,
         bridges=bridges,
+        timeouts=timeouts,
     )
     return program
 

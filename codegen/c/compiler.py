@@ -42,13 +42,10 @@ from codegen.bpf.syscall import BpfError, close, error_for
 from codegen.conntrack import uses_conntrack
 from codegen.rules.extensions.set import uses_sets
 from codegen.rules.model import Ruleset
+from codegen.rules.tracking.timeouts import DEFAULT_TIMEOUTS, Timeouts
 from codegen.tc.local import STANDIN, LocalAddresses
-from codegen.tc.matches.addrtype import ADDRESS_TYPES, uses_addrtype
-from codegen.tc.matches.addrtype import KEY as ADDRESS_KEY
-from codegen.tc.matches.addrtype import VALUE as ADDRESS_VALUE
-from codegen.tc.matches.hashlimit import HASHLIMIT_MAP, uses_hashlimit
-from codegen.tc.matches.hashlimit import KEY as HASHLIMIT_KEY
-from codegen.tc.matches.hashlimit import VALUE as HASHLIMIT_VALUE
+from codegen.tc.matches import addrtype as tc_addrtype
+from codegen.tc.matches import hashlimit as tc_hashlimit
 from codegen.tc.matches.limit import LIMIT_MAP, uses_limit
 from codegen.tc.matches.limit import value_size as limit_value_size
 from codegen.tc.matches.owner import GROUPS_MAP, uses_groups
@@ -85,7 +82,7 @@ MAP_SHAPES = {
     ),
     conntrack.CT_PENDING: (MapType.PERCPU_ARRAY, 4, ctypes.sizeof(conntrack.Pending)),
     conntrack.CT_CLOCK: (MapType.ARRAY, 4, 8),
-    ADDRESS_TYPES: (MapType.LPM_TRIE, ADDRESS_KEY.size, ADDRESS_VALUE.size),
+    tc_addrtype.ADDRESS_TYPES: (MapType.LPM_TRIE, tc_addrtype.KEY.size, tc_addrtype.VALUE.size),
     SECPATH_MAP: (MapType.ARRAY, 4, ctypes.sizeof(SecpathValue)),
     **c_log.MAP_SHAPES,
     **c_bridges.MAP_SHAPES,
@@ -157,6 +154,7 @@ def load_programs(
     local: LocalAddresses | None = None,
     table_from: int = TABLE_FROM,
     bridges: bool = True,
+    timeouts: Timeouts = DEFAULT_TIMEOUTS,
 ) -> list[CProgram]:
     """Generate one C unit for `entries`, compile it once with bcc and load every entry
     (`local`: what the namespace delivers locally, for an ingress entry; `table_from`: the
@@ -165,8 +163,8 @@ def load_programs(
     needed = [COUNTERS_MAP]
     if uses_conntrack(ruleset):
         needed += conntrack.MAPS
-    if uses_addrtype(ruleset):
-        needed.append(ADDRESS_TYPES)
+    if tc_addrtype.uses_addrtype(ruleset):
+        needed.append(tc_addrtype.ADDRESS_TYPES)
     if c_log.logs(ruleset):
         needed += c_log.MAP_SHAPES
     if c_bridges.needed(ruleset, entries, bridges):
@@ -186,10 +184,11 @@ def load_programs(
     if uses_limit(ruleset):  # one value, a word per limit match besides the clock's
         fds[LIMIT_MAP] = _map_fd(maps, LIMIT_MAP)
         _check_shape(LIMIT_MAP, fds[LIMIT_MAP], (MapType.ARRAY, 4, limit_value_size(ruleset)))
-    if uses_hashlimit(ruleset):  # -m hashlimit's entries, on the limit map's clock
-        fds[HASHLIMIT_MAP] = _map_fd(maps, HASHLIMIT_MAP)
-        shape = (MapType.LRU_HASH, HASHLIMIT_KEY.size, HASHLIMIT_VALUE.size)
-        sizes[HASHLIMIT_MAP] = _check_shape(HASHLIMIT_MAP, fds[HASHLIMIT_MAP], shape)
+    if tc_hashlimit.uses_hashlimit(ruleset):  # -m hashlimit's entries, on the limit's clock
+        name = tc_hashlimit.HASHLIMIT_MAP
+        fds[name] = _map_fd(maps, name)
+        shape = (MapType.LRU_HASH, tc_hashlimit.KEY.size, tc_hashlimit.VALUE.size)
+        sizes[name] = _check_shape(name, fds[name], shape)
     if c_recent.matches_of(ruleset):  # -m recent: its clock and tables (codegen/c/recent.py)
         for identifier, (given, shape) in c_recent.map_shapes(ruleset).items():
             fds[identifier] = _map_fd(maps, given)
@@ -206,6 +205,7 @@ def load_programs(
         local=local,
         table_from=table_from,
         bridges=bridges,
+        timeouts=timeouts,
     )
     replies = table = None
     try:

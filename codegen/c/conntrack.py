@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 
 from codegen import conntrack
+from codegen.rules.tracking.timeouts import DEFAULT_TIMEOUTS, Timeouts
 
 # bcc's spelling of the tracker's map operations: CT_OP(map, rest -> map.op(rest
 _OPERATIONS = {"CT_LOOKUP": "lookup", "CT_INSERT": "insert", "CT_DELETE": "delete"}
@@ -35,10 +36,11 @@ def declarations(table_entries: int) -> list[str]:
     ]
 
 
-def tracker(table_entries: int) -> list[str]:
-    """The tracker's C for bcc: its types, maps and (inlined) functions."""
+def tracker(table_entries: int, timeouts: Timeouts = DEFAULT_TIMEOUTS) -> list[str]:
+    """The tracker's C for bcc: its types, maps and (inlined) functions, with `timeouts`'
+    settings."""
     prelude = ["#define CT_GLOBAL static __always_inline", "#define CT_LOAD_BY_HELPER"]
-    text = conntrack.source(prelude, line_marker=False)
+    text = conntrack.source(prelude, timeouts=timeouts, line_marker=False)
     text = _CALL.sub(lambda m: f"{m.group(2)}.{_OPERATIONS[m.group(1)]}(", text)
     lines = []
     for line in text.splitlines():

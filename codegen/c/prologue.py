@@ -7,6 +7,7 @@ import socket
 from collections.abc import Mapping, Sequence
 
 from codegen.conntrack import CT_TABLE, TABLE_ENTRIES
+from codegen.rules.tracking.timeouts import Timeouts
 from codegen.tc.layout import NOT_HANDLED, CounterLayout
 from codegen.tc.local import (
     STANDIN,
@@ -36,7 +37,7 @@ def prologue(
     entries: Sequence[Entry],
     pin_dir: str,
     map_entries: Mapping[str, int],
-    tracking: bool = False,
+    tracking: Timeouts | None = None,
     rejects_here: bool = False,
     local: LocalAddresses | None = None,
     policy: bool = False,
@@ -45,9 +46,10 @@ def prologue(
     max_entries (default: the counter layout's size); only a unit with an ingress program
     has the tests of `local`, the namespace's local addresses (codegen.tc.local; None: its
     STANDIN), and only one with an ingress or egress program (where INPUT and OUTPUT run) the
-    fragments map; with `tracking`, the connection tracker and its maps come before the facts,
-    which hold its result; with `rejects_here`, REJECT's answer programs are declared; with
-    `policy`, the facts hold the packet's IPsec states (codegen/c/policy.py)."""
+    fragments map; with `tracking` (its settings), the connection tracker and its maps come
+    before the facts, which hold its result; with `rejects_here`, REJECT's answer programs
+    are declared; with `policy`, the facts hold the packet's IPsec states
+    (codegen/c/policy.py)."""
     programs = ", ".join(entry.function for entry in entries)
     code = [
         f"// bpfilter-lab, C backend (codegen/c): {programs}.",
@@ -80,9 +82,9 @@ def prologue(
         "",
     ]
     if tracking:
-        code += [*tracker(map_entries.get(CT_TABLE, TABLE_ENTRIES)), ""]
+        code += [*tracker(map_entries.get(CT_TABLE, TABLE_ENTRIES), tracking), ""]
     code += [
-        *facts_struct(tracking, policy),
+        *facts_struct(tracking is not None, policy),
         "",
         *counters_map(map_entries.get(COUNTERS_MAP, len(layout))),
     ]

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from codegen.conntrack import uses_conntrack
 from codegen.rules.extensions.set import uses_sets
 from codegen.rules.model import Ruleset
+from codegen.rules.tracking.timeouts import DEFAULT_TIMEOUTS, Timeouts
 from codegen.tc.layout import CounterLayout
 from codegen.tc.local import LocalAddresses
 from codegen.tc.log import RING_SIZE
@@ -116,12 +117,14 @@ def generate(
     local: LocalAddresses | None = None,
     table_from: int = c_table.TABLE_FROM,
     bridges: bool = True,
+    timeouts: Timeouts = DEFAULT_TIMEOUTS,
 ) -> CSource:
     """The C translation unit for `entries`. `map_entries` gives the maps' max_entries as
     declared to bcc (default: the counter layout's size); `local`, what the namespace delivers
     locally (codegen.tc.local; None: its STANDIN); runs of `table_from` plain rules or more
     are scanned from the rule table (codegen/c/table.py); `bridges`: whether a bridge may hand
-    packets to iptables (-m physdev reads the ports)."""
+    packets to iptables (-m physdev reads the ports); `timeouts`: the connection tracker's
+    settings (the namespace's conntrack sysctls)."""
     if not entries:
         raise CCompileError("no program to generate")
     names = [entry.function for entry in entries]
@@ -139,7 +142,7 @@ def generate(
             entries,
             pin_dir,
             map_entries or {},
-            uses_conntrack(ruleset),
+            timeouts if uses_conntrack(ruleset) else None,
             rejects(ruleset),
             local,
             uses_policy(ruleset),

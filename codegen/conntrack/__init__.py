@@ -141,12 +141,11 @@ def uses_conntrack(ruleset: Ruleset) -> bool:
     return first_tracking_rule(ruleset) is not None
 
 
-def defines(timeouts: Timeouts = DEFAULT_TIMEOUTS, *, loose: bool = True) -> dict[str, int]:
+def defines(timeouts: Timeouts = DEFAULT_TIMEOUTS) -> dict[str, int]:
     """The tracker's compile-time settings: the timeouts in seconds, the TCP knobs, HZ."""
     values = {f"CT_TIMEOUT_{f.name.upper()}": getattr(timeouts, f.name) for f in fields(timeouts)}
-    values["CT_TCP_MAX_RETRANS_COUNT"] = values.pop("CT_TIMEOUT_TCP_MAX_RETRANS_COUNT")
-    values["CT_TCP_BE_LIBERAL"] = values.pop("CT_TIMEOUT_TCP_BE_LIBERAL")
-    values["CT_TCP_LOOSE"] = int(loose)
+    for knob in ("MAX_RETRANS_COUNT", "BE_LIBERAL", "LOOSE"):
+        values[f"CT_TCP_{knob}"] = values.pop(f"CT_TIMEOUT_TCP_{knob}")
     values["CT_HZ"] = kernel_hz()  # a new entry's expiry is read in the kernel's jiffies
     return values
 
@@ -172,10 +171,17 @@ def layout_checks() -> list[str]:
     return checks
 
 
-def source(prelude: Iterable[str], *, line_marker: bool = True) -> str:
+def source(
+    prelude: Iterable[str],
+    *,
+    timeouts: Timeouts = DEFAULT_TIMEOUTS,
+    line_marker: bool = True,
+) -> str:
     """The tracker as C text: `prelude` (the includer's types, helpers and map macros), the
-    defines, the C (its lines numbered as in its file, with `line_marker`), the layout checks."""
-    lines = [*prelude, *(f"#define {name} {value}" for name, value in defines().items())]
+    defines (`timeouts`' settings), the C (its lines numbered as in its file, with
+    `line_marker`), the layout checks."""
+    settings = defines(timeouts).items()
+    lines = [*prelude, *(f"#define {name} {value}" for name, value in settings)]
     if line_marker:
         lines.append(f'#line 1 "{SOURCE.name}"')
     lines += [SOURCE.read_text(), *layout_checks()]
@@ -213,15 +219,17 @@ class TrackerUnavailable(RuntimeError):
 
 
 @functools.cache
-def bytecode_functions() -> tuple:
+def bytecode_functions(timeouts: Timeouts = DEFAULT_TIMEOUTS) -> tuple:
     """The tracker's functions as assembler items (BTF-described globals the bytecode
-    backend's programs call), from clang's object of it; compiled once per source and cached.
-    Raises TrackerUnavailable, saying why, where that cannot be done."""
+    backend's programs call), from clang's object of it with `timeouts`' settings; compiled
+    once per source and settings, and cached. Raises TrackerUnavailable, saying why, where
+    that cannot be done."""
     from codegen.bpf.clang import ClangError, ClangUnavailable, linked_globals
     from codegen.bpf.elf import ObjectError
 
     try:
-        return linked_globals(source(CLANG_PRELUDE), name="tracker", arguments=GLOBALS)
+        text = source(CLANG_PRELUDE, timeouts=timeouts)
+        return linked_globals(text, name="tracker", arguments=GLOBALS)
     except (ClangUnavailable, ClangError, ObjectError) as error:
         raise TrackerUnavailable(str(error)) from error
 

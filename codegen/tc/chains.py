@@ -40,6 +40,7 @@ from codegen.rules.model import (
     Rule,
     Ruleset,
 )
+from codegen.rules.tracking.timeouts import DEFAULT_TIMEOUTS, Timeouts
 
 from . import classifier, classifier_code, exact, log, mark_target, matches, replies
 from .counters import COUNT
@@ -135,12 +136,16 @@ def refuse_unsupported(ruleset: Ruleset, names: tuple[str, ...]) -> None:
                 )
 
 
-def require_runtime(ruleset: Ruleset) -> None:
+def require_runtime(ruleset: Ruleset, timeouts: Timeouts = DEFAULT_TIMEOUTS) -> None:
     """CompileError naming the first rule that needs a fixed component written in C (the
-    connection tracker of codegen/conntrack, REJECT's answers of codegen/reject) when clang's
-    object of it cannot be built here."""
+    connection tracker of codegen/conntrack, with `timeouts`' settings; REJECT's answers of
+    codegen/reject) when clang's object of it cannot be built here."""
     needs = (
-        ("the connection tracker", conntrack.first_tracking_rule, conntrack.bytecode_functions),
+        (
+            "the connection tracker",
+            conntrack.first_tracking_rule,
+            lambda: conntrack.bytecode_functions(timeouts),
+        ),
         ("REJECT's answers", replies.first_reject_rule, replies.functions),
     )
     for what, first, build in needs:

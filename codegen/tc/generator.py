@@ -27,6 +27,7 @@ from codegen.reject import limits as reject_limits
 from codegen.rules.extensions.physdev import reads_ports
 from codegen.rules.model import Ruleset
 from codegen.rules.names import BUILTIN_CHAINS
+from codegen.rules.tracking.timeouts import DEFAULT_TIMEOUTS, Timeouts
 
 from .bridges import BRIDGE_PORTS, BRIDGE_PORTS_ENTRIES, PORT_STAMP, STAMP_VALUE_SIZE, stamp_program
 from .chains import (
@@ -97,12 +98,14 @@ def compile_program(
     fastpath: bool = False,
     local: LocalAddresses | None = None,
     bridges: bool = True,
+    timeouts: Timeouts = DEFAULT_TIMEOUTS,
 ) -> CompiledProgram:
     """Generate the program for `hook` (for `chain`, name the built-in chain to run). `local`:
     what the namespace delivers locally, which the ingress program compares inline
     (codegen.tc.local; None: its STANDIN). `bridges`: whether a bridge of the namespace may hand
     packets to iptables; without one, -m physdev is the constant answer for no bridge
-    information (codegen.tc.bridges)."""
+    information (codegen.tc.bridges). `timeouts`: the connection tracker's settings (the
+    namespace's conntrack sysctls), compiled in."""
     if hook == "port_ingress":  # no chains: a stamp for the bridge device (codegen.tc.bridges)
         layout = CounterLayout.of(ruleset)
         return CompiledProgram("bpflab_port_in", hook, (), stamp_program(), layout, (PORT_STAMP,))
@@ -113,9 +116,10 @@ def compile_program(
     else:
         builtins = {"ingress": ("INPUT", "FORWARD"), "bridged": ("FORWARD",)}.get(hook, ("OUTPUT",))
     refuse_unsupported(ruleset, (*builtins, *user_chains_called(ruleset, builtins)))
-    require_runtime(ruleset)
+    require_runtime(ruleset, timeouts)
     chains = ChainWriter(ruleset, CounterLayout.of(ruleset), interfaces, Labels())
-    writer = ProgramWriter(chains, hook, fastpath, STANDIN if local is None else local, bridges)
+    local = STANDIN if local is None else local
+    writer = ProgramWriter(chains, hook, fastpath, local, bridges, timeouts)
     items = remove_unreachable(writer.entry(builtins))
     maps = {
         "ingress": (COUNTERS_MAP, FRAGMENTS_MAP),

@@ -48,6 +48,7 @@ from codegen.bpf.isa import (
 from codegen.bpf.testrun import SKB_OFFSETS
 from codegen.conntrack import uses_conntrack
 from codegen.rules.extensions.physdev import reads_ports
+from codegen.rules.tracking.timeouts import DEFAULT_TIMEOUTS, Timeouts
 
 from . import bridges, classifier_code, replies
 from .chains import ChainWriter, user_chains_called
@@ -81,8 +82,10 @@ class ProgramWriter:
         fastpath: bool,
         local: LocalAddresses,
         bridges: bool = True,
+        timeouts: Timeouts = DEFAULT_TIMEOUTS,
     ) -> None:
         self.chains = chains
+        self.timeouts = timeouts  # the tracker's settings, compiled into its functions
         self.local = local  # what the namespace delivers locally (codegen.tc.local)
         self.hook = hook
         self.fastpath = fastpath
@@ -242,7 +245,7 @@ class ProgramWriter:
         if self.hook in ("ingress", "egress"):
             code += add_bytes_subprogram()
         if self.tracking:
-            code += conntrack.bytecode_functions()
+            code += conntrack.bytecode_functions(self.timeouts)
         if self.answering:
             code += replies.functions()
         if logs(ruleset):

@@ -56,6 +56,7 @@ from codegen.rules.extensions.set import bind_sets, uses_sets
 from codegen.rules.iptables_save import parse_dump
 from codegen.rules.model import Ruleset
 from codegen.rules.sets import SetTable
+from codegen.rules.tracking.timeouts import DEFAULT_TIMEOUTS
 from codegen.rules.validation import validate
 from codegen.tc.generator import COUNTERS_MAP
 from codegen.tc.layout import CounterLayout, Position
@@ -82,6 +83,7 @@ from . import hashlimit as hashlimit_tables
 from .addresses import fill_interface_map, interface_addresses, local_addresses
 from .bridges import BridgeError, bridge_maps, namespace_bridges
 from .carry import carry_over, identities_of
+from .conntrack_sysctls import namespace_timeouts
 from .icmp_limits import open_limits
 from .locking import serialised, serialised_last
 from .routes import address_types_map, namespace_routes
@@ -186,7 +188,10 @@ def apply(
     # seen at the next apply (codegen.tc.local).
     local = local_addresses(namespace)
     interfaces = _all_interfaces(namespace)
-    built_for = patch.applied_with(ruleset, interfaces, local, bridges.ports)
+    # Its conntrack sysctls as they are now, compiled into the tracker: a change is seen at
+    # the next apply (harness.deploy.conntrack_sysctls).
+    timeouts = namespace_timeouts(namespace) if uses_conntrack(ruleset) else DEFAULT_TIMEOUTS
+    built_for = patch.applied_with(ruleset, interfaces, local, bridges.ports, timeouts)
     hooks = attach.roles(targets, bridges.ports)
     state = {
         "netns": netns,
@@ -259,6 +264,7 @@ def apply(
                         backend=backend,
                         local=local,
                         bridges=bool(bridges.filtering),
+                        timeouts=timeouts,
                     )
                 )
             )

@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from contextlib import ExitStack, closing
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from codegen.bpf.maps import Map, get_pinned
@@ -35,6 +35,7 @@ from codegen.rules import RuleError, parse
 from codegen.rules.extensions.set import uses_sets
 from codegen.rules.iptables_save import write_rule
 from codegen.rules.model import Goto, Jump, Ruleset
+from codegen.rules.tracking.timeouts import DEFAULT_TIMEOUTS, Timeouts
 from codegen.tc import classifier
 from codegen.tc import classifier_patch as patching
 from codegen.tc.classifier_code import HEADS_MAP, NODES_MAP, RECORDS_MAP
@@ -119,15 +120,21 @@ def changed_rules(previous: dict, rules_text: str, ruleset: Ruleset) -> list[Cha
 
 
 def applied_with(
-    ruleset: Ruleset, interfaces: dict[str, int], local: dict[int, int], ports: dict[int, int]
+    ruleset: Ruleset,
+    interfaces: dict[str, int],
+    local: dict[int, int],
+    ports: dict[int, int],
+    timeouts: Timeouts = DEFAULT_TIMEOUTS,
 ) -> dict:
     """What the programs of an apply were built for, beside the rules (kept in its state):
     a patch is made only while the namespace still has all of it. `ports`: the bridge ports
-    (ifindex -> bridge), whose programs get no patches."""
+    (ifindex -> bridge), whose programs get no patches; `timeouts`: the tracker's settings
+    (the namespace's conntrack sysctls) compiled in."""
     return {
         "interfaces": dict(sorted(interfaces.items())),
         "local": sorted([address, int(kind)] for address, kind in local.items()),
         "bridge_ports": sorted([port, bridge] for port, bridge in ports.items()),
+        "conntrack": asdict(timeouts),
     }
 
 

@@ -17,6 +17,7 @@ from scapy.layers.inet import IP, TCP
 
 from codegen.jiffies import kernel_hz
 from codegen.rules import ConnectionTable, FlowStep, evaluate_flow, parse
+from codegen.rules.tracking.timeouts import Timeouts
 from harness.backends import BACKENDS
 from harness.runner import ChainRunner, frame_for
 from tests.net.test_tracker_vs_netfilter import FLOWS, RULES, UDP_STREAM_WAIT, WAIT, _flatten
@@ -63,6 +64,43 @@ def test_programs_track_each_packet_as_the_reference(
         where = f"{name}, packet {number}"
         assert (outcome.verdict, outcome.deciding) == (want.verdict, want.deciding), where
         assert outcome.counters == want.counters, where
+
+
+# A namespace's own conntrack sysctls (harness.deploy.conntrack_sysctls), compiled in: no
+# window checks, no pickups, short UDP, ICMP and established timeouts.
+SETTINGS = Timeouts(tcp_be_liberal=1, tcp_loose=0, udp=7, icmp=3, tcp_established=1000)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_namespaces_settings_track_as_the_reference_with_them(backend: str) -> None:
+    """Every flow again with SETTINGS in both the programs and the reference; some flow must
+    then go otherwise than with the kernel's defaults, or the settings were not compiled in."""
+    ruleset = parse(RULES, "tracker.rules")
+    changed = []
+    with ChainRunner(ruleset, backend=backend, timeouts=SETTINGS) as runner:
+        assert runner.tracker is not None
+        for name, steps in FLOWS:
+            flow = _steps(steps)
+            expected = evaluate_flow(ruleset, flow, ConnectionTable(timeouts=SETTINGS))
+            default = evaluate_flow(ruleset, flow, ConnectionTable())
+            runner.tracker.flush()
+            for number, (step, reference) in enumerate(zip(flow, expected, strict=True), 1):
+                outcome = runner.run(
+                    frame_for(step.packet),
+                    step.chain,
+                    step.in_iface,
+                    step.out_iface,
+                    time=step.time,
+                )
+                want = reference.evaluation
+                where = f"{name}, packet {number}"
+                assert (outcome.verdict, outcome.deciding) == (want.verdict, want.deciding), where
+                assert outcome.counters == want.counters, where
+            if [e.evaluation.counters for e in expected] != [
+                e.evaluation.counters for e in default
+            ]:
+                changed.append(name)
+    assert len(changed) >= 3, changed
 
 
 EDGE_RULES = """*filter

@@ -89,8 +89,9 @@ class Classification:
 
 @dataclass(slots=True)
 class ConnectionTable:
-    """IPv4 connection tracking as nf_conntrack follows it, with `nf_conntrack_tcp_loose`
-    (`loose`) and the timeouts and `nf_conntrack_tcp_be_liberal` of `timeouts`."""
+    """IPv4 connection tracking as nf_conntrack follows it, with the timeouts,
+    `nf_conntrack_tcp_be_liberal` and `nf_conntrack_tcp_loose` of `timeouts` (`loose` False
+    turns pickups off whatever they say)."""
 
     timeouts: Timeouts = DEFAULT_TIMEOUTS
     loose: bool = True
@@ -182,7 +183,7 @@ class ConnectionTable:
             if segment is None:
                 return "invalid"
             if not confirmed:
-                entry.tcp = tcp.new(segment, self.loose)
+                entry.tcp = tcp.new(segment, self.loose and bool(self.timeouts.tcp_loose))
                 if entry.tcp is None:
                     return "invalid"
             assert entry.tcp is not None

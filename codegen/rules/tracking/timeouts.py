@@ -1,5 +1,6 @@
 """The kernel's default conntrack timeouts in seconds (the net.netfilter.nf_conntrack_*
-sysctls of a new namespace) and the TCP knobs the tracker follows."""
+sysctls of a new namespace) and the TCP knobs the tracker follows; an apply takes the
+namespace's own (harness.deploy.conntrack_sysctls)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ class Timeouts:
     # nf_conntrack_tcp_be_liberal: 0, a TCP segment out of window is INVALID or ignored
     # (tcp_in_window); 1, it is accepted.
     tcp_be_liberal: int = 0
+    # nf_conntrack_tcp_loose: 1, a connection is picked up from a segment other than a SYN.
+    tcp_loose: int = 1
     udp: int = 30
     udp_stream: int = 120
     icmp: int = 30
