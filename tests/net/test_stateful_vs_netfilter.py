@@ -11,7 +11,8 @@ flow. Every packet must meet the same fate in both labs and move the same counte
 carry `-m limit` too (1/hour or 1/min, bursts of 1 to 3: no timing within a flow refills them),
 whose buckets both labs keep along the flow and refill at each load, and `-m hashlimit` (one
 table per rule set, 1/hour or 1/min, bursts of 1 to 3, keyed by nothing, the source, or the
-source and the ports; upto or above by rule), a bucket per key of the flow's two directions.
+source and the ports; upto or above by rule; now and then rate matching, in windows of the
+rate's unit), a bucket per key of the flow's two directions.
 Some rules mark: `-j CONNMARK` (every mode, masks and shifts) and `-j MARK`, read back by
 `-m connmark` and `-m mark` matches along the flow (a connection's mark lives in its entry).
 
@@ -41,6 +42,7 @@ from codegen.rules.extensions.connmark_target import ConnmarkTarget
 from codegen.rules.extensions.conntrack import Conntrack
 from codegen.rules.extensions.ctinfo import STATUS_NAMES, AnyOf
 from codegen.rules.extensions.hashlimit import parse_rate as hashlimit_rate
+from codegen.rules.extensions.hashlimit_rate import stored
 from codegen.rules.extensions.hashlimit_table import HASH_DPT, HASH_SIP, HASH_SPT, Hashlimit
 from codegen.rules.extensions.limit import Limit, parse_rate
 from codegen.rules.extensions.mark import Mark
@@ -106,6 +108,11 @@ def hashlimits(draw: st.DrawFn) -> Hashlimit:
     avg, unit = rate
     mode = draw(st.sampled_from((0, HASH_SIP, HASH_SIP | HASH_SPT | HASH_DPT, HASH_DPT)))
     burst = draw(st.integers(1, 3))
+    if draw(st.booleans()):  # rate matching: windows of the unit's length, as iptables sets
+        avg, interval = stored(avg, unit, 0, False)
+        return Hashlimit(
+            "drawn", avg, burst, mode=mode, expire=unit * 1000, rate_match=True, interval=interval
+        )
     return Hashlimit("drawn", avg, burst, mode=mode, expire=unit * 1000)
 
 
