@@ -116,7 +116,7 @@ def _tabled(runner: OneCompileRunner) -> bool:
 
 
 def test_evaluator_bytecode_and_c_agree():
-    ran = tabled = 0
+    ran = tabled = everything = 0
 
     @given(
         ruleset=rulesets(),
@@ -132,7 +132,7 @@ def test_evaluator_bytecode_and_c_agree():
         table_from=st.sampled_from([1, TABLE_FROM]),
     )
     def three_agree(ruleset, traffic, data, table_from):
-        nonlocal ran, tabled
+        nonlocal ran, tabled, everything
         ruleset = data.draw(aimed(ruleset, traffic))
         c_runner = OneCompileRunner(ruleset, DEVICES, table_from)
         with ChainRunner(ruleset, DEVICES) as bytecode, c_runner as c:
@@ -155,13 +155,20 @@ def test_evaluator_bytecode_and_c_agree():
                     if problem is not None:
                         pytest.fail(problem, pytrace=False)
                     ran += 1
-            tabled += _tabled(c)
+            if table_from == 1:
+                everything += 1
+                tabled += _tabled(c)
 
     examples = _examples(RULESETS, 10)
     settings(max_examples=examples, deadline=None, suppress_health_check=SUPPRESSED)(three_agree)()
     assert ran >= examples * 3 * PACKETS_PER_CHAIN >= MIN_CASES, f"only {ran} cases ran"
-    # Half the rule sets put every plain rule in the C's table: most of them have some.
-    assert tabled >= examples // 4, f"only {tabled} of {examples} rule sets scanned a table"
+    # The rule sets given table_from 1 put every plain rule in the C's table: most of them
+    # have some (the share hypothesis draws of each value varies from run to run).
+    assert everything >= 1, "no rule set put every plain rule in the C's table"
+    assert tabled >= everything // 2, (
+        f"only {tabled} of {everything} rule sets that put every plain rule in the C's table"
+        " scanned one"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,7 +265,7 @@ def exact_packets(draw: st.DrawFn) -> bytes:
 
 
 def test_exact_runs_agree_three_ways():
-    ran = tabled = 0
+    ran = tabled = everything = 0
     decided_in_runs = 0  # cases a rule of a run decided: the lookup answered
 
     @given(
@@ -276,7 +283,7 @@ def test_exact_runs_agree_three_ways():
         table_from=st.sampled_from([1, TABLE_FROM]),
     )
     def agree(ruleset, traffic, table_from):
-        nonlocal ran, decided_in_runs, tabled
+        nonlocal ran, decided_in_runs, tabled, everything
         in_runs = {
             (name, index + 1)
             for name, chain in ruleset.chains.items()
@@ -300,13 +307,23 @@ def test_exact_runs_agree_three_ways():
                         pytest.fail(problem, pytrace=False)
                     ran += 1
                     decided_in_runs += voices["evaluator"].deciding in in_runs
-            tabled += _tabled(c)
+            if table_from == 1:
+                everything += 1
+                tabled += _tabled(c)
 
     examples = _examples(EXACT_RULESETS, 20)
     settings(max_examples=examples, deadline=None, suppress_health_check=SUPPRESSED)(agree)()
     assert ran >= examples * 3 * EXACT_PACKETS_PER_CHAIN
-    assert tabled >= examples // 4, f"only {tabled} of {examples} rule sets scanned a table"
-    assert decided_in_runs >= ran // 20, f"only {decided_in_runs} of {ran} decided in a run"
+    # The rule sets given table_from 1 put every plain rule in the C's table: most of them
+    # have some (the share hypothesis draws of each value varies from run to run).
+    assert everything >= 1, "no rule set put every plain rule in the C's table"
+    assert tabled >= everything // 2, (
+        f"only {tabled} of {everything} rule sets that put every plain rule in the C's table"
+        " scanned one"
+    )
+    # Some case was decided by a rule of a run: the lookup answered. How many varies widely
+    # with the drawn shapes (5 to 38 of 300 in ten runs of random seeds), so no share is asked.
+    assert decided_in_runs >= 1, f"none of {ran} cases was decided in a run"
 
 
 # ---------------------------------------------------------------------------------------------
