@@ -322,7 +322,7 @@ def test_exact_runs_agree_three_ways():
         " scanned one"
     )
     # Some case was decided by a rule of a run: the lookup answered. How many varies widely
-    # with the drawn shapes (5 to 38 of 300 in ten runs of random seeds), so no share is asked.
+    # with the drawn shapes (5 to 38 of 300 in seven runs of random seeds), so no share is asked.
     assert decided_in_runs >= 1, f"none of {ran} cases was decided in a run"
 
 
