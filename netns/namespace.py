@@ -331,6 +331,18 @@ class Namespace:
                     f"cannot set sysctl {key}={value} in namespace {self.name}: {error}"
                 ) from error
 
+    def read_sysctls(self, keys: dict[str, str]) -> dict[str, int]:
+        """The integer sysctls `keys` names (name -> dotted key) as this namespace has them,
+        by name; one the kernel does not show, or not as an integer, is left out."""
+        read: dict[str, int] = {}
+        with self.enter():  # /proc/sys/net shows the namespace of the thread reading it
+            for name, key in keys.items():
+                try:
+                    read[name] = int(Path("/proc/sys", *key.split(".")).read_text())
+                except (FileNotFoundError, ValueError):
+                    continue
+        return read
+
     def socket(self, family: int, type: int, proto: int = 0) -> Socket:
         """A socket created inside this namespace; it stays there wherever it is used."""
         with self.enter():

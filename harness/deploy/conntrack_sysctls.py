@@ -8,18 +8,16 @@ kernel does not show (nf_conntrack not loaded) keeps the kernel's default."""
 from __future__ import annotations
 
 from dataclasses import fields
-from pathlib import Path
 
 from codegen.rules.tracking.timeouts import Timeouts
 from netns.namespace import Namespace
 
-SYSCTLS = Path("/proc/sys/net/netfilter")
 # Timeouts' fields by sysctl; tcp_syn_sent2 has none (the kernel's table holds it).
 _NAMES = {
     **{
         f.name: f"nf_conntrack_tcp_timeout_{f.name.removeprefix('tcp_')}"
         for f in fields(Timeouts)
-        if f.name.startswith("tcp_") and f.name not in ("tcp_syn_sent2",)
+        if f.name.startswith("tcp_") and f.name != "tcp_syn_sent2"
     },
     "tcp_max_retrans_count": "nf_conntrack_tcp_max_retrans",
     "tcp_be_liberal": "nf_conntrack_tcp_be_liberal",
@@ -29,15 +27,9 @@ _NAMES = {
     "icmp": "nf_conntrack_icmp_timeout",
     "generic": "nf_conntrack_generic_timeout",
 }
+SYSCTLS = {field: f"net.netfilter.{name}" for field, name in _NAMES.items()}
 
 
 def namespace_timeouts(namespace: Namespace) -> Timeouts:
     """The namespace's conntrack settings; each sysctl it does not show keeps its default."""
-    read: dict[str, int] = {}
-    with namespace.enter():  # /proc/sys/net shows the namespace of the thread reading it
-        for field, name in _NAMES.items():
-            try:
-                read[field] = int((SYSCTLS / name).read_text())
-            except (FileNotFoundError, ValueError):
-                continue
-    return Timeouts(**read)
+    return Timeouts(**namespace.read_sysctls(SYSCTLS))

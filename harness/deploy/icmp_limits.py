@@ -15,23 +15,16 @@ from netns.namespace import Namespace
 from .state import LifecycleError
 
 _SYSCTLS = {
-    "ratelimit_ms": "icmp_ratelimit",
-    "ratemask": "icmp_ratemask",
-    "msgs_per_sec": "icmp_msgs_per_sec",
-    "msgs_burst": "icmp_msgs_burst",
+    "ratelimit_ms": "net.ipv4.icmp_ratelimit",
+    "ratemask": "net.ipv4.icmp_ratemask",
+    "msgs_per_sec": "net.ipv4.icmp_msgs_per_sec",
+    "msgs_burst": "net.ipv4.icmp_msgs_burst",
 }
 
 
 def namespace_sysctls(namespace: Namespace) -> IcmpSysctls:
     """The namespace's icmp sysctls; one the kernel does not have keeps its default."""
-    read: dict[str, int] = {}
-    with namespace.enter():  # /proc/sys/net shows the namespace of the thread reading it
-        for field, name in _SYSCTLS.items():
-            try:
-                read[field] = int(Path("/proc/sys/net/ipv4", name).read_text())
-            except (FileNotFoundError, ValueError):
-                continue
-    return IcmpSysctls(**read)
+    return IcmpSysctls(**namespace.read_sysctls(_SYSCTLS))
 
 
 def open_limits(pins: Path, namespace: Namespace) -> RateMaps:
