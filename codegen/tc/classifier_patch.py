@@ -231,6 +231,7 @@ def patch(space: Space, head: int, shape: RunShape, changes: list[Change], membe
         if change.old.never or change.new.never:
             raise Refused("a rule names a device the namespace does not have")
         tree = int(shape.trees[change.place])
+        before = shape.hulls[tree]  # what the lists were made for, the old rule included
         if not any(_inside(change.new.box, hull) for hull in shape.hulls[tree]):
             if len(shape.hulls[tree]) >= MAX_HULLS:
                 raise Refused("too many rules were put in outside their tree's hulls")
@@ -238,7 +239,7 @@ def patch(space: Space, head: int, shape: RunShape, changes: list[Change], membe
             hulls[tree] = [*hulls[tree], change.new.box]
             shape = RunShape(shape.trees, hulls, shape.spare)
         del pending[change.place]
-        walk = _Walk(space, shape, change, tree, now)
+        walk = _Walk(space, shape, change, tree, now, before)
         made = walk.node(C.NODE.unpack(roots[tree]), WHOLE)
         if made is not None:
             roots[tree] = made
@@ -255,12 +256,24 @@ def patch(space: Space, head: int, shape: RunShape, changes: list[Change], membe
 
 
 class _Walk:
-    """One change made to one tree: the nodes on the paths to the leaves it changes, copied."""
+    """One change made to one tree: the nodes on the paths to the leaves it changes, copied.
+    Whether the old rule ended a leaf's list, and where the members it hid end again, is
+    judged by the hulls the lists were made for (`before`): every member but the new rule
+    is inside them, and a box the new rule added would make the old rule look as if it had
+    hidden nothing. Whether the new rule is hidden or hides is judged with its box too."""
 
-    def __init__(self, space: Space, shape: RunShape, change: Change, tree: int, member: Member):
+    def __init__(
+        self,
+        space: Space,
+        shape: RunShape,
+        change: Change,
+        tree: int,
+        member: Member,
+        before: list[C.Box],
+    ):
         self.space, self.shape, self.change, self.tree = space, shape, change, tree
         self.member = member
-        self.hulls = shape.hulls[tree]
+        self.hulls, self.before = shape.hulls[tree], before
 
     def node(self, node: tuple[int, int, int, int], region: C.Box) -> bytes | None:
         """The node's new content (a copy), or None if nothing under it changes."""
@@ -296,7 +309,7 @@ class _Walk:
         changed = change.place in listed
         if changed:
             del listed[change.place]
-            if last == change.place and _ends(change.old, region, hulls):
+            if last == change.place and _ends(change.old, region, self.before):
                 self.refill(listed, region)  # what the old rule hid comes back
             last = max(listed, default=None)
         ended = (
@@ -324,7 +337,7 @@ class _Walk:
             made, slot = self.member(place)
             if _overlaps(made.box, region):
                 listed[place] = C.RECORD.pack(*made.record, place, slot)
-                if _ends(made, region, self.hulls):
+                if _ends(made, region, self.before):
                     return
                 if len(listed) > LEAF_LIMIT:
                     raise Refused(f"a leaf of the tree would list over {LEAF_LIMIT} rules")

@@ -121,6 +121,24 @@ def test_a_rule_put_in_outside_the_trees_hull_is_found_and_ends_nothing_inside_i
     assert C.RECORD.unpack(found[0])[-2] == 80
 
 
+def test_a_rule_that_hid_others_narrowed_out_of_the_hull_brings_them_back():
+    # `-s 10/8` ends every leaf's list (the third rule is hidden); replaced by a rule whose box
+    # reaches out of the tree's hull, it must still give the leaves back what it hid, judged
+    # by the hull they were made for (random seeds found the third rule lost).
+    texts = ["-s 10.0.0.0/8 -p tcp -j ACCEPT", "-s 10.0.0.0/8 -j ACCEPT"]
+    texts += ["-s 10.0.0.0/8 -i eth0 -j ACCEPT"]
+    entries = [C.entry(_rule(text), INTERFACES) for text in texts]
+    tables, run, shape = _tables(entries)
+    new = C.entry(_rule("-i eth0 -p tcp -j ACCEPT"), INTERFACES)
+    after = [entries[0], new, entries[2]]
+    shape = _patched(tables, run, shape, [P.Change(1, entries[1], new, 1)], after)
+    assert len(shape.hulls[0]) == 2
+    for key in ((0x0A000000, 0, 1, 0, 0, 2, 0), (0x0A000001, 0, 6, 1, 2, 2, 0)):
+        found = P.lookup(tables, run, key)
+        got = None if found is None else (C.RECORD.unpack(found[0])[-2], found[1])
+        assert got == _scan(after, key), key
+
+
 def test_what_cannot_be_patched_in_place_is_refused():
     texts = [f"-s 10.{i}.0.0/16 -j ACCEPT" for i in range(100)]
     entries = [C.entry(_rule(text), INTERFACES) for text in texts]
