@@ -23,6 +23,19 @@ from codegen.tc.matches.limit import LIMIT_MAP
 
 from .limit import hz
 
+# Every take function's start: the key's entry, found or made and locked, and the clock;
+# -1 when no entry could be made, 0 (over the limit) when the lock was never got.
+_HELD = [
+    "    struct hashlimit_value *entry = 0;",
+    "    u64 now = hashlimit_now();",
+    "    u64 last = hashlimit_lock(key, &entry);",
+    "",
+    "    if (!entry)",
+    "        return -1;",
+    "    if (last == HASHLIMIT_LOCKED)",
+    "        return 0;  // never got the entry: over the limit",
+]
+
 
 def declarations(entries: int) -> list[str]:
     per_jiffy = credits_per_jiffy(hz())
@@ -85,14 +98,7 @@ def declarations(entries: int) -> list[str]:
         "                                                u64 length, u64 chunk, u64 full,",
         "                                                u64 burst)",
         "{",
-        "    struct hashlimit_value *entry = 0;",
-        "    u64 now = hashlimit_now();",
-        "    u64 last = hashlimit_lock(key, &entry);",
-        "",
-        "    if (!entry)",
-        "        return -1;",
-        "    if (last == HASHLIMIT_LOCKED)",
-        "        return 0;  // never got the entry: over the limit",
+        *_HELD,
         "    u64 credit = full, refills = burst;",
         "",
         "    if (last && now - last < expire) {  // else idle for expire, or new: full",
@@ -129,14 +135,7 @@ def declarations(entries: int) -> list[str]:
         "static __always_inline int hashlimit_window(struct hashlimit_key *key, u64 expire,",
         "                                            u64 length, u64 rate, u64 burst, u64 cost)",
         "{",
-        "    struct hashlimit_value *entry = 0;",
-        "    u64 now = hashlimit_now();",
-        "    u64 last = hashlimit_lock(key, &entry);",
-        "",
-        "    if (!entry)",
-        "        return -1;",
-        "    if (last == HASHLIMIT_LOCKED)",
-        "        return 0;  // never got the entry: over the limit",
+        *_HELD,
         "    u64 window = now << HASHLIMIT_START_SHIFT;  // new, or idle for expire: from now",
         "",
         "    if (last && now - last < expire) {",
@@ -166,14 +165,7 @@ def declarations(entries: int) -> list[str]:
         "static __always_inline int hashlimit_take(struct hashlimit_key *key, u64 expire,",
         "                                          u64 cost, u64 cap)",
         "{",
-        "    struct hashlimit_value *entry = 0;",
-        "    u64 now = hashlimit_now();",
-        "    u64 last = hashlimit_lock(key, &entry);",
-        "",
-        "    if (!entry)",
-        "        return -1;",
-        "    if (last == HASHLIMIT_LOCKED)",
-        "        return 0;  // never got the entry: over the limit",
+        *_HELD,
         "    u64 credit = cap;",
         "",
         "    if (last && now - last < expire) {  // idle for expire or new: full",
