@@ -12,9 +12,9 @@
  *   the includer) or'd in when the caller found its destination a broadcast address of the
  *   namespace (a subnet's), and RJ_FORWARDED when the kernel routed it (its error quotes it
  *   with the TTL ip_forward decremented), and RJ_NO_CONNECTION when conntrack found it INVALID
- *   (nf_ct_attach has nothing to give its answer). It returns the TC action: bpf_redirect's (TC_ACT_REDIRECT)
- *   when the packet was rewritten into the answer, TC_ACT_SHOT when no answer is due or none
- *   can be built (the packet is then dropped, as REJECT drops it).
+ *   (nf_ct_attach has nothing to give its answer). It returns the TC action: bpf_redirect's
+ *   (TC_ACT_REDIRECT) when the packet was rewritten into the answer, TC_ACT_SHOT when no
+ *   answer is due or none can be built (the packet is then dropped, as REJECT drops it).
  *
  * Whether an answer is due follows codegen/rules/extensions/reject.py (reset_sent,
  * unreachable_sent), with one addition: a TCP or UDP checksum that holds only the pseudo
